@@ -1,0 +1,30 @@
+package broker
+
+import "errors"
+
+// Sentinel errors of the domain. server/ maps them to gRPC status codes with
+// errors.Is; wrap them with fmt.Errorf("...: %w", ErrX) to add context.
+var (
+	// ErrRoleNotFound: no broker role of that name.
+	ErrRoleNotFound = errors.New("role not found")
+	// ErrLeaseNotFound: no lease with that id.
+	ErrLeaseNotFound = errors.New("lease not found")
+	// ErrLeaseExpired: the lease expired; it cannot be renewed.
+	ErrLeaseExpired = errors.New("lease expired")
+	// ErrLeaseRevoked: the lease was revoked (or is being revoked); it cannot be renewed.
+	ErrLeaseRevoked = errors.New("lease revoked")
+	// ErrInvalidArgument: the request is malformed (bad TTL, bad id, bad metadata...).
+	ErrInvalidArgument = errors.New("invalid argument")
+	// ErrPermissionDenied: the caller may not do this.
+	ErrPermissionDenied = errors.New("permission denied")
+	// ErrUnavailable: the database (or another dependency) cannot be reached.
+	ErrUnavailable = errors.New("unavailable")
+	// ErrConflict: a compare-and-set write lost against a concurrent writer.
+	ErrConflict = errors.New("concurrent update")
+	// ErrExists: a record with that key already exists.
+	ErrExists = errors.New("already exists")
+	// ErrClosed: the broker or store is shut down.
+	ErrClosed = errors.New("closed")
+	// ErrResourceExhausted: a quota or rate limit was hit.
+	ErrResourceExhausted = errors.New("resource exhausted")
+)

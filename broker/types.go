@@ -1,0 +1,150 @@
+package broker
+
+import (
+	"time"
+)
+
+// LeaseState is where a lease is in its lifecycle.
+type LeaseState int
+
+const (
+	StateUnspecified LeaseState = iota
+	// StateActive: the user exists and may log in.
+	StateActive
+	// StateRevoking: revocation has started (logins blocked); the user is being dropped.
+	StateRevoking
+	// StateRevoked: revoked before expiry; the user is gone. A tombstone.
+	StateRevoked
+	// StateExpired: reached its expire time; the user is gone. A tombstone.
+	StateExpired
+	// StateRevokeFailed: revocation failed after its retry budget; retried later.
+	StateRevokeFailed
+)
+
+var stateNames = [...]string{"unspecified", "active", "revoking", "revoked", "expired", "revoke_failed"}
+
+func (s LeaseState) String() string {
+	if s < 0 || int(s) >= len(stateNames) {
+		return "unknown"
+	}
+	return stateNames[s]
+}
+
+// ParseLeaseState is the inverse of String; it returns false for an unknown name.
+func ParseLeaseState(name string) (LeaseState, bool) {
+	for i, n := range stateNames {
+		if n == name {
+			return LeaseState(i), true
+		}
+	}
+	return StateUnspecified, false
+}
+
+// Terminal reports whether the lease's user is gone for good (a tombstone).
+func (s LeaseState) Terminal() bool { return s == StateRevoked || s == StateExpired }
+
+// Live reports whether the lease's user may still exist in PostgreSQL and so
+// the lease still needs the expiry manager's attention.
+func (s LeaseState) Live() bool {
+	return s == StateActive || s == StateRevoking || s == StateRevokeFailed
+}
+
+// Role is a broker role: the name clients ask for, and the proxy role on a
+// target whose privileges issued users inherit.
+type Role struct {
+	Name       string
+	Target     string
+	ProxyRole  string
+	DefaultTTL time.Duration
+	MaxTTL     time.Duration
+}
+
+// Lease is one issued user. It holds everything revocation needs (target,
+// username, proxy role), so a lease can be revoked after its role has left
+// the configuration.
+type Lease struct {
+	ID            string
+	Role          string
+	Client        string
+	Target        string
+	Username      string
+	ProxyRole     string
+	IssueTime     time.Time
+	ExpireTime    time.Time
+	MaxExpireTime time.Time
+	State         LeaseState
+	Metadata      map[string]string
+	// LastError is the latest revocation error, for admins.
+	LastError string
+	// RevokeAttempts counts failed revocation attempts since the last success.
+	RevokeAttempts int
+	// NextAttempt is when a failed revocation is retried (zero: as soon as due).
+	NextAttempt time.Time
+	// EndTime is when the lease was revoked or expired; zero while it is live.
+	EndTime time.Time
+	// RevokeOnDisconnect: revoke when no KeepAlive stream has named the lease
+	// for a grace period.
+	RevokeOnDisconnect bool
+	// Revision is the store's version of the record, for compare-and-set
+	// writes. The store sets it; callers pass back what they read.
+	Revision uint64
+}
+
+// Clone returns a deep copy of l (the metadata map is copied).
+func (l Lease) Clone() Lease {
+	if l.Metadata != nil {
+		m := make(map[string]string, len(l.Metadata))
+		for k, v := range l.Metadata {
+			m[k] = v
+		}
+		l.Metadata = m
+	}
+	return l
+}
+
+// Intent is written before CREATE ROLE and removed when the lease is stored
+// (in the same transaction). An intent left behind by a crash names a user
+// that may exist without a lease; the reconciler drops it.
+type Intent struct {
+	LeaseID    string
+	Target     string
+	Username   string
+	ProxyRole  string
+	CreateTime time.Time
+}
+
+// Credential is what a client logs in with. The password exists only in the
+// response to the issuing caller; it is never stored or logged.
+type Credential struct {
+	Username string
+	Password string
+	Host     string
+	Port     int
+	Database string
+}
+
+// LeaseFilter selects leases to list. Empty fields match everything.
+type LeaseFilter struct {
+	Role   string
+	Client string
+	State  LeaseState // StateUnspecified: every state
+	// Limit caps the number of leases returned (0: no cap).
+	Limit int
+	// After continues a listing after this lease id (ids are listed in
+	// ascending order); empty starts at the beginning.
+	After string
+}
+
+// Match reports whether l passes the filter's role, client and state.
+func (f LeaseFilter) Match(l *Lease) bool {
+	return (f.Role == "" || f.Role == l.Role) &&
+		(f.Client == "" || f.Client == l.Client) &&
+		(f.State == StateUnspecified || f.State == l.State)
+}
+
+// ExpiryEntry is one entry of the store's expiry index: a live lease and the
+// instant it needs attention.
+type ExpiryEntry struct {
+	Expire  time.Time
+	LeaseID string
+}
