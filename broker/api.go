@@ -1,0 +1,78 @@
+package broker
+
+import (
+	"log/slog"
+	"time"
+)
+
+// Config configures a Broker. New fills defaults for zero values.
+type Config struct {
+	Store LeaseStore
+	// Databases maps target names to their engines.
+	Databases map[string]Database
+	Roles     []Role
+	Clock     Clock
+	Logger    *slog.Logger
+
+	// ValidUntilGrace is added to a lease's expiry for the user's VALID
+	// UNTIL: a safety net for when the broker is down, not the mechanism.
+	ValidUntilGrace time.Duration // default 1m
+	// TombstoneRetention is how long revoked and expired leases are kept.
+	TombstoneRetention time.Duration // default 24h
+	// ReconcileInterval is how often intents and marker-role members are settled.
+	ReconcileInterval time.Duration // default 5m
+	// RevokeConcurrency bounds concurrent revocations by the expiry manager.
+	RevokeConcurrency int // default 4
+	// RevokeRate bounds expiry-driven revocations per second (a mass expiry
+	// must not overload PostgreSQL).
+	RevokeRate float64 // default 100
+	// RevokeRetries is how many failed attempts mark a lease REVOKE_FAILED.
+	RevokeRetries int // default 5
+	// RetryBaseDelay and RetryMaxDelay bound the exponential backoff (with
+	// jitter) between failed revocation attempts.
+	RetryBaseDelay time.Duration // default 1s
+	RetryMaxDelay  time.Duration // default 1m
+	// FailedRetryInterval is how often a REVOKE_FAILED lease is tried again.
+	FailedRetryInterval time.Duration // default 10m
+	// DisconnectGrace is how long a revoke_on_disconnect lease may go
+	// without any KeepAlive stream naming it.
+	DisconnectGrace time.Duration // default 30s
+}
+
+// IssueRequest asks for a new credential.
+type IssueRequest struct {
+	Role string
+	// TTL: zero means the role's default; above the role's max is capped;
+	// negative is invalid.
+	TTL time.Duration
+	// Client is the authenticated identity of the caller.
+	Client             string
+	Metadata           map[string]string
+	RevokeOnDisconnect bool
+}
+
+// RevokeSelector selects leases for an admin revocation. At least one field
+// must be set; the selectors are combined with AND when several are set.
+type RevokeSelector struct {
+	IDs    []string
+	Role   string
+	Client string
+}
+
+// EventType says what happened to a lease, for KeepAlive subscribers.
+type EventType int
+
+const (
+	EventRenewed EventType = iota + 1
+	EventMaxTTLReached
+	EventRevoked
+	EventExpired
+	EventNotFound
+)
+
+// Event is a change to a lease pushed to subscribers.
+type Event struct {
+	Type  EventType
+	Lease Lease
+}
+
