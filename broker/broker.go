@@ -2,76 +2,589 @@ package broker
 
 import (
 	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"sort"
+	"sync"
 	"time"
+
+	"golang.org/x/time/rate"
 )
+
+// cleanupTimeout bounds the work done on a detached context to undo a
+// half-finished issue after the caller went away.
+const cleanupTimeout = 30 * time.Second
 
 // Broker issues, renews and revokes leases. Its methods are safe for
 // concurrent use.
 type Broker struct {
-	cfg Config
+	cfg   Config
+	store LeaseStore
+	dbs   map[string]Database
+	roles map[string]Role
+	clock Clock
+	log   *slog.Logger
+
+	queue   *ExpiryQueue
+	leaseMu keyedMutex
+	hub     eventHub
+	limiter *rate.Limiter
+
+	streamsMu sync.Mutex
+	streams   map[string]*streamState
+
+	// inflight holds the ids of issues between intent and lease, which the
+	// reconciler must leave alone.
+	inflightMu sync.Mutex
+	inflight   map[string]struct{}
+
+	startOnce sync.Once
+	cancel    context.CancelFunc
+	wg        sync.WaitGroup
+	closed    chan struct{}
+}
+
+type streamState struct {
+	open     int       // streams naming the lease now
+	bound    bool      // the lease is revoke_on_disconnect
+	deadline time.Time // when a bound lease with no stream is revoked
 }
 
 // New validates cfg and returns a Broker. Call Start before serving.
-func New(cfg Config) (*Broker, error) { return &Broker{cfg: cfg}, nil }
+func New(cfg Config) (*Broker, error) {
+	if cfg.Store == nil {
+		return nil, errors.New("broker: Config.Store is required")
+	}
+	if cfg.Clock == nil {
+		cfg.Clock = SystemClock{}
+	}
+	if cfg.Logger == nil {
+		cfg.Logger = slog.New(slog.DiscardHandler)
+	}
+	setDefault(&cfg.ValidUntilGrace, time.Minute)
+	setDefault(&cfg.TombstoneRetention, 24*time.Hour)
+	setDefault(&cfg.ReconcileInterval, 5*time.Minute)
+	setDefault(&cfg.RetryBaseDelay, time.Second)
+	setDefault(&cfg.RetryMaxDelay, time.Minute)
+	setDefault(&cfg.FailedRetryInterval, 10*time.Minute)
+	setDefault(&cfg.DisconnectGrace, 30*time.Second)
+	if cfg.RevokeConcurrency <= 0 {
+		cfg.RevokeConcurrency = 4
+	}
+	if cfg.RevokeRate <= 0 {
+		cfg.RevokeRate = 100
+	}
+	if cfg.RevokeRetries <= 0 {
+		cfg.RevokeRetries = 5
+	}
+	roles := make(map[string]Role, len(cfg.Roles))
+	for _, r := range cfg.Roles {
+		if err := ValidateRoleName(r.Name); err != nil {
+			return nil, fmt.Errorf("broker: role %q: %w", r.Name, err)
+		}
+		if _, dup := roles[r.Name]; dup {
+			return nil, fmt.Errorf("broker: role %q defined twice", r.Name)
+		}
+		if _, ok := cfg.Databases[r.Target]; !ok {
+			return nil, fmt.Errorf("broker: role %q: unknown target %q", r.Name, r.Target)
+		}
+		if r.DefaultTTL <= 0 || r.MaxTTL <= 0 || r.DefaultTTL > r.MaxTTL {
+			return nil, fmt.Errorf("broker: role %q: need 0 < default_ttl <= max_ttl", r.Name)
+		}
+		roles[r.Name] = r
+	}
+	burst := cfg.RevokeConcurrency
+	return &Broker{
+		cfg:     cfg,
+		store:   cfg.Store,
+		dbs:     cfg.Databases,
+		roles:   roles,
+		clock:   cfg.Clock,
+		log:     cfg.Logger,
+		queue:   NewExpiryQueue(),
+		limiter: rate.NewLimiter(rate.Limit(cfg.RevokeRate), burst),
+		streams:  make(map[string]*streamState),
+		inflight: make(map[string]struct{}),
+		closed:  make(chan struct{}),
+	}, nil
+}
+
+func setDefault(d *time.Duration, def time.Duration) {
+	if *d <= 0 {
+		*d = def
+	}
+}
 
 // Start settles what a previous run left behind (intents, unknown
-// marker-role members), rebuilds the expiry heap from the store, and starts
-// the expiry manager and the periodic reconciler.
-func (b *Broker) Start(ctx context.Context) error { return nil }
+// marker-role members), rebuilds the expiry queue from the store, and
+// starts the expiry manager and the periodic reconciler. Leases that
+// expired while the broker was down are revoked right away, at the bounded
+// revocation rate.
+func (b *Broker) Start(ctx context.Context) error {
+	var err error
+	b.startOnce.Do(func() {
+		if _, rerr := b.Reconcile(ctx); rerr != nil {
+			// A target that is down must not keep the broker from serving
+			// the others; the periodic reconciler tries again.
+			b.log.Warn("start-up reconciliation incomplete", "err", rerr)
+		}
+		n := 0
+		err = b.store.ScanExpiry(ctx, func(e ExpiryEntry) bool {
+			b.queue.Set(e.LeaseID, e.Expire)
+			n++
+			return true
+		})
+		if err != nil {
+			err = fmt.Errorf("broker: rebuild expiry queue: %w", err)
+			return
+		}
+		b.log.Info("expiry queue rebuilt", "live_leases", n)
+		b.restoreStreamDeadlines(ctx)
+		loopCtx, cancel := context.WithCancel(context.Background())
+		b.cancel = cancel
+		b.startExpiryManager(loopCtx)
+		b.wg.Add(1)
+		go func() {
+			defer b.wg.Done()
+			b.maintenanceLoop(loopCtx)
+		}()
+	})
+	return err
+}
 
 // Close stops the background loops and waits for them. It closes neither
 // the store nor the databases.
-func (b *Broker) Close() error { return nil }
-
-// Issue creates a user for req.Role and leases it to req.Client.
-func (b *Broker) Issue(ctx context.Context, req IssueRequest) (Lease, Credential, error) {
-	return Lease{}, Credential{}, ErrUnavailable
+func (b *Broker) Close() error {
+	select {
+	case <-b.closed:
+		return nil
+	default:
+	}
+	close(b.closed)
+	if b.cancel != nil {
+		b.cancel()
+	}
+	b.wg.Wait()
+	return nil
 }
 
-// Renew extends a lease by increment (zero: the role's default TTL), never
-// past its MaxExpireTime.
+func (b *Broker) db(target string) (Database, error) {
+	db, ok := b.dbs[target]
+	if !ok {
+		return nil, fmt.Errorf("%w: target %q is not configured", ErrUnavailable, target)
+	}
+	return db, nil
+}
+
+// Issue creates a user for req.Role and leases it to req.Client.
+//
+// Crash safety: the intent is stored before CREATE ROLE and the lease (which
+// deletes the intent) after it, and the credential is returned only once the
+// lease is stored. A crash in between leaves an intent, which the reconciler
+// settles by dropping the user.
+func (b *Broker) Issue(ctx context.Context, req IssueRequest) (Lease, Credential, error) {
+	if err := ValidateRoleName(req.Role); err != nil {
+		return Lease{}, Credential{}, err
+	}
+	role, ok := b.roles[req.Role]
+	if !ok {
+		return Lease{}, Credential{}, fmt.Errorf("%w: %q", ErrRoleNotFound, req.Role)
+	}
+	if req.TTL < 0 {
+		return Lease{}, Credential{}, fmt.Errorf("%w: ttl must not be negative", ErrInvalidArgument)
+	}
+	if err := ValidateMetadata(req.Metadata); err != nil {
+		return Lease{}, Credential{}, err
+	}
+	db, err := b.db(role.Target)
+	if err != nil {
+		return Lease{}, Credential{}, err
+	}
+	ttl := req.TTL
+	if ttl == 0 {
+		ttl = role.DefaultTTL
+	}
+	if ttl > role.MaxTTL {
+		ttl = role.MaxTTL
+	}
+	now := b.clock.Now()
+	lease := Lease{
+		ID:                 newLeaseID(),
+		Role:               role.Name,
+		Client:             req.Client,
+		Target:             role.Target,
+		Username:           newUsername(role.Name),
+		ProxyRole:          role.ProxyRole,
+		IssueTime:          now,
+		ExpireTime:         now.Add(ttl),
+		MaxExpireTime:      now.Add(role.MaxTTL),
+		State:              StateActive,
+		Metadata:           copyMetadata(req.Metadata),
+		RevokeOnDisconnect: req.RevokeOnDisconnect,
+	}
+	password := newPassword()
+	log := b.log.With("lease_id", lease.ID, "role", lease.Role, "client", lease.Client, "username", lease.Username)
+
+	intent := Intent{LeaseID: lease.ID, Target: lease.Target, Username: lease.Username, ProxyRole: lease.ProxyRole, CreateTime: now}
+	b.setInflight(lease.ID, true)
+	defer b.setInflight(lease.ID, false)
+	if err := b.store.PutIntent(ctx, intent); err != nil {
+		return Lease{}, Credential{}, fmt.Errorf("record intent: %w", err)
+	}
+	err = db.NewUser(ctx, NewUserRequest{
+		Username:   lease.Username,
+		Password:   password,
+		ProxyRole:  lease.ProxyRole,
+		ValidUntil: lease.ExpireTime.Add(b.cfg.ValidUntilGrace),
+	})
+	if err != nil {
+		// The CREATE may have committed even though we saw an error (the
+		// connection can drop after COMMIT), so drop the user either way.
+		b.abandonIssue(intent, log)
+		return Lease{}, Credential{}, fmt.Errorf("create user: %w", err)
+	}
+	if err := b.store.CreateLease(ctx, &lease); err != nil {
+		b.abandonIssue(intent, log)
+		return Lease{}, Credential{}, fmt.Errorf("store lease: %w", err)
+	}
+	b.queue.Set(lease.ID, lease.ExpireTime)
+	if lease.RevokeOnDisconnect {
+		b.armDisconnect(lease.ID, now.Add(b.cfg.DisconnectGrace))
+	}
+	log.Info("lease issued", "expire_time", lease.ExpireTime)
+	ep := db.Endpoint()
+	return lease.Clone(), Credential{
+		Username: lease.Username,
+		Password: password,
+		Host:     ep.Host,
+		Port:     ep.Port,
+		Database: ep.Database,
+	}, nil
+}
+
+// abandonIssue undoes a half-finished issue on a context of its own: the
+// caller's may already be cancelled. If the drop fails the intent stays,
+// and the reconciler finishes the job.
+func (b *Broker) abandonIssue(in Intent, log *slog.Logger) {
+	ctx, cancel := context.WithTimeout(context.Background(), cleanupTimeout)
+	defer cancel()
+	if err := b.settleIntent(ctx, in); err != nil {
+		log.Warn("could not undo a failed issue; the reconciler will retry", "err", err)
+	}
+}
+
+func copyMetadata(md map[string]string) map[string]string {
+	if len(md) == 0 {
+		return nil
+	}
+	out := make(map[string]string, len(md))
+	for k, v := range md {
+		out[k] = v
+	}
+	return out
+}
+
+// Renew extends a lease to now + increment (zero: the role's default TTL),
+// never past its MaxExpireTime and never shorter than it already is.
 func (b *Broker) Renew(ctx context.Context, id string, increment time.Duration) (Lease, error) {
-	return Lease{}, ErrUnavailable
+	if err := ValidateLeaseID(id); err != nil {
+		return Lease{}, err
+	}
+	if increment < 0 {
+		return Lease{}, fmt.Errorf("%w: increment must not be negative", ErrInvalidArgument)
+	}
+	unlock := b.leaseMu.Lock(id)
+	defer unlock()
+	for {
+		l, err := b.store.GetLease(ctx, id)
+		if err != nil {
+			return Lease{}, err
+		}
+		now := b.clock.Now()
+		switch {
+		case l.State == StateExpired:
+			return l, fmt.Errorf("%w: lease %s expired at %s", ErrLeaseExpired, id, l.EndTime.UTC().Format(time.RFC3339))
+		case l.State != StateActive:
+			return l, fmt.Errorf("%w: lease %s is %s", ErrLeaseRevoked, id, l.State)
+		case !now.Before(l.ExpireTime):
+			return l, fmt.Errorf("%w: lease %s expired at %s", ErrLeaseExpired, id, l.ExpireTime.UTC().Format(time.RFC3339))
+		}
+		inc := increment
+		if inc == 0 {
+			inc = b.defaultTTL(l)
+		}
+		newExpire := now.Add(inc)
+		if newExpire.After(l.MaxExpireTime) {
+			newExpire = l.MaxExpireTime
+		}
+		if !newExpire.After(l.ExpireTime) {
+			// Nothing to extend: at the cap, or asked for less than it has.
+			b.publishRenewal(l)
+			return l, nil
+		}
+		db, err := b.db(l.Target)
+		if err != nil {
+			return l, err
+		}
+		// PostgreSQL first: if the store write then fails, VALID UNTIL is
+		// merely later than the lease, and the expiry manager still drops
+		// the user at the lease's expiry.
+		if err := db.RenewUser(ctx, RenewUserRequest{Username: l.Username, ValidUntil: newExpire.Add(b.cfg.ValidUntilGrace)}); err != nil {
+			return l, fmt.Errorf("renew user: %w", err)
+		}
+		l.ExpireTime = newExpire
+		stored, err := b.store.UpdateLease(ctx, l)
+		if errors.Is(err, ErrConflict) {
+			continue
+		}
+		if err != nil {
+			return l, fmt.Errorf("store lease: %w", err)
+		}
+		b.queue.Set(id, stored.ExpireTime)
+		b.publishRenewal(stored)
+		return stored.Clone(), nil
+	}
+}
+
+func (b *Broker) publishRenewal(l Lease) {
+	t := EventRenewed
+	if !l.ExpireTime.Before(l.MaxExpireTime) {
+		t = EventMaxTTLReached
+	}
+	b.hub.publish(Event{Type: t, Lease: l.Clone()})
+}
+
+// defaultTTL is the lease's role's default TTL; for a role that has left
+// the configuration, the lease's original TTL.
+func (b *Broker) defaultTTL(l Lease) time.Duration {
+	if r, ok := b.roles[l.Role]; ok {
+		return r.DefaultTTL
+	}
+	return l.MaxExpireTime.Sub(l.IssueTime)
 }
 
 // Revoke drops the lease's user, ending its sessions; it returns once the
 // user is gone. Revoking a revoked or expired lease returns it unchanged.
 func (b *Broker) Revoke(ctx context.Context, id string) (Lease, error) {
-	return Lease{}, ErrUnavailable
+	if err := ValidateLeaseID(id); err != nil {
+		return Lease{}, err
+	}
+	l, _, err := b.revoke(ctx, id, false)
+	return l, err
+}
+
+// revoke runs the revocation of one lease under its lock. byExpiry says
+// the expiry manager asked; an admin or owner revoke otherwise. It reports
+// whether this call finished a revocation.
+func (b *Broker) revoke(ctx context.Context, id string, byExpiry bool) (Lease, bool, error) {
+	unlock := b.leaseMu.Lock(id)
+	defer unlock()
+	l, err := b.store.GetLease(ctx, id)
+	if err != nil {
+		return Lease{}, false, err
+	}
+	if l.State.Terminal() {
+		b.queue.Remove(id)
+		return l, false, nil
+	}
+	now := b.clock.Now()
+	if byExpiry && l.State == StateActive && now.Before(l.ExpireTime) {
+		// Renewed since it was queued.
+		b.queue.Set(id, l.ExpireTime)
+		return l, false, nil
+	}
+	if l.State == StateActive {
+		l.State = StateRevoking
+		if !byExpiry {
+			// EndTime on a live lease records that an admin or owner asked
+			// for it, so the tombstone says REVOKED, not EXPIRED.
+			l.EndTime = now
+		}
+		if l, err = b.store.UpdateLease(ctx, l); err != nil {
+			return l, false, fmt.Errorf("store lease: %w", err)
+		}
+	}
+	log := b.log.With("lease_id", l.ID, "role", l.Role, "client", l.Client, "username", l.Username)
+	db, dberr := b.db(l.Target)
+	if dberr == nil {
+		dberr = db.DeleteUser(ctx, DeleteUserRequest{Username: l.Username, ProxyRole: l.ProxyRole})
+	}
+	if dberr != nil {
+		l.RevokeAttempts++
+		l.LastError = dberr.Error()
+		var due time.Time
+		if l.RevokeAttempts >= b.cfg.RevokeRetries {
+			l.State = StateRevokeFailed
+			due = now.Add(b.cfg.FailedRetryInterval)
+			log.Error("revocation failed; will retry later", "attempts", l.RevokeAttempts, "err", dberr)
+		} else {
+			due = now.Add(b.backoff(l.RevokeAttempts))
+			log.Warn("revocation failed; retrying", "attempts", l.RevokeAttempts, "err", dberr)
+		}
+		l.NextAttempt = due
+		if stored, err := b.store.UpdateLease(context.WithoutCancel(ctx), l); err == nil {
+			l = stored
+		} else {
+			log.Error("could not record revocation failure", "err", err)
+		}
+		b.queue.Set(id, due)
+		return l, false, fmt.Errorf("revoke user: %w", dberr)
+	}
+	if l.EndTime.IsZero() {
+		l.State = StateExpired
+		l.EndTime = now
+	} else {
+		l.State = StateRevoked
+	}
+	l.LastError = ""
+	l.RevokeAttempts = 0
+	l.NextAttempt = time.Time{}
+	// The user is gone; record it even if the caller has given up.
+	stored, err := b.store.UpdateLease(context.WithoutCancel(ctx), l)
+	if err != nil {
+		// The lease stays live in the store, so it is tried again; dropping
+		// a user that is already gone is success.
+		b.queue.Set(id, now.Add(b.backoff(1)))
+		return l, false, fmt.Errorf("store lease: %w", err)
+	}
+	b.queue.Remove(id)
+	b.forgetStream(id)
+	ev := EventRevoked
+	if stored.State == StateExpired {
+		ev = EventExpired
+	}
+	b.hub.publish(Event{Type: ev, Lease: stored.Clone()})
+	log.Info("lease ended", "state", stored.State.String())
+	return stored.Clone(), true, nil
+}
+
+// backoff is the delay before retry attempt n (1-based): exponential from
+// RetryBaseDelay, capped at RetryMaxDelay, with full jitter over its upper
+// half so that a mass failure does not retry in lockstep.
+func (b *Broker) backoff(n int) time.Duration {
+	d := b.cfg.RetryBaseDelay
+	for i := 1; i < n && d < b.cfg.RetryMaxDelay; i++ {
+		d *= 2
+	}
+	if d > b.cfg.RetryMaxDelay {
+		d = b.cfg.RetryMaxDelay
+	}
+	half := d / 2
+	return half + time.Duration(jitter(int64(half)+1))
 }
 
 // Lookup returns a lease.
 func (b *Broker) Lookup(ctx context.Context, id string) (Lease, error) {
-	return Lease{}, ErrUnavailable
+	if err := ValidateLeaseID(id); err != nil {
+		return Lease{}, err
+	}
+	return b.store.GetLease(ctx, id)
 }
 
 // ListLeases lists leases matching f; see LeaseStore.ListLeases.
 func (b *Broker) ListLeases(ctx context.Context, f LeaseFilter) ([]Lease, string, error) {
-	return nil, "", ErrUnavailable
+	if f.After != "" {
+		if err := ValidateLeaseID(f.After); err != nil {
+			return nil, "", fmt.Errorf("%w: bad page token", ErrInvalidArgument)
+		}
+	}
+	return b.store.ListLeases(ctx, f)
 }
 
 // RevokeLeases revokes every live lease the selector matches and returns
-// how many it revoked.
+// how many this call revoked. With several selectors a lease must match all.
 func (b *Broker) RevokeLeases(ctx context.Context, sel RevokeSelector) (int, error) {
-	return 0, ErrUnavailable
+	if len(sel.IDs) == 0 && sel.Role == "" && sel.Client == "" {
+		return 0, fmt.Errorf("%w: name at least one of lease_ids, role, client", ErrInvalidArgument)
+	}
+	for _, id := range sel.IDs {
+		if err := ValidateLeaseID(id); err != nil {
+			return 0, err
+		}
+	}
+	filter := LeaseFilter{Role: sel.Role, Client: sel.Client}
+	var ids []string
+	if len(sel.IDs) > 0 {
+		seen := make(map[string]bool, len(sel.IDs))
+		for _, id := range sel.IDs {
+			if seen[id] {
+				continue
+			}
+			seen[id] = true
+			l, err := b.store.GetLease(ctx, id)
+			if err != nil {
+				return 0, err
+			}
+			if filter.Match(&l) && !l.State.Terminal() {
+				ids = append(ids, id)
+			}
+		}
+	} else {
+		filter.Limit = 1000
+		for {
+			page, next, err := b.store.ListLeases(ctx, filter)
+			if err != nil {
+				return 0, err
+			}
+			for i := range page {
+				if !page[i].State.Terminal() {
+					ids = append(ids, page[i].ID)
+				}
+			}
+			if next == "" {
+				break
+			}
+			filter.After = next
+		}
+	}
+	return b.revokeAll(ctx, ids)
+}
+
+// revokeAll revokes ids with at most RevokeConcurrency at once.
+func (b *Broker) revokeAll(ctx context.Context, ids []string) (int, error) {
+	var (
+		mu    sync.Mutex
+		count int
+		errs  []error
+		wg    sync.WaitGroup
+		sem   = make(chan struct{}, b.cfg.RevokeConcurrency)
+	)
+	for _, id := range ids {
+		sem <- struct{}{}
+		wg.Add(1)
+		go func() {
+			defer func() { <-sem; wg.Done() }()
+			_, done, err := b.revoke(ctx, id, false)
+			mu.Lock()
+			defer mu.Unlock()
+			if done {
+				count++
+			}
+			if err != nil && !errors.Is(err, ErrLeaseNotFound) {
+				errs = append(errs, fmt.Errorf("lease %s: %w", id, err))
+			}
+		}()
+	}
+	wg.Wait()
+	if len(errs) > 0 {
+		return count, fmt.Errorf("revoked %d of %d leases; %d failed, first: %w", count, len(ids), len(errs), errs[0])
+	}
+	return count, nil
 }
 
 // Roles returns the configured roles, sorted by name.
-func (b *Broker) Roles() []Role { return nil }
+func (b *Broker) Roles() []Role {
+	out := make([]Role, 0, len(b.roles))
+	for _, r := range b.roles {
+		out = append(out, r)
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].Name < out[j].Name })
+	return out
+}
 
 // Subscribe returns a channel of events for one lease; the channel holds
 // at most one event, the newest. Call the returned function to unsubscribe.
 func (b *Broker) Subscribe(leaseID string) (<-chan Event, func()) {
-	return nil, func() {}
+	return b.hub.subscribe(leaseID)
 }
-
-// StreamOpened and StreamClosed tell the broker that a KeepAlive stream
-// started or stopped naming a lease (for revoke_on_disconnect).
-func (b *Broker) StreamOpened(leaseID string) {}
-
-// StreamClosed: see StreamOpened.
-func (b *Broker) StreamClosed(leaseID string) {}
-
-// ValidateLeaseID reports whether id has the shape of a lease id, wrapping
-// ErrInvalidArgument otherwise.
-func ValidateLeaseID(id string) error { return nil }

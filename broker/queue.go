@@ -1,0 +1,211 @@
+package broker
+
+import (
+	"container/heap"
+	"sync"
+	"time"
+)
+
+// ExpiryQueue is a min-heap of (due time, lease id) with at most one entry
+// per lease, so a renewal moves the lease's entry instead of adding one.
+// It holds no lease records: the store is the source of truth, and a popped
+// entry is checked against it before anything is revoked.
+type ExpiryQueue struct {
+	mu    sync.Mutex
+	items expiryHeap
+	index map[string]*expiryItem
+	// wake is signalled when the earliest due time may have moved earlier.
+	wake chan struct{}
+}
+
+type expiryItem struct {
+	due time.Time
+	id  string
+	pos int
+}
+
+type expiryHeap []*expiryItem
+
+func (h expiryHeap) Len() int           { return len(h) }
+func (h expiryHeap) Less(i, j int) bool { return h[i].due.Before(h[j].due) }
+func (h expiryHeap) Swap(i, j int) {
+	h[i], h[j] = h[j], h[i]
+	h[i].pos, h[j].pos = i, j
+}
+func (h *expiryHeap) Push(x any) {
+	it := x.(*expiryItem)
+	it.pos = len(*h)
+	*h = append(*h, it)
+}
+func (h *expiryHeap) Pop() any {
+	old := *h
+	n := len(old)
+	it := old[n-1]
+	old[n-1] = nil
+	*h = old[:n-1]
+	return it
+}
+
+// NewExpiryQueue returns an empty queue.
+func NewExpiryQueue() *ExpiryQueue {
+	return &ExpiryQueue{index: make(map[string]*expiryItem), wake: make(chan struct{}, 1)}
+}
+
+// Set schedules id at due, moving its entry if it has one.
+func (q *ExpiryQueue) Set(id string, due time.Time) {
+	q.mu.Lock()
+	if it, ok := q.index[id]; ok {
+		it.due = due
+		heap.Fix(&q.items, it.pos)
+	} else {
+		it := &expiryItem{due: due, id: id}
+		heap.Push(&q.items, it)
+		q.index[id] = it
+	}
+	first := q.items[0].id == id
+	q.mu.Unlock()
+	if first {
+		q.signal()
+	}
+}
+
+// Remove drops id's entry, if any.
+func (q *ExpiryQueue) Remove(id string) {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	if it, ok := q.index[id]; ok {
+		heap.Remove(&q.items, it.pos)
+		delete(q.index, id)
+	}
+}
+
+// Len is the number of scheduled leases.
+func (q *ExpiryQueue) Len() int {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	return len(q.items)
+}
+
+// Next returns the earliest due time, and false when the queue is empty.
+func (q *ExpiryQueue) Next() (time.Time, bool) {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	if len(q.items) == 0 {
+		return time.Time{}, false
+	}
+	return q.items[0].due, true
+}
+
+// PopDue removes and returns up to max ids due at or before now, earliest first.
+func (q *ExpiryQueue) PopDue(now time.Time, max int) []string {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	var ids []string
+	for len(q.items) > 0 && len(ids) < max && !q.items[0].due.After(now) {
+		it := heap.Pop(&q.items).(*expiryItem)
+		delete(q.index, it.id)
+		ids = append(ids, it.id)
+	}
+	return ids
+}
+
+func (q *ExpiryQueue) signal() {
+	select {
+	case q.wake <- struct{}{}:
+	default:
+	}
+}
+
+// keyedMutex serializes work on one lease (renew against revoke, two
+// revokes) without serializing unrelated leases.
+type keyedMutex struct {
+	mu    sync.Mutex
+	locks map[string]*refMutex
+}
+
+type refMutex struct {
+	sync.Mutex
+	refs int
+}
+
+func (k *keyedMutex) Lock(key string) func() {
+	k.mu.Lock()
+	if k.locks == nil {
+		k.locks = make(map[string]*refMutex)
+	}
+	m, ok := k.locks[key]
+	if !ok {
+		m = &refMutex{}
+		k.locks[key] = m
+	}
+	m.refs++
+	k.mu.Unlock()
+	m.Lock()
+	return func() {
+		m.Unlock()
+		k.mu.Lock()
+		m.refs--
+		if m.refs == 0 {
+			delete(k.locks, key)
+		}
+		k.mu.Unlock()
+	}
+}
+
+// eventHub fans lease events out to subscribers. Each subscriber has a
+// one-slot channel where the newest event wins, so a slow reader never
+// blocks the broker.
+type eventHub struct {
+	mu   sync.Mutex
+	subs map[string]map[*subscriber]struct{}
+}
+
+type subscriber struct {
+	ch chan Event
+}
+
+func (h *eventHub) subscribe(id string) (<-chan Event, func()) {
+	s := &subscriber{ch: make(chan Event, 1)}
+	h.mu.Lock()
+	if h.subs == nil {
+		h.subs = make(map[string]map[*subscriber]struct{})
+	}
+	set, ok := h.subs[id]
+	if !ok {
+		set = make(map[*subscriber]struct{})
+		h.subs[id] = set
+	}
+	set[s] = struct{}{}
+	h.mu.Unlock()
+	var once sync.Once
+	return s.ch, func() {
+		once.Do(func() {
+			h.mu.Lock()
+			defer h.mu.Unlock()
+			delete(h.subs[id], s)
+			if len(h.subs[id]) == 0 {
+				delete(h.subs, id)
+			}
+		})
+	}
+}
+
+func (h *eventHub) publish(ev Event) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	for s := range h.subs[ev.Lease.ID] {
+		for {
+			select {
+			case s.ch <- ev:
+			default:
+				// Full: drop the stale event and try again; newest wins.
+				select {
+				case <-s.ch:
+				default:
+				}
+				continue
+			}
+			break
+		}
+	}
+}

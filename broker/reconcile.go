@@ -1,0 +1,145 @@
+package broker
+
+import (
+	"context"
+	"errors"
+	"fmt"
+)
+
+func (b *Broker) setInflight(id string, on bool) {
+	b.inflightMu.Lock()
+	defer b.inflightMu.Unlock()
+	if on {
+		b.inflight[id] = struct{}{}
+	} else {
+		delete(b.inflight, id)
+	}
+}
+
+func (b *Broker) isInflight(id string) bool {
+	b.inflightMu.Lock()
+	defer b.inflightMu.Unlock()
+	_, ok := b.inflight[id]
+	return ok
+}
+
+// settleIntent drops the user an intent names and then the intent. It is
+// idempotent: dropping a missing user is success.
+func (b *Broker) settleIntent(ctx context.Context, in Intent) error {
+	db, err := b.db(in.Target)
+	if err != nil {
+		return err
+	}
+	if err := db.DeleteUser(ctx, DeleteUserRequest{Username: in.Username, ProxyRole: in.ProxyRole}); err != nil {
+		return fmt.Errorf("drop user of intent %s: %w", in.LeaseID, err)
+	}
+	return b.store.DeleteIntent(ctx, in.LeaseID)
+}
+
+// ReconcileResult counts what a reconciliation did.
+type ReconcileResult struct {
+	IntentsSettled int // intents whose user was dropped (or already gone)
+	IntentsCleared int // intents whose lease existed
+	UsersDropped   int // marker-role members no lease or intent knew
+}
+
+// Reconcile makes PostgreSQL agree with the store: every intent left by a
+// crash is settled (its user dropped, unless its lease exists), and every
+// member of a target's marker role that no live lease or pending intent
+// knows is dropped. It is safe to run while the broker serves: the users
+// are listed before the intents and leases, and an intent is written before
+// its user exists, so a user being issued is always known.
+func (b *Broker) Reconcile(ctx context.Context) (ReconcileResult, error) {
+	var res ReconcileResult
+	var errs []error
+
+	// 1. Users first (see the ordering argument above).
+	users := make(map[string][]string, len(b.dbs))
+	for name, db := range b.dbs {
+		list, err := db.ListManagedUsers(ctx)
+		if err != nil {
+			errs = append(errs, fmt.Errorf("target %s: list managed users: %w", name, err))
+			continue
+		}
+		users[name] = list
+	}
+
+	// 2. Intents.
+	intents, err := b.store.ListIntents(ctx)
+	if err != nil {
+		return res, errors.Join(append(errs, fmt.Errorf("list intents: %w", err))...)
+	}
+	known := make(map[string]map[string]bool, len(b.dbs))
+	remember := func(target, user string) {
+		if known[target] == nil {
+			known[target] = make(map[string]bool)
+		}
+		known[target][user] = true
+	}
+	for _, in := range intents {
+		remember(in.Target, in.Username)
+	}
+
+	// 3. Live leases.
+	f := LeaseFilter{Limit: 1000}
+	for {
+		page, next, err := b.store.ListLeases(ctx, f)
+		if err != nil {
+			return res, errors.Join(append(errs, fmt.Errorf("list leases: %w", err))...)
+		}
+		for i := range page {
+			if page[i].State.Live() {
+				remember(page[i].Target, page[i].Username)
+			}
+		}
+		if next == "" {
+			break
+		}
+		f.After = next
+	}
+
+	// Settle intents that no issue in this process is working on: they
+	// were left by a crash.
+	for _, in := range intents {
+		if b.isInflight(in.LeaseID) {
+			continue
+		}
+		if _, err := b.store.GetLease(ctx, in.LeaseID); err == nil {
+			if err := b.store.DeleteIntent(ctx, in.LeaseID); err != nil {
+				errs = append(errs, err)
+			} else {
+				res.IntentsCleared++
+			}
+			continue
+		} else if !errors.Is(err, ErrLeaseNotFound) {
+			errs = append(errs, err)
+			continue
+		}
+		if err := b.settleIntent(ctx, in); err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		res.IntentsSettled++
+		b.log.Info("reconcile: settled an intent left by a crash", "lease_id", in.LeaseID, "username", in.Username, "target", in.Target)
+	}
+
+	// Drop marker-role members nothing knows.
+	for target, list := range users {
+		db := b.dbs[target]
+		for _, u := range list {
+			if known[target][u] {
+				continue
+			}
+			// The proxy role to reassign owned objects to is unknown for a
+			// user no record names; DeleteUser with an empty ProxyRole drops
+			// what it owns instead.
+			if err := db.DeleteUser(ctx, DeleteUserRequest{Username: u}); err != nil {
+				errs = append(errs, fmt.Errorf("target %s: drop unknown user %s: %w", target, u, err))
+				continue
+			}
+			res.UsersDropped++
+			b.log.Warn("reconcile: dropped a managed user that no lease knows", "username", u, "target", target)
+		}
+	}
+	return res, errors.Join(errs...)
+}

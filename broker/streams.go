@@ -1,0 +1,114 @@
+package broker
+
+import (
+	"context"
+	"time"
+)
+
+// disconnectCheckInterval is how often leases bound to a vanished stream
+// are looked for; it is also the maintenance loop's tick.
+const disconnectCheckInterval = time.Second
+
+// StreamOpened tells the broker that a KeepAlive stream started naming a
+// lease. A revoke_on_disconnect lease lives while at least one stream names
+// it, and for DisconnectGrace after the last one closed.
+func (b *Broker) StreamOpened(leaseID string) {
+	b.streamsMu.Lock()
+	defer b.streamsMu.Unlock()
+	s, ok := b.streams[leaseID]
+	if !ok {
+		s = &streamState{}
+		b.streams[leaseID] = s
+	}
+	s.open++
+	s.deadline = time.Time{}
+}
+
+// StreamClosed: see StreamOpened.
+func (b *Broker) StreamClosed(leaseID string) {
+	b.streamsMu.Lock()
+	defer b.streamsMu.Unlock()
+	s, ok := b.streams[leaseID]
+	if !ok {
+		return
+	}
+	if s.open > 0 {
+		s.open--
+	}
+	if s.open > 0 {
+		return
+	}
+	if s.bound {
+		s.deadline = b.clock.Now().Add(b.cfg.DisconnectGrace)
+	} else {
+		delete(b.streams, leaseID)
+	}
+}
+
+// armDisconnect marks a lease as bound to its streams, revoked at deadline
+// unless a stream names it first.
+func (b *Broker) armDisconnect(leaseID string, deadline time.Time) {
+	b.streamsMu.Lock()
+	defer b.streamsMu.Unlock()
+	s, ok := b.streams[leaseID]
+	if !ok {
+		s = &streamState{}
+		b.streams[leaseID] = s
+	}
+	s.bound = true
+	if s.open == 0 {
+		s.deadline = deadline
+	}
+}
+
+func (b *Broker) forgetStream(leaseID string) {
+	b.streamsMu.Lock()
+	defer b.streamsMu.Unlock()
+	if s, ok := b.streams[leaseID]; ok && s.open == 0 {
+		delete(b.streams, leaseID)
+	} else if ok {
+		s.bound = false
+	}
+}
+
+// restoreStreamDeadlines gives every live revoke_on_disconnect lease a
+// fresh grace period after a restart: its client had no stream to a broker
+// that was down, and deserves the chance to reconnect.
+func (b *Broker) restoreStreamDeadlines(ctx context.Context) {
+	deadline := b.clock.Now().Add(b.cfg.DisconnectGrace)
+	f := LeaseFilter{State: StateActive, Limit: 1000}
+	for {
+		page, next, err := b.store.ListLeases(ctx, f)
+		if err != nil {
+			b.log.Warn("could not restore revoke_on_disconnect leases", "err", err)
+			return
+		}
+		for i := range page {
+			if page[i].RevokeOnDisconnect {
+				b.armDisconnect(page[i].ID, deadline)
+			}
+		}
+		if next == "" {
+			return
+		}
+		f.After = next
+	}
+}
+
+func (b *Broker) revokeDisconnected(ctx context.Context) {
+	now := b.clock.Now()
+	var due []string
+	b.streamsMu.Lock()
+	for id, s := range b.streams {
+		if s.bound && s.open == 0 && !s.deadline.IsZero() && !now.Before(s.deadline) {
+			due = append(due, id)
+		}
+	}
+	b.streamsMu.Unlock()
+	for _, id := range due {
+		b.log.Info("revoking lease: no KeepAlive stream within the grace period", "lease_id", id)
+		if _, _, err := b.revoke(ctx, id, false); err != nil {
+			b.log.Warn("revoke on disconnect failed", "lease_id", id, "err", err)
+		}
+	}
+}

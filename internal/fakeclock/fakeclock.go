@@ -1,0 +1,83 @@
+// Package fakeclock is a controllable broker.Clock for tests: time moves
+// only when a test calls Advance, so expiry can be tested without sleeps.
+package fakeclock
+
+import (
+	"sync"
+	"time"
+)
+
+// Clock is a manual clock. The zero value is not usable; call New.
+type Clock struct {
+	mu      sync.Mutex
+	now     time.Time
+	waiters []waiter
+	changed chan struct{} // closed and replaced whenever waiters change
+}
+
+type waiter struct {
+	at time.Time
+	ch chan time.Time
+}
+
+// New returns a clock at t.
+func New(t time.Time) *Clock { return &Clock{now: t, changed: make(chan struct{})} }
+
+// Now returns the clock's time.
+func (c *Clock) Now() time.Time {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.now
+}
+
+// After returns a channel that receives once the clock has been advanced
+// by d.
+func (c *Clock) After(d time.Duration) <-chan time.Time {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	ch := make(chan time.Time, 1)
+	if d <= 0 {
+		ch <- c.now
+		return ch
+	}
+	c.waiters = append(c.waiters, waiter{at: c.now.Add(d), ch: ch})
+	c.notify()
+	return ch
+}
+
+// Advance moves the clock forward by d and fires every waiter that is due.
+func (c *Clock) Advance(d time.Duration) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.now = c.now.Add(d)
+	kept := c.waiters[:0]
+	for _, w := range c.waiters {
+		if !w.at.After(c.now) {
+			w.ch <- c.now
+		} else {
+			kept = append(kept, w)
+		}
+	}
+	c.waiters = kept
+	c.notify()
+}
+
+// Waiters returns how many After channels are pending.
+func (c *Clock) Waiters() int {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return len(c.waiters)
+}
+
+// Changed returns a channel closed the next time the set of waiters changes,
+// so a test can wait for a goroutine to block on the clock without polling.
+func (c *Clock) Changed() <-chan struct{} {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.changed
+}
+
+func (c *Clock) notify() {
+	close(c.changed)
+	c.changed = make(chan struct{})
+}
