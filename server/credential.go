@@ -1,0 +1,143 @@
+package server
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+
+	"github.com/credbroker/credbroker/broker"
+	pb "github.com/credbroker/credbroker/proto/credbroker/v1"
+)
+
+// credentialServer implements CredentialService. KeepAlive is in
+// keepalive.go.
+type credentialServer struct {
+	pb.UnimplementedCredentialServiceServer
+	*core
+}
+
+func (s *credentialServer) IssueCredential(ctx context.Context, req *pb.IssueCredentialRequest) (*pb.IssueCredentialResponse, error) {
+	id, err := identity(ctx)
+	if err != nil {
+		return nil, err
+	}
+	if req.GetRole() == "" {
+		return nil, invalidArgument("role is required")
+	}
+	ttl, err := durationFromProto(req.GetTtl(), "ttl")
+	if err != nil {
+		return nil, err
+	}
+	if err := s.authz.AuthorizeIssue(id, req.GetRole()); err != nil {
+		return nil, s.fail(ctx, err)
+	}
+	lease, cred, err := s.broker.Issue(ctx, broker.IssueRequest{
+		Role: req.GetRole(),
+		TTL:  ttl,
+		// The owner is who authenticated, never what the request says:
+		// ownership is what later authorizes renew and revoke.
+		Client:             id.Name,
+		Metadata:           req.GetMetadata(),
+		RevokeOnDisconnect: req.GetRevokeOnDisconnect(),
+	})
+	if err != nil {
+		return nil, s.fail(ctx, err)
+	}
+	// The username is logged for audit (who got which PostgreSQL user);
+	// the password never is.
+	addLogAttrs(ctx, slog.String("lease_id", lease.ID), slog.String("username", lease.Username))
+	return &pb.IssueCredentialResponse{
+		Lease:      leaseToProto(lease),
+		Credential: credentialToProto(cred, s.sslmode),
+	}, nil
+}
+
+func (s *credentialServer) RenewLease(ctx context.Context, req *pb.RenewLeaseRequest) (*pb.RenewLeaseResponse, error) {
+	inc, err := durationFromProto(req.GetIncrement(), "increment")
+	if err != nil {
+		return nil, err
+	}
+	if _, err := s.authorizedLease(ctx, req.GetLeaseId()); err != nil {
+		return nil, err
+	}
+	l, err := s.broker.Renew(ctx, req.GetLeaseId(), inc)
+	if err != nil {
+		return nil, s.leaseFail(ctx, req.GetLeaseId(), err)
+	}
+	return &pb.RenewLeaseResponse{Lease: leaseToProto(l)}, nil
+}
+
+func (s *credentialServer) RevokeLease(ctx context.Context, req *pb.RevokeLeaseRequest) (*pb.RevokeLeaseResponse, error) {
+	if _, err := s.authorizedLease(ctx, req.GetLeaseId()); err != nil {
+		return nil, err
+	}
+	l, err := s.broker.Revoke(ctx, req.GetLeaseId())
+	if err != nil {
+		return nil, s.leaseFail(ctx, req.GetLeaseId(), err)
+	}
+	return &pb.RevokeLeaseResponse{Lease: leaseToProto(l)}, nil
+}
+
+func (s *credentialServer) LookupLease(ctx context.Context, req *pb.LookupLeaseRequest) (*pb.LookupLeaseResponse, error) {
+	l, err := s.authorizedLease(ctx, req.GetLeaseId())
+	if err != nil {
+		return nil, err
+	}
+	return &pb.LookupLeaseResponse{Lease: leaseToProto(l)}, nil
+}
+
+// authorizedLease validates a lease id, reads the lease and asks the
+// Authorizer whether the caller may touch it.
+//
+// A caller that may not touch a lease gets exactly the answer it would get
+// for a lease that does not exist (NotFound, same message): otherwise a
+// non-owner holding an id, say from a log line, could learn that the
+// lease exists and is live. The real reason is in the server log.
+// Ownership never changes, so reading the lease first and acting on it
+// next leaves no window that matters.
+func (c *core) authorizedLease(ctx context.Context, leaseID string) (broker.Lease, error) {
+	id, err := identity(ctx)
+	if err != nil {
+		return broker.Lease{}, err
+	}
+	if err := broker.ValidateLeaseID(leaseID); err != nil {
+		return broker.Lease{}, c.fail(ctx, invalidLeaseID(err))
+	}
+	l, err := c.broker.Lookup(ctx, leaseID)
+	if err != nil {
+		return broker.Lease{}, c.leaseFail(ctx, leaseID, err)
+	}
+	if err := c.authz.AuthorizeLease(id, l); err != nil {
+		addLogAttrs(ctx, slog.String("error", err.Error()))
+		return broker.Lease{}, leaseNotFound(leaseID)
+	}
+	return l, nil
+}
+
+// invalidLeaseID makes sure a malformed id answers InvalidArgument even if
+// the validator's error does not wrap broker.ErrInvalidArgument.
+func invalidLeaseID(err error) error {
+	if errors.Is(err, broker.ErrInvalidArgument) {
+		return err
+	}
+	return fmt.Errorf("invalid lease id: %v: %w", err, broker.ErrInvalidArgument)
+}
+
+// leaseFail is fail for calls about one lease: every "not found" has the
+// same wording, whoever produced it, so that a denied caller (see
+// authorizedLease) cannot tell the two apart by the message either.
+func (c *core) leaseFail(ctx context.Context, leaseID string, err error) error {
+	if errors.Is(err, broker.ErrLeaseNotFound) {
+		addLogAttrs(ctx, slog.String("error", err.Error()))
+		return leaseNotFound(leaseID)
+	}
+	return c.fail(ctx, err)
+}
+
+func leaseNotFound(leaseID string) error {
+	return status.Error(codes.NotFound, fmt.Sprintf("lease %q: %v", leaseID, broker.ErrLeaseNotFound))
+}

@@ -1,0 +1,139 @@
+package server
+
+import (
+	"context"
+	"sync"
+
+	pb "github.com/credbroker/credbroker/proto/credbroker/v1"
+)
+
+// outbox holds what a KeepAlive stream has yet to send: one slot per lease,
+// where the newest state replaces an older one. Writers never block on the
+// client; the sender drains it at the client's pace.
+type outbox struct {
+	mu      sync.Mutex
+	pending map[string]pendingResponse
+	order   []string // lease ids with a pending slot, oldest first
+	// sent is the revision last sent per tracked (named) lease, so that a
+	// broker event the client has already been told about is not sent
+	// twice (a renewal is both answered and published by the broker).
+	sent map[string]uint64
+
+	ready   chan struct{} // signalled when a slot is filled
+	drained chan struct{} // signalled when the outbox was emptied
+}
+
+type pendingResponse struct {
+	resp *pb.KeepAliveResponse
+	rev  uint64 // the lease's store revision; 0 when unknown
+}
+
+func newOutbox() *outbox {
+	return &outbox{
+		pending: make(map[string]pendingResponse),
+		sent:    make(map[string]uint64),
+		ready:   make(chan struct{}, 1),
+		drained: make(chan struct{}, 1),
+	}
+}
+
+// put fills the lease's slot. rev orders states of one lease (the store's
+// revision only grows); 0 means unknown and always counts as newest.
+//
+// An answer to a request (fromEvent false) replaces the slot unless the
+// slot holds a strictly newer state: every request gets an answer, even
+// one that repeats what was sent. A broker event (fromEvent true) is
+// dropped unless it is newer than both what was sent and what is pending.
+func (o *outbox) put(leaseID string, resp *pb.KeepAliveResponse, rev uint64, fromEvent bool) {
+	o.mu.Lock()
+	cur, exists := o.pending[leaseID]
+	switch {
+	case fromEvent && rev != 0 && rev <= o.sent[leaseID]:
+		o.mu.Unlock()
+		return
+	case exists && rev != 0 && cur.rev != 0 && (cur.rev > rev || (fromEvent && cur.rev == rev)):
+		o.mu.Unlock()
+		return
+	case exists && terminalEvent(cur.resp.GetEvent()) && !terminalEvent(resp.GetEvent()):
+		// The lease is gone for good; that outranks any later answer
+		// (say, to a malformed request) the client has not read yet.
+		o.mu.Unlock()
+		return
+	}
+	if !exists {
+		o.order = append(o.order, leaseID)
+	}
+	o.pending[leaseID] = pendingResponse{resp: resp, rev: rev}
+	o.mu.Unlock()
+	notify(o.ready)
+}
+
+// drain empties the outbox and returns its responses, oldest slot first.
+func (o *outbox) drain() []*pb.KeepAliveResponse {
+	o.mu.Lock()
+	out := make([]*pb.KeepAliveResponse, 0, len(o.order))
+	for _, id := range o.order {
+		p := o.pending[id]
+		out = append(out, p.resp)
+		if last, tracked := o.sent[id]; tracked && p.rev > last {
+			o.sent[id] = p.rev
+		}
+	}
+	clear(o.pending)
+	o.order = o.order[:0]
+	o.mu.Unlock()
+	notify(o.drained)
+	return out
+}
+
+// track starts remembering what was sent for a lease the stream named;
+// forget stops it. Only named leases are tracked, which bounds the map.
+func (o *outbox) track(leaseID string) {
+	o.mu.Lock()
+	o.sent[leaseID] = 0
+	o.mu.Unlock()
+}
+
+func (o *outbox) forget(leaseID string) {
+	o.mu.Lock()
+	delete(o.sent, leaseID)
+	o.mu.Unlock()
+}
+
+// waitForRoom blocks while limit or more slots are pending: only the
+// receiver calls it, so a client that sends without reading waits on its
+// own stream and the outbox stays bounded.
+func (o *outbox) waitForRoom(ctx context.Context, limit int) error {
+	for {
+		o.mu.Lock()
+		n := len(o.pending)
+		o.mu.Unlock()
+		if n < limit {
+			return nil
+		}
+		select {
+		case <-o.drained:
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+	}
+}
+
+// notify signals c without blocking; one pending signal is enough.
+func notify(c chan struct{}) {
+	select {
+	case c <- struct{}{}:
+	default:
+	}
+}
+
+// terminalEvent reports whether an event says the lease is gone for good.
+func terminalEvent(e pb.KeepAliveEvent) bool {
+	switch e {
+	case pb.KeepAliveEvent_KEEP_ALIVE_EVENT_REVOKED,
+		pb.KeepAliveEvent_KEEP_ALIVE_EVENT_EXPIRED,
+		pb.KeepAliveEvent_KEEP_ALIVE_EVENT_NOT_FOUND:
+		return true
+	}
+	return false
+}

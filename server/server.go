@@ -1,0 +1,197 @@
+package server
+
+import (
+	"errors"
+	"fmt"
+	"log/slog"
+	"sync"
+
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/health"
+	healthpb "google.golang.org/grpc/health/grpc_health_v1"
+	"google.golang.org/grpc/reflection"
+
+	"github.com/credbroker/credbroker/broker"
+	pb "github.com/credbroker/credbroker/proto/credbroker/v1"
+)
+
+// Defaults for zero Config fields.
+const (
+	DefaultSSLMode         = "prefer"
+	DefaultMaxStreamLeases = 1000
+)
+
+// sslModes are the sslmode values libpq accepts in a connection URI.
+var sslModes = map[string]bool{
+	"disable": true, "allow": true, "prefer": true,
+	"require": true, "verify-ca": true, "verify-full": true,
+}
+
+// Config configures the gRPC layer. The wiring code (brokerd) fills it;
+// NewGRPCServer fills defaults for zero values.
+type Config struct {
+	// Broker serves every CredentialService and AdminService call. Required.
+	Broker *broker.Broker
+	// Authenticator establishes the caller's identity. Default:
+	// LocalAuthenticator, which is only safe on loopback and unix sockets.
+	Authenticator Authenticator
+	// Authorizer decides what an identity may do. Default: OwnerAuthorizer.
+	Authorizer Authorizer
+	// Logger receives one line per call. Default: discard.
+	Logger *slog.Logger
+	// Endpoints maps target names to where issued users connect. The broker
+	// has no accessor for it, so the wiring code copies each target's
+	// Database.Endpoint() here; ListRoles uses it to say which database a
+	// role's credentials log in to.
+	Endpoints map[string]broker.Endpoint
+	// SSLMode is the sslmode written into every credential's DSN.
+	// Default: "prefer".
+	SSLMode string
+	// MaxStreamLeases caps how many leases one KeepAlive stream may name,
+	// which bounds the goroutines and memory one client can pin.
+	// Default: 1000.
+	MaxStreamLeases int
+	// Drainer, when set, lets the owner of the server announce shutdown:
+	// health turns NOT_SERVING and KeepAlive streams end. Without it the
+	// server reports SERVING until it stops.
+	Drainer *Drainer
+}
+
+// Validate reports the first invalid field. NewGRPCServer cannot return an
+// error, so callers that want to fail fast call Validate first.
+func (c Config) Validate() error {
+	if c.Broker == nil {
+		return errors.New("server: Broker is required")
+	}
+	if c.SSLMode != "" && !sslModes[c.SSLMode] {
+		return fmt.Errorf("server: invalid SSLMode %q (want disable, allow, prefer, require, verify-ca or verify-full)", c.SSLMode)
+	}
+	if c.MaxStreamLeases < 0 {
+		return fmt.Errorf("server: MaxStreamLeases must not be negative, got %d", c.MaxStreamLeases)
+	}
+	return nil
+}
+
+// Drainer coordinates a graceful stop. grpc.Server.GracefulStop waits for
+// every open stream to end, and a KeepAlive stream never ends by itself,
+// so the owner calls Drain first:
+//
+//	d.Drain()                  // health NOT_SERVING, KeepAlive streams end
+//	gs.GracefulStop()          // unary calls in flight finish
+//
+// (with a deadline, after which gs.Stop()). Clients see codes.Unavailable
+// on their stream and reconnect, to another broker once there is one.
+type Drainer struct {
+	health *health.Server
+	once   sync.Once
+	done   chan struct{}
+}
+
+// NewDrainer returns a Drainer whose health service reports SERVING.
+func NewDrainer() *Drainer {
+	return &Drainer{health: health.NewServer(), done: make(chan struct{})}
+}
+
+// Drain marks every service NOT_SERVING, so load balancers and probes stop
+// sending new calls, and ends every KeepAlive stream. It is idempotent and
+// cannot be undone.
+func (d *Drainer) Drain() {
+	d.once.Do(func() {
+		d.health.Shutdown()
+		close(d.done)
+	})
+}
+
+// Draining is closed once Drain has been called.
+func (d *Drainer) Draining() <-chan struct{} { return d.done }
+
+// HealthServer is the grpc.health.v1 service the Drainer controls, for
+// owners that report finer states (a target unreachable) themselves.
+func (d *Drainer) HealthServer() *health.Server { return d.health }
+
+// serviceNames are the health-checked services besides "" (the server).
+var serviceNames = []string{
+	pb.CredentialService_ServiceDesc.ServiceName,
+	pb.AdminService_ServiceDesc.ServiceName,
+}
+
+// NewGRPCServer returns a grpc.Server serving CredentialService,
+// AdminService, grpc.health.v1 and server reflection, behind the logging,
+// recovery and authentication interceptors. opts are appended after the
+// server's own: interceptors added with grpc.ChainUnaryInterceptor run
+// inside ours (after authentication); do not use grpc.UnaryInterceptor,
+// which gRPC would put outside them.
+//
+// An invalid cfg (see Validate) does not panic: the error is logged, an
+// invalid field falls back to its default, and without a Broker the two
+// credbroker services are not registered (their health is NOT_SERVING).
+func NewGRPCServer(cfg Config, opts ...grpc.ServerOption) *grpc.Server {
+	log := cfg.Logger
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	if err := cfg.Validate(); err != nil {
+		log.Error("invalid gRPC server configuration", "err", err)
+	}
+	c := &core{
+		broker:          cfg.Broker,
+		authn:           cfg.Authenticator,
+		authz:           cfg.Authorizer,
+		log:             log,
+		endpoints:       cfg.Endpoints,
+		sslmode:         cfg.SSLMode,
+		maxStreamLeases: cfg.MaxStreamLeases,
+	}
+	if c.authn == nil {
+		c.authn = LocalAuthenticator{}
+	}
+	if c.authz == nil {
+		c.authz = OwnerAuthorizer{}
+	}
+	if !sslModes[c.sslmode] {
+		c.sslmode = DefaultSSLMode
+	}
+	if c.maxStreamLeases <= 0 {
+		c.maxStreamLeases = DefaultMaxStreamLeases
+	}
+	drainer := cfg.Drainer
+	if drainer == nil {
+		drainer = NewDrainer()
+	}
+	c.draining = drainer.Draining()
+
+	all := append([]grpc.ServerOption{
+		grpc.ChainUnaryInterceptor(c.unaryLog, c.unaryRecover, c.unaryAuth),
+		grpc.ChainStreamInterceptor(c.streamLog, c.streamRecover, c.streamAuth),
+	}, opts...)
+	gs := grpc.NewServer(all...)
+
+	status := healthpb.HealthCheckResponse_SERVING
+	if c.broker != nil {
+		pb.RegisterCredentialServiceServer(gs, &credentialServer{core: c})
+		pb.RegisterAdminServiceServer(gs, &adminServer{core: c})
+	} else {
+		status = healthpb.HealthCheckResponse_NOT_SERVING
+	}
+	for _, name := range serviceNames {
+		drainer.health.SetServingStatus(name, status)
+	}
+	// "" is the whole server: it is up even without a broker, so that a
+	// probe can tell "misconfigured" from "not listening".
+	drainer.health.SetServingStatus("", healthpb.HealthCheckResponse_SERVING)
+	healthpb.RegisterHealthServer(gs, drainer.health)
+	reflection.Register(gs)
+	return gs
+}
+
+// core is what both services share.
+type core struct {
+	broker          *broker.Broker
+	authn           Authenticator
+	authz           Authorizer
+	log             *slog.Logger
+	endpoints       map[string]broker.Endpoint
+	sslmode         string
+	maxStreamLeases int
+	draining        <-chan struct{}
+}
