@@ -1,0 +1,131 @@
+package config
+
+import (
+	"io"
+	"log/slog"
+	"time"
+
+	"github.com/credbroker/credbroker/broker"
+)
+
+// Defaults of the optional keys. The broker's own defaults are the same;
+// they are repeated here so that the effective configuration brokerd logs
+// at start-up is the one it runs with.
+const (
+	DefaultListen              = "127.0.0.1:7450"
+	DefaultMarkerRole          = "credbroker_managed"
+	DefaultMaxConns            = 10
+	DefaultConnectTimeout      = 10 * time.Second
+	DefaultStoreOpenTimeout    = 5 * time.Second
+	DefaultTombstoneRetention  = 24 * time.Hour
+	DefaultRevokeConcurrency   = 4
+	DefaultRevokeRate          = 100.0
+	DefaultRevokeRetries       = 5
+	DefaultValidUntilGrace     = time.Minute
+	DefaultRetryBaseDelay      = time.Second
+	DefaultRetryMaxDelay       = time.Minute
+	DefaultFailedRetryInterval = 10 * time.Minute
+	DefaultReconcileInterval   = 5 * time.Minute
+	DefaultDisconnectGrace     = 30 * time.Second
+	DefaultShutdownTimeout     = 15 * time.Second
+	DefaultLogLevel            = "info"
+	DefaultLogFormat           = "text"
+	DefaultDSNSSLMode          = "prefer"
+)
+
+// Config is a validated configuration with every default filled in.
+type Config struct {
+	// Listen is the gRPC address: host:port on loopback, or unix:/path.
+	Listen  string
+	Store   Store
+	Targets []Target
+	// Roles are the broker roles, in file order.
+	Roles  []broker.Role
+	Expiry Expiry
+	// ReconcileInterval: how often intents and unknown marker-role members
+	// are settled.
+	ReconcileInterval time.Duration
+	// DisconnectGrace: how long a revoke_on_disconnect lease may go without
+	// a KeepAlive stream naming it.
+	DisconnectGrace time.Duration
+	// ShutdownTimeout bounds the graceful stop of the gRPC server; streams
+	// still open after it are cut.
+	ShutdownTimeout time.Duration
+	Log             Log
+	// DSNSSLMode is the sslmode written into the DSNs handed to clients.
+	DSNSSLMode string
+
+	// Warnings are problems that do not stop brokerd (a world-readable
+	// password file, a target no role uses, two roles sharing a proxy
+	// role). brokerd logs them at start-up.
+	Warnings []string
+}
+
+// Store configures the lease store.
+type Store struct {
+	// Path of the bbolt file (absolute).
+	Path string
+	// OpenTimeout: how long to wait for the file lock another process holds.
+	OpenTimeout time.Duration
+	// TombstoneRetention: how long revoked and expired leases are kept.
+	TombstoneRetention time.Duration
+}
+
+// Target is one PostgreSQL server the broker makes users on.
+type Target struct {
+	Name string
+	// URL is the admin connection URL, without a password.
+	URL string
+	// Database is the database named in URL: where issued users connect.
+	Database string
+	// AdminUser is the user named in URL.
+	AdminUser string
+	// Password is the admin password, read from PasswordSource.
+	Password Secret
+	// PasswordSource says where Password came from ("file /path",
+	// "env NAME"), for logs.
+	PasswordSource string
+	// MarkerRole is the NOLOGIN role every issued user is made a member of.
+	MarkerRole string
+	// MaxConns caps the admin connection pool.
+	MaxConns int
+	// ConnectTimeout bounds one connection attempt.
+	ConnectTimeout time.Duration
+}
+
+// Expiry tunes the expiry manager and the revoker.
+type Expiry struct {
+	RevokeConcurrency   int
+	RevokeRate          float64
+	RevokeRetries       int
+	ValidUntilGrace     time.Duration
+	RetryBaseDelay      time.Duration
+	RetryMaxDelay       time.Duration
+	FailedRetryInterval time.Duration
+}
+
+// Log configures brokerd's log.
+type Log struct {
+	Level slog.Level
+	// Format is "text" or "json".
+	Format string
+}
+
+// NewLogger returns a logger writing to w at the configured level and format.
+func (l Log) NewLogger(w io.Writer) *slog.Logger {
+	opts := &slog.HandlerOptions{Level: l.Level}
+	if l.Format == "json" {
+		return slog.New(slog.NewJSONHandler(w, opts))
+	}
+	return slog.New(slog.NewTextHandler(w, opts))
+}
+
+// Target returns the target of that name.
+func (c *Config) Target(name string) (Target, bool) {
+	for _, t := range c.Targets {
+		if t.Name == name {
+			return t, true
+		}
+	}
+	return Target{}, false
+}

@@ -1,0 +1,588 @@
+package config
+
+import (
+	"encoding/json"
+	"fmt"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/credbroker/credbroker/broker"
+)
+
+const testPassword = "s3cret-Admin-pw"
+
+// writeConfig lays out a config directory: a 0600 password file and the
+// YAML, with relative paths so the test also covers their resolution.
+func writeConfig(t *testing.T, yamlText string) string {
+	t.Helper()
+	dir := t.TempDir()
+	if err := os.WriteFile(filepath.Join(dir, "main.password"), []byte(testPassword+"\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	path := filepath.Join(dir, "credbroker.yaml")
+	if err := os.WriteFile(path, []byte(yamlText), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	return path
+}
+
+const validYAML = `
+listen: 127.0.0.1:7450
+store:
+  path: leases.db
+targets:
+  - name: main
+    url: postgres://broker_admin@127.0.0.1:5432/app
+    password_file: main.password
+roles:
+  - name: read_only
+    target: main
+    proxy_role: read_only_role
+    default_ttl: 15m
+    max_ttl: 1h
+  - name: admin
+    target: main
+    proxy_role: admin_role
+    default_ttl: 5m
+    max_ttl: 15m
+`
+
+func loadAndValidate(t *testing.T, yamlText string) (*Config, error) {
+	t.Helper()
+	f, err := Load(writeConfig(t, yamlText))
+	if err != nil {
+		return nil, err
+	}
+	return f.Validate()
+}
+
+func TestValidMinimalConfigGetsDefaults(t *testing.T) {
+	path := writeConfig(t, validYAML)
+	f, err := Load(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c, err := f.Validate()
+	if err != nil {
+		t.Fatal(err)
+	}
+	dir := filepath.Dir(path)
+	if c.Store.Path != filepath.Join(dir, "leases.db") {
+		t.Errorf("store path %q not resolved against the config's directory %q", c.Store.Path, dir)
+	}
+	tg := c.Targets[0]
+	if tg.Password.Reveal() != testPassword {
+		t.Errorf("password not read (or newline not trimmed)")
+	}
+	if tg.Database != "app" || tg.AdminUser != "broker_admin" {
+		t.Errorf("database %q admin %q", tg.Database, tg.AdminUser)
+	}
+	if tg.MarkerRole != DefaultMarkerRole || tg.MaxConns != DefaultMaxConns || tg.ConnectTimeout != DefaultConnectTimeout {
+		t.Errorf("target defaults not filled: %+v", tg)
+	}
+	if tg.PasswordSource != "file "+filepath.Join(dir, "main.password") {
+		t.Errorf("password source %q", tg.PasswordSource)
+	}
+	want := []broker.Role{
+		{Name: "read_only", Target: "main", ProxyRole: "read_only_role", DefaultTTL: 15 * time.Minute, MaxTTL: time.Hour},
+		{Name: "admin", Target: "main", ProxyRole: "admin_role", DefaultTTL: 5 * time.Minute, MaxTTL: 15 * time.Minute},
+	}
+	if fmt.Sprint(c.Roles) != fmt.Sprint(want) {
+		t.Errorf("roles = %+v, want %+v", c.Roles, want)
+	}
+	if c.Store.TombstoneRetention != 24*time.Hour || c.Store.OpenTimeout != DefaultStoreOpenTimeout {
+		t.Errorf("store defaults: %+v", c.Store)
+	}
+	wantExpiry := Expiry{
+		RevokeConcurrency: 4, RevokeRate: 100, RevokeRetries: 5, ValidUntilGrace: time.Minute,
+		RetryBaseDelay: time.Second, RetryMaxDelay: time.Minute, FailedRetryInterval: 10 * time.Minute,
+	}
+	if c.Expiry != wantExpiry {
+		t.Errorf("expiry = %+v, want %+v", c.Expiry, wantExpiry)
+	}
+	if c.ReconcileInterval != 5*time.Minute || c.DisconnectGrace != 30*time.Second || c.ShutdownTimeout != 15*time.Second {
+		t.Errorf("intervals: %v %v %v", c.ReconcileInterval, c.DisconnectGrace, c.ShutdownTimeout)
+	}
+	if c.Log.Level != slog.LevelInfo || c.Log.Format != "text" || c.DSNSSLMode != "prefer" {
+		t.Errorf("log %+v sslmode %q", c.Log, c.DSNSSLMode)
+	}
+	if len(c.Warnings) != 0 {
+		t.Errorf("warnings: %q", c.Warnings)
+	}
+}
+
+func TestEveryKeySet(t *testing.T) {
+	t.Setenv("CB_TEST_PW", "from-env")
+	c, err := loadAndValidate(t, `
+listen: unix:/run/credbroker.sock
+store:
+  path: leases.db
+  open_timeout: 2s
+  tombstone_retention: 72h
+targets:
+  - name: main
+    url: postgresql://broker_admin@db.internal:5433/app?sslmode=verify-full
+    password_env: CB_TEST_PW
+    marker_role: cb_marker
+    max_conns: 3
+    connect_timeout: 3s
+roles:
+  - {name: read_only, target: main, proxy_role: read_only_role, default_ttl: 1m, max_ttl: 2m}
+expiry:
+  revoke_concurrency: 2
+  revoke_rate: 0.5
+  revoke_retries: 9
+  valid_until_grace: 30s
+  retry_base_delay: 2s
+  retry_max_delay: 20s
+  failed_retry_interval: 1h
+reconcile_interval: 1m
+disconnect_grace: 10s
+shutdown_timeout: 5s
+log:
+  level: debug
+  format: json
+dsn_sslmode: verify-full
+`)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tg := c.Targets[0]
+	if tg.Password.Reveal() != "from-env" || tg.PasswordSource != "env CB_TEST_PW" || tg.MarkerRole != "cb_marker" || tg.MaxConns != 3 || tg.ConnectTimeout != 3*time.Second {
+		t.Errorf("target: %+v", tg)
+	}
+	if c.Listen != "unix:/run/credbroker.sock" || c.Store.OpenTimeout != 2*time.Second || c.Store.TombstoneRetention != 72*time.Hour {
+		t.Errorf("listen/store: %q %+v", c.Listen, c.Store)
+	}
+	want := Expiry{RevokeConcurrency: 2, RevokeRate: 0.5, RevokeRetries: 9, ValidUntilGrace: 30 * time.Second,
+		RetryBaseDelay: 2 * time.Second, RetryMaxDelay: 20 * time.Second, FailedRetryInterval: time.Hour}
+	if c.Expiry != want {
+		t.Errorf("expiry = %+v", c.Expiry)
+	}
+	if c.ReconcileInterval != time.Minute || c.DisconnectGrace != 10*time.Second || c.ShutdownTimeout != 5*time.Second {
+		t.Errorf("intervals")
+	}
+	if c.Log.Level != slog.LevelDebug || c.Log.Format != "json" || c.DSNSSLMode != "verify-full" {
+		t.Errorf("log/sslmode: %+v %q", c.Log, c.DSNSSLMode)
+	}
+}
+
+// TestErrors: each case breaks the valid file in one way (or several) and
+// lists the messages it must produce. Every message starts with its key
+// path.
+func TestErrors(t *testing.T) {
+	tests := []struct {
+		name    string
+		yaml    string
+		env     map[string]string
+		want    []string
+		notWant []string
+	}{
+		{
+			name: "default above max",
+			yaml: strings.Replace(validYAML, "default_ttl: 5m", "default_ttl: 2h", 1),
+			want: []string{"roles[1].default_ttl: 2h exceeds max_ttl 15m"},
+		},
+		{
+			name: "unknown target",
+			yaml: strings.Replace(validYAML, "target: main\n    proxy_role: admin_role", "target: x\n    proxy_role: admin_role", 1),
+			want: []string{`roles[1].target: unknown target "x"`},
+		},
+		{
+			name:    "password in url",
+			yaml:    strings.Replace(validYAML, "broker_admin@", "broker_admin:hunter2@", 1),
+			want:    []string{"targets[0].url: must not contain a password; use password_file or password_env"},
+			notWant: []string{"hunter2"},
+		},
+		{
+			name:    "password in url query",
+			yaml:    strings.Replace(validYAML, "5432/app", "5432/app?password=hunter2", 1),
+			want:    []string{"targets[0].url: must not contain a password"},
+			notWant: []string{"hunter2"},
+		},
+		{
+			name:    "unparsable url with password",
+			yaml:    strings.Replace(validYAML, "broker_admin@127.0.0.1:5432", "broker_admin:hun%zzter2@127.0.0.1:5432", 1),
+			want:    []string{"targets[0].url: not a valid URL"},
+			notWant: []string{"hun", "zz"},
+		},
+		{
+			name: "url without database, user or host",
+			yaml: strings.Replace(validYAML, "postgres://broker_admin@127.0.0.1:5432/app", "postgres:///", 1),
+			want: []string{"targets[0].url: must name the admin user", "targets[0].url: must name a host", "targets[0].url: must name the database"},
+		},
+		{
+			name: "url with another scheme",
+			yaml: strings.Replace(validYAML, "postgres://", "mysql://", 1),
+			want: []string{`targets[0].url: scheme must be postgres:// or postgresql://, not "mysql"`},
+		},
+		{
+			name: "bad identifiers",
+			yaml: strings.NewReplacer(
+				"proxy_role: read_only_role", `proxy_role: "read_only; DROP TABLE x"`,
+				"name: admin\n", "name: Admin-Role\n",
+				"/app", "/pg_app",
+			).Replace(validYAML),
+			want: []string{"roles[0].proxy_role:", "roles[1].name: \"Admin-Role\" must match", "targets[0].url: database:"},
+		},
+		{
+			name: "role name too long for a username",
+			yaml: strings.Replace(validYAML, "name: admin\n", "name: "+strings.Repeat("a", 41)+"\n", 1),
+			want: []string{"roles[1].name:"},
+		},
+		{
+			name: "duplicate names",
+			yaml: strings.Replace(validYAML, "name: admin\n", "name: read_only\n", 1) + `
+  - name: other
+    target: main
+    proxy_role: other_role
+    default_ttl: 1m
+    max_ttl: 1m
+`,
+			want: []string{`roles[1].name: "read_only" is also roles[0].name`},
+		},
+		{
+			name: "duplicate target",
+			yaml: strings.Replace(validYAML, "roles:", `  - name: main
+    url: postgres://broker_admin@127.0.0.1:5432/app
+    password_file: main.password
+roles:`, 1),
+			want: []string{`targets[1].name: "main" is also targets[0].name`},
+		},
+		{
+			name: "missing password source",
+			yaml: strings.Replace(validYAML, "    password_file: main.password\n", "", 1),
+			want: []string{"targets[0]: no admin password: set password_file"},
+		},
+		{
+			name: "both password sources",
+			yaml: strings.Replace(validYAML, "    password_file: main.password\n", "    password_file: main.password\n    password_env: X\n", 1),
+			want: []string{"targets[0]: set password_file or password_env, not both"},
+		},
+		{
+			name: "password file missing",
+			yaml: strings.Replace(validYAML, "password_file: main.password", "password_file: nope.password", 1),
+			want: []string{"targets[0].password_file: stat ", "nope.password: no such file or directory"},
+		},
+		{
+			name: "password env unset",
+			yaml: strings.Replace(validYAML, "password_file: main.password", "password_env: CB_TEST_UNSET_VARIABLE", 1),
+			want: []string{"targets[0].password_env: environment variable CB_TEST_UNSET_VARIABLE is not set"},
+		},
+		{
+			name: "password env empty",
+			yaml: strings.Replace(validYAML, "password_file: main.password", "password_env: CB_TEST_EMPTY", 1),
+			env:  map[string]string{"CB_TEST_EMPTY": ""},
+			want: []string{"targets[0].password_env: environment variable CB_TEST_EMPTY is empty"},
+		},
+		{
+			name: "ttl zero, negative, missing, malformed",
+			yaml: strings.NewReplacer(
+				"default_ttl: 15m", "default_ttl: 0s",
+				"max_ttl: 1h", "max_ttl: -1h",
+				"    default_ttl: 5m\n", "",
+				"max_ttl: 15m", "max_ttl: 1d",
+			).Replace(validYAML),
+			want: []string{
+				"roles[0].default_ttl: 0s must be positive",
+				"roles[0].max_ttl: -1h must be positive",
+				"roles[1].default_ttl: required",
+				`roles[1].max_ttl: "1d" is not a duration`, "days are written in hours",
+			},
+		},
+		{
+			name: "unitless duration",
+			yaml: strings.Replace(validYAML, "default_ttl: 15m", "default_ttl: 15", 1),
+			want: []string{`roles[0].default_ttl: "15" is not a duration`},
+		},
+		{
+			name: "typo'd key",
+			yaml: strings.Replace(validYAML, "password_file:", "pasword_file:", 1),
+			want: []string{`targets[0].pasword_file: unknown key (line 8); did you mean "password_file"?`},
+		},
+		{
+			name: "unknown top-level key and wrong shapes",
+			yaml: validYAML + "tls: {}\nexpiry:\n  revoke_rate: fast\n  revoke_retries: [1]\nlog: debug\n",
+			want: []string{
+				"tls: unknown key",
+				`expiry.revoke_rate: "fast" is not a number`,
+				"expiry.revoke_retries: must be a single value, not a list",
+				`log: must be a mapping of keys, not the value "debug"`,
+			},
+		},
+		{
+			name: "key given twice",
+			yaml: validYAML + "listen: 127.0.0.1:1\n",
+			want: []string{"listen: given twice (lines 2 and 20)"},
+		},
+		{
+			name: "targets not a list",
+			yaml: "targets:\n  name: main\n",
+			want: []string{"targets: must be a list, not a mapping"},
+		},
+		{
+			name: "nothing configured",
+			yaml: "listen: 127.0.0.1:7450\n",
+			want: []string{"store.path: required", "targets: at least one target is required", "roles: at least one role is required"},
+		},
+		{
+			name: "non-loopback listen",
+			yaml: strings.Replace(validYAML, "127.0.0.1:7450", "0.0.0.0:7450", 1),
+			want: []string{"listen 0.0.0.0:7450: plaintext gRPC is only allowed on loopback or a unix socket; configure tls (a later release) or listen on 127.0.0.1"},
+		},
+		{
+			name: "positive numbers",
+			yaml: validYAML + "expiry:\n  revoke_concurrency: 0\n  revoke_rate: -1\n  revoke_retries: 0\n  retry_base_delay: 2m\n",
+			want: []string{
+				"expiry.revoke_concurrency: 0 must be positive",
+				"expiry.revoke_rate: -1 must be positive",
+				"expiry.revoke_retries: 0 must be positive",
+				"expiry.retry_base_delay: 2m0s exceeds expiry.retry_max_delay 1m0s",
+			},
+		},
+		{
+			name: "max_conns zero",
+			yaml: strings.Replace(validYAML, "password_file: main.password", "password_file: main.password\n    max_conns: 0", 1),
+			want: []string{"targets[0].max_conns: 0 must be positive"},
+		},
+		{
+			name: "log and sslmode",
+			yaml: validYAML + "log:\n  level: loud\n  format: xml\ndsn_sslmode: maybe\n",
+			want: []string{`log.level: "loud" is not a level`, `log.format: "xml" is not a format`, `dsn_sslmode: "maybe" is not an sslmode`},
+		},
+		{
+			name: "proxy role is marker or admin",
+			yaml: strings.NewReplacer("proxy_role: read_only_role", "proxy_role: credbroker_managed", "proxy_role: admin_role", "proxy_role: broker_admin").Replace(validYAML),
+			want: []string{
+				`roles[0].proxy_role: "credbroker_managed" is the marker role of target "main"`,
+				`roles[1].proxy_role: "broker_admin" is the admin user of target "main"`,
+			},
+		},
+		{
+			name: "store path in a missing directory",
+			yaml: strings.Replace(validYAML, "path: leases.db", "path: /nonexistent-dir/leases.db", 1),
+			want: []string{"store.path: directory /nonexistent-dir does not exist"},
+		},
+		{
+			name: "empty file",
+			yaml: "# nothing\n",
+			want: []string{"the file is empty"},
+		},
+		{
+			name: "two documents",
+			yaml: validYAML + "---\nlisten: 127.0.0.1:1\n",
+			want: []string{"more than one YAML document"},
+		},
+		{
+			name: "yaml syntax",
+			yaml: "listen: [\n",
+			want: []string{"yaml:"},
+		},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			for k, v := range tc.env {
+				t.Setenv(k, v)
+			}
+			_, err := loadAndValidate(t, tc.yaml)
+			if err == nil {
+				t.Fatalf("no error; want %q", tc.want)
+			}
+			msg := err.Error()
+			for _, w := range tc.want {
+				if !strings.Contains(msg, w) {
+					t.Errorf("error does not contain %q:\n%s", w, msg)
+				}
+			}
+			for _, nw := range append(tc.notWant, testPassword) {
+				if strings.Contains(msg, nw) {
+					t.Errorf("error contains %q:\n%s", nw, msg)
+				}
+			}
+		})
+	}
+}
+
+// TestAllErrorsCollected: one file with many problems reports each of them.
+func TestAllErrorsCollected(t *testing.T) {
+	_, err := loadAndValidate(t, `
+store:
+  path: leases.db
+targets:
+  - name: main
+    url: postgres://broker_admin:pw@h/app
+roles:
+  - {name: a, target: x, proxy_role: r, default_ttl: 2h, max_ttl: 1h}
+  - {name: a, target: main, proxy_role: "pg_signal_backend", default_ttl: -1s, max_ttl: 1h}
+`)
+	if err == nil {
+		t.Fatal("no error")
+	}
+	lines := strings.Split(err.Error(), "\n")
+	for _, prefix := range []string{
+		"targets[0].url:", "targets[0]: no admin password", "roles[0].target:", "roles[0].default_ttl: 2h exceeds",
+		"roles[1].name:", "roles[1].proxy_role:", "roles[1].default_ttl:",
+	} {
+		found := false
+		for _, l := range lines {
+			found = found || strings.HasPrefix(l, prefix)
+		}
+		if !found {
+			t.Errorf("no line starts with %q:\n%s", prefix, err)
+		}
+	}
+}
+
+func TestPasswordFileModes(t *testing.T) {
+	tests := []struct {
+		mode        os.FileMode
+		content     string
+		wantErr     string
+		wantWarning string
+	}{
+		{mode: 0o600, content: "pw\n"},
+		{mode: 0o400, content: "pw"},
+		{mode: 0o640, content: "pw\r\n"},
+		{mode: 0o644, content: "pw\n", wantWarning: "is world-readable (mode 0644); run chmod 600"},
+		{mode: 0o620, content: "pw", wantErr: "is group- or world-writable (mode 0620)"},
+		{mode: 0o602, content: "pw", wantErr: "is group- or world-writable (mode 0602)"},
+		{mode: 0o600, content: "\n", wantErr: "is empty"},
+		{mode: 0o600, content: "pw\nsecond", wantErr: "holds more than one line"},
+	}
+	for _, tc := range tests {
+		t.Run(fmt.Sprintf("%04o_%q", tc.mode, tc.content), func(t *testing.T) {
+			path := writeConfig(t, validYAML)
+			pwPath := filepath.Join(filepath.Dir(path), "main.password")
+			if err := os.WriteFile(pwPath, []byte(tc.content), 0o600); err != nil {
+				t.Fatal(err)
+			}
+			if err := os.Chmod(pwPath, tc.mode); err != nil { // WriteFile's mode is masked by umask
+				t.Fatal(err)
+			}
+			f, err := Load(path)
+			if err != nil {
+				t.Fatal(err)
+			}
+			c, err := f.Validate()
+			if tc.wantErr != "" {
+				if err == nil || !strings.Contains(err.Error(), "targets[0].password_file: ") || !strings.Contains(err.Error(), tc.wantErr) {
+					t.Fatalf("err = %v, want %q", err, tc.wantErr)
+				}
+				if strings.Contains(err.Error(), "pw") && !strings.Contains(err.Error(), ".password") {
+					t.Errorf("error echoes the password: %v", err)
+				}
+				return
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			if c.Targets[0].Password.Reveal() != "pw" {
+				t.Errorf("password = %q", c.Targets[0].Password.Reveal())
+			}
+			if tc.wantWarning == "" && len(c.Warnings) > 0 {
+				t.Errorf("unexpected warnings %q", c.Warnings)
+			}
+			if tc.wantWarning != "" && (len(c.Warnings) != 1 || !strings.Contains(c.Warnings[0], tc.wantWarning) || !strings.HasPrefix(c.Warnings[0], "targets[0].password_file: ")) {
+				t.Errorf("warnings = %q, want %q", c.Warnings, tc.wantWarning)
+			}
+		})
+	}
+}
+
+func TestWarnings(t *testing.T) {
+	c, err := loadAndValidate(t, validYAML+`  - name: also_read
+    target: main
+    proxy_role: read_only_role
+    default_ttl: 1m
+    max_ttl: 1m
+`)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(c.Warnings) != 1 || !strings.HasPrefix(c.Warnings[0], `roles[2].proxy_role: "read_only_role" on target "main" is also the proxy role of roles[0]`) {
+		t.Errorf("warnings = %q", c.Warnings)
+	}
+
+	c, err = loadAndValidate(t, strings.Replace(validYAML, "roles:", `  - name: spare
+    url: postgres://broker_admin@127.0.0.2/app
+    password_file: main.password
+roles:`, 1))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(c.Warnings) != 1 || c.Warnings[0] != `targets[1]: target "spare" is used by no role` {
+		t.Errorf("warnings = %q", c.Warnings)
+	}
+}
+
+func TestParseListen(t *testing.T) {
+	tests := []struct {
+		addr, network, address, err string
+	}{
+		{addr: "127.0.0.1:7450", network: "tcp", address: "127.0.0.1:7450"},
+		{addr: "127.1.2.3:0", network: "tcp", address: "127.1.2.3:0"},
+		{addr: "[::1]:7450", network: "tcp", address: "[::1]:7450"},
+		{addr: "localhost:7450", network: "tcp", address: "localhost:7450"},
+		{addr: "unix:/run/cb.sock", network: "unix", address: "/run/cb.sock"},
+		{addr: "unix:///run/cb.sock", network: "unix", address: "/run/cb.sock"},
+		{addr: "unix:cb.sock", network: "unix", address: "cb.sock"},
+		{addr: "unix:", err: "needs a path"},
+		{addr: "0.0.0.0:7450", err: "listen 0.0.0.0:7450: plaintext gRPC is only allowed on loopback or a unix socket; configure tls (a later release) or listen on 127.0.0.1"},
+		{addr: ":7450", err: "plaintext gRPC is only allowed on loopback"},
+		{addr: "10.0.0.1:7450", err: "plaintext gRPC is only allowed on loopback"},
+		{addr: "[::]:7450", err: "plaintext gRPC is only allowed on loopback"},
+		{addr: "broker.example.com:7450", err: "plaintext gRPC is only allowed on loopback"},
+		{addr: "127.0.0.1", err: "want host:port or unix:/path"},
+		{addr: "127.0.0.1:http", err: `"http" is not a port`},
+		{addr: "127.0.0.1:70000", err: `"70000" is not a port`},
+	}
+	for _, tc := range tests {
+		t.Run(tc.addr, func(t *testing.T) {
+			network, address, err := ParseListen(tc.addr)
+			if tc.err != "" {
+				if err == nil || !strings.Contains(err.Error(), tc.err) {
+					t.Fatalf("err = %v, want %q", err, tc.err)
+				}
+				return
+			}
+			if err != nil || network != tc.network || address != tc.address {
+				t.Fatalf("= %q %q %v, want %q %q", network, address, err, tc.network, tc.address)
+			}
+		})
+	}
+}
+
+// TestSecretNeverPrints: a Config (with its password) formatted or
+// encoded every common way shows no password.
+func TestSecretNeverPrints(t *testing.T) {
+	c, err := loadAndValidate(t, validYAML)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var outs []string
+	for _, verb := range []string{"%v", "%+v", "%#v", "%s", "%q", "%x", "%X"} {
+		outs = append(outs, fmt.Sprintf(verb, c), fmt.Sprintf(verb, c.Targets[0]), fmt.Sprintf(verb, c.Targets[0].Password))
+	}
+	js, _ := json.Marshal(c)
+	outs = append(outs, string(js))
+	var sb strings.Builder
+	slog.New(slog.NewTextHandler(&sb, nil)).Info("cfg", "target", c.Targets[0], "pw", c.Targets[0].Password)
+	slog.New(slog.NewJSONHandler(&sb, nil)).Info("cfg", "target", c.Targets[0], "pw", c.Targets[0].Password)
+	outs = append(outs, sb.String())
+	for _, o := range outs {
+		if strings.Contains(o, testPassword) || strings.Contains(o, fmt.Sprintf("%x", testPassword)) {
+			t.Errorf("password printed: %s", o)
+		}
+	}
+}
+
+func TestLoadMissingFile(t *testing.T) {
+	_, err := Load(filepath.Join(t.TempDir(), "nope.yaml"))
+	if err == nil || !strings.Contains(err.Error(), "no such file") {
+		t.Fatalf("err = %v", err)
+	}
+}

@@ -1,0 +1,440 @@
+package config
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"net/url"
+	"os"
+	"path/filepath"
+	"regexp"
+	"slices"
+	"strings"
+	"time"
+
+	"github.com/credbroker/credbroker/broker"
+	"github.com/credbroker/credbroker/broker/postgres"
+)
+
+// targetNamePattern: target names are shown in leases and logs and used as
+// map keys; they never reach SQL, but keeping them plain keeps them easy
+// to grep and to type on a command line.
+var targetNamePattern = regexp.MustCompile(`^[a-z][a-z0-9_-]{0,62}$`)
+
+var envNamePattern = regexp.MustCompile(`^[A-Za-z_][A-Za-z0-9_]*$`)
+
+var sslModes = []string{"disable", "allow", "prefer", "require", "verify-ca", "verify-full"}
+
+// maxPasswordFileSize: a password file holds one line; anything bigger is
+// the wrong file.
+const maxPasswordFileSize = 4096
+
+// validator collects every problem in one pass.
+type validator struct {
+	errs     []error
+	warnings []string
+}
+
+func (v *validator) errorf(path, format string, args ...any) {
+	v.errs = append(v.errs, fmt.Errorf("%s: %s", path, fmt.Sprintf(format, args...)))
+}
+
+func (v *validator) warnf(path, format string, args ...any) {
+	v.warnings = append(v.warnings, fmt.Sprintf("%s: %s", path, fmt.Sprintf(format, args...)))
+}
+
+// Validate checks every key, reads the admin passwords, fills defaults and
+// returns the typed Config. The error joins every problem found (see
+// errors.Join); each names its key path. Problems that need not stop
+// brokerd are returned in Config.Warnings.
+func (f *File) Validate() (*Config, error) {
+	v := &validator{}
+	c := &Config{}
+
+	c.Listen = f.Listen
+	if c.Listen == "" {
+		c.Listen = DefaultListen
+	}
+	if _, _, err := ParseListen(c.Listen); err != nil {
+		v.errs = append(v.errs, err)
+	}
+
+	c.Store = v.store(f)
+	c.Targets = v.targets(f)
+	c.Roles = v.roles(f, c.Targets)
+
+	c.Expiry = Expiry{
+		RevokeConcurrency:   v.positiveInt("expiry.revoke_concurrency", f.Expiry.RevokeConcurrency, DefaultRevokeConcurrency),
+		RevokeRate:          v.positiveFloat("expiry.revoke_rate", f.Expiry.RevokeRate, DefaultRevokeRate),
+		RevokeRetries:       v.positiveInt("expiry.revoke_retries", f.Expiry.RevokeRetries, DefaultRevokeRetries),
+		ValidUntilGrace:     v.duration("expiry.valid_until_grace", f.Expiry.ValidUntilGrace, DefaultValidUntilGrace),
+		RetryBaseDelay:      v.duration("expiry.retry_base_delay", f.Expiry.RetryBaseDelay, DefaultRetryBaseDelay),
+		RetryMaxDelay:       v.duration("expiry.retry_max_delay", f.Expiry.RetryMaxDelay, DefaultRetryMaxDelay),
+		FailedRetryInterval: v.duration("expiry.failed_retry_interval", f.Expiry.FailedRetryInterval, DefaultFailedRetryInterval),
+	}
+	if c.Expiry.RetryBaseDelay > c.Expiry.RetryMaxDelay && c.Expiry.RetryMaxDelay > 0 {
+		v.errorf("expiry.retry_base_delay", "%s exceeds expiry.retry_max_delay %s", c.Expiry.RetryBaseDelay, c.Expiry.RetryMaxDelay)
+	}
+	c.ReconcileInterval = v.duration("reconcile_interval", f.ReconcileInterval, DefaultReconcileInterval)
+	c.DisconnectGrace = v.duration("disconnect_grace", f.DisconnectGrace, DefaultDisconnectGrace)
+	c.ShutdownTimeout = v.duration("shutdown_timeout", f.ShutdownTimeout, DefaultShutdownTimeout)
+
+	c.Log = v.log(f.Log)
+
+	c.DSNSSLMode = f.DSNSSLMode
+	if c.DSNSSLMode == "" {
+		c.DSNSSLMode = DefaultDSNSSLMode
+	}
+	if !slices.Contains(sslModes, c.DSNSSLMode) {
+		v.errorf("dsn_sslmode", "%q is not an sslmode; use one of %s", c.DSNSSLMode, strings.Join(sslModes, ", "))
+	}
+
+	c.Warnings = v.warnings
+	if len(v.errs) > 0 {
+		return nil, errors.Join(v.errs...)
+	}
+	return c, nil
+}
+
+// path resolves p against the configuration file's directory.
+func (f *File) path(p string) string {
+	if filepath.IsAbs(p) || f.dir == "" {
+		if abs, err := filepath.Abs(p); err == nil {
+			return abs
+		}
+		return p
+	}
+	return filepath.Join(f.dir, p)
+}
+
+func (v *validator) store(f *File) Store {
+	s := Store{
+		OpenTimeout:        v.duration("store.open_timeout", f.Store.OpenTimeout, DefaultStoreOpenTimeout),
+		TombstoneRetention: v.duration("store.tombstone_retention", f.Store.TombstoneRetention, DefaultTombstoneRetention),
+	}
+	if f.Store.Path == "" {
+		v.errorf("store.path", "required (the lease database file, e.g. /var/lib/credbroker/leases.db)")
+		return s
+	}
+	s.Path = f.path(f.Store.Path)
+	if fi, err := os.Stat(s.Path); err == nil && fi.IsDir() {
+		v.errorf("store.path", "%s is a directory; name a file in it", s.Path)
+	}
+	if fi, err := os.Stat(filepath.Dir(s.Path)); err != nil || !fi.IsDir() {
+		v.errorf("store.path", "directory %s does not exist", filepath.Dir(s.Path))
+	}
+	return s
+}
+
+func (v *validator) targets(f *File) []Target {
+	if len(f.Targets) == 0 {
+		v.errorf("targets", "at least one target is required")
+	}
+	seen := map[string]int{}
+	out := make([]Target, 0, len(f.Targets))
+	for i, tf := range f.Targets {
+		p := fmt.Sprintf("targets[%d]", i)
+		t := Target{
+			Name:           tf.Name,
+			MarkerRole:     tf.MarkerRole,
+			ConnectTimeout: v.duration(p+".connect_timeout", tf.ConnectTimeout, DefaultConnectTimeout),
+			MaxConns:       v.positiveInt(p+".max_conns", tf.MaxConns, DefaultMaxConns),
+		}
+		switch {
+		case t.Name == "":
+			v.errorf(p+".name", "required")
+		case !targetNamePattern.MatchString(t.Name):
+			v.errorf(p+".name", "%q must match %s", t.Name, targetNamePattern)
+		default:
+			if j, dup := seen[t.Name]; dup {
+				v.errorf(p+".name", "%q is also targets[%d].name", t.Name, j)
+			}
+			seen[t.Name] = i
+		}
+
+		v.targetURL(p+".url", tf.URL, &t)
+
+		if t.MarkerRole == "" {
+			t.MarkerRole = DefaultMarkerRole
+		}
+		if err := postgres.ValidIdentifier(t.MarkerRole); err != nil {
+			v.errorf(p+".marker_role", "%v", err)
+		} else if t.MarkerRole == t.AdminUser {
+			v.errorf(p+".marker_role", "%q is the admin user of the target; the marker role must be a NOLOGIN role of its own", t.MarkerRole)
+		}
+
+		switch {
+		case tf.PasswordFile != "" && tf.PasswordEnv != "":
+			v.errorf(p, "set password_file or password_env, not both")
+		case tf.PasswordFile != "":
+			t.Password, t.PasswordSource = v.passwordFile(p+".password_file", f.path(tf.PasswordFile))
+		case tf.PasswordEnv != "":
+			t.Password, t.PasswordSource = v.passwordEnv(p+".password_env", tf.PasswordEnv)
+		default:
+			v.errorf(p, "no admin password: set password_file (a file of mode 0600) or password_env (an environment variable)")
+		}
+		out = append(out, t)
+	}
+	return out
+}
+
+// targetURL checks the admin URL. It never echoes a URL that may hold a
+// password, and refuses one that does: the password belongs in a file or
+// the environment, not in a configuration file that gets copied around.
+func (v *validator) targetURL(p, raw string, t *Target) {
+	if raw == "" {
+		v.errorf(p, "required (postgres://ADMIN_USER@HOST:PORT/DATABASE)")
+		return
+	}
+	u, err := url.Parse(raw)
+	if err != nil {
+		var ue *url.Error
+		if !strings.ContainsAny(raw, "@") && !strings.Contains(raw, "password") && errors.As(err, &ue) {
+			v.errorf(p, "not a valid URL: %v", ue.Err)
+		} else {
+			v.errorf(p, "not a valid URL (postgres://ADMIN_USER@HOST:PORT/DATABASE)")
+		}
+		return
+	}
+	if _, has := u.User.Password(); has || u.Query().Has("password") {
+		v.errorf(p, "must not contain a password; use password_file or password_env")
+		return
+	}
+	if u.Scheme != "postgres" && u.Scheme != "postgresql" {
+		v.errorf(p, "scheme must be postgres:// or postgresql://, not %q", u.Scheme)
+		return
+	}
+	t.URL = raw
+	t.AdminUser = u.User.Username()
+	if t.AdminUser == "" {
+		v.errorf(p, "must name the admin user (postgres://ADMIN_USER@HOST:PORT/DATABASE)")
+	}
+	if u.Host == "" && !u.Query().Has("host") {
+		v.errorf(p, "must name a host (postgres://ADMIN_USER@HOST:PORT/DATABASE, or ?host=/socket/dir)")
+	}
+	t.Database = strings.TrimPrefix(u.Path, "/")
+	if t.Database == "" {
+		v.errorf(p, "must name the database issued users connect to (postgres://ADMIN_USER@HOST:PORT/DATABASE)")
+	} else if err := postgres.ValidIdentifier(t.Database); err != nil {
+		v.errorf(p, "database: %v", err)
+	}
+}
+
+func (v *validator) passwordFile(p, path string) (Secret, string) {
+	source := "file " + path
+	fi, err := os.Stat(path)
+	if err != nil {
+		v.errorf(p, "%v", err)
+		return "", source
+	}
+	if !fi.Mode().IsRegular() {
+		v.errorf(p, "%s is not a regular file", path)
+		return "", source
+	}
+	perm := fi.Mode().Perm()
+	if perm&0o022 != 0 {
+		// Whoever can write the file can point the broker at a server of
+		// their choosing's password, or lock it out: refuse.
+		v.errorf(p, "%s is group- or world-writable (mode %04o); run chmod 600 %s", path, perm, path)
+		return "", source
+	}
+	if perm&0o004 != 0 {
+		v.warnf(p, "%s is world-readable (mode %04o); run chmod 600 %s", path, perm, path)
+	}
+	fh, err := os.Open(path)
+	if err != nil {
+		v.errorf(p, "%v", err)
+		return "", source
+	}
+	defer fh.Close()
+	data, err := io.ReadAll(io.LimitReader(fh, maxPasswordFileSize+1))
+	if err != nil {
+		v.errorf(p, "read %s: %v", path, err)
+		return "", source
+	}
+	if len(data) > maxPasswordFileSize {
+		v.errorf(p, "%s is larger than %d bytes; it should hold one line, the password", path, maxPasswordFileSize)
+		return "", source
+	}
+	// Editors and `echo` add a final newline; it is not part of the password.
+	pw := strings.TrimRight(string(data), "\r\n")
+	switch {
+	case pw == "":
+		v.errorf(p, "%s is empty", path)
+	case strings.ContainsAny(pw, "\r\n"):
+		v.errorf(p, "%s holds more than one line; it should hold the password alone", path)
+	default:
+		return Secret(pw), source
+	}
+	return "", source
+}
+
+func (v *validator) passwordEnv(p, name string) (Secret, string) {
+	source := "env " + name
+	if !envNamePattern.MatchString(name) {
+		v.errorf(p, "%q is not an environment variable name", name)
+		return "", source
+	}
+	pw, ok := os.LookupEnv(name)
+	switch {
+	case !ok:
+		v.errorf(p, "environment variable %s is not set", name)
+	case pw == "":
+		v.errorf(p, "environment variable %s is empty", name)
+	default:
+		return Secret(pw), source
+	}
+	return "", source
+}
+
+func (v *validator) roles(f *File, targets []Target) []broker.Role {
+	if len(f.Roles) == 0 {
+		v.errorf("roles", "at least one role is required")
+	}
+	targetByName := map[string]Target{}
+	var targetNames []string
+	for _, t := range targets {
+		if t.Name != "" {
+			if _, dup := targetByName[t.Name]; !dup {
+				targetByName[t.Name] = t
+				targetNames = append(targetNames, t.Name)
+			}
+		}
+	}
+	used := map[string]bool{}
+	seen := map[string]int{}
+	// proxyUse remembers which role first used a proxy role on a target, to
+	// warn about overlap (the article's pitfall: two broker roles granting
+	// the same privileges hide who can do what).
+	proxyUse := map[[2]string]int{}
+	out := make([]broker.Role, 0, len(f.Roles))
+	for i, rf := range f.Roles {
+		p := fmt.Sprintf("roles[%d]", i)
+		r := broker.Role{Name: rf.Name, Target: rf.Target, ProxyRole: rf.ProxyRole}
+
+		switch {
+		case r.Name == "":
+			v.errorf(p+".name", "required")
+		case !broker.RoleNamePattern.MatchString(r.Name):
+			v.errorf(p+".name", "%q must match %s (role names become part of PostgreSQL usernames)", r.Name, broker.RoleNamePattern)
+		default:
+			if j, dup := seen[r.Name]; dup {
+				v.errorf(p+".name", "%q is also roles[%d].name", r.Name, j)
+			}
+			seen[r.Name] = i
+		}
+
+		t, targetOK := targetByName[r.Target]
+		switch {
+		case r.Target == "":
+			v.errorf(p+".target", "required (one of: %s)", strings.Join(targetNames, ", "))
+		case !targetOK:
+			v.errorf(p+".target", "unknown target %q (targets: %s)", r.Target, strings.Join(targetNames, ", "))
+		default:
+			used[r.Target] = true
+		}
+
+		if r.ProxyRole == "" {
+			v.errorf(p+".proxy_role", "required (an existing NOLOGIN role whose privileges issued users get)")
+		} else if err := postgres.ValidIdentifier(r.ProxyRole); err != nil {
+			v.errorf(p+".proxy_role", "%v", err)
+		} else if targetOK {
+			switch r.ProxyRole {
+			case t.MarkerRole:
+				v.errorf(p+".proxy_role", "%q is the marker role of target %q; use a role of its own", r.ProxyRole, t.Name)
+			case t.AdminUser:
+				v.errorf(p+".proxy_role", "%q is the admin user of target %q; issued users would get the broker's own privileges", r.ProxyRole, t.Name)
+			default:
+				key := [2]string{r.Target, r.ProxyRole}
+				if j, dup := proxyUse[key]; dup {
+					v.warnf(p+".proxy_role", "%q on target %q is also the proxy role of roles[%d]; two broker roles with the same privileges blur who may do what", r.ProxyRole, r.Target, j)
+				} else {
+					proxyUse[key] = i
+				}
+			}
+		}
+
+		r.DefaultTTL = v.requiredTTL(p+".default_ttl", rf.DefaultTTL)
+		r.MaxTTL = v.requiredTTL(p+".max_ttl", rf.MaxTTL)
+		if r.DefaultTTL > 0 && r.MaxTTL > 0 && r.DefaultTTL > r.MaxTTL {
+			v.errorf(p+".default_ttl", "%s exceeds max_ttl %s", rf.DefaultTTL, rf.MaxTTL)
+		}
+		out = append(out, r)
+	}
+	for i, t := range targets {
+		if t.Name != "" && !used[t.Name] && len(f.Roles) > 0 {
+			v.warnf(fmt.Sprintf("targets[%d]", i), "target %q is used by no role", t.Name)
+		}
+	}
+	return out
+}
+
+func (v *validator) requiredTTL(p, raw string) time.Duration {
+	if raw == "" {
+		v.errorf(p, "required (a duration such as 15m or 1h)")
+		return 0
+	}
+	return v.duration(p, raw, 0)
+}
+
+// duration parses a Go duration string; empty means def. Zero and negative
+// values are refused: the broker would read zero as "use the default",
+// which is not what an operator who wrote 0s meant.
+func (v *validator) duration(p, raw string, def time.Duration) time.Duration {
+	if raw == "" {
+		return def
+	}
+	d, err := time.ParseDuration(raw)
+	if err != nil {
+		hint := "a duration such as 90s, 15m or 1h30m"
+		if strings.HasSuffix(raw, "d") {
+			hint += "; days are written in hours (24h)"
+		}
+		v.errorf(p, "%q is not a duration (%s)", raw, hint)
+		return 0
+	}
+	if d <= 0 {
+		v.errorf(p, "%s must be positive", raw)
+		return 0
+	}
+	return d
+}
+
+func (v *validator) positiveInt(p string, n *int, def int) int {
+	if n == nil {
+		return def
+	}
+	if *n <= 0 {
+		v.errorf(p, "%d must be positive", *n)
+	}
+	return *n
+}
+
+func (v *validator) positiveFloat(p string, n *float64, def float64) float64 {
+	if n == nil {
+		return def
+	}
+	if !(*n > 0) { // also catches NaN
+		v.errorf(p, "%v must be positive", *n)
+	}
+	return *n
+}
+
+func (v *validator) log(l LogFile) Log {
+	out := Log{Format: l.Format}
+	level := l.Level
+	if level == "" {
+		level = DefaultLogLevel
+	}
+	if err := out.Level.UnmarshalText([]byte(level)); err != nil {
+		v.errorf("log.level", "%q is not a level; use debug, info, warn or error", l.Level)
+	}
+	if out.Format == "" {
+		out.Format = DefaultLogFormat
+	}
+	if out.Format != "text" && out.Format != "json" {
+		v.errorf("log.format", "%q is not a format; use text or json", l.Format)
+	}
+	return out
+}
+
