@@ -437,4 +437,3 @@ func (v *validator) log(l LogFile) Log {
 	}
 	return out
 }
-
