@@ -1,0 +1,342 @@
+package store
+
+import (
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"maps"
+	"math"
+	"slices"
+
+	"github.com/credbroker/credbroker/broker"
+)
+
+// Records are a small hand-rolled binary format rather than JSON or gob: the
+// expiry manager and listings read many of them, the file should stay small,
+// and a fixed field order lets hot paths decode only the leading fields.
+//
+// Every record starts with a format byte. A reader rejects formats it does
+// not know and ignores bytes after the fields it knows, so a later format can
+// append fields. Neither record holds a secret: a lease never carries the
+// password, only what revocation needs.
+//
+// Lease record, format 1 (uvarint/varint as in encoding/binary; str is a
+// uvarint length then bytes; times are uvarint unix nanoseconds, 0 = zero):
+//
+//	byte    format (1)
+//	uvarint state
+//	uvarint revision
+//	uvarint expire time     \  the "head": enough for CAS and index upkeep
+//	uvarint end time        /
+//	str     role            \  enough to filter listings
+//	str     client          /
+//	str     target, username, proxy role
+//	uvarint issue time, max expire time, next attempt
+//	varint  revoke attempts
+//	byte    flags (bit 0: revoke on disconnect)
+//	str     last error
+//	uvarint metadata count, then str key, str value, sorted by key
+//
+// Intent record, format 1: byte format (1), str target, str username,
+// str proxy role, uvarint create time.
+const (
+	leaseFormat1  byte = 1
+	intentFormat1 byte = 1
+
+	flagRevokeOnDisconnect byte = 1 << 0
+)
+
+// errCorrupt marks a record or key that cannot be decoded. It is not a
+// broker sentinel on purpose: the server reports it as an internal error.
+var errCorrupt = errors.New("corrupt record")
+
+// leaseHead is the leading part of a lease record. role and client alias the
+// record bytes, so a leaseHead is only valid inside the transaction that read
+// it.
+type leaseHead struct {
+	state    broker.LeaseState
+	revision uint64
+	expire   int64
+	end      int64
+	role     []byte
+	client   []byte
+}
+
+func (h *leaseHead) index(id string) (indexEntry, bool) {
+	return indexOf(id, h.state, h.expire, h.end)
+}
+
+func (h *leaseHead) matches(f *broker.LeaseFilter) bool {
+	// string(b) == s does not allocate.
+	return (f.Role == "" || string(h.role) == f.Role) &&
+		(f.Client == "" || string(h.client) == f.Client) &&
+		(f.State == broker.StateUnspecified || h.state == f.State)
+}
+
+func validateID(id string) error {
+	if id == "" {
+		return fmt.Errorf("%w: empty lease id", broker.ErrInvalidArgument)
+	}
+	if len(id) > maxIDLen {
+		return fmt.Errorf("%w: lease id longer than %d bytes", broker.ErrInvalidArgument, maxIDLen)
+	}
+	return nil
+}
+
+// encodeLease validates l and returns its record and head. The revision
+// written is l.Revision; callers set it first.
+func encodeLease(l *broker.Lease) ([]byte, leaseHead, error) {
+	if err := validateID(l.ID); err != nil {
+		return nil, leaseHead{}, err
+	}
+	if !l.State.Live() && !l.State.Terminal() {
+		return nil, leaseHead{}, fmt.Errorf("%w: lease %q: state %s cannot be stored", broker.ErrInvalidArgument, l.ID, l.State)
+	}
+	issue, err1 := timeNanos(l.IssueTime)
+	expire, err2 := timeNanos(l.ExpireTime)
+	maxExpire, err3 := timeNanos(l.MaxExpireTime)
+	next, err4 := timeNanos(l.NextAttempt)
+	end, err5 := timeNanos(l.EndTime)
+	if err := errors.Join(err1, err2, err3, err4, err5); err != nil {
+		return nil, leaseHead{}, fmt.Errorf("lease %q: %w", l.ID, err)
+	}
+	// The index key of a live lease is its expire time, of a terminal one
+	// its end time; without it the lease would be invisible to the expiry
+	// manager or to retention.
+	if l.State.Live() && expire == 0 {
+		return nil, leaseHead{}, fmt.Errorf("%w: lease %q: %s lease without an expire time", broker.ErrInvalidArgument, l.ID, l.State)
+	}
+	if l.State.Terminal() && end == 0 {
+		return nil, leaseHead{}, fmt.Errorf("%w: lease %q: %s lease without an end time", broker.ErrInvalidArgument, l.ID, l.State)
+	}
+	// Bounded so that every record written decodes on a 32-bit build too.
+	if l.RevokeAttempts < 0 || l.RevokeAttempts > math.MaxInt32 {
+		return nil, leaseHead{}, fmt.Errorf("%w: lease %q: revoke attempts %d out of range", broker.ErrInvalidArgument, l.ID, l.RevokeAttempts)
+	}
+
+	// Sized for the worst case, so encoding allocates once.
+	const fixedMax = 3 + 17*binary.MaxVarintLen64 // format, flags, numbers, string lengths
+	size := fixedMax + len(l.Role) + len(l.Client) + len(l.Target) + len(l.Username) + len(l.ProxyRole) + len(l.LastError)
+	for k, v := range l.Metadata {
+		size += len(k) + len(v) + 2*binary.MaxVarintLen64
+	}
+	b := make([]byte, 0, size)
+	b = append(b, leaseFormat1)
+	b = binary.AppendUvarint(b, uint64(l.State))
+	b = binary.AppendUvarint(b, l.Revision)
+	b = binary.AppendUvarint(b, uint64(expire))
+	b = binary.AppendUvarint(b, uint64(end))
+	b = appendString(b, l.Role)
+	b = appendString(b, l.Client)
+	b = appendString(b, l.Target)
+	b = appendString(b, l.Username)
+	b = appendString(b, l.ProxyRole)
+	b = binary.AppendUvarint(b, uint64(issue))
+	b = binary.AppendUvarint(b, uint64(maxExpire))
+	b = binary.AppendUvarint(b, uint64(next))
+	b = binary.AppendVarint(b, int64(l.RevokeAttempts))
+	var flags byte
+	if l.RevokeOnDisconnect {
+		flags |= flagRevokeOnDisconnect
+	}
+	b = append(b, flags)
+	b = appendString(b, l.LastError)
+	// Sorted so that equal leases encode to equal bytes.
+	b = binary.AppendUvarint(b, uint64(len(l.Metadata)))
+	for _, k := range slices.Sorted(maps.Keys(l.Metadata)) {
+		b = appendString(b, k)
+		b = appendString(b, l.Metadata[k])
+	}
+
+	head := leaseHead{
+		state:    l.State,
+		revision: l.Revision,
+		expire:   expire,
+		end:      end,
+	}
+	return b, head, nil
+}
+
+// decodeLeaseHead reads the head of a lease record and returns a reader
+// positioned after it, for decodeLeaseRest.
+func decodeLeaseHead(v []byte) (leaseHead, recordReader, error) {
+	r := recordReader{b: v}
+	var h leaseHead
+	if format := r.byte("format"); r.err == nil && format != leaseFormat1 {
+		return h, r, fmt.Errorf("%w: unknown lease record format %d", errCorrupt, format)
+	}
+	state := r.uvarint("state")
+	if state > math.MaxInt16 {
+		r.fail("state")
+	}
+	h.state = broker.LeaseState(state)
+	h.revision = r.uvarint("revision")
+	h.expire = r.nanos("expire time")
+	h.end = r.nanos("end time")
+	h.role = r.bytes("role")
+	h.client = r.bytes("client")
+	return h, r, r.err
+}
+
+// decodeLease decodes a whole record. Every string is copied, so the lease
+// outlives the transaction.
+func decodeLease(id string, v []byte) (broker.Lease, error) {
+	h, r, err := decodeLeaseHead(v)
+	if err != nil {
+		return broker.Lease{}, fmt.Errorf("lease %q: %w", id, err)
+	}
+	l := broker.Lease{
+		ID:         id,
+		State:      h.state,
+		Revision:   h.revision,
+		ExpireTime: nanosTime(h.expire),
+		EndTime:    nanosTime(h.end),
+		Role:       string(h.role),
+		Client:     string(h.client),
+	}
+	l.Target = r.string("target")
+	l.Username = r.string("username")
+	l.ProxyRole = r.string("proxy role")
+	l.IssueTime = nanosTime(r.nanos("issue time"))
+	l.MaxExpireTime = nanosTime(r.nanos("max expire time"))
+	l.NextAttempt = nanosTime(r.nanos("next attempt"))
+	attempts := r.varint("revoke attempts")
+	if attempts < 0 || attempts > math.MaxInt32 {
+		r.fail("revoke attempts")
+	}
+	l.RevokeAttempts = int(attempts)
+	l.RevokeOnDisconnect = r.byte("flags")&flagRevokeOnDisconnect != 0
+	l.LastError = r.string("last error")
+	n := r.uvarint("metadata count")
+	// Each pair takes at least two bytes; a larger count is corruption, and
+	// checking first keeps a bad count from allocating a huge map.
+	if n > uint64(len(r.b)/2) {
+		r.fail("metadata count")
+	}
+	if r.err == nil && n > 0 {
+		l.Metadata = make(map[string]string, n)
+		for range n {
+			k := r.string("metadata key")
+			l.Metadata[k] = r.string("metadata value")
+		}
+	}
+	if r.err != nil {
+		return broker.Lease{}, fmt.Errorf("lease %q: %w", id, r.err)
+	}
+	return l, nil
+}
+
+func encodeIntent(in *broker.Intent) ([]byte, error) {
+	if err := validateID(in.LeaseID); err != nil {
+		return nil, err
+	}
+	created, err := timeNanos(in.CreateTime)
+	if err != nil {
+		return nil, fmt.Errorf("intent %q: %w", in.LeaseID, err)
+	}
+	b := make([]byte, 0, 1+len(in.Target)+len(in.Username)+len(in.ProxyRole)+4*binary.MaxVarintLen64)
+	b = append(b, intentFormat1)
+	b = appendString(b, in.Target)
+	b = appendString(b, in.Username)
+	b = appendString(b, in.ProxyRole)
+	b = binary.AppendUvarint(b, uint64(created))
+	return b, nil
+}
+
+func decodeIntent(id string, v []byte) (broker.Intent, error) {
+	r := recordReader{b: v}
+	if format := r.byte("format"); r.err == nil && format != intentFormat1 {
+		return broker.Intent{}, fmt.Errorf("intent %q: %w: unknown intent record format %d", id, errCorrupt, format)
+	}
+	in := broker.Intent{LeaseID: id}
+	in.Target = r.string("target")
+	in.Username = r.string("username")
+	in.ProxyRole = r.string("proxy role")
+	in.CreateTime = nanosTime(r.nanos("create time"))
+	if r.err != nil {
+		return broker.Intent{}, fmt.Errorf("intent %q: %w", id, r.err)
+	}
+	return in, nil
+}
+
+func appendString(b []byte, s string) []byte {
+	b = binary.AppendUvarint(b, uint64(len(s)))
+	return append(b, s...)
+}
+
+// recordReader decodes fields in order. The first failure sticks and every
+// later read returns a zero value, so decoders check err once at the end and
+// never index past the buffer.
+type recordReader struct {
+	b   []byte
+	err error
+}
+
+func (r *recordReader) fail(field string) {
+	if r.err == nil {
+		r.err = fmt.Errorf("%w: truncated or malformed %s", errCorrupt, field)
+	}
+	r.b = nil
+}
+
+func (r *recordReader) byte(field string) byte {
+	if r.err != nil || len(r.b) == 0 {
+		r.fail(field)
+		return 0
+	}
+	c := r.b[0]
+	r.b = r.b[1:]
+	return c
+}
+
+func (r *recordReader) uvarint(field string) uint64 {
+	if r.err != nil {
+		return 0
+	}
+	v, n := binary.Uvarint(r.b)
+	if n <= 0 {
+		r.fail(field)
+		return 0
+	}
+	r.b = r.b[n:]
+	return v
+}
+
+func (r *recordReader) varint(field string) int64 {
+	if r.err != nil {
+		return 0
+	}
+	v, n := binary.Varint(r.b)
+	if n <= 0 {
+		r.fail(field)
+		return 0
+	}
+	r.b = r.b[n:]
+	return v
+}
+
+func (r *recordReader) nanos(field string) int64 {
+	v := r.uvarint(field)
+	if v > math.MaxInt64 {
+		r.fail(field)
+		return 0
+	}
+	return int64(v)
+}
+
+// bytes returns a field that aliases the record.
+func (r *recordReader) bytes(field string) []byte {
+	n := r.uvarint(field)
+	if r.err != nil {
+		return nil
+	}
+	if n > uint64(len(r.b)) {
+		r.fail(field)
+		return nil
+	}
+	v := r.b[:n:n]
+	r.b = r.b[n:]
+	return v
+}
+
+func (r *recordReader) string(field string) string { return string(r.bytes(field)) }

@@ -1,0 +1,131 @@
+package store
+
+import (
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"math"
+	"time"
+
+	"github.com/credbroker/credbroker/broker"
+)
+
+// The on-disk layout. Everything that decides how the file is read is in this
+// file, so a change to the layout is a change here and a schema version bump.
+//
+//	meta        "schema_version"              -> be64(version)
+//	leases      lease id                      -> lease record (record.go)
+//	intents     lease id                      -> intent record (record.go)
+//	expiry      be64(expire unix ns) || id    -> empty   (live leases only)
+//	tombstones  be64(end unix ns) || id       -> empty   (terminal leases only)
+//
+// Index keys sort by time first because bbolt orders keys bytewise and a
+// big-endian unsigned integer sorts like its value; the id suffix makes keys
+// unique when two leases share an instant.
+
+// schemaVersion is the layout this code writes. Open refuses a file with a
+// higher version, so an older binary cannot silently misread a newer file.
+const schemaVersion uint64 = 1
+
+var (
+	bucketMeta       = []byte("meta")
+	bucketLeases     = []byte("leases")
+	bucketIntents    = []byte("intents")
+	bucketExpiry     = []byte("expiry")
+	bucketTombstones = []byte("tombstones")
+
+	allBuckets = [][]byte{bucketMeta, bucketLeases, bucketIntents, bucketExpiry, bucketTombstones}
+
+	metaKeySchemaVersion = []byte("schema_version")
+)
+
+// maxIDLen bounds lease ids. Real ids are short random strings; the bound
+// keeps a buggy or hostile id from turning into a huge bbolt key.
+const maxIDLen = 256
+
+// Times are stored as unix nanoseconds. Zero means "no time" (time.Time{}),
+// so real instants must be after the epoch; that also keeps index keys,
+// whose order is the unsigned order of the nanoseconds, in time order.
+// UnixNano wraps silently outside these bounds (year 1000 comes out
+// positive), so every conversion checks them first.
+var (
+	minStorableTime = time.Unix(0, 1)
+	maxStorableTime = time.Unix(0, math.MaxInt64)
+)
+
+// timeNanos returns the stored form of t: 0 for the zero time, else unix
+// nanoseconds. Instants the format cannot hold are an error rather than a
+// silently wrapped value.
+func timeNanos(t time.Time) (int64, error) {
+	if t.IsZero() {
+		return 0, nil
+	}
+	if t.Before(minStorableTime) || t.After(maxStorableTime) {
+		return 0, fmt.Errorf("%w: time %s is outside what the store can hold (after 1970, before 2262)",
+			broker.ErrInvalidArgument, t.UTC().Format(time.RFC3339Nano))
+	}
+	return t.UnixNano(), nil
+}
+
+// nanosTime is the inverse of timeNanos. Times come back in UTC with no
+// monotonic reading, as any stored time must.
+func nanosTime(n int64) time.Time {
+	if n == 0 {
+		return time.Time{}
+	}
+	return time.Unix(0, n).UTC()
+}
+
+func leaseKey(id string) []byte { return []byte(id) }
+
+// timeKey builds an expiry or tombstone key. n must be a value returned by
+// timeNanos, hence not negative.
+func timeKey(n int64, id string) []byte {
+	k := make([]byte, 8, 8+len(id))
+	binary.BigEndian.PutUint64(k, uint64(n))
+	return append(k, id...)
+}
+
+var errBadTimeKey = errors.New("malformed index key")
+
+// parseTimeKey splits an index key into its instant and lease id. The id is
+// copied, so the result outlives the transaction.
+func parseTimeKey(k []byte) (int64, string, error) {
+	if len(k) <= 8 {
+		return 0, "", fmt.Errorf("%w: %d bytes", errBadTimeKey, len(k))
+	}
+	n := binary.BigEndian.Uint64(k[:8])
+	if n > math.MaxInt64 {
+		return 0, "", fmt.Errorf("%w: time out of range", errBadTimeKey)
+	}
+	return int64(n), string(k[8:]), nil
+}
+
+// indexEntry is the one index key a lease record has: in bucketExpiry while
+// the lease is live, in bucketTombstones once it is terminal.
+type indexEntry struct {
+	bucket []byte
+	key    []byte
+}
+
+// indexOf returns where the lease with these fields is indexed. A record in
+// an unknown state (written by a newer binary) has no index entry.
+func indexOf(id string, state broker.LeaseState, expireNanos, endNanos int64) (indexEntry, bool) {
+	switch {
+	case state.Live():
+		return indexEntry{bucketExpiry, timeKey(expireNanos, id)}, true
+	case state.Terminal():
+		return indexEntry{bucketTombstones, timeKey(endNanos, id)}, true
+	default:
+		return indexEntry{}, false
+	}
+}
+
+func encodeSchemaVersion(v uint64) []byte { return binary.BigEndian.AppendUint64(nil, v) }
+
+func decodeSchemaVersion(b []byte) (uint64, error) {
+	if len(b) != 8 {
+		return 0, fmt.Errorf("malformed schema version (%d bytes)", len(b))
+	}
+	return binary.BigEndian.Uint64(b), nil
+}
