@@ -1,0 +1,607 @@
+package postgres
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net/url"
+	"sync/atomic"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgxpool"
+
+	"github.com/credbroker/credbroker/broker"
+)
+
+var _ broker.Database = (*Engine)(nil)
+
+// minServerVersion is the oldest PostgreSQL the engine supports (as
+// server_version_num).
+const minServerVersion = 130000
+
+// Config configures an Engine for one target.
+type Config struct {
+	// URL is the admin connection, postgres://user@host:port/database. It
+	// must not hold a password: secrets live in a password file, not in
+	// configuration that gets printed and copied.
+	URL string
+	// Password is the admin's password (read by the caller from its
+	// password_file or environment).
+	Password string
+	// MarkerRole marks the users the broker creates; "" is
+	// DefaultMarkerRole.
+	MarkerRole string
+	// MaxConns caps the connection pool; 0 is 8.
+	MaxConns int32
+	// ConnectTimeout bounds each connection attempt; 0 is 10s.
+	ConnectTimeout time.Duration
+	// TerminateTimeout bounds how long DeleteUser waits for the user's
+	// sessions to end; 0 is 10s.
+	TerminateTimeout time.Duration
+	// Logger receives operational messages (never a password); nil
+	// discards them.
+	Logger *slog.Logger
+}
+
+// Engine creates and drops users on one PostgreSQL cluster as a
+// non-superuser admin role. It is safe for concurrent use.
+type Engine struct {
+	pool             *pgxpool.Pool
+	admin            string // current_user of the pool's connections
+	marker           string
+	version          int // server_version_num, e.g. 150018
+	endpoint         broker.Endpoint
+	terminateTimeout time.Duration
+	log              *slog.Logger
+	secrets          []string // redacted from every error
+	closed           atomic.Bool
+}
+
+// New connects to the target, checks the server version and the admin
+// role, and makes sure the marker role exists (creating it if the admin
+// may). The returned Engine must be closed.
+func New(ctx context.Context, cfg Config) (*Engine, error) {
+	if cfg.MarkerRole == "" {
+		cfg.MarkerRole = DefaultMarkerRole
+	}
+	if err := ValidIdentifier(cfg.MarkerRole); err != nil {
+		return nil, fmt.Errorf("postgres: marker role: %w", err)
+	}
+	if cfg.MaxConns <= 0 {
+		cfg.MaxConns = 8
+	}
+	if cfg.ConnectTimeout <= 0 {
+		cfg.ConnectTimeout = 10 * time.Second
+	}
+	if cfg.TerminateTimeout <= 0 {
+		cfg.TerminateTimeout = 10 * time.Second
+	}
+	if cfg.Logger == nil {
+		cfg.Logger = slog.New(slog.DiscardHandler)
+	}
+	secrets := []string{cfg.Password, cfg.URL}
+
+	pc, err := parseAdminURL(cfg.URL)
+	if err != nil {
+		return nil, redact(err, secrets...)
+	}
+	pc.ConnConfig.Password = cfg.Password
+	pc.ConnConfig.ConnectTimeout = cfg.ConnectTimeout
+	pc.MaxConns = cfg.MaxConns
+	pool, err := pgxpool.NewWithConfig(ctx, pc)
+	if err != nil {
+		return nil, redact(fmt.Errorf("postgres: %w", err), secrets...)
+	}
+	e := &Engine{
+		pool:   pool,
+		marker: cfg.MarkerRole,
+		endpoint: broker.Endpoint{
+			Host:     pc.ConnConfig.Host,
+			Port:     int(pc.ConnConfig.Port),
+			Database: pc.ConnConfig.Database,
+		},
+		terminateTimeout: cfg.TerminateTimeout,
+		log:              cfg.Logger,
+		secrets:          secrets,
+	}
+	if err := e.init(ctx); err != nil {
+		pool.Close()
+		return nil, e.fail(ctx, err)
+	}
+	return e, nil
+}
+
+// parseAdminURL accepts only postgres:// URLs without a password. Its
+// errors never quote the URL: a mistyped URL may still hold a password.
+func parseAdminURL(raw string) (*pgxpool.Config, error) {
+	u, err := url.Parse(raw)
+	if err != nil {
+		var ue *url.Error
+		if errors.As(err, &ue) {
+			err = ue.Err // url.Error's own text repeats the whole URL
+		}
+		return nil, fmt.Errorf("postgres: target url is malformed (not shown): %v", err)
+	}
+	if u.Scheme != "postgres" && u.Scheme != "postgresql" {
+		return nil, errors.New("postgres: target url must start with postgres:// (not shown, it may hold a password)")
+	}
+	_, inline := u.User.Password()
+	if inline || u.Query().Has("password") {
+		return nil, errors.New("postgres: target url must not contain a password; " +
+			"put the password in the target's password_file (or its environment variable) instead")
+	}
+	pc, err := pgxpool.ParseConfig(raw)
+	if err != nil {
+		// pgconn's ParseConfigError repeats the connection string; keep
+		// only its cause.
+		if inner := errors.Unwrap(err); inner != nil {
+			return nil, fmt.Errorf("postgres: target url cannot be parsed (not shown): %v", inner)
+		}
+		return nil, errors.New("postgres: target url cannot be parsed (not shown)")
+	}
+	return pc, nil
+}
+
+// init checks the server and the admin role and ensures the marker role.
+func (e *Engine) init(ctx context.Context) error {
+	var super, createRole bool
+	err := e.pool.QueryRow(ctx, `
+		SELECT current_setting('server_version_num')::int, current_user, rolsuper, rolcreaterole
+		FROM pg_roles WHERE rolname = current_user`).Scan(&e.version, &e.admin, &super, &createRole)
+	if err != nil {
+		return fmt.Errorf("postgres: connecting as admin: %w", err)
+	}
+	if e.version < minServerVersion {
+		return fmt.Errorf("postgres: server version %d is not supported (PostgreSQL 13 or newer)", e.version/10000)
+	}
+	switch {
+	case super:
+		e.log.Warn("the admin role is a superuser; credbroker needs only the grants of AdminSetupSQL",
+			"admin", e.admin)
+	case !createRole:
+		return fmt.Errorf("postgres: admin role %q lacks CREATEROLE (ALTER ROLE %s CREATEROLE)",
+			e.admin, quoteIdent(e.admin))
+	}
+	return e.ensureMarker(ctx)
+}
+
+func (e *Engine) ensureMarker(ctx context.Context) error {
+	r, err := e.roleInfo(ctx, e.marker)
+	if errors.Is(err, pgx.ErrNoRows) {
+		_, err := e.pool.Exec(ctx, "CREATE ROLE "+quoteIdent(e.marker)+" NOLOGIN")
+		switch sqlState(err) {
+		case "":
+			if err != nil {
+				return fmt.Errorf("postgres: creating marker role %q: %w", e.marker, err)
+			}
+			e.log.Info("created the marker role", "marker_role", e.marker)
+			if e.version < 160000 {
+				// 16+ gives the creator ADMIN OPTION by itself; before 16
+				// CREATEROLE may take it, so pg_upgrade to 16 keeps working.
+				_, _ = e.pool.Exec(ctx, "GRANT "+quoteIdent(e.marker)+" TO "+quoteIdent(e.admin)+" WITH ADMIN OPTION")
+			}
+			return nil
+		case codeDuplicateObject: // created concurrently by another broker
+			r, err = e.roleInfo(ctx, e.marker)
+		default:
+			return fmt.Errorf("postgres: marker role %q does not exist and admin role %q cannot create it (%v): "+
+				"run CREATE ROLE %s NOLOGIN; GRANT %[4]s TO %s WITH ADMIN OPTION",
+				e.marker, e.admin, err, quoteIdent(e.marker), quoteIdent(e.admin))
+		}
+	}
+	if err != nil {
+		return fmt.Errorf("postgres: reading marker role %q: %w", e.marker, err)
+	}
+	if r.canLogin || r.super {
+		return fmt.Errorf("postgres: marker role %q must be NOLOGIN and not a superuser "+
+			"(every issued user is a member of it): ALTER ROLE %s NOLOGIN NOSUPERUSER",
+			e.marker, quoteIdent(e.marker))
+	}
+	return e.checkGrantable(r, "marker role")
+}
+
+// role is what the engine checks about a proxy or marker role.
+type role struct {
+	name      string
+	canLogin  bool
+	super     bool
+	usage     bool // the admin has its privileges
+	grantable bool // the admin holds ADMIN OPTION on it
+}
+
+func (e *Engine) roleInfo(ctx context.Context, name string) (role, error) {
+	r := role{name: name}
+	err := e.pool.QueryRow(ctx, `
+		SELECT rolcanlogin, rolsuper,
+		       pg_has_role(current_user, oid, 'USAGE'),
+		       pg_has_role(current_user, oid, 'MEMBER WITH ADMIN OPTION')
+		FROM pg_roles WHERE rolname = $1`, name).Scan(&r.canLogin, &r.super, &r.usage, &r.grantable)
+	return r, err
+}
+
+// checkGrantable reports a missing grant of a proxy or marker role to the
+// admin, naming the GRANT that fixes it.
+func (e *Engine) checkGrantable(r role, what string) error {
+	fix := fmt.Sprintf("GRANT %s TO %s WITH ADMIN OPTION", quoteIdent(r.name), quoteIdent(e.admin))
+	if what != "marker role" && !r.usage {
+		// REASSIGN OWNED ... TO proxy requires the privileges of both roles.
+		return fmt.Errorf("postgres: admin role %q lacks the privileges of %s %q, which dropping a user "+
+			"needs (REASSIGN OWNED): %s", e.admin, what, r.name, fix)
+	}
+	if !r.grantable {
+		if e.version >= 160000 {
+			return fmt.Errorf("postgres: admin role %q cannot grant %s %q to new users "+
+				"(PostgreSQL 16+ requires ADMIN OPTION): %s", e.admin, what, r.name, fix)
+		}
+		// 13-15: CREATEROLE may grant any non-superuser role.
+		e.log.Warn("the admin role lacks ADMIN OPTION on a role it grants; fine before PostgreSQL 16, required after an upgrade",
+			"admin", e.admin, "role", r.name, "fix", fix)
+	}
+	return nil
+}
+
+// fail finishes every error an exported method returns: connection
+// failures are marked unavailable and secrets are scrubbed.
+func (e *Engine) fail(ctx context.Context, err error, secrets ...string) error {
+	if err == nil {
+		return nil
+	}
+	return redact(classify(ctx, err), append(secrets, e.secrets...)...)
+}
+
+func (e *Engine) checkOpen() error {
+	if e.closed.Load() {
+		return fmt.Errorf("postgres: engine %w", broker.ErrClosed)
+	}
+	return nil
+}
+
+func invalid(what string, err error) error {
+	return fmt.Errorf("%w: %s: %v", broker.ErrInvalidArgument, what, err)
+}
+
+// pgTime formats an instant for VALID UNTIL: UTC with an explicit offset,
+// which every server time zone setting parses the same way.
+func pgTime(t time.Time) string {
+	return t.UTC().Format("2006-01-02 15:04:05.999999-07:00")
+}
+
+// NewUser creates the user in one transaction: LOGIN with a SCRAM verifier
+// and VALID UNTIL req.ValidUntil (written as given: the caller adds any
+// grace), member of the proxy and the marker role; granted to the admin
+// (so the admin may later REASSIGN/DROP OWNED BY it and end its sessions);
+// and SET role = proxy, so whatever it creates belongs to the proxy role.
+// A user that already exists yields an error wrapping broker.ErrExists.
+func (e *Engine) NewUser(ctx context.Context, req broker.NewUserRequest) error {
+	if err := e.checkOpen(); err != nil {
+		return err
+	}
+	if err := validUsername(req.Username); err != nil {
+		return invalid("username", err)
+	}
+	if err := ValidIdentifier(req.ProxyRole); err != nil {
+		return invalid("proxy role", err)
+	}
+	if req.ValidUntil.IsZero() {
+		return invalid("valid until", errors.New("missing: a user without VALID UNTIL never expires"))
+	}
+	verifier, err := ScramSHA256Verifier(req.Password)
+	if err != nil {
+		return invalid("password", err)
+	}
+	user, proxy := quoteIdent(req.Username), quoteIdent(req.ProxyRole)
+	steps := []struct{ what, sql string }{
+		{"creating user", "CREATE ROLE " + user + " LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION NOBYPASSRLS" +
+			" PASSWORD " + quoteLiteral(verifier) +
+			" VALID UNTIL " + quoteLiteral(pgTime(req.ValidUntil)) +
+			" IN ROLE " + proxy + ", " + quoteIdent(e.marker)},
+		{"granting user to admin", "GRANT " + user + " TO " + quoteIdent(e.admin)},
+		{"setting user's role", "ALTER ROLE " + user + " SET role = " + proxy},
+	}
+	err = pgx.BeginFunc(ctx, e.pool, func(tx pgx.Tx) error {
+		for _, s := range steps {
+			if _, err := tx.Exec(ctx, s.sql); err != nil {
+				return fmt.Errorf("%s: %w", s.what, err)
+			}
+		}
+		return nil
+	})
+	switch {
+	case err == nil:
+		e.log.Debug("created user", "user", req.Username, "proxy_role", req.ProxyRole, "valid_until", req.ValidUntil)
+		return nil
+	case sqlState(err) == codeDuplicateObject:
+		err = fmt.Errorf("%w: %w", broker.ErrExists, err)
+	case sqlState(err) == codeInsufficientPriv:
+		err = fmt.Errorf("%w (does admin role %q have the grants of AdminSetupSQL for proxy role %q?)",
+			err, e.admin, req.ProxyRole)
+	}
+	return e.fail(ctx, fmt.Errorf("postgres: user %q: %w", req.Username, err), req.Password, verifier)
+}
+
+// RenewUser moves the user's VALID UNTIL. A missing user is ErrUserNotFound.
+func (e *Engine) RenewUser(ctx context.Context, req broker.RenewUserRequest) error {
+	if err := e.checkOpen(); err != nil {
+		return err
+	}
+	if err := validUsername(req.Username); err != nil {
+		return invalid("username", err)
+	}
+	if req.ValidUntil.IsZero() {
+		return invalid("valid until", errors.New("missing"))
+	}
+	if err := e.requireManaged(ctx, req.Username); err != nil {
+		return e.fail(ctx, err)
+	}
+	_, err := e.pool.Exec(ctx, "ALTER ROLE "+quoteIdent(req.Username)+" VALID UNTIL "+quoteLiteral(pgTime(req.ValidUntil)))
+	if sqlState(err) == codeUndefinedObject {
+		err = ErrUserNotFound
+	}
+	if err != nil {
+		return e.fail(ctx, fmt.Errorf("postgres: renewing user %q: %w", req.Username, err))
+	}
+	return nil
+}
+
+// requireManaged returns ErrUserNotFound for a missing role, and refuses
+// a role the broker did not make: one that is not a plain member of the
+// marker role, or that holds ADMIN OPTION on it (the admin itself), or is
+// privileged. A corrupted lease must never alter or drop someone else.
+func (e *Engine) requireManaged(ctx context.Context, username string) error {
+	var managed bool
+	err := e.pool.QueryRow(ctx, `
+		SELECT EXISTS (SELECT 1 FROM pg_auth_members m WHERE m.member = r.oid AND m.roleid = g.oid)
+		   AND NOT EXISTS (SELECT 1 FROM pg_auth_members m WHERE m.member = r.oid AND m.roleid = g.oid AND m.admin_option)
+		   AND NOT (r.rolsuper OR r.rolcreaterole OR r.rolreplication OR r.rolbypassrls)
+		FROM pg_roles r, pg_roles g
+		WHERE r.rolname = $1 AND g.rolname = $2`, username, e.marker).Scan(&managed)
+	switch {
+	case errors.Is(err, pgx.ErrNoRows):
+		return ErrUserNotFound
+	case err != nil:
+		return fmt.Errorf("postgres: looking up user %q: %w", username, err)
+	case !managed:
+		return fmt.Errorf("postgres: refusing to touch role %q: it is not a plain member of the marker role %q, "+
+			"so credbroker did not create it", username, e.marker)
+	}
+	return nil
+}
+
+// DeleteUser drops the user in an order that leaves no way back in and no
+// object behind; every step is idempotent, so a failed attempt is simply
+// retried:
+//
+//  1. ALTER ROLE NOLOGIN, committed at once: no new session can start
+//     (VALID UNTIL alone never ends an open session);
+//  2. terminate every session of the user and wait until none is left;
+//  3. REASSIGN OWNED BY user TO proxy; DROP OWNED BY user, in each database
+//     where the user owns objects or holds privileges (pg_shdepend, the
+//     catalog DROP ROLE itself consults, says which), so DROP cannot fail;
+//  4. DROP ROLE IF EXISTS, in one transaction with step 3 for the
+//     admin's own database.
+//
+// A user that does not exist is success.
+func (e *Engine) DeleteUser(ctx context.Context, req broker.DeleteUserRequest) error {
+	if err := e.checkOpen(); err != nil {
+		return err
+	}
+	if err := validUsername(req.Username); err != nil {
+		return invalid("username", err)
+	}
+	if err := ValidIdentifier(req.ProxyRole); err != nil {
+		return invalid("proxy role", err)
+	}
+	err := e.deleteUser(ctx, req)
+	if errors.Is(err, ErrUserNotFound) {
+		return nil
+	}
+	if err != nil {
+		return e.fail(ctx, fmt.Errorf("postgres: dropping user %q: %w", req.Username, err))
+	}
+	e.log.Debug("dropped user", "user", req.Username)
+	return nil
+}
+
+func (e *Engine) deleteUser(ctx context.Context, req broker.DeleteUserRequest) error {
+	user := quoteIdent(req.Username)
+
+	// 1.
+	if err := e.requireManaged(ctx, req.Username); err != nil {
+		return err
+	}
+	if _, err := e.pool.Exec(ctx, "ALTER ROLE "+user+" NOLOGIN"); err != nil {
+		if sqlState(err) == codeUndefinedObject {
+			return ErrUserNotFound
+		}
+		return fmt.Errorf("blocking logins: %w", err)
+	}
+
+	// 2.
+	if err := e.endSessions(ctx, req.Username); err != nil {
+		return err
+	}
+
+	// 3. and 4.
+	var proxyExists bool
+	if err := e.pool.QueryRow(ctx, "SELECT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = $1)",
+		req.ProxyRole).Scan(&proxyExists); err != nil {
+		return fmt.Errorf("looking up proxy role: %w", err)
+	}
+	disown := "DROP OWNED BY " + user
+	if proxyExists {
+		disown = "REASSIGN OWNED BY " + user + " TO " + quoteIdent(req.ProxyRole) + "; " + disown
+	} else {
+		e.log.Warn("proxy role is gone; objects the user owns are dropped, not reassigned",
+			"user", req.Username, "proxy_role", req.ProxyRole)
+	}
+	rows, err := e.pool.Query(ctx, `
+		SELECT DISTINCT d.datname, d.datallowconn
+		FROM pg_shdepend s JOIN pg_database d ON d.oid = s.dbid
+		WHERE s.refclassid = 'pg_authid'::regclass
+		  AND s.refobjid = (SELECT oid FROM pg_roles WHERE rolname = $1)
+		  AND d.datname <> current_database()
+		ORDER BY 1`, req.Username)
+	if err != nil {
+		return fmt.Errorf("finding databases with objects of the user: %w", err)
+	}
+	type database struct {
+		name      string
+		allowConn bool
+	}
+	dbs, err := pgx.CollectRows(rows, func(r pgx.CollectableRow) (database, error) {
+		var d database
+		return d, r.Scan(&d.name, &d.allowConn)
+	})
+	if err != nil {
+		return fmt.Errorf("finding databases with objects of the user: %w", err)
+	}
+	for _, d := range dbs {
+		if !d.allowConn {
+			return fmt.Errorf("the user has objects in database %q, which allows no connections", d.name)
+		}
+		if err := e.execIn(ctx, d.name, disown); err != nil {
+			if sqlState(err) == codeUndefinedObject {
+				return ErrUserNotFound
+			}
+			return fmt.Errorf("in database %q: %w", d.name, err)
+		}
+	}
+	// Several statements in one simple-protocol query run as one
+	// transaction: the role goes only together with what it owned here.
+	if _, err := e.pool.Exec(ctx, disown+"; DROP ROLE IF EXISTS "+user); err != nil {
+		if sqlState(err) == codeUndefinedObject {
+			return ErrUserNotFound
+		}
+		return err
+	}
+	return nil
+}
+
+// endSessions terminates the user's sessions, in every database, until
+// none is left. pg_terminate_backend only signals; the loop re-checks with
+// a short backoff, which also catches a session that was authenticating
+// when logins were blocked.
+func (e *Engine) endSessions(ctx context.Context, username string) error {
+	ctx, cancel := context.WithTimeout(ctx, e.terminateTimeout)
+	defer cancel()
+	delay := 2 * time.Millisecond
+	for {
+		var n int
+		err := e.pool.QueryRow(ctx, `
+			SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE usename = $1`,
+			username).Scan(&n)
+		if err != nil {
+			if errors.Is(err, context.DeadlineExceeded) && ctx.Err() != nil {
+				return fmt.Errorf("sessions still open after %v", e.terminateTimeout)
+			}
+			return fmt.Errorf("ending sessions: %w", err)
+		}
+		if n == 0 {
+			return nil
+		}
+		t := time.NewTimer(delay)
+		select {
+		case <-ctx.Done():
+			t.Stop()
+			if errors.Is(ctx.Err(), context.DeadlineExceeded) {
+				return fmt.Errorf("%d sessions still open after %v", n, e.terminateTimeout)
+			}
+			return ctx.Err()
+		case <-t.C:
+		}
+		delay = min(delay*2, 100*time.Millisecond)
+	}
+}
+
+// execIn runs sql in another database of the cluster over a short-lived
+// connection: a pool's connections are bound to one database.
+func (e *Engine) execIn(ctx context.Context, database, sql string) error {
+	cc := e.pool.Config().ConnConfig.Copy()
+	cc.Database = database
+	conn, err := pgx.ConnectConfig(ctx, cc)
+	if err != nil {
+		return err
+	}
+	defer conn.Close(context.WithoutCancel(ctx))
+	_, err = conn.Exec(ctx, sql)
+	return err
+}
+
+// ListManagedUsers lists the members of the marker role, except roles that
+// administer it (the admin holds ADMIN OPTION on the marker role, so it is a
+// member too) and privileged roles: the reconciler drops what this returns.
+func (e *Engine) ListManagedUsers(ctx context.Context) ([]string, error) {
+	if err := e.checkOpen(); err != nil {
+		return nil, err
+	}
+	rows, err := e.pool.Query(ctx, `
+		SELECT r.rolname
+		FROM pg_roles g
+		JOIN pg_auth_members m ON m.roleid = g.oid
+		JOIN pg_roles r ON r.oid = m.member
+		WHERE g.rolname = $1
+		  AND NOT (r.rolsuper OR r.rolcreaterole OR r.rolreplication OR r.rolbypassrls)
+		GROUP BY r.rolname
+		HAVING NOT bool_or(m.admin_option)
+		ORDER BY 1`, e.marker)
+	if err != nil {
+		return nil, e.fail(ctx, fmt.Errorf("postgres: listing managed users: %w", err))
+	}
+	users, err := pgx.CollectRows(rows, pgx.RowTo[string])
+	if err != nil {
+		return nil, e.fail(ctx, fmt.Errorf("postgres: listing managed users: %w", err))
+	}
+	return users, nil
+}
+
+// CheckProxyRole reports an error if the proxy role does not exist, can
+// log in, is a superuser (an issued user could SET ROLE to it), is the
+// marker role, or the admin lacks the grants to hand it out and to take
+// over its users' objects. The error names the fix.
+func (e *Engine) CheckProxyRole(ctx context.Context, proxyRole string) error {
+	if err := e.checkOpen(); err != nil {
+		return err
+	}
+	if err := ValidIdentifier(proxyRole); err != nil {
+		return invalid("proxy role", err)
+	}
+	if proxyRole == e.marker {
+		return fmt.Errorf("postgres: proxy role %q is the marker role", proxyRole)
+	}
+	r, err := e.roleInfo(ctx, proxyRole)
+	switch {
+	case errors.Is(err, pgx.ErrNoRows):
+		return fmt.Errorf("postgres: proxy role %q does not exist (CREATE ROLE %s NOLOGIN, then grant it privileges)",
+			proxyRole, quoteIdent(proxyRole))
+	case err != nil:
+		return e.fail(ctx, fmt.Errorf("postgres: checking proxy role %q: %w", proxyRole, err))
+	case r.canLogin:
+		return fmt.Errorf("postgres: proxy role %q can log in; proxy roles must be NOLOGIN (ALTER ROLE %s NOLOGIN)",
+			proxyRole, quoteIdent(proxyRole))
+	case r.super:
+		return fmt.Errorf("postgres: proxy role %q is a superuser; issued users could SET ROLE to it", proxyRole)
+	}
+	return e.checkGrantable(r, "proxy role")
+}
+
+// Endpoint is the host, port and database of the admin URL: where issued
+// users connect.
+func (e *Engine) Endpoint() broker.Endpoint { return e.endpoint }
+
+// Close releases the connection pool. Later calls fail with broker.ErrClosed.
+func (e *Engine) Close() {
+	if e.closed.CompareAndSwap(false, true) {
+		e.pool.Close()
+	}
+}
+
+// ServerVersion is the server's version as server_version_num (150018).
+func (e *Engine) ServerVersion() int { return e.version }
+
+// AdminRole is the role the engine connects as.
+func (e *Engine) AdminRole() string { return e.admin }
+
+// MarkerRole is the role every issued user is a member of.
+func (e *Engine) MarkerRole() string { return e.marker }
