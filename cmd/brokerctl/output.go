@@ -1,6 +1,8 @@
 package main
 
 import (
+	"bytes"
+	"encoding/json"
 	"fmt"
 	"sort"
 	"strings"
@@ -18,13 +20,21 @@ import (
 var now = time.Now
 
 // printJSON writes m as one protojson document: lowerCamelCase names as the
-// API documents them, enums by name.
+// API documents them, enums by name, and zero values included (a script
+// reads "revokedCount": 0 rather than a missing key).
 func (c *cli) printJSON(m proto.Message) error {
-	b, err := protojson.MarshalOptions{Multiline: true, Indent: "  "}.Marshal(m)
+	b, err := protojson.MarshalOptions{EmitDefaultValues: true}.Marshal(m)
 	if err != nil {
 		return err
 	}
-	_, err = fmt.Fprintf(c.stdout, "%s\n", b)
+	// protojson varies its whitespace on purpose (so nobody depends on it);
+	// re-indenting gives output that is the same from run to run.
+	var out bytes.Buffer
+	if err := json.Indent(&out, b, "", "  "); err != nil {
+		return err
+	}
+	out.WriteByte('\n')
+	_, err = c.stdout.Write(out.Bytes())
 	return err
 }
 
@@ -56,6 +66,11 @@ func (c *cli) printTable(rows [][]string) error {
 }
 
 func (c *cli) printLease(l *credbrokerv1.Lease) error {
+	expires, maxExpires := formatExpiry(l.GetExpireTime().AsTime()), formatExpiry(l.GetMaxExpireTime().AsTime())
+	if l.GetEndTime() != nil {
+		// An ended lease will not expire "in 14m": show the instants only.
+		expires, maxExpires = formatTime(l.GetExpireTime()), formatTime(l.GetMaxExpireTime())
+	}
 	fields := [][2]string{
 		{"lease_id", l.GetId()},
 		{"role", l.GetRole()},
@@ -64,8 +79,8 @@ func (c *cli) printLease(l *credbrokerv1.Lease) error {
 		{"username", l.GetUsername()},
 		{"target", l.GetTarget()},
 		{"issued", formatTime(l.GetIssueTime())},
-		{"expires", formatExpiry(l.GetExpireTime().AsTime())},
-		{"max_expires", formatExpiry(l.GetMaxExpireTime().AsTime())},
+		{"expires", expires},
+		{"max_expires", maxExpires},
 	}
 	if l.GetEndTime() != nil {
 		fields = append(fields, [2]string{"ended", formatTime(l.GetEndTime())})

@@ -1,0 +1,328 @@
+package main
+
+import (
+	"context"
+	"crypto/rand"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/spf13/cobra"
+
+	"github.com/credbroker/credbroker/broker"
+	"github.com/credbroker/credbroker/broker/postgres"
+	"github.com/credbroker/credbroker/broker/postgres/pgcluster"
+	"github.com/credbroker/credbroker/server/config"
+)
+
+// The demo of `brokerd dev`: the three proxy roles of the article, each on
+// its own table, and a broker role for each.
+const (
+	devDatabase   = "app"
+	devAdmin      = "broker_admin"
+	devListen     = config.DefaultListen
+	devTargetName = "main"
+)
+
+type devRole struct {
+	name, proxy, grants string
+	defaultTTL, maxTTL  string
+	grantSQL            string
+}
+
+var devRoles = []devRole{
+	{
+		name: "read_only", proxy: "read_only_role", grants: "SELECT on important_table",
+		defaultTTL: "15m", maxTTL: "1h",
+		grantSQL: "GRANT SELECT ON important_table TO read_only_role",
+	},
+	{
+		name: "updater", proxy: "updater_role", grants: "SELECT, INSERT, UPDATE on user_table",
+		defaultTTL: "15m", maxTTL: "1h",
+		grantSQL: "GRANT SELECT, INSERT, UPDATE ON user_table TO updater_role",
+	},
+	{
+		// The privileged role gets the shortest leases: the article's
+		// advice to isolate high-privilege roles.
+		name: "admin", proxy: "admin_role", grants: "ALL on logs_table",
+		defaultTTL: "5m", maxTTL: "15m",
+		grantSQL: "GRANT ALL PRIVILEGES ON logs_table TO admin_role",
+	},
+}
+
+// devSchemaSQL creates the article's demo tables with a few rows.
+var devSchemaSQL = []string{
+	`CREATE TABLE important_table (
+		id integer GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+		name text NOT NULL UNIQUE,
+		value text NOT NULL)`,
+	`INSERT INTO important_table (name, value) VALUES
+		('answer', '42'), ('release', '2.4.1'), ('motto', 'least privilege')`,
+	`CREATE TABLE user_table (
+		id integer GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+		email text NOT NULL UNIQUE,
+		display_name text NOT NULL,
+		created_at timestamptz NOT NULL DEFAULT now())`,
+	`INSERT INTO user_table (email, display_name) VALUES
+		('ada@example.com', 'Ada'), ('grace@example.com', 'Grace'), ('linus@example.com', 'Linus')`,
+	`CREATE TABLE logs_table (
+		id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+		logged_at timestamptz NOT NULL DEFAULT now(),
+		level text NOT NULL,
+		message text NOT NULL)`,
+	`INSERT INTO logs_table (level, message) VALUES
+		('info', 'demo database created'), ('debug', 'nothing to see'), ('warn', 'this cluster is thrown away on Ctrl-C')`,
+}
+
+func devCmd(stdout, stderr io.Writer) *cobra.Command {
+	var listenAddr string
+	cmd := &cobra.Command{
+		Use:   "dev [--listen 127.0.0.1:7450]",
+		Short: "Try credbroker: a throwaway PostgreSQL cluster, demo proxy roles, a broker on loopback",
+		Long: `dev starts a throwaway PostgreSQL cluster from this machine's PostgreSQL
+binaries, creates database app with the demo tables important_table,
+user_table and logs_table, the proxy roles read_only_role, updater_role and
+admin_role, and the non-superuser admin broker_admin, then serves the broker
+on loopback with a temporary lease store and prints how to issue a
+credential and log in with psql.
+
+Ctrl-C stops the broker and the cluster and removes every temporary file.`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			return runDev(cmd.Context(), listenAddr, stdout, stderr, nil)
+		},
+	}
+	cmd.Flags().StringVar(&listenAddr, "listen", devListen, "gRPC address (loopback or unix:/path)")
+	return cmd
+}
+
+// devSession is what `brokerd dev` set up; tests read it through runDev's
+// ready callback.
+type devSession struct {
+	Dir        string // temporary directory: config, password file, store
+	ConfigPath string
+	Listen     string // the address served (the real port if --listen had :0)
+	Cluster    *pgcluster.Cluster
+}
+
+// runDev runs `brokerd dev` until ctx is done. ready, if set, is called
+// once the broker serves.
+func runDev(ctx context.Context, listenAddr string, stdout, stderr io.Writer, ready func(*devSession)) (err error) {
+	log := slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: slog.LevelInfo}))
+
+	// Bind first: a taken port should fail in a second, not after a
+	// cluster has been initialized.
+	lis, err := listen(listenAddr)
+	if err != nil {
+		if listenAddr == devListen {
+			return fmt.Errorf("%w\n(choose another address with --listen 127.0.0.1:7451)", err)
+		}
+		return err
+	}
+	defer lis.Close()
+	s := &devSession{Listen: listenAddr}
+	if lis.Addr().Network() == "tcp" {
+		s.Listen = lis.Addr().String()
+	}
+
+	s.Dir, err = os.MkdirTemp("", "credbroker-dev-")
+	if err != nil {
+		return err
+	}
+	defer func() {
+		if rerr := os.RemoveAll(s.Dir); rerr != nil {
+			err = errors.Join(err, rerr)
+		}
+	}()
+
+	fmt.Fprintln(stderr, "brokerd dev: starting a throwaway PostgreSQL cluster...")
+	s.Cluster, err = pgcluster.Start(ctx, pgcluster.Options{})
+	if err != nil {
+		return fmt.Errorf("dev: %w", err)
+	}
+	defer func() {
+		if serr := s.Cluster.Stop(); serr != nil {
+			err = errors.Join(err, fmt.Errorf("stop PostgreSQL: %w", serr))
+		}
+	}()
+
+	adminPassword := rand.Text()
+	if err := setUpDevDatabase(ctx, s.Cluster, adminPassword); err != nil {
+		return fmt.Errorf("dev: set up database %s: %w", devDatabase, err)
+	}
+	if s.ConfigPath, err = writeDevConfig(s, adminPassword); err != nil {
+		return fmt.Errorf("dev: %w", err)
+	}
+
+	// From here on `brokerd dev` is `brokerd --config` on the file it just
+	// wrote: the newcomer runs the same code path as production.
+	cfg, err := loadConfig(s.ConfigPath)
+	if err != nil {
+		return err
+	}
+	logConfig(log, cfg)
+	rt, err := config.Build(ctx, cfg, log)
+	if err != nil {
+		return err
+	}
+	defer func() {
+		revokeAll(rt, log)
+		if cerr := rt.Close(); cerr != nil {
+			err = errors.Join(err, cerr)
+		}
+	}()
+
+	return serve(ctx, rt, lis, log, func() {
+		printWalkthrough(stdout, s)
+		if ready != nil {
+			ready(s)
+		}
+	})
+}
+
+// setUpDevDatabase creates the demo database, tables and proxy roles as
+// the superuser, then the broker's admin with the minimal grants of
+// postgres.AdminSetupSQL.
+func setUpDevDatabase(ctx context.Context, c *pgcluster.Cluster, adminPassword string) error {
+	ctx, cancel := context.WithTimeout(ctx, time.Minute)
+	defer cancel()
+	conn, err := pgx.Connect(ctx, c.SuperuserURL("postgres"))
+	if err != nil {
+		return err
+	}
+	_, err = conn.Exec(ctx, "CREATE DATABASE "+devDatabase)
+	conn.Close(ctx)
+	if err != nil {
+		return err
+	}
+
+	conn, err = pgx.Connect(ctx, c.SuperuserURL(devDatabase))
+	if err != nil {
+		return err
+	}
+	defer conn.Close(ctx)
+	stmts := append([]string{}, devSchemaSQL...)
+	proxies := make([]string, 0, len(devRoles))
+	for _, r := range devRoles {
+		stmts = append(stmts, "CREATE ROLE "+r.proxy+" NOLOGIN", r.grantSQL)
+		proxies = append(proxies, r.proxy)
+	}
+	stmts = append(stmts, postgres.AdminSetupSQL(postgres.SetupParams{
+		Admin:         devAdmin,
+		AdminPassword: adminPassword,
+		ProxyRoles:    proxies,
+		ServerVersion: c.Version,
+	})...)
+	for _, stmt := range stmts {
+		if _, err := conn.Exec(ctx, stmt); err != nil {
+			// The statements hold no password (AdminSetupSQL sends a SCRAM
+			// verifier), but name only the first line of the failing one.
+			first, _, _ := strings.Cut(stmt, "\n")
+			return fmt.Errorf("%s: %w", first, err)
+		}
+	}
+	return nil
+}
+
+// writeDevConfig writes the admin password (0600) and a configuration file
+// into the session's directory, and returns the file's path.
+func writeDevConfig(s *devSession, adminPassword string) (string, error) {
+	pwPath := filepath.Join(s.Dir, devAdmin+".password")
+	if err := os.WriteFile(pwPath, []byte(adminPassword+"\n"), 0o600); err != nil {
+		return "", err
+	}
+	var b strings.Builder
+	fmt.Fprintf(&b, "# Written by `brokerd dev`; removed when it stops.\n")
+	fmt.Fprintf(&b, "listen: %s\n", strconv.Quote(s.Listen))
+	fmt.Fprintf(&b, "store:\n  path: %s\n", strconv.Quote(filepath.Join(s.Dir, "leases.db")))
+	fmt.Fprintf(&b, "targets:\n  - name: %s\n    url: %s\n    password_file: %s\n",
+		devTargetName, strconv.Quote(s.Cluster.URL(devAdmin, "", devDatabase)), strconv.Quote(pwPath))
+	fmt.Fprintf(&b, "roles:\n")
+	for _, r := range devRoles {
+		fmt.Fprintf(&b, "  - name: %s\n    target: %s\n    proxy_role: %s\n    default_ttl: %s\n    max_ttl: %s\n",
+			r.name, devTargetName, r.proxy, r.defaultTTL, r.maxTTL)
+	}
+	// The throwaway cluster serves no TLS.
+	fmt.Fprintf(&b, "dsn_sslmode: disable\n")
+	// Fast enough to watch an expiry happen in a demo.
+	fmt.Fprintf(&b, "reconcile_interval: 1m\n")
+	path := filepath.Join(s.Dir, "credbroker.yaml")
+	if err := os.WriteFile(path, []byte(b.String()), 0o600); err != nil {
+		return "", err
+	}
+	return path, nil
+}
+
+// revokeAll revokes every lease before the cluster goes, so that the
+// shutdown shows the same revocation path an operator relies on (and open
+// psql sessions are ended by the broker, not by the cluster's shutdown).
+func revokeAll(rt *config.Runtime, log *slog.Logger) {
+	if rt.Broker == nil {
+		return
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	total := 0
+	for _, r := range rt.Config.Roles {
+		n, err := rt.Broker.RevokeLeases(ctx, broker.RevokeSelector{Role: r.Name})
+		if err != nil {
+			log.Warn("revoking leases at shutdown", "role", r.Name, "err", err)
+		}
+		total += n
+	}
+	if total > 0 {
+		log.Info("revoked leases at shutdown", "count", total)
+	}
+}
+
+// printWalkthrough tells a newcomer what runs and what to type next.
+func printWalkthrough(w io.Writer, s *devSession) {
+	ctl := "go run ./cmd/brokerctl"
+	alt := "or, once built (make build), bin/brokerctl"
+	if _, err := exec.LookPath("brokerctl"); err == nil {
+		ctl, alt = "brokerctl", "or, from the repository, go run ./cmd/brokerctl"
+	}
+	if s.Listen != devListen {
+		ctl += " --addr " + s.Listen
+	}
+	c := s.Cluster
+	fmt.Fprintf(w, `
+credbroker dev is ready.
+
+  broker      %s (plaintext gRPC on loopback; every caller is admin)
+  postgres    %s:%d, database %s (PostgreSQL %d, throwaway)
+  superuser   psql %q
+  config      %s
+
+Broker roles (what clients ask for) and the proxy roles they inherit:
+`, s.Listen, c.Host, c.Port, devDatabase, c.Version, c.SuperuserURL(devDatabase), s.ConfigPath)
+	for _, r := range devRoles {
+		fmt.Fprintf(w, "  %-10s %-15s %-38s ttl %s, max %s\n", r.name, r.proxy, r.grants, r.defaultTTL, r.maxTTL)
+	}
+	fmt.Fprintf(w, `
+Try it in another terminal (%s):
+
+  1. Issue a credential for the read-only role:
+       %s issue read_only
+  2. Log in with the dsn it printed:
+       psql "<dsn>"
+         app=> SELECT * FROM important_table;   -- allowed
+         app=> SELECT * FROM user_table;        -- permission denied
+  3. List the leases:
+       %s leases
+  4. Revoke it: the user is dropped and your psql session ends:
+       %s revoke <lease_id>
+
+Other roles: %s issue updater, %s issue admin --ttl 2m.
+Press Ctrl-C to stop the broker and PostgreSQL and remove every temporary file.
+
+`, alt, ctl, ctl, ctl, ctl, ctl)
+}
