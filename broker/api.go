@@ -75,4 +75,3 @@ type Event struct {
 	Type  EventType
 	Lease Lease
 }
-

@@ -96,17 +96,17 @@ func New(cfg Config) (*Broker, error) {
 	}
 	burst := cfg.RevokeConcurrency
 	return &Broker{
-		cfg:     cfg,
-		store:   cfg.Store,
-		dbs:     cfg.Databases,
-		roles:   roles,
-		clock:   cfg.Clock,
-		log:     cfg.Logger,
-		queue:   NewExpiryQueue(),
-		limiter: rate.NewLimiter(rate.Limit(cfg.RevokeRate), burst),
+		cfg:      cfg,
+		store:    cfg.Store,
+		dbs:      cfg.Databases,
+		roles:    roles,
+		clock:    cfg.Clock,
+		log:      cfg.Logger,
+		queue:    NewExpiryQueue(),
+		limiter:  rate.NewLimiter(rate.Limit(cfg.RevokeRate), burst),
 		streams:  make(map[string]*streamState),
 		inflight: make(map[string]struct{}),
-		closed:  make(chan struct{}),
+		closed:   make(chan struct{}),
 	}, nil
 }
 

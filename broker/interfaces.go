@@ -34,7 +34,9 @@ type LeaseStore interface {
 	// to pass as f.After for the next page ("" when there is none).
 	ListLeases(ctx context.Context, f LeaseFilter) ([]Lease, string, error)
 	// ScanExpiry calls fn for each live lease (Active, Revoking,
-	// RevokeFailed) in ascending expire-time order, until fn returns false.
+	// RevokeFailed) in ascending order of the instant it needs attention:
+	// its ExpireTime, or its EndTime when that is set and earlier (an
+	// admin's revocation under way), until fn returns false.
 	ScanExpiry(ctx context.Context, fn func(ExpiryEntry) bool) error
 	// PurgeTombstones deletes up to limit terminal leases (Revoked, Expired)
 	// whose EndTime is before the given instant, oldest first, and returns

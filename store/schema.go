@@ -110,10 +110,19 @@ type indexEntry struct {
 
 // indexOf returns where the lease with these fields is indexed. A record in
 // an unknown state (written by a newer binary) has no index entry.
+//
+// A live lease is indexed at the instant it needs attention: its expiry, or
+// its end time when that is earlier (a revocation an admin asked for, still
+// under way). So after a restart a revocation that was interrupted is
+// resumed at once, not at the lease's expiry.
 func indexOf(id string, state broker.LeaseState, expireNanos, endNanos int64) (indexEntry, bool) {
 	switch {
 	case state.Live():
-		return indexEntry{bucketExpiry, timeKey(expireNanos, id)}, true
+		due := expireNanos
+		if endNanos != 0 && endNanos < due {
+			due = endNanos
+		}
+		return indexEntry{bucketExpiry, timeKey(due, id)}, true
 	case state.Terminal():
 		return indexEntry{bucketTombstones, timeKey(endNanos, id)}, true
 	default:

@@ -1,0 +1,893 @@
+package broker_test
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net/url"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+
+	"github.com/credbroker/credbroker/broker"
+	"github.com/credbroker/credbroker/broker/postgres"
+	"github.com/credbroker/credbroker/internal/fakeclock"
+	"github.com/credbroker/credbroker/internal/pgtest"
+	"github.com/credbroker/credbroker/store"
+)
+
+func TestMain(m *testing.M) { os.Exit(pgtest.Main(m)) }
+
+// env is one broker over a real store file and a real PostgreSQL target,
+// with fault-injecting wrappers around both and a manual clock.
+type env struct {
+	t         *testing.T
+	target    *pgtest.Target
+	engine    *postgres.Engine
+	storePath string
+	store     *store.Store
+	sw        *crashSwitch
+	db        *faultDB
+	clock     *fakeclock.Clock
+	b         *broker.Broker
+	logs      *syncBuffer
+	mods      []func(*broker.Config)
+}
+
+type syncBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
+}
+
+const (
+	roleRO      = "read_only"
+	roleUpdater = "updater"
+)
+
+func newEnv(t *testing.T, mods ...func(*broker.Config)) *env {
+	t.Helper()
+	srv := pgtest.Server(t)
+	target := srv.NewTarget(t, pgtest.TargetOptions{ProxyRoles: []pgtest.ProxyRole{
+		{Name: "read_only", Privileges: []string{"SELECT"}},
+		{Name: "updater", Privileges: []string{"SELECT", "INSERT", "UPDATE"}, CreateOnSchema: true},
+	}})
+	ctx := context.Background()
+	engine, err := postgres.New(ctx, postgres.Config{URL: target.AdminURL, Password: target.AdminPassword, MarkerRole: target.MarkerRole})
+	if err != nil {
+		t.Fatalf("postgres.New: %v", err)
+	}
+	t.Cleanup(engine.Close)
+	e := &env{
+		t:         t,
+		target:    target,
+		engine:    engine,
+		storePath: filepath.Join(t.TempDir(), "leases.db"),
+		// The manual clock starts at the real time: VALID UNTIL is checked
+		// by PostgreSQL against its own clock.
+		clock: fakeclock.New(time.Now().Truncate(time.Second)),
+		logs:  &syncBuffer{},
+		mods:  mods,
+	}
+	e.open()
+	t.Cleanup(e.close)
+	return e
+}
+
+// open starts a broker over the store file, as a process start would.
+func (e *env) open() {
+	e.t.Helper()
+	st, err := store.Open(e.storePath, store.Options{Timeout: 5 * time.Second})
+	if err != nil {
+		e.t.Fatalf("store.Open: %v", err)
+	}
+	e.store = st
+	e.sw = &crashSwitch{}
+	e.db = &faultDB{Database: e.engine, sw: e.sw}
+	cfg := broker.Config{
+		Store:     faultStore{LeaseStore: st, sw: e.sw},
+		Databases: map[string]broker.Database{"main": e.db},
+		Roles: []broker.Role{
+			{Name: roleRO, Target: "main", ProxyRole: e.target.ProxyRoles["read_only"], DefaultTTL: 15 * time.Minute, MaxTTL: time.Hour},
+			{Name: roleUpdater, Target: "main", ProxyRole: e.target.ProxyRoles["updater"], DefaultTTL: 15 * time.Minute, MaxTTL: time.Hour},
+		},
+		Clock:          e.clock,
+		Logger:         slog.New(slog.NewJSONHandler(e.logs, &slog.HandlerOptions{Level: slog.LevelDebug})),
+		RetryBaseDelay: time.Second,
+		RetryMaxDelay:  8 * time.Second,
+		RevokeRetries:  3,
+	}
+	for _, m := range e.mods {
+		m(&cfg)
+	}
+	b, err := broker.New(cfg)
+	if err != nil {
+		e.t.Fatalf("broker.New: %v", err)
+	}
+	if err := b.Start(context.Background()); err != nil {
+		e.t.Fatalf("Start: %v", err)
+	}
+	e.b = b
+}
+
+// close stops the broker and the store, as a process exit would.
+func (e *env) close() {
+	if e.b != nil {
+		_ = e.b.Close()
+		e.b = nil
+	}
+	if e.store != nil {
+		_ = e.store.Close()
+		e.store = nil
+	}
+}
+
+func (e *env) restart() {
+	e.t.Helper()
+	e.close()
+	e.open()
+}
+
+func (e *env) issue(role string, ttl time.Duration) (broker.Lease, broker.Credential) {
+	e.t.Helper()
+	l, c, err := e.b.Issue(context.Background(), broker.IssueRequest{Role: role, TTL: ttl, Client: "test"})
+	if err != nil {
+		e.t.Fatalf("Issue(%s, %v): %v", role, ttl, err)
+	}
+	return l, c
+}
+
+// lease reads a lease straight from the store.
+func (e *env) lease(id string) broker.Lease {
+	e.t.Helper()
+	l, err := e.store.GetLease(context.Background(), id)
+	if err != nil {
+		e.t.Fatalf("GetLease(%s): %v", id, err)
+	}
+	return l
+}
+
+// waitState waits, with a deadline, until the lease is in state want.
+func (e *env) waitState(id string, want broker.LeaseState) broker.Lease {
+	e.t.Helper()
+	var l broker.Lease
+	waitFor(e.t, fmt.Sprintf("lease %s to be %s", id, want), func() bool {
+		l = e.lease(id)
+		return l.State == want
+	})
+	return l
+}
+
+// waitFor polls cond until it holds or 10 s pass.
+func waitFor(t *testing.T, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out waiting for %s", what)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
+
+func (e *env) connURL(c broker.Credential) string {
+	u := url.URL{
+		Scheme:   "postgres",
+		User:     url.UserPassword(c.Username, c.Password),
+		Host:     fmt.Sprintf("%s:%d", c.Host, c.Port),
+		Path:     "/" + c.Database,
+		RawQuery: "sslmode=disable&connect_timeout=5",
+	}
+	return u.String()
+}
+
+func (e *env) login(c broker.Credential) (*pgx.Conn, error) {
+	conn, err := pgx.Connect(context.Background(), e.connURL(c))
+	if err == nil {
+		e.t.Cleanup(func() { _ = conn.Close(context.Background()) })
+	}
+	return conn, err
+}
+
+// roleExists asks PostgreSQL, as superuser, whether the user exists.
+func (e *env) roleExists(name string) bool {
+	e.t.Helper()
+	conn, err := pgx.Connect(context.Background(), e.target.SuperURL)
+	if err != nil {
+		e.t.Fatalf("superuser connect: %v", err)
+	}
+	defer conn.Close(context.Background())
+	var n int
+	if err := conn.QueryRow(context.Background(), "SELECT count(*) FROM pg_roles WHERE rolname = $1", name).Scan(&n); err != nil {
+		e.t.Fatalf("query pg_roles: %v", err)
+	}
+	return n == 1
+}
+
+func (e *env) validUntil(name string) time.Time {
+	e.t.Helper()
+	conn, err := pgx.Connect(context.Background(), e.target.SuperURL)
+	if err != nil {
+		e.t.Fatalf("superuser connect: %v", err)
+	}
+	defer conn.Close(context.Background())
+	var v time.Time
+	if err := conn.QueryRow(context.Background(), "SELECT rolvaliduntil FROM pg_roles WHERE rolname = $1", name).Scan(&v); err != nil {
+		e.t.Fatalf("query rolvaliduntil: %v", err)
+	}
+	return v
+}
+
+// assertNoOrphans checks the crash-safety invariant: every member of the
+// marker role has a live lease in the store.
+func (e *env) assertNoOrphans() {
+	e.t.Helper()
+	users, err := e.engine.ListManagedUsers(context.Background())
+	if err != nil {
+		e.t.Fatalf("ListManagedUsers: %v", err)
+	}
+	leases, _, err := e.store.ListLeases(context.Background(), broker.LeaseFilter{})
+	if err != nil {
+		e.t.Fatalf("ListLeases: %v", err)
+	}
+	live := map[string]bool{}
+	for _, l := range leases {
+		if l.State.Live() {
+			live[l.Username] = true
+		}
+	}
+	for _, u := range users {
+		if !live[u] {
+			e.t.Errorf("orphan: PostgreSQL user %s has no live lease", u)
+		}
+	}
+}
+
+func TestIssueGivesWorkingReadOnlyCredential(t *testing.T) {
+	e := newEnv(t)
+	l, c := e.issue(roleRO, 0)
+	if l.State != broker.StateActive || l.Role != roleRO || l.Client != "test" {
+		t.Fatalf("lease = %+v", l)
+	}
+	if got := l.ExpireTime.Sub(l.IssueTime); got != 15*time.Minute {
+		t.Errorf("ttl 0 gave %v, want the role default 15m", got)
+	}
+	if got := l.MaxExpireTime.Sub(l.IssueTime); got != time.Hour {
+		t.Errorf("max ttl = %v, want 1h", got)
+	}
+	if len(c.Username) > 63 || !strings.HasPrefix(c.Username, "cb_read_only_") {
+		t.Errorf("username %q: want cb_read_only_ prefix, <= 63 bytes", c.Username)
+	}
+	if len(c.Password) < 22 {
+		t.Errorf("password is %d characters; want >= 128 bits", len(c.Password))
+	}
+	conn, err := e.login(c)
+	if err != nil {
+		t.Fatalf("login with issued credential: %v", err)
+	}
+	var cur string
+	if err := conn.QueryRow(context.Background(), "SELECT current_user").Scan(&cur); err != nil {
+		t.Fatal(err)
+	}
+	if cur != e.target.ProxyRoles["read_only"] {
+		t.Errorf("current_user = %q, want the proxy role %q", cur, e.target.ProxyRoles["read_only"])
+	}
+	if _, err := conn.Exec(context.Background(), "SELECT * FROM "+pgtest.DemoTable); err != nil {
+		t.Errorf("SELECT as read-only: %v", err)
+	}
+	_, err = conn.Exec(context.Background(), "INSERT INTO "+pgtest.DemoTable+" DEFAULT VALUES")
+	if err == nil || !strings.Contains(err.Error(), "permission denied") {
+		t.Errorf("INSERT as read-only: err = %v, want permission denied", err)
+	}
+	// VALID UNTIL is the lease's expiry plus the grace (1m by default).
+	if got, want := e.validUntil(c.Username), l.ExpireTime.Add(time.Minute); !got.Equal(want) {
+		t.Errorf("VALID UNTIL = %v, want %v", got, want)
+	}
+}
+
+func TestIssueTTLs(t *testing.T) {
+	e := newEnv(t)
+	for _, tc := range []struct {
+		name    string
+		ttl     time.Duration
+		want    time.Duration
+		wantErr error
+	}{
+		{"zero is the default", 0, 15 * time.Minute, nil},
+		{"within max", 30 * time.Minute, 30 * time.Minute, nil},
+		{"above max is capped", 2 * time.Hour, time.Hour, nil},
+		{"100000h is capped", 100000 * time.Hour, time.Hour, nil},
+		{"one nanosecond", time.Nanosecond, time.Nanosecond, nil},
+		{"negative", -time.Second, 0, broker.ErrInvalidArgument},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			l, _, err := e.b.Issue(context.Background(), broker.IssueRequest{Role: roleRO, TTL: tc.ttl})
+			if tc.wantErr != nil {
+				if !errors.Is(err, tc.wantErr) {
+					t.Fatalf("err = %v, want %v", err, tc.wantErr)
+				}
+				return
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			if got := l.ExpireTime.Sub(l.IssueTime); got != tc.want {
+				t.Errorf("granted %v, want %v", got, tc.want)
+			}
+		})
+	}
+}
+
+func TestBadInputCreatesNothing(t *testing.T) {
+	e := newEnv(t)
+	bad := []string{"", "read_only'", "read_only; DROP ROLE x", "read\x00only", strings.Repeat("a", 200), "READ_ONLY", "pg_read", "ro--", "ro/*x*/"}
+	for _, s := range bad {
+		t.Run(fmt.Sprintf("role %q", s), func(t *testing.T) {
+			_, _, err := e.b.Issue(context.Background(), broker.IssueRequest{Role: s})
+			if !errors.Is(err, broker.ErrInvalidArgument) && !errors.Is(err, broker.ErrRoleNotFound) {
+				t.Errorf("err = %v, want InvalidArgument or RoleNotFound", err)
+			}
+		})
+		t.Run(fmt.Sprintf("lease id %q", s), func(t *testing.T) {
+			for name, call := range map[string]func() error{
+				"renew":  func() error { _, err := e.b.Renew(context.Background(), s, 0); return err },
+				"revoke": func() error { _, err := e.b.Revoke(context.Background(), s); return err },
+				"lookup": func() error { _, err := e.b.Lookup(context.Background(), s); return err },
+				"revoke many": func() error {
+					_, err := e.b.RevokeLeases(context.Background(), broker.RevokeSelector{IDs: []string{s}})
+					return err
+				},
+			} {
+				if err := call(); !errors.Is(err, broker.ErrInvalidArgument) {
+					t.Errorf("%s: err = %v, want InvalidArgument", name, err)
+				} else if strings.Contains(err.Error(), "\x00") {
+					t.Errorf("%s: error echoes a NUL byte: %q", name, err)
+				}
+			}
+		})
+	}
+	for name, md := range map[string]map[string]string{
+		"quote key":        {"a'b": "x"},
+		"semicolon key":    {"a;b": "x"},
+		"NUL value":        {"k": "a\x00b"},
+		"200-byte key":     {strings.Repeat("k", 200): "v"},
+		"long value":       {"k": strings.Repeat("v", 600)},
+		"newline value":    {"k": "a\nb"},
+		"invalid utf8":     {"k": "\xff\xfe"},
+		"too many entries": manyEntries(40),
+	} {
+		t.Run("metadata "+name, func(t *testing.T) {
+			_, _, err := e.b.Issue(context.Background(), broker.IssueRequest{Role: roleRO, Metadata: md})
+			if !errors.Is(err, broker.ErrInvalidArgument) {
+				t.Errorf("err = %v, want InvalidArgument", err)
+			}
+		})
+	}
+	t.Run("unknown role", func(t *testing.T) {
+		_, _, err := e.b.Issue(context.Background(), broker.IssueRequest{Role: "no_such_role"})
+		if !errors.Is(err, broker.ErrRoleNotFound) {
+			t.Errorf("err = %v, want ErrRoleNotFound", err)
+		}
+	})
+	t.Run("unknown lease", func(t *testing.T) {
+		_, err := e.b.Lookup(context.Background(), strings.Repeat("a", 32))
+		if !errors.Is(err, broker.ErrLeaseNotFound) {
+			t.Errorf("err = %v, want ErrLeaseNotFound", err)
+		}
+		_, err = e.b.Renew(context.Background(), strings.Repeat("a", 32), 0)
+		if !errors.Is(err, broker.ErrLeaseNotFound) {
+			t.Errorf("renew: err = %v, want ErrLeaseNotFound", err)
+		}
+	})
+	t.Run("empty admin selector", func(t *testing.T) {
+		_, err := e.b.RevokeLeases(context.Background(), broker.RevokeSelector{})
+		if !errors.Is(err, broker.ErrInvalidArgument) {
+			t.Errorf("err = %v, want InvalidArgument", err)
+		}
+	})
+	users, err := e.engine.ListManagedUsers(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	leases, _, _ := e.store.ListLeases(context.Background(), broker.LeaseFilter{})
+	intents, _ := e.store.ListIntents(context.Background())
+	if len(users) != 0 || len(leases) != 0 || len(intents) != 0 {
+		t.Errorf("bad input left %d users, %d leases, %d intents; want none", len(users), len(leases), len(intents))
+	}
+}
+
+func manyEntries(n int) map[string]string {
+	m := map[string]string{}
+	for i := range n {
+		m[fmt.Sprintf("k%d", i)] = "v"
+	}
+	return m
+}
+
+func TestMetadataIsKept(t *testing.T) {
+	e := newEnv(t)
+	md := map[string]string{"service": "billing", "pod": "billing-7d9f", "note": "héllo, wörld; 'quoted'"}
+	l, _, err := e.b.Issue(context.Background(), broker.IssueRequest{Role: roleRO, Metadata: md})
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := e.lease(l.ID).Metadata
+	for k, v := range md {
+		if got[k] != v {
+			t.Errorf("metadata[%s] = %q, want %q", k, got[k], v)
+		}
+	}
+}
+
+func TestRenew(t *testing.T) {
+	e := newEnv(t)
+	l, c := e.issue(roleRO, 10*time.Minute)
+	e.clock.Advance(5 * time.Minute)
+
+	r, err := e.b.Renew(context.Background(), l.ID, 20*time.Minute)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if want := e.clock.Now().Add(20 * time.Minute); !r.ExpireTime.Equal(want) {
+		t.Errorf("expire = %v, want %v", r.ExpireTime, want)
+	}
+	if got, want := e.validUntil(c.Username), r.ExpireTime.Add(time.Minute); !got.Equal(want) {
+		t.Errorf("VALID UNTIL = %v, want %v (moved with the renewal)", got, want)
+	}
+	if got := e.lease(l.ID).ExpireTime; !got.Equal(r.ExpireTime) {
+		t.Errorf("stored expire = %v, want %v", got, r.ExpireTime)
+	}
+
+	// Zero increment: the role default (15m).
+	r, err = e.b.Renew(context.Background(), l.ID, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if want := e.clock.Now().Add(20 * time.Minute); !r.ExpireTime.Equal(want) {
+		t.Errorf("renew 0 shortened the lease: expire = %v, want it kept at %v", r.ExpireTime, want)
+	}
+
+	// Never past the max.
+	r, err = e.b.Renew(context.Background(), l.ID, 100000*time.Hour)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !r.ExpireTime.Equal(l.MaxExpireTime) {
+		t.Errorf("expire = %v, want capped at max %v", r.ExpireTime, l.MaxExpireTime)
+	}
+
+	if _, err := e.b.Renew(context.Background(), l.ID, -time.Second); !errors.Is(err, broker.ErrInvalidArgument) {
+		t.Errorf("negative increment: err = %v, want InvalidArgument", err)
+	}
+}
+
+func TestRenewRevokedOrExpiredFails(t *testing.T) {
+	e := newEnv(t)
+	l, _ := e.issue(roleRO, time.Minute)
+	if _, err := e.b.Revoke(context.Background(), l.ID); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := e.b.Renew(context.Background(), l.ID, 0); !errors.Is(err, broker.ErrLeaseRevoked) {
+		t.Errorf("renew revoked: err = %v, want ErrLeaseRevoked", err)
+	}
+
+	l2, _ := e.issue(roleRO, time.Minute)
+	e.clock.Advance(time.Minute)
+	e.waitState(l2.ID, broker.StateExpired)
+	if _, err := e.b.Renew(context.Background(), l2.ID, 0); !errors.Is(err, broker.ErrLeaseExpired) {
+		t.Errorf("renew expired: err = %v, want ErrLeaseExpired", err)
+	}
+}
+
+func TestRevokeEndsSessionsAndDropsUser(t *testing.T) {
+	e := newEnv(t)
+	l, c := e.issue(roleUpdater, 0)
+	conn, err := e.login(c)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// A user that created a table: with SET role = proxy it is owned by
+	// the proxy role; after SET ROLE NONE the user owns it itself.
+	if _, err := conn.Exec(context.Background(), "CREATE TABLE owned_by_proxy (x int)"); err != nil {
+		t.Fatalf("create table as the proxy role: %v", err)
+	}
+	if _, err := conn.Exec(context.Background(), "SET ROLE NONE; CREATE TABLE owned_by_user (x int)"); err != nil {
+		t.Fatalf("create table as the user itself: %v", err)
+	}
+
+	sleeping := make(chan error, 1)
+	go func() {
+		_, err := conn.Exec(context.Background(), "SELECT pg_sleep(30)")
+		sleeping <- err
+	}()
+	waitFor(t, "the pg_sleep session to be active", func() bool {
+		return e.sessions(c.Username) > 0
+	})
+
+	r, err := e.b.Revoke(context.Background(), l.ID)
+	if err != nil {
+		t.Fatalf("Revoke: %v", err)
+	}
+	if r.State != broker.StateRevoked || r.EndTime.IsZero() {
+		t.Errorf("revoked lease = state %s end %v", r.State, r.EndTime)
+	}
+	select {
+	case err := <-sleeping:
+		if err == nil {
+			t.Error("pg_sleep(30) finished without error; its session should have been terminated")
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("the open session survived the revoke")
+	}
+	if e.roleExists(c.Username) {
+		t.Error("user still exists after Revoke returned")
+	}
+	if owner := e.tableOwner("owned_by_user"); owner != e.target.ProxyRoles["updater"] {
+		t.Errorf("the user's own table is owned by %q after revoke, want it reassigned to the proxy role", owner)
+	}
+	if _, err := e.login(c); err == nil {
+		t.Error("login succeeded after revoke")
+	}
+
+	// Idempotent: a second revoke succeeds and changes nothing.
+	again, err := e.b.Revoke(context.Background(), l.ID)
+	if err != nil {
+		t.Fatalf("second Revoke: %v", err)
+	}
+	if again.Revision != r.Revision || again.State != broker.StateRevoked {
+		t.Errorf("second revoke changed the lease: %+v -> %+v", r, again)
+	}
+}
+
+func (e *env) tableOwner(table string) string {
+	e.t.Helper()
+	conn, err := pgx.Connect(context.Background(), e.target.SuperURL)
+	if err != nil {
+		e.t.Fatalf("superuser connect: %v", err)
+	}
+	defer conn.Close(context.Background())
+	var owner string
+	if err := conn.QueryRow(context.Background(), "SELECT tableowner FROM pg_tables WHERE tablename = $1", table).Scan(&owner); err != nil {
+		return ""
+	}
+	return owner
+}
+
+func (e *env) sessions(user string) int {
+	e.t.Helper()
+	conn, err := pgx.Connect(context.Background(), e.target.SuperURL)
+	if err != nil {
+		e.t.Fatalf("superuser connect: %v", err)
+	}
+	defer conn.Close(context.Background())
+	var n int
+	if err := conn.QueryRow(context.Background(), "SELECT count(*) FROM pg_stat_activity WHERE usename = $1", user).Scan(&n); err != nil {
+		e.t.Fatal(err)
+	}
+	return n
+}
+
+func TestExpiryRevokesAtExpireTime(t *testing.T) {
+	e := newEnv(t)
+	short, c := e.issue(roleRO, time.Minute)
+	long, _ := e.issue(roleRO, 10*time.Minute)
+
+	// One nanosecond early: nothing happens.
+	e.clock.Advance(time.Minute - time.Nanosecond)
+	if got := e.lease(short.ID).State; got != broker.StateActive {
+		t.Fatalf("state before expiry = %s", got)
+	}
+	// At expire_time (broker time), the expiry manager revokes at once:
+	// no further clock movement is needed, so the lag is zero, well within 1 s.
+	e.clock.Advance(time.Nanosecond)
+	l := e.waitState(short.ID, broker.StateExpired)
+	if lag := l.EndTime.Sub(l.ExpireTime); lag < 0 || lag > time.Second {
+		t.Errorf("revocation lag %v, want within 1s", lag)
+	}
+	if e.roleExists(c.Username) {
+		t.Error("expired user still exists")
+	}
+	if _, err := e.login(c); err == nil {
+		t.Error("login succeeded after expiry")
+	}
+	if got := e.lease(long.ID).State; got != broker.StateActive {
+		t.Errorf("the 10m lease is %s after 1m", got)
+	}
+}
+
+func TestRenewedLeaseIsNotExpiredEarly(t *testing.T) {
+	e := newEnv(t)
+	l, c := e.issue(roleRO, time.Minute)
+	if _, err := e.b.Renew(context.Background(), l.ID, 10*time.Minute); err != nil {
+		t.Fatal(err)
+	}
+	e.clock.Advance(2 * time.Minute)
+	// Give the dispatcher a chance to act wrongly: wait until it has
+	// re-armed its timer for the renewed expiry.
+	waitFor(t, "the dispatcher to wait on the clock", func() bool { return e.clock.Waiters() > 0 })
+	if got := e.lease(l.ID).State; got != broker.StateActive {
+		t.Errorf("renewed lease is %s at 2m of 10m", got)
+	}
+	if !e.roleExists(c.Username) {
+		t.Error("renewed user was dropped")
+	}
+}
+
+func TestFailedRevocationRetriesThenRevokeFailed(t *testing.T) {
+	e := newEnv(t)
+	l, c := e.issue(roleRO, time.Minute)
+	dbDown := fmt.Errorf("%w: connection refused", broker.ErrUnavailable)
+	e.sw.failNextCalls("DeleteUser", 3, dbDown)
+
+	e.clock.Advance(time.Minute)
+	got := e.waitState(l.ID, broker.StateRevoking)
+	waitFor(t, "the first failure to be recorded", func() bool { got = e.lease(l.ID); return got.RevokeAttempts == 1 })
+	if !strings.Contains(got.LastError, "connection refused") {
+		t.Errorf("last_error = %q", got.LastError)
+	}
+	first := got.NextAttempt.Sub(e.clock.Now())
+	if first < 500*time.Millisecond || first > time.Second {
+		t.Errorf("first retry in %v, want within [0.5s, 1s] (base 1s, jitter on the upper half)", first)
+	}
+	// Drive the retries: each failure pushes NextAttempt out.
+	for attempt := 2; attempt <= 3; attempt++ {
+		e.clock.Advance(got.NextAttempt.Sub(e.clock.Now()))
+		waitFor(t, fmt.Sprintf("attempt %d", attempt), func() bool { got = e.lease(l.ID); return got.RevokeAttempts == attempt })
+	}
+	if got.State != broker.StateRevokeFailed {
+		t.Fatalf("after the retry budget: state %s, want revoke_failed", got.State)
+	}
+	failed, _, err := e.b.ListLeases(context.Background(), broker.LeaseFilter{State: broker.StateRevokeFailed})
+	if err != nil || len(failed) != 1 || failed[0].ID != l.ID {
+		t.Errorf("admins cannot list the failed lease: %v %v", failed, err)
+	}
+	if !e.roleExists(c.Username) {
+		t.Fatal("user gone although every drop failed")
+	}
+	// Retried later, when PostgreSQL is back.
+	e.clock.Advance(got.NextAttempt.Sub(e.clock.Now()))
+	done := e.waitState(l.ID, broker.StateExpired)
+	if done.LastError != "" {
+		t.Errorf("last_error kept after success: %q", done.LastError)
+	}
+	if e.roleExists(c.Username) {
+		t.Error("user exists after the successful retry")
+	}
+}
+
+func TestRestartKeepsLeasesAndRevokesThoseExpiredMeanwhile(t *testing.T) {
+	e := newEnv(t)
+	short, cs := e.issue(roleRO, time.Minute)
+	long, cl := e.issue(roleRO, 30*time.Minute)
+	e.close()
+	e.clock.Advance(5 * time.Minute) // the broker is down while short expires
+	e.open()
+
+	e.waitState(short.ID, broker.StateExpired)
+	if e.roleExists(cs.Username) {
+		t.Error("user of the lease that expired during the outage still exists")
+	}
+	got := e.lease(long.ID)
+	if got.State != broker.StateActive || !got.ExpireTime.Equal(long.ExpireTime) {
+		t.Errorf("long lease after restart: %+v", got)
+	}
+	if _, err := e.login(cl); err != nil {
+		t.Errorf("login with the surviving lease: %v", err)
+	}
+	if _, err := e.b.Renew(context.Background(), long.ID, 0); err != nil {
+		t.Errorf("renew after restart: %v", err)
+	}
+}
+
+func TestAdminRevokeBySelector(t *testing.T) {
+	e := newEnv(t)
+	var ro []broker.Lease
+	for range 3 {
+		l, _ := e.issue(roleRO, 0)
+		ro = append(ro, l)
+	}
+	up, _ := e.issue(roleUpdater, 0)
+	other, _, err := e.b.Issue(context.Background(), broker.IssueRequest{Role: roleRO, Client: "other"})
+	if err != nil {
+		t.Fatal(err)
+	}
+
+	n, err := e.b.RevokeLeases(context.Background(), broker.RevokeSelector{Role: roleRO, Client: "test"})
+	if err != nil || n != 3 {
+		t.Fatalf("revoke role+client: n=%d err=%v, want 3", n, err)
+	}
+	for _, l := range ro {
+		if s := e.lease(l.ID).State; s != broker.StateRevoked {
+			t.Errorf("lease %s is %s", l.ID, s)
+		}
+	}
+	if s := e.lease(up.ID).State; s != broker.StateActive {
+		t.Errorf("updater lease touched: %s", s)
+	}
+	if s := e.lease(other.ID).State; s != broker.StateActive {
+		t.Errorf("other client's lease touched: %s", s)
+	}
+	n, err = e.b.RevokeLeases(context.Background(), broker.RevokeSelector{Client: "other"})
+	if err != nil || n != 1 {
+		t.Errorf("revoke by client: n=%d err=%v", n, err)
+	}
+	n, err = e.b.RevokeLeases(context.Background(), broker.RevokeSelector{IDs: []string{up.ID, ro[0].ID}})
+	if err != nil || n != 1 {
+		t.Errorf("revoke by ids (one already revoked): n=%d err=%v, want 1", n, err)
+	}
+	users, _ := e.engine.ListManagedUsers(context.Background())
+	if len(users) != 0 {
+		t.Errorf("users left: %v", users)
+	}
+}
+
+func TestTombstonesArePurgedAfterRetention(t *testing.T) {
+	e := newEnv(t, func(c *broker.Config) { c.TombstoneRetention = time.Hour })
+	l, _ := e.issue(roleRO, 0)
+	if _, err := e.b.Revoke(context.Background(), l.ID); err != nil {
+		t.Fatal(err)
+	}
+	e.clock.Advance(59 * time.Minute)
+	if n, err := e.b.PurgeTombstones(context.Background()); err != nil || n != 0 {
+		t.Fatalf("purge before retention: n=%d err=%v", n, err)
+	}
+	e.clock.Advance(2 * time.Minute)
+	if n, err := e.b.PurgeTombstones(context.Background()); err != nil || n != 1 {
+		t.Fatalf("purge after retention: n=%d err=%v, want 1", n, err)
+	}
+	if _, err := e.b.Lookup(context.Background(), l.ID); !errors.Is(err, broker.ErrLeaseNotFound) {
+		t.Errorf("purged lease still found: %v", err)
+	}
+}
+
+func TestReconcileDropsUnknownMarkerMembers(t *testing.T) {
+	e := newEnv(t)
+	keep, ck := e.issue(roleRO, 0)
+	_, cx := e.issue(roleRO, 0)
+	// Forget the second lease behind the broker's back: its user is now
+	// unknown to the store, as after a lost store file.
+	leases, _, _ := e.store.ListLeases(context.Background(), broker.LeaseFilter{})
+	for _, l := range leases {
+		if l.ID != keep.ID {
+			if err := e.store.DeleteLease(context.Background(), l.ID); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	res, err := e.b.Reconcile(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if res.UsersDropped != 1 {
+		t.Errorf("dropped %d users, want 1", res.UsersDropped)
+	}
+	if e.roleExists(cx.Username) {
+		t.Error("unknown user survived reconciliation")
+	}
+	if !e.roleExists(ck.Username) {
+		t.Error("reconciliation dropped a leased user")
+	}
+}
+
+// TestCrashAtEveryStepLeavesNoOrphan stops the broker dead between each
+// pair of steps of issue and revoke (every later call to PostgreSQL and the
+// store fails, as if the process had been killed), restarts it on the same
+// store file, and checks that no PostgreSQL user is left without a live
+// lease and that every credential a caller received has a lease.
+func TestCrashAtEveryStepLeavesNoOrphan(t *testing.T) {
+	issueSteps := []string{
+		"before PutIntent", "after PutIntent",
+		"before NewUser", "after NewUser",
+		"before CreateLease", "after CreateLease",
+	}
+	for _, step := range issueSteps {
+		t.Run("issue/"+step, func(t *testing.T) {
+			e := newEnv(t)
+			e.sw.crashAt(step)
+			l, c, err := e.b.Issue(context.Background(), broker.IssueRequest{Role: roleRO})
+			if !e.sw.isTripped() {
+				t.Fatalf("crash point %q never reached", step)
+			}
+			e.restart()
+			if err == nil {
+				// A caller holding a credential must find its lease.
+				if got := e.lease(l.ID); !got.State.Live() {
+					t.Errorf("credential %s handed out, lease is %s", c.Username, got.State)
+				}
+			}
+			intents, _ := e.store.ListIntents(context.Background())
+			if len(intents) != 0 {
+				t.Errorf("%d intents left after restart", len(intents))
+			}
+			e.assertNoOrphans()
+		})
+	}
+	revokeSteps := []string{
+		"before UpdateLease:revoking", "after UpdateLease:revoking",
+		"before DeleteUser", "after DeleteUser",
+		"before UpdateLease:revoked", "after UpdateLease:revoked",
+	}
+	for _, step := range revokeSteps {
+		t.Run("revoke/"+step, func(t *testing.T) {
+			e := newEnv(t)
+			l, c := e.issue(roleRO, 0)
+			e.sw.crashAt(step)
+			_, _ = e.b.Revoke(context.Background(), l.ID)
+			if !e.sw.isTripped() {
+				t.Fatalf("crash point %q never reached", step)
+			}
+			e.restart()
+			got := e.lease(l.ID)
+			if got.State == broker.StateRevoking {
+				// A revocation was under way: start-up finishes it.
+				got = e.waitState(l.ID, broker.StateRevoked)
+			}
+			if got.State.Terminal() && e.roleExists(c.Username) {
+				t.Errorf("lease %s but user %s exists", got.State, c.Username)
+			}
+			e.assertNoOrphans()
+		})
+	}
+}
+
+func TestNoPasswordInLogsStoreOrServerLog(t *testing.T) {
+	e := newEnv(t)
+	var passwords []string
+	for range 3 {
+		_, c := e.issue(roleRO, 0)
+		passwords = append(passwords, c.Password)
+	}
+	// A failing issue: the proxy role is gone, so CREATE ROLE fails and
+	// PostgreSQL logs the failing statement (log_min_error_statement).
+	e2 := newEnv(t, func(c *broker.Config) {
+		c.Roles = append(c.Roles, broker.Role{Name: "broken", Target: "main", ProxyRole: "no_such_proxy_role", DefaultTTL: time.Minute, MaxTTL: time.Minute})
+	})
+	if _, _, err := e2.b.Issue(context.Background(), broker.IssueRequest{Role: "broken"}); err == nil {
+		t.Fatal("issue with a missing proxy role succeeded")
+	}
+	e.assertNoOrphans()
+	e2.assertNoOrphans()
+
+	e.close()
+	raw, err := os.ReadFile(e.storePath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	serverLog := pgtest.Server(t).Log()
+	for _, p := range passwords {
+		if bytes.Contains(raw, []byte(p)) {
+			t.Error("a password is in the bbolt file")
+		}
+		if strings.Contains(e.logs.String(), p) {
+			t.Error("a password is in the broker log")
+		}
+		if bytes.Contains(serverLog, []byte(p)) {
+			t.Error("a password is in the PostgreSQL server log")
+		}
+	}
+	if !bytes.Contains(serverLog, []byte("CREATE ROLE")) && pgtest.Server(t).HasLog() {
+		t.Error("the server log has no CREATE ROLE: log_statement=all is not in effect, so this test proves nothing")
+	}
+	if !slices.ContainsFunc(strings.Split(e.logs.String(), "\n"), func(s string) bool { return strings.Contains(s, "lease issued") }) {
+		t.Error("the broker logged no issue at all; the log check proves nothing")
+	}
+}
