@@ -14,24 +14,31 @@ type outbox struct {
 	mu      sync.Mutex
 	pending map[string]pendingResponse
 	order   []string // lease ids with a pending slot, oldest first
-	// sent is the revision last sent per tracked (named) lease, so that a
-	// broker event the client has already been told about is not sent
-	// twice (a renewal is both answered and published by the broker).
-	sent map[string]uint64
+	// sent is what was last sent per tracked (named) lease. A renewal is
+	// both answered and published by the broker; sent keeps the client from
+	// getting the same state twice.
+	sent map[string]sentState
 
 	ready   chan struct{} // signalled when a slot is filled
 	drained chan struct{} // signalled when the outbox was emptied
 }
 
 type pendingResponse struct {
-	resp *pb.KeepAliveResponse
-	rev  uint64 // the lease's store revision; 0 when unknown
+	resp      *pb.KeepAliveResponse
+	rev       uint64 // the lease's store revision; 0 when unknown
+	fromEvent bool
+}
+
+type sentState struct {
+	rev       uint64
+	event     pb.KeepAliveEvent
+	fromEvent bool
 }
 
 func newOutbox() *outbox {
 	return &outbox{
 		pending: make(map[string]pendingResponse),
-		sent:    make(map[string]uint64),
+		sent:    make(map[string]sentState),
 		ready:   make(chan struct{}, 1),
 		drained: make(chan struct{}, 1),
 	}
@@ -40,15 +47,28 @@ func newOutbox() *outbox {
 // put fills the lease's slot. rev orders states of one lease (the store's
 // revision only grows); 0 means unknown and always counts as newest.
 //
-// An answer to a request (fromEvent false) replaces the slot unless the
-// slot holds a strictly newer state: every request gets an answer, even
-// one that repeats what was sent. A broker event (fromEvent true) is
-// dropped unless it is newer than both what was sent and what is pending.
+// Nothing older than what the client was last sent goes out. A broker
+// event (fromEvent true) is dropped unless it is newer than both what was
+// sent and what is pending. An answer to a request replaces the
+// slot unless the slot holds a strictly newer state, and is sent even if
+// it repeats the last answer (a renewal at the max TTL changes nothing, yet
+// the client asked), except when the broker's event of this very renewal
+// already went out with the same state.
 func (o *outbox) put(leaseID string, resp *pb.KeepAliveResponse, rev uint64, fromEvent bool) {
 	o.mu.Lock()
 	cur, exists := o.pending[leaseID]
+	last, tracked := o.sent[leaseID]
 	switch {
-	case fromEvent && rev != 0 && rev <= o.sent[leaseID]:
+	case rev != 0 && rev < last.rev,
+		fromEvent && rev != 0 && rev == last.rev:
+		// The client already has this state or a newer one.
+		o.mu.Unlock()
+		return
+	case !fromEvent && tracked && !exists && rev != 0 && last.fromEvent &&
+		rev == last.rev && resp.GetEvent() == last.event:
+		// Answered by the event; the next identical request is answered.
+		last.fromEvent = false
+		o.sent[leaseID] = last
 		o.mu.Unlock()
 		return
 	case exists && rev != 0 && cur.rev != 0 && (cur.rev > rev || (fromEvent && cur.rev == rev)):
@@ -63,7 +83,7 @@ func (o *outbox) put(leaseID string, resp *pb.KeepAliveResponse, rev uint64, fro
 	if !exists {
 		o.order = append(o.order, leaseID)
 	}
-	o.pending[leaseID] = pendingResponse{resp: resp, rev: rev}
+	o.pending[leaseID] = pendingResponse{resp: resp, rev: rev, fromEvent: fromEvent}
 	o.mu.Unlock()
 	notify(o.ready)
 }
@@ -75,8 +95,8 @@ func (o *outbox) drain() []*pb.KeepAliveResponse {
 	for _, id := range o.order {
 		p := o.pending[id]
 		out = append(out, p.resp)
-		if last, tracked := o.sent[id]; tracked && p.rev > last {
-			o.sent[id] = p.rev
+		if last, tracked := o.sent[id]; tracked && p.rev != 0 && p.rev >= last.rev {
+			o.sent[id] = sentState{rev: p.rev, event: p.resp.GetEvent(), fromEvent: p.fromEvent}
 		}
 	}
 	clear(o.pending)
@@ -90,7 +110,7 @@ func (o *outbox) drain() []*pb.KeepAliveResponse {
 // forget stops it. Only named leases are tracked, which bounds the map.
 func (o *outbox) track(leaseID string) {
 	o.mu.Lock()
-	o.sent[leaseID] = 0
+	o.sent[leaseID] = sentState{}
 	o.mu.Unlock()
 }
 

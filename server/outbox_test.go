@@ -95,6 +95,24 @@ func TestOutboxDropsEventsAlreadySent(t *testing.T) {
 	if got := messages(o.drain()); len(got) != 1 || got[0] != "a:newer" {
 		t.Errorf("newer event: %v", got)
 	}
+	// The broker's event of a renewal went out before the renewal's answer
+	// was queued: the answer would repeat it and is dropped, once.
+	o.put("a", resp("a", evMaxTTL, "event"), 5, true)
+	o.drain()
+	o.put("a", resp("a", evMaxTTL, "answer"), 5, false)
+	if got := o.drain(); len(got) != 0 {
+		t.Errorf("answer repeating the event sent: %v", messages(got))
+	}
+	o.put("a", resp("a", evMaxTTL, "next request"), 5, false)
+	if got := messages(o.drain()); len(got) != 1 || got[0] != "a:next request" {
+		t.Errorf("a second request at the max TTL got %v, want an answer", got)
+	}
+	// Nothing older than what was sent goes out, whatever its source.
+	o.put("a", resp("a", evRenewed, "stale answer"), 4, false)
+	if got := o.drain(); len(got) != 0 {
+		t.Errorf("stale answer sent: %v", messages(got))
+	}
+
 	// A forgotten lease (released) keeps no state.
 	o.forget("a")
 	if len(o.sent) != 0 {

@@ -1,0 +1,156 @@
+package server
+
+import (
+	"context"
+	"errors"
+	"io"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/credbroker/credbroker/broker"
+	"github.com/credbroker/credbroker/internal/fakeclock"
+	pb "github.com/credbroker/credbroker/proto/credbroker/v1"
+)
+
+// closeStream half-closes a KeepAlive stream and waits for the server to
+// end it. The server reports the stream's leases to broker.StreamClosed
+// before its handler returns, so when this returns they are released.
+func closeStream(t *testing.T, stream pb.CredentialService_KeepAliveClient) {
+	t.Helper()
+	if err := stream.CloseSend(); err != nil {
+		t.Fatal(err)
+	}
+	for {
+		if _, err := stream.Recv(); err != nil {
+			if !errors.Is(err, io.EOF) {
+				t.Fatalf("stream ended with %v, want EOF", err)
+			}
+			return
+		}
+	}
+}
+
+// A revoke_on_disconnect lease lives while a stream names it; once the
+// stream is gone the broker revokes it after its grace period. That only
+// works if the server pairs StreamOpened with StreamClosed.
+func TestKeepAliveStreamEndReleasesLease(t *testing.T) {
+	clock := fakeclock.New(time.Now())
+	h := newHarnessWith(t, harnessOptions{clock: clock})
+	ctx := testContext(t)
+	resp, err := h.cred.IssueCredential(as(ctx, "svc-a", false), &pb.IssueCredentialRequest{Role: roleReadOnly, RevokeOnDisconnect: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	id := resp.GetLease().GetId()
+	if !resp.GetLease().GetRevokeOnDisconnect() {
+		t.Error("revoke_on_disconnect not reported on the lease")
+	}
+
+	stream, err := h.cred.KeepAlive(as(ctx, "svc-a", false))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := stream.Send(&pb.KeepAliveRequest{LeaseId: id}); err != nil {
+		t.Fatal(err)
+	}
+	if r, err := stream.Recv(); err != nil || r.GetEvent() != pb.KeepAliveEvent_KEEP_ALIVE_EVENT_RENEWED {
+		t.Fatalf("renew: %v, %v", r, err)
+	}
+	closeStream(t, stream)
+
+	events, unsubscribe := h.broker.Subscribe(id)
+	defer unsubscribe()
+	deadline := time.After(30 * time.Second) // a bound on a hang, not a sleep
+	changed := clock.Changed()
+	clock.Advance(31 * time.Second) // past the default 30s DisconnectGrace
+	// Far below the lease's 10-minute TTL: a revocation seen here is the
+	// disconnect's, not the expiry's.
+	extra := 0
+	for {
+		select {
+		case ev := <-events:
+			if ev.Type == broker.EventRevoked {
+				return
+			}
+			t.Fatalf("lease event %v, want revoked", ev.Type)
+		case <-changed:
+			// A loop is waiting on the clock again: give the maintenance
+			// loop a few more ticks, in case it was busy at the first.
+			changed = clock.Changed()
+			if extra < 10 {
+				extra++
+				clock.Advance(time.Second)
+			}
+		case <-deadline:
+			l, err := h.broker.Lookup(ctx, id)
+			t.Fatalf("lease not revoked after its stream closed: %v, %v", l.State, err)
+		}
+	}
+}
+
+// The lease limit of a stream answers ResourceExhausted for one more lease
+// without closing the stream, and a lease that is gone frees its place.
+func TestKeepAliveLeaseLimit(t *testing.T) {
+	h := newHarnessWith(t, harnessOptions{maxStreamLeases: 1})
+	ctx := testContext(t)
+	first := h.issue(t, ctx, "svc-a", roleReadOnly).GetLease().GetId()
+	second := h.issue(t, ctx, "svc-a", roleReadOnly).GetLease().GetId()
+
+	sctx, cancel := context.WithTimeout(as(ctx, "svc-a", false), 30*time.Second)
+	defer cancel()
+	stream, err := h.cred.KeepAlive(sctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	recv := func(id string) *pb.KeepAliveResponse {
+		t.Helper()
+		for {
+			r, err := stream.Recv()
+			if err != nil {
+				t.Fatalf("Recv: %v", err)
+			}
+			if r.GetLease().GetId() == id {
+				return r
+			}
+		}
+	}
+	send := func(id string) {
+		t.Helper()
+		if err := stream.Send(&pb.KeepAliveRequest{LeaseId: id}); err != nil {
+			t.Fatal(err)
+		}
+	}
+
+	send(first)
+	if r := recv(first); r.GetEvent() != pb.KeepAliveEvent_KEEP_ALIVE_EVENT_RENEWED {
+		t.Fatalf("first lease: %v %q", r.GetEvent(), r.GetMessage())
+	}
+	send(second)
+	if r := recv(second); r.GetEvent() != pb.KeepAliveEvent_KEEP_ALIVE_EVENT_UNSPECIFIED ||
+		!strings.HasPrefix(r.GetMessage(), "ResourceExhausted: ") {
+		t.Fatalf("second lease over the limit: %v %q", r.GetEvent(), r.GetMessage())
+	}
+
+	// The owner revokes the first lease; the stream is told and lets it go.
+	if _, err := h.cred.RevokeLease(as(ctx, "svc-a", false), &pb.RevokeLeaseRequest{LeaseId: first}); err != nil {
+		t.Fatal(err)
+	}
+	if r := recv(first); r.GetEvent() != pb.KeepAliveEvent_KEEP_ALIVE_EVENT_REVOKED {
+		t.Fatalf("first lease after revoke: %v", r.GetEvent())
+	}
+	// The release happens right after the event is queued; a renewal
+	// answered with ResourceExhausted would mean it had not happened yet,
+	// so ask until the answer changes (bounded by the stream's deadline).
+	for {
+		send(second)
+		r := recv(second)
+		if r.GetEvent() == pb.KeepAliveEvent_KEEP_ALIVE_EVENT_RENEWED {
+			break
+		}
+		if !strings.HasPrefix(r.GetMessage(), "ResourceExhausted: ") {
+			t.Fatalf("second lease after the first was released: %v %q", r.GetEvent(), r.GetMessage())
+		}
+	}
+	closeStream(t, stream)
+}
