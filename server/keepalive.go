@@ -49,7 +49,6 @@ func (s *credentialServer) KeepAlive(stream grpc.BidiStreamingServer[pb.KeepAliv
 		return err
 	}
 	ctx, cancel := context.WithCancel(stream.Context())
-	defer cancel()
 
 	k := &keepAliveStream{
 		core:   s.core,
@@ -58,9 +57,12 @@ func (s *credentialServer) KeepAlive(stream grpc.BidiStreamingServer[pb.KeepAliv
 		leases: make(map[string]*namedLease),
 		out:    newOutbox(),
 	}
-	// Registered before anything can name a lease; runs after cancel (defer
-	// order), so forwarders are already stopping when it waits for them.
-	defer k.closeAll()
+	// Cancel first: broker calls still running for the stream stop, and the
+	// forwarders are already on their way out when closeAll waits for them.
+	defer func() {
+		cancel()
+		k.closeAll()
+	}()
 
 	recvDone := make(chan error, 1) // buffered: the receiver may outlive the handler
 	go k.receive(stream, recvDone)

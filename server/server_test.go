@@ -3,6 +3,7 @@ package server
 import (
 	"context"
 	"net"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -14,7 +15,9 @@ import (
 	"google.golang.org/grpc/status"
 	"google.golang.org/grpc/test/bufconn"
 
+	"github.com/credbroker/credbroker/broker"
 	pb "github.com/credbroker/credbroker/proto/credbroker/v1"
+	"github.com/credbroker/credbroker/store"
 )
 
 // These tests need no broker: they cover the wiring and the interceptors.
@@ -60,16 +63,27 @@ func TestServerWithoutBroker(t *testing.T) {
 }
 
 func TestConfigValidate(t *testing.T) {
-	for _, c := range []Config{
-		{SSLMode: "verify-full"},
-		{SSLMode: "nope"},
-		{MaxStreamLeases: -1},
+	st, err := store.Open(filepath.Join(t.TempDir(), "leases.db"), store.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer st.Close()
+	b, err := broker.New(broker.Config{Store: st})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, tc := range []struct {
+		cfg Config
+		ok  bool
+	}{
+		{Config{Broker: b}, true},
+		{Config{Broker: b, SSLMode: "verify-full", MaxStreamLeases: 10}, true},
+		{Config{}, false},
+		{Config{Broker: b, SSLMode: "nope"}, false},
+		{Config{Broker: b, MaxStreamLeases: -1}, false},
 	} {
-		// Without a Broker every Config is invalid; the field checks are
-		// what this exercises, through the message.
-		err := c.Validate()
-		if err == nil {
-			t.Errorf("%+v: no error", c)
+		if err := tc.cfg.Validate(); (err == nil) != tc.ok {
+			t.Errorf("Validate(%+v) = %v, want ok=%v", tc.cfg, err, tc.ok)
 		}
 	}
 }
