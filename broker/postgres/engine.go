@@ -35,7 +35,8 @@ type Config struct {
 	MarkerRole string
 	// MaxConns caps the connection pool; 0 is 8.
 	MaxConns int32
-	// ConnectTimeout bounds each connection attempt; 0 is 10s.
+	// ConnectTimeout bounds each connection attempt; 0 is the URL's
+	// connect_timeout, else 10s.
 	ConnectTimeout time.Duration
 	// TerminateTimeout bounds how long DeleteUser waits for the user's
 	// sessions to end; 0 is 10s.
@@ -72,9 +73,6 @@ func New(ctx context.Context, cfg Config) (*Engine, error) {
 	if cfg.MaxConns <= 0 {
 		cfg.MaxConns = 8
 	}
-	if cfg.ConnectTimeout <= 0 {
-		cfg.ConnectTimeout = 10 * time.Second
-	}
 	if cfg.TerminateTimeout <= 0 {
 		cfg.TerminateTimeout = 10 * time.Second
 	}
@@ -88,7 +86,20 @@ func New(ctx context.Context, cfg Config) (*Engine, error) {
 		return nil, redact(err, secrets...)
 	}
 	pc.ConnConfig.Password = cfg.Password
-	pc.ConnConfig.ConnectTimeout = cfg.ConnectTimeout
+	if pc.ConnConfig.RuntimeParams["application_name"] == "" {
+		// So a DBA can tell the broker's sessions apart in pg_stat_activity.
+		pc.ConnConfig.RuntimeParams["application_name"] = "credbroker"
+	}
+	switch {
+	case cfg.ConnectTimeout > 0:
+		pc.ConnConfig.ConnectTimeout = cfg.ConnectTimeout
+	case pc.ConnConfig.ConnectTimeout == 0: // no connect_timeout in the URL either
+		pc.ConnConfig.ConnectTimeout = 10 * time.Second
+	}
+	if pc.ConnConfig.Database == "" {
+		// What the server assumes too: issued users need the name.
+		pc.ConnConfig.Database = pc.ConnConfig.User
+	}
 	pc.MaxConns = cfg.MaxConns
 	pool, err := pgxpool.NewWithConfig(ctx, pc)
 	if err != nil {
@@ -382,7 +393,10 @@ func (e *Engine) requireManaged(ctx context.Context, username string) error {
 //  4. DROP ROLE IF EXISTS, in one transaction with step 3 for the
 //     admin's own database.
 //
-// A user that does not exist is success.
+// A user that does not exist is success. An empty req.ProxyRole (a user no
+// lease names, found by reconciliation) means the proxy role recorded in
+// the user's own SET role setting; failing that, or when the proxy role no
+// longer exists, what the user owns is dropped instead of reassigned.
 func (e *Engine) DeleteUser(ctx context.Context, req broker.DeleteUserRequest) error {
 	if err := e.checkOpen(); err != nil {
 		return err
@@ -390,8 +404,10 @@ func (e *Engine) DeleteUser(ctx context.Context, req broker.DeleteUserRequest) e
 	if err := validUsername(req.Username); err != nil {
 		return invalid("username", err)
 	}
-	if err := ValidIdentifier(req.ProxyRole); err != nil {
-		return invalid("proxy role", err)
+	if req.ProxyRole != "" {
+		if err := ValidIdentifier(req.ProxyRole); err != nil {
+			return invalid("proxy role", err)
+		}
 	}
 	err := e.deleteUser(ctx, req)
 	if errors.Is(err, ErrUserNotFound) {
@@ -424,16 +440,15 @@ func (e *Engine) deleteUser(ctx context.Context, req broker.DeleteUserRequest) e
 	}
 
 	// 3. and 4.
-	var proxyExists bool
-	if err := e.pool.QueryRow(ctx, "SELECT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = $1)",
-		req.ProxyRole).Scan(&proxyExists); err != nil {
-		return fmt.Errorf("looking up proxy role: %w", err)
+	proxy, err := e.reassignTarget(ctx, req)
+	if err != nil {
+		return err
 	}
 	disown := "DROP OWNED BY " + user
-	if proxyExists {
-		disown = "REASSIGN OWNED BY " + user + " TO " + quoteIdent(req.ProxyRole) + "; " + disown
+	if proxy != "" {
+		disown = "REASSIGN OWNED BY " + user + " TO " + quoteIdent(proxy) + "; " + disown
 	} else {
-		e.log.Warn("proxy role is gone; objects the user owns are dropped, not reassigned",
+		e.log.Warn("no proxy role to reassign to; objects the user owns are dropped",
 			"user", req.Username, "proxy_role", req.ProxyRole)
 	}
 	rows, err := e.pool.Query(ctx, `
@@ -479,22 +494,60 @@ func (e *Engine) deleteUser(ctx context.Context, req broker.DeleteUserRequest) e
 	return nil
 }
 
+// reassignTarget is the role that inherits what the user owns: the
+// request's proxy role, else the one the user's SET role setting names
+// (NewUser records it there); "" if there is none the admin can use.
+func (e *Engine) reassignTarget(ctx context.Context, req broker.DeleteUserRequest) (string, error) {
+	proxy := req.ProxyRole
+	if proxy == "" {
+		var setting *string
+		err := e.pool.QueryRow(ctx, `
+			SELECT substr(c, 6) FROM pg_roles r, unnest(r.rolconfig) c
+			WHERE r.rolname = $1 AND c LIKE 'role=%' LIMIT 1`, req.Username).Scan(&setting)
+		if err != nil && !errors.Is(err, pgx.ErrNoRows) {
+			return "", fmt.Errorf("reading the user's role setting: %w", err)
+		}
+		if setting == nil || ValidIdentifier(*setting) != nil {
+			return "", nil
+		}
+		proxy = *setting
+	}
+	// REASSIGN OWNED needs the privileges of the target role. Without them
+	// (the role is gone, or its grant to the admin was revoked) dropping
+	// the objects beats a user that can never be revoked.
+	var usable bool
+	if err := e.pool.QueryRow(ctx, `
+		SELECT pg_has_role(current_user, oid, 'USAGE') FROM pg_roles WHERE rolname = $1`,
+		proxy).Scan(&usable); err != nil && !errors.Is(err, pgx.ErrNoRows) {
+		return "", fmt.Errorf("looking up proxy role: %w", err)
+	}
+	if !usable {
+		return "", nil
+	}
+	return proxy, nil
+}
+
 // endSessions terminates the user's sessions, in every database, until
 // none is left. pg_terminate_backend only signals; the loop re-checks with
 // a short backoff, which also catches a session that was authenticating
 // when logins were blocked.
 func (e *Engine) endSessions(ctx context.Context, username string) error {
-	ctx, cancel := context.WithTimeout(ctx, e.terminateTimeout)
+	tctx, cancel := context.WithTimeout(ctx, e.terminateTimeout)
 	defer cancel()
+	timedOut := func(n int) error {
+		if ctx.Err() != nil {
+			return ctx.Err() // the caller gave up, not us
+		}
+		return fmt.Errorf("ending sessions: %d still open after %v", n, e.terminateTimeout)
+	}
 	delay := 2 * time.Millisecond
-	for {
-		var n int
-		err := e.pool.QueryRow(ctx, `
+	for n := -1; ; {
+		err := e.pool.QueryRow(tctx, `
 			SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE usename = $1`,
 			username).Scan(&n)
 		if err != nil {
-			if errors.Is(err, context.DeadlineExceeded) && ctx.Err() != nil {
-				return fmt.Errorf("sessions still open after %v", e.terminateTimeout)
+			if tctx.Err() != nil {
+				return timedOut(n)
 			}
 			return fmt.Errorf("ending sessions: %w", err)
 		}
@@ -503,12 +556,9 @@ func (e *Engine) endSessions(ctx context.Context, username string) error {
 		}
 		t := time.NewTimer(delay)
 		select {
-		case <-ctx.Done():
+		case <-tctx.Done():
 			t.Stop()
-			if errors.Is(ctx.Err(), context.DeadlineExceeded) {
-				return fmt.Errorf("%d sessions still open after %v", n, e.terminateTimeout)
-			}
-			return ctx.Err()
+			return timedOut(n)
 		case <-t.C:
 		}
 		delay = min(delay*2, 100*time.Millisecond)
@@ -524,7 +574,11 @@ func (e *Engine) execIn(ctx context.Context, database, sql string) error {
 	if err != nil {
 		return err
 	}
-	defer conn.Close(context.WithoutCancel(ctx))
+	defer func() {
+		cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
+		defer cancel()
+		_ = conn.Close(cctx)
+	}()
 	_, err = conn.Exec(ctx, sql)
 	return err
 }
