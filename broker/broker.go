@@ -295,7 +295,7 @@ func (b *Broker) Renew(ctx context.Context, id string, increment time.Duration) 
 		return Lease{}, fmt.Errorf("%w: increment must not be negative", ErrInvalidArgument)
 	}
 	unlock := b.leaseMu.Lock(id)
-	defer unlock()
+	defer func() { unlock() }()
 	for {
 		l, err := b.store.GetLease(ctx, id)
 		if err != nil {
@@ -331,6 +331,18 @@ func (b *Broker) Renew(ctx context.Context, id string, increment time.Duration) 
 		// merely later than the lease, and the expiry manager still drops
 		// the user at the lease's expiry.
 		if err := db.RenewUser(ctx, RenewUserRequest{Username: l.Username, ValidUntil: newExpire.Add(b.cfg.ValidUntilGrace)}); err != nil {
+			if errors.Is(err, ErrUserNotFound) {
+				// Dropped behind the broker's back: the credential is dead,
+				// so the lease ends now rather than pretending to live on.
+				unlock()
+				b.log.Warn("lease's user was dropped outside the broker; revoking the lease", "lease_id", id, "username", l.Username)
+				ended, _, rerr := b.revoke(ctx, id, false)
+				unlock = func() {}
+				if rerr != nil {
+					return ended, fmt.Errorf("renew user: %w", err)
+				}
+				return ended, fmt.Errorf("%w: lease %s: its database user no longer exists", ErrLeaseRevoked, id)
+			}
 			return l, fmt.Errorf("renew user: %w", err)
 		}
 		l.ExpireTime = newExpire

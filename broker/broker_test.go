@@ -891,3 +891,22 @@ func TestNoPasswordInLogsStoreOrServerLog(t *testing.T) {
 		t.Error("the broker logged no issue at all; the log check proves nothing")
 	}
 }
+
+func TestRenewOfUserDroppedOutsideTheBrokerEndsTheLease(t *testing.T) {
+	e := newEnv(t)
+	l, c := e.issue(roleRO, 0)
+	conn, err := pgx.Connect(context.Background(), e.target.SuperURL)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close(context.Background())
+	if _, err := conn.Exec(context.Background(), "DROP ROLE "+pgx.Identifier{c.Username}.Sanitize()); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := e.b.Renew(context.Background(), l.ID, 30*time.Minute); !errors.Is(err, broker.ErrLeaseRevoked) {
+		t.Fatalf("renew: err = %v, want ErrLeaseRevoked", err)
+	}
+	if s := e.lease(l.ID).State; s != broker.StateRevoked {
+		t.Errorf("lease is %s, want revoked", s)
+	}
+}

@@ -25,6 +25,9 @@ var (
 	ErrExists = errors.New("already exists")
 	// ErrClosed: the broker or store is shut down.
 	ErrClosed = errors.New("closed")
+	// ErrUserNotFound: the lease's database user is gone (dropped outside
+	// the broker); Database.RenewUser returns it.
+	ErrUserNotFound = errors.New("database user does not exist")
 	// ErrResourceExhausted: a quota or rate limit was hit.
 	ErrResourceExhausted = errors.New("resource exhausted")
 )

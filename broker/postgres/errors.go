@@ -14,11 +14,9 @@ import (
 )
 
 // ErrUserNotFound is returned by RenewUser when the user does not exist
-// (someone dropped it outside the broker). It wraps no broker sentinel:
-// it is not ErrLeaseNotFound, since the lease exists; broker does not import
-// this package, so until broker declares a sentinel of its own it sees an
-// ordinary error.
-var ErrUserNotFound = errors.New("user does not exist")
+// (someone dropped it outside the broker). It is broker.ErrUserNotFound,
+// so the broker can end the lease.
+var ErrUserNotFound = broker.ErrUserNotFound
 
 // SQLSTATE codes the engine acts on.
 const (
