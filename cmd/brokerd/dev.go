@@ -97,7 +97,14 @@ credential and log in with psql.
 Ctrl-C stops the broker and the cluster and removes every temporary file.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			return runDev(cmd.Context(), listenAddr, stdout, stderr, nil)
+			err := runDev(cmd.Context(), listenAddr, stdout, stderr, nil)
+			if err != nil && cmd.Context().Err() != nil {
+				// Ctrl-C during start-up: what failed is what was
+				// interrupted, and everything has been cleaned up.
+				fmt.Fprintln(stderr, "brokerd dev: interrupted; stopped and cleaned up")
+				return nil
+			}
+			return err
 		},
 	}
 	cmd.Flags().StringVar(&listenAddr, "listen", devListen, "gRPC address (loopback or unix:/path)")
@@ -143,8 +150,14 @@ func runDev(ctx context.Context, listenAddr string, stdout, stderr io.Writer, re
 		}
 	}()
 
-	fmt.Fprintln(stderr, "brokerd dev: starting a throwaway PostgreSQL cluster...")
-	s.Cluster, err = pgcluster.Start(ctx, pgcluster.Options{})
+	binDir, err := pgcluster.FindBinDir()
+	if err != nil {
+		return fmt.Errorf("dev needs PostgreSQL's server binaries (initdb, postgres) to start a throwaway cluster:\n%w\n"+
+			"Install them with: apt-get install postgresql (Debian, Ubuntu), or set CREDBROKER_PG_BINDIR to a directory holding initdb and postgres.\n"+
+			"`make dev` installs Debian's postgresql package first, then runs brokerd dev.", err)
+	}
+	fmt.Fprintf(stderr, "brokerd dev: starting a throwaway PostgreSQL cluster (%s)...\n", binDir)
+	s.Cluster, err = pgcluster.Start(ctx, pgcluster.Options{BinDir: binDir})
 	if err != nil {
 		return fmt.Errorf("dev: %w", err)
 	}
@@ -286,9 +299,9 @@ func revokeAll(rt *config.Runtime, log *slog.Logger) {
 // printWalkthrough tells a newcomer what runs and what to type next.
 func printWalkthrough(w io.Writer, s *devSession) {
 	ctl := "go run ./cmd/brokerctl"
-	alt := "or, once built (make build), bin/brokerctl"
+	where := "in another terminal, from the repository (after `make build`, bin/brokerctl does the same)"
 	if _, err := exec.LookPath("brokerctl"); err == nil {
-		ctl, alt = "brokerctl", "or, from the repository, go run ./cmd/brokerctl"
+		ctl, where = "brokerctl", "in another terminal"
 	}
 	if s.Listen != devListen {
 		ctl += " --addr " + s.Listen
@@ -308,7 +321,7 @@ Broker roles (what clients ask for) and the proxy roles they inherit:
 		fmt.Fprintf(w, "  %-10s %-15s %-38s ttl %s, max %s\n", r.name, r.proxy, r.grants, r.defaultTTL, r.maxTTL)
 	}
 	fmt.Fprintf(w, `
-Try it in another terminal (%s):
+Try it %s:
 
   1. Issue a credential for the read-only role:
        %s issue read_only
@@ -320,9 +333,11 @@ Try it in another terminal (%s):
        %s leases
   4. Revoke it: the user is dropped and your psql session ends:
        %s revoke <lease_id>
+  5. The other roles:
+       %s issue updater
+       %s issue admin --ttl 2m
 
-Other roles: %s issue updater, %s issue admin --ttl 2m.
 Press Ctrl-C to stop the broker and PostgreSQL and remove every temporary file.
 
-`, alt, ctl, ctl, ctl, ctl, ctl)
+`, where, ctl, ctl, ctl, ctl, ctl)
 }

@@ -363,9 +363,9 @@ roles:`, 1),
 			},
 		},
 		{
-			name: "store path in a missing directory",
-			yaml: strings.Replace(validYAML, "path: leases.db", "path: /nonexistent-dir/leases.db", 1),
-			want: []string{"store.path: directory /nonexistent-dir does not exist"},
+			name: "store path under a file",
+			yaml: strings.Replace(validYAML, "path: leases.db", "path: main.password/leases.db", 1),
+			want: []string{"store.path: ", "main.password is not a directory"},
 		},
 		{
 			name: "empty file",

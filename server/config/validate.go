@@ -120,8 +120,10 @@ func (v *validator) store(f *File) Store {
 	if fi, err := os.Stat(s.Path); err == nil && fi.IsDir() {
 		v.errorf("store.path", "%s is a directory; name a file in it", s.Path)
 	}
-	if fi, err := os.Stat(filepath.Dir(s.Path)); err != nil || !fi.IsDir() {
-		v.errorf("store.path", "directory %s does not exist", filepath.Dir(s.Path))
+	// A missing directory is fine (the store creates it, mode 0700); one
+	// that is a file is a typo worth reporting now.
+	if fi, err := os.Stat(filepath.Dir(s.Path)); err == nil && !fi.IsDir() {
+		v.errorf("store.path", "%s is not a directory", filepath.Dir(s.Path))
 	}
 	return s
 }
