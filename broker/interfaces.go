@@ -26,6 +26,10 @@ type LeaseStore interface {
 	// UpdateLease writes l if the stored lease's revision equals l.Revision,
 	// and returns the lease as stored (with its new revision).
 	UpdateLease(ctx context.Context, l Lease) (Lease, error)
+	// UpdateLeases is UpdateLease for many leases in one transaction, with
+	// a result per lease: a missing or conflicting lease fails only its own
+	// entry. Both slices have len(ls) entries.
+	UpdateLeases(ctx context.Context, ls []Lease) ([]Lease, []error)
 	// GetLease returns the lease with that id.
 	GetLease(ctx context.Context, id string) (Lease, error)
 	// DeleteLease removes a lease and its index entries; missing is not an error.
@@ -56,6 +60,10 @@ type Database interface {
 	NewUser(ctx context.Context, req NewUserRequest) error
 	// RenewUser moves the user's VALID UNTIL.
 	RenewUser(ctx context.Context, req RenewUserRequest) error
+	// RenewUsers is RenewUser for many users in one transaction, with an
+	// error per request (nil on success): a missing user fails only its own
+	// entry; a failure of the transaction fails them all.
+	RenewUsers(ctx context.Context, reqs []RenewUserRequest) []error
 	// DeleteUser blocks the user's logins, ends its sessions, reassigns and
 	// drops what it owns in every database, and drops it. A user that does
 	// not exist is success.

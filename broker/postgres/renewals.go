@@ -1,0 +1,132 @@
+package postgres
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"strings"
+
+	"github.com/credbroker/credbroker/broker"
+)
+
+// RenewUsers moves the VALID UNTIL of many users in one transaction: one
+// round trip checks that every user exists and is the broker's (as
+// RenewUser's requireManaged does, for all at once), and one multi-statement
+// exec alters them all. errs[i] is the result of reqs[i]: a missing user is
+// ErrUserNotFound for its own entry only, a role the broker did not make is
+// refused, and an error of the transaction (the server is down) fails every
+// entry still pending.
+//
+// A user dropped by someone else between the check and the ALTER aborts
+// the transaction; then each user is renewed on its own, which is slow but
+// gives every entry its true result.
+func (e *Engine) RenewUsers(ctx context.Context, reqs []broker.RenewUserRequest) []error {
+	errs := make([]error, len(reqs))
+	if err := e.checkOpen(); err != nil {
+		for i := range errs {
+			errs[i] = err
+		}
+		return errs
+	}
+	var todo []int
+	for i, r := range reqs {
+		switch {
+		case validUsername(r.Username) != nil:
+			errs[i] = invalid("username", validUsername(r.Username))
+		case r.ValidUntil.IsZero():
+			errs[i] = invalid("valid until", errors.New("missing"))
+		default:
+			todo = append(todo, i)
+		}
+	}
+	if len(todo) == 0 {
+		return errs
+	}
+	retryAlone, err := e.renewUsers(ctx, reqs, todo, errs)
+	if err != nil {
+		err = e.fail(ctx, fmt.Errorf("postgres: renewing %d users: %w", len(todo), err))
+		for _, i := range todo {
+			if errs[i] == nil {
+				errs[i] = err
+			}
+		}
+		return errs
+	}
+	for _, i := range retryAlone {
+		errs[i] = e.RenewUser(ctx, reqs[i])
+	}
+	return errs
+}
+
+// renewUsers runs the batch transaction. It fills errs for users it
+// refuses, and returns the indexes to renew one by one when the batch
+// statement failed for a reason that may concern a single user.
+func (e *Engine) renewUsers(ctx context.Context, reqs []broker.RenewUserRequest, todo []int, errs []error) ([]int, error) {
+	names := make([]string, 0, len(todo))
+	for _, i := range todo {
+		names = append(names, reqs[i].Username)
+	}
+	tx, err := e.pool.Begin(ctx)
+	if err != nil {
+		return nil, err
+	}
+	defer func() { _ = tx.Rollback(context.WithoutCancel(ctx)) }()
+
+	rows, err := tx.Query(ctx, `
+		SELECT r.rolname::text,
+		       EXISTS (SELECT 1 FROM pg_auth_members m WHERE m.member = r.oid AND m.roleid = g.oid)
+		   AND NOT EXISTS (SELECT 1 FROM pg_auth_members m WHERE m.member = r.oid AND m.roleid = g.oid AND m.admin_option)
+		   AND NOT (r.rolsuper OR r.rolcreaterole OR r.rolreplication OR r.rolbypassrls)
+		FROM pg_roles r, pg_roles g
+		WHERE r.rolname::text = ANY($1::text[]) AND g.rolname = $2`, names, e.marker)
+	if err != nil {
+		return nil, err
+	}
+	managed := make(map[string]bool, len(names))
+	for rows.Next() {
+		var name string
+		var ok bool
+		if err := rows.Scan(&name, &ok); err != nil {
+			rows.Close()
+			return nil, err
+		}
+		managed[name] = ok
+	}
+	rows.Close()
+	if err := rows.Err(); err != nil {
+		return nil, err
+	}
+
+	var stmt strings.Builder
+	var altered []int
+	for _, i := range todo {
+		name := reqs[i].Username
+		ok, exists := managed[name]
+		switch {
+		case !exists:
+			errs[i] = fmt.Errorf("postgres: renewing user %q: %w", name, ErrUserNotFound)
+		case !ok:
+			errs[i] = fmt.Errorf("postgres: refusing to touch role %q: it is not a plain member of the marker role %q, "+
+				"so credbroker did not create it", name, e.marker)
+		default:
+			// Names are validated and quoted, instants formatted by us:
+			// no bind parameters in ALTER ROLE, so one simple-protocol
+			// exec runs them all.
+			stmt.WriteString("ALTER ROLE " + quoteIdent(name) + " VALID UNTIL " + quoteLiteral(pgTime(reqs[i].ValidUntil)) + ";")
+			altered = append(altered, i)
+		}
+	}
+	if len(altered) == 0 {
+		return nil, nil
+	}
+	if _, err := tx.Exec(ctx, stmt.String()); err != nil {
+		if ctx.Err() != nil || unavailable(err) {
+			return nil, err
+		}
+		return altered, nil
+	}
+	if err := tx.Commit(ctx); err != nil {
+		return nil, err
+	}
+	return nil, nil
+}
