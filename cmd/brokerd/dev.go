@@ -154,7 +154,7 @@ func runDev(ctx context.Context, listenAddr string, stdout, stderr io.Writer, re
 	if err != nil {
 		return fmt.Errorf("dev needs PostgreSQL's server binaries (initdb, postgres) to start a throwaway cluster:\n%w\n"+
 			"Install them with: apt-get install postgresql (Debian, Ubuntu), or set CREDBROKER_PG_BINDIR to a directory holding initdb and postgres.\n"+
-			"`make dev` installs Debian's postgresql package first, then runs brokerd dev.", err)
+			"`make dev` installs Debian's postgresql package first, then runs brokerd dev", err)
 	}
 	fmt.Fprintf(stderr, "brokerd dev: starting a throwaway PostgreSQL cluster (%s)...\n", binDir)
 	s.Cluster, err = pgcluster.Start(ctx, pgcluster.Options{BinDir: binDir})

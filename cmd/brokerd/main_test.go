@@ -433,3 +433,40 @@ func TestDevWithoutPostgres(t *testing.T) {
 		}
 	}
 }
+
+// TestListenUnixSocket: a socket left by a killed brokerd is replaced; one
+// that answers, or a file that is not a socket, is not touched.
+func TestListenUnixSocket(t *testing.T) {
+	dir := shortTempDir(t)
+	sock := filepath.Join(dir, "cb.sock")
+
+	live, err := listen("unix:" + sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := listen("unix:" + sock); err == nil || !strings.Contains(err.Error(), "address already in use") {
+		t.Errorf("second listen on a live socket: %v", err)
+	}
+	// A killed process leaves its socket file behind.
+	live.(*net.UnixListener).SetUnlinkOnClose(false)
+	live.Close()
+	if _, err := os.Stat(sock); err != nil {
+		t.Fatal(err)
+	}
+	again, err := listen("unix:" + sock)
+	if err != nil {
+		t.Fatalf("stale socket not replaced: %v", err)
+	}
+	again.Close()
+
+	file := filepath.Join(dir, "not-a-socket")
+	if err := os.WriteFile(file, []byte("keep me"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := listen("unix:" + file); err == nil || !strings.Contains(err.Error(), "is not a socket") {
+		t.Errorf("listen on a regular file: %v", err)
+	}
+	if b, err := os.ReadFile(file); err != nil || string(b) != "keep me" {
+		t.Errorf("the regular file was touched: %q %v", b, err)
+	}
+}

@@ -44,7 +44,8 @@ func logConfig(log *slog.Logger, cfg *config.Config) {
 	}
 	for _, r := range cfg.Roles {
 		log.Info("role", "name", r.Name, "target", r.Target, "proxy_role", r.ProxyRole,
-			"default_ttl", r.DefaultTTL, "max_ttl", r.MaxTTL)
+			// Strings: the JSON handler would print durations in nanoseconds.
+			"default_ttl", r.DefaultTTL.String(), "max_ttl", r.MaxTTL.String())
 	}
 }
 

@@ -19,9 +19,7 @@ import (
 func ParseListen(addr string) (network, address string, err error) {
 	if rest, ok := strings.CutPrefix(addr, "unix:"); ok {
 		// gRPC spells absolute socket paths unix:///path; accept both.
-		if strings.HasPrefix(rest, "//") {
-			rest = strings.TrimPrefix(rest, "//")
-		}
+		rest = strings.TrimPrefix(rest, "//")
 		if rest == "" {
 			return "", "", fmt.Errorf("listen %s: a unix socket needs a path (unix:/run/credbroker/credbroker.sock)", addr)
 		}
