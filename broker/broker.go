@@ -29,7 +29,9 @@ type Broker struct {
 	queue   *ExpiryQueue
 	leaseMu keyedMutex
 	hub     eventHub
-	limiter *rate.Limiter
+	// renewals batches concurrent renewals per target (renewbatch.go).
+	renewals renewBatcher
+	limiter  *rate.Limiter
 
 	streamsMu sync.Mutex
 	streams   map[string]*streamState
@@ -293,6 +295,11 @@ func (b *Broker) Renew(ctx context.Context, id string, increment time.Duration) 
 	}
 	if increment < 0 {
 		return Lease{}, fmt.Errorf("%w: increment must not be negative", ErrInvalidArgument)
+	}
+	// Renewals arriving together are committed together (renewbatch.go);
+	// what the batch cannot settle plainly comes back here.
+	if l, err := b.renewBatched(ctx, id, increment); !errors.Is(err, errRenewAlone) {
+		return l, err
 	}
 	unlock := b.leaseMu.Lock(id)
 	defer func() { unlock() }()

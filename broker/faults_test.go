@@ -106,6 +106,31 @@ func (s faultStore) UpdateLease(ctx context.Context, l broker.Lease) (broker.Lea
 	})
 	return out, err
 }
+func (s faultStore) UpdateLeases(ctx context.Context, ls []broker.Lease) ([]broker.Lease, []error) {
+	// The same steps as UpdateLease, so a fault aimed at a renewal's write
+	// hits it on the batch path too; a fault fails the whole batch.
+	for _, l := range ls {
+		if err := s.sw.before("UpdateLease:" + l.State.String()); err != nil {
+			return make([]broker.Lease, len(ls)), repeatErr(err, len(ls))
+		}
+	}
+	out, errs := s.LeaseStore.UpdateLeases(ctx, ls)
+	for _, l := range ls {
+		if err := s.sw.after("UpdateLease:" + l.State.String()); err != nil {
+			return out, repeatErr(err, len(ls))
+		}
+	}
+	return out, errs
+}
+
+func repeatErr(err error, n int) []error {
+	errs := make([]error, n)
+	for i := range errs {
+		errs[i] = err
+	}
+	return errs
+}
+
 func (s faultStore) GetLease(ctx context.Context, id string) (broker.Lease, error) {
 	if err := s.sw.before("GetLease"); err != nil {
 		return broker.Lease{}, err
@@ -137,6 +162,16 @@ func (d *faultDB) NewUser(ctx context.Context, req broker.NewUserRequest) error 
 }
 func (d *faultDB) RenewUser(ctx context.Context, req broker.RenewUserRequest) error {
 	return d.run("RenewUser", func() error { return d.Database.RenewUser(ctx, req) })
+}
+func (d *faultDB) RenewUsers(ctx context.Context, reqs []broker.RenewUserRequest) []error {
+	var errs []error
+	if err := d.run("RenewUser", func() error {
+		errs = d.Database.RenewUsers(ctx, reqs)
+		return nil
+	}); err != nil {
+		return repeatErr(err, len(reqs))
+	}
+	return errs
 }
 func (d *faultDB) DeleteUser(ctx context.Context, req broker.DeleteUserRequest) error {
 	return d.run("DeleteUser", func() error {

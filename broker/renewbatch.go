@@ -1,0 +1,263 @@
+package broker
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"sync"
+	"time"
+)
+
+// Renewal batching (group commit). Sidecars renew on many streams at once;
+// one PostgreSQL transaction and one bbolt commit per renewal would make
+// fsyncs and round trips the broker's ceiling. So renewals that arrive
+// together are committed together: per target, one goroutine at a time
+// runs a batch (Database.RenewUsers, then LeaseStore.UpdateLeases, each one
+// transaction with per-lease results), and whatever arrives while it runs
+// forms the next batch. A lone renewal waits for nobody: it is a batch of
+// one. There is no goroutine while nothing is pending.
+//
+// A lease the batch cannot handle plainly (busy under a revocation, named
+// twice in one batch, not active, a compare-and-set lost, an error of its
+// own user) goes back to its caller with errRenewAlone, and the caller
+// renews it on the single-lease path, which owns every corner case.
+
+// maxRenewBatch bounds one batch, so its statement and transaction stay small.
+const maxRenewBatch = 256
+
+// renewBatchTimeout bounds one batch. The batch serves many callers, so it
+// runs on a context of its own rather than any one caller's.
+const renewBatchTimeout = 30 * time.Second
+
+// errRenewAlone tells Renew to take the single-lease path.
+var errRenewAlone = errors.New("renew alone")
+
+type renewBatcher struct {
+	mu      sync.Mutex
+	pending map[string][]*renewCall // by target
+	running map[string]bool         // targets with a batch goroutine
+}
+
+type renewCall struct {
+	ctx  context.Context
+	id   string
+	inc  time.Duration
+	done chan renewResult // buffered: the caller may have gone
+}
+
+type renewResult struct {
+	lease Lease
+	err   error
+}
+
+// renewBatched renews one lease through its target's batch. It returns
+// errRenewAlone when the caller must use the single-lease path instead.
+func (b *Broker) renewBatched(ctx context.Context, id string, inc time.Duration) (Lease, error) {
+	l, err := b.store.GetLease(ctx, id)
+	if err != nil || l.State != StateActive {
+		// Let the single path give the precise answer.
+		return Lease{}, errRenewAlone
+	}
+	call := &renewCall{ctx: ctx, id: id, inc: inc, done: make(chan renewResult, 1)}
+	b.renewals.enqueue(b, l.Target, call)
+	select {
+	case r := <-call.done:
+		return r.lease, r.err
+	case <-ctx.Done():
+		return Lease{}, ctx.Err()
+	}
+}
+
+// pendingRenewals reports how many renewals wait for a batch (for tests).
+func (rb *renewBatcher) pendingRenewals() int {
+	rb.mu.Lock()
+	defer rb.mu.Unlock()
+	n := 0
+	for _, calls := range rb.pending {
+		n += len(calls)
+	}
+	return n
+}
+
+func (rb *renewBatcher) enqueue(b *Broker, target string, c *renewCall) {
+	rb.mu.Lock()
+	defer rb.mu.Unlock()
+	if rb.pending == nil {
+		rb.pending = make(map[string][]*renewCall)
+		rb.running = make(map[string]bool)
+	}
+	rb.pending[target] = append(rb.pending[target], c)
+	if !rb.running[target] {
+		rb.running[target] = true
+		go rb.run(b, target)
+	}
+}
+
+// run commits batches for one target until none is pending.
+func (rb *renewBatcher) run(b *Broker, target string) {
+	for {
+		rb.mu.Lock()
+		calls := rb.pending[target]
+		if len(calls) == 0 {
+			delete(rb.pending, target)
+			delete(rb.running, target)
+			rb.mu.Unlock()
+			return
+		}
+		n := min(len(calls), maxRenewBatch)
+		batch := calls[:n:n]
+		if n == len(calls) {
+			delete(rb.pending, target)
+		} else {
+			rb.pending[target] = calls[n:]
+		}
+		rb.mu.Unlock()
+		b.renewBatch(target, batch)
+	}
+}
+
+// renewItem is one lease of a batch, locked, with its planned expiry.
+type renewItem struct {
+	call      *renewCall
+	unlock    func()
+	lease     Lease
+	newExpire time.Time
+	result    renewResult
+}
+
+// renewBatch renews calls, every one a lease of target, in one PostgreSQL
+// and one store transaction, and answers each call.
+func (b *Broker) renewBatch(target string, calls []*renewCall) {
+	ctx, cancel := context.WithTimeout(context.Background(), renewBatchTimeout)
+	defer cancel()
+	var items []*renewItem
+	defer func() {
+		// Unlock before answering: a call sent back to the single path
+		// needs its lease's lock.
+		for _, it := range items {
+			it.unlock()
+		}
+		for _, it := range items {
+			it.call.done <- it.result
+		}
+	}()
+
+	alone := renewResult{err: errRenewAlone}
+	now := b.clock.Now()
+	for _, c := range calls {
+		if err := c.ctx.Err(); err != nil {
+			c.done <- renewResult{err: err}
+			continue
+		}
+		unlock, ok := b.leaseMu.tryLock(c.id)
+		if !ok {
+			// A revocation holds it, or it is named twice in this batch.
+			c.done <- alone
+			continue
+		}
+		it := &renewItem{call: c, unlock: unlock, result: alone}
+		items = append(items, it)
+		l, err := b.store.GetLease(ctx, c.id)
+		if err != nil || l.State != StateActive || !now.Before(l.ExpireTime) || l.Target != target {
+			continue
+		}
+		inc := c.inc
+		if inc == 0 {
+			inc = b.defaultTTL(l)
+		}
+		it.lease = l
+		it.newExpire = now.Add(inc)
+		if it.newExpire.After(l.MaxExpireTime) {
+			it.newExpire = l.MaxExpireTime
+		}
+		if !it.newExpire.After(l.ExpireTime) {
+			// Nothing to extend: at the cap, or asked for less than it has.
+			b.publishRenewal(l)
+			it.result = renewResult{lease: l.Clone()}
+		}
+	}
+
+	var renew []*renewItem
+	for _, it := range items {
+		if it.result.err == errRenewAlone && it.lease.ID != "" {
+			renew = append(renew, it)
+		}
+	}
+	if len(renew) == 0 {
+		return
+	}
+	db, err := b.db(target)
+	if err != nil {
+		for _, it := range renew {
+			it.result = renewResult{lease: it.lease, err: err}
+		}
+		return
+	}
+
+	// PostgreSQL first, as on the single path: if the store write then
+	// fails, VALID UNTIL is merely later than the lease.
+	reqs := make([]RenewUserRequest, len(renew))
+	for i, it := range renew {
+		reqs[i] = RenewUserRequest{Username: it.lease.Username, ValidUntil: it.newExpire.Add(b.cfg.ValidUntilGrace)}
+	}
+	dbErrs := db.RenewUsers(ctx, reqs)
+	var write []*renewItem
+	for i, it := range renew {
+		switch err := dbErrs[i]; {
+		case err == nil:
+			write = append(write, it)
+		case errors.Is(err, ErrUnavailable):
+			it.result = renewResult{lease: it.lease, err: fmt.Errorf("renew user: %w", err)}
+		default:
+			// An error of this user alone (it was dropped behind the
+			// broker's back, say): the single path decides what it means.
+		}
+	}
+	if len(write) == 0 {
+		return
+	}
+	ls := make([]Lease, len(write))
+	for i, it := range write {
+		ls[i] = it.lease
+		ls[i].ExpireTime = it.newExpire
+	}
+	stored, storeErrs := b.store.UpdateLeases(ctx, ls)
+	for i, it := range write {
+		switch err := storeErrs[i]; {
+		case errors.Is(err, ErrConflict):
+			// Changed since read: the single path reads it again.
+		case err != nil:
+			it.result = renewResult{lease: it.lease, err: fmt.Errorf("store lease: %w", err)}
+		default:
+			b.queue.Set(it.lease.ID, stored[i].ExpireTime)
+			b.publishRenewal(stored[i])
+			it.result = renewResult{lease: stored[i].Clone()}
+		}
+	}
+}
+
+// tryLock is Lock without waiting: ok is false when the key is held or
+// awaited by someone else.
+func (k *keyedMutex) tryLock(key string) (unlock func(), ok bool) {
+	k.mu.Lock()
+	if k.locks == nil {
+		k.locks = make(map[string]*refMutex)
+	}
+	if _, busy := k.locks[key]; busy {
+		k.mu.Unlock()
+		return nil, false
+	}
+	m := &refMutex{refs: 1}
+	m.Lock()
+	k.locks[key] = m
+	k.mu.Unlock()
+	return func() {
+		m.Unlock()
+		k.mu.Lock()
+		m.refs--
+		if m.refs == 0 {
+			delete(k.locks, key)
+		}
+		k.mu.Unlock()
+	}, true
+}
