@@ -37,6 +37,9 @@ type Config struct {
 	// DisconnectGrace is how long a revoke_on_disconnect lease may go
 	// without any KeepAlive stream naming it.
 	DisconnectGrace time.Duration // default 30s
+	// Auditor, when set, is told of every lifecycle event (issue, renew,
+	// revoke, expire, failed revocation, reconcile drop); see audit.go.
+	Auditor Auditor
 }
 
 // IssueRequest asks for a new credential.

@@ -255,6 +255,7 @@ func (b *Broker) Issue(ctx context.Context, req IssueRequest) (Lease, Credential
 		b.armDisconnect(lease.ID, now.Add(b.cfg.DisconnectGrace))
 	}
 	log.Info("lease issued", "expire_time", lease.ExpireTime)
+	b.audit(AuditIssue, lease, "")
 	ep := db.Endpoint()
 	return lease.Clone(), Credential{
 		Username: lease.Username,
@@ -367,6 +368,8 @@ func (b *Broker) Renew(ctx context.Context, id string, increment time.Duration) 
 }
 
 func (b *Broker) publishRenewal(l Lease) {
+	// Every successful renewal, batched or alone, passes here.
+	b.audit(AuditRenew, l, "")
 	t := EventRenewed
 	if !l.ExpireTime.Before(l.MaxExpireTime) {
 		t = EventMaxTTLReached
@@ -448,6 +451,7 @@ func (b *Broker) revoke(ctx context.Context, id string, byExpiry bool) (Lease, b
 			log.Error("could not record revocation failure", "err", err)
 		}
 		b.queue.Set(id, due)
+		b.audit(AuditRevokeFailed, l, dberr.Error())
 		return l, false, fmt.Errorf("revoke user: %w", dberr)
 	}
 	if l.EndTime.IsZero() {
@@ -475,6 +479,11 @@ func (b *Broker) revoke(ctx context.Context, id string, byExpiry bool) (Lease, b
 	}
 	b.hub.publish(Event{Type: ev, Lease: stored.Clone()})
 	log.Info("lease ended", "state", stored.State.String())
+	if stored.State == StateExpired {
+		b.audit(AuditExpire, stored, "")
+	} else {
+		b.audit(AuditRevoke, stored, "")
+	}
 	return stored.Clone(), true, nil
 }
 

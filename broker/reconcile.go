@@ -121,6 +121,7 @@ func (b *Broker) Reconcile(ctx context.Context) (ReconcileResult, error) {
 		}
 		res.IntentsSettled++
 		b.log.Info("reconcile: settled an intent left by a crash", "lease_id", in.LeaseID, "username", in.Username, "target", in.Target)
+		b.audit(AuditReconcileDrop, Lease{ID: in.LeaseID, Target: in.Target, Username: in.Username}, "")
 	}
 
 	// Drop marker-role members nothing knows.
@@ -139,6 +140,7 @@ func (b *Broker) Reconcile(ctx context.Context) (ReconcileResult, error) {
 			}
 			res.UsersDropped++
 			b.log.Warn("reconcile: dropped a managed user that no lease knows", "username", u, "target", target)
+			b.audit(AuditReconcileDrop, Lease{Target: target, Username: u}, "")
 		}
 	}
 	return res, errors.Join(errs...)
