@@ -22,6 +22,7 @@ import (
 	"net/url"
 	"os"
 	"os/signal"
+	"strconv"
 	"strings"
 	"sync"
 	"syscall"
@@ -57,6 +58,11 @@ type Instance struct {
 	Version int
 }
 
+// MajorEnv, when set, is the major version the server must have: `make
+// test` runs the PostgreSQL-facing packages once per version and sets it,
+// so a run meant for PostgreSQL 17 cannot silently test another server.
+const MajorEnv = "CREDBROKER_TEST_PG_MAJOR"
+
 // Main starts the package's PostgreSQL server, runs the tests, and stops
 // the server, also when the test binary gets SIGINT or SIGTERM. Call it as
 // os.Exit(pgtest.Main(m)). It returns the exit code.
@@ -69,6 +75,14 @@ func Main(m *testing.M) int {
 		return 1
 	}
 	current = srv
+	if want := os.Getenv(MajorEnv); want != "" && want != strconv.Itoa(srv.Version) {
+		fmt.Fprintf(os.Stderr, "pgtest: $%s is %s, but the server is PostgreSQL %d\n", MajorEnv, want, srv.Version)
+		if srv.Cluster != nil {
+			_ = srv.Cluster.Stop()
+		}
+		return 1
+	}
+	fmt.Fprintf(os.Stderr, "pgtest: PostgreSQL %d\n", srv.Version)
 	stop := sync.OnceValue(func() error {
 		if srv.Cluster == nil {
 			return nil
