@@ -28,9 +28,9 @@ const (
 // Outcomes of a record.
 const (
 	OutcomeOK       = "ok"
-	OutcomeDenied   = "denied"   // PermissionDenied or Unauthenticated
-	OutcomeQuota    = "quota"    // ResourceExhausted
-	OutcomeInvalid  = "invalid"  // InvalidArgument
+	OutcomeDenied   = "denied"  // PermissionDenied or Unauthenticated
+	OutcomeQuota    = "quota"   // ResourceExhausted
+	OutcomeInvalid  = "invalid" // InvalidArgument
 	OutcomeNotFound = "not_found"
 	OutcomeError    = "error"
 )
