@@ -47,8 +47,8 @@ type Store struct {
 	path   string
 	log    *slog.Logger
 	closed atomic.Bool
-	// writers counts write calls in flight; see write.
-	writers atomic.Int64
+	// commits is the group commit of request writes; see write.
+	commits *committer
 }
 
 // Open opens or creates the store at path. A missing parent directory is
@@ -90,7 +90,7 @@ func Open(path string, opts Options) (*Store, error) {
 		return nil, fmt.Errorf("open lease store %s: %w", path, err)
 	}
 	log.Debug("lease store opened", "schema_version", version)
-	return &Store{db: db, path: path, log: log}, nil
+	return &Store{db: db, path: path, log: log, commits: newCommitter(db)}, nil
 }
 
 // initSchema creates the buckets of a new file and checks the schema version
@@ -129,6 +129,8 @@ func (s *Store) Close() error {
 	if !s.closed.CompareAndSwap(false, true) {
 		return nil
 	}
+	// Writes already queued are committed; later ones get ErrClosed.
+	s.commits.stop()
 	if err := s.db.Close(); err != nil {
 		return fmt.Errorf("close lease store %s: %w", s.path, err)
 	}
@@ -174,31 +176,19 @@ func (s *Store) view(ctx context.Context, fn func(*bolt.Tx) error) error {
 	return mapErr(s.db.View(fn))
 }
 
-// write runs fn in a read-write transaction. A write that overlaps others
-// goes through db.Batch, so concurrent writers share one commit and one
-// fsync. A lone write commits at once with db.Update instead: Batch always
-// waits MaxBatchDelay (10ms) for company, which a single caller would pay
-// for nothing.
+// write runs fn in a read-write transaction shared with the other writes
+// queued meanwhile: group commit, one commit and one fsync for all of them
+// (see committer). A lone write commits at once; nothing waits for company.
 //
-// MaxBatchDelay stays at bbolt's 10ms although a shorter delay benchmarks
-// better on a fast disk: a batch closes to newcomers when its timer fires,
-// not when it commits, so a delay shorter than one fsync lets batches queue
-// behind each other, each paying its own fsync, and on a slow disk the
-// store would fall behind a steady stream of requests.
-//
-// Batch may run fn more than once (it retries a batch after one member
-// fails, and runs the failing member again on its own), so fn must be
+// fn may run more than once (when another member of its group fails, the
+// group is rolled back and run again without it), so fn must be
 // idempotent: no side effects outside tx, and any result it sets must be
 // reset at its start.
 func (s *Store) write(ctx context.Context, fn func(*bolt.Tx) error) error {
 	if err := s.ready(ctx); err != nil {
 		return err
 	}
-	defer s.writers.Add(-1)
-	if s.writers.Add(1) == 1 {
-		return mapErr(s.db.Update(fn))
-	}
-	return mapErr(s.db.Batch(fn))
+	return mapErr(s.commits.do(fn))
 }
 
 // update runs fn alone in a read-write transaction, for maintenance writes
