@@ -23,7 +23,13 @@ import (
 	"github.com/credbroker/credbroker/store"
 )
 
-func TestMain(m *testing.M) { os.Exit(pgtest.Main(m)) }
+func TestMain(m *testing.M) {
+	// The kill -9 test re-executes this binary as a real brokerd process.
+	if os.Getenv(childEnv) == "1" {
+		main()
+	}
+	os.Exit(pgtest.Main(m))
+}
 
 // syncBuffer is written by brokerd's goroutines while the test reads it.
 type syncBuffer struct {
