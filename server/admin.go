@@ -41,6 +41,9 @@ func (s *adminServer) ListLeases(ctx context.Context, req *pb.ListLeasesRequest)
 	if err != nil {
 		return nil, err
 	}
+	if err := validateSelectors(req.GetRole(), req.GetClient()); err != nil {
+		return nil, err
+	}
 	leases, next, err := s.broker.ListLeases(ctx, broker.LeaseFilter{
 		Role:   req.GetRole(),
 		Client: req.GetClient(),
@@ -72,6 +75,9 @@ func (s *adminServer) RevokeLeases(ctx context.Context, req *pb.RevokeLeasesRequ
 			return nil, s.fail(ctx, invalidLeaseID(err))
 		}
 	}
+	if err := validateSelectors(req.GetRole(), req.GetClient()); err != nil {
+		return nil, err
+	}
 	n, err := s.broker.RevokeLeases(ctx, broker.RevokeSelector{
 		IDs:    req.GetLeaseIds(),
 		Role:   req.GetRole(),
@@ -95,4 +101,23 @@ func (s *adminServer) ListRoles(ctx context.Context, _ *pb.ListRolesRequest) (*p
 		out.Roles = append(out.Roles, roleToProto(r, s.endpoints))
 	}
 	return out, nil
+}
+
+// validateSelectors checks the role and client filters of ListLeases and
+// RevokeLeases. A malformed one can match no lease, so answering
+// InvalidArgument instead of an empty result tells a script with a quoting
+// bug about it rather than letting it conclude there is nothing to revoke.
+// Messages do not echo the value.
+func validateSelectors(role, client string) error {
+	if role != "" {
+		if err := broker.ValidateRoleName(role); err != nil {
+			return invalidArgument(err.Error())
+		}
+	}
+	if client != "" {
+		if err := ValidateIdentity(client); err != nil {
+			return invalidArgument("client: " + err.Error())
+		}
+	}
+	return nil
 }

@@ -28,6 +28,11 @@ func (s *credentialServer) IssueCredential(ctx context.Context, req *pb.IssueCre
 	if req.GetRole() == "" {
 		return nil, invalidArgument("role is required")
 	}
+	// A malformed name is the caller's mistake whoever the caller is;
+	// checked first so it answers InvalidArgument, not a denial.
+	if err := broker.ValidateRoleName(req.GetRole()); err != nil {
+		return nil, s.fail(ctx, err)
+	}
 	ttl, err := durationFromProto(req.GetTtl(), "ttl")
 	if err != nil {
 		return nil, err
@@ -35,6 +40,13 @@ func (s *credentialServer) IssueCredential(ctx context.Context, req *pb.IssueCre
 	if err := s.authz.AuthorizeIssue(id, req.GetRole()); err != nil {
 		return nil, s.fail(ctx, err)
 	}
+	// Quotas count only what authorized callers ask for: a refused caller
+	// must not use up a legitimate one's allowance.
+	release, err := s.quota.admit(ctx, s.broker, id.Name, req.GetRole())
+	if err != nil {
+		return nil, s.fail(ctx, err)
+	}
+	defer release()
 	lease, cred, err := s.broker.Issue(ctx, broker.IssueRequest{
 		Role: req.GetRole(),
 		TTL:  ttl,
@@ -113,6 +125,7 @@ func (c *core) authorizedLease(ctx context.Context, leaseID string) (broker.Leas
 	}
 	if err := c.authz.AuthorizeLease(id, l); err != nil {
 		addLogAttrs(ctx, slog.String("error", err.Error()))
+		c.noteDenied(ctx, leaseID)
 		return broker.Lease{}, leaseNotFound(leaseID)
 	}
 	return l, nil

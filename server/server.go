@@ -19,6 +19,14 @@ import (
 const (
 	DefaultSSLMode         = "prefer"
 	DefaultMaxStreamLeases = 1000
+	// DefaultMaxRecvMsgSize bounds one request message. The largest real
+	// request, RevokeLeases naming a thousand lease ids, is about 35 KiB;
+	// gRPC's own default (4 MiB) would let a caller make the broker
+	// decode and validate far more than any call needs.
+	DefaultMaxRecvMsgSize = 256 << 10
+	// DefaultMaxHeaderListSize bounds a call's metadata (headers): a
+	// bearer token and tracing headers fit many times over.
+	DefaultMaxHeaderListSize = 16 << 10
 )
 
 // sslModes are the sslmode values libpq accepts in a connection URI.
@@ -51,6 +59,17 @@ type Config struct {
 	// which bounds the goroutines and memory one client can pin.
 	// Default: 1000.
 	MaxStreamLeases int
+	// Auditor, when set, receives one record per call: identity, peer,
+	// role, lease id, username and outcome (see auth_audit.go).
+	Auditor RequestAuditor
+	// Quotas bound active leases and the issue rate; the zero value
+	// imposes none.
+	Quotas Quotas
+	// MaxRecvMsgSize and MaxHeaderListSize bound a request's message and
+	// metadata in bytes. Defaults: DefaultMaxRecvMsgSize,
+	// DefaultMaxHeaderListSize.
+	MaxRecvMsgSize    int
+	MaxHeaderListSize int
 	// Drainer, when set, lets the owner of the server announce shutdown:
 	// health turns NOT_SERVING and KeepAlive streams end. Without it the
 	// server reports SERVING until it stops.
@@ -141,6 +160,8 @@ func NewGRPCServer(cfg Config, opts ...grpc.ServerOption) *grpc.Server {
 		endpoints:       cfg.Endpoints,
 		sslmode:         cfg.SSLMode,
 		maxStreamLeases: cfg.MaxStreamLeases,
+		auditor:         cfg.Auditor,
+		quota:           newQuotaKeeper(cfg.Quotas),
 	}
 	if c.authn == nil {
 		c.authn = LocalAuthenticator{}
@@ -160,9 +181,21 @@ func NewGRPCServer(cfg Config, opts ...grpc.ServerOption) *grpc.Server {
 	}
 	c.draining = drainer.Draining()
 
+	maxRecv, maxHeader := cfg.MaxRecvMsgSize, cfg.MaxHeaderListSize
+	if maxRecv <= 0 {
+		maxRecv = DefaultMaxRecvMsgSize
+	}
+	if maxHeader <= 0 {
+		maxHeader = DefaultMaxHeaderListSize
+	}
+	// Audit sits inside logging (it reads the attributes the inner layers
+	// add to the call's log line) and outside authentication (refused
+	// callers are recorded too).
 	all := append([]grpc.ServerOption{
-		grpc.ChainUnaryInterceptor(c.unaryLog, c.unaryRecover, c.unaryAuth),
-		grpc.ChainStreamInterceptor(c.streamLog, c.streamRecover, c.streamAuth),
+		grpc.MaxRecvMsgSize(maxRecv),
+		grpc.MaxHeaderListSize(uint32(maxHeader)),
+		grpc.ChainUnaryInterceptor(c.unaryLog, c.unaryAudit, c.unaryRecover, c.unaryAuth),
+		grpc.ChainStreamInterceptor(c.streamLog, c.streamAudit, c.streamRecover, c.streamAuth),
 	}, opts...)
 	gs := grpc.NewServer(all...)
 
@@ -194,4 +227,6 @@ type core struct {
 	sslmode         string
 	maxStreamLeases int
 	draining        <-chan struct{}
+	auditor         RequestAuditor
+	quota           *quotaKeeper
 }
