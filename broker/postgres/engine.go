@@ -181,11 +181,11 @@ func (e *Engine) init(ctx context.Context) error {
 func (e *Engine) ensureMarker(ctx context.Context) error {
 	r, err := e.roleInfo(ctx, e.marker)
 	if errors.Is(err, pgx.ErrNoRows) {
-		_, err := e.pool.Exec(ctx, "CREATE ROLE "+quoteIdent(e.marker)+" NOLOGIN")
-		switch sqlState(err) {
+		_, cerr := e.pool.Exec(ctx, "CREATE ROLE "+quoteIdent(e.marker)+" NOLOGIN")
+		switch sqlState(cerr) {
 		case "":
-			if err != nil {
-				return fmt.Errorf("postgres: creating marker role %q: %w", e.marker, err)
+			if cerr != nil {
+				return fmt.Errorf("postgres: creating marker role %q: %w", e.marker, cerr)
 			}
 			e.log.Info("created the marker role", "marker_role", e.marker)
 			if e.version < 160000 {
@@ -199,7 +199,7 @@ func (e *Engine) ensureMarker(ctx context.Context) error {
 		default:
 			return fmt.Errorf("postgres: marker role %q does not exist and admin role %q cannot create it (%v): "+
 				"run CREATE ROLE %s NOLOGIN; GRANT %[4]s TO %s WITH ADMIN OPTION",
-				e.marker, e.admin, err, quoteIdent(e.marker), quoteIdent(e.admin))
+				e.marker, e.admin, cerr, quoteIdent(e.marker), quoteIdent(e.admin))
 		}
 	}
 	if err != nil {
