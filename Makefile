@@ -53,6 +53,15 @@ generate: tools
 	$(BIN)/buf lint
 	$(BIN)/buf generate
 
+## bench: the benchmark against the PostgreSQL ceiling at default sizes
+## (under 10 minutes; see docs/benchmarks-usage.md), then the store's
+## micro-benchmarks. BENCH_FLAGS passes flags to credbroker-bench.
+BENCH_FLAGS ?=
+bench: postgres
+	$(GO) build -o bin/ ./cmd/brokerd ./cmd/credbroker-bench
+	bin/credbroker-bench --brokerd bin/brokerd $(BENCH_FLAGS)
+	$(GO) test -run '^$$' -bench . ./store/
+
 build:
 	$(GO) build -o bin/ ./cmd/...
 

@@ -3,6 +3,7 @@ package store
 import (
 	"fmt"
 	"path/filepath"
+	"slices"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -118,4 +119,38 @@ func fill(b *testing.B, s *Store, n int) {
 	if err != nil {
 		b.Fatal(err)
 	}
+}
+
+// BenchmarkUpdateLeasesBatch renews 64 leases per call, as the broker's
+// renewal batcher does: one transaction, one fsync for the whole batch.
+func BenchmarkUpdateLeasesBatch(b *testing.B) {
+	const leases, batch = 4096, 64
+	s := openBenchStore(b, Options{})
+	fill(b, s, leases)
+	ctx := b.Context()
+	cur := make([]broker.Lease, leases)
+	for i := range cur {
+		l, err := s.GetLease(ctx, benchID(i))
+		if err != nil {
+			b.Fatal(err)
+		}
+		cur[i] = l
+	}
+	i := 0
+	for b.Loop() {
+		start := (i * batch) % leases
+		ls := slices.Clone(cur[start : start+batch])
+		for j := range ls {
+			ls[j].ExpireTime = ls[j].ExpireTime.Add(time.Minute)
+		}
+		out, errs := s.UpdateLeases(ctx, ls)
+		for j, err := range errs {
+			if err != nil {
+				b.Fatal(err)
+			}
+			cur[start+j] = out[j]
+		}
+		i++
+	}
+	b.ReportMetric(float64(b.Elapsed().Nanoseconds())/float64(b.N)/batch, "ns/lease")
 }

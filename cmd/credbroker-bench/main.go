@@ -1,0 +1,296 @@
+// Command credbroker-bench measures credbroker against the PostgreSQL
+// ceiling. Every scenario runs twice in the same process and the same
+// minute: through the broker (gRPC, store, engine) and as the same SQL sent
+// straight to PostgreSQL through pgx at the same concurrency, the baseline;
+// every figure is printed with its ratio to that baseline, because on a
+// shared machine only ratios measured side by side mean anything.
+//
+// By default it starts a throwaway PostgreSQL cluster (package pgcluster,
+// fsync on) and an in-process broker served over a loopback gRPC listener
+// (real bbolt file with fsync, real gRPC client). --pg-url and --broker
+// point it at existing ones instead. See docs/benchmarks-usage.md.
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"os/signal"
+	"runtime"
+	"slices"
+	"strconv"
+	"strings"
+	"syscall"
+	"text/tabwriter"
+	"time"
+)
+
+func main() {
+	if len(os.Args) > 1 && os.Args[1] == serveChildCmd {
+		os.Exit(serveChild(os.Args[2:]))
+	}
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	code := run(ctx, os.Args[1:], os.Stdout, os.Stderr)
+	stop()
+	os.Exit(code)
+}
+
+var allScenarios = []string{"issue", "renew", "revoke", "expiry", "restore", "churn"}
+
+type options struct {
+	scenarios []string
+	levels    []int
+	phase     time.Duration
+	rounds    int
+
+	renewConc, renewPerWorker int
+	revokeConc, revokeMax     int
+	expiryN                   int
+	poll                      time.Duration
+
+	restoreRecords, restoreActive int
+	brokerd                       string
+
+	churnRate  float64
+	churnTTL   time.Duration
+	churnHours time.Duration
+	retention  time.Duration
+
+	maxConns         int
+	brokerRevokeConc int
+	brokerRevokeRate float64
+
+	pgURL, pgPasswordFile string
+	brokerAddr            string
+	role, proxyRole       string
+	markerRole            string
+	pgDurable             bool
+
+	profileDir string
+	verbose    bool
+}
+
+func (o *options) maxLevel() int { return slices.Max(o.levels) }
+
+func (o *options) has(s string) bool { return slices.Contains(o.scenarios, s) }
+
+func parseFlags(args []string, stderr io.Writer) (*options, error) {
+	o := &options{}
+	fs := flag.NewFlagSet("credbroker-bench", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	scen := fs.String("scenarios", strings.Join(allScenarios, ","), "scenarios to run, comma-separated: "+strings.Join(allScenarios, ","))
+	levels := fs.String("levels", "1,4,16,64", "issue: client concurrency levels")
+	fs.DurationVar(&o.phase, "phase", 1500*time.Millisecond, "length of one timed phase (issue, renew)")
+	fs.IntVar(&o.rounds, "rounds", 3, "phases per side, alternating broker and baseline")
+	fs.IntVar(&o.renewConc, "renew-concurrency", 16, "renew: concurrent clients (and streams)")
+	fs.IntVar(&o.renewPerWorker, "renew-leases", 4, "renew: leases per client")
+	fs.IntVar(&o.revokeConc, "revoke-concurrency", 16, "revoke: concurrent clients")
+	fs.IntVar(&o.revokeMax, "revoke-max", 4000, "revoke: at most this many revocations per side")
+	fs.IntVar(&o.expiryN, "expiry-n", 10_000, "expiry: leases expiring at the same instant")
+	fs.DurationVar(&o.poll, "poll", 20*time.Millisecond, "expiry: how often pg_roles is polled for dropped users")
+	fs.IntVar(&o.restoreRecords, "restore-records", 1_000_000, "restore: lease records in the synthetic store")
+	fs.IntVar(&o.restoreActive, "restore-active", 100_000, "restore: how many of them are active (the rest are tombstones)")
+	fs.StringVar(&o.brokerd, "brokerd", "", "restore: brokerd binary to exec (default: this binary's copy of brokerd's start path)")
+	fs.Float64Var(&o.churnRate, "churn-rate", 2000, "churn: leases issued per simulated hour")
+	fs.DurationVar(&o.churnTTL, "churn-ttl", 15*time.Minute, "churn: lease TTL")
+	fs.DurationVar(&o.churnHours, "churn-duration", 24*time.Hour, "churn: simulated time measured at steady state")
+	fs.DurationVar(&o.retention, "retention", 24*time.Hour, "churn: tombstone retention (store.tombstone_retention)")
+	fs.IntVar(&o.maxConns, "max-conns", 0, "in-process broker: targets[].max_conns (0: brokerd's default)")
+	fs.IntVar(&o.brokerRevokeConc, "broker-revoke-concurrency", 0, "in-process broker: expiry.revoke_concurrency (0: brokerd's default)")
+	fs.Float64Var(&o.brokerRevokeRate, "broker-revoke-rate", 0, "in-process broker: expiry.revoke_rate per second (0: brokerd's default)")
+	fs.StringVar(&o.pgURL, "pg-url", "", "admin URL of an existing PostgreSQL target, without password (default: start a throwaway cluster)")
+	fs.StringVar(&o.pgPasswordFile, "pg-password-file", "", "file holding the admin password for --pg-url (default: $PGPASSWORD)")
+	fs.StringVar(&o.brokerAddr, "broker", "", "gRPC address of a running broker serving --pg-url's target (default: an in-process broker)")
+	fs.StringVar(&o.role, "role", benchRole, "with --broker: the broker role to issue")
+	fs.StringVar(&o.proxyRole, "proxy-role", benchProxy, "with --pg-url: that role's proxy role")
+	fs.StringVar(&o.markerRole, "marker-role", "credbroker_managed", "with --pg-url: the target's marker role")
+	fs.BoolVar(&o.pgDurable, "pg-durable", true, "own cluster: fsync and synchronous_commit on, as in production")
+	fs.StringVar(&o.profileDir, "profile-dir", "", "write CPU profiles of the in-process broker (issue at 16 clients, expiry burst) here")
+	fs.BoolVar(&o.verbose, "v", false, "log the broker's warnings to stderr")
+	if err := fs.Parse(args); err != nil {
+		return nil, err
+	}
+	if fs.NArg() > 0 {
+		return nil, fmt.Errorf("unexpected argument %q", fs.Arg(0))
+	}
+	for _, s := range strings.Split(*scen, ",") {
+		s = strings.TrimSpace(s)
+		if s == "" {
+			continue
+		}
+		if !slices.Contains(allScenarios, s) {
+			return nil, fmt.Errorf("--scenarios: unknown scenario %q (want %s)", s, strings.Join(allScenarios, ","))
+		}
+		o.scenarios = append(o.scenarios, s)
+	}
+	for _, s := range strings.Split(*levels, ",") {
+		n, err := strconv.Atoi(strings.TrimSpace(s))
+		if err != nil || n < 1 {
+			return nil, fmt.Errorf("--levels: %q is not a positive number", s)
+		}
+		o.levels = append(o.levels, n)
+	}
+	switch {
+	case o.rounds < 1, o.renewConc < 1, o.renewPerWorker < 1, o.revokeConc < 1, o.expiryN < 1:
+		return nil, errors.New("--rounds, --renew-*, --revoke-concurrency and --expiry-n must be positive")
+	case o.restoreActive > o.restoreRecords:
+		return nil, errors.New("--restore-active must not exceed --restore-records")
+	case o.brokerAddr != "" && o.pgURL == "":
+		return nil, errors.New("--broker needs --pg-url: the baseline runs against the broker's target")
+	case o.churnRate < 60:
+		return nil, errors.New("--churn-rate must be at least 60 per hour")
+	}
+	return o, nil
+}
+
+func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
+	o, err := parseFlags(args, stderr)
+	if errors.Is(err, flag.ErrHelp) {
+		return 0
+	}
+	if err != nil {
+		fmt.Fprintf(stderr, "credbroker-bench: %v\n", err)
+		return 2
+	}
+	level := slog.LevelError
+	if o.verbose {
+		level = slog.LevelWarn
+	}
+	log := slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: level}))
+	progress := func(format string, args ...any) {
+		fmt.Fprintf(stderr, "%s  "+format+"\n", append([]any{time.Now().Format("15:04:05")}, args...)...)
+	}
+
+	start := time.Now()
+	progress("setting up")
+	e, err := setup(ctx, o, log)
+	if err != nil {
+		fmt.Fprintf(stderr, "credbroker-bench: setup: %v\n", err)
+		return 1
+	}
+	defer e.close()
+	rep := &report{}
+	failed := false
+	fail := func(what string, err error) {
+		failed = true
+		fmt.Fprintf(stderr, "credbroker-bench: %s: %v\n", what, err)
+		rep.note("%s failed: %v", what, err)
+	}
+
+	var leases, users []string
+	var issue16 float64
+	if o.has("issue") {
+		progress("issue: levels %v, %d rounds of %s per side", o.levels, o.rounds, o.phase)
+		leases, users, issue16 = e.runIssue(ctx, rep)
+	}
+	if o.has("revoke") {
+		progress("revoke: %d clients", o.revokeConc)
+		e.runRevoke(ctx, rep, leases, users)
+	} else if len(leases) > 0 {
+		e.cleanup(ctx, rep, leases, users)
+	}
+	if o.has("renew") {
+		progress("renew: %d clients", o.renewConc)
+		if err := e.runRenew(ctx, rep); err != nil {
+			fail("renew", err)
+		}
+	}
+	if o.has("expiry") {
+		progress("expiry burst: %d leases", o.expiryN)
+		if err := e.runExpiry(ctx, rep, issue16); err != nil {
+			fail("expiry", err)
+		}
+	}
+	if o.has("restore") {
+		progress("restore: %d records", o.restoreRecords)
+		if err := e.runRestore(ctx, rep); err != nil {
+			fail("restore", err)
+		}
+	}
+	if o.has("churn") {
+		progress("churn: %s simulated", o.retention+o.churnHours)
+		if err := e.runChurn(ctx, rep); err != nil {
+			fail("churn", err)
+		}
+	}
+	if ctx.Err() != nil {
+		fmt.Fprintln(stderr, "credbroker-bench: interrupted")
+		return 1
+	}
+
+	fmt.Fprintf(stdout, "credbroker-bench: %d CPUs, %s, PostgreSQL %s (%s), GOMAXPROCS %d, load average %s, %s\n",
+		runtime.NumCPU(), memTotal(), e.pgVersion, e.describeTarget(), runtime.GOMAXPROCS(0), loadAvg(), time.Now().UTC().Format(time.RFC3339))
+	fmt.Fprintf(stdout, "broker: %s\n\n", e.describeBroker())
+	printTable(stdout, rep.rows)
+	if len(rep.notes) > 0 {
+		fmt.Fprintln(stdout)
+		for _, n := range rep.notes {
+			fmt.Fprintf(stdout, "- %s\n", n)
+		}
+	}
+	fmt.Fprintf(stdout, "\ntotal run time %s\n", fmtDur(time.Since(start)))
+	if failed {
+		return 1
+	}
+	return 0
+}
+
+func (e *env) describeTarget() string {
+	if e.cluster != nil {
+		d := "own throwaway cluster, fsync on"
+		if !e.opts.pgDurable {
+			d = "own throwaway cluster, fsync off"
+		}
+		return d
+	}
+	return "--pg-url"
+}
+
+func (e *env) describeBroker() string {
+	if e.broker == nil {
+		return "external, " + e.opts.brokerAddr
+	}
+	return fmt.Sprintf("in-process over loopback gRPC, bbolt with fsync, max_conns %d, revoke_concurrency %d, revoke_rate %.0f/s",
+		e.maxConns(), e.revokeConcurrency(), e.revokeRate())
+}
+
+// printTable writes the rows as a Markdown table, aligned for a terminal.
+func printTable(w io.Writer, rows []row) {
+	tw := tabwriter.NewWriter(w, 0, 0, 1, ' ', 0)
+	fmt.Fprintln(tw, "| scenario\t| figure\t| broker\t| baseline (pgx)\t| ratio\t| target\t| met\t|")
+	fmt.Fprintln(tw, "|---\t|---\t|---\t|---\t|---\t|---\t|---\t|")
+	for _, r := range rows {
+		fmt.Fprintf(tw, "| %s\t| %s\t| %s\t| %s\t| %s\t| %s\t| %s\t|\n", r.scenario, r.figure, r.broker, r.baseline, r.ratio, r.target, r.met)
+	}
+	_ = tw.Flush()
+}
+
+func memTotal() string {
+	raw, err := os.ReadFile("/proc/meminfo")
+	if err != nil {
+		return "memory unknown"
+	}
+	for _, line := range strings.Split(string(raw), "\n") {
+		if f := strings.Fields(line); len(f) >= 2 && f[0] == "MemTotal:" {
+			kb, _ := strconv.ParseInt(f[1], 10, 64)
+			return fmt.Sprintf("%.1f GiB RAM", float64(kb)/(1<<20))
+		}
+	}
+	return "memory unknown"
+}
+
+func loadAvg() string {
+	raw, err := os.ReadFile("/proc/loadavg")
+	if err != nil {
+		return "unknown"
+	}
+	f := strings.Fields(string(raw))
+	if len(f) < 3 {
+		return "unknown"
+	}
+	return strings.Join(f[:3], " ")
+}

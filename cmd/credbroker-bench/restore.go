@@ -1,0 +1,301 @@
+package main
+
+import (
+	"bufio"
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"os/exec"
+	"os/signal"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/backoff"
+	"google.golang.org/grpc/credentials/insecure"
+	healthpb "google.golang.org/grpc/health/grpc_health_v1"
+
+	"github.com/credbroker/credbroker/broker"
+	"github.com/credbroker/credbroker/server"
+	"github.com/credbroker/credbroker/server/config"
+	"github.com/credbroker/credbroker/store"
+)
+
+// serveChildCmd is the hidden subcommand the restore scenario execs when no
+// --brokerd binary is given: brokerd's start path (config.Load, Validate,
+// Build, Broker.Start, gRPC Serve) in a fresh process, so that its start
+// time and resident memory are its own.
+const serveChildCmd = "__serve"
+
+func serveChild(args []string) int {
+	if len(args) != 2 || args[0] != "--config" {
+		fmt.Fprintln(os.Stderr, "usage: credbroker-bench __serve --config FILE")
+		return 2
+	}
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	if err := serveConfig(ctx, args[1]); err != nil {
+		fmt.Fprintf(os.Stderr, "serve: %v\n", err)
+		return 1
+	}
+	return 0
+}
+
+func serveConfig(ctx context.Context, path string) error {
+	f, err := config.Load(path)
+	if err != nil {
+		return err
+	}
+	cfg, err := f.Validate()
+	if err != nil {
+		return err
+	}
+	log := cfg.Log.NewLogger(os.Stderr)
+	lis, err := net.Listen("tcp", cfg.Listen)
+	if err != nil {
+		return err
+	}
+	defer lis.Close()
+	rt, err := config.Build(ctx, cfg, log)
+	if err != nil {
+		return err
+	}
+	defer rt.Close()
+	if err := rt.Broker.Start(ctx); err != nil {
+		return err
+	}
+	gs := server.NewGRPCServer(server.Config{Broker: rt.Broker, Authenticator: server.LocalAuthenticator{}, Logger: log, Endpoints: rt.Endpoints})
+	go func() { <-ctx.Done(); gs.Stop() }()
+	return gs.Serve(lis)
+}
+
+// writeSyntheticStore writes records leases through package store: active
+// ones expiring over the next day (so none is due at start-up), the rest
+// tombstones that ended within the retention (so none is purged).
+func writeSyntheticStore(ctx context.Context, path string, records, active int, role, proxy string) error {
+	s, err := store.Open(path, store.Options{NoSync: true})
+	if err != nil {
+		return err
+	}
+	defer s.Close()
+	now := time.Now()
+	const batch = 50_000
+	ls := make([]broker.Lease, 0, batch)
+	for i := range records {
+		issue := now.Add(-time.Duration(i%86_000) * time.Second)
+		l := broker.Lease{
+			ID:            fmt.Sprintf("syn%013d%s", i, randHex(4)),
+			Role:          role,
+			Client:        "svc-" + strconv.Itoa(i%50),
+			Target:        "main",
+			Username:      "cb_" + role + "_" + randHex(8),
+			ProxyRole:     proxy,
+			IssueTime:     issue,
+			ExpireTime:    issue.Add(time.Hour),
+			MaxExpireTime: issue.Add(24 * time.Hour),
+			State:         broker.StateExpired,
+			EndTime:       issue.Add(time.Hour),
+		}
+		if i < active {
+			l.State = broker.StateActive
+			l.EndTime = time.Time{}
+			l.ExpireTime = now.Add(time.Hour + time.Duration(i%82_800)*time.Second)
+		}
+		ls = append(ls, l)
+		if len(ls) == batch || i == records-1 {
+			if err := s.ImportLeases(ctx, ls); err != nil {
+				return err
+			}
+			ls = ls[:0]
+		}
+	}
+	return nil
+}
+
+// startMeasurement is one start of a server process.
+type startMeasurement struct {
+	toServing time.Duration
+	rssKB     int64 // VmRSS once serving, and a second later: the larger
+	hwmKB     int64 // VmHWM: the peak while starting
+}
+
+// measureStart execs the server on a store and times it from exec to the
+// first answered gRPC health check.
+func (e *env) measureStart(ctx context.Context, dir, storePath string) (startMeasurement, error) {
+	var m startMeasurement
+	port, err := freePort()
+	if err != nil {
+		return m, err
+	}
+	pwFile := filepath.Join(dir, "admin.password")
+	if err := os.WriteFile(pwFile, []byte(e.adminPassword+"\n"), 0o600); err != nil {
+		return m, err
+	}
+	cfgFile := filepath.Join(dir, "brokerd.yaml")
+	yaml := fmt.Sprintf(`listen: 127.0.0.1:%d
+store:
+  path: %s
+targets:
+  - name: main
+    url: %s
+    password_file: %s
+    marker_role: %s
+roles:
+  - name: %s
+    target: main
+    proxy_role: %s
+    default_ttl: 1h
+    max_ttl: 24h
+log:
+  level: warn
+`, port, storePath, e.adminURL, pwFile, e.markerRole, e.role, e.proxyRole)
+	if err := os.WriteFile(cfgFile, []byte(yaml), 0o600); err != nil {
+		return m, err
+	}
+	var cmd *exec.Cmd
+	if e.opts.brokerd != "" {
+		cmd = exec.CommandContext(ctx, e.opts.brokerd, "--config", cfgFile)
+	} else {
+		self, err := os.Executable()
+		if err != nil {
+			return m, err
+		}
+		cmd = exec.CommandContext(ctx, self, serveChildCmd, "--config", cfgFile)
+	}
+	var stderr strings.Builder
+	cmd.Stderr = &stderr
+	// gRPC's default reconnect backoff starts at 1s, which would round
+	// every start up to a second: retry the connection every few ms.
+	conn, err := grpc.NewClient(fmt.Sprintf("127.0.0.1:%d", port), grpc.WithTransportCredentials(insecure.NewCredentials()),
+		grpc.WithConnectParams(grpc.ConnectParams{Backoff: backoff.Config{BaseDelay: 2 * time.Millisecond, Multiplier: 1, MaxDelay: 2 * time.Millisecond}}))
+	if err != nil {
+		return m, err
+	}
+	defer conn.Close()
+	health := healthpb.NewHealthClient(conn)
+
+	start := time.Now()
+	if err := cmd.Start(); err != nil {
+		return m, err
+	}
+	exited := make(chan error, 1)
+	go func() { exited <- cmd.Wait() }()
+	defer func() {
+		_ = cmd.Process.Signal(syscall.SIGTERM)
+		select {
+		case <-exited:
+		case <-time.After(20 * time.Second):
+			_ = cmd.Process.Kill()
+			<-exited
+		}
+	}()
+	for {
+		cctx, cancel := context.WithTimeout(ctx, 200*time.Millisecond)
+		resp, err := health.Check(cctx, &healthpb.HealthCheckRequest{})
+		cancel()
+		if err == nil && resp.GetStatus() == healthpb.HealthCheckResponse_SERVING {
+			m.toServing = time.Since(start)
+			break
+		}
+		select {
+		case err := <-exited:
+			exited <- err
+			return m, fmt.Errorf("server exited before serving (%v): %s", err, strings.TrimSpace(stderr.String()))
+		case <-ctx.Done():
+			return m, ctx.Err()
+		case <-time.After(2 * time.Millisecond):
+		}
+		if time.Since(start) > 5*time.Minute {
+			return m, errors.New("server not serving after 5 minutes")
+		}
+	}
+	pid := cmd.Process.Pid
+	m.rssKB, m.hwmKB, err = procMemory(pid)
+	if err != nil {
+		return m, err
+	}
+	// Background work right after start (the first reconciliation, the
+	// garbage collector) may still move RSS: read it again a second later.
+	time.Sleep(time.Second)
+	if rss, hwm, err := procMemory(pid); err == nil {
+		m.rssKB, m.hwmKB = max(m.rssKB, rss), max(m.hwmKB, hwm)
+	}
+	return m, nil
+}
+
+// procMemory reads VmRSS and VmHWM (kB) from /proc/PID/status.
+func procMemory(pid int) (rss, hwm int64, err error) {
+	f, err := os.Open(fmt.Sprintf("/proc/%d/status", pid))
+	if err != nil {
+		return 0, 0, err
+	}
+	defer f.Close()
+	sc := bufio.NewScanner(f)
+	for sc.Scan() {
+		fields := strings.Fields(sc.Text())
+		if len(fields) < 2 {
+			continue
+		}
+		v, _ := strconv.ParseInt(fields[1], 10, 64)
+		switch fields[0] {
+		case "VmRSS:":
+			rss = v
+		case "VmHWM:":
+			hwm = v
+		}
+	}
+	return rss, hwm, sc.Err()
+}
+
+func freePort() (int, error) {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return 0, err
+	}
+	defer l.Close()
+	return l.Addr().(*net.TCPAddr).Port, nil
+}
+
+// runRestore measures a start on a store of --restore-records leases
+// (--restore-active live), against the same start on an empty store.
+func (e *env) runRestore(ctx context.Context, rep *report) error {
+	dir := filepath.Join(e.tmp, "restore")
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return err
+	}
+	full := filepath.Join(dir, "full.db")
+	t := time.Now()
+	if err := writeSyntheticStore(ctx, full, e.opts.restoreRecords, e.opts.restoreActive, e.role, e.proxyRole); err != nil {
+		return fmt.Errorf("restore: writing the synthetic store: %w", err)
+	}
+	fi, err := os.Stat(full)
+	if err != nil {
+		return err
+	}
+	rep.note("restore: synthetic store of %d records (%d active) written in %s, %d MB",
+		e.opts.restoreRecords, e.opts.restoreActive, fmtDur(time.Since(t)), fi.Size()>>20)
+	empty, err := e.measureStart(ctx, dir, filepath.Join(dir, "empty.db"))
+	if err != nil {
+		return fmt.Errorf("restore: empty store: %w", err)
+	}
+	m, err := e.measureStart(ctx, dir, full)
+	if err != nil {
+		return fmt.Errorf("restore: %w", err)
+	}
+	how := "self-exec of brokerd's start path"
+	if e.opts.brokerd != "" {
+		how = filepath.Base(e.opts.brokerd)
+	}
+	sc := fmt.Sprintf("restore %d records (%d active), %s", e.opts.restoreRecords, e.opts.restoreActive, how)
+	rep.add(row{scenario: sc, figure: "exec → serving", broker: fmtDur(m.toServing), baseline: fmtDur(empty.toServing) + " (empty store)",
+		ratio: ratio(float64(m.toServing), float64(empty.toServing)), target: "≤ 2s", met: verdict(m.toServing <= 2*time.Second)})
+	rep.add(row{scenario: sc, figure: "RSS after start (peak)", broker: fmt.Sprintf("%d MB (%d MB)", m.rssKB>>10, m.hwmKB>>10),
+		baseline: fmt.Sprintf("%d MB (empty store)", empty.rssKB>>10), ratio: ratio(float64(m.rssKB), float64(empty.rssKB)),
+		target: "≤ 300 MB", met: verdict(m.rssKB <= 300<<10)})
+	return nil
+}
