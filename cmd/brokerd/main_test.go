@@ -227,7 +227,7 @@ func TestServeAndShutdown(t *testing.T) {
 func TestRefusesNonLoopbackPlaintext(t *testing.T) {
 	c := writeConfig(t, "0.0.0.0:7450", "")
 	_, stderr, code := brokerd(t, "--config", c.path)
-	want := "listen 0.0.0.0:7450: plaintext gRPC is only allowed on loopback or a unix socket; configure tls (a later release) or listen on 127.0.0.1"
+	want := "listen 0.0.0.0:7450: plaintext gRPC is only allowed on loopback or a unix socket; configure tls (cert_file, key_file) or listen on 127.0.0.1"
 	if code != 1 || !strings.Contains(stderr, want) {
 		t.Errorf("exit %d, stderr:\n%s", code, stderr)
 	}

@@ -54,6 +54,9 @@ type Config struct {
 	Log             Log
 	// DSNSSLMode is the sslmode written into the DSNs handed to clients.
 	DSNSSLMode string
+	// Security is authentication, authorization, quotas and audit (see
+	// security.go).
+	Security Security
 
 	// Warnings are problems that do not stop brokerd (a world-readable
 	// password file, a target no role uses, two roles sharing a proxy

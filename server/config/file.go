@@ -39,6 +39,16 @@ type File struct {
 	Log LogFile `yaml:"log"`
 	// DSNSSLMode is the sslmode written into the DSNs handed to clients.
 	DSNSSLMode string `yaml:"dsn_sslmode"`
+	// TLS serves gRPC over TLS (and, with client_ca_file, mutual TLS).
+	TLS *TLSFile `yaml:"tls"`
+	// Tokens are the bearer tokens accepted, as SHA-256 hashes.
+	Tokens []TokenFile `yaml:"tokens"`
+	// Admins are the identities allowed to call AdminService.
+	Admins []string `yaml:"admins"`
+	// Quotas bound active leases and the issue rate per identity.
+	Quotas QuotasFile `yaml:"quotas"`
+	// Audit configures the tamper-evident audit log.
+	Audit AuditFile `yaml:"audit"`
 
 	// dir is the directory of the file, against which relative paths are
 	// resolved (so a unit file's working directory does not matter).
@@ -70,6 +80,38 @@ type RoleFile struct {
 	ProxyRole  string `yaml:"proxy_role"`
 	DefaultTTL string `yaml:"default_ttl"`
 	MaxTTL     string `yaml:"max_ttl"`
+	// Allowed are the identities (or path.Match globs) that may issue
+	// this role.
+	Allowed []string `yaml:"allowed"`
+	// MaxActiveLeases caps the role's active leases.
+	MaxActiveLeases *int `yaml:"max_active_leases"`
+}
+
+// TLSFile is the tls section.
+type TLSFile struct {
+	CertFile     string `yaml:"cert_file"`
+	KeyFile      string `yaml:"key_file"`
+	ClientCAFile string `yaml:"client_ca_file"`
+}
+
+// TokenFile is one entry of tokens: never the token itself, its hash.
+type TokenFile struct {
+	Identity string `yaml:"identity"`
+	SHA256   string `yaml:"sha256"`
+}
+
+// QuotasFile is the quotas section.
+type QuotasFile struct {
+	MaxActivePerIdentity *int `yaml:"max_active_per_identity"`
+	// IssueRatePerIdentity is "N/s", "N/m" or "N/h".
+	IssueRatePerIdentity string `yaml:"issue_rate_per_identity"`
+	IssueBurst           *int   `yaml:"issue_burst"`
+}
+
+// AuditFile is the audit section.
+type AuditFile struct {
+	Path        string `yaml:"path"`
+	HMACKeyFile string `yaml:"hmac_key_file"`
 }
 
 // ExpiryFile is the expiry section.

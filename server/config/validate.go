@@ -55,7 +55,7 @@ func (f *File) Validate() (*Config, error) {
 	if c.Listen == "" {
 		c.Listen = DefaultListen
 	}
-	if _, _, err := ParseListen(c.Listen); err != nil {
+	if _, _, err := ParseListenTLS(c.Listen, f.TLS != nil); err != nil {
 		v.errs = append(v.errs, err)
 	}
 
@@ -88,6 +88,8 @@ func (f *File) Validate() (*Config, error) {
 	if !slices.Contains(sslModes, c.DSNSSLMode) {
 		v.errorf("dsn_sslmode", "%q is not an sslmode; use one of %s", c.DSNSSLMode, strings.Join(sslModes, ", "))
 	}
+
+	c.Security = v.security(f, c.Roles)
 
 	c.Warnings = v.warnings
 	if len(v.errs) > 0 {
