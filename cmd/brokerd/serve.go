@@ -14,6 +14,7 @@ import (
 
 	"github.com/spf13/cobra"
 
+	"github.com/credbroker/credbroker/audit"
 	"github.com/credbroker/credbroker/server"
 	"github.com/credbroker/credbroker/server/config"
 )
@@ -59,7 +60,7 @@ func runServer(ctx context.Context, configPath string, stderr io.Writer) error {
 
 	// Bind before connecting to the databases: a port that is taken is
 	// the cheaper failure to find out about.
-	lis, err := listen(cfg.Listen)
+	lis, err := listenTLS(cfg.Listen, cfg.Security.TLS != nil)
 	if err != nil {
 		return err
 	}
@@ -80,8 +81,12 @@ func runServer(ctx context.Context, configPath string, stderr io.Writer) error {
 // listen binds the configured address. A unix socket left behind by a
 // killed brokerd is removed, but only if nothing answers on it; the new
 // socket is made 0600, since whoever can connect is trusted as admin.
-func listen(addr string) (net.Listener, error) {
-	network, address, err := config.ParseListen(addr)
+func listen(addr string) (net.Listener, error) { return listenTLS(addr, false) }
+
+// listenTLS is listen for a server that may serve TLS, which may then
+// bind any address (see config.ParseListenTLS).
+func listenTLS(addr string, tls bool) (net.Listener, error) {
+	network, address, err := config.ParseListenTLS(addr, tls)
 	if err != nil {
 		return nil, err
 	}
@@ -131,18 +136,30 @@ func removeStaleSocket(path string) error {
 // once the server accepts calls. The caller closes rt afterwards, which
 // stops the broker's loops before the engines and store close.
 func serve(ctx context.Context, rt *config.Runtime, lis net.Listener, log *slog.Logger, ready func()) error {
+	// TLS files that do not load are found before the broker starts work.
+	sec, err := rt.GRPCSecurity(log)
+	if err != nil {
+		return err
+	}
 	if err := rt.Broker.Start(ctx); err != nil {
 		return err
 	}
 	drainer := server.NewDrainer()
 	gs := server.NewGRPCServer(server.Config{
 		Broker:        rt.Broker,
-		Authenticator: server.LocalAuthenticator{},
+		Authenticator: sec.Authenticator,
+		Authorizer:    sec.Authorizer,
+		Quotas:        sec.Quotas,
+		Auditor:       sec.Auditor,
 		Logger:        log,
 		Endpoints:     rt.Endpoints,
 		SSLMode:       rt.Config.DSNSSLMode,
 		Drainer:       drainer,
-	})
+	}, sec.ServerOptions...)
+	if rt.Audit != nil {
+		rt.Audit.Record(audit.Record{Event: audit.EventStart, Outcome: audit.OutcomeOK,
+			Message: fmt.Sprintf("serving on %s (tls: %t, authentication: %t)", lis.Addr(), sec.Certs != nil, rt.Config.Security.Enabled())})
+	}
 	errc := make(chan error, 1)
 	go func() { errc <- gs.Serve(lis) }()
 	log.Info("serving", "listen", lis.Addr().String())

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"log/slog"
 
+	"github.com/credbroker/credbroker/audit"
 	"github.com/credbroker/credbroker/broker"
 	"github.com/credbroker/credbroker/broker/postgres"
 	"github.com/credbroker/credbroker/store"
@@ -22,6 +23,9 @@ type Runtime struct {
 	Databases map[string]broker.Database
 	// Endpoints maps target names to where issued users connect.
 	Endpoints map[string]broker.Endpoint
+	// Audit is the audit log (nil when audit.path is not set). The broker
+	// writes lifecycle events to it; the gRPC server, its requests.
+	Audit *audit.Log
 }
 
 // Build opens the store, connects to every target, checks every role's
@@ -58,7 +62,22 @@ func Build(ctx context.Context, cfg *Config, logger *slog.Logger) (*Runtime, err
 		return nil, err
 	}
 
+	var auditor broker.Auditor
+	if cfg.Security.Audit.Path != "" {
+		// Opened before the broker exists, so that what start-up
+		// reconciliation drops is on the record too.
+		rt.Audit, err = audit.Open(cfg.Security.Audit.Path, audit.Options{
+			HMACKey: secretBytes(cfg.Security.Audit.HMACKey),
+			Logger:  logger,
+		})
+		if err != nil {
+			return nil, fmt.Errorf("audit.path: %w", err)
+		}
+		auditor = rt.Audit
+	}
+
 	rt.Broker, err = broker.New(broker.Config{
+		Auditor:             auditor,
 		Store:               rt.Store,
 		Databases:           rt.Databases,
 		Roles:               cfg.Roles,
@@ -101,6 +120,12 @@ func (rt *Runtime) Close() error {
 			errs = append(errs, fmt.Errorf("close store: %w", err))
 		}
 		rt.Store = nil
+	}
+	if rt.Audit != nil {
+		if err := rt.Audit.Close(); err != nil {
+			errs = append(errs, fmt.Errorf("close audit log: %w", err))
+		}
+		rt.Audit = nil
 	}
 	return errors.Join(errs...)
 }

@@ -2,12 +2,17 @@ package config
 
 import (
 	"fmt"
+	"log/slog"
 	"math"
 	"os"
 	"regexp"
 	"strconv"
 	"strings"
 
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials"
+
+	"github.com/credbroker/credbroker/audit"
 	"github.com/credbroker/credbroker/broker"
 	"github.com/credbroker/credbroker/server"
 )
@@ -226,4 +231,77 @@ func (v *validator) privateFile(p, path string) {
 	case perm&0o004 != 0:
 		v.warnf(p, "%s is world-readable (mode %04o); run chmod 600 %s", path, perm, path)
 	}
+}
+
+func secretBytes(s Secret) []byte {
+	if s == "" {
+		return nil
+	}
+	return []byte(s.Reveal())
+}
+
+// GRPCSecurity is what the gRPC server needs from the security
+// configuration.
+type GRPCSecurity struct {
+	Authenticator server.Authenticator
+	Authorizer    server.Authorizer
+	Quotas        server.Quotas
+	// Auditor is nil without audit.path.
+	Auditor server.RequestAuditor
+	// ServerOptions holds the TLS credentials, if any.
+	ServerOptions []grpc.ServerOption
+	// Certs serves and reloads the TLS files (nil without tls).
+	Certs *server.CertReloader
+}
+
+// GRPCSecurity builds the authenticator, authorizer, quotas, auditor and
+// TLS credentials of the configuration. Without tls and tokens it returns
+// the loopback defaults: every caller is the local admin and may issue
+// every role.
+func (rt *Runtime) GRPCSecurity(logger *slog.Logger) (*GRPCSecurity, error) {
+	sec := rt.Config.Security
+	out := &GRPCSecurity{Quotas: sec.Quotas}
+	if rt.Audit != nil {
+		out.Auditor = rt.Audit
+	}
+	if !sec.Enabled() {
+		out.Authenticator = server.LocalAuthenticator{}
+		out.Authorizer = server.OwnerAuthorizer{}
+		return out, nil
+	}
+	authn, err := server.NewPolicyAuthenticator(sec.Tokens, sec.Admins)
+	if err != nil {
+		return nil, fmt.Errorf("tokens/admins: %w", err)
+	}
+	authz, err := server.NewPolicyAuthorizer(sec.Allowed)
+	if err != nil {
+		return nil, fmt.Errorf("roles[].allowed: %w", err)
+	}
+	out.Authenticator, out.Authorizer = authn, authz
+	if sec.TLS != nil {
+		var onReload func(error)
+		if rt.Audit != nil {
+			log := rt.Audit
+			onReload = func(err error) {
+				rec := audit.Record{Event: audit.EventTLSReload, Outcome: audit.OutcomeOK, Message: sec.TLS.CertFile}
+				if err != nil {
+					rec.Outcome, rec.Message = audit.OutcomeError, err.Error()
+				}
+				log.Record(rec)
+			}
+		}
+		certs, err := server.NewCertReloader(server.TLSFiles{
+			CertFile:     sec.TLS.CertFile,
+			KeyFile:      sec.TLS.KeyFile,
+			ClientCAFile: sec.TLS.ClientCAFile,
+			// Token callers have no certificate to present.
+			ClientCertOptional: len(sec.Tokens) > 0,
+		}, logger, onReload)
+		if err != nil {
+			return nil, err
+		}
+		out.Certs = certs
+		out.ServerOptions = append(out.ServerOptions, grpc.Creds(credentials.NewTLS(certs.ServerConfig())))
+	}
+	return out, nil
 }
