@@ -1,0 +1,417 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"io"
+	"log/slog"
+	"net/http"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+
+	"github.com/credbroker/credbroker/clients/credbroker"
+	"github.com/credbroker/credbroker/internal/brokertest"
+	"github.com/credbroker/credbroker/internal/pgtest"
+)
+
+func TestMain(m *testing.M) { os.Exit(pgtest.Main(m)) }
+
+// syncBuffer collects the agent's log.
+type syncBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
+}
+
+// runningAgent is an agent run in-process, as main would run it.
+type runningAgent struct {
+	a      *agent
+	events chan credbroker.Event
+	sigs   chan os.Signal
+	exit   chan int
+	logs   *syncBuffer
+	cancel context.CancelFunc
+}
+
+func startAgent(t *testing.T, args ...string) *runningAgent {
+	t.Helper()
+	logs := &syncBuffer{}
+	cfg, err := parseConfig(args, logs)
+	if err != nil {
+		t.Fatalf("parseConfig(%q): %v", args, err)
+	}
+	a, err := newAgent(cfg, slog.New(slog.NewTextHandler(logs, &slog.HandlerOptions{Level: slog.LevelDebug})))
+	if err != nil {
+		t.Fatal(err)
+	}
+	ra := &runningAgent{a: a, events: make(chan credbroker.Event, 256), sigs: make(chan os.Signal, 4), exit: make(chan int, 1), logs: logs}
+	a.observe = func(ev credbroker.Event) {
+		select {
+		case ra.events <- ev:
+		default:
+		}
+	}
+	a.healthAddr = make(chan string, 1)
+	ctx, cancel := context.WithCancel(context.Background())
+	ra.cancel = cancel
+	go func() { ra.exit <- a.run(ctx, ra.sigs) }()
+	t.Cleanup(func() {
+		cancel()
+		select {
+		case <-ra.exit:
+		case <-time.After(time.Minute):
+			t.Error("the agent did not exit")
+		}
+	})
+	return ra
+}
+
+// waitEvent waits for an event of type want, with a deadline.
+func (ra *runningAgent) waitEvent(t *testing.T, want credbroker.EventType, deadline time.Duration) (credbroker.Event, []credbroker.Event) {
+	t.Helper()
+	timeout := time.After(deadline)
+	var seen []credbroker.Event
+	for {
+		select {
+		case ev := <-ra.events:
+			if ev.Type == want {
+				return ev, seen
+			}
+			seen = append(seen, ev)
+		case <-timeout:
+			t.Fatalf("no %v event within %v; log:\n%s", want, deadline, ra.logs.String())
+		}
+	}
+}
+
+// waitFile waits until the file exists and cond holds for its content.
+func waitFile(t *testing.T, path string, cond func([]byte) bool) []byte {
+	t.Helper()
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		b, err := os.ReadFile(path)
+		if err == nil && cond(b) {
+			return b
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%s never got the expected content (last: %v)", path, err)
+		}
+		time.Sleep(10 * time.Millisecond) // polling a file: there is nothing to wait on
+	}
+}
+
+func readJSON(t *testing.T, b []byte) templateData {
+	t.Helper()
+	var d templateData
+	if err := json.Unmarshal(b, &d); err != nil {
+		t.Fatalf("credential file: %v", err)
+	}
+	return d
+}
+
+func loginDSN(ctx context.Context, dsn string) error {
+	conn, err := pgx.Connect(ctx, dsn)
+	if err != nil {
+		return err
+	}
+	defer conn.Close(context.Background())
+	return conn.Ping(ctx)
+}
+
+func assertNoPassword(t *testing.T, logs, password string) {
+	t.Helper()
+	if password == "" {
+		t.Fatal("no password to look for")
+	}
+	if strings.Contains(logs, password) {
+		t.Fatal("the agent logged a password")
+	}
+}
+
+// TestAgentSurvivesBrokerRestart: the broker restarts while the agent
+// runs; the agent reconnects and keeps its lease, and the file keeps the
+// same credential.
+func TestAgentSurvivesBrokerRestart(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	b := brokertest.Start(t, brokertest.Options{})
+	out := filepath.Join(t.TempDir(), "db.json")
+	ra := startAgent(t, "--broker", b.Addr, "--role", "read_only", "--out", out, "--health-listen", "127.0.0.1:0")
+	first := readJSON(t, waitFile(t, out, func(b []byte) bool { return len(b) > 0 }))
+	fi, err := os.Stat(out)
+	if err != nil || fi.Mode().Perm() != 0o600 {
+		t.Fatalf("credential file mode %v, %v; want 0600", fi.Mode().Perm(), err)
+	}
+	if err := loginDSN(ctx, first.DSN); err != nil {
+		t.Fatalf("the rendered DSN does not log in: %v", err)
+	}
+	ra.waitEvent(t, credbroker.EventRenewed, 10*time.Second)
+
+	b.Restart()
+	_, seen := ra.waitEvent(t, credbroker.EventDisconnected, 20*time.Second)
+	_, more := ra.waitEvent(t, credbroker.EventReconnected, 20*time.Second)
+	renewed, more2 := ra.waitEvent(t, credbroker.EventRenewed, 20*time.Second)
+	for _, ev := range append(append(seen, more...), more2...) {
+		if ev.Type == credbroker.EventIssued || ev.Type == credbroker.EventRotated {
+			t.Fatalf("a new credential was issued across the restart (%v)", ev.Type)
+		}
+	}
+	if renewed.Lease.ID != first.LeaseID {
+		t.Fatalf("renewed %s after the restart, want %s", renewed.Lease.ID, first.LeaseID)
+	}
+	if now := readJSON(t, waitFile(t, out, func([]byte) bool { return true })); now.LeaseID != first.LeaseID || now.Password != first.Password {
+		t.Fatalf("the file changed across the restart: lease %s", now.LeaseID)
+	}
+
+	// /healthz: up, naming the lease, and no secret in it.
+	addr := <-ra.a.healthAddr
+	resp, err := http.Get("http://" + addr + "/healthz")
+	if err != nil {
+		t.Fatal(err)
+	}
+	body, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusOK || !strings.Contains(string(body), first.LeaseID) || strings.Contains(string(body), first.Password) {
+		t.Fatalf("/healthz = %d %s", resp.StatusCode, body)
+	}
+
+	// SIGTERM: the agent revokes its lease and exits 0.
+	ra.sigs <- syscall.SIGTERM
+	select {
+	case code := <-ra.exit:
+		ra.exit <- code // for the cleanup
+		if code != 0 {
+			t.Fatalf("exit code %d, want 0", code)
+		}
+	case <-time.After(time.Minute):
+		t.Fatal("the agent did not exit on SIGTERM")
+	}
+	if ok, err := b.RoleExists(ctx, first.Username); err != nil || ok {
+		t.Fatalf("the user survived the agent's SIGTERM: %v %v", ok, err)
+	}
+	assertNoPassword(t, ra.logs.String(), first.Password)
+}
+
+// TestAgentRendersFreshCredentialAfterAdminRevoke: an admin revokes the
+// agent's lease; the agent hears REVOKED on its stream (with a generous
+// deadline, the broker pushes it within a second) and renders a fresh
+// credential.
+func TestAgentRendersFreshCredentialAfterAdminRevoke(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	b := brokertest.Start(t, brokertest.Options{})
+	out := filepath.Join(t.TempDir(), "db.env")
+	ra := startAgent(t, "--broker", b.Addr, "--role", "read_only", "--out", out, "--format", "env", "--no-revoke-on-exit")
+	first := string(waitFile(t, out, func(b []byte) bool { return len(b) > 0 }))
+	ra.waitEvent(t, credbroker.EventRenewed, 10*time.Second)
+	lease, _, _ := ra.a.keeper.Current()
+	if !strings.Contains(first, "PGUSER="+lease.Username+"\n") || !strings.Contains(first, "CREDBROKER_LEASE_ID="+lease.ID+"\n") {
+		t.Fatalf("env file does not name the lease's user:\n%s", strings.ReplaceAll(first, "PGPASSWORD", "PGPASSWORD(hidden)"))
+	}
+
+	admin, err := credbroker.Dial(b.Addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer admin.Close()
+	if n, err := admin.RevokeLeases(ctx, credbroker.RevokeSelector{LeaseIDs: []string{lease.ID}}); err != nil || n != 1 {
+		t.Fatalf("RevokeLeases = %d, %v", n, err)
+	}
+	ev, _ := ra.waitEvent(t, credbroker.EventRevoked, 5*time.Second)
+	if ev.Lease.ID != lease.ID {
+		t.Fatalf("REVOKED for %s, want %s", ev.Lease.ID, lease.ID)
+	}
+	fresh, _ := ra.waitEvent(t, credbroker.EventIssued, 20*time.Second)
+	content := string(waitFile(t, out, func(b []byte) bool { return strings.Contains(string(b), fresh.Lease.ID) }))
+	if !strings.Contains(content, "PGUSER="+fresh.Lease.Username+"\n") {
+		t.Fatal("the re-rendered file does not name the fresh user")
+	}
+	if err := loginDSN(ctx, fresh.Credential.DSN); err != nil {
+		t.Fatalf("the fresh credential does not log in: %v", err)
+	}
+	assertNoPassword(t, ra.logs.String(), fresh.Credential.Password)
+}
+
+// TestAgentRotatesBeforeMaxTTL: on a role whose max TTL is a few seconds,
+// the agent renders a fresh credential while the old lease is still
+// active (make-before-break), and the template format renders it.
+func TestAgentRotatesBeforeMaxTTL(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	b := brokertest.Start(t, brokertest.Options{Roles: []brokertest.Role{{Name: "short", DefaultTTL: 4 * time.Second, MaxTTL: 4 * time.Second}}})
+	dir := t.TempDir()
+	tmpl := filepath.Join(dir, "pgpass.tmpl")
+	if err := os.WriteFile(tmpl, []byte("{{.Host}}:{{.Port}}:{{.Database}}:{{.Username}}:{{.Password}}\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	out := filepath.Join(dir, "pgpass")
+	ra := startAgent(t, "--broker", b.Addr, "--role", "short", "--out", out, "--format", "template", "--template", tmpl,
+		"--overlap", "1s", "--rotate-before", "2s")
+	waitFile(t, out, func(b []byte) bool { return len(b) > 0 })
+	old, _, _ := ra.a.keeper.Current()
+
+	admin, err := credbroker.Dial(b.Addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer admin.Close()
+	rot, _ := ra.waitEvent(t, credbroker.EventRotated, 20*time.Second)
+	// observe runs after the file was rendered: the new credential is on
+	// disk now. The old lease must still be alive at this point.
+	content, err := os.ReadFile(out)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(string(content), ":"+rot.Lease.Username+":"+rot.Credential.Password+"\n") {
+		t.Fatal("the rendered file does not hold the new credential")
+	}
+	l, err := admin.Lookup(ctx, old.ID)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if l.State != credbroker.StateActive {
+		t.Fatalf("the old lease was %v when its successor was rendered, want active", l.State)
+	}
+	if !time.Now().Before(old.MaxExpireTime) {
+		t.Fatalf("the successor was rendered after the old lease's max expiry %v", old.MaxExpireTime)
+	}
+	ra.waitEvent(t, credbroker.EventRetired, 20*time.Second)
+}
+
+// TestAgentExecMode: the child gets the credential in its environment, is
+// signalled on rotation, gets forwarded signals, and its exit code is the
+// agent's.
+func TestAgentExecMode(t *testing.T) {
+	b := brokertest.Start(t, brokertest.Options{Roles: []brokertest.Role{{Name: "short", DefaultTTL: 4 * time.Second, MaxTTL: 4 * time.Second}}})
+	dir := t.TempDir()
+	marks := filepath.Join(dir, "marks")
+	script := `echo "user=$PGUSER" >> "$MARKS"
+trap 'echo hup >> "$MARKS"' HUP
+trap 'echo term >> "$MARKS"; exit 7' TERM
+while :; do sleep 0.05; done`
+	t.Setenv("MARKS", marks)
+	ra := startAgent(t, "--broker", b.Addr, "--role", "short", "--overlap", "1s", "--rotate-before", "2s", "--", "/bin/sh", "-c", script)
+	first := waitFile(t, marks, func(b []byte) bool { return strings.HasPrefix(string(b), "user=cb_short_") })
+	lease, _, _ := ra.a.keeper.Current()
+	if !strings.Contains(string(first), "user="+lease.Username+"\n") {
+		t.Fatalf("the child saw %q, want user=%s", first, lease.Username)
+	}
+	ra.waitEvent(t, credbroker.EventRotated, 20*time.Second)
+	waitFile(t, marks, func(b []byte) bool { return strings.Contains(string(b), "hup\n") })
+
+	ra.sigs <- syscall.SIGTERM
+	select {
+	case code := <-ra.exit:
+		ra.exit <- code
+		if code != 7 {
+			t.Fatalf("agent exit code %d, want the child's 7", code)
+		}
+	case <-time.After(time.Minute):
+		t.Fatal("the agent did not exit after its child")
+	}
+	waitFile(t, marks, func(b []byte) bool { return strings.Contains(string(b), "term\n") })
+	cur, _, _ := ra.a.keeper.Current()
+	if ok, err := b.RoleExists(context.Background(), cur.Username); err != nil || ok {
+		t.Fatalf("the user survived the agent's exit: %v %v", ok, err)
+	}
+}
+
+func TestConfigFileAndFlags(t *testing.T) {
+	dir := t.TempDir()
+	path := filepath.Join(dir, "agent.yaml")
+	yaml := `broker: 10.0.0.1:7450
+role: read_only
+ttl: 10m
+overlap: 45s
+metadata: {app: web}
+output: {path: /run/db.json, format: dsn}
+exec: {command: [/app, --serve], on_rotate: restart}
+`
+	if err := os.WriteFile(path, []byte(yaml), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	cfg, err := parseConfig([]string{"--config", path, "--role", "updater", "--signal", "USR1"}, io.Discard)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if cfg.broker != "10.0.0.1:7450" || cfg.role != "updater" || cfg.ttl != 10*time.Minute || cfg.overlap != 45*time.Second ||
+		cfg.format != "dsn" || cfg.outPath != "/run/db.json" || cfg.onRotate != "restart" || cfg.signal != syscall.SIGUSR1 ||
+		len(cfg.command) != 2 || cfg.metadata["app"] != "web" {
+		t.Fatalf("config %+v", cfg)
+	}
+	bad := [][]string{
+		{"--out", "/x"}, // no role
+		{"--role", "r"}, // nothing to do
+		{"--role", "r", "--out", "/x", "--format", "xml"},
+		{"--role", "r", "--out", "/x", "--format", "template"},
+		{"--role", "r", "--out", "/x", "--ttl", "-1s"},
+		{"--role", "r", "--out", "/x", "--signal", "KILL"},
+		{"--role", "r", "--out", "/x", "--metadata", "novalue"},
+		{"--config", filepath.Join(dir, "missing.yaml"), "--role", "r", "--out", "/x"},
+	}
+	for _, args := range bad {
+		if _, err := parseConfig(args, io.Discard); err == nil {
+			t.Errorf("parseConfig(%q) accepted", args)
+		}
+	}
+	if code := run(context.Background(), []string{"--role", "r"}, nil, io.Discard); code != 2 {
+		t.Errorf("run with a bad command line = %d, want 2", code)
+	}
+}
+
+func TestRenderIsAtomicAnd0600(t *testing.T) {
+	dir := t.TempDir()
+	out := filepath.Join(dir, "cred")
+	d := templateData{Username: "u", Password: "p'w", Host: "h", Port: 5432, Database: "db", DSN: "postgres://u:p@h/db?sslmode=disable", LeaseID: "l"}
+	for _, format := range []string{"json", "env", "dsn"} {
+		r := &renderer{path: out, format: format}
+		if err := os.WriteFile(out, []byte("old"), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		if err := r.render(d); err != nil {
+			t.Fatalf("%s: %v", format, err)
+		}
+		fi, err := os.Stat(out)
+		if err != nil || fi.Mode().Perm() != 0o600 {
+			t.Fatalf("%s: mode %v, %v", format, fi.Mode().Perm(), err)
+		}
+		b, _ := os.ReadFile(out)
+		switch format {
+		case "json":
+			if readJSON(t, b).Password != "p'w" {
+				t.Errorf("json: %s", b)
+			}
+		case "env":
+			if !strings.Contains(string(b), `PGPASSWORD='p'\''w'`+"\n") || !strings.Contains(string(b), "PGPORT=5432\n") {
+				t.Errorf("env: %s", b)
+			}
+		case "dsn":
+			if string(b) != d.DSN+"\n" {
+				t.Errorf("dsn: %s", b)
+			}
+		}
+	}
+	entries, _ := os.ReadDir(dir)
+	if len(entries) != 1 {
+		t.Errorf("temporary files left behind: %d entries", len(entries))
+	}
+}
