@@ -565,17 +565,14 @@ func StaleRoles(activity []LeaseActivity, after, retention time.Duration, now ti
 	return out
 }
 
-// days prints a duration in days when it is a whole number of them.
+// days prints a duration in whole days (rounded down) once it is a day
+// or more.
 func days(d time.Duration) string {
-	if d >= 24*time.Hour {
-		n := d / (24 * time.Hour)
-		if d%(24*time.Hour) == 0 {
-			if n == 1 {
-				return "1 day"
-			}
-			return fmt.Sprintf("%d days", n)
-		}
-		return fmt.Sprintf("%.1f days", d.Hours()/24)
+	switch n := d / (24 * time.Hour); {
+	case n == 1:
+		return "1 day"
+	case n > 1:
+		return fmt.Sprintf("%d days", n)
 	}
 	return d.String()
 }

@@ -1,0 +1,145 @@
+package config
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"time"
+
+	"github.com/credbroker/credbroker/broker"
+	"github.com/credbroker/credbroker/broker/postgres"
+)
+
+// DefaultStaleAfter is how long a broker role may go without an issued
+// lease before the least-privilege check calls it stale.
+const DefaultStaleAfter = 30 * 24 * time.Hour
+
+// LeaseLister is where the stale check reads lease history: the store
+// itself (brokerd, or brokerctl when no broker holds the file) or a running
+// broker's ListLeases.
+type LeaseLister interface {
+	ListLeases(ctx context.Context, f broker.LeaseFilter) ([]broker.Lease, string, error)
+}
+
+// privilegeChecker is what the check needs of a target's engine.
+type privilegeChecker interface {
+	CheckPrivileges(ctx context.Context, uses []postgres.ProxyRoleUse) ([]postgres.Finding, error)
+}
+
+// PrivilegeCheck says what CheckPrivileges looks at besides the catalog.
+type PrivilegeCheck struct {
+	// Leases, if set, is read for the stale check; nil skips it.
+	Leases LeaseLister
+	// StaleAfter: a broker role with no lease issued for this long is
+	// stale; 0 is DefaultStaleAfter.
+	StaleAfter time.Duration
+	// Now is the current time; zero is time.Now().
+	Now time.Time
+}
+
+// CheckPrivileges runs the least-privilege check (postgres.Engine's
+// CheckPrivileges) on every target the runtime serves, plus the stale check
+// over the runtime's store: for brokerd's start-up warnings.
+func (rt *Runtime) CheckPrivileges(ctx context.Context, staleAfter time.Duration) ([]postgres.Finding, error) {
+	var leases LeaseLister
+	if rt.Store != nil {
+		leases = rt.Store
+	}
+	return checkPrivileges(ctx, rt.Config, rt.Databases, PrivilegeCheck{Leases: leases, StaleAfter: staleAfter})
+}
+
+// CheckPrivileges connects to every target of cfg (without opening the
+// store, which a running brokerd holds) and runs the least-privilege check
+// there, plus the stale check over opts.Leases: for `brokerctl check`.
+func CheckPrivileges(ctx context.Context, cfg *Config, logger *slog.Logger, opts PrivilegeCheck) ([]postgres.Finding, error) {
+	if logger == nil {
+		logger = slog.New(slog.DiscardHandler)
+	}
+	dbs := map[string]broker.Database{}
+	defer func() {
+		for _, db := range dbs {
+			db.Close()
+		}
+	}()
+	if err := connectTargets(ctx, cfg, logger, dbs, map[string]broker.Endpoint{}); err != nil {
+		return nil, err
+	}
+	return checkPrivileges(ctx, cfg, dbs, opts)
+}
+
+func checkPrivileges(ctx context.Context, cfg *Config, dbs map[string]broker.Database, opts PrivilegeCheck) ([]postgres.Finding, error) {
+	var out []postgres.Finding
+	var errs []error
+	for _, t := range cfg.Targets {
+		db, ok := dbs[t.Name].(privilegeChecker)
+		if !ok {
+			errs = append(errs, fmt.Errorf("target %s: its engine cannot check privileges", t.Name))
+			continue
+		}
+		var uses []postgres.ProxyRoleUse
+		for _, r := range cfg.Roles {
+			if r.Target == t.Name {
+				uses = append(uses, postgres.ProxyRoleUse{BrokerRole: r.Name, ProxyRole: r.ProxyRole})
+			}
+		}
+		fs, err := db.CheckPrivileges(ctx, uses)
+		if err != nil {
+			errs = append(errs, fmt.Errorf("target %s: %w", t.Name, err))
+			continue
+		}
+		for i := range fs {
+			fs[i].Target = t.Name
+		}
+		out = append(out, fs...)
+	}
+	if opts.Leases != nil {
+		stale, err := staleRoles(ctx, cfg, opts)
+		if err != nil {
+			errs = append(errs, fmt.Errorf("stale check: %w", err))
+		}
+		out = append(out, stale...)
+	}
+	postgres.SortFindings(out)
+	return out, errors.Join(errs...)
+}
+
+// staleRoles pages through every lease the store holds (live ones and the
+// tombstones of ended ones) for the newest issue time of each role.
+func staleRoles(ctx context.Context, cfg *Config, opts PrivilegeCheck) ([]postgres.Finding, error) {
+	after := opts.StaleAfter
+	if after <= 0 {
+		after = DefaultStaleAfter
+	}
+	now := opts.Now
+	if now.IsZero() {
+		now = time.Now()
+	}
+	last := map[string]time.Time{}
+	for cursor := ""; ; {
+		page, next, err := opts.Leases.ListLeases(ctx, broker.LeaseFilter{Limit: 1000, After: cursor})
+		if err != nil {
+			return nil, err
+		}
+		for _, l := range page {
+			if l.IssueTime.After(last[l.Role]) {
+				last[l.Role] = l.IssueTime
+			}
+		}
+		if next == "" || len(page) == 0 {
+			break
+		}
+		cursor = next
+	}
+	activity := make([]postgres.LeaseActivity, 0, len(cfg.Roles))
+	target := map[string]string{}
+	for _, r := range cfg.Roles {
+		activity = append(activity, postgres.LeaseActivity{BrokerRole: r.Name, LastIssued: last[r.Name]})
+		target[r.Name] = r.Target
+	}
+	fs := postgres.StaleRoles(activity, after, cfg.Store.TombstoneRetention, now)
+	for i := range fs {
+		fs[i].Target = target[fs[i].Role]
+	}
+	return fs, nil
+}
