@@ -23,7 +23,6 @@ import (
 	"github.com/spf13/cobra"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
-	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/status"
 
 	credbrokerv1 "github.com/credbroker/credbroker/proto/credbroker/v1"
@@ -55,11 +54,6 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	if errors.As(err, &uerr) || strings.HasPrefix(err.Error(), "unknown command") {
 		fmt.Fprintf(stderr, "error: %v\nRun '%s --help' for usage.\n", err, cmd.CommandPath())
 		return 2
-	}
-	var eerr exitError
-	if errors.As(err, &eerr) {
-		fmt.Fprintf(stderr, "%v\n", err)
-		return eerr.code
 	}
 	printError(stderr, err)
 	return 1
@@ -99,6 +93,8 @@ type cli struct {
 	stdout  io.Writer
 	stderr  io.Writer
 
+	auth authFlags
+
 	conn *grpc.ClientConn
 }
 
@@ -131,6 +127,7 @@ unix:/path reaches a unix socket.`,
 	pf.StringVar(&c.addr, "addr", addr, "broker address: host:port on loopback, or unix:/path (env "+addrEnv+")")
 	pf.BoolVar(&c.json, "json", false, "print one protojson document instead of a table")
 	pf.DurationVar(&c.timeout, "timeout", 30*time.Second, "give up on the call after this long")
+	c.auth.register(root)
 
 	root.AddCommand(
 		c.issueCmd(),
@@ -139,7 +136,8 @@ unix:/path reaches a unix socket.`,
 		c.lookupCmd(),
 		c.leasesCmd(),
 		c.rolesCmd(),
-		c.checkCmd(),
+		tokenCmd(stdout),
+		c.auditCmd(),
 	)
 	// Cobra's own argument errors should exit 2 like flag errors do.
 	for _, cmd := range root.Commands() {
@@ -162,11 +160,15 @@ func (c *cli) dial() (*grpc.ClientConn, error) {
 	if c.conn != nil {
 		return c.conn, nil
 	}
-	target, err := grpcTarget(c.addr)
+	target, err := grpcTarget(c.addr, c.auth.tls())
 	if err != nil {
 		return nil, usageError{err}
 	}
-	conn, err := grpc.NewClient(target, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	opts, err := c.auth.dialOptions()
+	if err != nil {
+		return nil, err
+	}
+	conn, err := grpc.NewClient(target, opts...)
 	if err != nil {
 		return nil, fmt.Errorf("--addr %s: %w", c.addr, err)
 	}
@@ -183,11 +185,11 @@ func (c *cli) close() error {
 	return err
 }
 
-// grpcTarget turns --addr into a gRPC target. brokerctl speaks plaintext
-// (brokerd serves no TLS yet) and the broker answers with passwords, so
-// like brokerd it only talks to loopback or a unix socket; reach a remote
-// broker through a tunnel that ends on loopback.
-func grpcTarget(addr string) (string, error) {
+// grpcTarget turns --addr into a gRPC target. Without TLS brokerctl
+// speaks plaintext, and the broker answers with passwords, so like brokerd
+// it then only talks to loopback or a unix socket; with TLS (--tls-ca) any
+// address is allowed.
+func grpcTarget(addr string, tls bool) (string, error) {
 	if strings.HasPrefix(addr, "unix:") {
 		if len(addr) == len("unix:") {
 			return "", fmt.Errorf("--addr %s: a unix socket needs a path (unix:/run/credbroker/credbroker.sock)", addr)
@@ -199,8 +201,8 @@ func grpcTarget(addr string) (string, error) {
 		return "", fmt.Errorf("--addr %s: want host:port or unix:/path", addr)
 	}
 	ip := net.ParseIP(host)
-	if !strings.EqualFold(host, "localhost") && (ip == nil || !ip.IsLoopback()) {
-		return "", fmt.Errorf("--addr %s: brokerctl speaks plaintext gRPC, which is only allowed to loopback or a unix socket (the broker answers with passwords)", addr)
+	if !tls && !strings.EqualFold(host, "localhost") && (ip == nil || !ip.IsLoopback()) {
+		return "", fmt.Errorf("--addr %s: without --tls-ca brokerctl speaks plaintext gRPC, which is only allowed to loopback or a unix socket (the broker answers with passwords)", addr)
 	}
 	// passthrough: an address, not a name for the DNS resolver to look up.
 	return "passthrough:///" + addr, nil
