@@ -55,6 +55,11 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintf(stderr, "error: %v\nRun '%s --help' for usage.\n", err, cmd.CommandPath())
 		return 2
 	}
+	var eerr exitError
+	if errors.As(err, &eerr) {
+		fmt.Fprintf(stderr, "%v\n", err)
+		return eerr.code
+	}
 	printError(stderr, err)
 	return 1
 }
@@ -138,6 +143,7 @@ unix:/path reaches a unix socket.`,
 		c.rolesCmd(),
 		tokenCmd(stdout),
 		c.auditCmd(),
+		c.checkCmd(),
 	)
 	// Cobra's own argument errors should exit 2 like flag errors do.
 	for _, cmd := range root.Commands() {
