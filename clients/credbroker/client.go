@@ -29,18 +29,20 @@ type Client struct {
 }
 
 type options struct {
-	tls      *tls.Config
-	perRPC   credentials.PerRPCCredentials
-	dialOpts []grpc.DialOption
-	logger   *slog.Logger
-	backoff  Backoff
+	tls       *tls.Config
+	perRPC    credentials.PerRPCCredentials
+	dialOpts  []grpc.DialOption
+	logger    *slog.Logger
+	backoff   Backoff
+	tokenFile string
 }
 
 // Option configures Dial.
 type Option func(*options)
 
-// WithTLS connects with TLS. Without it the connection is plaintext,
-// which brokerd only accepts on loopback and unix sockets.
+// WithTLS connects with TLS (see TLSFiles). Without it the connection is
+// plaintext, which Dial (like brokerd) allows only to loopback and unix
+// sockets.
 func WithTLS(cfg *tls.Config) Option { return func(o *options) { o.tls = cfg } }
 
 // WithPerRPCCredentials attaches credentials (a bearer token, say) to
@@ -87,7 +89,7 @@ func (b Backoff) delay(n int) time.Duration {
 	return d/2 + jitter(d/2)
 }
 
-// Dial connects to the broker at addr ("host:port", or "unix:///path").
+// Dial connects to the broker at addr ("host:port", or "unix:/path").
 // It does not wait for the connection: the first call does.
 func Dial(addr string, opts ...Option) (*Client, error) {
 	var o options
@@ -101,10 +103,16 @@ func Dial(addr string, opts ...Option) (*Client, error) {
 	if o.tls != nil {
 		dial = append(dial, grpc.WithTransportCredentials(credentials.NewTLS(o.tls)))
 	} else {
+		if err := checkPlaintext(addr); err != nil {
+			return nil, err
+		}
 		dial = append(dial, grpc.WithTransportCredentials(insecure.NewCredentials()))
 	}
 	if o.perRPC != nil {
 		dial = append(dial, grpc.WithPerRPCCredentials(o.perRPC))
+	}
+	if o.tokenFile != "" {
+		dial = append(dial, grpc.WithPerRPCCredentials(bearerFile{path: o.tokenFile, secure: o.tls != nil}))
 	}
 	dial = append(dial, o.dialOpts...)
 	conn, err := grpc.NewClient(addr, dial...)

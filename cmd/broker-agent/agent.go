@@ -39,7 +39,18 @@ func newAgent(cfg *config, log *slog.Logger) (*agent, error) {
 	if err != nil {
 		return nil, err
 	}
-	client, err := credbroker.Dial(cfg.broker, credbroker.WithLogger(log))
+	opts := []credbroker.Option{credbroker.WithLogger(log)}
+	if cfg.tlsCA != "" || cfg.tlsCert != "" || cfg.tlsKey != "" {
+		tc, err := credbroker.TLSFiles(cfg.tlsCA, cfg.tlsCert, cfg.tlsKey, cfg.tlsServerName)
+		if err != nil {
+			return nil, err
+		}
+		opts = append(opts, credbroker.WithTLS(tc))
+	}
+	if cfg.tokenFile != "" {
+		opts = append(opts, credbroker.WithBearerTokenFile(cfg.tokenFile))
+	}
+	client, err := credbroker.Dial(cfg.broker, opts...)
 	if err != nil {
 		return nil, err
 	}

@@ -358,6 +358,17 @@ exec: {command: [/app, --serve], on_rotate: restart}
 		len(cfg.command) != 2 || cfg.metadata["app"] != "web" {
 		t.Fatalf("config %+v", cfg)
 	}
+	tlsCfg, err := parseConfig([]string{"--role", "r", "--out", "/x", "--tls-ca", "/ca.pem", "--token-file", "/tok"}, io.Discard)
+	if err != nil || tlsCfg.tlsCA != "/ca.pem" || tlsCfg.tokenFile != "/tok" {
+		t.Fatalf("tls flags: %+v, %v", tlsCfg, err)
+	}
+	if _, err := newAgent(tlsCfg, slog.New(slog.DiscardHandler)); err == nil {
+		t.Error("newAgent with a missing CA file succeeded")
+	}
+	plain, _ := parseConfig([]string{"--role", "r", "--out", "/x", "--broker", "10.1.2.3:7450"}, io.Discard)
+	if _, err := newAgent(plain, slog.New(slog.DiscardHandler)); err == nil {
+		t.Error("plaintext to a non-loopback broker was allowed")
+	}
 	bad := [][]string{
 		{"--out", "/x"}, // no role
 		{"--role", "r"}, // nothing to do

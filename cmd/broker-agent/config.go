@@ -35,6 +35,13 @@ type fileConfig struct {
 		OnRotate string   `yaml:"on_rotate"`
 		Signal   string   `yaml:"signal"`
 	} `yaml:"exec"`
+	TLS struct {
+		CAFile     string `yaml:"ca_file"`
+		CertFile   string `yaml:"cert_file"`
+		KeyFile    string `yaml:"key_file"`
+		ServerName string `yaml:"server_name"`
+	} `yaml:"tls"`
+	TokenFile    string `yaml:"token_file"`
 	HealthListen string `yaml:"health_listen"`
 	LogFormat    string `yaml:"log_format"`
 }
@@ -58,6 +65,9 @@ type config struct {
 	command  []string
 	onRotate string // signal, restart, none
 	signal   syscall.Signal
+
+	tlsCA, tlsCert, tlsKey, tlsServerName string
+	tokenFile                             string
 
 	healthListen string
 	logFormat    string // text, json
@@ -103,6 +113,11 @@ func parseConfig(args []string, stderr io.Writer) (*config, error) {
 	fs.StringVar(&fc.Output.Template, "template", "", "Go text/template `file` for --format template")
 	fs.StringVar(&fc.Exec.OnRotate, "on-rotate", "", "what to do to the child on a new credential: signal, restart or none (default signal)")
 	fs.StringVar(&signalName, "signal", "", "signal for --on-rotate signal (default SIGHUP)")
+	fs.StringVar(&fc.TLS.CAFile, "tls-ca", "", "CA certificate (PEM) that signed brokerd's certificate; enables TLS")
+	fs.StringVar(&fc.TLS.CertFile, "tls-cert", "", "client certificate (PEM) for mutual TLS")
+	fs.StringVar(&fc.TLS.KeyFile, "tls-key", "", "client private key (PEM) for mutual TLS")
+	fs.StringVar(&fc.TLS.ServerName, "tls-server-name", "", "name to verify in brokerd's certificate (default: the broker's host)")
+	fs.StringVar(&fc.TokenFile, "token-file", "", "`file` holding a bearer token, read for every call (or $CREDBROKER_TOKEN_FILE)")
 	fs.StringVar(&fc.HealthListen, "health-listen", "", "serve /healthz on this `address` (e.g. 127.0.0.1:8081)")
 	fs.StringVar(&fc.LogFormat, "log-format", "", "text or json (default text)")
 	var metadata multiFlag
@@ -141,6 +156,11 @@ func parseConfig(args []string, stderr io.Writer) (*config, error) {
 		format:             pick("format", fc.Output.Format, file.Output.Format),
 		template:           pick("template", fc.Output.Template, file.Output.Template),
 		onRotate:           pick("on-rotate", fc.Exec.OnRotate, file.Exec.OnRotate),
+		tlsCA:              pick("tls-ca", fc.TLS.CAFile, file.TLS.CAFile),
+		tlsCert:            pick("tls-cert", fc.TLS.CertFile, file.TLS.CertFile),
+		tlsKey:             pick("tls-key", fc.TLS.KeyFile, file.TLS.KeyFile),
+		tlsServerName:      pick("tls-server-name", fc.TLS.ServerName, file.TLS.ServerName),
+		tokenFile:          pick("token-file", fc.TokenFile, file.TokenFile),
 		healthListen:       pick("health-listen", fc.HealthListen, file.HealthListen),
 		logFormat:          pick("log-format", fc.LogFormat, file.LogFormat),
 		metadata:           map[string]string{},
@@ -157,6 +177,9 @@ func parseConfig(args []string, stderr io.Writer) (*config, error) {
 	}
 	if c.broker == "" {
 		c.broker = os.Getenv("CREDBROKER_ADDR")
+	}
+	if c.tokenFile == "" {
+		c.tokenFile = os.Getenv("CREDBROKER_TOKEN_FILE")
 	}
 	if c.broker == "" {
 		c.broker = "127.0.0.1:7450"
