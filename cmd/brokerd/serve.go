@@ -75,6 +75,7 @@ func runServer(ctx context.Context, configPath string, stderr io.Writer) error {
 			log.Error("shutdown", "err", err)
 		}
 	}()
+	logPrivilegeFindings(ctx, rt, log)
 	return serve(ctx, rt, lis, log, nil)
 }
 
