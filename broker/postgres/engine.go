@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net/url"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -58,6 +59,13 @@ type Engine struct {
 	log              *slog.Logger
 	secrets          []string // redacted from every error
 	closed           atomic.Bool
+
+	// password is the admin password new connections use; SetPassword and
+	// RotatePassword change it (see rotate.go). Every value it ever held
+	// is redacted from errors.
+	password  atomic.Pointer[string]
+	secretsMu sync.Mutex
+	oldSecret []string
 }
 
 // New connects to the target, checks the server version and the admin
@@ -101,12 +109,7 @@ func New(ctx context.Context, cfg Config) (*Engine, error) {
 		pc.ConnConfig.Database = pc.ConnConfig.User
 	}
 	pc.MaxConns = cfg.MaxConns
-	pool, err := pgxpool.NewWithConfig(ctx, pc)
-	if err != nil {
-		return nil, redact(fmt.Errorf("postgres: %w", err), secrets...)
-	}
 	e := &Engine{
-		pool:   pool,
 		marker: cfg.MarkerRole,
 		endpoint: broker.Endpoint{
 			Host:     pc.ConnConfig.Host,
@@ -117,6 +120,18 @@ func New(ctx context.Context, cfg Config) (*Engine, error) {
 		log:              cfg.Logger,
 		secrets:          secrets,
 	}
+	e.password.Store(&cfg.Password)
+	// Read at every new connection, so a rotated password takes effect
+	// without replacing the pool (open connections stay valid).
+	pc.BeforeConnect = func(_ context.Context, cc *pgx.ConnConfig) error {
+		cc.Password = *e.password.Load()
+		return nil
+	}
+	pool, err := pgxpool.NewWithConfig(ctx, pc)
+	if err != nil {
+		return nil, redact(fmt.Errorf("postgres: %w", err), secrets...)
+	}
+	e.pool = pool
 	if err := e.init(ctx); err != nil {
 		pool.Close()
 		return nil, e.fail(ctx, err)
@@ -259,7 +274,7 @@ func (e *Engine) fail(ctx context.Context, err error, secrets ...string) error {
 	if err == nil {
 		return nil
 	}
-	return redact(classify(ctx, err), append(secrets, e.secrets...)...)
+	return redact(classify(ctx, err), append(append(secrets, e.secrets...), e.pastPasswords()...)...)
 }
 
 func (e *Engine) checkOpen() error {
@@ -567,6 +582,7 @@ func (e *Engine) endSessions(ctx context.Context, username string) error {
 func (e *Engine) execIn(ctx context.Context, database, sql string) error {
 	cc := e.pool.Config().ConnConfig.Copy()
 	cc.Database = database
+	cc.Password = *e.password.Load()
 	conn, err := pgx.ConnectConfig(ctx, cc)
 	if err != nil {
 		return err

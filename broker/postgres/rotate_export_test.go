@@ -1,0 +1,5 @@
+package postgres
+
+// ResetPool closes the engine's idle connections, so the next query opens
+// a new one with the current password.
+func (e *Engine) ResetPool() { e.pool.Reset() }
