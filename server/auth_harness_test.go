@@ -1,0 +1,331 @@
+package server
+
+import (
+	"context"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/tls"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"encoding/pem"
+	"log/slog"
+	"math/big"
+	"net"
+	"net/url"
+	"os"
+	"path/filepath"
+	"testing"
+	"time"
+
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials"
+	"google.golang.org/grpc/credentials/insecure"
+
+	"github.com/credbroker/credbroker/audit"
+	"github.com/credbroker/credbroker/broker"
+	"github.com/credbroker/credbroker/broker/postgres"
+	"github.com/credbroker/credbroker/internal/pgtest"
+	pb "github.com/credbroker/credbroker/proto/credbroker/v1"
+	"github.com/credbroker/credbroker/store"
+)
+
+// testCA is a certificate authority made in the test, so no openssl and
+// no fixture that expires.
+type testCA struct {
+	cert *x509.Certificate
+	key  *ecdsa.PrivateKey
+	pem  []byte
+}
+
+var serial int64 = time.Now().UnixNano()
+
+func nextSerial() *big.Int { serial++; return big.NewInt(serial) }
+
+func newTestCA(t *testing.T, name string) *testCA {
+	t.Helper()
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tmpl := &x509.Certificate{
+		SerialNumber:          nextSerial(),
+		Subject:               pkix.Name{CommonName: name},
+		NotBefore:             time.Now().Add(-time.Hour),
+		NotAfter:              time.Now().Add(24 * time.Hour),
+		IsCA:                  true,
+		BasicConstraintsValid: true,
+		KeyUsage:              x509.KeyUsageCertSign,
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cert, _ := x509.ParseCertificate(der)
+	return &testCA{cert: cert, key: key, pem: pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der})}
+}
+
+// certSpec describes a leaf certificate.
+type certSpec struct {
+	cn     string
+	uri    string // a URI SAN (SPIFFE ID)
+	server bool   // for 127.0.0.1 and localhost
+}
+
+// issue returns PEM certificate and key for spec, and the certificate.
+func (ca *testCA) issue(t *testing.T, spec certSpec) (certPEM, keyPEM []byte, cert *x509.Certificate) {
+	t.Helper()
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tmpl := &x509.Certificate{
+		SerialNumber: nextSerial(),
+		Subject:      pkix.Name{CommonName: spec.cn},
+		NotBefore:    time.Now().Add(-time.Hour),
+		NotAfter:     time.Now().Add(24 * time.Hour),
+		KeyUsage:     x509.KeyUsageDigitalSignature,
+	}
+	if spec.server {
+		tmpl.ExtKeyUsage = []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth}
+		tmpl.IPAddresses = []net.IP{net.ParseIP("127.0.0.1")}
+		tmpl.DNSNames = []string{"localhost"}
+	} else {
+		tmpl.ExtKeyUsage = []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth}
+	}
+	if spec.uri != "" {
+		u, err := url.Parse(spec.uri)
+		if err != nil {
+			t.Fatal(err)
+		}
+		tmpl.URIs = []*url.URL{u}
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, ca.cert, &key.PublicKey, ca.key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cert, _ = x509.ParseCertificate(der)
+	kder, err := x509.MarshalECPrivateKey(key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}),
+		pem.EncodeToMemory(&pem.Block{Type: "EC PRIVATE KEY", Bytes: kder}), cert
+}
+
+// writeFile replaces path atomically (write and rename), as cert-manager
+// and most deployment tools do.
+func writeFile(t *testing.T, path string, data []byte) {
+	t.Helper()
+	tmp := path + ".tmp"
+	if err := os.WriteFile(tmp, data, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Rename(tmp, path); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// secureOptions configure a secureHarness.
+type secureOptions struct {
+	tls          bool // serve TLS with the harness's server certificate
+	clientCA     bool // require (or, with tokens, verify) client certificates
+	tokens       []TokenEntry
+	admins       []string
+	allowed      map[string][]string
+	quotas       Quotas
+	auditKey     []byte
+	maxRecvBytes int
+}
+
+// secureHarness is a broker on its own PostgreSQL target and bbolt file,
+// served over real TCP on loopback with the production authenticator,
+// authorizer, quotas and audit log.
+type secureHarness struct {
+	target    *pgtest.Target
+	broker    *broker.Broker
+	ca        *testCA
+	dir       string
+	certFile  string
+	keyFile   string
+	caFile    string
+	certs     *CertReloader
+	addr      string
+	auditPath string
+	audit     *audit.Log
+	logs      *syncBuffer
+}
+
+func newSecureHarness(t *testing.T, o secureOptions) *secureHarness {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	h := &secureHarness{logs: &syncBuffer{}, dir: t.TempDir()}
+	logger := slog.New(slog.NewTextHandler(h.logs, &slog.HandlerOptions{Level: slog.LevelDebug}))
+
+	h.target = pgtest.Server(t).NewTarget(t, pgtest.TargetOptions{})
+	engCfg := h.target.EngineConfig()
+	engCfg.Logger = logger
+	eng, err := postgres.New(ctx, engCfg)
+	if err != nil {
+		t.Fatalf("postgres.New: %v", err)
+	}
+	t.Cleanup(eng.Close)
+	st, err := store.Open(filepath.Join(h.dir, "leases.db"), store.Options{})
+	if err != nil {
+		t.Fatalf("store.Open: %v", err)
+	}
+	t.Cleanup(func() { _ = st.Close() })
+
+	h.auditPath = filepath.Join(h.dir, "audit.log")
+	h.audit, err = audit.Open(h.auditPath, audit.Options{HMACKey: o.auditKey, Logger: logger})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = h.audit.Close() })
+
+	readOnly := h.target.ProxyRoles["read_only"]
+	updater := h.target.ProxyRoles["updater"]
+	b, err := broker.New(broker.Config{
+		Store:     st,
+		Databases: map[string]broker.Database{"main": eng},
+		Roles: []broker.Role{
+			{Name: roleReadOnly, Target: "main", ProxyRole: readOnly, DefaultTTL: 10 * time.Minute, MaxTTL: time.Hour},
+			{Name: "updater", Target: "main", ProxyRole: updater, DefaultTTL: 10 * time.Minute, MaxTTL: time.Hour},
+		},
+		Logger:  logger,
+		Auditor: h.audit,
+	})
+	if err != nil {
+		t.Fatalf("broker.New: %v", err)
+	}
+	if err := b.Start(ctx); err != nil {
+		t.Fatalf("broker.Start: %v", err)
+	}
+	t.Cleanup(func() { _ = b.Close() })
+	h.broker = b
+
+	authn, err := NewPolicyAuthenticator(o.tokens, o.admins)
+	if err != nil {
+		t.Fatal(err)
+	}
+	authz, err := NewPolicyAuthorizer(o.allowed)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var opts []grpc.ServerOption
+	h.ca = newTestCA(t, "credbroker test CA")
+	if o.tls {
+		h.certFile, h.keyFile = filepath.Join(h.dir, "server.crt"), filepath.Join(h.dir, "server.key")
+		certPEM, keyPEM, _ := h.ca.issue(t, certSpec{cn: "brokerd", server: true})
+		writeFile(t, h.certFile, certPEM)
+		writeFile(t, h.keyFile, keyPEM)
+		files := TLSFiles{CertFile: h.certFile, KeyFile: h.keyFile, ClientCertOptional: len(o.tokens) > 0}
+		if o.clientCA {
+			h.caFile = filepath.Join(h.dir, "client-ca.crt")
+			writeFile(t, h.caFile, h.ca.pem)
+			files.ClientCAFile = h.caFile
+		}
+		h.certs, err = NewCertReloader(files, logger, func(err error) {
+			rec := audit.Record{Event: audit.EventTLSReload, Outcome: audit.OutcomeOK}
+			if err != nil {
+				rec.Outcome, rec.Message = audit.OutcomeError, err.Error()
+			}
+			h.audit.Record(rec)
+		})
+		if err != nil {
+			t.Fatal(err)
+		}
+		opts = append(opts, grpc.Creds(credentials.NewTLS(h.certs.ServerConfig())))
+	}
+	gs := NewGRPCServer(Config{
+		Broker:         b,
+		Authenticator:  authn,
+		Authorizer:     authz,
+		Quotas:         o.quotas,
+		Auditor:        h.audit,
+		Logger:         logger,
+		Endpoints:      map[string]broker.Endpoint{"main": eng.Endpoint()},
+		SSLMode:        "disable",
+		MaxRecvMsgSize: o.maxRecvBytes,
+	}, opts...)
+	lis, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	h.addr = lis.Addr().String()
+	go func() { _ = gs.Serve(lis) }()
+	t.Cleanup(gs.Stop)
+	return h
+}
+
+// clientCreds describes how a test client connects.
+type clientCreds struct {
+	cert  *certSpec // a client certificate from the harness's CA
+	ca    *testCA   // sign the client certificate with this CA instead
+	token string
+}
+
+// dial connects to the harness as described; plaintext when the harness
+// serves no TLS.
+func (h *secureHarness) dial(t *testing.T, c clientCreds) *grpc.ClientConn {
+	t.Helper()
+	var opts []grpc.DialOption
+	if h.certs != nil {
+		cfg := &tls.Config{RootCAs: x509.NewCertPool(), ServerName: "127.0.0.1", MinVersion: tls.VersionTLS12}
+		cfg.RootCAs.AddCert(h.ca.cert)
+		if c.cert != nil {
+			ca := h.ca
+			if c.ca != nil {
+				ca = c.ca
+			}
+			certPEM, keyPEM, _ := ca.issue(t, *c.cert)
+			pair, err := tls.X509KeyPair(certPEM, keyPEM)
+			if err != nil {
+				t.Fatal(err)
+			}
+			cfg.Certificates = []tls.Certificate{pair}
+		}
+		opts = append(opts, grpc.WithTransportCredentials(credentials.NewTLS(cfg)))
+	} else {
+		opts = append(opts, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	}
+	if c.token != "" {
+		opts = append(opts, grpc.WithPerRPCCredentials(testBearer(c.token)))
+	}
+	conn, err := grpc.NewClient("passthrough:///"+h.addr, opts...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = conn.Close() })
+	return conn
+}
+
+func (h *secureHarness) clients(t *testing.T, c clientCreds) (pb.CredentialServiceClient, pb.AdminServiceClient) {
+	conn := h.dial(t, c)
+	return pb.NewCredentialServiceClient(conn), pb.NewAdminServiceClient(conn)
+}
+
+// auditRecords reads the audit log so far, failing the test if its chain
+// does not verify.
+func (h *secureHarness) auditRecords(t *testing.T, key []byte) []audit.Record {
+	t.Helper()
+	data, err := os.ReadFile(h.auditPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := audit.Verify(bytesReader(data), key); err != nil {
+		t.Fatalf("audit log does not verify: %v", err)
+	}
+	return parseRecords(t, data)
+}
+
+type testBearer string
+
+func (b testBearer) GetRequestMetadata(context.Context, ...string) (map[string]string, error) {
+	return map[string]string{"authorization": "Bearer " + string(b)}, nil
+}
+
+// RequireTransportSecurity is false so tests can send tokens to the
+// plaintext harness too (the server is what is under test).
+func (testBearer) RequireTransportSecurity() bool { return false }
