@@ -248,7 +248,16 @@ func TestKeeperRotatesBeforeMaxTTL(t *testing.T) {
 		RotateBefore: 2 * time.Second,
 	})
 	first, oldCred, _ := k.Current()
-	rot, _ := nextEvent(t, k, 20*time.Second, credbroker.EventRotated)
+	rot, before := nextEvent(t, k, 20*time.Second, credbroker.EventRotated)
+	sawMax := false
+	for _, ev := range before {
+		sawMax = sawMax || (ev.Type == credbroker.EventMaxTTLReached && ev.Lease.ID == first.ID)
+	}
+	if !sawMax {
+		// Issued at its max TTL, the lease cannot grow: the broker says so
+		// on the first renewal, long before the rotation.
+		t.Errorf("no MAX_TTL_REACHED for %s before the rotation (saw %v)", first.ID, eventTypes(before))
+	}
 	if rot.Old == nil || rot.Old.ID != first.ID || rot.Credential == nil || rot.Lease.ID == first.ID {
 		t.Fatalf("rotation event %+v", rot)
 	}

@@ -335,6 +335,24 @@ while :; do sleep 0.05; done`
 	}
 }
 
+// TestAgentExecRestartOnRotate: with --on-rotate restart the child is
+// started again with the new credential in its environment.
+func TestAgentExecRestartOnRotate(t *testing.T) {
+	b := brokertest.Start(t, brokertest.Options{Roles: []brokertest.Role{{Name: "short", DefaultTTL: 4 * time.Second, MaxTTL: 4 * time.Second}}})
+	marks := filepath.Join(t.TempDir(), "marks")
+	t.Setenv("MARKS", marks)
+	ra := startAgent(t, "--broker", b.Addr, "--role", "short", "--overlap", "1s", "--rotate-before", "2s",
+		"--on-rotate", "restart", "--", "/bin/sh", "-c", `echo "user=$PGUSER" >> "$MARKS"; trap 'exit 0' TERM; while :; do sleep 0.05; done`)
+	waitFile(t, marks, func(b []byte) bool { return strings.HasPrefix(string(b), "user=") })
+	cur, _, _ := ra.a.keeper.Current()
+	first := cur.Username
+	rot, _ := ra.waitEvent(t, credbroker.EventRotated, 20*time.Second)
+	got := string(waitFile(t, marks, func(b []byte) bool { return strings.Contains(string(b), "user="+rot.Lease.Username+"\n") }))
+	if !strings.HasPrefix(got, "user="+first+"\n") {
+		t.Fatalf("child starts: %q; want %s, then %s", got, first, rot.Lease.Username)
+	}
+}
+
 func TestConfigFileAndFlags(t *testing.T) {
 	dir := t.TempDir()
 	path := filepath.Join(dir, "agent.yaml")
