@@ -76,7 +76,7 @@ type KeeperOptions struct {
 	Overlap time.Duration
 	// RotateBefore is how long before the lease's max expiry the Keeper
 	// issues its successor (default: twice the Overlap, at least a tenth
-	// of the lease's lifetime, at most half of it).
+	// of the lease's lifetime). It is capped at half the lifetime.
 	RotateBefore time.Duration
 	// KeepRetired lets a retired lease run out instead of revoking it.
 	KeepRetired bool
@@ -373,8 +373,10 @@ func (r *keeperRun) schedule(l Lease) {
 	before := r.k.opts.RotateBefore
 	if before <= 0 {
 		before = max(2*r.k.opts.Overlap, life/10)
-		before = min(before, life/2)
 	}
+	// Never more than half the lifetime: a successor due at once would be
+	// due at once again, issuing without end.
+	before = min(before, life/2)
 	r.rotateAt = l.MaxExpireTime.Add(-before)
 }
 
