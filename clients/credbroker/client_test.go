@@ -319,6 +319,7 @@ func TestRevokeOnDisconnect(t *testing.T) {
 	nextEvent(t, kGoes, 10*time.Second, credbroker.EventRenewed)
 	gone, goneCred, _ := kGoes.Current()
 	// The sidecar dies: its stream ends, and nobody revokes.
+	closedAt := time.Now()
 	cancel()
 	<-runDone
 	_ = goes.Close()
@@ -330,6 +331,11 @@ func TestRevokeOnDisconnect(t *testing.T) {
 			t.Fatal(err)
 		}
 		if l.State == credbroker.StateRevoked {
+			// Not before the grace period: the stream closed after
+			// closedAt, and the grace runs from then.
+			if l.EndTime.Before(closedAt.Add(2 * time.Second)) {
+				t.Fatalf("revoked at %v, before the 2s grace after the stream closed at %v", l.EndTime, closedAt)
+			}
 			break
 		}
 		if time.Now().After(deadline) {
