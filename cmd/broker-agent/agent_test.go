@@ -236,7 +236,9 @@ func TestAgentRendersFreshCredentialAfterAdminRevoke(t *testing.T) {
 	if n, err := admin.RevokeLeases(ctx, credbroker.RevokeSelector{LeaseIDs: []string{lease.ID}}); err != nil || n != 1 {
 		t.Fatalf("RevokeLeases = %d, %v", n, err)
 	}
+	revokedAt := time.Now()
 	ev, _ := ra.waitEvent(t, credbroker.EventRevoked, 5*time.Second)
+	t.Logf("REVOKED heard %v after RevokeLeases returned", time.Since(revokedAt).Round(time.Millisecond))
 	if ev.Lease.ID != lease.ID {
 		t.Fatalf("REVOKED for %s, want %s", ev.Lease.ID, lease.ID)
 	}
