@@ -61,6 +61,7 @@ func (v *validator) security(f *File, roles []broker.Role) Security {
 	var s Security
 	if f.TLS != nil {
 		p := "tls"
+		errsBefore := len(v.errs)
 		t := &TLS{}
 		if f.TLS.CertFile == "" {
 			v.errorf(p+".cert_file", "required (the server certificate, PEM)")
@@ -75,6 +76,14 @@ func (v *validator) security(f *File, roles []broker.Role) Security {
 		}
 		if f.TLS.ClientCAFile != "" {
 			t.ClientCAFile = v.readableFile(p+".client_ca_file", f.path(f.TLS.ClientCAFile))
+		}
+		// Load the files now, so `brokerd check` finds a key that does not
+		// match its certificate before a restart does. brokerd loads them
+		// again to serve (and whenever they change).
+		if len(v.errs) == errsBefore && t.CertFile != "" && t.KeyFile != "" {
+			if _, err := server.NewCertReloader(server.TLSFiles{CertFile: t.CertFile, KeyFile: t.KeyFile, ClientCAFile: t.ClientCAFile}, nil, nil); err != nil {
+				v.errorf(p, "%v", err)
+			}
 		}
 		s.TLS = t
 	}
