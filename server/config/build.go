@@ -8,7 +8,6 @@ import (
 
 	"github.com/credbroker/credbroker/audit"
 	"github.com/credbroker/credbroker/broker"
-	"github.com/credbroker/credbroker/broker/postgres"
 	"github.com/credbroker/credbroker/store"
 )
 
@@ -23,6 +22,8 @@ type Runtime struct {
 	Databases map[string]broker.Database
 	// Endpoints maps target names to where issued users connect.
 	Endpoints map[string]broker.Endpoint
+	// RootCredentials re-reads and rotates the targets' admin passwords.
+	RootCredentials *RootCredentials
 	// Audit is the audit log (nil when audit.path is not set). The broker
 	// writes lifecycle events to it; the gRPC server, its requests.
 	Audit *audit.Log
@@ -55,7 +56,8 @@ func Build(ctx context.Context, cfg *Config, logger *slog.Logger) (*Runtime, err
 		return nil, fmt.Errorf("store.path: %w", err)
 	}
 
-	if err := connectTargets(ctx, cfg, logger, rt.Databases, rt.Endpoints); err != nil {
+	rt.RootCredentials = newRootCredentials(logger)
+	if err := connectTargets(ctx, cfg, logger, rt.Databases, rt.Endpoints, rt.RootCredentials); err != nil {
 		return nil, err
 	}
 	if err := checkProxyRoles(ctx, cfg, rt.Databases); err != nil {
@@ -143,7 +145,7 @@ func CheckTargets(ctx context.Context, cfg *Config, logger *slog.Logger) error {
 			db.Close()
 		}
 	}()
-	if err := connectTargets(ctx, cfg, logger, dbs, map[string]broker.Endpoint{}); err != nil {
+	if err := connectTargets(ctx, cfg, logger, dbs, map[string]broker.Endpoint{}, nil); err != nil {
 		return err
 	}
 	return checkProxyRoles(ctx, cfg, dbs)
@@ -151,16 +153,10 @@ func CheckTargets(ctx context.Context, cfg *Config, logger *slog.Logger) error {
 
 // connectTargets opens one engine per target into dbs (so the caller can
 // close what was opened even on error).
-func connectTargets(ctx context.Context, cfg *Config, logger *slog.Logger, dbs map[string]broker.Database, endpoints map[string]broker.Endpoint) error {
+// rc, if set, receives each target's password source (see connectTarget).
+func connectTargets(ctx context.Context, cfg *Config, logger *slog.Logger, dbs map[string]broker.Database, endpoints map[string]broker.Endpoint, rc *RootCredentials) error {
 	for i, t := range cfg.Targets {
-		engine, err := postgres.New(ctx, postgres.Config{
-			URL:            t.URL,
-			Password:       t.Password.Reveal(),
-			MarkerRole:     t.MarkerRole,
-			MaxConns:       int32(t.MaxConns),
-			ConnectTimeout: t.ConnectTimeout,
-			Logger:         logger.With("target", t.Name),
-		})
+		engine, err := connectTarget(ctx, t, logger, rc)
 		if err != nil {
 			// The engine's errors never hold the password or the DSN.
 			return fmt.Errorf("targets[%d] (%s): %w", i, t.Name, err)

@@ -86,8 +86,15 @@ type Target struct {
 	// Password is the admin password, read from PasswordSource.
 	Password Secret
 	// PasswordSource says where Password came from ("file /path",
-	// "env NAME"), for logs.
+	// "env NAME", "vault ..."), for logs.
 	PasswordSource string
+	// PasswordFile or PasswordEnv or Vault is the source: a rotation
+	// writes the new password back to a file or Vault (see
+	// secret_rotate.go). With Vault, Password is empty: brokerd reads it
+	// when it connects.
+	PasswordFile string
+	PasswordEnv  string
+	Vault        *Vault
 	// MarkerRole is the NOLOGIN role every issued user is made a member of.
 	MarkerRole string
 	// MaxConns caps the admin connection pool.

@@ -261,7 +261,7 @@ roles:`, 1),
 		{
 			name: "both password sources",
 			yaml: strings.Replace(validYAML, "    password_file: main.password\n", "    password_file: main.password\n    password_env: X\n", 1),
-			want: []string{"targets[0]: set password_file or password_env, not both"},
+			want: []string{"targets[0]: set one of password_file, password_env and vault, not several"},
 		},
 		{
 			name: "password file missing",

@@ -64,13 +64,15 @@ type StoreFile struct {
 
 // TargetFile is one entry of targets.
 type TargetFile struct {
-	Name           string `yaml:"name"`
-	URL            string `yaml:"url"`
-	PasswordFile   string `yaml:"password_file"`
-	PasswordEnv    string `yaml:"password_env"`
-	MarkerRole     string `yaml:"marker_role"`
-	MaxConns       *int   `yaml:"max_conns"`
-	ConnectTimeout string `yaml:"connect_timeout"`
+	Name         string `yaml:"name"`
+	URL          string `yaml:"url"`
+	PasswordFile string `yaml:"password_file"`
+	PasswordEnv  string `yaml:"password_env"`
+	// Vault is the third source of the admin password (see vault.go).
+	Vault          *VaultFile `yaml:"vault"`
+	MarkerRole     string     `yaml:"marker_role"`
+	MaxConns       *int       `yaml:"max_conns"`
+	ConnectTimeout string     `yaml:"connect_timeout"`
 }
 
 // RoleFile is one entry of roles.

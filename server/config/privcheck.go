@@ -62,7 +62,7 @@ func CheckPrivileges(ctx context.Context, cfg *Config, logger *slog.Logger, opts
 			db.Close()
 		}
 	}()
-	if err := connectTargets(ctx, cfg, logger, dbs, map[string]broker.Endpoint{}); err != nil {
+	if err := connectTargets(ctx, cfg, logger, dbs, map[string]broker.Endpoint{}, nil); err != nil {
 		return nil, err
 	}
 	return checkPrivileges(ctx, cfg, dbs, opts)

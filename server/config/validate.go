@@ -167,15 +167,26 @@ func (v *validator) targets(f *File) []Target {
 			v.errorf(p+".marker_role", "%q is the admin user of the target; the marker role must be a NOLOGIN role of its own", t.MarkerRole)
 		}
 
+		sources := 0
+		for _, set := range []bool{tf.PasswordFile != "", tf.PasswordEnv != "", tf.Vault != nil} {
+			if set {
+				sources++
+			}
+		}
 		switch {
-		case tf.PasswordFile != "" && tf.PasswordEnv != "":
-			v.errorf(p, "set password_file or password_env, not both")
+		case sources > 1:
+			v.errorf(p, "set one of password_file, password_env and vault, not several")
 		case tf.PasswordFile != "":
-			t.Password, t.PasswordSource = v.passwordFile(p+".password_file", f.path(tf.PasswordFile))
+			t.PasswordFile = f.path(tf.PasswordFile)
+			t.Password, t.PasswordSource = v.passwordFile(p+".password_file", t.PasswordFile)
 		case tf.PasswordEnv != "":
+			t.PasswordEnv = tf.PasswordEnv
 			t.Password, t.PasswordSource = v.passwordEnv(p+".password_env", tf.PasswordEnv)
+		case tf.Vault != nil:
+			t.Vault = v.vault(p+".vault", f, tf.Vault)
+			t.PasswordSource = t.Vault.String()
 		default:
-			v.errorf(p, "no admin password: set password_file (a file of mode 0600) or password_env (an environment variable)")
+			v.errorf(p, "no admin password: set password_file (a file of mode 0600), password_env (an environment variable) or vault (a KV v2 secret)")
 		}
 		out = append(out, t)
 	}

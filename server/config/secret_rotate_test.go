@@ -1,0 +1,381 @@
+package config
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+
+	"github.com/credbroker/credbroker/broker/postgres"
+	"github.com/credbroker/credbroker/internal/pgtest"
+	"github.com/credbroker/credbroker/internal/vaultkv/kvtest"
+)
+
+// rootFixture is a pgtest target whose admin password lives in a file or
+// in the in-process Vault.
+type rootFixture struct {
+	tg    *pgtest.Target
+	kind  string // "file" or "vault"
+	dir   string
+	vault *kvtest.Server
+	yaml  string
+	logs  *lockedBuffer
+}
+
+type lockedBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (l *lockedBuffer) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.Write(p)
+}
+
+func (l *lockedBuffer) String() string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.String()
+}
+
+const vaultPath = "credbroker/main"
+
+func newRootFixture(t *testing.T, kind string) *rootFixture {
+	t.Helper()
+	f := &rootFixture{tg: pgtest.Server(t).NewTarget(t, pgtest.TargetOptions{}), kind: kind, dir: t.TempDir(), logs: &lockedBuffer{}}
+	var source string
+	switch kind {
+	case "file":
+		source = fmt.Sprintf("password_file: %q", filepath.Join(f.dir, "admin.password"))
+	case "vault":
+		f.vault = kvtest.New(t, time.Hour)
+		tokenFile := filepath.Join(f.dir, "vault.token")
+		if err := os.WriteFile(tokenFile, []byte(f.vault.RootToken+"\n"), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		source = fmt.Sprintf("vault: {address: %q, path: %s, auth: token, token_file: %q}", f.vault.URL, vaultPath, tokenFile)
+	}
+	f.setStored(t, f.tg.AdminPassword, "")
+	f.yaml = fmt.Sprintf(`store: {path: %q, open_timeout: 200ms}
+targets:
+  - name: main
+    url: %q
+    marker_role: %s
+    %s
+roles:
+  - {name: read_only, target: main, proxy_role: %s, default_ttl: 1m, max_ttl: 5m}
+`, filepath.Join(f.dir, "leases.db"), f.tg.AdminURL, f.tg.MarkerRole, source, f.tg.ProxyRoles["read_only"])
+	return f
+}
+
+// setStored writes the current password and a pending one ("" for none)
+// where the source keeps them, as a rotation would.
+func (f *rootFixture) setStored(t *testing.T, current, pending string) {
+	t.Helper()
+	switch f.kind {
+	case "file":
+		path := filepath.Join(f.dir, "admin.password")
+		if err := os.WriteFile(path, []byte(current+"\n"), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		_ = os.Remove(path + pendingSuffix)
+		if pending != "" {
+			if err := os.WriteFile(path+pendingSuffix, []byte(pending+"\n"), 0o600); err != nil {
+				t.Fatal(err)
+			}
+		}
+	case "vault":
+		data := map[string]string{"password": current, "owner": "dba-team"}
+		if pending != "" {
+			data["password"+pendingSuffix] = pending
+		}
+		f.vault.Put(vaultPath, data)
+	}
+}
+
+// stored returns what the source holds.
+func (f *rootFixture) stored(t *testing.T) (current, pending string) {
+	t.Helper()
+	switch f.kind {
+	case "file":
+		path := filepath.Join(f.dir, "admin.password")
+		cur, err := readPasswordFile(path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if fi, err := os.Stat(path); err != nil || fi.Mode().Perm() != 0o600 {
+			t.Errorf("password file mode %v (%v), want 0600", fi.Mode(), err)
+		}
+		pend, err := readPasswordFile(path + pendingSuffix)
+		if err != nil && !os.IsNotExist(err) {
+			t.Fatal(err)
+		}
+		return cur, pend
+	default:
+		data, _ := f.vault.Get(vaultPath)
+		if data["owner"] != "dba-team" {
+			t.Errorf("another field of the Vault secret was lost: %v", data)
+		}
+		return data["password"], data["password"+pendingSuffix]
+	}
+}
+
+func (f *rootFixture) build(t *testing.T) (*Runtime, error) {
+	t.Helper()
+	file, err := Parse([]byte(f.yaml))
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg, err := file.Validate()
+	if err != nil {
+		t.Fatal(err)
+	}
+	rt, err := Build(context.Background(), cfg, slog.New(slog.NewTextHandler(f.logs, nil)))
+	if err == nil {
+		t.Cleanup(func() { rt.Close() })
+	}
+	return rt, err
+}
+
+// canLogin reports whether the admin logs in with password.
+func (f *rootFixture) canLogin(t *testing.T, password string) bool {
+	t.Helper()
+	conn, err := pgx.Connect(context.Background(), f.tg.URL(f.tg.AdminUser, password))
+	if err != nil {
+		return false
+	}
+	conn.Close(context.Background())
+	return true
+}
+
+// alterAdmin sets the admin's password as a superuser would.
+func (f *rootFixture) alterAdmin(t *testing.T, password string) {
+	t.Helper()
+	conn, err := pgx.Connect(context.Background(), f.tg.SuperURL)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close(context.Background())
+	v, err := postgres.ScramSHA256Verifier(password)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := conn.Exec(context.Background(), "ALTER ROLE "+postgres.QuoteIdentifier(f.tg.AdminUser)+" PASSWORD '"+v+"'"); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func TestRotateRoot(t *testing.T) {
+	for _, kind := range []string{"file", "vault"} {
+		t.Run(kind, func(t *testing.T) {
+			t.Parallel()
+			f := newRootFixture(t, kind)
+			old := f.tg.AdminPassword
+			rt, err := f.build(t)
+			if err != nil {
+				t.Fatalf("Build: %v", err)
+			}
+			res, err := rt.RootCredentials.Rotate(context.Background(), "main")
+			if err != nil {
+				t.Fatalf("Rotate: %v", err)
+			}
+			if res.Target != "main" || !strings.HasPrefix(res.Source, kind) {
+				t.Errorf("result %+v", res)
+			}
+			cur, pend := f.stored(t)
+			if cur == old || len(cur) != rotatePasswordLen || pend != "" {
+				t.Fatalf("after Rotate the source holds a %d-byte password (changed: %v) and pending %v", len(cur), cur != old, pend != "")
+			}
+			if !f.canLogin(t, cur) || f.canLogin(t, old) {
+				t.Fatalf("after Rotate: new password logs in %v, old one %v", f.canLogin(t, cur), f.canLogin(t, old))
+			}
+			// The running broker keeps working, and a restart reads the
+			// new password.
+			if err := rt.Databases["main"].CheckProxyRole(context.Background(), f.tg.ProxyRoles["read_only"]); err != nil {
+				t.Errorf("engine after Rotate: %v", err)
+			}
+			rt.Close()
+			if _, err := f.build(t); err != nil {
+				t.Fatalf("Build after Rotate: %v", err)
+			}
+			if strings.Contains(f.logs.String(), cur) || strings.Contains(f.logs.String(), old) {
+				t.Error("a password reached the log")
+			}
+		})
+	}
+}
+
+// A crash between the steps of a rotation leaves the new password as
+// pending; the next start settles it whichever side of ALTER ROLE the crash
+// was on.
+func TestRotateRootCrashRecovery(t *testing.T) {
+	for _, kind := range []string{"file", "vault"} {
+		for _, altered := range []bool{false, true} {
+			name := kind + "/before ALTER ROLE"
+			if altered {
+				name = kind + "/after ALTER ROLE"
+			}
+			t.Run(name, func(t *testing.T) {
+				t.Parallel()
+				f := newRootFixture(t, kind)
+				old, next := f.tg.AdminPassword, "Pending"+randomFrom("abcdef0123456789", 20)
+				f.setStored(t, old, next)
+				want := old
+				if altered {
+					f.alterAdmin(t, next)
+					want = next
+				}
+				if _, err := f.build(t); err != nil {
+					t.Fatalf("Build with a pending rotation: %v", err)
+				}
+				cur, pend := f.stored(t)
+				if cur != want || pend != "" {
+					t.Fatalf("after recovery the source holds the %s password and pending %v",
+						map[bool]string{true: "expected", false: "wrong"}[cur == want], pend != "")
+				}
+			})
+		}
+	}
+}
+
+// Vault failing between ALTER ROLE and storing the new password: the
+// rotation reports it, the broker keeps working, and the next start
+// completes it.
+func TestRotateRootCommitFails(t *testing.T) {
+	t.Parallel()
+	f := newRootFixture(t, "vault")
+	rt, err := f.build(t)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var writes atomic.Int32
+	f.vault.FailWrites(func(string) bool { return writes.Add(1) == 2 }) // the stage passes, the commit fails
+	_, err = rt.RootCredentials.Rotate(context.Background(), "main")
+	if err == nil || !strings.Contains(err.Error(), "recorded as pending") {
+		t.Fatalf("Rotate: %v, want the commit failure", err)
+	}
+	cur, pend := f.stored(t)
+	if cur != f.tg.AdminPassword || pend == "" || !f.canLogin(t, pend) {
+		t.Fatalf("after the failed commit: current unchanged %v, pending logs in %v", cur == f.tg.AdminPassword, pend != "" && f.canLogin(t, pend))
+	}
+	if strings.Contains(err.Error(), pend) {
+		t.Error("the error holds the new password")
+	}
+	f.vault.FailWrites(nil)
+	rt.Close()
+	if _, err := f.build(t); err != nil {
+		t.Fatalf("Build after the failed commit: %v", err)
+	}
+	if cur2, pend2 := f.stored(t); cur2 != pend || pend2 != "" {
+		t.Fatal("the next start did not complete the rotation")
+	}
+}
+
+func TestRotateRootRefused(t *testing.T) {
+	f := newRootFixture(t, "file")
+	t.Setenv("CB_TEST_ADMIN_PASSWORD", f.tg.AdminPassword)
+	f.yaml = strings.Replace(f.yaml, fmt.Sprintf("password_file: %q", filepath.Join(f.dir, "admin.password")), "password_env: CB_TEST_ADMIN_PASSWORD", 1)
+	rt, err := f.build(t)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := rt.RootCredentials.Rotate(context.Background(), "main"); !errors.Is(err, ErrRotateNotWritable) {
+		t.Errorf("Rotate of an env password: %v, want ErrRotateNotWritable", err)
+	}
+	if _, err := rt.RootCredentials.Rotate(context.Background(), "nope"); !errors.Is(err, ErrRotateUnknownTarget) {
+		t.Errorf("Rotate of an unknown target: %v", err)
+	}
+	if !f.canLogin(t, f.tg.AdminPassword) {
+		t.Error("a refused rotation changed the password")
+	}
+}
+
+func TestRefreshRootPassword(t *testing.T) {
+	for _, kind := range []string{"file", "vault"} {
+		t.Run(kind, func(t *testing.T) {
+			t.Parallel()
+			f := newRootFixture(t, kind)
+			rt, err := f.build(t)
+			if err != nil {
+				t.Fatal(err)
+			}
+			ctx := context.Background()
+			if got := rt.RootCredentials.Refresh(ctx); len(got) != 0 {
+				t.Errorf("Refresh with nothing changed: %v", got)
+			}
+			// A DBA rotates by hand: PostgreSQL first, then the source.
+			next := "Manual" + randomFrom("abcdef0123456789", 20)
+			f.alterAdmin(t, next)
+			f.setStored(t, next, "")
+			if got := rt.RootCredentials.Refresh(ctx); len(got) != 1 || got[0] != "main" {
+				t.Fatalf("Refresh after a change: %v", got)
+			}
+			// A password PostgreSQL refuses is not taken.
+			f.setStored(t, "Wrong"+randomFrom("abcdef0123456789", 20), "")
+			if got := rt.RootCredentials.Refresh(ctx); len(got) != 0 {
+				t.Errorf("Refresh took a refused password: %v", got)
+			}
+			if !strings.Contains(f.logs.String(), "PostgreSQL refuses it") {
+				t.Errorf("no warning about the refused password:\n%s", f.logs.String())
+			}
+			// A rotation repairs a source that drifted: it needs only the
+			// engine's connection, and stores a password that logs in.
+			if _, err := rt.RootCredentials.Rotate(ctx, "main"); err != nil {
+				t.Fatalf("Rotate: %v", err)
+			}
+			if cur, _ := f.stored(t); !f.canLogin(t, cur) {
+				t.Error("after Rotate the source holds a password that does not log in")
+			}
+		})
+	}
+}
+
+func TestVaultConfigErrors(t *testing.T) {
+	for _, tc := range []struct {
+		vault string
+		want  string
+	}{
+		{`{path: x, auth: token, token_env: VT}`, "targets[0].vault.address: required"},
+		{`{address: "ftp://v", path: x, auth: token, token_env: VT}`, "targets[0].vault.address: not an http(s) URL"},
+		{`{address: "https://v", auth: token, token_env: VT}`, "targets[0].vault.path: required"},
+		{`{address: "https://v", path: x, auth: ldap}`, `targets[0].vault.auth: "ldap" is not an auth method`},
+		{`{address: "https://v", path: x, auth: token}`, "targets[0].vault: auth needs token_file or token_env"},
+		{`{address: "https://v", path: x, auth: approle, secret_id_env: VT}`, "targets[0].vault.role_id: required"},
+		{`{address: "https://v", path: x, key: pw_pending, auth: token, token_env: VT}`, "targets[0].vault.key"},
+		{`{address: "https://v", path: x, auth: token, token_env: VT, refresh_interval: 0s}`, "targets[0].vault.refresh_interval"},
+	} {
+		t.Run(tc.want, func(t *testing.T) {
+			t.Setenv("VT", "hvs.token")
+			f, err := Parse([]byte("store: {path: /tmp/x.db}\ntargets:\n  - {name: main, url: \"postgres://a@h/d\", vault: " + tc.vault + "}\n" +
+				"roles:\n  - {name: r, target: main, proxy_role: p, default_ttl: 1m, max_ttl: 5m}\n"))
+			if err != nil {
+				t.Fatal(err)
+			}
+			_, err = f.Validate()
+			if err == nil || !strings.Contains(err.Error(), tc.want) {
+				t.Fatalf("Validate: %v, want %q", err, tc.want)
+			}
+		})
+	}
+	// Two sources at once.
+	f, err := Parse([]byte("store: {path: /tmp/x.db}\ntargets:\n  - {name: main, url: \"postgres://a@h/d\", password_env: VT, vault: {address: \"https://v\", path: x, auth: token, token_env: VT}}\n" +
+		"roles:\n  - {name: r, target: main, proxy_role: p, default_ttl: 1m, max_ttl: 5m}\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Setenv("VT", "hvs.token")
+	if _, err := f.Validate(); err == nil || !strings.Contains(err.Error(), "not several") {
+		t.Fatalf("Validate with two sources: %v", err)
+	}
+}
