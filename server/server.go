@@ -74,6 +74,9 @@ type Config struct {
 	// health turns NOT_SERVING and KeepAlive streams end. Without it the
 	// server reports SERVING until it stops.
 	Drainer *Drainer
+	// RootRotator, when set, serves AdminService.RotateRootCredential
+	// (see admin_rotate.go); without it that call is Unimplemented.
+	RootRotator RootRotator
 }
 
 // Validate reports the first invalid field. NewGRPCServer cannot return an
@@ -162,6 +165,7 @@ func NewGRPCServer(cfg Config, opts ...grpc.ServerOption) *grpc.Server {
 		maxStreamLeases: cfg.MaxStreamLeases,
 		auditor:         cfg.Auditor,
 		quota:           newQuotaKeeper(cfg.Quotas),
+		rotator:         cfg.RootRotator,
 	}
 	if c.authn == nil {
 		c.authn = LocalAuthenticator{}
@@ -229,4 +233,5 @@ type core struct {
 	draining        <-chan struct{}
 	auditor         RequestAuditor
 	quota           *quotaKeeper
+	rotator         RootRotator
 }

@@ -144,6 +144,7 @@ unix:/path reaches a unix socket.`,
 		tokenCmd(stdout),
 		c.auditCmd(),
 		c.checkCmd(),
+		c.rotateRootCmd(),
 	)
 	// Cobra's own argument errors should exit 2 like flag errors do.
 	for _, cmd := range root.Commands() {

@@ -146,6 +146,23 @@ func serve(ctx context.Context, rt *config.Runtime, lis net.Listener, log *slog.
 		return err
 	}
 	drainer := server.NewDrainer()
+	var rotator server.RootRotator
+	watchCtx, stopWatch := context.WithCancel(ctx)
+	watchDone := make(chan struct{})
+	if rt.RootCredentials != nil {
+		rotator = rt.RootCredentials
+		// Re-read the admin passwords' sources and keep Vault tokens alive.
+		go func() {
+			defer close(watchDone)
+			rt.RootCredentials.Watch(watchCtx)
+		}()
+	} else {
+		close(watchDone)
+	}
+	defer func() {
+		stopWatch()
+		<-watchDone
+	}()
 	gs := server.NewGRPCServer(server.Config{
 		Broker:        rt.Broker,
 		Authenticator: sec.Authenticator,
@@ -156,6 +173,7 @@ func serve(ctx context.Context, rt *config.Runtime, lis net.Listener, log *slog.
 		Endpoints:     rt.Endpoints,
 		SSLMode:       rt.Config.DSNSSLMode,
 		Drainer:       drainer,
+		RootRotator:   rotator,
 	}, sec.ServerOptions...)
 	if rt.Audit != nil {
 		rt.Audit.Record(audit.Record{Event: audit.EventStart, Outcome: audit.OutcomeOK,

@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/credbroker/credbroker/broker/postgres"
+	"github.com/credbroker/credbroker/server"
 )
 
 // adminEngine is what root-credential handling needs of a target's engine.
@@ -36,6 +37,8 @@ type rootCredential struct {
 	mu     sync.Mutex // one rotation or refresh at a time
 	inUse  string     // the password the engine was last given
 }
+
+var _ server.RootRotator = (*RootCredentials)(nil)
 
 func newRootCredentials(log *slog.Logger) *RootCredentials {
 	return &RootCredentials{log: log, targets: map[string]*rootCredential{}}
@@ -137,7 +140,7 @@ type RotateResult struct {
 
 // ErrRotateUnknownTarget is returned by Rotate for a target brokerd does
 // not serve.
-var ErrRotateUnknownTarget = errors.New("unknown target")
+var ErrRotateUnknownTarget = server.ErrUnknownTarget
 
 // ErrRotateNotWritable is returned by Rotate for a target whose password
 // comes from an environment variable.
@@ -235,6 +238,12 @@ func (c *rootCredential) settle(ctx context.Context, st rootState) (rootState, e
 	default:
 		return st, fmt.Errorf("PostgreSQL accepts neither the current nor the pending admin password at %s", c.src.describe())
 	}
+}
+
+// RotateRoot is Rotate for the gRPC server (server.RootRotator).
+func (rc *RootCredentials) RotateRoot(ctx context.Context, target string) (server.RootRotation, error) {
+	res, err := rc.Rotate(ctx, target)
+	return server.RootRotation{Target: res.Target, Source: res.Source, Time: res.Time}, err
 }
 
 // Refresh re-reads every target's password source once and hands a

@@ -9,6 +9,8 @@ import (
 	"path/filepath"
 	"strings"
 	"time"
+
+	"github.com/credbroker/credbroker/server"
 )
 
 // rootState is what a root-credential source holds: the password the
@@ -35,8 +37,8 @@ type rootSource interface {
 	refreshInterval() time.Duration
 }
 
-var errNotWritable = errors.New("the password comes from an environment variable, which credbroker cannot write back; " +
-	"use password_file or vault to rotate it")
+var errNotWritable = fmt.Errorf("%w: it comes from an environment variable, which credbroker cannot write back; "+
+	"use password_file or vault", server.ErrRotationNotSupported)
 
 // envSource is password_env: read once, never rotated.
 type envSource struct {

@@ -1295,6 +1295,112 @@ func (x *ListRolesResponse) GetRoles() []*Role {
 	return nil
 }
 
+type RotateRootCredentialRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// target is the name of a target in brokerd's configuration.
+	Target        string `protobuf:"bytes,1,opt,name=target,proto3" json:"target,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RotateRootCredentialRequest) Reset() {
+	*x = RotateRootCredentialRequest{}
+	mi := &file_credbroker_v1_credbroker_proto_msgTypes[19]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RotateRootCredentialRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RotateRootCredentialRequest) ProtoMessage() {}
+
+func (x *RotateRootCredentialRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_credbroker_v1_credbroker_proto_msgTypes[19]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RotateRootCredentialRequest.ProtoReflect.Descriptor instead.
+func (*RotateRootCredentialRequest) Descriptor() ([]byte, []int) {
+	return file_credbroker_v1_credbroker_proto_rawDescGZIP(), []int{19}
+}
+
+func (x *RotateRootCredentialRequest) GetTarget() string {
+	if x != nil {
+		return x.Target
+	}
+	return ""
+}
+
+type RotateRootCredentialResponse struct {
+	state  protoimpl.MessageState `protogen:"open.v1"`
+	Target string                 `protobuf:"bytes,1,opt,name=target,proto3" json:"target,omitempty"`
+	// source is where the new password was stored ("file /path", "vault ...").
+	Source        string                 `protobuf:"bytes,2,opt,name=source,proto3" json:"source,omitempty"`
+	RotateTime    *timestamppb.Timestamp `protobuf:"bytes,3,opt,name=rotate_time,json=rotateTime,proto3" json:"rotate_time,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RotateRootCredentialResponse) Reset() {
+	*x = RotateRootCredentialResponse{}
+	mi := &file_credbroker_v1_credbroker_proto_msgTypes[20]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RotateRootCredentialResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RotateRootCredentialResponse) ProtoMessage() {}
+
+func (x *RotateRootCredentialResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_credbroker_v1_credbroker_proto_msgTypes[20]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RotateRootCredentialResponse.ProtoReflect.Descriptor instead.
+func (*RotateRootCredentialResponse) Descriptor() ([]byte, []int) {
+	return file_credbroker_v1_credbroker_proto_rawDescGZIP(), []int{20}
+}
+
+func (x *RotateRootCredentialResponse) GetTarget() string {
+	if x != nil {
+		return x.Target
+	}
+	return ""
+}
+
+func (x *RotateRootCredentialResponse) GetSource() string {
+	if x != nil {
+		return x.Source
+	}
+	return ""
+}
+
+func (x *RotateRootCredentialResponse) GetRotateTime() *timestamppb.Timestamp {
+	if x != nil {
+		return x.RotateTime
+	}
+	return nil
+}
+
 var File_credbroker_v1_credbroker_proto protoreflect.FileDescriptor
 
 const file_credbroker_v1_credbroker_proto_rawDesc = "" +
@@ -1389,7 +1495,14 @@ const file_credbroker_v1_credbroker_proto_rawDesc = "" +
 	"\rrevoked_count\x18\x01 \x01(\x05R\frevokedCount\"\x12\n" +
 	"\x10ListRolesRequest\">\n" +
 	"\x11ListRolesResponse\x12)\n" +
-	"\x05roles\x18\x01 \x03(\v2\x13.credbroker.v1.RoleR\x05roles*\xac\x01\n" +
+	"\x05roles\x18\x01 \x03(\v2\x13.credbroker.v1.RoleR\x05roles\"5\n" +
+	"\x1bRotateRootCredentialRequest\x12\x16\n" +
+	"\x06target\x18\x01 \x01(\tR\x06target\"\x8b\x01\n" +
+	"\x1cRotateRootCredentialResponse\x12\x16\n" +
+	"\x06target\x18\x01 \x01(\tR\x06target\x12\x16\n" +
+	"\x06source\x18\x02 \x01(\tR\x06source\x12;\n" +
+	"\vrotate_time\x18\x03 \x01(\v2\x1a.google.protobuf.TimestampR\n" +
+	"rotateTime*\xac\x01\n" +
 	"\n" +
 	"LeaseState\x12\x1b\n" +
 	"\x17LEASE_STATE_UNSPECIFIED\x10\x00\x12\x16\n" +
@@ -1411,12 +1524,13 @@ const file_credbroker_v1_credbroker_proto_rawDesc = "" +
 	"RenewLease\x12 .credbroker.v1.RenewLeaseRequest\x1a!.credbroker.v1.RenewLeaseResponse\x12T\n" +
 	"\vRevokeLease\x12!.credbroker.v1.RevokeLeaseRequest\x1a\".credbroker.v1.RevokeLeaseResponse\x12T\n" +
 	"\vLookupLease\x12!.credbroker.v1.LookupLeaseRequest\x1a\".credbroker.v1.LookupLeaseResponse\x12R\n" +
-	"\tKeepAlive\x12\x1f.credbroker.v1.KeepAliveRequest\x1a .credbroker.v1.KeepAliveResponse(\x010\x012\x8a\x02\n" +
+	"\tKeepAlive\x12\x1f.credbroker.v1.KeepAliveRequest\x1a .credbroker.v1.KeepAliveResponse(\x010\x012\xfb\x02\n" +
 	"\fAdminService\x12Q\n" +
 	"\n" +
 	"ListLeases\x12 .credbroker.v1.ListLeasesRequest\x1a!.credbroker.v1.ListLeasesResponse\x12W\n" +
 	"\fRevokeLeases\x12\".credbroker.v1.RevokeLeasesRequest\x1a#.credbroker.v1.RevokeLeasesResponse\x12N\n" +
-	"\tListRoles\x12\x1f.credbroker.v1.ListRolesRequest\x1a .credbroker.v1.ListRolesResponseBCZAgithub.com/credbroker/credbroker/proto/credbroker/v1;credbrokerv1b\x06proto3"
+	"\tListRoles\x12\x1f.credbroker.v1.ListRolesRequest\x1a .credbroker.v1.ListRolesResponse\x12o\n" +
+	"\x14RotateRootCredential\x12*.credbroker.v1.RotateRootCredentialRequest\x1a+.credbroker.v1.RotateRootCredentialResponseBCZAgithub.com/credbroker/credbroker/proto/credbroker/v1;credbrokerv1b\x06proto3"
 
 var (
 	file_credbroker_v1_credbroker_proto_rawDescOnce sync.Once
@@ -1431,78 +1545,83 @@ func file_credbroker_v1_credbroker_proto_rawDescGZIP() []byte {
 }
 
 var file_credbroker_v1_credbroker_proto_enumTypes = make([]protoimpl.EnumInfo, 2)
-var file_credbroker_v1_credbroker_proto_msgTypes = make([]protoimpl.MessageInfo, 21)
+var file_credbroker_v1_credbroker_proto_msgTypes = make([]protoimpl.MessageInfo, 23)
 var file_credbroker_v1_credbroker_proto_goTypes = []any{
-	(LeaseState)(0),                 // 0: credbroker.v1.LeaseState
-	(KeepAliveEvent)(0),             // 1: credbroker.v1.KeepAliveEvent
-	(*Credential)(nil),              // 2: credbroker.v1.Credential
-	(*Lease)(nil),                   // 3: credbroker.v1.Lease
-	(*Role)(nil),                    // 4: credbroker.v1.Role
-	(*IssueCredentialRequest)(nil),  // 5: credbroker.v1.IssueCredentialRequest
-	(*IssueCredentialResponse)(nil), // 6: credbroker.v1.IssueCredentialResponse
-	(*RenewLeaseRequest)(nil),       // 7: credbroker.v1.RenewLeaseRequest
-	(*RenewLeaseResponse)(nil),      // 8: credbroker.v1.RenewLeaseResponse
-	(*RevokeLeaseRequest)(nil),      // 9: credbroker.v1.RevokeLeaseRequest
-	(*RevokeLeaseResponse)(nil),     // 10: credbroker.v1.RevokeLeaseResponse
-	(*LookupLeaseRequest)(nil),      // 11: credbroker.v1.LookupLeaseRequest
-	(*LookupLeaseResponse)(nil),     // 12: credbroker.v1.LookupLeaseResponse
-	(*KeepAliveRequest)(nil),        // 13: credbroker.v1.KeepAliveRequest
-	(*KeepAliveResponse)(nil),       // 14: credbroker.v1.KeepAliveResponse
-	(*ListLeasesRequest)(nil),       // 15: credbroker.v1.ListLeasesRequest
-	(*ListLeasesResponse)(nil),      // 16: credbroker.v1.ListLeasesResponse
-	(*RevokeLeasesRequest)(nil),     // 17: credbroker.v1.RevokeLeasesRequest
-	(*RevokeLeasesResponse)(nil),    // 18: credbroker.v1.RevokeLeasesResponse
-	(*ListRolesRequest)(nil),        // 19: credbroker.v1.ListRolesRequest
-	(*ListRolesResponse)(nil),       // 20: credbroker.v1.ListRolesResponse
-	nil,                             // 21: credbroker.v1.Lease.MetadataEntry
-	nil,                             // 22: credbroker.v1.IssueCredentialRequest.MetadataEntry
-	(*timestamppb.Timestamp)(nil),   // 23: google.protobuf.Timestamp
-	(*durationpb.Duration)(nil),     // 24: google.protobuf.Duration
+	(LeaseState)(0),                      // 0: credbroker.v1.LeaseState
+	(KeepAliveEvent)(0),                  // 1: credbroker.v1.KeepAliveEvent
+	(*Credential)(nil),                   // 2: credbroker.v1.Credential
+	(*Lease)(nil),                        // 3: credbroker.v1.Lease
+	(*Role)(nil),                         // 4: credbroker.v1.Role
+	(*IssueCredentialRequest)(nil),       // 5: credbroker.v1.IssueCredentialRequest
+	(*IssueCredentialResponse)(nil),      // 6: credbroker.v1.IssueCredentialResponse
+	(*RenewLeaseRequest)(nil),            // 7: credbroker.v1.RenewLeaseRequest
+	(*RenewLeaseResponse)(nil),           // 8: credbroker.v1.RenewLeaseResponse
+	(*RevokeLeaseRequest)(nil),           // 9: credbroker.v1.RevokeLeaseRequest
+	(*RevokeLeaseResponse)(nil),          // 10: credbroker.v1.RevokeLeaseResponse
+	(*LookupLeaseRequest)(nil),           // 11: credbroker.v1.LookupLeaseRequest
+	(*LookupLeaseResponse)(nil),          // 12: credbroker.v1.LookupLeaseResponse
+	(*KeepAliveRequest)(nil),             // 13: credbroker.v1.KeepAliveRequest
+	(*KeepAliveResponse)(nil),            // 14: credbroker.v1.KeepAliveResponse
+	(*ListLeasesRequest)(nil),            // 15: credbroker.v1.ListLeasesRequest
+	(*ListLeasesResponse)(nil),           // 16: credbroker.v1.ListLeasesResponse
+	(*RevokeLeasesRequest)(nil),          // 17: credbroker.v1.RevokeLeasesRequest
+	(*RevokeLeasesResponse)(nil),         // 18: credbroker.v1.RevokeLeasesResponse
+	(*ListRolesRequest)(nil),             // 19: credbroker.v1.ListRolesRequest
+	(*ListRolesResponse)(nil),            // 20: credbroker.v1.ListRolesResponse
+	(*RotateRootCredentialRequest)(nil),  // 21: credbroker.v1.RotateRootCredentialRequest
+	(*RotateRootCredentialResponse)(nil), // 22: credbroker.v1.RotateRootCredentialResponse
+	nil,                                  // 23: credbroker.v1.Lease.MetadataEntry
+	nil,                                  // 24: credbroker.v1.IssueCredentialRequest.MetadataEntry
+	(*timestamppb.Timestamp)(nil),        // 25: google.protobuf.Timestamp
+	(*durationpb.Duration)(nil),          // 26: google.protobuf.Duration
 }
 var file_credbroker_v1_credbroker_proto_depIdxs = []int32{
-	23, // 0: credbroker.v1.Lease.issue_time:type_name -> google.protobuf.Timestamp
-	23, // 1: credbroker.v1.Lease.expire_time:type_name -> google.protobuf.Timestamp
-	23, // 2: credbroker.v1.Lease.max_expire_time:type_name -> google.protobuf.Timestamp
+	25, // 0: credbroker.v1.Lease.issue_time:type_name -> google.protobuf.Timestamp
+	25, // 1: credbroker.v1.Lease.expire_time:type_name -> google.protobuf.Timestamp
+	25, // 2: credbroker.v1.Lease.max_expire_time:type_name -> google.protobuf.Timestamp
 	0,  // 3: credbroker.v1.Lease.state:type_name -> credbroker.v1.LeaseState
-	21, // 4: credbroker.v1.Lease.metadata:type_name -> credbroker.v1.Lease.MetadataEntry
-	23, // 5: credbroker.v1.Lease.end_time:type_name -> google.protobuf.Timestamp
-	24, // 6: credbroker.v1.Role.default_ttl:type_name -> google.protobuf.Duration
-	24, // 7: credbroker.v1.Role.max_ttl:type_name -> google.protobuf.Duration
-	24, // 8: credbroker.v1.IssueCredentialRequest.ttl:type_name -> google.protobuf.Duration
-	22, // 9: credbroker.v1.IssueCredentialRequest.metadata:type_name -> credbroker.v1.IssueCredentialRequest.MetadataEntry
+	23, // 4: credbroker.v1.Lease.metadata:type_name -> credbroker.v1.Lease.MetadataEntry
+	25, // 5: credbroker.v1.Lease.end_time:type_name -> google.protobuf.Timestamp
+	26, // 6: credbroker.v1.Role.default_ttl:type_name -> google.protobuf.Duration
+	26, // 7: credbroker.v1.Role.max_ttl:type_name -> google.protobuf.Duration
+	26, // 8: credbroker.v1.IssueCredentialRequest.ttl:type_name -> google.protobuf.Duration
+	24, // 9: credbroker.v1.IssueCredentialRequest.metadata:type_name -> credbroker.v1.IssueCredentialRequest.MetadataEntry
 	3,  // 10: credbroker.v1.IssueCredentialResponse.lease:type_name -> credbroker.v1.Lease
 	2,  // 11: credbroker.v1.IssueCredentialResponse.credential:type_name -> credbroker.v1.Credential
-	24, // 12: credbroker.v1.RenewLeaseRequest.increment:type_name -> google.protobuf.Duration
+	26, // 12: credbroker.v1.RenewLeaseRequest.increment:type_name -> google.protobuf.Duration
 	3,  // 13: credbroker.v1.RenewLeaseResponse.lease:type_name -> credbroker.v1.Lease
 	3,  // 14: credbroker.v1.RevokeLeaseResponse.lease:type_name -> credbroker.v1.Lease
 	3,  // 15: credbroker.v1.LookupLeaseResponse.lease:type_name -> credbroker.v1.Lease
-	24, // 16: credbroker.v1.KeepAliveRequest.increment:type_name -> google.protobuf.Duration
+	26, // 16: credbroker.v1.KeepAliveRequest.increment:type_name -> google.protobuf.Duration
 	3,  // 17: credbroker.v1.KeepAliveResponse.lease:type_name -> credbroker.v1.Lease
 	1,  // 18: credbroker.v1.KeepAliveResponse.event:type_name -> credbroker.v1.KeepAliveEvent
 	0,  // 19: credbroker.v1.ListLeasesRequest.state:type_name -> credbroker.v1.LeaseState
 	3,  // 20: credbroker.v1.ListLeasesResponse.leases:type_name -> credbroker.v1.Lease
 	4,  // 21: credbroker.v1.ListRolesResponse.roles:type_name -> credbroker.v1.Role
-	5,  // 22: credbroker.v1.CredentialService.IssueCredential:input_type -> credbroker.v1.IssueCredentialRequest
-	7,  // 23: credbroker.v1.CredentialService.RenewLease:input_type -> credbroker.v1.RenewLeaseRequest
-	9,  // 24: credbroker.v1.CredentialService.RevokeLease:input_type -> credbroker.v1.RevokeLeaseRequest
-	11, // 25: credbroker.v1.CredentialService.LookupLease:input_type -> credbroker.v1.LookupLeaseRequest
-	13, // 26: credbroker.v1.CredentialService.KeepAlive:input_type -> credbroker.v1.KeepAliveRequest
-	15, // 27: credbroker.v1.AdminService.ListLeases:input_type -> credbroker.v1.ListLeasesRequest
-	17, // 28: credbroker.v1.AdminService.RevokeLeases:input_type -> credbroker.v1.RevokeLeasesRequest
-	19, // 29: credbroker.v1.AdminService.ListRoles:input_type -> credbroker.v1.ListRolesRequest
-	6,  // 30: credbroker.v1.CredentialService.IssueCredential:output_type -> credbroker.v1.IssueCredentialResponse
-	8,  // 31: credbroker.v1.CredentialService.RenewLease:output_type -> credbroker.v1.RenewLeaseResponse
-	10, // 32: credbroker.v1.CredentialService.RevokeLease:output_type -> credbroker.v1.RevokeLeaseResponse
-	12, // 33: credbroker.v1.CredentialService.LookupLease:output_type -> credbroker.v1.LookupLeaseResponse
-	14, // 34: credbroker.v1.CredentialService.KeepAlive:output_type -> credbroker.v1.KeepAliveResponse
-	16, // 35: credbroker.v1.AdminService.ListLeases:output_type -> credbroker.v1.ListLeasesResponse
-	18, // 36: credbroker.v1.AdminService.RevokeLeases:output_type -> credbroker.v1.RevokeLeasesResponse
-	20, // 37: credbroker.v1.AdminService.ListRoles:output_type -> credbroker.v1.ListRolesResponse
-	30, // [30:38] is the sub-list for method output_type
-	22, // [22:30] is the sub-list for method input_type
-	22, // [22:22] is the sub-list for extension type_name
-	22, // [22:22] is the sub-list for extension extendee
-	0,  // [0:22] is the sub-list for field type_name
+	25, // 22: credbroker.v1.RotateRootCredentialResponse.rotate_time:type_name -> google.protobuf.Timestamp
+	5,  // 23: credbroker.v1.CredentialService.IssueCredential:input_type -> credbroker.v1.IssueCredentialRequest
+	7,  // 24: credbroker.v1.CredentialService.RenewLease:input_type -> credbroker.v1.RenewLeaseRequest
+	9,  // 25: credbroker.v1.CredentialService.RevokeLease:input_type -> credbroker.v1.RevokeLeaseRequest
+	11, // 26: credbroker.v1.CredentialService.LookupLease:input_type -> credbroker.v1.LookupLeaseRequest
+	13, // 27: credbroker.v1.CredentialService.KeepAlive:input_type -> credbroker.v1.KeepAliveRequest
+	15, // 28: credbroker.v1.AdminService.ListLeases:input_type -> credbroker.v1.ListLeasesRequest
+	17, // 29: credbroker.v1.AdminService.RevokeLeases:input_type -> credbroker.v1.RevokeLeasesRequest
+	19, // 30: credbroker.v1.AdminService.ListRoles:input_type -> credbroker.v1.ListRolesRequest
+	21, // 31: credbroker.v1.AdminService.RotateRootCredential:input_type -> credbroker.v1.RotateRootCredentialRequest
+	6,  // 32: credbroker.v1.CredentialService.IssueCredential:output_type -> credbroker.v1.IssueCredentialResponse
+	8,  // 33: credbroker.v1.CredentialService.RenewLease:output_type -> credbroker.v1.RenewLeaseResponse
+	10, // 34: credbroker.v1.CredentialService.RevokeLease:output_type -> credbroker.v1.RevokeLeaseResponse
+	12, // 35: credbroker.v1.CredentialService.LookupLease:output_type -> credbroker.v1.LookupLeaseResponse
+	14, // 36: credbroker.v1.CredentialService.KeepAlive:output_type -> credbroker.v1.KeepAliveResponse
+	16, // 37: credbroker.v1.AdminService.ListLeases:output_type -> credbroker.v1.ListLeasesResponse
+	18, // 38: credbroker.v1.AdminService.RevokeLeases:output_type -> credbroker.v1.RevokeLeasesResponse
+	20, // 39: credbroker.v1.AdminService.ListRoles:output_type -> credbroker.v1.ListRolesResponse
+	22, // 40: credbroker.v1.AdminService.RotateRootCredential:output_type -> credbroker.v1.RotateRootCredentialResponse
+	32, // [32:41] is the sub-list for method output_type
+	23, // [23:32] is the sub-list for method input_type
+	23, // [23:23] is the sub-list for extension type_name
+	23, // [23:23] is the sub-list for extension extendee
+	0,  // [0:23] is the sub-list for field type_name
 }
 
 func init() { file_credbroker_v1_credbroker_proto_init() }
@@ -1516,7 +1635,7 @@ func file_credbroker_v1_credbroker_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_credbroker_v1_credbroker_proto_rawDesc), len(file_credbroker_v1_credbroker_proto_rawDesc)),
 			NumEnums:      2,
-			NumMessages:   21,
+			NumMessages:   23,
 			NumExtensions: 0,
 			NumServices:   2,
 		},

@@ -291,9 +291,10 @@ var CredentialService_ServiceDesc = grpc.ServiceDesc{
 }
 
 const (
-	AdminService_ListLeases_FullMethodName   = "/credbroker.v1.AdminService/ListLeases"
-	AdminService_RevokeLeases_FullMethodName = "/credbroker.v1.AdminService/RevokeLeases"
-	AdminService_ListRoles_FullMethodName    = "/credbroker.v1.AdminService/ListRoles"
+	AdminService_ListLeases_FullMethodName           = "/credbroker.v1.AdminService/ListLeases"
+	AdminService_RevokeLeases_FullMethodName         = "/credbroker.v1.AdminService/RevokeLeases"
+	AdminService_ListRoles_FullMethodName            = "/credbroker.v1.AdminService/ListRoles"
+	AdminService_RotateRootCredential_FullMethodName = "/credbroker.v1.AdminService/RotateRootCredential"
 )
 
 // AdminServiceClient is the client API for AdminService service.
@@ -309,6 +310,13 @@ type AdminServiceClient interface {
 	RevokeLeases(ctx context.Context, in *RevokeLeasesRequest, opts ...grpc.CallOption) (*RevokeLeasesResponse, error)
 	// ListRoles lists the broker roles clients may ask for.
 	ListRoles(ctx context.Context, in *ListRolesRequest, opts ...grpc.CallOption) (*ListRolesResponse, error)
+	// RotateRootCredential gives the broker's own admin role on a target a new
+	// random password and stores it where the target's password comes from
+	// (its password_file or Vault KV secret), crash-safely: the new password
+	// is recorded as pending before PostgreSQL gets it. A target whose
+	// password comes from an environment variable is FailedPrecondition; an
+	// unknown target NotFound. The password is never returned.
+	RotateRootCredential(ctx context.Context, in *RotateRootCredentialRequest, opts ...grpc.CallOption) (*RotateRootCredentialResponse, error)
 }
 
 type adminServiceClient struct {
@@ -349,6 +357,16 @@ func (c *adminServiceClient) ListRoles(ctx context.Context, in *ListRolesRequest
 	return out, nil
 }
 
+func (c *adminServiceClient) RotateRootCredential(ctx context.Context, in *RotateRootCredentialRequest, opts ...grpc.CallOption) (*RotateRootCredentialResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(RotateRootCredentialResponse)
+	err := c.cc.Invoke(ctx, AdminService_RotateRootCredential_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // AdminServiceServer is the server API for AdminService service.
 // All implementations must embed UnimplementedAdminServiceServer
 // for forward compatibility.
@@ -362,6 +380,13 @@ type AdminServiceServer interface {
 	RevokeLeases(context.Context, *RevokeLeasesRequest) (*RevokeLeasesResponse, error)
 	// ListRoles lists the broker roles clients may ask for.
 	ListRoles(context.Context, *ListRolesRequest) (*ListRolesResponse, error)
+	// RotateRootCredential gives the broker's own admin role on a target a new
+	// random password and stores it where the target's password comes from
+	// (its password_file or Vault KV secret), crash-safely: the new password
+	// is recorded as pending before PostgreSQL gets it. A target whose
+	// password comes from an environment variable is FailedPrecondition; an
+	// unknown target NotFound. The password is never returned.
+	RotateRootCredential(context.Context, *RotateRootCredentialRequest) (*RotateRootCredentialResponse, error)
 	mustEmbedUnimplementedAdminServiceServer()
 }
 
@@ -380,6 +405,9 @@ func (UnimplementedAdminServiceServer) RevokeLeases(context.Context, *RevokeLeas
 }
 func (UnimplementedAdminServiceServer) ListRoles(context.Context, *ListRolesRequest) (*ListRolesResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method ListRoles not implemented")
+}
+func (UnimplementedAdminServiceServer) RotateRootCredential(context.Context, *RotateRootCredentialRequest) (*RotateRootCredentialResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method RotateRootCredential not implemented")
 }
 func (UnimplementedAdminServiceServer) mustEmbedUnimplementedAdminServiceServer() {}
 func (UnimplementedAdminServiceServer) testEmbeddedByValue()                      {}
@@ -456,6 +484,24 @@ func _AdminService_ListRoles_Handler(srv interface{}, ctx context.Context, dec f
 	return interceptor(ctx, in, info, handler)
 }
 
+func _AdminService_RotateRootCredential_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(RotateRootCredentialRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AdminServiceServer).RotateRootCredential(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: AdminService_RotateRootCredential_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AdminServiceServer).RotateRootCredential(ctx, req.(*RotateRootCredentialRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // AdminService_ServiceDesc is the grpc.ServiceDesc for AdminService service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -474,6 +520,10 @@ var AdminService_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "ListRoles",
 			Handler:    _AdminService_ListRoles_Handler,
+		},
+		{
+			MethodName: "RotateRootCredential",
+			Handler:    _AdminService_RotateRootCredential_Handler,
 		},
 	},
 	Streams:  []grpc.StreamDesc{},
