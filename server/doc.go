@@ -10,7 +10,8 @@
 //
 // Every request goes through, outermost first: a logging interceptor
 // (method, identity, lease id, role, code, duration; never a request or
-// response message, because IssueCredentialResponse holds a password), a
+// response message, because IssueCredentialResponse holds a password), an
+// audit interceptor (one chained record per call, see package audit), a
 // recovery interceptor (a panic in a handler answers codes.Internal and
 // never kills the broker), and the authentication interceptor, which puts
 // the caller's Identity in the context and enforces that only admins reach

@@ -18,9 +18,11 @@ import (
 	pb "github.com/credbroker/credbroker/proto/credbroker/v1"
 )
 
-// Interceptors, outermost first: log -> recover -> authenticate. Logging is
-// outermost so it sees the final code (including the Internal a recovered
-// panic turns into and the Unauthenticated of a refused caller).
+// Interceptors, outermost first: log -> audit -> recover -> authenticate.
+// Logging is outermost so it sees the final code (including the Internal a
+// recovered panic turns into and the Unauthenticated of a refused caller);
+// audit (auth_audit.go) reads the attributes the inner layers add to the
+// log line.
 
 // requestLog collects the attributes of one call's log line. Inner layers
 // (authentication, handlers) add to it through the context, so the line is

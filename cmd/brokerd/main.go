@@ -5,9 +5,12 @@
 //	brokerd check --config FILE [--connect]
 //	brokerd dev [--listen ADDR] a throwaway PostgreSQL cluster with demo roles
 //
-// brokerd serves plaintext gRPC, so it listens only on loopback or a unix
-// socket: every caller is trusted as admin (server.LocalAuthenticator), which
-// is only sound where the caller is a process on this machine.
+// Without tls and tokens in its configuration, brokerd serves plaintext gRPC
+// on loopback or a unix socket only, and every caller is trusted as admin
+// (server.LocalAuthenticator), which is only sound where the caller is a
+// process on this machine. With them, callers are authenticated (client
+// certificates, bearer tokens) and authorized per role; see
+// docs/security.md.
 package main
 
 import (

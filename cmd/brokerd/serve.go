@@ -43,8 +43,14 @@ func logConfig(log *slog.Logger, cfg *config.Config) {
 		log.Info("target", "name", t.Name, "url", t.URL, "password_source", t.PasswordSource,
 			"marker_role", t.MarkerRole, "max_conns", t.MaxConns)
 	}
+	sec := cfg.Security
+	// Token hashes and the HMAC key are not logged; how many and where from is.
+	log.Info("security", "authentication", sec.Enabled(), "tls", sec.TLS != nil,
+		"mutual_tls", sec.TLS != nil && sec.TLS.ClientCAFile != "", "tokens", len(sec.Tokens),
+		"admins", sec.Admins, "audit_path", sec.Audit.Path, "audit_hmac", sec.Audit.HMACKeySource)
 	for _, r := range cfg.Roles {
 		log.Info("role", "name", r.Name, "target", r.Target, "proxy_role", r.ProxyRole,
+			"allowed", sec.Allowed[r.Name],
 			// Strings: the JSON handler would print durations in nanoseconds.
 			"default_ttl", r.DefaultTTL.String(), "max_ttl", r.MaxTTL.String())
 	}
