@@ -240,12 +240,12 @@ func TestKeeperRevokedIssuesFresh(t *testing.T) {
 // old one keeps working through the overlap, then is revoked.
 func TestKeeperRotatesBeforeMaxTTL(t *testing.T) {
 	ctx := testContext(t)
-	b := brokertest.Start(t, brokertest.Options{Roles: []brokertest.Role{{Name: "short", DefaultTTL: 4 * time.Second, MaxTTL: 4 * time.Second}}})
+	b := brokertest.Start(t, brokertest.Options{Roles: []brokertest.Role{{Name: "short", DefaultTTL: 6 * time.Second, MaxTTL: 6 * time.Second}}})
 	c := dial(t, b)
 	k := startKeeper(t, c, credbroker.KeeperOptions{
 		Issue:        credbroker.IssueRequest{Role: "short"},
-		Overlap:      time.Second,
-		RotateBefore: 2 * time.Second,
+		Overlap:      2 * time.Second,
+		RotateBefore: 3 * time.Second,
 	})
 	first, oldCred, _ := k.Current()
 	rot, before := nextEvent(t, k, 20*time.Second, credbroker.EventRotated)
@@ -355,5 +355,41 @@ func TestRevokeOnDisconnect(t *testing.T) {
 	}
 	if err := login(ctx, keptCred); err != nil {
 		t.Fatalf("the kept credential stopped working: %v", err)
+	}
+}
+
+// TestKeeperWaitsForABrokerThatIsDown: started while the broker is down,
+// the keeper reports the failed issue, retries with backoff, and gets its
+// credential once the broker is up.
+func TestKeeperWaitsForABrokerThatIsDown(t *testing.T) {
+	ctx := testContext(t)
+	b := brokertest.Start(t, brokertest.Options{})
+	b.Stop()
+	c := dial(t, b)
+	k := c.NewKeeper(credbroker.KeeperOptions{
+		Issue:   credbroker.IssueRequest{Role: "read_only"},
+		Backoff: credbroker.Backoff{Base: 20 * time.Millisecond, Max: 200 * time.Millisecond},
+	})
+	runCtx, cancel := context.WithCancel(ctx)
+	done := make(chan error, 1)
+	go func() { done <- k.Run(runCtx) }()
+	defer func() { cancel(); <-done }()
+
+	ev, _ := nextEvent(t, k, 10*time.Second, credbroker.EventError)
+	if status.Code(ev.Err) != codes.Unavailable {
+		t.Fatalf("issue against a stopped broker: %v, want Unavailable", ev.Err)
+	}
+	if _, _, ok := k.Current(); ok {
+		t.Fatal("a credential without a broker")
+	}
+	b.Restart()
+	issued, _ := nextEvent(t, k, 30*time.Second, credbroker.EventIssued)
+	if err := login(ctx, *issued.Credential); err != nil {
+		t.Fatalf("the credential issued after the broker came up does not log in: %v", err)
+	}
+	select {
+	case <-k.Ready():
+	default:
+		t.Fatal("Ready is not closed after the first credential")
 	}
 }

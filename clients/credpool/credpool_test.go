@@ -26,7 +26,7 @@ func TestMain(m *testing.M) { os.Exit(pgtest.Main(m)) }
 func TestPoolSurvivesThreeRotationsWithoutAFailedQuery(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
-	b := brokertest.Start(t, brokertest.Options{Roles: []brokertest.Role{{Name: "short", DefaultTTL: 4 * time.Second, MaxTTL: 4 * time.Second}}})
+	b := brokertest.Start(t, brokertest.Options{Roles: []brokertest.Role{{Name: "short", DefaultTTL: 6 * time.Second, MaxTTL: 6 * time.Second}}})
 	c, err := credbroker.Dial(b.Addr)
 	if err != nil {
 		t.Fatal(err)
@@ -35,8 +35,8 @@ func TestPoolSurvivesThreeRotationsWithoutAFailedQuery(t *testing.T) {
 	pool, err := credpool.New(ctx, c, credpool.Options{
 		Keeper: credbroker.KeeperOptions{
 			Issue:        credbroker.IssueRequest{Role: "short"},
-			Overlap:      time.Second,
-			RotateBefore: 2 * time.Second,
+			Overlap:      2 * time.Second,
+			RotateBefore: 3 * time.Second,
 		},
 		Configure:     func(cfg *pgxpool.Config) { cfg.MaxConns = 4 },
 		RevokeOnClose: true,

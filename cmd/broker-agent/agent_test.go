@@ -259,7 +259,7 @@ func TestAgentRendersFreshCredentialAfterAdminRevoke(t *testing.T) {
 func TestAgentRotatesBeforeMaxTTL(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
-	b := brokertest.Start(t, brokertest.Options{Roles: []brokertest.Role{{Name: "short", DefaultTTL: 4 * time.Second, MaxTTL: 4 * time.Second}}})
+	b := brokertest.Start(t, brokertest.Options{Roles: []brokertest.Role{{Name: "short", DefaultTTL: 6 * time.Second, MaxTTL: 6 * time.Second}}})
 	dir := t.TempDir()
 	tmpl := filepath.Join(dir, "pgpass.tmpl")
 	if err := os.WriteFile(tmpl, []byte("{{.Host}}:{{.Port}}:{{.Database}}:{{.Username}}:{{.Password}}\n"), 0o600); err != nil {
@@ -267,7 +267,7 @@ func TestAgentRotatesBeforeMaxTTL(t *testing.T) {
 	}
 	out := filepath.Join(dir, "pgpass")
 	ra := startAgent(t, "--broker", b.Addr, "--role", "short", "--out", out, "--format", "template", "--template", tmpl,
-		"--overlap", "1s", "--rotate-before", "2s")
+		"--overlap", "2s", "--rotate-before", "3s")
 	waitFile(t, out, func(b []byte) bool { return len(b) > 0 })
 	old, _, _ := ra.a.keeper.Current()
 
