@@ -34,7 +34,7 @@ const (
 	EventExpired
 	EventNotFound
 	// EventDisconnected and EventReconnected: the shared KeepAlive stream
-	// broke (Err says why) or came back.
+	// broke (Err says why) or came up (the first time too).
 	EventDisconnected
 	EventReconnected
 	// EventError: a renewal or an issue failed (Err says why); the Keeper
