@@ -80,22 +80,33 @@ func (b *Broker) Reconcile(ctx context.Context) (ReconcileResult, error) {
 		remember(in.Target, in.Username)
 	}
 
-	// 3. Live leases.
-	f := LeaseFilter{Limit: 1000}
-	for {
-		page, next, err := b.store.ListLeases(ctx, f)
+	// 3. Live leases, from the expiry index, which names each live lease's
+	// user: a large store is mostly tombstones, and reading every record
+	// made start-up on a million records take seconds and hundreds of MB.
+	// An entry without details (an older file) costs a lookup.
+	var bare []string
+	err = b.store.ScanExpiry(ctx, func(e ExpiryEntry) bool {
+		if e.Username == "" {
+			bare = append(bare, e.LeaseID)
+		} else {
+			remember(e.Target, e.Username)
+		}
+		return true
+	})
+	if err != nil {
+		return res, errors.Join(append(errs, fmt.Errorf("scan live leases: %w", err))...)
+	}
+	for _, id := range bare {
+		l, err := b.store.GetLease(ctx, id)
+		if errors.Is(err, ErrLeaseNotFound) {
+			continue // ended meanwhile: its user is gone or going
+		}
 		if err != nil {
-			return res, errors.Join(append(errs, fmt.Errorf("list leases: %w", err))...)
+			return res, errors.Join(append(errs, fmt.Errorf("get lease: %w", err))...)
 		}
-		for i := range page {
-			if page[i].State.Live() {
-				remember(page[i].Target, page[i].Username)
-			}
+		if l.State.Live() {
+			remember(l.Target, l.Username)
 		}
-		if next == "" {
-			break
-		}
-		f.After = next
 	}
 
 	// Settle intents that no issue in this process is working on: they

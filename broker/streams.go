@@ -76,6 +76,23 @@ func (b *Broker) forgetStream(leaseID string) {
 // that was down, and deserves the chance to reconnect.
 func (b *Broker) restoreStreamDeadlines(ctx context.Context) {
 	deadline := b.clock.Now().Add(b.cfg.DisconnectGrace)
+	// The expiry index says which live leases are bound, without reading
+	// the records; only a file whose entries lack the details (written by
+	// an older binary) is listed the slow way.
+	bare := false
+	err := b.store.ScanExpiry(ctx, func(e ExpiryEntry) bool {
+		if e.Username == "" {
+			bare = true
+			return false
+		}
+		if e.State == StateActive && e.RevokeOnDisconnect {
+			b.armDisconnect(e.LeaseID, deadline)
+		}
+		return true
+	})
+	if err == nil && !bare {
+		return
+	}
 	f := LeaseFilter{State: StateActive, Limit: 1000}
 	for {
 		page, next, err := b.store.ListLeases(ctx, f)

@@ -147,4 +147,11 @@ func (f LeaseFilter) Match(l *Lease) bool {
 type ExpiryEntry struct {
 	Expire  time.Time
 	LeaseID string
+	// What start-up and reconciliation need of a live lease, when the
+	// store keeps it in its index (Username is "" when it does not; then
+	// read the lease), so that they need not read every lease record.
+	State              LeaseState
+	Target             string
+	Username           string
+	RevokeOnDisconnect bool
 }

@@ -110,7 +110,7 @@ func fill(b *testing.B, s *Store, n int) {
 			if err := tx.Bucket(bucketLeases).Put(leaseKey(l.ID), val); err != nil {
 				return err
 			}
-			if err := tx.Bucket(idx.bucket).Put(idx.key, nil); err != nil {
+			if err := tx.Bucket(idx.bucket).Put(idx.key, idx.val); err != nil {
 				return err
 			}
 		}

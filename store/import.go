@@ -50,7 +50,7 @@ func (s *Store) ImportLeases(ctx context.Context, ls []broker.Lease) error {
 					return err
 				}
 				if r.indexed {
-					if err := tx.Bucket(r.idx.bucket).Put(r.idx.key, nil); err != nil {
+					if err := tx.Bucket(r.idx.bucket).Put(r.idx.key, r.idx.val); err != nil {
 						return err
 					}
 				}

@@ -39,7 +39,7 @@ func (s *Store) CreateLease(ctx context.Context, l *broker.Lease) error {
 		if err := leases.Put(key, val); err != nil {
 			return err
 		}
-		if err := tx.Bucket(idx.bucket).Put(idx.key, nil); err != nil {
+		if err := tx.Bucket(idx.bucket).Put(idx.key, idx.val); err != nil {
 			return err
 		}
 		return tx.Bucket(bucketIntents).Delete(key)
@@ -90,7 +90,7 @@ func (s *Store) UpdateLease(ctx context.Context, l broker.Lease) (broker.Lease, 
 				return err
 			}
 		}
-		if err := tx.Bucket(idx.bucket).Put(idx.key, nil); err != nil {
+		if err := tx.Bucket(idx.bucket).Put(idx.key, idx.val); err != nil {
 			return err
 		}
 		return leases.Put(key, val)
@@ -228,8 +228,9 @@ func (s *Store) ListLeases(ctx context.Context, f broker.LeaseFilter) ([]broker.
 
 // ScanExpiry calls fn for each live lease in ascending expire-time order
 // (ties in id order) until fn returns false. It reads the expiry index only,
-// never the lease records, so rebuilding the expiry heap at start-up costs
-// one pass over small keys.
+// never the lease records, so rebuilding the expiry heap at start-up, and
+// reconciliation, cost one pass over small entries (which also hold each
+// lease's state, target and username; empty in entries written before).
 //
 // fn runs inside a read transaction over one consistent snapshot. It must be
 // quick and must not call the Store: a write from fn can deadlock against
@@ -238,7 +239,7 @@ func (s *Store) ScanExpiry(ctx context.Context, fn func(broker.ExpiryEntry) bool
 	return s.view(ctx, func(tx *bolt.Tx) error {
 		c := tx.Bucket(bucketExpiry).Cursor()
 		seen := 0
-		for k, _ := c.First(); k != nil; k, _ = c.Next() {
+		for k, v := c.First(); k != nil; k, v = c.Next() {
 			seen++
 			if seen%ctxCheckEvery == 0 {
 				if err := ctx.Err(); err != nil {
@@ -249,7 +250,11 @@ func (s *Store) ScanExpiry(ctx context.Context, fn func(broker.ExpiryEntry) bool
 			if err != nil {
 				return fmt.Errorf("expiry index: %w", err)
 			}
-			if !fn(broker.ExpiryEntry{Expire: nanosTime(n), LeaseID: id}) {
+			e := broker.ExpiryEntry{Expire: nanosTime(n), LeaseID: id}
+			if err := decodeExpiryValue(v, &e); err != nil {
+				return fmt.Errorf("expiry index entry of lease %q: %w", id, err)
+			}
+			if !fn(e) {
 				return nil
 			}
 		}

@@ -42,6 +42,7 @@ import (
 const (
 	leaseFormat1  byte = 1
 	intentFormat1 byte = 1
+	expiryFormat1 byte = 1
 
 	flagRevokeOnDisconnect byte = 1 << 0
 )
@@ -60,10 +61,18 @@ type leaseHead struct {
 	end      int64
 	role     []byte
 	client   []byte
+	// expiryVal is the expiry index value of a live lease (see
+	// encodeExpiryValue); set by encodeLease only, so only heads of records
+	// about to be written carry it.
+	expiryVal []byte
 }
 
 func (h *leaseHead) index(id string) (indexEntry, bool) {
-	return indexOf(id, h.state, h.expire, h.end)
+	e, ok := indexOf(id, h.state, h.expire, h.end)
+	if ok && h.state.Live() {
+		e.val = h.expiryVal
+	}
+	return e, ok
 }
 
 func (h *leaseHead) matches(f *broker.LeaseFilter) bool {
@@ -154,7 +163,52 @@ func encodeLease(l *broker.Lease) ([]byte, leaseHead, error) {
 		expire:   expire,
 		end:      end,
 	}
+	if l.State.Live() {
+		head.expiryVal = encodeExpiryValue(l.State, flags, l.Target, l.Username)
+	}
 	return b, head, nil
+}
+
+// encodeExpiryValue is the value of a live lease's expiry index entry,
+// format 1: byte format (1), uvarint state, byte flags (as in the lease
+// record), str target, str username. It is what start-up and
+// reconciliation need of every live lease (broker.ExpiryEntry), so they
+// read the small index and never the records, most of which are
+// tombstones in a large store. Entries written before the index had
+// values are empty; ScanExpiry reports them without the details.
+func encodeExpiryValue(state broker.LeaseState, flags byte, target, username string) []byte {
+	b := make([]byte, 0, 3+2*binary.MaxVarintLen64+len(target)+len(username))
+	b = append(b, expiryFormat1)
+	b = binary.AppendUvarint(b, uint64(state))
+	b = append(b, flags)
+	b = appendString(b, target)
+	return appendString(b, username)
+}
+
+// decodeExpiryValue fills e's details from an expiry index value; an empty
+// value leaves them unset.
+func decodeExpiryValue(v []byte, e *broker.ExpiryEntry) error {
+	if len(v) == 0 {
+		return nil
+	}
+	r := recordReader{b: v}
+	if format := r.byte("format"); r.err == nil && format != expiryFormat1 {
+		return fmt.Errorf("%w: unknown expiry index value format %d", errCorrupt, format)
+	}
+	state := r.uvarint("state")
+	if state > math.MaxInt16 {
+		r.fail("state")
+	}
+	flags := r.byte("flags")
+	target := r.string("target")
+	username := r.string("username")
+	if r.err != nil {
+		return r.err
+	}
+	e.State = broker.LeaseState(state)
+	e.RevokeOnDisconnect = flags&flagRevokeOnDisconnect != 0
+	e.Target, e.Username = target, username
+	return nil
 }
 
 // decodeLeaseHead reads the head of a lease record and returns a reader

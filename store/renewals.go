@@ -74,7 +74,7 @@ func (s *Store) UpdateLeases(ctx context.Context, ls []broker.Lease) ([]broker.L
 					return err
 				}
 			}
-			if err := tx.Bucket(p.idx.bucket).Put(p.idx.key, nil); err != nil {
+			if err := tx.Bucket(p.idx.bucket).Put(p.idx.key, p.idx.val); err != nil {
 				return err
 			}
 			if err := leases.Put(p.key, p.val); err != nil {

@@ -16,7 +16,10 @@ import (
 //	meta        "schema_version"              -> be64(version)
 //	leases      lease id                      -> lease record (record.go)
 //	intents     lease id                      -> intent record (record.go)
-//	expiry      be64(expire unix ns) || id    -> empty   (live leases only)
+//	expiry      be64(expire unix ns) || id    -> state, flags, target, username
+//	                                             (live leases only; empty in
+//	                                             files written before the value
+//	                                             existed: see encodeExpiryValue)
 //	tombstones  be64(end unix ns) || id       -> empty   (terminal leases only)
 //
 // Index keys sort by time first because bbolt orders keys bytewise and a
@@ -106,6 +109,7 @@ func parseTimeKey(k []byte) (int64, string, error) {
 type indexEntry struct {
 	bucket []byte
 	key    []byte
+	val    []byte // nil for tombstones and for entries only to be deleted
 }
 
 // indexOf returns where the lease with these fields is indexed. A record in
@@ -122,9 +126,9 @@ func indexOf(id string, state broker.LeaseState, expireNanos, endNanos int64) (i
 		if endNanos != 0 && endNanos < due {
 			due = endNanos
 		}
-		return indexEntry{bucketExpiry, timeKey(due, id)}, true
+		return indexEntry{bucket: bucketExpiry, key: timeKey(due, id)}, true
 	case state.Terminal():
-		return indexEntry{bucketTombstones, timeKey(endNanos, id)}, true
+		return indexEntry{bucket: bucketTombstones, key: timeKey(endNanos, id)}, true
 	default:
 		return indexEntry{}, false
 	}

@@ -538,8 +538,11 @@ func TestScanExpiry(t *testing.T) {
 	for i := range 10 {
 		id := fmt.Sprintf("lease-%02d", 9-i) // insertion order differs from expiry order
 		exp := at(time.Duration(i) * time.Second)
-		mustCreate(t, s, newLease(id, "ro", "svc", exp))
-		want = append(want, broker.ExpiryEntry{Expire: exp, LeaseID: id})
+		l := newLease(id, "ro", "svc", exp)
+		l.RevokeOnDisconnect = i%2 == 0
+		mustCreate(t, s, l)
+		want = append(want, broker.ExpiryEntry{Expire: exp, LeaseID: id, State: broker.StateActive,
+			Target: l.Target, Username: l.Username, RevokeOnDisconnect: l.RevokeOnDisconnect})
 	}
 	dead := newLease("dead", "ro", "svc", at(0))
 	dead.State, dead.EndTime = broker.StateExpired, at(0)
@@ -781,7 +784,8 @@ func TestReopen(t *testing.T) {
 	for _, want := range leases {
 		assertLeaseEqual(t, mustGet(t, s, want.ID), want)
 	}
-	if got := scanExpiry(t, s); !reflect.DeepEqual(got, []broker.ExpiryEntry{{Expire: at(2 * time.Minute), LeaseID: "a"}}) {
+	wantEntry := broker.ExpiryEntry{Expire: at(2 * time.Minute), LeaseID: "a", State: broker.StateActive, Target: "main", Username: "cb_ro_a"}
+	if got := scanExpiry(t, s); !reflect.DeepEqual(got, []broker.ExpiryEntry{wantEntry}) {
 		t.Errorf("ScanExpiry after reopen = %v", got)
 	}
 	intents, err := s.ListIntents(ctx)
@@ -1056,4 +1060,39 @@ func TestCloseWhileWriting(t *testing.T) {
 		t.Errorf("after reopen %d leases, %d creates acknowledged", len(got), len(stored))
 	}
 	checkIndexes(t, s)
+}
+
+// TestScanExpiryEntryDetails checks that an expiry entry follows its
+// lease's state, and that an entry written without details (files from
+// before the index held them) is reported with only its id and time.
+func TestScanExpiryEntryDetails(t *testing.T) {
+	s := openStore(t)
+	l := mustCreate(t, s, newLease("a", "ro", "svc", at(time.Minute)))[0]
+	l.State = broker.StateRevoking
+	if _, err := s.UpdateLease(t.Context(), l); err != nil {
+		t.Fatal(err)
+	}
+	want := []broker.ExpiryEntry{{Expire: at(time.Minute), LeaseID: "a", State: broker.StateRevoking, Target: "main", Username: "cb_ro_a"}}
+	if got := scanExpiry(t, s); !reflect.DeepEqual(got, want) {
+		t.Errorf("ScanExpiry = %+v, want %+v", got, want)
+	}
+	// An entry as an older binary wrote it.
+	if err := s.db.Update(func(tx *bolt.Tx) error {
+		return tx.Bucket(bucketExpiry).Put(timeKey(at(time.Minute).UnixNano(), "a"), nil)
+	}); err != nil {
+		t.Fatal(err)
+	}
+	want = []broker.ExpiryEntry{{Expire: at(time.Minute), LeaseID: "a"}}
+	if got := scanExpiry(t, s); !reflect.DeepEqual(got, want) {
+		t.Errorf("ScanExpiry of an entry without details = %+v, want %+v", got, want)
+	}
+	// A damaged value is reported, not guessed at.
+	if err := s.db.Update(func(tx *bolt.Tx) error {
+		return tx.Bucket(bucketExpiry).Put(timeKey(at(time.Minute).UnixNano(), "a"), []byte{9})
+	}); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.ScanExpiry(t.Context(), func(broker.ExpiryEntry) bool { return true }); !errors.Is(err, errCorrupt) {
+		t.Errorf("ScanExpiry over a damaged entry: %v, want errCorrupt", err)
+	}
 }
