@@ -9,6 +9,7 @@ import (
 	"log/slog"
 	"net"
 	"os"
+	"sync"
 	"syscall"
 	"time"
 
@@ -81,7 +82,15 @@ func runServer(ctx context.Context, configPath string, stderr io.Writer) error {
 			log.Error("shutdown", "err", err)
 		}
 	}()
-	logPrivilegeFindings(ctx, rt, log)
+	// The least-privilege check pages through every lease in the store
+	// (stale roles): it runs beside serving, not before it, or a store of a
+	// million records would keep brokerd from serving for seconds. It is
+	// stopped and waited for before rt closes (defers run last first).
+	checkCtx, cancelCheck := context.WithCancel(ctx)
+	var checked sync.WaitGroup
+	checked.Go(func() { logPrivilegeFindings(checkCtx, rt, log) })
+	defer checked.Wait()
+	defer cancelCheck()
 	return serve(ctx, rt, lis, log, nil)
 }
 
