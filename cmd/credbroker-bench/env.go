@@ -41,8 +41,12 @@ type env struct {
 	admin         string // the admin role's name
 	proxyRole     string
 	markerRole    string
-	role          string // the broker role the bench asks for
-	pgVersion     string
+	// baseMarker stands in for the marker role in the baseline's SQL: the
+	// same statement, but users the broker's reconciler does not see as
+	// its own (it would drop them as orphans mid-measurement).
+	baseMarker string
+	role       string // the broker role the bench asks for
+	pgVersion  string
 
 	// base is the baseline's pool: the same admin role, sized to the
 	// largest concurrency a scenario uses.
@@ -119,6 +123,9 @@ func setup(ctx context.Context, o *options, log *slog.Logger) (*env, error) {
 	if err := e.base.QueryRow(ctx, "SELECT current_user, current_setting('server_version')").Scan(&e.admin, &e.pgVersion); err != nil {
 		return nil, fmt.Errorf("baseline connection: %w", err)
 	}
+	if err := e.ensureBaseMarker(ctx); err != nil {
+		return nil, err
+	}
 
 	if o.brokerAddr == "" {
 		if err := e.startBroker(ctx); err != nil {
@@ -134,6 +141,26 @@ func setup(ctx context.Context, o *options, log *slog.Logger) (*env, error) {
 	e.adminC = pb.NewAdminServiceClient(e.conn)
 	ok = true
 	return e, nil
+}
+
+// ensureBaseMarker creates the baseline's stand-in marker role, as the
+// engine creates its marker role: NOLOGIN, granted to the admin.
+func (e *env) ensureBaseMarker(ctx context.Context) error {
+	e.baseMarker = "credbroker_bench_baseline"
+	var exists bool
+	if err := e.base.QueryRow(ctx, "SELECT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = $1)", e.baseMarker).Scan(&exists); err != nil {
+		return err
+	}
+	if exists {
+		return nil
+	}
+	if _, err := e.base.Exec(ctx, "CREATE ROLE "+e.baseMarker+" NOLOGIN"); err != nil {
+		return fmt.Errorf("creating the baseline's marker role: %w", err)
+	}
+	// PostgreSQL 16+ gives the creator ADMIN OPTION by itself; before 16,
+	// CREATEROLE may grant it, as the engine does for its marker role.
+	_, _ = e.base.Exec(ctx, "GRANT "+e.baseMarker+" TO "+postgres.QuoteIdentifier(e.admin)+" WITH ADMIN OPTION")
+	return nil
 }
 
 func (e *env) pool(ctx context.Context, size int32) (*pgxpool.Pool, error) {
@@ -164,6 +191,9 @@ func (e *env) startCluster(ctx context.Context) error {
 		conf["fsync"] = "on"
 		conf["synchronous_commit"] = "on"
 		conf["full_page_writes"] = "on"
+	}
+	for k, v := range e.opts.pgConf {
+		conf[k] = v
 	}
 	c, err := pgcluster.Start(ctx, pgcluster.Options{ExtraConf: conf})
 	if err != nil {
@@ -286,6 +316,11 @@ func (e *env) close() {
 		e.watch.Close()
 	}
 	if e.cluster != nil {
+		if e.opts.keepLog {
+			if raw, err := e.cluster.Log(); err == nil {
+				_ = os.WriteFile("credbroker-bench-pg.log", raw, 0o600)
+			}
+		}
 		_ = e.cluster.Stop()
 	}
 	if e.tmp != "" {

@@ -48,7 +48,7 @@ type options struct {
 	rounds    int
 
 	renewConc, renewPerWorker int
-	revokeConc, revokeMax     int
+	revokeConc, revokeN       int
 	expiryN                   int
 	poll                      time.Duration
 
@@ -72,6 +72,8 @@ type options struct {
 
 	profileDir string
 	verbose    bool
+	pgConf     map[string]string
+	keepLog    bool
 }
 
 func (o *options) maxLevel() int { return slices.Max(o.levels) }
@@ -89,7 +91,7 @@ func parseFlags(args []string, stderr io.Writer) (*options, error) {
 	fs.IntVar(&o.renewConc, "renew-concurrency", 16, "renew: concurrent clients (and streams)")
 	fs.IntVar(&o.renewPerWorker, "renew-leases", 4, "renew: leases per client")
 	fs.IntVar(&o.revokeConc, "revoke-concurrency", 16, "revoke: concurrent clients")
-	fs.IntVar(&o.revokeMax, "revoke-max", 4000, "revoke: at most this many revocations per side")
+	fs.IntVar(&o.revokeN, "revoke-n", 1000, "revoke: revocations per side")
 	fs.IntVar(&o.expiryN, "expiry-n", 10_000, "expiry: leases expiring at the same instant")
 	fs.DurationVar(&o.poll, "poll", 20*time.Millisecond, "expiry: how often pg_roles is polled for dropped users")
 	fs.IntVar(&o.restoreRecords, "restore-records", 1_000_000, "restore: lease records in the synthetic store")
@@ -111,6 +113,16 @@ func parseFlags(args []string, stderr io.Writer) (*options, error) {
 	fs.BoolVar(&o.pgDurable, "pg-durable", true, "own cluster: fsync and synchronous_commit on, as in production")
 	fs.StringVar(&o.profileDir, "profile-dir", "", "write CPU profiles of the in-process broker (issue at 16 clients, expiry burst) here")
 	fs.BoolVar(&o.verbose, "v", false, "log the broker's warnings to stderr")
+	o.pgConf = map[string]string{}
+	fs.Func("pg-conf", "own cluster: a server setting KEY=VALUE (repeatable), e.g. log_min_duration_statement=0", func(v string) error {
+		k, val, ok := strings.Cut(v, "=")
+		if !ok || k == "" {
+			return fmt.Errorf("want KEY=VALUE, got %q", v)
+		}
+		o.pgConf[k] = val
+		return nil
+	})
+	fs.BoolVar(&o.keepLog, "keep-pg-log", false, "own cluster: copy the server log to ./credbroker-bench-pg.log before removing the cluster")
 	if err := fs.Parse(args); err != nil {
 		return nil, err
 	}
@@ -135,7 +147,7 @@ func parseFlags(args []string, stderr io.Writer) (*options, error) {
 		o.levels = append(o.levels, n)
 	}
 	switch {
-	case o.rounds < 1, o.renewConc < 1, o.renewPerWorker < 1, o.revokeConc < 1, o.expiryN < 1:
+	case o.rounds < 1, o.renewConc < 1, o.renewPerWorker < 1, o.revokeConc < 1, o.revokeN < 1, o.expiryN < 1:
 		return nil, errors.New("--rounds, --renew-*, --revoke-concurrency and --expiry-n must be positive")
 	case o.restoreActive > o.restoreRecords:
 		return nil, errors.New("--restore-active must not exceed --restore-records")
@@ -173,7 +185,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		return 1
 	}
 	defer e.close()
-	rep := &report{}
+	rep := &report{live: stderr}
 	failed := false
 	fail := func(what string, err error) {
 		failed = true
@@ -181,17 +193,16 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		rep.note("%s failed: %v", what, err)
 	}
 
-	var leases, users []string
 	var issue16 float64
 	if o.has("issue") {
 		progress("issue: levels %v, %d rounds of %s per side", o.levels, o.rounds, o.phase)
-		leases, users, issue16 = e.runIssue(ctx, rep)
+		issue16 = e.runIssue(ctx, rep)
 	}
 	if o.has("revoke") {
-		progress("revoke: %d clients", o.revokeConc)
-		e.runRevoke(ctx, rep, leases, users)
-	} else if len(leases) > 0 {
-		e.cleanup(ctx, rep, leases, users)
+		progress("revoke: %d per side, %d clients", o.revokeN, o.revokeConc)
+		if err := e.runRevoke(ctx, rep); err != nil {
+			fail("revoke", err)
+		}
 	}
 	if o.has("renew") {
 		progress("renew: %d clients", o.renewConc)

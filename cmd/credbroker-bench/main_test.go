@@ -27,7 +27,7 @@ func TestSmoke(t *testing.T) {
 	code := run(t.Context(), []string{
 		"-levels", "1,2", "-phase", "150ms", "-rounds", "2",
 		"-renew-concurrency", "2", "-renew-leases", "2",
-		"-revoke-concurrency", "2", "-revoke-max", "20",
+		"-revoke-concurrency", "2", "-revoke-n", "20",
 		"-expiry-n", "20", "-broker-revoke-rate", "1000",
 		"-restore-records", "3000", "-restore-active", "300",
 		"-churn-rate", "600", "-churn-duration", "1h", "-retention", "1h",

@@ -10,8 +10,10 @@ import (
 	"os/exec"
 	"os/signal"
 	"path/filepath"
+	"runtime/pprof"
 	"strconv"
 	"strings"
+	"sync"
 	"syscall"
 	"time"
 
@@ -46,7 +48,20 @@ func serveChild(args []string) int {
 	return 0
 }
 
+// startProfileEnv names a file for a CPU profile of the served start,
+// from exec until the broker has started (see --profile-dir).
+const startProfileEnv = "CREDBROKER_BENCH_START_PROFILE"
+
 func serveConfig(ctx context.Context, path string) error {
+	stopProfile := func() {}
+	if name := os.Getenv(startProfileEnv); name != "" {
+		if f, err := os.Create(name); err == nil {
+			if err := pprof.StartCPUProfile(f); err == nil {
+				stopProfile = sync.OnceFunc(func() { pprof.StopCPUProfile(); f.Close() })
+			}
+		}
+	}
+	defer stopProfile()
 	f, err := config.Load(path)
 	if err != nil {
 		return err
@@ -69,6 +84,7 @@ func serveConfig(ctx context.Context, path string) error {
 	if err := rt.Broker.Start(ctx); err != nil {
 		return err
 	}
+	stopProfile()
 	gs := server.NewGRPCServer(server.Config{Broker: rt.Broker, Authenticator: server.LocalAuthenticator{}, Logger: log, Endpoints: rt.Endpoints})
 	go func() { <-ctx.Done(); gs.Stop() }()
 	return gs.Serve(lis)
@@ -89,7 +105,7 @@ func writeSyntheticStore(ctx context.Context, path string, records, active int, 
 	for i := range records {
 		issue := now.Add(-time.Duration(i%86_000) * time.Second)
 		l := broker.Lease{
-			ID:            fmt.Sprintf("syn%013d%s", i, randHex(4)),
+			ID:            "syn" + randHex(10), // random, as the broker's ids are: live leases are spread over the file
 			Role:          role,
 			Client:        "svc-" + strconv.Itoa(i%50),
 			Target:        "main",
@@ -126,7 +142,7 @@ type startMeasurement struct {
 
 // measureStart execs the server on a store and times it from exec to the
 // first answered gRPC health check.
-func (e *env) measureStart(ctx context.Context, dir, storePath string) (startMeasurement, error) {
+func (e *env) measureStart(ctx context.Context, dir, storePath, profile string) (startMeasurement, error) {
 	var m startMeasurement
 	port, err := freePort()
 	if err != nil {
@@ -166,6 +182,12 @@ log:
 			return m, err
 		}
 		cmd = exec.CommandContext(ctx, self, serveChildCmd, "--config", cfgFile)
+		if e.opts.profileDir != "" && profile != "" {
+			if err := os.MkdirAll(e.opts.profileDir, 0o755); err != nil {
+				return m, err
+			}
+			cmd.Env = append(os.Environ(), startProfileEnv+"="+filepath.Join(e.opts.profileDir, profile))
+		}
 	}
 	var stderr strings.Builder
 	cmd.Stderr = &stderr
@@ -279,11 +301,11 @@ func (e *env) runRestore(ctx context.Context, rep *report) error {
 	}
 	rep.note("restore: synthetic store of %d records (%d active) written in %s, %d MB",
 		e.opts.restoreRecords, e.opts.restoreActive, fmtDur(time.Since(t)), fi.Size()>>20)
-	empty, err := e.measureStart(ctx, dir, filepath.Join(dir, "empty.db"))
+	empty, err := e.measureStart(ctx, dir, filepath.Join(dir, "empty.db"), "")
 	if err != nil {
 		return fmt.Errorf("restore: empty store: %w", err)
 	}
-	m, err := e.measureStart(ctx, dir, full)
+	m, err := e.measureStart(ctx, dir, full, "start.pprof")
 	if err != nil {
 		return fmt.Errorf("restore: %w", err)
 	}

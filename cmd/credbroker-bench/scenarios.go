@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"os"
 	"path/filepath"
 	"runtime/pprof"
@@ -27,12 +28,18 @@ type report struct {
 	mu    sync.Mutex
 	rows  []row
 	notes []string
+	// live, if set, gets each row as it is measured, so an interrupted
+	// run still shows what it measured.
+	live io.Writer
 }
 
 func (r *report) add(x row) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	r.rows = append(r.rows, x)
+	if r.live != nil {
+		fmt.Fprintf(r.live, "  %s | %s | broker %s | baseline %s | ratio %s\n", x.scenario, x.figure, x.broker, x.baseline, x.ratio)
+	}
 }
 
 func (r *report) note(format string, args ...any) {
@@ -113,10 +120,12 @@ func baselineVerifier() string {
 
 // runIssue measures IssueCredential against the engine's CREATE ROLE
 // transaction at each concurrency level. Phases alternate, baseline and
-// broker, in --rounds rounds, so drift in the machine's load and in the
-// catalog's size falls on both alike. It returns the leases and baseline
-// users made, for the revoke scenario.
-func (e *env) runIssue(ctx context.Context, rep *report) (leases, users []string, perSec16 float64) {
+// broker, in --rounds rounds, so drift in the machine's load falls on both
+// alike. Every level starts from the same catalog: what a level made is
+// revoked and dropped (untimed) before the next, because PostgreSQL's cost
+// per CREATE ROLE grows with the number of roles the admin is a member of.
+// It returns the broker's throughput at 16 clients (0 if not measured).
+func (e *env) runIssue(ctx context.Context, rep *report) (perSec16 float64) {
 	var bIDs, bNames collector
 	verifier := baselineVerifier()
 	base := func(ctx context.Context, _, _ int) error {
@@ -163,6 +172,7 @@ func (e *env) runIssue(ctx context.Context, rep *report) (leases, users []string
 		}
 		rep.add(p50)
 		rep.add(row{scenario: sc, figure: "latency p99", broker: fmtDur(rk.pct(99)), baseline: fmtDur(rb.pct(99)), ratio: ratio(float64(rk.pct(99)), float64(rb.pct(99)))})
+		e.cleanup(ctx, rep, bIDs.take(), bNames.take())
 	}
 	if e.opts.profileDir != "" && e.broker != nil {
 		// One more broker phase at 16 clients, profiled on its own: the
@@ -170,8 +180,9 @@ func (e *env) runIssue(ctx context.Context, rep *report) (leases, users []string
 		if err := e.profile("issue-c16.pprof", func() { closedLoop(ctx, 16, 2*e.opts.phase, brk) }); err != nil {
 			rep.note("profile: %v", err)
 		}
+		e.cleanup(ctx, rep, bIDs.take(), bNames.take())
 	}
-	return bIDs.take(), bNames.take(), perSec16
+	return perSec16
 }
 
 // profile writes a CPU profile of this process (the in-process broker and
@@ -198,20 +209,11 @@ func (e *env) profile(name string, fn func()) error {
 func (e *env) runRenew(ctx context.Context, rep *report) error {
 	c, per := e.opts.renewConc, e.opts.renewPerWorker
 	n := c * per
-	var ids collector
 	verifier := baselineVerifier()
-	setup := eachOnce(ctx, min(16, n), make([]struct{}, n), func(ctx context.Context, _ struct{}) error {
-		resp, err := e.cred.IssueCredential(ctx, &pb.IssueCredentialRequest{Role: e.role})
-		if err != nil {
-			return err
-		}
-		ids.add(resp.GetLease().GetId())
-		return nil
-	})
-	if setup.errs > 0 {
-		return fmt.Errorf("renew setup: %w", setup.firstErr)
+	leases, err := e.issueMany(ctx, n)
+	if err != nil {
+		return fmt.Errorf("renew setup: %w", err)
 	}
-	leases := ids.take()
 	names := make([]string, n)
 	for i := range names {
 		names[i] = "bench_r_" + randHex(6)
@@ -344,24 +346,33 @@ func (e *env) bulk(ctx context.Context, items []string, stmt func(string) string
 func (e *env) cleanup(ctx context.Context, rep *report, leases, users []string) {
 	for _, part := range chunks(leases, (len(leases)+499)/500) {
 		if _, err := e.adminC.RevokeLeases(ctx, &pb.RevokeLeasesRequest{LeaseIds: part}); err != nil {
-			rep.note("cleanup: revoking leases: %v", err)
+			if rep != nil {
+				rep.note("cleanup: revoking leases: %v", err)
+			}
 			break
 		}
 	}
-	if err := e.bulk(ctx, users, func(u string) string { return "DROP ROLE IF EXISTS " + postgres.QuoteIdentifier(u) }); err != nil {
+	if err := e.bulk(ctx, users, func(u string) string { return "DROP ROLE IF EXISTS " + postgres.QuoteIdentifier(u) }); err != nil && rep != nil {
 		rep.note("cleanup: dropping baseline users: %v", err)
 	}
 }
 
 // runRevoke measures RevokeLease against DROP ROLE of users without
-// sessions, at --revoke-concurrency, on the leases and users the issue
-// scenario made (at most --revoke-max of each; the rest are cleaned up).
-func (e *env) runRevoke(ctx context.Context, rep *report, leases, users []string) {
-	k := min(len(leases), len(users), e.opts.revokeMax)
-	defer e.cleanup(ctx, rep, leases[k:], users[k:])
-	if k == 0 {
-		rep.note("revoke: nothing to revoke (run the issue scenario too)")
-		return
+// sessions, at --revoke-concurrency, on --revoke-n leases issued and as
+// many users created (untimed) for the purpose.
+func (e *env) runRevoke(ctx context.Context, rep *report) error {
+	k := e.opts.revokeN
+	leases, err := e.issueMany(ctx, k)
+	if err != nil {
+		return fmt.Errorf("revoke setup: %w", err)
+	}
+	users := make([]string, k)
+	for i := range users {
+		users[i] = "bench_v_" + randHex(6)
+	}
+	verifier := baselineVerifier()
+	if err := e.bulk(ctx, users, func(u string) string { return e.issueSQL(u, verifier, time.Now().Add(time.Hour)) }); err != nil {
+		return fmt.Errorf("revoke setup: %w", err)
 	}
 	var rb, rk result
 	lc, uc := chunks(leases[:k], e.opts.rounds), chunks(users[:k], e.opts.rounds)
@@ -392,6 +403,26 @@ func (e *env) runRevoke(ctx context.Context, rep *report, leases, users []string
 	rep.add(row{scenario: sc, figure: "throughput", broker: fmtRate(rk.perSec()), baseline: fmtRate(rb.perSec()), ratio: ratio(rk.perSec(), rb.perSec())})
 	rep.add(row{scenario: sc, figure: "latency p50 / p99", broker: fmtDur(rk.pct(50)) + " / " + fmtDur(rk.pct(99)),
 		baseline: fmtDur(rb.pct(50)) + " / " + fmtDur(rb.pct(99)), ratio: ratio(float64(rk.pct(50)), float64(rb.pct(50)))})
+	return nil
+}
+
+// issueMany issues n leases through the broker at 16 clients (setup,
+// untimed) and returns their ids.
+func (e *env) issueMany(ctx context.Context, n int) ([]string, error) {
+	var ids collector
+	r := eachOnce(ctx, min(16, n), make([]struct{}, n), func(ctx context.Context, _ struct{}) error {
+		resp, err := e.cred.IssueCredential(ctx, &pb.IssueCredentialRequest{Role: e.role})
+		if err != nil {
+			return err
+		}
+		ids.add(resp.GetLease().GetId())
+		return nil
+	})
+	if r.errs > 0 {
+		e.cleanup(ctx, nil, ids.take(), nil)
+		return nil, r.firstErr
+	}
+	return ids.take(), nil
 }
 
 // runExpiry measures an expiry burst: N leases issued so that they all

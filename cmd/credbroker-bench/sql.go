@@ -17,14 +17,15 @@ func pgTime(t time.Time) string { return t.UTC().Format("2006-01-02 15:04:05.999
 // issueSQL is Engine.NewUser's transaction for one user: CREATE ROLE ... IN
 // ROLE proxy, marker; GRANT user TO admin; ALTER ROLE ... SET role. As one
 // simple-protocol query it runs as one implicit transaction, in one round
-// trip: the cheapest way to send these statements, hence the ceiling.
+// trip, as the engine sends them. The marker role is the baseline's own
+// (see env.baseMarker), so the broker never reconciles these users away.
 func (e *env) issueSQL(user, verifier string, validUntil time.Time) string {
 	q := postgres.QuoteIdentifier
 	u, proxy := q(user), q(e.proxyRole)
 	return "CREATE ROLE " + u + " LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION NOBYPASSRLS" +
 		" PASSWORD " + quoteLit(verifier) +
 		" VALID UNTIL " + quoteLit(pgTime(validUntil)) +
-		" IN ROLE " + proxy + ", " + q(e.markerRole) +
+		" IN ROLE " + proxy + ", " + q(e.baseMarker) +
 		"; GRANT " + u + " TO " + q(e.admin) +
 		"; ALTER ROLE " + u + " SET role = " + proxy
 }
