@@ -4,7 +4,9 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"log/slog"
 	"time"
+	"unicode/utf8"
 
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
@@ -40,9 +42,14 @@ func (s *adminServer) RotateRootCredential(ctx context.Context, req *pb.RotateRo
 	if s.rotator == nil {
 		return nil, status.Error(codes.Unimplemented, "this broker does not rotate admin passwords")
 	}
-	if req.GetTarget() == "" {
+	switch t := req.GetTarget(); {
+	case t == "":
 		return nil, invalidArgument("target is required")
+	case len(t) > 63 || !utf8.ValidString(t):
+		// Target names are at most 63 bytes (config.targetNamePattern).
+		return nil, invalidArgument("target is not a target name")
 	}
+	addLogAttrs(ctx, slog.String("target", req.GetTarget()))
 	res, err := s.rotator.RotateRoot(ctx, req.GetTarget())
 	switch {
 	case err == nil:
