@@ -471,19 +471,7 @@ func (b *Broker) revoke(ctx context.Context, id string, byExpiry bool) (Lease, b
 		b.queue.Set(id, now.Add(b.backoff(1)))
 		return l, false, fmt.Errorf("store lease: %w", err)
 	}
-	b.queue.Remove(id)
-	b.forgetStream(id)
-	ev := EventRevoked
-	if stored.State == StateExpired {
-		ev = EventExpired
-	}
-	b.hub.publish(Event{Type: ev, Lease: stored.Clone()})
-	log.Info("lease ended", "state", stored.State.String())
-	if stored.State == StateExpired {
-		b.audit(AuditExpire, stored, "")
-	} else {
-		b.audit(AuditRevoke, stored, "")
-	}
+	b.leaseEnded(stored, log)
 	return stored.Clone(), true, nil
 }
 

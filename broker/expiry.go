@@ -3,7 +3,9 @@ package broker
 import (
 	"context"
 	"errors"
+	"log/slog"
 	"math/rand/v2"
+	"slices"
 	"time"
 )
 
@@ -12,13 +14,23 @@ import (
 // to a worker.
 const popBatch = 64
 
+// UsersDeleter is a Database that can drop many users at once, each step
+// of the revocation once for all of them (broker/postgres.Engine). When a
+// lease's target implements it, the expiry manager revokes a burst of
+// expired leases in batches: two PostgreSQL commits and two store commits
+// per batch instead of per lease. errs[i] is the result of reqs[i]; a
+// missing user is success.
+type UsersDeleter interface {
+	DeleteUsers(ctx context.Context, reqs []DeleteUserRequest) (errs []error)
+}
+
 // startExpiryManager starts the dispatcher, which waits for the earliest
 // due lease, and RevokeConcurrency workers, which revoke. Detection and
 // revocation are separate so that one slow DROP does not delay the
 // detection of every other expiry, and the rate limiter sits between them
 // so a mass expiry cannot overload PostgreSQL.
 func (b *Broker) startExpiryManager(ctx context.Context) {
-	work := make(chan string)
+	work := make(chan []string)
 	for i := 0; i < b.cfg.RevokeConcurrency; i++ {
 		b.wg.Add(1)
 		go func() {
@@ -27,10 +39,14 @@ func (b *Broker) startExpiryManager(ctx context.Context) {
 				select {
 				case <-ctx.Done():
 					return
-				case id := <-work:
-					// Errors are recorded on the lease and logged by revoke;
-					// the lease is already queued for its retry.
-					_, _, _ = b.revoke(ctx, id, true)
+				case ids := <-work:
+					if len(ids) == 1 {
+						// Errors are recorded on the lease and logged by
+						// revoke; the lease is already queued for its retry.
+						_, _, _ = b.revoke(ctx, ids[0], true)
+					} else {
+						b.revokeBatch(ctx, ids)
+					}
 				}
 			}
 		}()
@@ -42,18 +58,28 @@ func (b *Broker) startExpiryManager(ctx context.Context) {
 	}()
 }
 
-func (b *Broker) dispatch(ctx context.Context, work chan<- string) {
+// dispatch hands due leases to the workers: one at a time while few are
+// due, in batches (split evenly over the workers) when many are. Every
+// lease takes one token of the rate limiter before it is handed over, so
+// the rate bounds revocations, not batches.
+func (b *Broker) dispatch(ctx context.Context, work chan<- []string) {
 	for {
 		var timer <-chan time.Time
 		if next, ok := b.queue.Next(); ok {
 			now := b.clock.Now()
 			if !next.After(now) {
-				for _, id := range b.queue.PopDue(now, popBatch) {
-					if err := b.limiter.Wait(ctx); err != nil {
-						return
+				due := b.queue.PopDue(now, popBatch)
+				size := (len(due) + b.cfg.RevokeConcurrency - 1) / b.cfg.RevokeConcurrency
+				for len(due) > 0 {
+					batch := due[:min(size, len(due))]
+					due = due[len(batch):]
+					for range batch {
+						if err := b.limiter.Wait(ctx); err != nil {
+							return
+						}
 					}
 					select {
-					case work <- id:
+					case work <- batch:
 					case <-ctx.Done():
 						return
 					}
@@ -115,4 +141,147 @@ func jitter(n int64) int64 {
 		return 0
 	}
 	return rand.Int64N(n)
+}
+
+// revokeBatch is revoke(ctx, id, true) for several expired leases at once:
+// the same states and events, with one store transaction per step and one
+// UsersDeleter call per target. What it cannot settle plainly (a lease
+// that cannot be read or written, a target without UsersDeleter, a user
+// that could not be dropped) goes through revoke one lease at a time,
+// which records attempts and schedules retries.
+func (b *Broker) revokeBatch(ctx context.Context, ids []string) {
+	ids = slices.Clone(ids)
+	slices.Sort(ids) // lock in one order: no two batches deadlock
+	ids = slices.Compact(ids)
+	unlocks := make([]func(), 0, len(ids))
+	for _, id := range ids {
+		unlocks = append(unlocks, b.leaseMu.Lock(id))
+	}
+	var alone []string
+	defer func() {
+		for _, u := range unlocks {
+			u()
+		}
+		for _, id := range alone {
+			_, _, _ = b.revoke(ctx, id, true)
+		}
+	}()
+
+	now := b.clock.Now()
+	var revoking []Lease
+	for _, id := range ids {
+		l, err := b.store.GetLease(ctx, id)
+		switch {
+		case errors.Is(err, ErrLeaseNotFound):
+			b.queue.Remove(id)
+			continue
+		case err != nil:
+			alone = append(alone, id)
+			continue
+		case l.State.Terminal():
+			b.queue.Remove(id)
+			continue
+		case l.State == StateActive && now.Before(l.ExpireTime):
+			b.queue.Set(id, l.ExpireTime) // renewed since it was queued
+			continue
+		}
+		revoking = append(revoking, l)
+	}
+
+	// Mark the active ones REVOKING, in one transaction.
+	var marks []int
+	for i := range revoking {
+		if revoking[i].State == StateActive {
+			revoking[i].State = StateRevoking
+			marks = append(marks, i)
+		}
+	}
+	if len(marks) > 0 {
+		ls := make([]Lease, len(marks))
+		for j, i := range marks {
+			ls[j] = revoking[i]
+		}
+		stored, errs := b.store.UpdateLeases(ctx, ls)
+		failed := map[string]bool{}
+		for j, i := range marks {
+			if errs[j] != nil {
+				failed[revoking[i].ID] = true
+				alone = append(alone, revoking[i].ID)
+			} else {
+				revoking[i] = stored[j]
+			}
+		}
+		revoking = slices.DeleteFunc(revoking, func(l Lease) bool { return failed[l.ID] })
+	}
+
+	// Drop the users, per target.
+	byTarget := map[string][]int{}
+	for i := range revoking {
+		byTarget[revoking[i].Target] = append(byTarget[revoking[i].Target], i)
+	}
+	var done []Lease
+	for target, idx := range byTarget {
+		db, err := b.db(target)
+		deleter, ok := db.(UsersDeleter)
+		if err != nil || !ok {
+			for _, i := range idx {
+				alone = append(alone, revoking[i].ID)
+			}
+			continue
+		}
+		reqs := make([]DeleteUserRequest, len(idx))
+		for j, i := range idx {
+			reqs[j] = DeleteUserRequest{Username: revoking[i].Username, ProxyRole: revoking[i].ProxyRole}
+		}
+		errs := deleter.DeleteUsers(ctx, reqs)
+		for j, i := range idx {
+			if errs[j] != nil {
+				alone = append(alone, revoking[i].ID) // revoke records the attempt
+				continue
+			}
+			l := revoking[i]
+			if l.EndTime.IsZero() {
+				l.State, l.EndTime = StateExpired, now
+			} else {
+				l.State = StateRevoked
+			}
+			l.LastError, l.RevokeAttempts, l.NextAttempt = "", 0, time.Time{}
+			done = append(done, l)
+		}
+	}
+	if len(done) == 0 {
+		return
+	}
+	// The users are gone; record it even if the caller has given up.
+	stored, errs := b.store.UpdateLeases(context.WithoutCancel(ctx), done)
+	for j := range done {
+		if errs[j] != nil {
+			// Still live in the store, so tried again; dropping a user
+			// that is already gone is success.
+			b.queue.Set(done[j].ID, now.Add(b.backoff(1)))
+			b.log.Warn("could not record a revocation; will retry", "lease_id", done[j].ID, "err", errs[j])
+			continue
+		}
+		l := stored[j]
+		b.leaseEnded(l, b.log.With("lease_id", l.ID, "role", l.Role, "client", l.Client, "username", l.Username))
+	}
+}
+
+// leaseEnded does what follows a finished revocation: the lease leaves
+// the queue and the stream bookkeeping, its subscribers hear of it, and it
+// is logged and audited.
+func (b *Broker) leaseEnded(stored Lease, log *slog.Logger) {
+	b.queue.Remove(stored.ID)
+	b.forgetStream(stored.ID)
+	ev := EventRevoked
+	if stored.State == StateExpired {
+		ev = EventExpired
+	}
+	b.hub.publish(Event{Type: ev, Lease: stored.Clone()})
+	log.Info("lease ended", "state", stored.State.String())
+	if stored.State == StateExpired {
+		b.audit(AuditExpire, stored, "")
+	} else {
+		b.audit(AuditRevoke, stored, "")
+	}
 }

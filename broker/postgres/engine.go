@@ -544,6 +544,11 @@ func (e *Engine) reassignTarget(ctx context.Context, req broker.DeleteUserReques
 // a short backoff, which also catches a session that was authenticating
 // when logins were blocked.
 func (e *Engine) endSessions(ctx context.Context, username string) error {
+	return e.endSessionsOf(ctx, []string{username})
+}
+
+// endSessionsOf is endSessions for several users at once.
+func (e *Engine) endSessionsOf(ctx context.Context, usernames []string) error {
 	tctx, cancel := context.WithTimeout(ctx, e.terminateTimeout)
 	defer cancel()
 	timedOut := func(n int) error {
@@ -555,8 +560,8 @@ func (e *Engine) endSessions(ctx context.Context, username string) error {
 	delay := 2 * time.Millisecond
 	for n := -1; ; {
 		err := e.pool.QueryRow(tctx, `
-			SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE usename = $1`,
-			username).Scan(&n)
+			SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE usename = ANY($1)`,
+			usernames).Scan(&n)
 		if err != nil {
 			if tctx.Err() != nil {
 				return timedOut(n)

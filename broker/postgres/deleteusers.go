@@ -1,0 +1,168 @@
+package postgres
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"strings"
+
+	"github.com/credbroker/credbroker/broker"
+)
+
+var _ broker.UsersDeleter = (*Engine)(nil)
+
+// DeleteUsers drops many users with DeleteUser's sequence, each step once
+// for all of them: one query checks that every user is the broker's, one
+// transaction blocks all their logins (committed before any session is
+// ended), one query ends their sessions, one transaction reassigns and
+// drops what they own and drops them. A mass expiry then costs two commits
+// per batch instead of two per user.
+//
+// errs[i] is the result of reqs[i]; a user that does not exist is success.
+// Whatever the batch does not handle plainly (a role the broker did not
+// make, objects in another database, no usable proxy role, a statement
+// that fails) sends every user of the batch through DeleteUser one by one:
+// its steps are idempotent, so starting again is safe, and it gives each
+// user its own precise result.
+func (e *Engine) DeleteUsers(ctx context.Context, reqs []broker.DeleteUserRequest) []error {
+	errs := make([]error, len(reqs))
+	if err := e.checkOpen(); err != nil {
+		for i := range errs {
+			errs[i] = err
+		}
+		return errs
+	}
+	var todo []int
+	for i, r := range reqs {
+		switch {
+		case validUsername(r.Username) != nil:
+			errs[i] = invalid("username", validUsername(r.Username))
+		case r.ProxyRole != "" && ValidIdentifier(r.ProxyRole) != nil:
+			errs[i] = invalid("proxy role", ValidIdentifier(r.ProxyRole))
+		default:
+			todo = append(todo, i)
+		}
+	}
+	if len(todo) > 1 {
+		err := e.deleteUsers(ctx, reqs, todo)
+		if err == nil {
+			e.log.Debug("dropped users", "count", len(todo))
+			return errs
+		}
+		if ctx.Err() != nil {
+			err = e.fail(ctx, fmt.Errorf("postgres: dropping %d users: %w", len(todo), err))
+			for _, i := range todo {
+				errs[i] = err
+			}
+			return errs
+		}
+		e.log.Debug("dropping users one by one", "count", len(todo), "reason", e.fail(ctx, err))
+	}
+	for _, i := range todo {
+		errs[i] = e.DeleteUser(ctx, reqs[i])
+	}
+	return errs
+}
+
+// errOneByOne tells DeleteUsers to take the one-user path.
+var errOneByOne = errors.New("batch not applicable")
+
+func (e *Engine) deleteUsers(ctx context.Context, reqs []broker.DeleteUserRequest, todo []int) error {
+	names := make([]string, 0, len(todo))
+	for _, i := range todo {
+		if reqs[i].ProxyRole == "" {
+			return fmt.Errorf("%w: user %q has no proxy role", errOneByOne, reqs[i].Username)
+		}
+		names = append(names, reqs[i].Username)
+	}
+
+	// 1. Which users exist, and are they all the broker's (requireManaged)?
+	rows, err := e.pool.Query(ctx, `
+		SELECT r.rolname,
+		       EXISTS (SELECT 1 FROM pg_auth_members m WHERE m.member = r.oid AND m.roleid = g.oid)
+		   AND NOT EXISTS (SELECT 1 FROM pg_auth_members m WHERE m.member = r.oid AND m.roleid = g.oid AND m.admin_option)
+		   AND NOT (r.rolsuper OR r.rolcreaterole OR r.rolreplication OR r.rolbypassrls)
+		FROM pg_roles r, pg_roles g
+		WHERE r.rolname = ANY($1) AND g.rolname = $2`, names, e.marker)
+	if err != nil {
+		return err
+	}
+	present := map[string]bool{}
+	for rows.Next() {
+		var name string
+		var managed bool
+		if err := rows.Scan(&name, &managed); err != nil {
+			rows.Close()
+			return err
+		}
+		if !managed {
+			rows.Close()
+			return fmt.Errorf("%w: role %q is not plainly the broker's", errOneByOne, name)
+		}
+		present[name] = true
+	}
+	rows.Close()
+	if err := rows.Err(); err != nil {
+		return err
+	}
+	byProxy := map[string][]string{}
+	var users []string
+	for _, i := range todo {
+		if u := reqs[i].Username; present[u] {
+			byProxy[reqs[i].ProxyRole] = append(byProxy[reqs[i].ProxyRole], quoteIdent(u))
+			users = append(users, u)
+		}
+	}
+	if len(users) == 0 {
+		return nil // all gone already
+	}
+
+	// 2. Block every login, committed before any session is ended.
+	var b strings.Builder
+	for _, u := range users {
+		b.WriteString("ALTER ROLE " + quoteIdent(u) + " NOLOGIN; ")
+	}
+	if _, err := e.pool.Exec(ctx, b.String()); err != nil {
+		return err
+	}
+
+	// 3. End their sessions.
+	if err := e.endSessionsOf(ctx, users); err != nil {
+		return err
+	}
+
+	// 4. Objects in other databases, or a proxy role the admin cannot
+	// reassign to, need DeleteUser's per-user handling.
+	proxies := make([]string, 0, len(byProxy))
+	for p := range byProxy {
+		proxies = append(proxies, p)
+	}
+	var elsewhere, usable int
+	if err := e.pool.QueryRow(ctx, `
+		SELECT (SELECT count(*) FROM pg_shdepend s JOIN pg_database d ON d.oid = s.dbid
+		        WHERE s.refclassid = 'pg_authid'::regclass
+		          AND s.refobjid IN (SELECT oid FROM pg_roles WHERE rolname = ANY($1))
+		          AND d.datname <> current_database()),
+		       (SELECT count(*) FROM pg_roles WHERE rolname = ANY($2) AND pg_has_role(current_user, oid, 'USAGE'))`,
+		users, proxies).Scan(&elsewhere, &usable); err != nil {
+		return err
+	}
+	if elsewhere > 0 {
+		return fmt.Errorf("%w: users own objects in other databases", errOneByOne)
+	}
+	if usable != len(proxies) {
+		return fmt.Errorf("%w: a proxy role is missing or not usable by the admin", errOneByOne)
+	}
+
+	// 5. Reassign, drop what they own, and drop them, in one transaction.
+	b.Reset()
+	all := make([]string, 0, len(users))
+	for _, p := range proxies {
+		list := strings.Join(byProxy[p], ", ")
+		b.WriteString("REASSIGN OWNED BY " + list + " TO " + quoteIdent(p) + "; DROP OWNED BY " + list + "; ")
+		all = append(all, byProxy[p]...)
+	}
+	b.WriteString("DROP ROLE IF EXISTS " + strings.Join(all, ", "))
+	_, err = e.pool.Exec(ctx, b.String())
+	return err
+}
