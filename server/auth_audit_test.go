@@ -42,10 +42,12 @@ func TestLifecycleEventsAudited(t *testing.T) {
 	defer conn.Close(ctx)
 	orphan := "cb_orphan_" + short.GetLease().GetId()[:8]
 	// Granted to the broker's admin, as the engine does for every user it
-	// makes (DROP OWNED needs it).
+	// makes (DROP OWNED needs it). WITH ADMIN OPTION: on PostgreSQL 16+ the
+	// admin holds it on every role it created itself, and may alter or drop
+	// no other.
 	for _, sql := range []string{
 		"CREATE ROLE " + orphan + " NOLOGIN IN ROLE " + h.target.MarkerRole,
-		"GRANT " + orphan + " TO " + h.target.AdminUser,
+		"GRANT " + orphan + " TO " + h.target.AdminUser + " WITH ADMIN OPTION",
 	} {
 		if _, err := conn.Exec(ctx, sql); err != nil {
 			t.Fatal(err)
