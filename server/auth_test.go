@@ -303,8 +303,8 @@ func TestDeniedAttemptsAreAudited(t *testing.T) {
 	if r := denied["IssueCredential"]; r.Role != "updater" || r.Identity != "svc-a" {
 		t.Errorf("denied issue record: %+v, want role updater by svc-a", r)
 	}
-	if r := denied["LookupLease"]; r.LeaseID != leaseID || r.Identity != "svc-b" {
-		t.Errorf("denied lookup record: %+v, want lease %s by svc-b", r, leaseID)
+	if r := denied["LookupLease"]; r.LeaseID != leaseID || r.Identity != "svc-b" || r.Role != roleReadOnly {
+		t.Errorf("denied lookup record: %+v, want lease %s of role %s by svc-b", r, leaseID, roleReadOnly)
 	}
 
 	// Usage over the trail counts the issue and the denial.

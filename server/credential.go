@@ -123,6 +123,10 @@ func (c *core) authorizedLease(ctx context.Context, leaseID string) (broker.Leas
 	if err != nil {
 		return broker.Lease{}, c.leaseFail(ctx, leaseID, err)
 	}
+	// The lease's role goes on the log line and the audit record, so that
+	// usage per role counts renewals, revocations and denied attempts on
+	// leases too, not only issues.
+	addLogAttrs(ctx, slog.String("role", l.Role))
 	if err := c.authz.AuthorizeLease(id, l); err != nil {
 		addLogAttrs(ctx, slog.String("error", err.Error()))
 		c.noteDenied(ctx, leaseID)
