@@ -208,33 +208,54 @@ func (e *env) login(c broker.Credential) (*pgx.Conn, error) {
 	return conn, err
 }
 
-// roleExists asks PostgreSQL, as superuser, whether the user exists.
-func (e *env) roleExists(name string) bool {
+// superQueryRow runs one query as superuser on the target database and
+// scans its single row into dest; it reports false when there is no row.
+func (e *env) superQueryRow(sql string, args []any, dest ...any) bool {
 	e.t.Helper()
 	conn, err := pgx.Connect(context.Background(), e.target.SuperURL)
 	if err != nil {
 		e.t.Fatalf("superuser connect: %v", err)
 	}
 	defer conn.Close(context.Background())
-	var n int
-	if err := conn.QueryRow(context.Background(), "SELECT count(*) FROM pg_roles WHERE rolname = $1", name).Scan(&n); err != nil {
-		e.t.Fatalf("query pg_roles: %v", err)
+	err = conn.QueryRow(context.Background(), sql, args...).Scan(dest...)
+	if errors.Is(err, pgx.ErrNoRows) {
+		return false
 	}
+	if err != nil {
+		e.t.Fatalf("%s: %v", sql, err)
+	}
+	return true
+}
+
+// roleExists asks PostgreSQL whether the user exists.
+func (e *env) roleExists(name string) bool {
+	e.t.Helper()
+	var n int
+	e.superQueryRow("SELECT count(*) FROM pg_roles WHERE rolname = $1", []any{name}, &n)
 	return n == 1
 }
 
 func (e *env) validUntil(name string) time.Time {
 	e.t.Helper()
-	conn, err := pgx.Connect(context.Background(), e.target.SuperURL)
-	if err != nil {
-		e.t.Fatalf("superuser connect: %v", err)
-	}
-	defer conn.Close(context.Background())
 	var v time.Time
-	if err := conn.QueryRow(context.Background(), "SELECT rolvaliduntil FROM pg_roles WHERE rolname = $1", name).Scan(&v); err != nil {
-		e.t.Fatalf("query rolvaliduntil: %v", err)
+	if !e.superQueryRow("SELECT rolvaliduntil FROM pg_roles WHERE rolname = $1", []any{name}, &v) {
+		e.t.Fatalf("no role %s", name)
 	}
 	return v
+}
+
+func (e *env) tableOwner(table string) string {
+	e.t.Helper()
+	var owner string
+	e.superQueryRow("SELECT tableowner FROM pg_tables WHERE tablename = $1", []any{table}, &owner)
+	return owner
+}
+
+func (e *env) sessions(user string) int {
+	e.t.Helper()
+	var n int
+	e.superQueryRow("SELECT count(*) FROM pg_stat_activity WHERE usename = $1", []any{user}, &n)
+	return n
 }
 
 // assertNoOrphans checks the crash-safety invariant: every member of the
@@ -556,34 +577,6 @@ func TestRevokeEndsSessionsAndDropsUser(t *testing.T) {
 	if again.Revision != r.Revision || again.State != broker.StateRevoked {
 		t.Errorf("second revoke changed the lease: %+v -> %+v", r, again)
 	}
-}
-
-func (e *env) tableOwner(table string) string {
-	e.t.Helper()
-	conn, err := pgx.Connect(context.Background(), e.target.SuperURL)
-	if err != nil {
-		e.t.Fatalf("superuser connect: %v", err)
-	}
-	defer conn.Close(context.Background())
-	var owner string
-	if err := conn.QueryRow(context.Background(), "SELECT tableowner FROM pg_tables WHERE tablename = $1", table).Scan(&owner); err != nil {
-		return ""
-	}
-	return owner
-}
-
-func (e *env) sessions(user string) int {
-	e.t.Helper()
-	conn, err := pgx.Connect(context.Background(), e.target.SuperURL)
-	if err != nil {
-		e.t.Fatalf("superuser connect: %v", err)
-	}
-	defer conn.Close(context.Background())
-	var n int
-	if err := conn.QueryRow(context.Background(), "SELECT count(*) FROM pg_stat_activity WHERE usename = $1", user).Scan(&n); err != nil {
-		e.t.Fatal(err)
-	}
-	return n
 }
 
 func TestExpiryRevokesAtExpireTime(t *testing.T) {
