@@ -2,6 +2,7 @@ package store
 
 import (
 	"errors"
+	"fmt"
 	"slices"
 	"sync"
 
@@ -108,7 +109,7 @@ func (c *committer) commit(group []*writeCall) {
 		var failErr error
 		err := c.db.Update(func(tx *bolt.Tx) error {
 			for i, call := range group {
-				if err := call.fn(tx); err != nil {
+				if err := safeCall(call.fn, tx); err != nil {
 					failed, failErr = i, err
 					return errGroupMember
 				}
@@ -116,7 +117,8 @@ func (c *committer) commit(group []*writeCall) {
 			return nil
 		})
 		if failed >= 0 && len(group) == 1 {
-			err = failErr // it ran alone: the error is its own
+			// It ran alone: the error is its own.
+			err = failErr
 		}
 		if failed < 0 || len(group) == 1 {
 			for _, call := range group {
@@ -126,6 +128,18 @@ func (c *committer) commit(group []*writeCall) {
 		}
 		solo := group[failed]
 		group = slices.Delete(group, failed, failed+1)
-		solo.err <- c.db.Update(solo.fn)
+		solo.err <- c.db.Update(func(tx *bolt.Tx) error { return safeCall(solo.fn, tx) })
 	}
+}
+
+// safeCall runs fn, turning a panic into an error for its caller, as
+// bbolt's Batch did: a bug in one write must not take down the writer
+// goroutine, and with it every later write.
+func safeCall(fn func(*bolt.Tx) error, tx *bolt.Tx) (err error) {
+	defer func() {
+		if p := recover(); p != nil {
+			err = fmt.Errorf("store write panicked: %v", p)
+		}
+	}()
+	return fn(tx)
 }
