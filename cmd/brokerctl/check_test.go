@@ -4,7 +4,6 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
-	"net"
 	"os"
 	"path/filepath"
 	"strings"
@@ -198,32 +197,11 @@ func TestCheckStaleFromRunningBroker(t *testing.T) {
 	tg := pgtest.Server(t).NewTarget(t, pgtest.TargetOptions{})
 	cfgPath, _ := checkConfig(t, tg, "")
 	f, err := config.Load(cfgPath)
-	if err != nil {
-		t.Fatal(err)
-	}
-	cfg, err := f.Validate()
-	if err != nil {
-		t.Fatal(err)
-	}
-	ctx := context.Background()
-	rt, err := config.Build(ctx, cfg, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { rt.Close() })
-	if err := rt.Broker.Start(ctx); err != nil {
-		t.Fatal(err)
-	}
-	lis, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	gs := server.NewGRPCServer(server.Config{
+	_, rt := startRuntime(t, f, err)
+	addr := serveLoopback(t, server.NewGRPCServer(server.Config{
 		Broker: rt.Broker, Authenticator: server.LocalAuthenticator{}, Endpoints: rt.Endpoints, SSLMode: "disable",
-	})
-	go gs.Serve(lis)
-	t.Cleanup(gs.Stop)
-	b := &testBroker{addr: lis.Addr().String(), target: tg}
+	}))
+	b := &testBroker{addr: addr, target: tg}
 	b.ok(t, "issue", "read_only")
 
 	doc, r := checkJSON(t, "--addr", b.addr, "--config", cfgPath, "--severity", "info")

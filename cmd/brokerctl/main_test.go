@@ -55,22 +55,7 @@ roles:
 dsn_sslmode: disable
 `, filepath.Join(dir, "leases.db"), tg.AdminURL, pw, tg.MarkerRole, tg.ProxyRoles["read_only"], tg.ProxyRoles["updater"])
 	f, err := config.Parse([]byte(yml))
-	if err != nil {
-		t.Fatal(err)
-	}
-	cfg, err := f.Validate()
-	if err != nil {
-		t.Fatal(err)
-	}
-	ctx := context.Background()
-	rt, err := config.Build(ctx, cfg, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { rt.Close() })
-	if err := rt.Broker.Start(ctx); err != nil {
-		t.Fatal(err)
-	}
+	cfg, rt := startRuntime(t, f, err)
 
 	var lis net.Listener
 	addr := ""

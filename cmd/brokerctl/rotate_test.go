@@ -2,7 +2,6 @@ package main
 
 import (
 	"context"
-	"net"
 	"os"
 	"path/filepath"
 	"strings"
@@ -20,33 +19,11 @@ import (
 func serveConfig(t *testing.T, cfgPath string) string {
 	t.Helper()
 	f, err := config.Load(cfgPath)
-	if err != nil {
-		t.Fatal(err)
-	}
-	cfg, err := f.Validate()
-	if err != nil {
-		t.Fatal(err)
-	}
-	ctx := context.Background()
-	rt, err := config.Build(ctx, cfg, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { rt.Close() })
-	if err := rt.Broker.Start(ctx); err != nil {
-		t.Fatal(err)
-	}
-	lis, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	gs := server.NewGRPCServer(server.Config{
+	_, rt := startRuntime(t, f, err)
+	return serveLoopback(t, server.NewGRPCServer(server.Config{
 		Broker: rt.Broker, Authenticator: server.LocalAuthenticator{}, Endpoints: rt.Endpoints,
 		SSLMode: "disable", RootRotator: rt.RootCredentials,
-	})
-	go gs.Serve(lis)
-	t.Cleanup(gs.Stop)
-	return lis.Addr().String()
+	}))
 }
 
 func TestRotateRoot(t *testing.T) {

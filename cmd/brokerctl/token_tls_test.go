@@ -1,7 +1,6 @@
 package main
 
 import (
-	"context"
 	"crypto/ecdsa"
 	"crypto/elliptic"
 	"crypto/rand"
@@ -104,22 +103,7 @@ audit: {path: %q}
 		filepath.Join(dir, "server.crt"), filepath.Join(dir, "server.key"), filepath.Join(dir, "ca.crt"),
 		server.TokenHash(adminToken), auditPath)
 	f, err := config.Parse([]byte(yml))
-	if err != nil {
-		t.Fatal(err)
-	}
-	cfg, err := f.Validate()
-	if err != nil {
-		t.Fatal(err)
-	}
-	ctx := context.Background()
-	rt, err := config.Build(ctx, cfg, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { rt.Close() })
-	if err := rt.Broker.Start(ctx); err != nil {
-		t.Fatal(err)
-	}
+	cfg, rt := startRuntime(t, f, err)
 	sec, err := rt.GRPCSecurity(nil)
 	if err != nil {
 		t.Fatal(err)
@@ -128,13 +112,7 @@ audit: {path: %q}
 		Broker: rt.Broker, Authenticator: sec.Authenticator, Authorizer: sec.Authorizer,
 		Quotas: sec.Quotas, Auditor: sec.Auditor, Endpoints: rt.Endpoints, SSLMode: cfg.DSNSSLMode,
 	}, sec.ServerOptions...)
-	lis, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	go gs.Serve(lis)
-	t.Cleanup(gs.Stop)
-	addr := lis.Addr().String()
+	addr := serveLoopback(t, gs)
 
 	tlsFlags := []string{"--addr", addr, "--tls-ca", filepath.Join(dir, "ca.crt")}
 	svc := append(tlsFlags, "--tls-cert", filepath.Join(dir, "svc.crt"), "--tls-key", filepath.Join(dir, "svc.key"))
