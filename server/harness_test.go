@@ -1,14 +1,12 @@
 package server
 
 import (
-	"bytes"
 	"context"
 	"errors"
 	"log/slog"
 	"net"
 	"path/filepath"
 	"strconv"
-	"sync"
 	"testing"
 	"time"
 
@@ -20,6 +18,7 @@ import (
 	"github.com/credbroker/credbroker/broker"
 	"github.com/credbroker/credbroker/broker/postgres"
 	"github.com/credbroker/credbroker/internal/pgtest"
+	"github.com/credbroker/credbroker/internal/syncbuf"
 	pb "github.com/credbroker/credbroker/proto/credbroker/v1"
 	"github.com/credbroker/credbroker/store"
 )
@@ -49,23 +48,7 @@ func as(ctx context.Context, name string, admin bool) context.Context {
 	return metadata.AppendToOutgoingContext(ctx, identityHeader, name, adminHeader, strconv.FormatBool(admin))
 }
 
-// syncBuffer is a log sink tests can read while the server writes.
-type syncBuffer struct {
-	mu  sync.Mutex
-	buf bytes.Buffer
-}
-
-func (b *syncBuffer) Write(p []byte) (int, error) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.Write(p)
-}
-
-func (b *syncBuffer) String() string {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.String()
-}
+type syncBuffer = syncbuf.Buffer
 
 // harness is one broker on its own PostgreSQL target and bbolt file,
 // served over an in-process gRPC connection.

@@ -1,7 +1,6 @@
 package vaultkv_test
 
 import (
-	"bytes"
 	"context"
 	"crypto/rand"
 	"encoding/hex"
@@ -9,10 +8,10 @@ import (
 	"log/slog"
 	"os"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
+	"github.com/credbroker/credbroker/internal/syncbuf"
 	"github.com/credbroker/credbroker/internal/vaultkv"
 	"github.com/credbroker/credbroker/internal/vaultkv/kvtest"
 )
@@ -122,23 +121,7 @@ func TestAuth(t *testing.T) {
 	}
 }
 
-// syncBuffer is a log sink the watcher goroutine writes while the test reads.
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
-}
+type syncBuffer = syncbuf.Buffer
 
 func TestKeepTokenAlive(t *testing.T) {
 	// Tokens live 2s, so the lifetime watcher renews within about 1.5s.
