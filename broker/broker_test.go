@@ -16,6 +16,7 @@ import (
 
 	"github.com/jackc/pgx/v5"
 
+	"github.com/credbroker/credbroker/audit"
 	"github.com/credbroker/credbroker/broker"
 	"github.com/credbroker/credbroker/broker/postgres"
 	"github.com/credbroker/credbroker/internal/fakeclock"
@@ -39,6 +40,8 @@ type env struct {
 	clock     *fakeclock.Clock
 	b         *broker.Broker
 	logs      *syncBuffer
+	auditPath string
+	audit     *audit.Log
 	mods      []func(*broker.Config)
 }
 
@@ -67,6 +70,7 @@ func newEnv(t *testing.T, mods ...func(*broker.Config)) *env {
 		target:    target,
 		engine:    engine,
 		storePath: filepath.Join(t.TempDir(), "leases.db"),
+		auditPath: filepath.Join(t.TempDir(), "audit.log"),
 		// The manual clock starts at the real time: VALID UNTIL is checked
 		// by PostgreSQL against its own clock.
 		clock: fakeclock.New(time.Now().Truncate(time.Second)),
@@ -86,6 +90,9 @@ func (e *env) open() {
 		e.t.Fatalf("store.Open: %v", err)
 	}
 	e.store = st
+	if e.audit, err = audit.Open(e.auditPath, audit.Options{}); err != nil {
+		e.t.Fatalf("audit.Open: %v", err)
+	}
 	e.sw = &crashSwitch{}
 	e.db = &faultDB{Database: e.engine, sw: e.sw}
 	cfg := broker.Config{
@@ -96,6 +103,7 @@ func (e *env) open() {
 			{Name: roleUpdater, Target: "main", ProxyRole: e.target.ProxyRoles["updater"], DefaultTTL: 15 * time.Minute, MaxTTL: time.Hour},
 		},
 		Clock:          e.clock,
+		Auditor:        e.audit,
 		Logger:         slog.New(slog.NewJSONHandler(e.logs, &slog.HandlerOptions{Level: slog.LevelDebug})),
 		RetryBaseDelay: time.Second,
 		RetryMaxDelay:  8 * time.Second,
@@ -123,6 +131,10 @@ func (e *env) close() {
 	if e.store != nil {
 		_ = e.store.Close()
 		e.store = nil
+	}
+	if e.audit != nil {
+		_ = e.audit.Close()
+		e.audit = nil
 	}
 }
 
@@ -839,23 +851,46 @@ func TestNoPasswordInLogsStoreOrServerLog(t *testing.T) {
 	e2 := newEnv(t, func(c *broker.Config) {
 		c.Roles = append(c.Roles, broker.Role{Name: "broken", Target: "main", ProxyRole: "no_such_proxy_role", DefaultTTL: time.Minute, MaxTTL: time.Minute})
 	})
-	if _, _, err := e2.b.Issue(context.Background(), broker.IssueRequest{Role: "broken"}); err == nil {
+	_, _, issueErr := e2.b.Issue(context.Background(), broker.IssueRequest{Role: "broken"})
+	if issueErr == nil {
 		t.Fatal("issue with a missing proxy role succeeded")
 	}
 	e.assertNoOrphans()
 	e2.assertNoOrphans()
+	if len(e2.db.passwords) != 1 {
+		t.Fatalf("the failing issue sent %d passwords to the engine, want 1", len(e2.db.passwords))
+	}
+	passwords = append(passwords, e2.db.passwords...)
+	if strings.Contains(issueErr.Error(), e2.db.passwords[0]) {
+		t.Errorf("the failed issue's error holds its password: %v", issueErr)
+	}
 
 	e.close()
+	e2.close()
 	raw, err := os.ReadFile(e.storePath)
 	if err != nil {
 		t.Fatal(err)
+	}
+	auditLog, err := os.ReadFile(e.auditPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	failedAudit, err := os.ReadFile(e2.auditPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Contains(auditLog, []byte(`"issue"`)) {
+		t.Error("the audit log has no issue record; the audit check proves nothing")
 	}
 	serverLog := pgtest.Server(t).Log()
 	for _, p := range passwords {
 		if bytes.Contains(raw, []byte(p)) {
 			t.Error("a password is in the bbolt file")
 		}
-		if strings.Contains(e.logs.String(), p) {
+		if bytes.Contains(auditLog, []byte(p)) || bytes.Contains(failedAudit, []byte(p)) {
+			t.Error("a password is in the audit log")
+		}
+		if strings.Contains(e.logs.String(), p) || strings.Contains(e2.logs.String(), p) {
 			t.Error("a password is in the broker log")
 		}
 		if bytes.Contains(serverLog, []byte(p)) {

@@ -145,6 +145,9 @@ type faultDB struct {
 	mu sync.Mutex
 	// deleted records DeleteUser calls that succeeded.
 	deleted []string
+	// passwords records every password NewUser was asked to set, so tests
+	// can look for them where they must not be, also for failed issues.
+	passwords []string
 }
 
 func (d *faultDB) run(step string, f func() error) error {
@@ -158,6 +161,9 @@ func (d *faultDB) run(step string, f func() error) error {
 }
 
 func (d *faultDB) NewUser(ctx context.Context, req broker.NewUserRequest) error {
+	d.mu.Lock()
+	d.passwords = append(d.passwords, req.Password)
+	d.mu.Unlock()
 	return d.run("NewUser", func() error { return d.Database.NewUser(ctx, req) })
 }
 func (d *faultDB) RenewUser(ctx context.Context, req broker.RenewUserRequest) error {
