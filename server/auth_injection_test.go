@@ -204,6 +204,9 @@ func TestInjectionCorpusThroughEveryStringField(t *testing.T) {
 
 		rv, err := admin.RevokeLeases(ctx, &pb.RevokeLeasesRequest{LeaseIds: []string{v}})
 		check(t, "RevokeLeases.lease_ids", v, err, bad...)
+		if err == nil && rv.GetRevokedCount() != 0 {
+			t.Errorf("RevokeLeases.lease_ids = %q revoked %d leases", v, rv.GetRevokedCount())
+		}
 		for _, req := range []*pb.RevokeLeasesRequest{{Role: v}, {Client: v}} {
 			rv, err = admin.RevokeLeases(ctx, req)
 			check(t, "RevokeLeases.role/client", v, err, codes.OK, codes.InvalidArgument)
