@@ -141,6 +141,12 @@ func (k *keyedMutex) Lock(key string) func() {
 	m.refs++
 	k.mu.Unlock()
 	m.Lock()
+	return k.unlocker(key, m)
+}
+
+// unlocker returns the function that releases m, held for key, and forgets
+// key once nobody holds or awaits it.
+func (k *keyedMutex) unlocker(key string, m *refMutex) func() {
 	return func() {
 		m.Unlock()
 		k.mu.Lock()

@@ -251,13 +251,5 @@ func (k *keyedMutex) tryLock(key string) (unlock func(), ok bool) {
 	m.Lock()
 	k.locks[key] = m
 	k.mu.Unlock()
-	return func() {
-		m.Unlock()
-		k.mu.Lock()
-		m.refs--
-		if m.refs == 0 {
-			delete(k.locks, key)
-		}
-		k.mu.Unlock()
-	}, true
+	return k.unlocker(key, m), true
 }
