@@ -115,12 +115,15 @@ func TestScramSHA256Verifier(t *testing.T) {
 }
 
 func TestAdminSetupSQL(t *testing.T) {
-	stmts := postgres.AdminSetupSQL(postgres.SetupParams{
+	stmts, err := postgres.AdminSetupSQL(postgres.SetupParams{
 		Admin:         "broker_admin",
 		AdminPassword: "cleartext-admin-pw",
 		ProxyRoles:    []string{"read_only_role", "updater_role"},
 		ServerVersion: 15,
 	})
+	if err != nil {
+		t.Fatal(err)
+	}
 	all := strings.Join(stmts, ";\n")
 	for _, want := range []string{
 		`CREATE ROLE "credbroker_managed" NOLOGIN`,
@@ -141,8 +144,15 @@ func TestAdminSetupSQL(t *testing.T) {
 	if strings.Contains(all, "SUPERUSER,") || strings.Contains(all, " SUPERUSER ") {
 		t.Errorf("setup SQL grants SUPERUSER:\n%s", all)
 	}
-	none := postgres.AdminSetupSQL(postgres.SetupParams{Admin: "a", MarkerRole: "m"})
-	if strings.Contains(strings.Join(none, ";"), "PASSWORD") {
-		t.Errorf("no password given, yet a PASSWORD clause: %v", none)
+	none, err := postgres.AdminSetupSQL(postgres.SetupParams{Admin: "a", MarkerRole: "m"})
+	if err != nil || strings.Contains(strings.Join(none, ";"), "PASSWORD") {
+		t.Errorf("no password given: %v, %v; want no PASSWORD clause and no error", none, err)
+	}
+	// A password PostgreSQL clients would hash differently is an error,
+	// not a panic.
+	if _, err := postgres.AdminSetupSQL(postgres.SetupParams{Admin: "a", AdminPassword: "p\x00w"}); err == nil {
+		t.Error("an admin password with a NUL byte was accepted")
+	} else if strings.Contains(err.Error(), "p\x00w") {
+		t.Errorf("the error echoes the password: %v", err)
 	}
 }

@@ -28,8 +28,8 @@ type SetupParams struct {
 // AdminSetupSQL returns the statements a superuser runs once to create the
 // broker's admin role with the minimal grants it needs, one statement per
 // element (the README prints them; the tests and `brokerd dev` run them).
-// The proxy roles must already exist. It panics if AdminPassword is set but
-// fails ValidPassword; check it first.
+// The proxy roles must already exist. It fails if AdminPassword is set but
+// fails ValidPassword.
 //
 // Why each grant, as checked on PostgreSQL 15 and 17:
 //
@@ -50,7 +50,7 @@ type SetupParams struct {
 //
 // The admin inherits the proxy roles' privileges; it can already obtain
 // them by issuing itself a user, so this grants nothing new.
-func AdminSetupSQL(p SetupParams) []string {
+func AdminSetupSQL(p SetupParams) ([]string, error) {
 	marker := p.MarkerRole
 	if marker == "" {
 		marker = DefaultMarkerRole
@@ -60,7 +60,7 @@ func AdminSetupSQL(p SetupParams) []string {
 	if p.AdminPassword != "" {
 		v, err := ScramSHA256Verifier(p.AdminPassword)
 		if err != nil {
-			panic(fmt.Sprintf("postgres.AdminSetupSQL: admin password: %v", err))
+			return nil, fmt.Errorf("postgres: admin password: %w", err)
 		}
 		create += " PASSWORD " + quoteLiteral(v)
 	}
@@ -75,5 +75,5 @@ func AdminSetupSQL(p SetupParams) []string {
 		"GRANT "+quoteIdent(marker)+" TO "+admin+" WITH ADMIN OPTION",
 		"GRANT pg_signal_backend TO "+admin,
 	)
-	return stmts
+	return stmts, nil
 }

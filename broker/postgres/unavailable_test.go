@@ -29,9 +29,13 @@ func TestServerGoesAway(t *testing.T) {
 
 	const password = "AdminPw123"
 	stmts := []string{"CREATE ROLE proxy NOLOGIN"}
-	stmts = append(stmts, postgres.AdminSetupSQL(postgres.SetupParams{
+	setup, err := postgres.AdminSetupSQL(postgres.SetupParams{
 		Admin: "broker_admin", AdminPassword: password, ProxyRoles: []string{"proxy"}, ServerVersion: c.Version,
-	})...)
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	stmts = append(stmts, setup...)
 	super, err := pgx.Connect(ctx, c.SuperuserURL("postgres"))
 	if err != nil {
 		t.Fatal(err)

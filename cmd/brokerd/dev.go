@@ -228,12 +228,16 @@ func setUpDevDatabase(ctx context.Context, c *pgcluster.Cluster, adminPassword s
 		stmts = append(stmts, "CREATE ROLE "+r.proxy+" NOLOGIN", r.grantSQL)
 		proxies = append(proxies, r.proxy)
 	}
-	stmts = append(stmts, postgres.AdminSetupSQL(postgres.SetupParams{
+	setup, err := postgres.AdminSetupSQL(postgres.SetupParams{
 		Admin:         devAdmin,
 		AdminPassword: adminPassword,
 		ProxyRoles:    proxies,
 		ServerVersion: c.Version,
-	})...)
+	})
+	if err != nil {
+		return err
+	}
+	stmts = append(stmts, setup...)
 	for _, stmt := range stmts {
 		if _, err := conn.Exec(ctx, stmt); err != nil {
 			// The statements hold no password (AdminSetupSQL sends a SCRAM

@@ -203,9 +203,13 @@ func (e *env) startCluster(ctx context.Context) error {
 	e.adminPassword = randHex(16)
 	e.proxyRole, e.markerRole, e.role = benchProxy, postgres.DefaultMarkerRole, benchRole
 	stmts := []string{"CREATE ROLE " + benchProxy + " NOLOGIN"}
-	stmts = append(stmts, postgres.AdminSetupSQL(postgres.SetupParams{
+	setup, err := postgres.AdminSetupSQL(postgres.SetupParams{
 		Admin: benchAdmin, AdminPassword: e.adminPassword, ProxyRoles: []string{benchProxy}, ServerVersion: c.Version,
-	})...)
+	})
+	if err != nil {
+		return err
+	}
+	stmts = append(stmts, setup...)
 	conn, err := pgx.Connect(ctx, c.SuperuserURL("postgres"))
 	if err != nil {
 		return err

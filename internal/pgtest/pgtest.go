@@ -318,13 +318,17 @@ func (s *Instance) NewTarget(t testing.TB, opts TargetOptions) *Target {
 		}
 		stmts = append(stmts, "CREATE ROLE "+q(tg.ProxyRoles[r.Name])+" "+login)
 	}
-	stmts = append(stmts, postgres.AdminSetupSQL(postgres.SetupParams{
+	setup, err := postgres.AdminSetupSQL(postgres.SetupParams{
 		Admin:         tg.AdminUser,
 		AdminPassword: tg.AdminPassword,
 		ProxyRoles:    granted,
 		MarkerRole:    tg.MarkerRole,
 		ServerVersion: s.Version,
-	})...)
+	})
+	if err != nil {
+		t.Fatalf("pgtest: %v", err)
+	}
+	stmts = append(stmts, setup...)
 	if err := execAll(ctx, s.SuperURL("postgres"), stmts); err != nil {
 		t.Fatalf("pgtest: creating target: %v", err)
 	}
