@@ -2,17 +2,11 @@ package server
 
 import (
 	"context"
-	"crypto/ecdsa"
-	"crypto/elliptic"
-	"crypto/rand"
 	"crypto/tls"
 	"crypto/x509"
-	"crypto/x509/pkix"
 	"encoding/pem"
 	"log/slog"
-	"math/big"
 	"net"
-	"net/url"
 	"os"
 	"path/filepath"
 	"testing"
@@ -26,91 +20,23 @@ import (
 	"github.com/credbroker/credbroker/broker"
 	"github.com/credbroker/credbroker/broker/postgres"
 	"github.com/credbroker/credbroker/internal/pgtest"
+	"github.com/credbroker/credbroker/internal/testpki"
 	pb "github.com/credbroker/credbroker/proto/credbroker/v1"
 	"github.com/credbroker/credbroker/store"
 )
 
-// testCA is a certificate authority made in the test, so no openssl and
-// no fixture that expires.
-type testCA struct {
-	cert *x509.Certificate
-	key  *ecdsa.PrivateKey
-	pem  []byte
-}
-
-var serial int64 = time.Now().UnixNano()
-
-func nextSerial() *big.Int { serial++; return big.NewInt(serial) }
-
-func newTestCA(t *testing.T, name string) *testCA {
+// parseCertPEM decodes one PEM certificate.
+func parseCertPEM(t *testing.T, certPEM []byte) *x509.Certificate {
 	t.Helper()
-	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	block, _ := pem.Decode(certPEM)
+	if block == nil {
+		t.Fatal("no PEM block")
+	}
+	cert, err := x509.ParseCertificate(block.Bytes)
 	if err != nil {
 		t.Fatal(err)
 	}
-	tmpl := &x509.Certificate{
-		SerialNumber:          nextSerial(),
-		Subject:               pkix.Name{CommonName: name},
-		NotBefore:             time.Now().Add(-time.Hour),
-		NotAfter:              time.Now().Add(24 * time.Hour),
-		IsCA:                  true,
-		BasicConstraintsValid: true,
-		KeyUsage:              x509.KeyUsageCertSign,
-	}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
-	if err != nil {
-		t.Fatal(err)
-	}
-	cert, _ := x509.ParseCertificate(der)
-	return &testCA{cert: cert, key: key, pem: pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der})}
-}
-
-// certSpec describes a leaf certificate.
-type certSpec struct {
-	cn     string
-	uri    string // a URI SAN (SPIFFE ID)
-	server bool   // for 127.0.0.1 and localhost
-}
-
-// issue returns PEM certificate and key for spec, and the certificate.
-func (ca *testCA) issue(t *testing.T, spec certSpec) (certPEM, keyPEM []byte, cert *x509.Certificate) {
-	t.Helper()
-	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	if err != nil {
-		t.Fatal(err)
-	}
-	tmpl := &x509.Certificate{
-		SerialNumber: nextSerial(),
-		Subject:      pkix.Name{CommonName: spec.cn},
-		NotBefore:    time.Now().Add(-time.Hour),
-		NotAfter:     time.Now().Add(24 * time.Hour),
-		KeyUsage:     x509.KeyUsageDigitalSignature,
-	}
-	if spec.server {
-		tmpl.ExtKeyUsage = []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth}
-		tmpl.IPAddresses = []net.IP{net.ParseIP("127.0.0.1")}
-		tmpl.DNSNames = []string{"localhost"}
-	} else {
-		tmpl.ExtKeyUsage = []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth}
-	}
-	if spec.uri != "" {
-		u, err := url.Parse(spec.uri)
-		if err != nil {
-			t.Fatal(err)
-		}
-		tmpl.URIs = []*url.URL{u}
-	}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, ca.cert, &key.PublicKey, ca.key)
-	if err != nil {
-		t.Fatal(err)
-	}
-	cert, _ = x509.ParseCertificate(der)
-	kder, err := x509.MarshalECPrivateKey(key)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}),
-		pem.EncodeToMemory(&pem.Block{Type: "EC PRIVATE KEY", Bytes: kder}), cert
+	return cert
 }
 
 // writeFile replaces path atomically (write and rename), as cert-manager
@@ -144,7 +70,7 @@ type secureOptions struct {
 type secureHarness struct {
 	target    *pgtest.Target
 	broker    *broker.Broker
-	ca        *testCA
+	ca        *testpki.CA
 	dir       string
 	certFile  string
 	keyFile   string
@@ -214,16 +140,16 @@ func newSecureHarness(t *testing.T, o secureOptions) *secureHarness {
 		t.Fatal(err)
 	}
 	var opts []grpc.ServerOption
-	h.ca = newTestCA(t, "credbroker test CA")
+	h.ca = testpki.NewCA(t, "credbroker test CA")
 	if o.tls {
 		h.certFile, h.keyFile = filepath.Join(h.dir, "server.crt"), filepath.Join(h.dir, "server.key")
-		certPEM, keyPEM, _ := h.ca.issue(t, certSpec{cn: "brokerd", server: true})
+		certPEM, keyPEM := h.ca.Issue(t, testpki.Leaf{CN: "brokerd", Server: true})
 		writeFile(t, h.certFile, certPEM)
 		writeFile(t, h.keyFile, keyPEM)
 		files := TLSFiles{CertFile: h.certFile, KeyFile: h.keyFile, ClientCertOptional: len(o.tokens) > 0}
 		if o.clientCA {
 			h.caFile = filepath.Join(h.dir, "client-ca.crt")
-			writeFile(t, h.caFile, h.ca.pem)
+			writeFile(t, h.caFile, h.ca.PEM)
 			files.ClientCAFile = h.caFile
 		}
 		h.certs, err = NewCertReloader(files, logger, func(err error) {
@@ -261,8 +187,8 @@ func newSecureHarness(t *testing.T, o secureOptions) *secureHarness {
 
 // clientCreds describes how a test client connects.
 type clientCreds struct {
-	cert  *certSpec // a client certificate from the harness's CA
-	ca    *testCA   // sign the client certificate with this CA instead
+	cert  *testpki.Leaf // a client certificate from the harness's CA
+	ca    *testpki.CA   // sign the client certificate with this CA instead
 	token string
 }
 
@@ -273,13 +199,13 @@ func (h *secureHarness) dial(t *testing.T, c clientCreds) *grpc.ClientConn {
 	var opts []grpc.DialOption
 	if h.certs != nil {
 		cfg := &tls.Config{RootCAs: x509.NewCertPool(), ServerName: "127.0.0.1", MinVersion: tls.VersionTLS12}
-		cfg.RootCAs.AddCert(h.ca.cert)
+		cfg.RootCAs.AddCert(h.ca.Cert)
 		if c.cert != nil {
 			ca := h.ca
 			if c.ca != nil {
 				ca = c.ca
 			}
-			certPEM, keyPEM, _ := ca.issue(t, *c.cert)
+			certPEM, keyPEM := ca.Issue(t, *c.cert)
 			pair, err := tls.X509KeyPair(certPEM, keyPEM)
 			if err != nil {
 				t.Fatal(err)

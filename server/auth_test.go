@@ -13,6 +13,7 @@ import (
 	"google.golang.org/grpc/status"
 
 	"github.com/credbroker/credbroker/audit"
+	"github.com/credbroker/credbroker/internal/testpki"
 	pb "github.com/credbroker/credbroker/proto/credbroker/v1"
 )
 
@@ -35,11 +36,11 @@ func TestMutualTLSIdentityFromURISANElseCN(t *testing.T) {
 
 	for _, tc := range []struct {
 		name string
-		spec certSpec
+		spec testpki.Leaf
 		want string
 	}{
-		{"URI SAN wins over CN", certSpec{cn: "ignored-cn", uri: "spiffe://test.example/ns/payments/api"}, "spiffe://test.example/ns/payments/api"},
-		{"CN without URI SAN", certSpec{cn: "svc-cn"}, "svc-cn"},
+		{"URI SAN wins over CN", testpki.Leaf{CN: "ignored-cn", URI: "spiffe://test.example/ns/payments/api"}, "spiffe://test.example/ns/payments/api"},
+		{"CN without URI SAN", testpki.Leaf{CN: "svc-cn"}, "svc-cn"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			cred, _ := h.clients(t, clientCreds{cert: &tc.spec})
@@ -54,7 +55,7 @@ func TestMutualTLSIdentityFromURISANElseCN(t *testing.T) {
 	}
 
 	t.Run("glob does not cross a path segment", func(t *testing.T) {
-		cred, _ := h.clients(t, clientCreds{cert: &certSpec{uri: "spiffe://test.example/ns/payments/api/extra"}})
+		cred, _ := h.clients(t, clientCreds{cert: &testpki.Leaf{URI: "spiffe://test.example/ns/payments/api/extra"}})
 		_, err := cred.IssueCredential(ctx, &pb.IssueCredentialRequest{Role: roleReadOnly})
 		wantCode(t, "issue outside the glob", err, codes.PermissionDenied)
 	})
@@ -67,14 +68,14 @@ func TestMutualTLSIdentityFromURISANElseCN(t *testing.T) {
 	})
 
 	t.Run("certificate of another CA", func(t *testing.T) {
-		other := newTestCA(t, "rogue CA")
-		cred, _ := h.clients(t, clientCreds{cert: &certSpec{cn: "svc-cn"}, ca: other})
+		other := testpki.NewCA(t, "rogue CA")
+		cred, _ := h.clients(t, clientCreds{cert: &testpki.Leaf{CN: "svc-cn"}, ca: other})
 		_, err := cred.IssueCredential(ctx, &pb.IssueCredentialRequest{Role: roleReadOnly})
 		wantCode(t, "issue with a rogue certificate", err, codes.Unavailable)
 	})
 
 	t.Run("admin by certificate", func(t *testing.T) {
-		_, admin := h.clients(t, clientCreds{cert: &certSpec{cn: "ops-admin"}})
+		_, admin := h.clients(t, clientCreds{cert: &testpki.Leaf{CN: "ops-admin"}})
 		resp, err := admin.ListLeases(ctx, &pb.ListLeasesRequest{})
 		if err != nil {
 			t.Fatalf("ListLeases as admin: %v", err)
@@ -83,7 +84,7 @@ func TestMutualTLSIdentityFromURISANElseCN(t *testing.T) {
 			t.Errorf("admin sees %d leases, want the 2 issued above", len(resp.GetLeases()))
 		}
 		// Admins are not implicitly allowed to issue.
-		cred, _ := h.clients(t, clientCreds{cert: &certSpec{cn: "ops-admin"}})
+		cred, _ := h.clients(t, clientCreds{cert: &testpki.Leaf{CN: "ops-admin"}})
 		_, err = cred.IssueCredential(ctx, &pb.IssueCredentialRequest{Role: roleReadOnly})
 		wantCode(t, "admin issuing a role it is not allowed", err, codes.PermissionDenied)
 	})
@@ -94,8 +95,8 @@ func TestMutualTLSIdentityFromURISANElseCN(t *testing.T) {
 func servedSerial(t *testing.T, h *secureHarness) string {
 	t.Helper()
 	pool := x509.NewCertPool()
-	pool.AddCert(h.ca.cert)
-	certPEM, keyPEM, _ := h.ca.issue(t, certSpec{cn: "probe"})
+	pool.AddCert(h.ca.Cert)
+	certPEM, keyPEM := h.ca.Issue(t, testpki.Leaf{CN: "probe"})
 	pair, _ := tls.X509KeyPair(certPEM, keyPEM)
 	d := &net.Dialer{Timeout: 5 * time.Second}
 	conn, err := tls.DialWithDialer(d, "tcp", h.addr, &tls.Config{RootCAs: pool, ServerName: "127.0.0.1",
@@ -114,7 +115,7 @@ func TestCertificateRotationWithoutRestart(t *testing.T) {
 		allowed: map[string][]string{roleReadOnly: {"svc"}},
 	})
 	// A connection made before the rotation.
-	cred, _ := h.clients(t, clientCreds{cert: &certSpec{cn: "svc"}})
+	cred, _ := h.clients(t, clientCreds{cert: &testpki.Leaf{CN: "svc"}})
 	if _, err := cred.IssueCredential(ctx, &pb.IssueCredentialRequest{Role: roleReadOnly}); err != nil {
 		t.Fatalf("before rotation: %v", err)
 	}
@@ -122,7 +123,8 @@ func TestCertificateRotationWithoutRestart(t *testing.T) {
 
 	// Half a rotation: a new certificate whose key is not there yet. The
 	// server must keep serving the old pair.
-	newCert, newKey, issued := h.ca.issue(t, certSpec{cn: "brokerd", server: true})
+	newCert, newKey := h.ca.Issue(t, testpki.Leaf{CN: "brokerd", Server: true})
+	issued := parseCertPEM(t, newCert)
 	writeFile(t, h.certFile, newCert)
 	if got := servedSerial(t, h); got != before {
 		t.Fatalf("served serial %s with a mismatched key on disk; want the old %s", got, before)
@@ -139,15 +141,15 @@ func TestCertificateRotationWithoutRestart(t *testing.T) {
 	if _, err := cred.IssueCredential(ctx, &pb.IssueCredentialRequest{Role: roleReadOnly}); err != nil {
 		t.Fatalf("old connection after rotation: %v", err)
 	}
-	cred2, _ := h.clients(t, clientCreds{cert: &certSpec{cn: "svc"}})
+	cred2, _ := h.clients(t, clientCreds{cert: &testpki.Leaf{CN: "svc"}})
 	if _, err := cred2.IssueCredential(ctx, &pb.IssueCredentialRequest{Role: roleReadOnly}); err != nil {
 		t.Fatalf("new connection after rotation: %v", err)
 	}
 
 	// Rotating the client CA: certificates of the old CA stop working.
-	newCA := newTestCA(t, "next CA")
-	writeFile(t, h.caFile, newCA.pem)
-	cred3, _ := h.clients(t, clientCreds{cert: &certSpec{cn: "svc"}}) // signed by the old CA
+	newCA := testpki.NewCA(t, "next CA")
+	writeFile(t, h.caFile, newCA.PEM)
+	cred3, _ := h.clients(t, clientCreds{cert: &testpki.Leaf{CN: "svc"}}) // signed by the old CA
 	_, err := cred3.IssueCredential(ctx, &pb.IssueCredentialRequest{Role: roleReadOnly})
 	wantCode(t, "old CA's certificate after the client CA rotated", err, codes.Unavailable)
 
@@ -211,7 +213,7 @@ func TestBearerTokens(t *testing.T) {
 	_, err = cred.IssueCredential(ctx, &pb.IssueCredentialRequest{Role: roleReadOnly})
 	wantCode(t, "issue with no credentials", err, codes.Unauthenticated)
 
-	cred, _ = h.clients(t, clientCreds{token: goodToken, cert: &certSpec{cn: "batch-job"}})
+	cred, _ = h.clients(t, clientCreds{token: goodToken, cert: &testpki.Leaf{CN: "batch-job"}})
 	_, err = cred.IssueCredential(ctx, &pb.IssueCredentialRequest{Role: roleReadOnly})
 	wantCode(t, "issue with a token and a certificate", err, codes.Unauthenticated)
 
