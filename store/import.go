@@ -16,7 +16,8 @@ const importTxSize = 10_000
 
 // ImportLeases stores leases as given, in any state, each at revision 1
 // and indexed as CreateLease and UpdateLease would index it, many per
-// transaction. A lease whose id is already stored fails the import with
+// transaction, moving each role's last issue time forward as CreateLease
+// does. A lease whose id is already stored fails the import with
 // broker.ErrExists; transactions committed before it stay. It is for
 // restoring an export and for building test and benchmark stores (see
 // cmd/credbroker-bench); the broker never calls it.
@@ -30,6 +31,7 @@ func (s *Store) ImportLeases(ctx context.Context, ls []broker.Lease) error {
 			indexed  bool
 		}
 		recs := make([]rec, len(part))
+		newest := map[string]int64{} // role -> issue time, for the activity bucket
 		for i := range part {
 			l := part[i]
 			l.Revision = 1
@@ -37,6 +39,11 @@ func (s *Store) ImportLeases(ctx context.Context, ls []broker.Lease) error {
 			if err != nil {
 				return fmt.Errorf("lease %q: %w", l.ID, err)
 			}
+			issue, err := timeNanos(l.IssueTime) // encodeLease checked it
+			if err != nil {
+				return fmt.Errorf("lease %q: %w", l.ID, err)
+			}
+			newest[l.Role] = max(newest[l.Role], issue)
 			idx, ok := head.index(l.ID)
 			recs[i] = rec{key: leaseKey(l.ID), val: val, idx: idx, indexed: ok}
 		}
@@ -53,6 +60,11 @@ func (s *Store) ImportLeases(ctx context.Context, ls []broker.Lease) error {
 					if err := tx.Bucket(r.idx.bucket).Put(r.idx.key, r.idx.val); err != nil {
 						return err
 					}
+				}
+			}
+			for role, issue := range newest {
+				if err := noteIssued(tx, role, issue); err != nil {
+					return err
 				}
 			}
 			return nil

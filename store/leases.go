@@ -18,7 +18,8 @@ const ctxCheckEvery = 4096
 
 // CreateLease stores a new lease with revision 1 and deletes the intent of
 // the same id in the same transaction, so a crash leaves either the intent
-// (and the reconciler drops the user) or the lease, never neither.
+// (and the reconciler drops the user) or the lease, never neither. The same
+// transaction moves its role's last issue time forward (see LastIssued).
 func (s *Store) CreateLease(ctx context.Context, l *broker.Lease) error {
 	if l == nil {
 		return fmt.Errorf("%w: nil lease", broker.ErrInvalidArgument)
@@ -26,6 +27,10 @@ func (s *Store) CreateLease(ctx context.Context, l *broker.Lease) error {
 	rec := *l
 	rec.Revision = 1
 	val, head, err := encodeLease(&rec)
+	if err != nil {
+		return err
+	}
+	issue, err := timeNanos(rec.IssueTime) // encodeLease checked it
 	if err != nil {
 		return err
 	}
@@ -40,6 +45,9 @@ func (s *Store) CreateLease(ctx context.Context, l *broker.Lease) error {
 			return err
 		}
 		if err := tx.Bucket(idx.bucket).Put(idx.key, idx.val); err != nil {
+			return err
+		}
+		if err := noteIssued(tx, rec.Role, issue); err != nil {
 			return err
 		}
 		return tx.Bucket(bucketIntents).Delete(key)
@@ -266,6 +274,8 @@ func (s *Store) ScanExpiry(ctx context.Context, fn func(broker.ExpiryEntry) bool
 // endedBefore, oldest first, in one transaction, and returns how many lease
 // records it deleted. limit must be positive: one unbounded transaction
 // could hold the write lock, and grow the file, for as long as it likes.
+// Roles' last issue times (LastIssued) are kept: they are what remains of
+// the purged leases for the stale check.
 func (s *Store) PurgeTombstones(ctx context.Context, endedBefore time.Time, limit int) (int, error) {
 	if limit <= 0 {
 		return 0, fmt.Errorf("%w: purge limit must be positive, got %d", broker.ErrInvalidArgument, limit)

@@ -21,6 +21,8 @@ import (
 //	                                             files written before the value
 //	                                             existed: see encodeExpiryValue)
 //	tombstones  be64(end unix ns) || id       -> empty   (terminal leases only)
+//	activity    broker role name              -> be64(newest issue unix ns)
+//	                                             (schema version 2 on)
 //
 // Index keys sort by time first because bbolt orders keys bytewise and a
 // big-endian unsigned integer sorts like its value; the id suffix makes keys
@@ -28,7 +30,12 @@ import (
 
 // schemaVersion is the layout this code writes. Open refuses a file with a
 // higher version, so an older binary cannot silently misread a newer file.
-const schemaVersion uint64 = 1
+//
+//	1  meta, leases, intents, expiry, tombstones
+//	2  adds activity; Open builds it from the leases of a version 1 file.
+//	   An older binary would create leases without moving it forward,
+//	   which is why it must refuse the file.
+const schemaVersion uint64 = 2
 
 var (
 	bucketMeta       = []byte("meta")
@@ -36,8 +43,9 @@ var (
 	bucketIntents    = []byte("intents")
 	bucketExpiry     = []byte("expiry")
 	bucketTombstones = []byte("tombstones")
+	bucketActivity   = []byte("activity")
 
-	allBuckets = [][]byte{bucketMeta, bucketLeases, bucketIntents, bucketExpiry, bucketTombstones}
+	allBuckets = [][]byte{bucketMeta, bucketLeases, bucketIntents, bucketExpiry, bucketTombstones, bucketActivity}
 
 	metaKeySchemaVersion = []byte("schema_version")
 )
@@ -132,6 +140,28 @@ func indexOf(id string, state broker.LeaseState, expireNanos, endNanos int64) (i
 	default:
 		return indexEntry{}, false
 	}
+}
+
+// activityKey is the key of a broker role's entry in bucketActivity. Role
+// names are short identifiers the config validated; bbolt refuses an empty
+// key, so the role "" has no entry.
+func activityKey(role string) []byte { return []byte(role) }
+
+// encodeActivity and decodeActivity are the value of an activity entry:
+// the issue time of the role's newest lease, in the form timeNanos gives.
+func encodeActivity(issueNanos int64) []byte {
+	return binary.BigEndian.AppendUint64(nil, uint64(issueNanos))
+}
+
+func decodeActivity(b []byte) (int64, error) {
+	if len(b) != 8 {
+		return 0, fmt.Errorf("%w: activity entry of %d bytes", errCorrupt, len(b))
+	}
+	n := binary.BigEndian.Uint64(b)
+	if n > math.MaxInt64 {
+		return 0, fmt.Errorf("%w: activity entry out of range", errCorrupt)
+	}
+	return int64(n), nil
 }
 
 func encodeSchemaVersion(v uint64) []byte { return binary.BigEndian.AppendUint64(nil, v) }

@@ -84,7 +84,7 @@ func Open(path string, opts Options) (*Store, error) {
 	if err != nil {
 		return nil, fmt.Errorf("open lease store %s: %w", path, err)
 	}
-	version, err := initSchema(db)
+	version, err := initSchema(db, log)
 	if err != nil {
 		_ = db.Close()
 		return nil, fmt.Errorf("open lease store %s: %w", path, err)
@@ -93,11 +93,15 @@ func Open(path string, opts Options) (*Store, error) {
 	return &Store{db: db, path: path, log: log, commits: newCommitter(db)}, nil
 }
 
-// initSchema creates the buckets of a new file and checks the schema version
-// of an existing one.
-func initSchema(db *bolt.DB) (uint64, error) {
+// initSchema creates the buckets of a new file, checks the schema version
+// of an existing one and migrates an older one to schemaVersion, all in one
+// transaction: a crash leaves the file as it was or fully migrated. It
+// returns the file's version, after any migration.
+func initSchema(db *bolt.DB, log *slog.Logger) (uint64, error) {
 	var version uint64
 	err := db.Update(func(tx *bolt.Tx) error {
+		// A bucket a version 1 file lacks is created here, empty, and
+		// filled by its migration below; a new file's stays empty.
 		for _, name := range allBuckets {
 			if _, err := tx.CreateBucketIfNotExists(name); err != nil {
 				return fmt.Errorf("create bucket %s: %w", name, err)
@@ -117,7 +121,16 @@ func initSchema(db *bolt.DB) (uint64, error) {
 		if v > schemaVersion {
 			return fmt.Errorf("schema version %d is newer than this binary supports (%d); run a newer credbroker", v, schemaVersion)
 		}
-		// Older versions would be migrated here; version 1 is the first.
+		if v < 2 {
+			log.Info("building the role activity index from the lease records (once, on upgrade to schema version 2)")
+			if err := buildActivity(tx, log); err != nil {
+				return fmt.Errorf("migrate schema version %d to 2: build activity: %w", v, err)
+			}
+		}
+		if v < schemaVersion {
+			version = schemaVersion
+			return meta.Put(metaKeySchemaVersion, encodeSchemaVersion(schemaVersion))
+		}
 		return nil
 	})
 	return version, err

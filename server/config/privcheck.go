@@ -9,6 +9,7 @@ import (
 
 	"github.com/credbroker/credbroker/broker"
 	"github.com/credbroker/credbroker/broker/postgres"
+	"github.com/credbroker/credbroker/store"
 )
 
 // DefaultStaleAfter is how long a broker role may go without an issued
@@ -22,6 +23,20 @@ type LeaseLister interface {
 	ListLeases(ctx context.Context, f broker.LeaseFilter) ([]broker.Lease, string, error)
 }
 
+// LastIssuedReader is a lease history that keeps each broker role's newest
+// issue time itself (store.Store does), so the stale check reads one entry
+// per role instead of every lease. Its memory is longer than the leases':
+// a role's last issue stays known after the tombstone retention has
+// dropped the lease, so the check judges such a role by its real last issue
+// instead of calling it "no lease the store remembers".
+type LastIssuedReader interface {
+	// LastIssued maps each role that ever had a lease to the issue time
+	// of its newest one; a role with none is absent.
+	LastIssued(ctx context.Context) (map[string]time.Time, error)
+}
+
+var _ LastIssuedReader = (*store.Store)(nil)
+
 // privilegeChecker is what the check needs of a target's engine.
 type privilegeChecker interface {
 	CheckPrivileges(ctx context.Context, uses []postgres.ProxyRoleUse) ([]postgres.Finding, error)
@@ -29,7 +44,8 @@ type privilegeChecker interface {
 
 // PrivilegeCheck says what CheckPrivileges looks at besides the catalog.
 type PrivilegeCheck struct {
-	// Leases, if set, is read for the stale check; nil skips it.
+	// Leases, if set, is read for the stale check; nil skips it. When it
+	// is also a LastIssuedReader, that is all the check reads of it.
 	Leases LeaseLister
 	// StaleAfter: a broker role with no lease issued for this long is
 	// stale; 0 is DefaultStaleAfter.
@@ -104,8 +120,8 @@ func checkPrivileges(ctx context.Context, cfg *Config, dbs map[string]broker.Dat
 	return out, errors.Join(errs...)
 }
 
-// staleRoles pages through every lease the store holds (live ones and the
-// tombstones of ended ones) for the newest issue time of each role.
+// staleRoles reports the broker roles of cfg not issued for opts.StaleAfter,
+// from each role's newest issue time (see lastIssued).
 func staleRoles(ctx context.Context, cfg *Config, opts PrivilegeCheck) ([]postgres.Finding, error) {
 	after := opts.StaleAfter
 	if after <= 0 {
@@ -115,21 +131,9 @@ func staleRoles(ctx context.Context, cfg *Config, opts PrivilegeCheck) ([]postgr
 	if now.IsZero() {
 		now = time.Now()
 	}
-	last := map[string]time.Time{}
-	for cursor := ""; ; {
-		page, next, err := opts.Leases.ListLeases(ctx, broker.LeaseFilter{Limit: 1000, After: cursor})
-		if err != nil {
-			return nil, err
-		}
-		for _, l := range page {
-			if l.IssueTime.After(last[l.Role]) {
-				last[l.Role] = l.IssueTime
-			}
-		}
-		if next == "" || len(page) == 0 {
-			break
-		}
-		cursor = next
+	last, err := lastIssued(ctx, opts.Leases)
+	if err != nil {
+		return nil, err
 	}
 	activity := make([]postgres.LeaseActivity, 0, len(cfg.Roles))
 	target := map[string]string{}
@@ -142,4 +146,32 @@ func staleRoles(ctx context.Context, cfg *Config, opts PrivilegeCheck) ([]postgr
 		fs[i].Target = target[fs[i].Role]
 	}
 	return fs, nil
+}
+
+// lastIssued returns the newest issue time of each role: from a
+// LastIssuedReader when leases is one (the store, brokerd's own check),
+// which costs one entry per role; else, for a running broker's ListLeases
+// (brokerctl check while brokerd holds the store), by paging through every
+// lease it holds, live ones and the tombstones of ended ones, which reads
+// the whole store.
+func lastIssued(ctx context.Context, leases LeaseLister) (map[string]time.Time, error) {
+	if r, ok := leases.(LastIssuedReader); ok {
+		return r.LastIssued(ctx)
+	}
+	last := map[string]time.Time{}
+	for cursor := ""; ; {
+		page, next, err := leases.ListLeases(ctx, broker.LeaseFilter{Limit: 1000, After: cursor})
+		if err != nil {
+			return nil, err
+		}
+		for _, l := range page {
+			if l.IssueTime.After(last[l.Role]) {
+				last[l.Role] = l.IssueTime
+			}
+		}
+		if next == "" || len(page) == 0 {
+			return last, nil
+		}
+		cursor = next
+	}
 }
