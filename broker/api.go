@@ -26,6 +26,11 @@ type Config struct {
 	// RevokeRate bounds expiry-driven revocations per second (a mass expiry
 	// must not overload PostgreSQL).
 	RevokeRate float64 // default 100
+	// RenewBatches bounds the renewal batches one target runs at once
+	// (each one PostgreSQL transaction and one store commit; see
+	// renewbatch.go). More than one lets the next batch start while the
+	// previous one waits on its commits.
+	RenewBatches int // default 4
 	// RevokeRetries is how many failed attempts mark a lease REVOKE_FAILED.
 	RevokeRetries int // default 5
 	// RetryBaseDelay and RetryMaxDelay bound the exponential backoff (with

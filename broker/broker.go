@@ -74,6 +74,9 @@ func New(cfg Config) (*Broker, error) {
 	if cfg.RevokeConcurrency <= 0 {
 		cfg.RevokeConcurrency = 4
 	}
+	if cfg.RenewBatches <= 0 {
+		cfg.RenewBatches = 4
+	}
 	if cfg.RevokeRate <= 0 {
 		cfg.RevokeRate = 100
 	}

@@ -11,11 +11,14 @@ import (
 // Renewal batching (group commit). Sidecars renew on many streams at once;
 // one PostgreSQL transaction and one bbolt commit per renewal would make
 // fsyncs and round trips the broker's ceiling. So renewals that arrive
-// together are committed together: per target, one goroutine at a time
-// runs a batch (Database.RenewUsers, then LeaseStore.UpdateLeases, each one
-// transaction with per-lease results), and whatever arrives while it runs
-// forms the next batch. A lone renewal waits for nobody: it is a batch of
-// one. There is no goroutine while nothing is pending.
+// together are committed together: per target, up to Config.RenewBatches
+// goroutines each run a batch (Database.RenewUsers, then
+// LeaseStore.UpdateLeases, each one transaction with per-lease results),
+// and whatever arrives while they run forms the next batches. With one
+// batch at a time, each batch's round trips and fsyncs would be paid one
+// after another; several in flight overlap them, as concurrent clients of
+// PostgreSQL do. A lone renewal waits for nobody: it is a batch of one.
+// There is no goroutine while nothing is pending.
 //
 // A lease the batch cannot handle plainly (busy under a revocation, named
 // twice in one batch, not active, a compare-and-set lost, an error of its
@@ -35,7 +38,7 @@ var errRenewAlone = errors.New("renew alone")
 type renewBatcher struct {
 	mu      sync.Mutex
 	pending map[string][]*renewCall // by target
-	running map[string]bool         // targets with a batch goroutine
+	running map[string]int          // batch goroutines per target
 }
 
 type renewCall struct {
@@ -84,11 +87,11 @@ func (rb *renewBatcher) enqueue(b *Broker, target string, c *renewCall) {
 	defer rb.mu.Unlock()
 	if rb.pending == nil {
 		rb.pending = make(map[string][]*renewCall)
-		rb.running = make(map[string]bool)
+		rb.running = make(map[string]int)
 	}
 	rb.pending[target] = append(rb.pending[target], c)
-	if !rb.running[target] {
-		rb.running[target] = true
+	if rb.running[target] < b.cfg.RenewBatches {
+		rb.running[target]++
 		go rb.run(b, target)
 	}
 }
@@ -100,7 +103,9 @@ func (rb *renewBatcher) run(b *Broker, target string) {
 		calls := rb.pending[target]
 		if len(calls) == 0 {
 			delete(rb.pending, target)
-			delete(rb.running, target)
+			if rb.running[target]--; rb.running[target] == 0 {
+				delete(rb.running, target)
+			}
 			rb.mu.Unlock()
 			return
 		}

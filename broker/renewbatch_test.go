@@ -70,6 +70,7 @@ func TestRenewalsArrivingTogetherAreCommittedTogether(t *testing.T) {
 	e := newEnv(t, func(c *broker.Config) {
 		c.Databases["main"] = spyDB{Database: c.Databases["main"], spy: spy}
 		c.Store = spyStore{LeaseStore: c.Store, spy: spy}
+		c.RenewBatches = 1 // so that everything queues behind the held batch
 	})
 	const n = 12
 	first, _ := e.issue(roleRO, 0)
@@ -160,6 +161,56 @@ func TestRenewalsArrivingTogetherAreCommittedTogether(t *testing.T) {
 	}
 	if len(st) < 2 || st[0] != 1 || st[1] != n-1 {
 		t.Errorf("UpdateLeases batch sizes %v, want [1 %d]", st, n-1)
+	}
+}
+
+// TestRenewalBatchesOverlap holds one renewal batch in PostgreSQL and
+// checks that, with two batches allowed per target, renewals arriving
+// meanwhile are committed by a second batch without waiting for the
+// first; then the first completes too.
+func TestRenewalBatchesOverlap(t *testing.T) {
+	spy := &batchSpy{gate: make(chan struct{}), entered: make(chan struct{})}
+	e := newEnv(t, func(c *broker.Config) {
+		c.Databases["main"] = spyDB{Database: c.Databases["main"], spy: spy}
+		c.Store = spyStore{LeaseStore: c.Store, spy: spy}
+		c.RenewBatches = 2
+	})
+	held, _ := e.issue(roleRO, 0)
+	other, _ := e.issue(roleRO, 0)
+	e.clock.Advance(time.Minute)
+	heldDone := make(chan error, 1)
+	go func() {
+		_, err := e.b.Renew(context.Background(), held.ID, 20*time.Minute)
+		heldDone <- err
+	}()
+	select {
+	case <-spy.entered:
+	case <-time.After(10 * time.Second):
+		t.Fatal("the first renewal never reached PostgreSQL")
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	l, err := e.b.Renew(ctx, other.ID, 20*time.Minute)
+	cancel()
+	if err != nil {
+		close(spy.gate)
+		<-heldDone
+		t.Fatalf("renewal beside a held batch: %v", err)
+	}
+	want := e.clock.Now().Add(20 * time.Minute)
+	if !l.ExpireTime.Equal(want) {
+		t.Errorf("renewed to %v, want %v", l.ExpireTime, want)
+	}
+	select {
+	case err := <-heldDone:
+		t.Fatalf("the held renewal finished before its batch was released: %v", err)
+	default:
+	}
+	close(spy.gate)
+	if err := <-heldDone; err != nil {
+		t.Fatalf("held renewal: %v", err)
+	}
+	if got := e.lease(held.ID); !got.ExpireTime.Equal(want) {
+		t.Errorf("held lease expires %v, want %v", got.ExpireTime, want)
 	}
 }
 
