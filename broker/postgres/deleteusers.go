@@ -117,10 +117,11 @@ func (e *Engine) deleteUsers(ctx context.Context, reqs []broker.DeleteUserReques
 		return nil // all gone already
 	}
 
-	// 2. Block every login, committed before any session is ended.
+	// 2. Block every login and grant the users to the admin (see
+	// DeleteUser), committed before any session is ended.
 	var b strings.Builder
 	for _, u := range users {
-		b.WriteString("ALTER ROLE " + quoteIdent(u) + " NOLOGIN; ")
+		b.WriteString(blockAndGrantSQL(quoteIdent(u), e.admin))
 	}
 	if _, err := e.pool.Exec(ctx, b.String()); err != nil {
 		return err

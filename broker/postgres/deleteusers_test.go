@@ -10,24 +10,38 @@ import (
 	"github.com/credbroker/credbroker/internal/pgtest"
 )
 
-// TestDeleteUsers drops a batch of users, one with an open session and
-// one already gone, in one call: every result is success, no role is
-// left, and the session is ended.
+// TestDeleteUsers drops a batch of users, one with an open session, one
+// that owns a table of its own, and one already gone, in one call: every
+// result is success, no role is left, the session is ended, and the table
+// now belongs to the proxy role.
 func TestDeleteUsers(t *testing.T) {
 	t.Parallel()
-	f := newFixture(t, pgtest.TargetOptions{})
+	f := newFixture(t, pgtest.TargetOptions{ProxyRoles: []pgtest.ProxyRole{
+		{Name: "owner", Privileges: []string{"SELECT"}, CreateOnSchema: true},
+	}})
 	super := f.super(t)
-	proxy := f.tg.ProxyRoles["read_only"]
+	proxy := f.tg.ProxyRoles["owner"]
 
 	var reqs []broker.DeleteUserRequest
 	var sessionUser, sessionPassword string
 	for i := range 5 {
-		user, password := f.issue(t, "read_only", hour())
+		user, password := f.issue(t, "owner", hour())
 		if i == 0 {
 			sessionUser, sessionPassword = user, password
 		}
+		if i == 1 {
+			// The user owns this table itself, not through the proxy
+			// role: DROP ROLE needs REASSIGN OWNED first, for which the
+			// admin needs the user's privileges (granted at the drop).
+			c := f.mustLogin(t, user, password)
+			if _, err := c.Exec(f.ctx, "SET ROLE NONE; CREATE TABLE owned_"+user+" (x int)"); err != nil {
+				t.Fatal(err)
+			}
+			_ = c.Close(f.ctx)
+		}
 		reqs = append(reqs, broker.DeleteUserRequest{Username: user, ProxyRole: proxy})
 	}
+	ownedTable := "owned_" + reqs[1].Username
 	reqs = append(reqs, broker.DeleteUserRequest{Username: randomName("u_gone_"), ProxyRole: proxy})
 	conn := f.mustLogin(t, sessionUser, sessionPassword)
 
@@ -47,6 +61,13 @@ func TestDeleteUsers(t *testing.T) {
 	}
 	if _, err := f.login(sessionUser, sessionPassword); err == nil {
 		t.Error("login succeeded after DeleteUsers")
+	}
+	var owner string
+	if err := super.QueryRow(f.ctx, "SELECT tableowner FROM pg_tables WHERE tablename = $1", ownedTable).Scan(&owner); err != nil {
+		t.Fatalf("the table the user owned: %v", err)
+	}
+	if owner != proxy {
+		t.Errorf("the table the user owned now belongs to %s, want the proxy role %s", owner, proxy)
 	}
 }
 

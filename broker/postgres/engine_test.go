@@ -167,6 +167,22 @@ func TestIssuedUserPrivileges(t *testing.T) {
 	}
 }
 
+// TestLiveUserIsNotTheAdmins: a live user is not granted to the admin.
+// Every role the admin belongs to makes its next CREATE ROLE slower, so
+// the engine grants a user to the admin only when it drops it.
+func TestLiveUserIsNotTheAdmins(t *testing.T) {
+	t.Parallel()
+	f := newFixture(t, pgtest.TargetOptions{})
+	user, _ := f.issue(t, "read_only", hour())
+	var usage bool
+	if err := f.super(t).QueryRow(f.ctx, "SELECT pg_has_role($1, $2, 'USAGE')", f.e.AdminRole(), user).Scan(&usage); err != nil {
+		t.Fatal(err)
+	}
+	if usage {
+		t.Errorf("the admin %s has the privileges of the live user %s", f.e.AdminRole(), user)
+	}
+}
+
 func validUntil(t *testing.T, f *fixture, conn *pgx.Conn, user string) time.Time {
 	t.Helper()
 	var v time.Time

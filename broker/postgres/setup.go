@@ -45,8 +45,8 @@ type SetupParams struct {
 //     Engine never counts a member holding ADMIN OPTION as a managed user.
 //   - GRANT pg_signal_backend TO admin: to end an issued user's sessions on
 //     16+. On 13-15 the admin may already signal them, being a member of each
-//     user (the engine grants every user it creates to the admin), so it is
-//     a safety net there.
+//     user it drops (the engine grants the user to the admin in the
+//     transaction that blocks its logins), so it is a safety net there.
 //
 // The admin inherits the proxy roles' privileges; it can already obtain
 // them by issuing itself a user, so this grants nothing new.

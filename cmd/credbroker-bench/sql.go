@@ -15,7 +15,7 @@ func quoteLit(s string) string { return "'" + strings.ReplaceAll(s, "'", "''") +
 func pgTime(t time.Time) string { return t.UTC().Format("2006-01-02 15:04:05.999999-07:00") }
 
 // issueSQL is Engine.NewUser's transaction for one user: CREATE ROLE ... IN
-// ROLE proxy, marker; GRANT user TO admin; ALTER ROLE ... SET role. As one
+// ROLE proxy, marker; ALTER ROLE ... SET role. As one
 // simple-protocol query it runs as one implicit transaction, in one round
 // trip, as the engine sends them. The marker role is the baseline's own
 // (see env.baseMarker), so the broker never reconciles these users away.
@@ -26,7 +26,6 @@ func (e *env) issueSQL(user, verifier string, validUntil time.Time) string {
 		" PASSWORD " + quoteLit(verifier) +
 		" VALID UNTIL " + quoteLit(pgTime(validUntil)) +
 		" IN ROLE " + proxy + ", " + q(e.baseMarker) +
-		"; GRANT " + u + " TO " + q(e.admin) +
 		"; ALTER ROLE " + u + " SET role = " + proxy
 }
 
