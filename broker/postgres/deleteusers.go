@@ -43,6 +43,9 @@ func (e *Engine) DeleteUsers(ctx context.Context, reqs []broker.DeleteUserReques
 			todo = append(todo, i)
 		}
 	}
+	for _, i := range todo {
+		e.managed.forget(reqs[i].Username)
+	}
 	if len(todo) > 1 {
 		err := e.deleteUsers(ctx, reqs, todo)
 		if err == nil {

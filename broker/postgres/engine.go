@@ -59,6 +59,7 @@ type Engine struct {
 	log              *slog.Logger
 	secrets          []string // redacted from every error
 	closed           atomic.Bool
+	managed          managedCache // users known to be the broker's (renewals.go)
 
 	// password is the admin password new connections use; SetPassword and
 	// RotatePassword change it (see rotate.go). Every value it ever held
@@ -340,6 +341,7 @@ func (e *Engine) NewUser(ctx context.Context, req broker.NewUserRequest) error {
 	}
 	switch {
 	case err == nil:
+		e.managed.add(req.Username)
 		e.log.Debug("created user", "user", req.Username, "proxy_role", req.ProxyRole, "valid_until", req.ValidUntil)
 		return nil
 	case sqlState(err) == codeDuplicateObject:
@@ -430,6 +432,7 @@ func (e *Engine) DeleteUser(ctx context.Context, req broker.DeleteUserRequest) e
 			return invalid("proxy role", err)
 		}
 	}
+	e.managed.forget(req.Username)
 	err := e.deleteUser(ctx, req)
 	if errors.Is(err, ErrUserNotFound) {
 		return nil

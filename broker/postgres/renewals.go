@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"strings"
+	"sync"
 
 	"github.com/credbroker/credbroker/broker"
 )
@@ -12,7 +13,9 @@ import (
 // RenewUsers moves the VALID UNTIL of many users in one transaction, in
 // two round trips: one checks that every user exists and is the broker's
 // (as RenewUser's requireManaged does, for all at once), and one
-// multi-statement exec alters them all and commits. errs[i] is the result of reqs[i]: a missing user is
+// multi-statement exec alters them all and commits. Users this engine
+// created or checked before (see managedCache) skip the check: a batch of
+// only those takes one round trip. errs[i] is the result of reqs[i]: a missing user is
 // ErrUserNotFound for its own entry only, a role the broker did not make is
 // refused, and an error of the transaction (the server is down) fails every
 // entry still pending.
@@ -65,6 +68,18 @@ func (e *Engine) renewUsers(ctx context.Context, reqs []broker.RenewUserRequest,
 	names := make([]string, 0, len(todo))
 	for _, i := range todo {
 		names = append(names, reqs[i].Username)
+	}
+	if e.managed.all(names) {
+		var stmt strings.Builder
+		for _, i := range todo {
+			stmt.WriteString("ALTER ROLE " + quoteIdent(reqs[i].Username) + " VALID UNTIL " + quoteLiteral(pgTime(reqs[i].ValidUntil)) + ";")
+		}
+		_, err := e.pool.Exec(ctx, stmt.String())
+		if err == nil || ctx.Err() != nil || unavailable(err) {
+			return nil, err
+		}
+		// A user is gone, or no longer what it was: check them all.
+		e.managed.forget(names...)
 	}
 	rows, err := e.pool.Query(ctx, `
 		SELECT r.rolname::text,
@@ -123,5 +138,52 @@ func (e *Engine) renewUsers(ctx context.Context, reqs []broker.RenewUserRequest,
 		}
 		return altered, nil
 	}
+	for _, i := range altered {
+		e.managed.add(reqs[i].Username)
+	}
 	return nil, nil
+}
+
+// managedCache remembers the users this engine made or found to be plain
+// members of the marker role, so that renewing them again skips the
+// check: a renewal names the user its lease recorded when the engine
+// created it, and a user made once by the broker stays the broker's. A
+// user that is dropped, or fails to be altered, is forgotten and checked
+// again. Dropping never trusts it: DeleteUser checks every time.
+type managedCache struct {
+	mu    sync.Mutex
+	names map[string]struct{}
+}
+
+// maxManagedCache bounds the cache (about 100 bytes per name); past it the
+// cache starts over, which only costs checks.
+const maxManagedCache = 1 << 20
+
+func (c *managedCache) add(name string) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.names == nil || len(c.names) >= maxManagedCache {
+		c.names = make(map[string]struct{})
+	}
+	c.names[name] = struct{}{}
+}
+
+func (c *managedCache) forget(names ...string) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	for _, n := range names {
+		delete(c.names, n)
+	}
+}
+
+// all reports whether every name is known.
+func (c *managedCache) all(names []string) bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	for _, n := range names {
+		if _, ok := c.names[n]; !ok {
+			return false
+		}
+	}
+	return true
 }

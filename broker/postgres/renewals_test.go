@@ -98,3 +98,46 @@ func TestRenewUsersOneTransactionPerUserResults(t *testing.T) {
 		}
 	})
 }
+
+// TestRenewUsersKnownUserDroppedByHand: users this engine created renew
+// without the check; when one of them was dropped behind its back, the
+// batch still gives each entry its true result.
+func TestRenewUsersKnownUserDroppedByHand(t *testing.T) {
+	t.Parallel()
+	f := newFixture(t, pgtest.TargetOptions{})
+	super := f.super(t)
+	var users []string
+	for range 3 {
+		u, _ := f.issue(t, "read_only", time.Now().Add(time.Minute))
+		users = append(users, u)
+	}
+	future := time.Now().Add(3 * time.Hour).Truncate(time.Microsecond)
+	batch := func() []broker.RenewUserRequest {
+		var reqs []broker.RenewUserRequest
+		for _, u := range users {
+			reqs = append(reqs, broker.RenewUserRequest{Username: u, ValidUntil: future})
+		}
+		return reqs
+	}
+	for i, err := range f.e.RenewUsers(f.ctx, batch()) {
+		if err != nil {
+			t.Fatalf("entry %d: %v", i, err)
+		}
+	}
+	if _, err := super.Exec(f.ctx, "DROP ROLE "+postgres.QuoteIdentifier(users[1])); err != nil {
+		t.Fatal(err)
+	}
+	future = future.Add(time.Hour)
+	errs := f.e.RenewUsers(f.ctx, batch())
+	for _, i := range []int{0, 2} {
+		if errs[i] != nil {
+			t.Errorf("entry %d: %v", i, errs[i])
+		}
+		if got := validUntil(t, f, super, users[i]); !got.Equal(future) {
+			t.Errorf("rolvaliduntil of %s = %v, want %v", users[i], got, future)
+		}
+	}
+	if !errors.Is(errs[1], postgres.ErrUserNotFound) {
+		t.Errorf("the user dropped by hand: %v, want ErrUserNotFound", errs[1])
+	}
+}
