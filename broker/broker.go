@@ -302,9 +302,11 @@ func (b *Broker) Renew(ctx context.Context, id string, increment time.Duration) 
 	}
 	// Renewals arriving together are committed together (renewbatch.go);
 	// what the batch cannot settle plainly comes back here.
-	if l, err := b.renewBatched(ctx, id, increment); !errors.Is(err, errRenewAlone) {
+	l, err := b.renewBatched(ctx, id, increment)
+	if !errors.Is(err, errRenewAlone) {
 		return l, err
 	}
+	userOnly := errors.Is(err, errRenewUserAlone)
 	unlock := b.leaseMu.Lock(id)
 	defer func() { unlock() }()
 	for {
@@ -329,11 +331,13 @@ func (b *Broker) Renew(ctx context.Context, id string, increment time.Duration) 
 		if newExpire.After(l.MaxExpireTime) {
 			newExpire = l.MaxExpireTime
 		}
-		if !newExpire.After(l.ExpireTime) {
+		if !newExpire.After(l.ExpireTime) && !userOnly {
 			// Nothing to extend: at the cap, or asked for less than it has.
 			b.publishRenewal(l)
 			return l, nil
 		}
+		userOnly = false
+		newExpire = later(newExpire, l.ExpireTime)
 		db, err := b.db(l.Target)
 		if err != nil {
 			return l, err
@@ -606,4 +610,12 @@ func (b *Broker) Roles() []Role {
 // at most one event, the newest. Call the returned function to unsubscribe.
 func (b *Broker) Subscribe(leaseID string) (<-chan Event, func()) {
 	return b.hub.subscribe(leaseID)
+}
+
+// later is the later of two instants.
+func later(a, b time.Time) time.Time {
+	if a.After(b) {
+		return a
+	}
+	return b
 }

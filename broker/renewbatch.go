@@ -35,6 +35,12 @@ const renewBatchTimeout = 30 * time.Second
 // errRenewAlone tells Renew to take the single-lease path.
 var errRenewAlone = errors.New("renew alone")
 
+// errRenewUserAlone is errRenewAlone for a lease the batch stored but whose
+// user PostgreSQL refused: the single path must bring VALID UNTIL up to
+// the stored expiry (and see why it cannot) even though the lease itself
+// has nothing left to extend.
+var errRenewUserAlone = fmt.Errorf("%w: the user, not the lease", errRenewAlone)
+
 type renewBatcher struct {
 	mu      sync.Mutex
 	pending map[string][]*renewCall // by target
@@ -199,44 +205,48 @@ func (b *Broker) renewBatch(target string, calls []*renewCall) {
 		return
 	}
 
-	// PostgreSQL first, as on the single path: if the store write then
-	// fails, VALID UNTIL is merely later than the lease.
+	// PostgreSQL and the store at once: each commit waits on its own
+	// fsync, and one after the other they made a renewal cost both. The
+	// single path goes PostgreSQL first, so that a failed store write
+	// leaves VALID UNTIL merely later than the lease; here a failed
+	// PostgreSQL write can also leave the lease later than VALID UNTIL.
+	// Neither gives more than the caller was entitled to: the lease's
+	// expiry, which revocation follows, is what it asked for, and VALID
+	// UNTIL is a safety net for when the broker is down (DESIGN.md).
 	reqs := make([]RenewUserRequest, len(renew))
+	ls := make([]Lease, len(renew))
 	for i, it := range renew {
 		reqs[i] = RenewUserRequest{Username: it.lease.Username, ValidUntil: it.newExpire.Add(b.cfg.ValidUntilGrace)}
-	}
-	dbErrs := db.RenewUsers(ctx, reqs)
-	var write []*renewItem
-	for i, it := range renew {
-		switch err := dbErrs[i]; {
-		case err == nil:
-			write = append(write, it)
-		case errors.Is(err, ErrUnavailable):
-			it.result = renewResult{lease: it.lease, err: fmt.Errorf("renew user: %w", err)}
-		default:
-			// An error of this user alone (it was dropped behind the
-			// broker's back, say): the single path decides what it means.
-		}
-	}
-	if len(write) == 0 {
-		return
-	}
-	ls := make([]Lease, len(write))
-	for i, it := range write {
 		ls[i] = it.lease
 		ls[i].ExpireTime = it.newExpire
 	}
+	dbDone := make(chan []error, 1)
+	go func() { dbDone <- db.RenewUsers(ctx, reqs) }()
 	stored, storeErrs := b.store.UpdateLeases(ctx, ls)
-	for i, it := range write {
-		switch err := storeErrs[i]; {
-		case errors.Is(err, ErrConflict):
+	dbErrs := <-dbDone
+	for i, it := range renew {
+		storeErr, dbErr := storeErrs[i], dbErrs[i]
+		switch {
+		case errors.Is(storeErr, ErrConflict):
 			// Changed since read: the single path reads it again.
-		case err != nil:
-			it.result = renewResult{lease: it.lease, err: fmt.Errorf("store lease: %w", err)}
-		default:
-			b.queue.Set(it.lease.ID, stored[i].ExpireTime)
+			continue
+		case storeErr != nil:
+			it.result = renewResult{lease: it.lease, err: fmt.Errorf("store lease: %w", storeErr)}
+			continue
+		}
+		// Stored: the expiry manager follows the lease, whatever the
+		// database said.
+		b.queue.Set(it.lease.ID, stored[i].ExpireTime)
+		switch {
+		case dbErr == nil:
 			b.publishRenewal(stored[i])
 			it.result = renewResult{lease: stored[i].Clone()}
+		case errors.Is(dbErr, ErrUnavailable):
+			it.result = renewResult{lease: stored[i].Clone(), err: fmt.Errorf("renew user: %w", dbErr)}
+		default:
+			// An error of this user alone (it was dropped behind the
+			// broker's back, say): the single path decides what it means.
+			it.result = renewResult{err: errRenewUserAlone}
 		}
 	}
 }

@@ -252,6 +252,20 @@ func (e *env) runRenew(ctx context.Context, rep *report) error {
 			s.close()
 		}
 	}
+	if e.opts.profileDir != "" && e.broker != nil {
+		// One more stream phase, profiled on its own.
+		streams, err := e.openStreams(ctx, c)
+		if err != nil {
+			return err
+		}
+		stream := func(ctx context.Context, w, k int) error { return streams[w].renew(leases[w*per+k%per]) }
+		if err := e.profile("renew-stream.pprof", func() { closedLoop(ctx, c, 2*e.opts.phase, stream) }); err != nil {
+			rep.note("profile: %v", err)
+		}
+		for _, s := range streams {
+			s.close()
+		}
+	}
 	errNote(rep, "renew baseline", rb)
 	errNote(rep, "renew unary", ru)
 	errNote(rep, "renew stream", rs)
