@@ -31,6 +31,10 @@ type Config struct {
 	// renewbatch.go). More than one lets the next batch start while the
 	// previous one waits on its commits.
 	RenewBatches int // default 4
+	// IssuePool is how many issues per role are made ready ahead, each
+	// with its intent durable and its password hashed (issuepool.go);
+	// negative turns it off.
+	IssuePool int // default 8
 	// RevokeRetries is how many failed attempts mark a lease REVOKE_FAILED.
 	RevokeRetries int // default 5
 	// RetryBaseDelay and RetryMaxDelay bound the exponential backoff (with

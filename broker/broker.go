@@ -41,6 +41,11 @@ type Broker struct {
 	inflightMu sync.Mutex
 	inflight   map[string]struct{}
 
+	// pool holds reservations for issues (issuepool.go); poolCtx is set by
+	// Start and ends at Close.
+	pool    issuePool
+	poolCtx context.Context
+
 	startOnce sync.Once
 	cancel    context.CancelFunc
 	wg        sync.WaitGroup
@@ -73,6 +78,9 @@ func New(cfg Config) (*Broker, error) {
 	setDefault(&cfg.DisconnectGrace, 30*time.Second)
 	if cfg.RevokeConcurrency <= 0 {
 		cfg.RevokeConcurrency = 4
+	}
+	if cfg.IssuePool == 0 {
+		cfg.IssuePool = 8
 	}
 	if cfg.RenewBatches <= 0 {
 		cfg.RenewBatches = 4
@@ -148,6 +156,9 @@ func (b *Broker) Start(ctx context.Context) error {
 		b.restoreStreamDeadlines(ctx)
 		loopCtx, cancel := context.WithCancel(context.Background())
 		b.cancel = cancel
+		b.pool.mu.Lock()
+		b.poolCtx = loopCtx
+		b.pool.mu.Unlock()
 		b.startExpiryManager(loopCtx)
 		b.wg.Add(1)
 		go func() {
@@ -167,10 +178,12 @@ func (b *Broker) Close() error {
 	default:
 	}
 	close(b.closed)
+	b.stopPool()
 	if b.cancel != nil {
 		b.cancel()
 	}
 	b.wg.Wait()
+	b.drainPool()
 	return nil
 }
 
@@ -228,20 +241,42 @@ func (b *Broker) Issue(ctx context.Context, req IssueRequest) (Lease, Credential
 		Metadata:           copyMetadata(req.Metadata),
 		RevokeOnDisconnect: req.RevokeOnDisconnect,
 	}
-	password := newPassword()
-	log := b.log.With("lease_id", lease.ID, "role", lease.Role, "client", lease.Client, "username", lease.Username)
-
-	intent := Intent{LeaseID: lease.ID, Target: lease.Target, Username: lease.Username, ProxyRole: lease.ProxyRole, CreateTime: now}
-	b.setInflight(lease.ID, true)
-	defer b.setInflight(lease.ID, false)
-	if err := b.store.PutIntent(ctx, intent); err != nil {
-		return Lease{}, Credential{}, fmt.Errorf("record intent: %w", err)
+	var intent Intent
+	var password, verifier string
+	if r, ok := b.takeReservation(role); ok {
+		// Ready ahead (issuepool.go): the intent is durable already and
+		// the password hashed; the reservation is in flight.
+		intent, password, verifier = r.intent, r.password, r.verifier
+		lease.ID, lease.Username = intent.LeaseID, intent.Username
+		defer b.setInflight(lease.ID, false)
+	} else {
+		password = newPassword()
+		intent = Intent{LeaseID: lease.ID, Target: lease.Target, Username: lease.Username, ProxyRole: lease.ProxyRole, CreateTime: now}
+		b.setInflight(lease.ID, true)
+		defer b.setInflight(lease.ID, false)
+		// Hash while the intent's commit waits on its fsync.
+		hashed := make(chan string, 1)
+		if h, ok := db.(PasswordHasher); ok {
+			go func() {
+				v, _ := h.HashPassword(password) // on error NewUser hashes, and reports it
+				hashed <- v
+			}()
+		} else {
+			hashed <- ""
+		}
+		err := b.store.PutIntent(ctx, intent)
+		verifier = <-hashed
+		if err != nil {
+			return Lease{}, Credential{}, fmt.Errorf("record intent: %w", err)
+		}
 	}
+	log := b.log.With("lease_id", lease.ID, "role", lease.Role, "client", lease.Client, "username", lease.Username)
 	err = db.NewUser(ctx, NewUserRequest{
 		Username:   lease.Username,
 		Password:   password,
 		ProxyRole:  lease.ProxyRole,
 		ValidUntil: lease.ExpireTime.Add(b.cfg.ValidUntilGrace),
+		Verifier:   verifier,
 	})
 	if err != nil {
 		// The CREATE may have committed even though we saw an error (the

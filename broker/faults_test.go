@@ -166,6 +166,13 @@ func (d *faultDB) NewUser(ctx context.Context, req broker.NewUserRequest) error 
 	d.mu.Unlock()
 	return d.run("NewUser", func() error { return d.Database.NewUser(ctx, req) })
 }
+
+// HashPassword forwards to the engine, so that issues through faultDB
+// take the broker's hash-ahead paths as they do in production.
+func (d *faultDB) HashPassword(password string) (string, error) {
+	return d.Database.(broker.PasswordHasher).HashPassword(password)
+}
+
 func (d *faultDB) RenewUser(ctx context.Context, req broker.RenewUserRequest) error {
 	return d.run("RenewUser", func() error { return d.Database.RenewUser(ctx, req) })
 }

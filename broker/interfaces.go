@@ -93,6 +93,16 @@ type NewUserRequest struct {
 	Password   string
 	ProxyRole  string
 	ValidUntil time.Time
+	// Verifier, if set, is PasswordHasher.HashPassword(Password), computed
+	// ahead so that NewUser need not.
+	Verifier string
+}
+
+// PasswordHasher is implemented by a Database that stores a hash of the
+// password it can compute ahead of NewUser (the broker hashes while it
+// waits on the store, or before a caller asks).
+type PasswordHasher interface {
+	HashPassword(password string) (string, error)
 }
 
 // RenewUserRequest asks Database.RenewUser to move a user's VALID UNTIL.
