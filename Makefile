@@ -62,9 +62,9 @@ generate: tools
 ## bench: the benchmark against the PostgreSQL ceiling (under 10 minutes;
 ## see docs/benchmarks-usage.md and BENCHMARKS.md), then the store's
 ## micro-benchmarks; CPU profiles go to bin/bench-profiles. The broker's
-## expiry.revoke_rate is 2,500/s for the 10,000-lease burst (brokerd's
+## expiry.revoke_rate is 5,000/s for the 10,000-lease burst (brokerd's
 ## default of 100/s would pace it, not measure it).
-BENCH_FLAGS ?= --broker-revoke-rate 2500
+BENCH_FLAGS ?= --broker-revoke-rate 5000
 bench: postgres
 	$(GO) build -o bin/ ./cmd/brokerd ./cmd/credbroker-bench
 	bin/credbroker-bench --brokerd bin/brokerd --profile-dir bin/bench-profiles $(BENCH_FLAGS)

@@ -83,7 +83,7 @@ func New(cfg Config) (*Broker, error) {
 		cfg.IssuePool = 8
 	}
 	if cfg.RenewBatches <= 0 {
-		cfg.RenewBatches = 4
+		cfg.RenewBatches = 1
 	}
 	if cfg.RevokeRate <= 0 {
 		cfg.RevokeRate = 100
