@@ -63,7 +63,7 @@ generate: tools
 ## see docs/benchmarks-usage.md and BENCHMARKS.md), then the store's
 ## micro-benchmarks; CPU profiles go to bin/bench-profiles. The broker's
 ## expiry.revoke_rate is 5,000/s for the 10,000-lease burst (brokerd's
-## default of 100/s would pace it, not measure it).
+## default of 1,000/s would pace it, not measure it).
 BENCH_FLAGS ?= --broker-revoke-rate 5000
 bench: postgres
 	$(GO) build -o bin/ ./cmd/brokerd ./cmd/credbroker-bench

@@ -25,7 +25,10 @@ type Config struct {
 	RevokeConcurrency int // default 4
 	// RevokeRate bounds expiry-driven revocations per second (a mass expiry
 	// must not overload PostgreSQL).
-	RevokeRate float64 // default 100
+	// Revocations of a burst go in batches (expiry.go), so PostgreSQL
+	// takes thousands a second; at 100/s an expired credential could
+	// outlive its lease by 100 s in a burst of 10,000.
+	RevokeRate float64 // default 1000
 	// RenewBatches bounds the renewal batches one target runs at once
 	// (each one PostgreSQL transaction and one store commit; see
 	// renewbatch.go). More than one lets the next batch start while the

@@ -86,7 +86,7 @@ func New(cfg Config) (*Broker, error) {
 		cfg.RenewBatches = 1
 	}
 	if cfg.RevokeRate <= 0 {
-		cfg.RevokeRate = 100
+		cfg.RevokeRate = 1000
 	}
 	if cfg.RevokeRetries <= 0 {
 		cfg.RevokeRetries = 5

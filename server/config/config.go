@@ -19,7 +19,7 @@ const (
 	DefaultStoreOpenTimeout    = 5 * time.Second
 	DefaultTombstoneRetention  = 24 * time.Hour
 	DefaultRevokeConcurrency   = 4
-	DefaultRevokeRate          = 100.0
+	DefaultRevokeRate          = 1000.0
 	DefaultRevokeRetries       = 5
 	DefaultValidUntilGrace     = time.Minute
 	DefaultRetryBaseDelay      = time.Second

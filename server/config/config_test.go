@@ -98,7 +98,7 @@ func TestValidMinimalConfigGetsDefaults(t *testing.T) {
 		t.Errorf("store defaults: %+v", c.Store)
 	}
 	wantExpiry := Expiry{
-		RevokeConcurrency: 4, RevokeRate: 100, RevokeRetries: 5, ValidUntilGrace: time.Minute,
+		RevokeConcurrency: 4, RevokeRate: 1000, RevokeRetries: 5, ValidUntilGrace: time.Minute,
 		RetryBaseDelay: time.Second, RetryMaxDelay: time.Minute, FailedRetryInterval: 10 * time.Minute,
 	}
 	if c.Expiry != wantExpiry {
