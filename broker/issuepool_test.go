@@ -2,6 +2,8 @@ package broker_test
 
 import (
 	"context"
+	"os"
+	"strings"
 	"testing"
 
 	"github.com/credbroker/credbroker/broker"
@@ -69,4 +71,13 @@ func TestIssuePool(t *testing.T) {
 		t.Errorf("%d intents left after a crash and restart, want 0", n)
 	}
 	e.assertNoOrphans()
+	// The reservations' users never existed: the audit log must not
+	// report them dropped.
+	raw, err := os.ReadFile(e.auditPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if n := strings.Count(string(raw), string(broker.AuditReconcileDrop)); n != 0 {
+		t.Errorf("the audit log reports %d reconcile drops after a crash with only reservations pending, want 0", n)
+	}
 }

@@ -40,6 +40,7 @@ func (b *Broker) settleIntent(ctx context.Context, in Intent) error {
 type ReconcileResult struct {
 	IntentsSettled int // intents whose user was dropped (or already gone)
 	IntentsCleared int // intents whose lease existed
+	IntentsUnused  int // intents whose user was never created (a crash before CREATE ROLE, or a reservation)
 	UsersDropped   int // marker-role members no lease or intent knew
 }
 
@@ -55,6 +56,7 @@ func (b *Broker) Reconcile(ctx context.Context) (ReconcileResult, error) {
 
 	// 1. Users first (see the ordering argument above).
 	users := make(map[string][]string, len(b.dbs))
+	exists := make(map[string]map[string]bool, len(b.dbs)) // by target: the same users, as a set
 	for name, db := range b.dbs {
 		list, err := db.ListManagedUsers(ctx)
 		if err != nil {
@@ -62,6 +64,10 @@ func (b *Broker) Reconcile(ctx context.Context) (ReconcileResult, error) {
 			continue
 		}
 		users[name] = list
+		exists[name] = make(map[string]bool, len(list))
+		for _, u := range list {
+			exists[name][u] = true
+		}
 	}
 
 	// 2. Intents.
@@ -124,6 +130,20 @@ func (b *Broker) Reconcile(ctx context.Context) (ReconcileResult, error) {
 			continue
 		} else if !errors.Is(err, ErrLeaseNotFound) {
 			errs = append(errs, err)
+			continue
+		}
+		if listed, ok := exists[in.Target]; ok && !listed[in.Username] {
+			// Its user was not among the target's managed users, listed
+			// before the intents were read, and no issue is working on it:
+			// it was never created (the process died before CREATE ROLE,
+			// or this was a reservation, issuepool.go). Nothing to drop,
+			// and nothing for the audit log to call a drop.
+			if err := b.store.DeleteIntent(ctx, in.LeaseID); err != nil {
+				errs = append(errs, err)
+			} else {
+				res.IntentsUnused++
+				b.log.Debug("reconcile: removed an intent whose user was never created", "lease_id", in.LeaseID, "username", in.Username)
+			}
 			continue
 		}
 		if err := b.settleIntent(ctx, in); err != nil {
