@@ -73,6 +73,8 @@ const (
 type harnessOptions struct {
 	clock           broker.Clock // nil: the real clock
 	maxStreamLeases int
+	renewBatches    int                                   // broker.Config.RenewBatches; 0: its default
+	wrapDB          func(broker.Database) broker.Database // nil: the engine as is
 }
 
 func newHarness(t *testing.T) *harness {
@@ -105,9 +107,14 @@ func newHarnessWith(t *testing.T, o harnessOptions) *harness {
 	t.Cleanup(func() { _ = st.Close() })
 
 	readOnly := h.target.ProxyRoles["read_only"]
+	var db broker.Database = eng
+	if o.wrapDB != nil {
+		db = o.wrapDB(eng)
+	}
 	b, err := broker.New(broker.Config{
-		Store:     st,
-		Databases: map[string]broker.Database{"main": eng},
+		Store:        st,
+		Databases:    map[string]broker.Database{"main": db},
+		RenewBatches: o.renewBatches,
 		Roles: []broker.Role{
 			{Name: roleReadOnly, Target: "main", ProxyRole: readOnly, DefaultTTL: 10 * time.Minute, MaxTTL: time.Hour},
 			{Name: roleShort, Target: "main", ProxyRole: readOnly, DefaultTTL: time.Minute, MaxTTL: time.Minute},

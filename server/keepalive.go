@@ -19,10 +19,15 @@ import (
 // KeepAlive serves one bidirectional renewal stream.
 //
 // Three kinds of goroutine share a stream:
-//   - the receiver reads requests one at a time and answers each (renew,
-//     or why not). It is the only one that calls the broker on the
-//     client's behalf, so a client that sends faster than the database
-//     renews is slowed down by its own stream, no one else's;
+//   - the receiver reads requests and hands each to a goroutine of its
+//     own that answers it (renew, or why not), at most maxStreamInflight
+//     at once: a client renewing many leases on one stream (a Client
+//     shares one stream among all its Keepers, and names every lease again
+//     after a reconnect) gets them renewed together, in the broker's
+//     batches, not one after the other. A client that sends faster than
+//     the database renews is slowed down by its own stream; past
+//     maxKeepAliveInflight requests in progress on all streams, every
+//     stream waits;
 //   - one forwarder per named lease moves the broker's events
 //     (broker.Subscribe) into the outbox. It never blocks: the broker's
 //     publisher must not wait for a client;
@@ -56,11 +61,16 @@ func (s *credentialServer) KeepAlive(stream grpc.BidiStreamingServer[pb.KeepAliv
 		id:     id,
 		leases: make(map[string]*namedLease),
 		out:    newOutbox(),
+		slots:  make(chan struct{}, maxStreamInflight),
 	}
 	// Cancel first: broker calls still running for the stream stop, and the
 	// forwarders are already on their way out when closeAll waits for them.
 	defer func() {
 		cancel()
+		k.mu.Lock()
+		k.stopping = true // no handler starts after this
+		k.mu.Unlock()
+		k.handlers.Wait() // broker calls on the stream's context end at once
 		k.closeAll()
 	}()
 
@@ -104,6 +114,14 @@ type keepAliveStream struct {
 	leases map[string]*namedLease // the leases this stream keeps alive
 	named  int                    // how many leases the stream ever named, for the log
 
+	// nameMu makes naming a lease one at a time, so that two requests for
+	// a new lease, handled at once, subscribe to it once.
+	nameMu sync.Mutex
+
+	slots    chan struct{} // maxStreamInflight: requests being handled
+	handlers sync.WaitGroup
+	stopping bool // under mu: the handler is returning, start no handler
+
 	forwarders sync.WaitGroup
 }
 
@@ -125,6 +143,9 @@ func (k *keepAliveStream) receive(stream grpc.BidiStreamingServer[pb.KeepAliveRe
 	for {
 		req, err := stream.Recv()
 		if errors.Is(err, io.EOF) {
+			// Every request the client sent is answered into the outbox
+			// before the handler flushes and ends the stream.
+			k.handlers.Wait()
 			done <- nil
 			return
 		}
@@ -138,8 +159,60 @@ func (k *keepAliveStream) receive(stream grpc.BidiStreamingServer[pb.KeepAliveRe
 			done <- status.FromContextError(err).Err()
 			return
 		}
-		k.handle(req)
+		select {
+		case k.slots <- struct{}{}:
+		case <-k.ctx.Done():
+			done <- status.FromContextError(k.ctx.Err()).Err()
+			return
+		}
+		select {
+		case k.keepAliveSlots <- struct{}{}:
+		case <-k.ctx.Done():
+			<-k.slots
+			done <- status.FromContextError(k.ctx.Err()).Err()
+			return
+		}
+		k.mu.Lock()
+		if k.stopping {
+			k.mu.Unlock()
+			<-k.keepAliveSlots
+			<-k.slots
+			done <- status.FromContextError(context.Canceled).Err()
+			return
+		}
+		k.handlers.Add(1)
+		k.mu.Unlock()
+		go k.handleOne(req)
 	}
+}
+
+// maxStreamInflight bounds the requests of one stream handled at once, and
+// maxKeepAliveInflight those of all streams: when the broker renews more
+// slowly than clients ask, the wait stays with the clients (their streams
+// are not read) instead of piling up as goroutines here.
+const (
+	maxStreamInflight    = 64
+	maxKeepAliveInflight = 1024
+)
+
+// handleOne answers one request in a goroutine of its own.
+func (k *keepAliveStream) handleOne(req *pb.KeepAliveRequest) {
+	defer func() {
+		if r := recover(); r != nil {
+			// One request's panic must not kill the broker, nor the
+			// stream's other leases: answer it Internal.
+			k.logPanic(k.ctx, "KeepAlive handler", r)
+			k.out.put(req.GetLeaseId(), &pb.KeepAliveResponse{
+				Lease:   &pb.Lease{Id: req.GetLeaseId()},
+				Event:   pb.KeepAliveEvent_KEEP_ALIVE_EVENT_UNSPECIFIED,
+				Message: codes.Internal.String() + ": " + internalMessage,
+			}, 0, false)
+		}
+		<-k.keepAliveSlots
+		<-k.slots
+		k.handlers.Done()
+	}()
+	k.handle(req)
 }
 
 // handle answers one request.
@@ -175,16 +248,23 @@ func (k *keepAliveStream) handle(req *pb.KeepAliveRequest) {
 // limit, subscribed to and reported to broker.StreamOpened. It answers the
 // client itself and returns false when the lease cannot be named.
 func (k *keepAliveStream) name(leaseID string) bool {
-	k.mu.Lock()
-	_, known := k.leases[leaseID]
-	count, closed := len(k.leases), k.closed
-	k.mu.Unlock()
+	known, count, closed := k.known(leaseID)
 	switch {
 	case closed:
 		return false
 	case known:
 		// Ownership never changes: authorized once is authorized for the
 		// life of the stream.
+		return true
+	}
+	k.nameMu.Lock()
+	defer k.nameMu.Unlock()
+	// Named meanwhile by another request of this stream?
+	known, count, closed = k.known(leaseID)
+	switch {
+	case closed:
+		return false
+	case known:
 		return true
 	}
 
@@ -233,6 +313,15 @@ func (k *keepAliveStream) name(leaseID string) bool {
 
 	go k.forward(leaseID, events, nl.stop)
 	return true
+}
+
+// known reports whether the stream keeps leaseID alive already, how many
+// leases it keeps, and whether it has closed.
+func (k *keepAliveStream) known(leaseID string) (known bool, count int, closed bool) {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	_, known = k.leases[leaseID]
+	return known, len(k.leases), k.closed
 }
 
 // forward moves the broker's events for one lease into the outbox.

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"io"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -153,4 +154,96 @@ func TestKeepAliveLeaseLimit(t *testing.T) {
 		}
 	}
 	closeStream(t, stream)
+}
+
+// gatedDB holds the first RenewUsers call until gate is closed.
+type gatedDB struct {
+	broker.Database
+	once    sync.Once
+	entered chan struct{}
+	gate    chan struct{}
+}
+
+func (d *gatedDB) RenewUsers(ctx context.Context, reqs []broker.RenewUserRequest) []error {
+	first := false
+	d.once.Do(func() { first = true })
+	if first {
+		close(d.entered)
+		<-d.gate
+	}
+	return d.Database.RenewUsers(ctx, reqs)
+}
+
+// Requests on one stream are handled at once, not one after the other:
+// while the renewal of one lease is held in PostgreSQL, another lease on
+// the same stream is renewed (the broker may run two batches at once here).
+func TestKeepAliveHandlesAStreamsRequestsAtOnce(t *testing.T) {
+	gdb := &gatedDB{entered: make(chan struct{}), gate: make(chan struct{})}
+	h := newHarnessWith(t, harnessOptions{renewBatches: 2, wrapDB: func(db broker.Database) broker.Database {
+		gdb.Database = db
+		return gdb
+	}})
+	ctx := testContext(t)
+	held := h.issue(t, ctx, "svc-a", roleReadOnly).GetLease().GetId()
+	other := h.issue(t, ctx, "svc-a", roleReadOnly).GetLease().GetId()
+
+	sctx, cancel := context.WithTimeout(as(ctx, "svc-a", false), 30*time.Second)
+	defer cancel()
+	stream, err := h.cred.KeepAlive(sctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	released := false
+	release := func() {
+		if !released {
+			released = true
+			close(gdb.gate)
+		}
+	}
+	defer release()
+	if err := stream.Send(&pb.KeepAliveRequest{LeaseId: held}); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case <-gdb.entered:
+	case <-time.After(10 * time.Second):
+		t.Fatal("the first renewal never reached PostgreSQL")
+	}
+	if err := stream.Send(&pb.KeepAliveRequest{LeaseId: other}); err != nil {
+		t.Fatal(err)
+	}
+	answered := make(chan *pb.KeepAliveResponse, 2)
+	recvErr := make(chan error, 1)
+	go func() { // the only reader of the stream
+		defer close(answered)
+		for {
+			r, err := stream.Recv()
+			if err != nil {
+				recvErr <- err
+				return
+			}
+			answered <- r
+		}
+	}()
+	select {
+	case r := <-answered:
+		if r.GetLease().GetId() != other || r.GetEvent() != pb.KeepAliveEvent_KEEP_ALIVE_EVENT_RENEWED {
+			t.Fatalf("first answer: %s %v %q, want %s renewed", r.GetLease().GetId(), r.GetEvent(), r.GetMessage(), other)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("the second lease was not renewed while the first one's renewal was held")
+	}
+	release()
+	r, ok := <-answered
+	if !ok || r.GetLease().GetId() != held || r.GetEvent() != pb.KeepAliveEvent_KEEP_ALIVE_EVENT_RENEWED {
+		t.Fatalf("second answer: %v (ok %v), want %s renewed", r, ok, held)
+	}
+	if err := stream.CloseSend(); err != nil {
+		t.Fatal(err)
+	}
+	for range answered {
+	}
+	if err := <-recvErr; !errors.Is(err, io.EOF) {
+		t.Fatalf("stream ended with %v, want EOF", err)
+	}
 }

@@ -166,6 +166,7 @@ func NewGRPCServer(cfg Config, opts ...grpc.ServerOption) *grpc.Server {
 		auditor:         cfg.Auditor,
 		quota:           newQuotaKeeper(cfg.Quotas),
 		rotator:         cfg.RootRotator,
+		keepAliveSlots:  make(chan struct{}, maxKeepAliveInflight),
 	}
 	if c.authn == nil {
 		c.authn = LocalAuthenticator{}
@@ -234,4 +235,7 @@ type core struct {
 	auditor         RequestAuditor
 	quota           *quotaKeeper
 	rotator         RootRotator
+	// keepAliveSlots bounds the KeepAlive requests being handled across
+	// all streams (see keepalive.go).
+	keepAliveSlots chan struct{}
 }
