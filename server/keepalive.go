@@ -248,7 +248,7 @@ func (k *keepAliveStream) handle(req *pb.KeepAliveRequest) {
 // limit, subscribed to and reported to broker.StreamOpened. It answers the
 // client itself and returns false when the lease cannot be named.
 func (k *keepAliveStream) name(leaseID string) bool {
-	known, count, closed := k.known(leaseID)
+	known, _, closed := k.known(leaseID)
 	switch {
 	case closed:
 		return false
@@ -260,7 +260,7 @@ func (k *keepAliveStream) name(leaseID string) bool {
 	k.nameMu.Lock()
 	defer k.nameMu.Unlock()
 	// Named meanwhile by another request of this stream?
-	known, count, closed = k.known(leaseID)
+	known, count, closed := k.known(leaseID)
 	switch {
 	case closed:
 		return false
