@@ -248,24 +248,17 @@ func (k *keepAliveStream) handle(req *pb.KeepAliveRequest) {
 // limit, subscribed to and reported to broker.StreamOpened. It answers the
 // client itself and returns false when the lease cannot be named.
 func (k *keepAliveStream) name(leaseID string) bool {
-	known, _, closed := k.known(leaseID)
-	switch {
-	case closed:
-		return false
-	case known:
-		// Ownership never changes: authorized once is authorized for the
-		// life of the stream.
-		return true
+	// Ownership never changes: authorized once is authorized for the life
+	// of the stream. A closed stream names nothing.
+	if known, _, closed := k.known(leaseID); known || closed {
+		return !closed
 	}
 	k.nameMu.Lock()
 	defer k.nameMu.Unlock()
 	// Named meanwhile by another request of this stream?
 	known, count, closed := k.known(leaseID)
-	switch {
-	case closed:
-		return false
-	case known:
-		return true
+	if known || closed {
+		return !closed
 	}
 
 	l, err := k.broker.Lookup(k.ctx, leaseID)

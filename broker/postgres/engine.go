@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"log/slog"
 	"net/url"
-	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -290,6 +289,12 @@ func invalid(what string, err error) error {
 	return fmt.Errorf("%w: %s: %v", broker.ErrInvalidArgument, what, err)
 }
 
+// validUntilSQL moves one user's VALID UNTIL. Names are validated and
+// quoted, instants formatted by us: ALTER ROLE takes no bind parameters.
+func validUntilSQL(user string, t time.Time) string {
+	return "ALTER ROLE " + quoteIdent(user) + " VALID UNTIL " + quoteLiteral(pgTime(t)) + ";"
+}
+
 // pgTime formats an instant for VALID UNTIL: UTC with an explicit offset,
 // which every server time zone setting parses the same way.
 func pgTime(t time.Time) string {
@@ -324,15 +329,13 @@ func (e *Engine) NewUser(ctx context.Context, req broker.NewUserRequest) error {
 		return invalid("valid until", errors.New("missing: a user without VALID UNTIL never expires"))
 	}
 	verifier := req.Verifier
-	if !strings.HasPrefix(verifier, "SCRAM-SHA-256$") {
-		v, err := ScramSHA256Verifier(req.Password)
-		if err != nil {
-			return invalid("password", err)
+	var err error
+	if verifier == "" {
+		if verifier, err = e.HashPassword(req.Password); err != nil {
+			return err
 		}
-		verifier = v
 	}
 	user, proxy := quoteIdent(req.Username), quoteIdent(req.ProxyRole)
-	var err error
 	// One simple-protocol query (Exec without arguments) of three
 	// statements runs as one implicit transaction, in one round trip
 	// instead of five (BEGIN, three statements, COMMIT): on a busy target
@@ -384,7 +387,7 @@ func (e *Engine) RenewUser(ctx context.Context, req broker.RenewUserRequest) err
 	if err := e.requireManaged(ctx, req.Username); err != nil {
 		return e.fail(ctx, err)
 	}
-	_, err := e.pool.Exec(ctx, "ALTER ROLE "+quoteIdent(req.Username)+" VALID UNTIL "+quoteLiteral(pgTime(req.ValidUntil)))
+	_, err := e.pool.Exec(ctx, validUntilSQL(req.Username, req.ValidUntil))
 	if sqlState(err) == codeUndefinedObject {
 		err = ErrUserNotFound
 	}

@@ -72,7 +72,7 @@ func (e *Engine) renewUsers(ctx context.Context, reqs []broker.RenewUserRequest,
 	if e.managed.all(names) {
 		var stmt strings.Builder
 		for _, i := range todo {
-			stmt.WriteString("ALTER ROLE " + quoteIdent(reqs[i].Username) + " VALID UNTIL " + quoteLiteral(pgTime(reqs[i].ValidUntil)) + ";")
+			stmt.WriteString(validUntilSQL(reqs[i].Username, reqs[i].ValidUntil))
 		}
 		_, err := e.pool.Exec(ctx, stmt.String())
 		if err == nil || ctx.Err() != nil || unavailable(err) {
@@ -121,7 +121,7 @@ func (e *Engine) renewUsers(ctx context.Context, reqs []broker.RenewUserRequest,
 			// Names are validated and quoted, instants formatted by us:
 			// no bind parameters in ALTER ROLE, so one simple-protocol
 			// exec runs them all.
-			stmt.WriteString("ALTER ROLE " + quoteIdent(name) + " VALID UNTIL " + quoteLiteral(pgTime(reqs[i].ValidUntil)) + ";")
+			stmt.WriteString(validUntilSQL(name, reqs[i].ValidUntil))
 			altered = append(altered, i)
 		}
 	}
