@@ -16,6 +16,8 @@ import (
 	"github.com/credbroker/credbroker/broker/postgres"
 	credbrokerv1 "github.com/credbroker/credbroker/proto/credbroker/v1"
 	"github.com/credbroker/credbroker/server/config"
+	"github.com/credbroker/credbroker/server/daemon"
+	"github.com/credbroker/credbroker/server/privcheck"
 	"github.com/credbroker/credbroker/store"
 )
 
@@ -89,7 +91,16 @@ check could not run, 0 otherwise.`,
 
 			leases, note, closeLeases := c.leaseHistory(cfg)
 			defer closeLeases()
-			findings, err := config.CheckPrivileges(ctx, cfg, nil, config.PrivilegeCheck{
+			dbs, err := daemon.ConnectTargets(ctx, cfg, nil)
+			defer func() {
+				for _, db := range dbs {
+					db.Close()
+				}
+			}()
+			if err != nil {
+				return err
+			}
+			findings, err := privcheck.Run(ctx, cfg, dbs, privcheck.Options{
 				Leases:     leases,
 				StaleAfter: time.Duration(staleDays) * 24 * time.Hour,
 			})
@@ -123,14 +134,14 @@ check could not run, 0 otherwise.`,
 	}
 	cmd.Flags().StringVar(&configPath, "config", "", "brokerd's configuration file (YAML)")
 	cmd.Flags().StringVar(&severity, "severity", "medium", "exit 3 on findings at or above this: info, low, medium, high, critical")
-	cmd.Flags().IntVar(&staleDays, "stale-days", int(config.DefaultStaleAfter/(24*time.Hour)), "a broker role with no lease issued for this many days is stale")
+	cmd.Flags().IntVar(&staleDays, "stale-days", int(privcheck.DefaultStaleAfter/(24*time.Hour)), "a broker role with no lease issued for this many days is stale")
 	return cmd
 }
 
 // leaseHistory finds where the stale check reads leases: the store file
 // when no brokerd holds it, else the running brokerd. note says why there
 // is none.
-func (c *cli) leaseHistory(cfg *config.Config) (leases config.LeaseLister, note string, closeFn func()) {
+func (c *cli) leaseHistory(cfg *config.Config) (leases privcheck.LeaseLister, note string, closeFn func()) {
 	closeFn = func() {}
 	if _, err := os.Stat(cfg.Store.Path); errors.Is(err, fs.ErrNotExist) {
 		return nil, fmt.Sprintf("stale check skipped: no lease store at %s yet", cfg.Store.Path), closeFn

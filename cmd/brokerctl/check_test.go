@@ -15,7 +15,6 @@ import (
 	"github.com/credbroker/credbroker/broker"
 	"github.com/credbroker/credbroker/broker/postgres"
 	"github.com/credbroker/credbroker/internal/pgtest"
-	"github.com/credbroker/credbroker/server"
 	"github.com/credbroker/credbroker/server/config"
 	"github.com/credbroker/credbroker/store"
 )
@@ -197,11 +196,7 @@ func TestCheckStaleFromRunningBroker(t *testing.T) {
 	tg := pgtest.Server(t).NewTarget(t, pgtest.TargetOptions{})
 	cfgPath, _ := checkConfig(t, tg, "")
 	f, err := config.Load(cfgPath)
-	_, rt := startRuntime(t, f, err)
-	addr := serveLoopback(t, server.NewGRPCServer(server.Config{
-		Broker: rt.Broker, Authenticator: server.LocalAuthenticator{}, Endpoints: rt.Endpoints, SSLMode: "disable",
-	}))
-	b := &testBroker{addr: addr, target: tg}
+	b := &testBroker{addr: serveConfigFile(t, f, err, nil), target: tg}
 	b.ok(t, "issue", "read_only")
 
 	doc, r := checkJSON(t, "--addr", b.addr, "--config", cfgPath, "--severity", "info")

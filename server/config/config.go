@@ -83,15 +83,12 @@ type Target struct {
 	Database string
 	// AdminUser is the user named in URL.
 	AdminUser string
-	// Password is the admin password, read from PasswordSource.
-	Password Secret
-	// PasswordSource says where Password came from ("file /path",
+	// PasswordSource says where the admin password lives ("file /path",
 	// "env NAME", "vault ..."), for logs.
 	PasswordSource string
-	// PasswordFile or PasswordEnv or Vault is the source: a rotation
-	// writes the new password back to a file or Vault (see
-	// secret_rotate.go). With Vault, Password is empty: brokerd reads it
-	// when it connects.
+	// PasswordFile or PasswordEnv or Vault is the source of the admin
+	// password. Package rootcred reads it when brokerd connects, and a
+	// rotation writes the new password back to a file or Vault.
 	PasswordFile string
 	PasswordEnv  string
 	Vault        *Vault

@@ -3,7 +3,6 @@ package config
 import (
 	"errors"
 	"fmt"
-	"io"
 	"net/url"
 	"os"
 	"path/filepath"
@@ -25,10 +24,6 @@ var envNamePattern = regexp.MustCompile(`^[A-Za-z_][A-Za-z0-9_]*$`)
 
 var sslModes = []string{"disable", "allow", "prefer", "require", "verify-ca", "verify-full"}
 
-// maxPasswordFileSize: a password file holds one line; anything bigger is
-// the wrong file.
-const maxPasswordFileSize = 4096
-
 // validator collects every problem in one pass.
 type validator struct {
 	errs     []error
@@ -43,8 +38,9 @@ func (v *validator) warnf(path, format string, args ...any) {
 	v.warnings = append(v.warnings, fmt.Sprintf("%s: %s", path, fmt.Sprintf(format, args...)))
 }
 
-// Validate checks every key, reads the admin passwords, fills defaults and
-// returns the typed Config. The error joins every problem found (see
+// Validate checks every key, fills defaults and returns the typed Config.
+// It reads no secret: the files and variables that hold them are named
+// here and read by package rootcred when brokerd starts (or checks). The error joins every problem found (see
 // errors.Join); each names its key path. Problems that need not stop
 // brokerd are returned in Config.Warnings.
 func (f *File) Validate() (*Config, error) {
@@ -178,10 +174,11 @@ func (v *validator) targets(f *File) []Target {
 			v.errorf(p, "set one of password_file, password_env and vault, not several")
 		case tf.PasswordFile != "":
 			t.PasswordFile = f.path(tf.PasswordFile)
-			t.Password, t.PasswordSource = v.passwordFile(p+".password_file", t.PasswordFile)
+			t.PasswordSource = "file " + t.PasswordFile
 		case tf.PasswordEnv != "":
 			t.PasswordEnv = tf.PasswordEnv
-			t.Password, t.PasswordSource = v.passwordEnv(p+".password_env", tf.PasswordEnv)
+			t.PasswordSource = "env " + tf.PasswordEnv
+			v.passwordEnvName(p+".password_env", tf.PasswordEnv)
 		case tf.Vault != nil:
 			t.Vault = v.vault(p+".vault", f, tf.Vault)
 			t.PasswordSource = t.Vault.String()
@@ -235,71 +232,12 @@ func (v *validator) targetURL(p, raw string, t *Target) {
 	}
 }
 
-func (v *validator) passwordFile(p, path string) (Secret, string) {
-	source := "file " + path
-	fi, err := os.Stat(path)
-	if err != nil {
-		v.errorf(p, "%v", err)
-		return "", source
-	}
-	if !fi.Mode().IsRegular() {
-		v.errorf(p, "%s is not a regular file", path)
-		return "", source
-	}
-	perm := fi.Mode().Perm()
-	if perm&0o022 != 0 {
-		// Whoever can write the file can point the broker at a server of
-		// their choosing's password, or lock it out: refuse.
-		v.errorf(p, "%s is group- or world-writable (mode %04o); run chmod 600 %s", path, perm, path)
-		return "", source
-	}
-	if perm&0o004 != 0 {
-		v.warnf(p, "%s is world-readable (mode %04o); run chmod 600 %s", path, perm, path)
-	}
-	fh, err := os.Open(path)
-	if err != nil {
-		v.errorf(p, "%v", err)
-		return "", source
-	}
-	defer fh.Close()
-	data, err := io.ReadAll(io.LimitReader(fh, maxPasswordFileSize+1))
-	if err != nil {
-		v.errorf(p, "read %s: %v", path, err)
-		return "", source
-	}
-	if len(data) > maxPasswordFileSize {
-		v.errorf(p, "%s is larger than %d bytes; it should hold one line, the password", path, maxPasswordFileSize)
-		return "", source
-	}
-	// Editors and `echo` add a final newline; it is not part of the password.
-	pw := strings.TrimRight(string(data), "\r\n")
-	switch {
-	case pw == "":
-		v.errorf(p, "%s is empty", path)
-	case strings.ContainsAny(pw, "\r\n"):
-		v.errorf(p, "%s holds more than one line; it should hold the password alone", path)
-	default:
-		return Secret(pw), source
-	}
-	return "", source
-}
-
-func (v *validator) passwordEnv(p, name string) (Secret, string) {
-	source := "env " + name
+// passwordEnvName checks an environment variable's name; its value is
+// read where the secret is used (package rootcred), not here.
+func (v *validator) passwordEnvName(p, name string) {
 	if !envNamePattern.MatchString(name) {
 		v.errorf(p, "%q is not an environment variable name", name)
-		return "", source
 	}
-	pw, ok := os.LookupEnv(name)
-	switch {
-	case !ok:
-		v.errorf(p, "environment variable %s is not set", name)
-	case pw == "":
-		v.errorf(p, "environment variable %s is empty", name)
-	default:
-		return Secret(pw), source
-	}
-	return "", source
 }
 
 func (v *validator) roles(f *File, targets []Target) []broker.Role {

@@ -1,4 +1,4 @@
-package config
+package privcheck
 
 import (
 	"context"
@@ -9,6 +9,7 @@ import (
 
 	"github.com/credbroker/credbroker/broker"
 	"github.com/credbroker/credbroker/broker/postgres"
+	"github.com/credbroker/credbroker/server/config"
 	"github.com/credbroker/credbroker/store"
 )
 
@@ -69,8 +70,8 @@ func TestStaleCheck(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	cfg := &Config{
-		Store: Store{TombstoneRetention: DefaultTombstoneRetention}, // shorter than DefaultStaleAfter
+	cfg := &config.Config{
+		Store: config.Store{TombstoneRetention: config.DefaultTombstoneRetention}, // shorter than DefaultStaleAfter
 		Roles: []broker.Role{
 			{Name: "old", Target: "main"},
 			{Name: "busy", Target: "main"},
@@ -83,7 +84,7 @@ func TestStaleCheck(t *testing.T) {
 
 	check := func(t *testing.T, leases LeaseLister) map[string]string {
 		t.Helper()
-		fs, err := checkPrivileges(ctx, cfg, nil, PrivilegeCheck{Leases: leases, Now: now})
+		fs, err := checkPrivileges(ctx, cfg, nil, Options{Leases: leases, Now: now})
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -113,7 +114,7 @@ func TestStaleCheck(t *testing.T) {
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			if tt.purge {
-				if _, err := st.PurgeTombstones(ctx, now.Add(-DefaultTombstoneRetention), 100); err != nil {
+				if _, err := st.PurgeTombstones(ctx, now.Add(-config.DefaultTombstoneRetention), 100); err != nil {
 					t.Fatal(err)
 				}
 			}

@@ -1,4 +1,11 @@
-package config
+// Package privcheck is the least-privilege check of the article the
+// project grew from, made a command: it asks every target's engine which
+// of the proxy roles (and the broker's own admin role) hold more than
+// they should — superuser, CREATEROLE, BYPASSRLS, GRANT ALL, overlapping
+// roles — and reads the lease history for broker roles nobody uses. It
+// serves `brokerctl check` and the findings brokerd logs at start-up.
+// The catalog queries themselves are the engine's (broker/postgres).
+package privcheck
 
 import (
 	"context"
@@ -9,7 +16,7 @@ import (
 
 	"github.com/credbroker/credbroker/broker"
 	"github.com/credbroker/credbroker/broker/postgres"
-	"github.com/credbroker/credbroker/store"
+	"github.com/credbroker/credbroker/server/config"
 )
 
 // DefaultStaleAfter is how long a broker role may go without an issued
@@ -24,7 +31,7 @@ type LeaseLister interface {
 }
 
 // LastIssuedReader is a lease history that keeps each broker role's newest
-// issue time itself (store.Store does), so the stale check reads one entry
+// issue time itself (the bbolt store does), so the stale check reads one entry
 // per role instead of every lease. Its memory is longer than the leases':
 // a role's last issue stays known after the tombstone retention has
 // dropped the lease, so the check judges such a role by its real last issue
@@ -35,15 +42,13 @@ type LastIssuedReader interface {
 	LastIssued(ctx context.Context) (map[string]time.Time, error)
 }
 
-var _ LastIssuedReader = (*store.Store)(nil)
-
-// privilegeChecker is what the check needs of a target's engine.
-type privilegeChecker interface {
+// Checker is what the check needs of a target's engine.
+type Checker interface {
 	CheckPrivileges(ctx context.Context, uses []postgres.ProxyRoleUse) ([]postgres.Finding, error)
 }
 
-// PrivilegeCheck says what CheckPrivileges looks at besides the catalog.
-type PrivilegeCheck struct {
+// Options say what Run looks at besides the catalog.
+type Options struct {
 	// Leases, if set, is read for the stale check; nil skips it. When it
 	// is also a LastIssuedReader, that is all the check reads of it.
 	Leases LeaseLister
@@ -54,41 +59,19 @@ type PrivilegeCheck struct {
 	Now time.Time
 }
 
-// CheckPrivileges runs the least-privilege check (postgres.Engine's
-// CheckPrivileges) on every target the runtime serves, plus the stale check
-// over the runtime's store: for brokerd's start-up warnings.
-func (rt *Runtime) CheckPrivileges(ctx context.Context, staleAfter time.Duration) ([]postgres.Finding, error) {
-	var leases LeaseLister
-	if rt.Store != nil {
-		leases = rt.Store
-	}
-	return checkPrivileges(ctx, rt.Config, rt.Databases, PrivilegeCheck{Leases: leases, StaleAfter: staleAfter})
+// Run runs the least-privilege check on every target of cfg, through
+// engines (the target name's engine, which must implement Checker), plus
+// the stale check over opts.Leases. It returns what it found, most severe
+// first, and an error joining every part that could not run.
+func Run(ctx context.Context, cfg *config.Config, engines map[string]broker.Database, opts Options) ([]postgres.Finding, error) {
+	return checkPrivileges(ctx, cfg, engines, opts)
 }
 
-// CheckPrivileges connects to every target of cfg (without opening the
-// store, which a running brokerd holds) and runs the least-privilege check
-// there, plus the stale check over opts.Leases: for `brokerctl check`.
-func CheckPrivileges(ctx context.Context, cfg *Config, logger *slog.Logger, opts PrivilegeCheck) ([]postgres.Finding, error) {
-	if logger == nil {
-		logger = slog.New(slog.DiscardHandler)
-	}
-	dbs := map[string]broker.Database{}
-	defer func() {
-		for _, db := range dbs {
-			db.Close()
-		}
-	}()
-	if err := connectTargets(ctx, cfg, logger, dbs, map[string]broker.Endpoint{}, nil); err != nil {
-		return nil, err
-	}
-	return checkPrivileges(ctx, cfg, dbs, opts)
-}
-
-func checkPrivileges(ctx context.Context, cfg *Config, dbs map[string]broker.Database, opts PrivilegeCheck) ([]postgres.Finding, error) {
+func checkPrivileges(ctx context.Context, cfg *config.Config, dbs map[string]broker.Database, opts Options) ([]postgres.Finding, error) {
 	var out []postgres.Finding
 	var errs []error
 	for _, t := range cfg.Targets {
-		db, ok := dbs[t.Name].(privilegeChecker)
+		db, ok := dbs[t.Name].(Checker)
 		if !ok {
 			errs = append(errs, fmt.Errorf("target %s: its engine cannot check privileges", t.Name))
 			continue
@@ -122,7 +105,7 @@ func checkPrivileges(ctx context.Context, cfg *Config, dbs map[string]broker.Dat
 
 // staleRoles reports the broker roles of cfg not issued for opts.StaleAfter,
 // from each role's newest issue time (see lastIssued).
-func staleRoles(ctx context.Context, cfg *Config, opts PrivilegeCheck) ([]postgres.Finding, error) {
+func staleRoles(ctx context.Context, cfg *config.Config, opts Options) ([]postgres.Finding, error) {
 	after := opts.StaleAfter
 	if after <= 0 {
 		after = DefaultStaleAfter
@@ -173,5 +156,26 @@ func lastIssued(ctx context.Context, leases LeaseLister) (map[string]time.Time, 
 			return last, nil
 		}
 		cursor = next
+	}
+}
+
+// LogFindings logs findings as brokerd does at start-up: medium and above
+// as warnings, the rest as information, each with its fix. err, from Run,
+// is logged as an incomplete check. Findings never stop brokerd: a DBA
+// may have reasons, and the broker still only hands out its proxy roles.
+func LogFindings(ctx context.Context, log *slog.Logger, findings []postgres.Finding, err error) {
+	if err != nil {
+		log.Warn("least-privilege check incomplete", "err", err)
+	}
+	for _, f := range findings {
+		level := slog.LevelWarn
+		if f.Severity < postgres.SeverityMedium {
+			level = slog.LevelInfo
+		}
+		attrs := []any{"severity", f.Severity.String(), "check", f.Check, "target", f.Target, "role", f.Role}
+		if f.Fix != "" {
+			attrs = append(attrs, "fix", f.Fix)
+		}
+		log.Log(ctx, level, "least privilege: "+f.Message, attrs...)
 	}
 }
