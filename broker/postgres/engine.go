@@ -174,9 +174,7 @@ func parseAdminURL(raw string) (*pgxpool.Config, error) {
 // init checks the server and the admin role and ensures the marker role.
 func (e *Engine) init(ctx context.Context) error {
 	var super, createRole bool
-	err := e.pool.QueryRow(ctx, `
-		SELECT current_setting('server_version_num')::int, current_user, rolsuper, rolcreaterole
-		FROM pg_roles WHERE rolname = current_user`).Scan(&e.version, &e.admin, &super, &createRole)
+	err := e.pool.QueryRow(ctx, adminQuery).Scan(&e.version, &e.admin, &super, &createRole)
 	if err != nil {
 		return fmt.Errorf("postgres: connecting as admin: %w", err)
 	}
@@ -197,7 +195,7 @@ func (e *Engine) init(ctx context.Context) error {
 func (e *Engine) ensureMarker(ctx context.Context) error {
 	r, err := e.roleInfo(ctx, e.marker)
 	if errors.Is(err, pgx.ErrNoRows) {
-		_, cerr := e.pool.Exec(ctx, "CREATE ROLE "+quoteIdent(e.marker)+" NOLOGIN")
+		_, cerr := e.pool.Exec(ctx, createMarkerSQL(e.marker))
 		switch sqlState(cerr) {
 		case "":
 			if cerr != nil {
@@ -207,7 +205,7 @@ func (e *Engine) ensureMarker(ctx context.Context) error {
 			if e.version < 160000 {
 				// 16+ gives the creator ADMIN OPTION by itself; before 16
 				// CREATEROLE may take it, so pg_upgrade to 16 keeps working.
-				_, _ = e.pool.Exec(ctx, "GRANT "+quoteIdent(e.marker)+" TO "+quoteIdent(e.admin)+" WITH ADMIN OPTION")
+				_, _ = e.pool.Exec(ctx, grantWithAdminSQL(e.marker, e.admin))
 			}
 			return nil
 		case codeDuplicateObject: // created concurrently by another broker
@@ -240,18 +238,14 @@ type role struct {
 
 func (e *Engine) roleInfo(ctx context.Context, name string) (role, error) {
 	r := role{name: name}
-	err := e.pool.QueryRow(ctx, `
-		SELECT rolcanlogin, rolsuper,
-		       pg_has_role(current_user, oid, 'USAGE'),
-		       pg_has_role(current_user, oid, 'MEMBER WITH ADMIN OPTION')
-		FROM pg_roles WHERE rolname = $1`, name).Scan(&r.canLogin, &r.super, &r.usage, &r.grantable)
+	err := e.pool.QueryRow(ctx, roleQuery, name).Scan(&r.canLogin, &r.super, &r.usage, &r.grantable)
 	return r, err
 }
 
 // checkGrantable reports a missing grant of a proxy or marker role to the
 // admin, naming the GRANT that fixes it.
 func (e *Engine) checkGrantable(r role, what string) error {
-	fix := fmt.Sprintf("GRANT %s TO %s WITH ADMIN OPTION", quoteIdent(r.name), quoteIdent(e.admin))
+	fix := grantWithAdminSQL(r.name, e.admin)
 	if what != "marker role" && !r.usage {
 		// REASSIGN OWNED ... TO proxy requires the privileges of both roles.
 		return fmt.Errorf("postgres: admin role %q lacks the privileges of %s %q, which dropping a user "+
@@ -289,16 +283,51 @@ func invalid(what string, err error) error {
 	return fmt.Errorf("%w: %s: %v", broker.ErrInvalidArgument, what, err)
 }
 
-// validUntilSQL moves one user's VALID UNTIL. Names are validated and
-// quoted, instants formatted by us: ALTER ROLE takes no bind parameters.
-func validUntilSQL(user string, t time.Time) string {
-	return "ALTER ROLE " + quoteIdent(user) + " VALID UNTIL " + quoteLiteral(pgTime(t)) + ";"
+// validRenewal checks what RenewUser and RenewUsers are asked, before
+// anything is sent.
+func validRenewal(req broker.RenewUserRequest) error {
+	if err := validUsername(req.Username); err != nil {
+		return invalid("username", err)
+	}
+	if req.ValidUntil.IsZero() {
+		return invalid("valid until", errors.New("missing"))
+	}
+	return nil
 }
 
-// pgTime formats an instant for VALID UNTIL: UTC with an explicit offset,
-// which every server time zone setting parses the same way.
-func pgTime(t time.Time) string {
-	return t.UTC().Format("2006-01-02 15:04:05.999999-07:00")
+// validDeletion checks what DeleteUser and DeleteUsers are asked, before
+// anything is sent. The proxy role may be empty (see DeleteUser).
+func validDeletion(req broker.DeleteUserRequest) error {
+	if err := validUsername(req.Username); err != nil {
+		return invalid("username", err)
+	}
+	if req.ProxyRole != "" {
+		if err := ValidIdentifier(req.ProxyRole); err != nil {
+			return invalid("proxy role", err)
+		}
+	}
+	return nil
+}
+
+// validBatch is the start of RenewUsers and DeleteUsers: errs[i] is the
+// result of reqs[i] for each request valid rejects (for every request, if
+// the engine is closed), and todo lists the indexes of the others.
+func validBatch[R any](e *Engine, reqs []R, valid func(R) error) (errs []error, todo []int) {
+	errs = make([]error, len(reqs))
+	if err := e.checkOpen(); err != nil {
+		for i := range errs {
+			errs[i] = err
+		}
+		return errs, nil
+	}
+	for i, r := range reqs {
+		if err := valid(r); err != nil {
+			errs[i] = err
+		} else {
+			todo = append(todo, i)
+		}
+	}
+	return errs, todo
 }
 
 // NewUser creates the user in one transaction (one round trip): LOGIN with a SCRAM verifier
@@ -335,16 +364,11 @@ func (e *Engine) NewUser(ctx context.Context, req broker.NewUserRequest) error {
 			return err
 		}
 	}
-	user, proxy := quoteIdent(req.Username), quoteIdent(req.ProxyRole)
-	// One simple-protocol query (Exec without arguments) of three
+	// One simple-protocol query (Exec without arguments) of several
 	// statements runs as one implicit transaction, in one round trip
-	// instead of five (BEGIN, three statements, COMMIT): on a busy target
+	// instead of four (BEGIN, two statements, COMMIT): on a busy target
 	// the round trips, not the catalog writes, were the broker's overhead.
-	_, err = e.pool.Exec(ctx, "CREATE ROLE "+user+" LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION NOBYPASSRLS"+
-		" PASSWORD "+quoteLiteral(verifier)+
-		" VALID UNTIL "+quoteLiteral(pgTime(req.ValidUntil))+
-		" IN ROLE "+proxy+", "+quoteIdent(e.marker)+
-		"; ALTER ROLE "+user+" SET role = "+proxy)
+	_, err = e.pool.Exec(ctx, CreateUserSQL(req.Username, req.ProxyRole, e.marker, verifier, req.ValidUntil))
 	if err != nil {
 		err = fmt.Errorf("creating user: %w", err)
 	}
@@ -378,16 +402,13 @@ func (e *Engine) RenewUser(ctx context.Context, req broker.RenewUserRequest) err
 	if err := e.checkOpen(); err != nil {
 		return err
 	}
-	if err := validUsername(req.Username); err != nil {
-		return invalid("username", err)
-	}
-	if req.ValidUntil.IsZero() {
-		return invalid("valid until", errors.New("missing"))
+	if err := validRenewal(req); err != nil {
+		return err
 	}
 	if err := e.requireManaged(ctx, req.Username); err != nil {
 		return e.fail(ctx, err)
 	}
-	_, err := e.pool.Exec(ctx, validUntilSQL(req.Username, req.ValidUntil))
+	_, err := e.pool.Exec(ctx, RenewUserSQL(req.Username, req.ValidUntil))
 	if sqlState(err) == codeUndefinedObject {
 		err = ErrUserNotFound
 	}
@@ -402,23 +423,44 @@ func (e *Engine) RenewUser(ctx context.Context, req broker.RenewUserRequest) err
 // marker role, or that holds ADMIN OPTION on it (the admin itself), or is
 // privileged. A corrupted lease must never alter or drop someone else.
 func (e *Engine) requireManaged(ctx context.Context, username string) error {
-	var managed bool
-	err := e.pool.QueryRow(ctx, `
-		SELECT EXISTS (SELECT 1 FROM pg_auth_members m WHERE m.member = r.oid AND m.roleid = g.oid)
-		   AND NOT EXISTS (SELECT 1 FROM pg_auth_members m WHERE m.member = r.oid AND m.roleid = g.oid AND m.admin_option)
-		   AND NOT (r.rolsuper OR r.rolcreaterole OR r.rolreplication OR r.rolbypassrls)
-		FROM pg_roles r, pg_roles g
-		WHERE r.rolname = $1 AND g.rolname = $2`, username, e.marker).Scan(&managed)
-	switch {
-	case errors.Is(err, pgx.ErrNoRows):
-		return ErrUserNotFound
-	case err != nil:
+	managed, err := e.managedStatus(ctx, []string{username})
+	if err != nil {
 		return fmt.Errorf("postgres: looking up user %q: %w", username, err)
-	case !managed:
-		return fmt.Errorf("postgres: refusing to touch role %q: it is not a plain member of the marker role %q, "+
-			"so credbroker did not create it", username, e.marker)
+	}
+	ok, exists := managed[username]
+	switch {
+	case !exists:
+		return ErrUserNotFound
+	case !ok:
+		return e.notManaged(username)
 	}
 	return nil
+}
+
+// managedStatus says, for each of names that exists, whether it is the
+// broker's (see managedRole). A name missing from the map does not exist.
+func (e *Engine) managedStatus(ctx context.Context, names []string) (map[string]bool, error) {
+	rows, err := e.pool.Query(ctx, managedQuery, names, e.marker)
+	if err != nil {
+		return nil, err
+	}
+	managed := make(map[string]bool, len(names))
+	var name string
+	var ok bool
+	_, err = pgx.ForEachRow(rows, []any{&name, &ok}, func() error {
+		managed[name] = ok
+		return nil
+	})
+	if err != nil {
+		return nil, err
+	}
+	return managed, nil
+}
+
+// notManaged is the refusal to touch a role the broker did not make.
+func (e *Engine) notManaged(username string) error {
+	return fmt.Errorf("postgres: refusing to touch role %q: it is not a plain member of the marker role %q, "+
+		"so credbroker did not create it", username, e.marker)
 }
 
 // DeleteUser drops the user in an order that leaves no way back in and no
@@ -444,13 +486,8 @@ func (e *Engine) DeleteUser(ctx context.Context, req broker.DeleteUserRequest) e
 	if err := e.checkOpen(); err != nil {
 		return err
 	}
-	if err := validUsername(req.Username); err != nil {
-		return invalid("username", err)
-	}
-	if req.ProxyRole != "" {
-		if err := ValidIdentifier(req.ProxyRole); err != nil {
-			return invalid("proxy role", err)
-		}
+	if err := validDeletion(req); err != nil {
+		return err
 	}
 	e.managed.forget(req.Username)
 	err := e.deleteUser(ctx, req)
@@ -465,13 +502,13 @@ func (e *Engine) DeleteUser(ctx context.Context, req broker.DeleteUserRequest) e
 }
 
 func (e *Engine) deleteUser(ctx context.Context, req broker.DeleteUserRequest) error {
-	user := quoteIdent(req.Username)
+	users := []string{req.Username}
 
 	// 1.
 	if err := e.requireManaged(ctx, req.Username); err != nil {
 		return err
 	}
-	if _, err := e.pool.Exec(ctx, blockAndGrantSQL(user, e.admin)); err != nil {
+	if _, err := e.pool.Exec(ctx, blockAndGrantSQL(req.Username, e.admin)); err != nil {
 		if sqlState(err) == codeUndefinedObject {
 			return ErrUserNotFound
 		}
@@ -479,7 +516,7 @@ func (e *Engine) deleteUser(ctx context.Context, req broker.DeleteUserRequest) e
 	}
 
 	// 2.
-	if err := e.endSessions(ctx, req.Username); err != nil {
+	if err := e.endSessions(ctx, users); err != nil {
 		return err
 	}
 
@@ -488,20 +525,12 @@ func (e *Engine) deleteUser(ctx context.Context, req broker.DeleteUserRequest) e
 	if err != nil {
 		return err
 	}
-	disown := "DROP OWNED BY " + user
-	if proxy != "" {
-		disown = "REASSIGN OWNED BY " + user + " TO " + quoteIdent(proxy) + "; " + disown
-	} else {
+	disown := disownSQL(users, proxy)
+	if proxy == "" {
 		e.log.Warn("no proxy role to reassign to; objects the user owns are dropped",
 			"user", req.Username, "proxy_role", req.ProxyRole)
 	}
-	rows, err := e.pool.Query(ctx, `
-		SELECT DISTINCT d.datname, d.datallowconn
-		FROM pg_shdepend s JOIN pg_database d ON d.oid = s.dbid
-		WHERE s.refclassid = 'pg_authid'::regclass
-		  AND s.refobjid = (SELECT oid FROM pg_roles WHERE rolname = $1)
-		  AND d.datname <> current_database()
-		ORDER BY 1`, req.Username)
+	rows, err := e.pool.Query(ctx, elsewhereQuery, req.Username)
 	if err != nil {
 		return fmt.Errorf("finding databases with objects of the user: %w", err)
 	}
@@ -529,22 +558,13 @@ func (e *Engine) deleteUser(ctx context.Context, req broker.DeleteUserRequest) e
 	}
 	// Several statements in one simple-protocol query run as one
 	// transaction: the role goes only together with what it owned here.
-	if _, err := e.pool.Exec(ctx, disown+"; DROP ROLE IF EXISTS "+user); err != nil {
+	if _, err := e.pool.Exec(ctx, disown+"; "+DropUsersSQL(users...)); err != nil {
 		if sqlState(err) == codeUndefinedObject {
 			return ErrUserNotFound
 		}
 		return err
 	}
 	return nil
-}
-
-// blockAndGrantSQL is DeleteUser's first step for one (quoted) user: no
-// more logins, and the admin gets the user's privileges, which ending its
-// sessions before PostgreSQL 16 and REASSIGN/DROP OWNED on every version
-// require. A user granted already (made by an older broker) only draws a
-// NOTICE.
-func blockAndGrantSQL(user, admin string) string {
-	return "ALTER ROLE " + user + " NOLOGIN; GRANT " + user + " TO " + quoteIdent(admin) + "; "
 }
 
 // reassignTarget is the role that inherits what the user owns: the
@@ -554,9 +574,7 @@ func (e *Engine) reassignTarget(ctx context.Context, req broker.DeleteUserReques
 	proxy := req.ProxyRole
 	if proxy == "" {
 		var setting *string
-		err := e.pool.QueryRow(ctx, `
-			SELECT substr(c, 6) FROM pg_roles r, unnest(r.rolconfig) c
-			WHERE r.rolname = $1 AND c LIKE 'role=%' LIMIT 1`, req.Username).Scan(&setting)
+		err := e.pool.QueryRow(ctx, roleSettingQuery, req.Username).Scan(&setting)
 		if err != nil && !errors.Is(err, pgx.ErrNoRows) {
 			return "", fmt.Errorf("reading the user's role setting: %w", err)
 		}
@@ -569,9 +587,7 @@ func (e *Engine) reassignTarget(ctx context.Context, req broker.DeleteUserReques
 	// (the role is gone, or its grant to the admin was revoked) dropping
 	// the objects beats a user that can never be revoked.
 	var usable bool
-	if err := e.pool.QueryRow(ctx, `
-		SELECT pg_has_role(current_user, oid, 'USAGE') FROM pg_roles WHERE rolname = $1`,
-		proxy).Scan(&usable); err != nil && !errors.Is(err, pgx.ErrNoRows) {
+	if err := e.pool.QueryRow(ctx, usableQuery, proxy).Scan(&usable); err != nil && !errors.Is(err, pgx.ErrNoRows) {
 		return "", fmt.Errorf("looking up proxy role: %w", err)
 	}
 	if !usable {
@@ -580,16 +596,11 @@ func (e *Engine) reassignTarget(ctx context.Context, req broker.DeleteUserReques
 	return proxy, nil
 }
 
-// endSessions terminates the user's sessions, in every database, until
+// endSessions terminates the users' sessions, in every database, until
 // none is left. pg_terminate_backend only signals; the loop re-checks with
 // a short backoff, which also catches a session that was authenticating
 // when logins were blocked.
-func (e *Engine) endSessions(ctx context.Context, username string) error {
-	return e.endSessionsOf(ctx, []string{username})
-}
-
-// endSessionsOf is endSessions for several users at once.
-func (e *Engine) endSessionsOf(ctx context.Context, usernames []string) error {
+func (e *Engine) endSessions(ctx context.Context, usernames []string) error {
 	tctx, cancel := context.WithTimeout(ctx, e.terminateTimeout)
 	defer cancel()
 	timedOut := func(n int) error {
@@ -600,9 +611,7 @@ func (e *Engine) endSessionsOf(ctx context.Context, usernames []string) error {
 	}
 	delay := 2 * time.Millisecond
 	for n := -1; ; {
-		err := e.pool.QueryRow(tctx, `
-			SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE usename = ANY($1)`,
-			usernames).Scan(&n)
+		err := e.pool.QueryRow(tctx, terminateQuery, usernames).Scan(&n)
 		if err != nil {
 			if tctx.Err() != nil {
 				return timedOut(n)
@@ -649,16 +658,7 @@ func (e *Engine) ListManagedUsers(ctx context.Context) ([]string, error) {
 	if err := e.checkOpen(); err != nil {
 		return nil, err
 	}
-	rows, err := e.pool.Query(ctx, `
-		SELECT r.rolname
-		FROM pg_roles g
-		JOIN pg_auth_members m ON m.roleid = g.oid
-		JOIN pg_roles r ON r.oid = m.member
-		WHERE g.rolname = $1
-		  AND NOT (r.rolsuper OR r.rolcreaterole OR r.rolreplication OR r.rolbypassrls)
-		GROUP BY r.rolname
-		HAVING NOT bool_or(m.admin_option)
-		ORDER BY 1`, e.marker)
+	rows, err := e.pool.Query(ctx, listManagedQuery, e.marker)
 	if err != nil {
 		return nil, e.fail(ctx, fmt.Errorf("postgres: listing managed users: %w", err))
 	}
