@@ -387,7 +387,7 @@ func (e *env) cleanup(ctx context.Context, rep *report, leases, users []string) 
 			break
 		}
 	}
-	if err := e.bulk(ctx, users, func(u string) string { return "DROP ROLE IF EXISTS " + postgres.QuoteIdentifier(u) }); err != nil && rep != nil {
+	if err := e.bulk(ctx, users, dropSQL); err != nil && rep != nil {
 		rep.note("cleanup: dropping baseline users: %v", err)
 	}
 }
