@@ -9,9 +9,7 @@ import (
 	"github.com/credbroker/credbroker/broker"
 )
 
-var _ broker.UsersDeleter = (*Engine)(nil)
-
-// DeleteUsers drops many users with DeleteUser's sequence, each step once
+// deleteUsers drops many users with DeleteUser's sequence, each step once
 // for all of them: one query checks that every user is the broker's, one
 // transaction blocks all their logins (committed before any session is
 // ended), one query ends their sessions, one transaction reassigns and
@@ -24,36 +22,36 @@ var _ broker.UsersDeleter = (*Engine)(nil)
 // that fails) sends every user of the batch through DeleteUser one by one:
 // its steps are idempotent, so starting again is safe, and it gives each
 // user its own precise result.
-func (e *Engine) DeleteUsers(ctx context.Context, reqs []broker.DeleteUserRequest) []error {
+func (e *engine) deleteUsers(ctx context.Context, reqs []broker.DeleteUserRequest) []error {
 	errs, todo := validBatch(e, reqs, validDeletion)
 	for _, i := range todo {
 		e.managed.forget(reqs[i].Username)
 	}
 	if len(todo) > 1 {
-		err := e.deleteUsers(ctx, reqs, todo)
+		err := e.dropBatch(ctx, reqs, todo)
 		if err == nil {
 			e.log.Debug("dropped users", "count", len(todo))
 			return errs
 		}
 		if ctx.Err() != nil {
-			err = e.fail(ctx, fmt.Errorf("postgres: dropping %d users: %w", len(todo), err))
+			err = fmt.Errorf("postgres: dropping %d users: %w", len(todo), err)
 			for _, i := range todo {
 				errs[i] = err
 			}
 			return errs
 		}
-		e.log.Debug("dropping users one by one", "count", len(todo), "reason", e.fail(ctx, err))
+		e.log.Debug("dropping users one by one", "count", len(todo), "reason", e.sanitize(ctx, err))
 	}
 	for _, i := range todo {
-		errs[i] = e.DeleteUser(ctx, reqs[i])
+		errs[i] = e.deleteUser(ctx, reqs[i])
 	}
 	return errs
 }
 
-// errOneByOne tells DeleteUsers to take the one-user path.
+// errOneByOne tells deleteUsers to take the one-user path.
 var errOneByOne = errors.New("batch not applicable")
 
-func (e *Engine) deleteUsers(ctx context.Context, reqs []broker.DeleteUserRequest, todo []int) error {
+func (e *engine) dropBatch(ctx context.Context, reqs []broker.DeleteUserRequest, todo []int) error {
 	names := make([]string, 0, len(todo))
 	for _, i := range todo {
 		if reqs[i].ProxyRole == "" {

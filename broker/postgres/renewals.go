@@ -9,7 +9,7 @@ import (
 	"github.com/credbroker/credbroker/broker"
 )
 
-// RenewUsers moves the VALID UNTIL of many users in one transaction, in
+// renewUsers moves the VALID UNTIL of many users in one transaction, in
 // two round trips: one checks that every user exists and is the broker's
 // (as RenewUser's requireManaged does, for all at once), and one
 // multi-statement exec alters them all and commits. Users this engine
@@ -22,14 +22,14 @@ import (
 // A user dropped by someone else between the check and the ALTER aborts
 // the transaction; then each user is renewed on its own, which is slow but
 // gives every entry its true result.
-func (e *Engine) RenewUsers(ctx context.Context, reqs []broker.RenewUserRequest) []error {
+func (e *engine) renewUsers(ctx context.Context, reqs []broker.RenewUserRequest) []error {
 	errs, todo := validBatch(e, reqs, validRenewal)
 	if len(todo) == 0 {
 		return errs
 	}
-	retryAlone, err := e.renewUsers(ctx, reqs, todo, errs)
+	retryAlone, err := e.renewBatch(ctx, reqs, todo, errs)
 	if err != nil {
-		err = e.fail(ctx, fmt.Errorf("postgres: renewing %d users: %w", len(todo), err))
+		err = fmt.Errorf("postgres: renewing %d users: %w", len(todo), err)
 		for _, i := range todo {
 			if errs[i] == nil {
 				errs[i] = err
@@ -38,15 +38,15 @@ func (e *Engine) RenewUsers(ctx context.Context, reqs []broker.RenewUserRequest)
 		return errs
 	}
 	for _, i := range retryAlone {
-		errs[i] = e.RenewUser(ctx, reqs[i])
+		errs[i] = e.renewUser(ctx, reqs[i])
 	}
 	return errs
 }
 
-// renewUsers runs the batch transaction. It fills errs for users it
+// renewBatch runs the batch transaction. It fills errs for users it
 // refuses, and returns the indexes to renew one by one when the batch
 // statement failed for a reason that may concern a single user.
-func (e *Engine) renewUsers(ctx context.Context, reqs []broker.RenewUserRequest, todo []int, errs []error) ([]int, error) {
+func (e *engine) renewBatch(ctx context.Context, reqs []broker.RenewUserRequest, todo []int, errs []error) ([]int, error) {
 	names := make([]string, 0, len(todo))
 	for _, i := range todo {
 		names = append(names, reqs[i].Username)
