@@ -23,3 +23,13 @@ func renewSQL(user string, validUntil time.Time) string {
 
 // dropSQL is the last statement of Engine.DeleteUser for one user.
 func dropSQL(user string) string { return postgres.DropUsersSQL(user) }
+
+// verifier is one SCRAM verifier the baseline uses for every user: the
+// hashing is client-side work, not SQL, so the ceiling leaves it out.
+func baselineVerifier() string {
+	v, err := postgres.ScramSHA256Verifier(randHex(16))
+	if err != nil {
+		panic(err)
+	}
+	return v
+}
