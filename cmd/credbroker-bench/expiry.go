@@ -25,15 +25,11 @@ type issued struct {
 // --poll). Baseline: N DROP ROLEs at the broker's revoke concurrency.
 func (e *env) runExpiry(ctx context.Context, rep *report, issueRate float64) error {
 	n := e.opts.expiryN
-	verifier := baselineVerifier()
 
 	// Baseline first: create N users (untimed), then drop them all at
 	// once at the broker's revoke concurrency.
-	names := make([]string, n)
-	for i := range names {
-		names[i] = "bench_x_" + randHex(6)
-	}
-	if err := e.bulk(ctx, names, func(u string) string { return e.issueSQL(u, verifier, time.Now().Add(time.Hour)) }); err != nil {
+	names, err := e.baselineUsers(ctx, "bench_x_", n)
+	if err != nil {
 		return fmt.Errorf("expiry setup: %w", err)
 	}
 	var (

@@ -7,6 +7,7 @@ import (
 	"runtime/pprof"
 	"strings"
 	"sync"
+	"time"
 
 	pb "github.com/credbroker/credbroker/proto/credbroker/v1"
 )
@@ -51,6 +52,20 @@ func (e *env) issueMany(ctx context.Context, n int) ([]string, error) {
 		return nil, r.firstErr
 	}
 	return ids.take(), nil
+}
+
+// baselineUsers creates n users for the baseline (untimed), named prefix
+// and random hex, as its issue phase does, valid for an hour.
+func (e *env) baselineUsers(ctx context.Context, prefix string, n int) ([]string, error) {
+	verifier := baselineVerifier()
+	names := make([]string, n)
+	for i := range names {
+		names[i] = prefix + randHex(6)
+	}
+	if err := e.bulk(ctx, names, func(u string) string { return e.issueSQL(u, verifier, time.Now().Add(time.Hour)) }); err != nil {
+		return nil, err
+	}
+	return names, nil
 }
 
 // bulk runs one statement per item, many per round trip: setup and

@@ -13,16 +13,12 @@ import (
 func (e *env) runRenew(ctx context.Context, rep *report) error {
 	c, per := e.opts.renewConc, e.opts.renewPerWorker
 	n := c * per
-	verifier := baselineVerifier()
 	leases, err := e.issueMany(ctx, n)
 	if err != nil {
 		return fmt.Errorf("renew setup: %w", err)
 	}
-	names := make([]string, n)
-	for i := range names {
-		names[i] = "bench_r_" + randHex(6)
-	}
-	if err := e.bulk(ctx, names, func(u string) string { return e.issueSQL(u, verifier, time.Now().Add(time.Hour)) }); err != nil {
+	names, err := e.baselineUsers(ctx, "bench_r_", n)
+	if err != nil {
 		return fmt.Errorf("renew setup: %w", err)
 	}
 	defer e.cleanup(ctx, rep, leases, names)

@@ -3,7 +3,6 @@ package main
 import (
 	"context"
 	"fmt"
-	"time"
 
 	pb "github.com/credbroker/credbroker/proto/credbroker/v1"
 )
@@ -17,12 +16,8 @@ func (e *env) runRevoke(ctx context.Context, rep *report) error {
 	if err != nil {
 		return fmt.Errorf("revoke setup: %w", err)
 	}
-	users := make([]string, k)
-	for i := range users {
-		users[i] = "bench_v_" + randHex(6)
-	}
-	verifier := baselineVerifier()
-	if err := e.bulk(ctx, users, func(u string) string { return e.issueSQL(u, verifier, time.Now().Add(time.Hour)) }); err != nil {
+	users, err := e.baselineUsers(ctx, "bench_v_", k)
+	if err != nil {
 		return fmt.Errorf("revoke setup: %w", err)
 	}
 	var rb, rk result
