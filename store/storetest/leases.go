@@ -468,6 +468,9 @@ func testListLeases(t *testing.T, open OpenFunc) {
 					if len(leases) > limit {
 						t.Fatalf("page of %d leases, limit %d", len(leases), limit)
 					}
+					if page > 0 && len(leases) == 0 {
+						t.Fatalf("next %q promised a page, which is empty", f.After)
+					}
 					got = append(got, leases...)
 					if next == "" {
 						break
