@@ -1,32 +1,18 @@
-package store_test
+package store
 
 import (
 	"path/filepath"
 	"testing"
 
 	"github.com/credbroker/credbroker/broker"
-	"github.com/credbroker/credbroker/store"
 	"github.com/credbroker/credbroker/store/storetest"
 )
 
-// openAt opens the store at path and closes it at the end of the test.
-// Tests skip fsync: durability is bbolt's, not under test here.
-func openAt(t *testing.T, path string) broker.LeaseStore {
-	t.Helper()
-	s, err := store.Open(path, store.Options{NoSync: true})
-	if err != nil {
-		t.Fatalf("Open: %v", err)
-	}
-	t.Cleanup(func() { _ = s.Close() })
-	return s
-}
-
+// TestContract runs the LeaseStore contract suite on bbolt.
 func TestContract(t *testing.T) {
-	storetest.Run(t, func(t *testing.T) broker.LeaseStore {
-		return openAt(t, filepath.Join(t.TempDir(), "leases.db"))
-	})
+	storetest.Run(t, func(t *testing.T) broker.LeaseStore { return openStore(t) })
 	storetest.RunReopen(t, func(t *testing.T) (broker.LeaseStore, func(*testing.T) broker.LeaseStore) {
 		path := filepath.Join(t.TempDir(), "leases.db")
-		return openAt(t, path), func(t *testing.T) broker.LeaseStore { return openAt(t, path) }
+		return openStoreAt(t, path), func(t *testing.T) broker.LeaseStore { return openStoreAt(t, path) }
 	})
 }

@@ -16,91 +16,40 @@ import (
 	bolt "go.etcd.io/bbolt"
 
 	"github.com/credbroker/credbroker/broker"
+	"github.com/credbroker/credbroker/store/storetest"
 )
 
-// t0 is an arbitrary instant with nanoseconds, so the tests see any loss of
-// precision.
-var t0 = time.Date(2030, 1, 2, 3, 4, 5, 6, time.UTC)
+// The lease fixtures are the contract suite's (store_contract_test.go), so
+// these tests build leases as it does.
+var (
+	t0         = storetest.T0
+	newLease   = storetest.NewLease
+	mustCreate = storetest.MustCreate
+	mustGet    = storetest.MustGet
+	mustUpdate = storetest.MustUpdate
+	scanExpiry = storetest.ScanExpiry
+	ids        = storetest.IDs
+)
 
 func at(d time.Duration) time.Time { return t0.Add(d) }
 
 // openStore opens a store in a fresh directory and closes it at the end of
-// the test. Tests skip fsync: durability is bbolt's, not under test here.
+// the test.
 func openStore(t *testing.T) *Store {
 	t.Helper()
-	s, err := Open(filepath.Join(t.TempDir(), "leases.db"), Options{NoSync: true})
+	return openStoreAt(t, filepath.Join(t.TempDir(), "leases.db"))
+}
+
+// openStoreAt opens the store at path and closes it at the end of the
+// test. Tests skip fsync: durability is bbolt's, not under test here.
+func openStoreAt(t *testing.T, path string) *Store {
+	t.Helper()
+	s, err := Open(path, Options{NoSync: true})
 	if err != nil {
 		t.Fatalf("Open: %v", err)
 	}
 	t.Cleanup(func() { _ = s.Close() })
 	return s
-}
-
-// newLease returns an active lease with every field set.
-func newLease(id, role, client string, expire time.Time) broker.Lease {
-	return broker.Lease{
-		ID:            id,
-		Role:          role,
-		Client:        client,
-		Target:        "main",
-		Username:      "cb_" + role + "_" + id,
-		ProxyRole:     role + "_role",
-		IssueTime:     t0,
-		ExpireTime:    expire,
-		MaxExpireTime: t0.Add(time.Hour),
-		State:         broker.StateActive,
-		Metadata:      map[string]string{"pod": "api-" + id, "ns": "prod"},
-	}
-}
-
-func mustCreate(t *testing.T, s *Store, leases ...broker.Lease) []broker.Lease {
-	t.Helper()
-	out := make([]broker.Lease, 0, len(leases))
-	for _, l := range leases {
-		if err := s.CreateLease(t.Context(), &l); err != nil {
-			t.Fatalf("CreateLease(%s): %v", l.ID, err)
-		}
-		out = append(out, l)
-	}
-	return out
-}
-
-func mustGet(t *testing.T, s *Store, id string) broker.Lease {
-	t.Helper()
-	l, err := s.GetLease(t.Context(), id)
-	if err != nil {
-		t.Fatalf("GetLease(%s): %v", id, err)
-	}
-	return l
-}
-
-func mustUpdate(t *testing.T, s *Store, l broker.Lease) broker.Lease {
-	t.Helper()
-	got, err := s.UpdateLease(t.Context(), l)
-	if err != nil {
-		t.Fatalf("UpdateLease(%s): %v", l.ID, err)
-	}
-	return got
-}
-
-func scanExpiry(t *testing.T, s *Store) []broker.ExpiryEntry {
-	t.Helper()
-	var out []broker.ExpiryEntry
-	if err := s.ScanExpiry(t.Context(), func(e broker.ExpiryEntry) bool {
-		out = append(out, e)
-		return true
-	}); err != nil {
-		t.Fatalf("ScanExpiry: %v", err)
-	}
-	return out
-}
-
-func ids(leases []broker.Lease) []string {
-	out := make([]string, len(leases))
-	for i, l := range leases {
-		out[i] = l.ID
-	}
-	return out
 }
 
 // checkIndexes asserts the invariant every write must keep: each live lease
@@ -288,11 +237,7 @@ func TestLongIDRejected(t *testing.T) {
 // each write the indexes hold exactly one key per lease (checkIndexes).
 func TestRevisionsAndIndexes(t *testing.T) {
 	path := filepath.Join(t.TempDir(), "leases.db")
-	s, err := Open(path, Options{NoSync: true})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer func() { _ = s.Close() }()
+	s := openStoreAt(t, path)
 	ctx := t.Context()
 	local := newLease("a", "ro", "svc", time.Date(2030, 5, 6, 7, 8, 9, 10, time.FixedZone("CEST", 2*3600)))
 	local.Revision = 77 // callers cannot choose the first revision
@@ -355,9 +300,7 @@ func TestRevisionsAndIndexes(t *testing.T) {
 	if err := s.Close(); err != nil {
 		t.Fatal(err)
 	}
-	if s, err = Open(path, Options{NoSync: true}); err != nil {
-		t.Fatal(err)
-	}
+	s = openStoreAt(t, path)
 	if b := mustUpdate(t, s, got[0]); b.Revision != 3 {
 		t.Errorf("revision after reopen and update = %d, want 3", b.Revision)
 	}

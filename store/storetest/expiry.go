@@ -42,35 +42,35 @@ func testScanExpiry(t *testing.T, open OpenFunc) {
 		var want []string
 		for i := range 10 {
 			id := fmt.Sprintf("lease-%02d", 9-i) // insertion order differs from expiry order
-			l := newLease(id, "ro", "svc", at(time.Duration(i)*time.Second))
+			l := NewLease(id, "ro", "svc", at(time.Duration(i)*time.Second))
 			l.RevokeOnDisconnect = i%2 == 0
 			l.Target = fmt.Sprintf("target-%d", i%3)
-			leases[id] = mustCreate(t, s, l)[0]
+			leases[id] = MustCreate(t, s, l)[0]
 			want = append(want, id)
 		}
 		// Ties on the instant go in id order.
 		for _, id := range []string{"tie-b", "tie-a"} {
-			leases[id] = mustCreate(t, s, newLease(id, "ro", "svc", at(20*time.Second)))[0]
+			leases[id] = MustCreate(t, s, NewLease(id, "ro", "svc", at(20*time.Second)))[0]
 		}
 		want = append(want, "tie-a", "tie-b")
 		// A revocation under way (EndTime before ExpireTime) is due at
 		// its EndTime; an EndTime after ExpireTime changes nothing.
-		early := newLease("early-end", "ro", "svc", at(time.Hour))
+		early := NewLease("early-end", "ro", "svc", at(time.Hour))
 		early.State, early.EndTime = broker.StateRevoking, at(3500*time.Millisecond)
-		late := newLease("late-end", "ro", "svc", at(15*time.Second))
+		late := NewLease("late-end", "ro", "svc", at(15*time.Second))
 		late.State, late.EndTime, late.LastError = broker.StateRevokeFailed, at(time.Hour), "boom"
-		for _, l := range mustCreate(t, s, early, late) {
+		for _, l := range MustCreate(t, s, early, late) {
 			leases[l.ID] = l
 		}
 		want = slices.Insert(want, 4, "early-end") // between 3s and 4s
 		want = slices.Insert(want, 11, "late-end")
 		// Terminal leases are not in it, whatever their times.
-		mustCreate(t, s,
-			ended(newLease("dead", "ro", "svc", at(0)), broker.StateExpired, at(0)),
-			ended(newLease("gone", "ro", "svc", at(time.Hour)), broker.StateRevoked, at(time.Second)),
+		MustCreate(t, s,
+			ended(NewLease("dead", "ro", "svc", at(0)), broker.StateExpired, at(0)),
+			ended(NewLease("gone", "ro", "svc", at(time.Hour)), broker.StateRevoked, at(time.Second)),
 		)
 
-		got := scanExpiry(t, s)
+		got := ScanExpiry(t, s)
 		var gotIDs []string
 		for _, e := range got {
 			gotIDs = append(gotIDs, e.LeaseID)
@@ -84,7 +84,7 @@ func testScanExpiry(t *testing.T, open OpenFunc) {
 	t.Run("stops when fn returns false", func(t *testing.T) {
 		s := open(t)
 		for i := range 5 {
-			mustCreate(t, s, newLease(fmt.Sprintf("l%d", i), "ro", "svc", at(time.Duration(i)*time.Second)))
+			MustCreate(t, s, NewLease(fmt.Sprintf("l%d", i), "ro", "svc", at(time.Duration(i)*time.Second)))
 		}
 		var got []string
 		err := s.ScanExpiry(t.Context(), func(e broker.ExpiryEntry) bool {
@@ -100,7 +100,7 @@ func testScanExpiry(t *testing.T, open OpenFunc) {
 	})
 
 	t.Run("empty store", func(t *testing.T) {
-		if got := scanExpiry(t, open(t)); len(got) != 0 {
+		if got := ScanExpiry(t, open(t)); len(got) != 0 {
 			t.Errorf("ScanExpiry of an empty store = %+v", got)
 		}
 	})
@@ -109,11 +109,11 @@ func testScanExpiry(t *testing.T, open OpenFunc) {
 	t.Run("follows updates", func(t *testing.T) {
 		s := open(t)
 		leases := map[string]broker.Lease{}
-		for _, l := range mustCreate(t, s,
-			newLease("a", "ro", "svc", at(3*time.Minute)),
-			newLease("b", "ro", "svc", at(1*time.Minute)),
-			newLease("c", "rw", "svc", at(2*time.Minute)),
-			newLease("d", "rw", "svc", at(2*time.Minute)), // ties with c: id order
+		for _, l := range MustCreate(t, s,
+			NewLease("a", "ro", "svc", at(3*time.Minute)),
+			NewLease("b", "ro", "svc", at(1*time.Minute)),
+			NewLease("c", "rw", "svc", at(2*time.Minute)),
+			NewLease("d", "rw", "svc", at(2*time.Minute)), // ties with c: id order
 		) {
 			leases[l.ID] = l
 		}
@@ -142,10 +142,10 @@ func testScanExpiry(t *testing.T, open OpenFunc) {
 				if step.change != nil {
 					l := leases[step.id]
 					step.change(&l)
-					leases[step.id] = mustUpdate(t, s, l)
+					leases[step.id] = MustUpdate(t, s, l)
 				}
 				var got []string
-				for _, e := range scanExpiry(t, s) {
+				for _, e := range ScanExpiry(t, s) {
 					checkEntry(t, e, leases[e.LeaseID])
 					got = append(got, e.LeaseID)
 				}
@@ -171,11 +171,11 @@ func testPurgeTombstones(t *testing.T, open OpenFunc) {
 				state = broker.StateExpired
 			}
 			end := at(time.Duration(m) * time.Minute)
-			mustCreate(t, s, ended(newLease(fmt.Sprintf("t%d", m), "ro", "svc", end.Add(time.Hour)), state, end))
+			MustCreate(t, s, ended(NewLease(fmt.Sprintf("t%d", m), "ro", "svc", end.Add(time.Hour)), state, end))
 		}
-		revoking := newLease("revoking", "ro", "svc", at(time.Hour))
+		revoking := NewLease("revoking", "ro", "svc", at(time.Hour))
 		revoking.State, revoking.EndTime = broker.StateRevoking, at(-time.Minute)
-		mustCreate(t, s, newLease("live", "ro", "svc", at(0)), revoking)
+		MustCreate(t, s, NewLease("live", "ro", "svc", at(0)), revoking)
 		return s
 	}
 	tombstones := []string{"t1", "t2", "t3", "t4", "t5"}
@@ -208,7 +208,7 @@ func testPurgeTombstones(t *testing.T, open OpenFunc) {
 			if n != len(tt.wantPurged) {
 				t.Errorf("purged %d, want %d", n, len(tt.wantPurged))
 			}
-			left := ids(listAll(t, s))
+			left := IDs(listAll(t, s))
 			for _, id := range append(slices.Clone(tombstones), "live", "revoking") {
 				gone := slices.Contains(tt.wantPurged, id)
 				if present := slices.Contains(left, id); gone == present {
@@ -243,28 +243,28 @@ func testPurgeTombstones(t *testing.T, open OpenFunc) {
 	// that ended is purged only once it is terminal.
 	t.Run("follows updates", func(t *testing.T) {
 		s := setup(t)
-		t1 := mustGet(t, s, "t1")
+		t1 := MustGet(t, s, "t1")
 		t1.EndTime = at(10 * time.Minute) // now the newest tombstone
-		mustUpdate(t, s, t1)
-		live := mustGet(t, s, "live")
-		mustUpdate(t, s, ended(live, broker.StateExpired, at(30*time.Second))) // now the oldest
+		MustUpdate(t, s, t1)
+		live := MustGet(t, s, "live")
+		MustUpdate(t, s, ended(live, broker.StateExpired, at(30*time.Second))) // now the oldest
 		n, err := s.PurgeTombstones(t.Context(), at(time.Hour), 2)
 		if err != nil || n != 2 {
 			t.Fatalf("PurgeTombstones = %d, %v; want 2", n, err)
 		}
-		if got, want := ids(listAll(t, s)), []string{"revoking", "t1", "t3", "t4", "t5"}; !slices.Equal(got, want) {
+		if got, want := IDs(listAll(t, s)), []string{"revoking", "t1", "t3", "t4", "t5"}; !slices.Equal(got, want) {
 			t.Errorf("leases left %q, want %q", got, want)
 		}
 		// A tombstone brought back to life (an update to a live state)
 		// leaves the purge.
-		t3 := mustGet(t, s, "t3")
+		t3 := MustGet(t, s, "t3")
 		t3.State = broker.StateRevokeFailed
-		mustUpdate(t, s, t3)
+		MustUpdate(t, s, t3)
 		n, err = s.PurgeTombstones(t.Context(), at(time.Hour), 100)
 		if err != nil || n != 3 {
 			t.Fatalf("PurgeTombstones = %d, %v; want 3", n, err)
 		}
-		if got, want := ids(listAll(t, s)), []string{"revoking", "t3"}; !slices.Equal(got, want) {
+		if got, want := IDs(listAll(t, s)), []string{"revoking", "t3"}; !slices.Equal(got, want) {
 			t.Errorf("leases left %q, want %q", got, want)
 		}
 	})
@@ -291,13 +291,13 @@ func testLastIssued(t *testing.T, open OpenFunc) {
 		}
 	}
 	issued := func(id, role string, issue time.Time) broker.Lease {
-		l := newLease(id, role, "svc", at(10*time.Hour))
+		l := NewLease(id, role, "svc", at(10*time.Hour))
 		l.IssueTime = issue
 		return l
 	}
 
 	check(t, map[string]time.Time{})
-	mustCreate(t, s,
+	MustCreate(t, s,
 		issued("a", "ro", at(time.Hour)),
 		issued("b", "ro", at(0)), // older: no move back
 		ended(issued("c", "rw", at(2*time.Hour)), broker.StateExpired, at(3*time.Hour)),
@@ -315,9 +315,9 @@ func testLastIssued(t *testing.T, open OpenFunc) {
 	check(t, want)
 
 	// Updates do not move it; deletes and purges do not forget it.
-	a := mustGet(t, s, "a")
+	a := MustGet(t, s, "a")
 	a.IssueTime = at(8 * time.Hour)
-	mustUpdate(t, s, ended(a, broker.StateRevoked, at(4*time.Hour)))
+	MustUpdate(t, s, ended(a, broker.StateRevoked, at(4*time.Hour)))
 	if err := s.DeleteLease(t.Context(), "b"); err != nil {
 		t.Fatal(err)
 	}

@@ -60,7 +60,7 @@ func testIntents(t *testing.T, open OpenFunc) {
 		}
 	})
 	t.Run("CreateLease consumes its own intent only", func(t *testing.T) {
-		mustCreate(t, s, newLease("a", "ro", "svc", at(time.Minute)))
+		MustCreate(t, s, NewLease("a", "ro", "svc", at(time.Minute)))
 		want := []broker.Intent{intents[0], intents[2], intents[3]}
 		if got := list(t); !reflect.DeepEqual(got, want) {
 			t.Errorf("ListIntents = %+v, want %+v", got, want)
@@ -115,17 +115,17 @@ var invalidLeases = []struct {
 }
 
 func testCreateLease(t *testing.T, open OpenFunc) {
-	full := newLease("lease-full", "read_only", "billing", at(15*time.Minute))
+	full := NewLease("lease-full", "read_only", "billing", at(15*time.Minute))
 	full.LastError = "pg: connection refused"
 	full.RevokeAttempts = 3
 	full.NextAttempt = at(16 * time.Minute)
 	full.RevokeOnDisconnect = true
 	full.State = broker.StateRevokeFailed
 
-	revoked := ended(newLease("lease-revoked", "admin", "ops", at(time.Minute)), broker.StateRevoked, at(30*time.Second))
+	revoked := ended(NewLease("lease-revoked", "admin", "ops", at(time.Minute)), broker.StateRevoked, at(30*time.Second))
 	revoked.Metadata = nil
 
-	local := newLease("lease-local", "updater", "", time.Date(2030, 5, 6, 7, 8, 9, 10, time.FixedZone("CEST", 2*3600)))
+	local := NewLease("lease-local", "updater", "", time.Date(2030, 5, 6, 7, 8, 9, 10, time.FixedZone("CEST", 2*3600)))
 	local.Metadata = map[string]string{}
 
 	for _, l := range []broker.Lease{full, revoked, local} {
@@ -141,31 +141,31 @@ func testCreateLease(t *testing.T, open OpenFunc) {
 			}
 			want := l
 			want.Revision = in.Revision
-			assertLeaseEqual(t, mustGet(t, s, l.ID), want)
+			assertLeaseEqual(t, MustGet(t, s, l.ID), want)
 		})
 	}
 
 	t.Run("existing id", func(t *testing.T) {
 		s := open(t)
-		first := mustCreate(t, s, newLease("taken", "ro", "svc", at(time.Minute)))[0]
+		first := MustCreate(t, s, NewLease("taken", "ro", "svc", at(time.Minute)))[0]
 		if err := s.PutIntent(t.Context(), broker.Intent{LeaseID: "taken", Username: "cb_other"}); err != nil {
 			t.Fatal(err)
 		}
-		dup := newLease("taken", "rw", "other", at(time.Hour))
+		dup := NewLease("taken", "rw", "other", at(time.Hour))
 		if err := s.CreateLease(t.Context(), &dup); !errors.Is(err, broker.ErrExists) {
 			t.Fatalf("CreateLease of a taken id: %v, want ErrExists", err)
 		}
 		if dup.Revision != 0 {
 			t.Errorf("failed CreateLease set Revision %d", dup.Revision)
 		}
-		assertLeaseEqual(t, mustGet(t, s, "taken"), first)
+		assertLeaseEqual(t, MustGet(t, s, "taken"), first)
 		// The failed create is a whole: its intent stays, the index
 		// holds the first lease only.
 		if in, err := s.ListIntents(t.Context()); err != nil || len(in) != 1 {
 			t.Errorf("intents after a failed create: %+v, %v; want the intent kept", in, err)
 		}
 		want := []broker.ExpiryEntry{{Expire: first.ExpireTime, LeaseID: "taken"}}
-		if got := scanExpiry(t, s); len(got) != 1 || got[0].LeaseID != want[0].LeaseID || !got[0].Expire.Equal(want[0].Expire) {
+		if got := ScanExpiry(t, s); len(got) != 1 || got[0].LeaseID != want[0].LeaseID || !got[0].Expire.Equal(want[0].Expire) {
 			t.Errorf("ScanExpiry = %+v, want %+v", got, want)
 		}
 	})
@@ -174,7 +174,7 @@ func testCreateLease(t *testing.T, open OpenFunc) {
 		s := open(t)
 		for i, tt := range invalidLeases {
 			t.Run(tt.name, func(t *testing.T) {
-				l := newLease(fmt.Sprintf("bad%d", i), "ro", "svc", at(time.Minute))
+				l := NewLease(fmt.Sprintf("bad%d", i), "ro", "svc", at(time.Minute))
 				tt.mutate(&l)
 				if err := s.CreateLease(t.Context(), &l); !errors.Is(err, broker.ErrInvalidArgument) {
 					t.Fatalf("CreateLease error %v, want ErrInvalidArgument", err)
@@ -191,9 +191,9 @@ func testCreateLease(t *testing.T, open OpenFunc) {
 		})
 		// Nothing a rejected create touched may remain.
 		if all := listAll(t, s); len(all) != 0 {
-			t.Errorf("leases after rejected creates: %q", ids(all))
+			t.Errorf("leases after rejected creates: %q", IDs(all))
 		}
-		if got := scanExpiry(t, s); len(got) != 0 {
+		if got := ScanExpiry(t, s); len(got) != 0 {
 			t.Errorf("expiry entries after rejected creates: %+v", got)
 		}
 	})
@@ -202,7 +202,7 @@ func testCreateLease(t *testing.T, open OpenFunc) {
 func testGetLease(t *testing.T, open OpenFunc) {
 	t.Run("missing", func(t *testing.T) {
 		s := open(t)
-		mustCreate(t, s, newLease("present", "ro", "svc", at(time.Minute)))
+		MustCreate(t, s, NewLease("present", "ro", "svc", at(time.Minute)))
 		for _, id := range []string{"missing", "", "presen", "present2"} {
 			if _, err := s.GetLease(t.Context(), id); !errors.Is(err, broker.ErrLeaseNotFound) {
 				t.Errorf("GetLease(%q) error %v, want ErrLeaseNotFound", id, err)
@@ -211,7 +211,7 @@ func testGetLease(t *testing.T, open OpenFunc) {
 	})
 	t.Run("the store keeps its own copies", func(t *testing.T) {
 		s := open(t)
-		in := newLease("l", "ro", "svc", at(time.Minute))
+		in := NewLease("l", "ro", "svc", at(time.Minute))
 		if err := s.CreateLease(t.Context(), &in); err != nil {
 			t.Fatal(err)
 		}
@@ -219,26 +219,26 @@ func testGetLease(t *testing.T, open OpenFunc) {
 
 		in.Metadata["pod"] = "changed by the creator"
 		in.Role = "changed"
-		got := mustGet(t, s, "l")
+		got := MustGet(t, s, "l")
 		assertLeaseEqual(t, got, want)
 
 		got.Metadata["pod"] = "changed by a reader"
 		got.Metadata["new"] = "key"
 		got.ExpireTime = at(time.Hour)
-		assertLeaseEqual(t, mustGet(t, s, "l"), want)
+		assertLeaseEqual(t, MustGet(t, s, "l"), want)
 
-		upd := mustGet(t, s, "l")
+		upd := MustGet(t, s, "l")
 		upd.Metadata["pod"] = "updated"
-		stored := mustUpdate(t, s, upd)
+		stored := MustUpdate(t, s, upd)
 		want = upd.Clone()
 		want.Revision = stored.Revision
 		upd.Metadata["pod"] = "changed by the updater"
 		stored.Metadata["pod"] = "changed in the result"
-		assertLeaseEqual(t, mustGet(t, s, "l"), want)
+		assertLeaseEqual(t, MustGet(t, s, "l"), want)
 
 		listed := listAll(t, s)
 		listed[0].Metadata["pod"] = "changed in a listing"
-		assertLeaseEqual(t, mustGet(t, s, "l"), want)
+		assertLeaseEqual(t, MustGet(t, s, "l"), want)
 	})
 }
 
@@ -265,13 +265,13 @@ func testUpdateLease(t *testing.T, open OpenFunc) {
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			s := open(t)
-			created := mustCreate(t, s, newLease("l1", "ro", "svc", at(time.Minute)))[0]
+			created := MustCreate(t, s, NewLease("l1", "ro", "svc", at(time.Minute)))[0]
 			in := tt.update(created.Clone())
 			got, err := s.UpdateLease(t.Context(), in)
 			if !errors.Is(err, tt.want) {
 				t.Fatalf("UpdateLease error %v, want %v", err, tt.want)
 			}
-			stored := mustGet(t, s, "l1")
+			stored := MustGet(t, s, "l1")
 			if tt.want != nil {
 				assertLeaseEqual(t, stored, created) // untouched
 				if got := scanIDs(t, s); !slices.Equal(got, []string{"l1"}) {
@@ -290,11 +290,11 @@ func testUpdateLease(t *testing.T, open OpenFunc) {
 			if _, err := s.UpdateLease(t.Context(), in); !errors.Is(err, broker.ErrConflict) {
 				t.Errorf("update from the old revision: %v, want ErrConflict", err)
 			}
-			again := mustUpdate(t, s, got)
+			again := MustUpdate(t, s, got)
 			if again.Revision <= got.Revision {
 				t.Errorf("second update revision %d, not after %d", again.Revision, got.Revision)
 			}
-			assertLeaseEqual(t, mustGet(t, s, "l1"), again)
+			assertLeaseEqual(t, MustGet(t, s, "l1"), again)
 		})
 	}
 }
@@ -302,17 +302,17 @@ func testUpdateLease(t *testing.T, open OpenFunc) {
 func testUpdateLeases(t *testing.T, open OpenFunc) {
 	t.Run("per-entry results", func(t *testing.T) {
 		s := open(t)
-		created := mustCreate(t, s,
-			newLease("a", "ro", "svc", at(time.Minute)),
-			newLease("b", "ro", "svc", at(time.Minute)),
-			newLease("c", "ro", "svc", at(time.Minute)),
+		created := MustCreate(t, s,
+			NewLease("a", "ro", "svc", at(time.Minute)),
+			NewLease("b", "ro", "svc", at(time.Minute)),
+			NewLease("c", "ro", "svc", at(time.Minute)),
 		)
 		a, b, c := created[0].Clone(), created[1].Clone(), created[2].Clone()
 		a.ExpireTime = at(time.Hour)
 		b.ExpireTime = at(2 * time.Hour)
 		b.Revision += 1000 // not the stored revision: conflict
 		c.ExpireTime = at(3 * time.Hour)
-		missing := newLease("zz", "ro", "svc", at(time.Hour))
+		missing := NewLease("zz", "ro", "svc", at(time.Hour))
 		missing.Revision = created[0].Revision
 		invalid := created[2].Clone()
 		invalid.State = broker.StateUnspecified
@@ -337,9 +337,9 @@ func testUpdateLeases(t *testing.T, open OpenFunc) {
 				t.Errorf("entry %d (%s): revision %d, not after %d", i, in[i].ID, got[i].Revision, in[i].Revision)
 			}
 			assertSameButRevision(t, got[i], in[i])
-			assertLeaseEqual(t, mustGet(t, s, in[i].ID), got[i])
+			assertLeaseEqual(t, MustGet(t, s, in[i].ID), got[i])
 		}
-		assertLeaseEqual(t, mustGet(t, s, "b"), created[1]) // untouched
+		assertLeaseEqual(t, MustGet(t, s, "b"), created[1]) // untouched
 		if _, err := s.GetLease(t.Context(), "zz"); !errors.Is(err, broker.ErrLeaseNotFound) {
 			t.Errorf("a failed update of a missing lease created it: %v", err)
 		}
@@ -360,11 +360,11 @@ func testUpdateLeases(t *testing.T, open OpenFunc) {
 
 func testDeleteLease(t *testing.T, open OpenFunc) {
 	s := open(t)
-	mustCreate(t, s,
-		newLease("live", "ro", "svc", at(time.Minute)),
-		ended(newLease("ended", "ro", "svc", at(time.Minute)), broker.StateExpired, at(time.Minute)),
-		newLease("keep", "ro", "svc", at(2*time.Minute)),
-		ended(newLease("keep-ended", "ro", "svc", at(time.Minute)), broker.StateRevoked, at(2*time.Minute)),
+	MustCreate(t, s,
+		NewLease("live", "ro", "svc", at(time.Minute)),
+		ended(NewLease("ended", "ro", "svc", at(time.Minute)), broker.StateExpired, at(time.Minute)),
+		NewLease("keep", "ro", "svc", at(2*time.Minute)),
+		ended(NewLease("keep-ended", "ro", "svc", at(time.Minute)), broker.StateRevoked, at(2*time.Minute)),
 	)
 	for _, id := range []string{"live", "ended", "missing", "live"} {
 		t.Run(id, func(t *testing.T) {
@@ -377,7 +377,7 @@ func testDeleteLease(t *testing.T, open OpenFunc) {
 		})
 	}
 	t.Run("gone from listings and indexes", func(t *testing.T) {
-		if got := ids(listAll(t, s)); !slices.Equal(got, []string{"keep", "keep-ended"}) {
+		if got := IDs(listAll(t, s)); !slices.Equal(got, []string{"keep", "keep-ended"}) {
 			t.Errorf("ListLeases after deletes = %q", got)
 		}
 		if got := scanIDs(t, s); !slices.Equal(got, []string{"keep"}) {
@@ -390,7 +390,7 @@ func testDeleteLease(t *testing.T, open OpenFunc) {
 		}
 	})
 	t.Run("id can be created again", func(t *testing.T) {
-		mustCreate(t, s, newLease("live", "rw", "svc", at(3*time.Minute)))
+		MustCreate(t, s, NewLease("live", "rw", "svc", at(3*time.Minute)))
 		if got := scanIDs(t, s); !slices.Equal(got, []string{"keep", "live"}) {
 			t.Errorf("ScanExpiry = %q", got)
 		}
@@ -404,14 +404,14 @@ func testListLeases(t *testing.T, open OpenFunc) {
 	var all []broker.Lease
 	for i := range 30 {
 		// Inserted in an order unlike the id order.
-		l := newLease(fmt.Sprintf("lease-%03d", (i*7)%30), roles[i%3], clients[i%2], at(time.Duration(i)*time.Second))
+		l := NewLease(fmt.Sprintf("lease-%03d", (i*7)%30), roles[i%3], clients[i%2], at(time.Duration(i)*time.Second))
 		if i%5 == 0 {
 			l = ended(l, broker.StateRevoked, at(time.Hour))
 		}
 		if i%7 == 0 {
 			l.State = broker.StateRevoking
 		}
-		all = append(all, mustCreate(t, s, l)...)
+		all = append(all, MustCreate(t, s, l)...)
 	}
 	slices.SortFunc(all, func(a, b broker.Lease) int { return strings.Compare(a.ID, b.ID) })
 
@@ -442,8 +442,8 @@ func testListLeases(t *testing.T, open OpenFunc) {
 			if next != "" {
 				t.Errorf("unlimited listing returned next %q", next)
 			}
-			if !slices.Equal(ids(got), ids(want)) {
-				t.Fatalf("ListLeases = %q, want %q", ids(got), ids(want))
+			if !slices.Equal(IDs(got), IDs(want)) {
+				t.Fatalf("ListLeases = %q, want %q", IDs(got), IDs(want))
 			}
 			for i := range got {
 				assertLeaseEqual(t, got[i], want[i])
@@ -476,12 +476,12 @@ func testListLeases(t *testing.T, open OpenFunc) {
 						break
 					}
 					if len(leases) != limit || next != leases[len(leases)-1].ID {
-						t.Fatalf("next %q after a page of %d ending %q", next, len(leases), ids(leases))
+						t.Fatalf("next %q after a page of %d ending %q", next, len(leases), IDs(leases))
 					}
 					f.After = next
 				}
-				if !slices.Equal(ids(got), ids(want)) {
-					t.Errorf("pages joined = %q, want %q", ids(got), ids(want))
+				if !slices.Equal(IDs(got), IDs(want)) {
+					t.Errorf("pages joined = %q, want %q", IDs(got), IDs(want))
 				}
 			})
 		}
@@ -492,26 +492,26 @@ func testListLeases(t *testing.T, open OpenFunc) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		if want := []string{"lease-015", "lease-016"}; !slices.Equal(ids(got), want) || next != "lease-016" {
-			t.Errorf("got %q, next %q; want %q, next lease-016", ids(got), next, want)
+		if want := []string{"lease-015", "lease-016"}; !slices.Equal(IDs(got), want) || next != "lease-016" {
+			t.Errorf("got %q, next %q; want %q, next lease-016", IDs(got), next, want)
 		}
 	})
 	t.Run("after the last id", func(t *testing.T) {
 		got, next, err := s.ListLeases(t.Context(), broker.LeaseFilter{After: "lease-029"})
 		if err != nil || len(got) != 0 || next != "" {
-			t.Errorf("got %q, next %q, %v; want nothing", ids(got), next, err)
+			t.Errorf("got %q, next %q, %v; want nothing", IDs(got), next, err)
 		}
 	})
 	t.Run("ascending bytewise", func(t *testing.T) {
 		s := open(t)
-		mustCreate(t, s,
-			newLease("b", "ro", "svc", at(time.Minute)),
-			newLease("B", "ro", "svc", at(time.Minute)),
-			newLease("a-1", "ro", "svc", at(time.Minute)),
-			newLease("a", "ro", "svc", at(time.Minute)),
-			newLease("a_1", "ro", "svc", at(time.Minute)),
+		MustCreate(t, s,
+			NewLease("b", "ro", "svc", at(time.Minute)),
+			NewLease("B", "ro", "svc", at(time.Minute)),
+			NewLease("a-1", "ro", "svc", at(time.Minute)),
+			NewLease("a", "ro", "svc", at(time.Minute)),
+			NewLease("a_1", "ro", "svc", at(time.Minute)),
 		)
-		if got, want := ids(listAll(t, s)), []string{"B", "a", "a-1", "a_1", "b"}; !slices.Equal(got, want) {
+		if got, want := IDs(listAll(t, s)), []string{"B", "a", "a-1", "a_1", "b"}; !slices.Equal(got, want) {
 			t.Errorf("ListLeases order %q, want %q", got, want)
 		}
 	})

@@ -22,7 +22,7 @@ func testConcurrency(t *testing.T, open OpenFunc) {
 	t.Run("UpdateLease: one winner per revision", func(t *testing.T) {
 		s := open(t)
 		ctx := t.Context()
-		first := mustCreate(t, s, newLease("hot", "ro", "svc", at(time.Minute)))[0]
+		first := MustCreate(t, s, NewLease("hot", "ro", "svc", at(time.Minute)))[0]
 
 		const workers, wins = 8, 40
 		var (
@@ -30,48 +30,36 @@ func testConcurrency(t *testing.T, open OpenFunc) {
 			winners   = map[uint64]int{} // revision -> worker that wrote it
 			bases     = map[uint64]int{} // revision a win was based on -> worker
 			conflicts atomic.Int64
-			wg        sync.WaitGroup
-			start     = make(chan struct{})
 		)
-		for w := range workers {
-			wg.Go(func() {
-				<-start
-				for {
-					cur, err := s.GetLease(ctx, "hot")
-					if err != nil {
-						t.Errorf("GetLease: %v", err)
-						return
-					}
-					if cur.RevokeAttempts >= wins {
-						return
-					}
-					base := cur.Revision
-					cur.RevokeAttempts++
-					got, err := s.UpdateLease(ctx, cur)
-					switch {
-					case err == nil:
-						mu.Lock()
-						if prev, dup := winners[got.Revision]; dup {
-							t.Errorf("revision %d won by workers %d and %d", got.Revision, prev, w)
-						}
-						if prev, dup := bases[base]; dup {
-							t.Errorf("two wins based on revision %d, by workers %d and %d", base, prev, w)
-						}
-						winners[got.Revision], bases[base] = w, w
-						mu.Unlock()
-					case errors.Is(err, broker.ErrConflict):
-						conflicts.Add(1)
-					default:
-						t.Errorf("UpdateLease: %v", err)
-						return
-					}
+		race(t, workers, nil, func(w int) error {
+			for {
+				cur, err := s.GetLease(ctx, "hot")
+				if err != nil || cur.RevokeAttempts >= wins {
+					return err
 				}
-			})
-		}
-		close(start)
-		wg.Wait()
+				base := cur.Revision
+				cur.RevokeAttempts++
+				got, err := s.UpdateLease(ctx, cur)
+				if errors.Is(err, broker.ErrConflict) {
+					conflicts.Add(1)
+					continue
+				}
+				if err != nil {
+					return err
+				}
+				mu.Lock()
+				if prev, dup := winners[got.Revision]; dup {
+					t.Errorf("revision %d won by workers %d and %d", got.Revision, prev, w)
+				}
+				if prev, dup := bases[base]; dup {
+					t.Errorf("two wins based on revision %d, by workers %d and %d", base, prev, w)
+				}
+				winners[got.Revision], bases[base] = w, w
+				mu.Unlock()
+			}
+		})
 
-		final := mustGet(t, s, "hot")
+		final := MustGet(t, s, "hot")
 		revs := slices.Sorted(maps.Keys(winners))
 		if final.RevokeAttempts != wins || len(winners) != wins {
 			t.Errorf("final counter %d after %d winning updates, want %d", final.RevokeAttempts, len(winners), wins)
@@ -93,34 +81,18 @@ func testConcurrency(t *testing.T, open OpenFunc) {
 
 	t.Run("UpdateLeases: one winner per revision", func(t *testing.T) {
 		s := open(t)
-		created := mustCreate(t, s, newLease("hot", "ro", "svc", at(time.Minute)))[0]
+		created := MustCreate(t, s, NewLease("hot", "ro", "svc", at(time.Minute)))[0]
 		const workers = 8
-		var (
-			wins  atomic.Int64
-			wg    sync.WaitGroup
-			start = make(chan struct{})
-		)
-		for w := range workers {
-			wg.Go(func() {
-				l := created.Clone()
-				l.ExpireTime = at(time.Duration(w+2) * time.Minute)
-				<-start
-				_, errs := s.UpdateLeases(t.Context(), []broker.Lease{l})
-				switch err := errs[0]; {
-				case err == nil:
-					wins.Add(1)
-				case errors.Is(err, broker.ErrConflict):
-				default:
-					t.Errorf("UpdateLeases: %v", err)
-				}
-			})
+		wins := race(t, workers, broker.ErrConflict, func(w int) error {
+			l := created.Clone()
+			l.ExpireTime = at(time.Duration(w+2) * time.Minute)
+			_, errs := s.UpdateLeases(t.Context(), []broker.Lease{l})
+			return errs[0]
+		})
+		if wins != 1 {
+			t.Errorf("%d updates based on one revision succeeded, want 1", wins)
 		}
-		close(start)
-		wg.Wait()
-		if n := wins.Load(); n != 1 {
-			t.Errorf("%d updates based on one revision succeeded, want 1", n)
-		}
-		if got := scanExpiry(t, s); len(got) != 1 {
+		if got := ScanExpiry(t, s); len(got) != 1 {
 			t.Errorf("ScanExpiry after racing updates = %+v, want one entry", got)
 		}
 	})
@@ -138,38 +110,49 @@ func testConcurrency(t *testing.T, open OpenFunc) {
 		for _, tt := range tests {
 			t.Run(tt.name, func(t *testing.T) {
 				s := open(t)
-				var (
-					wins  atomic.Int64
-					wg    sync.WaitGroup
-					start = make(chan struct{})
-				)
-				for w := range workers {
-					wg.Go(func() {
-						l := newLease(tt.id(w), "ro", "svc", at(time.Duration(w)*time.Second))
-						<-start
-						switch err := s.CreateLease(t.Context(), &l); {
-						case err == nil:
-							wins.Add(1)
-						case errors.Is(err, broker.ErrExists):
-						default:
-							t.Errorf("CreateLease: %v", err)
-						}
-					})
-				}
-				close(start)
-				wg.Wait()
-				if got := wins.Load(); got != int64(tt.wantWins) {
-					t.Errorf("%d creates succeeded, want %d", got, tt.wantWins)
+				wins := race(t, workers, broker.ErrExists, func(w int) error {
+					l := NewLease(tt.id(w), "ro", "svc", at(time.Duration(w)*time.Second))
+					return s.CreateLease(t.Context(), &l)
+				})
+				if wins != tt.wantWins {
+					t.Errorf("%d creates succeeded, want %d", wins, tt.wantWins)
 				}
 				if all := listAll(t, s); len(all) != tt.wantWins {
 					t.Errorf("%d leases stored, want %d", len(all), tt.wantWins)
 				}
-				if got := scanExpiry(t, s); len(got) != tt.wantWins {
+				if got := ScanExpiry(t, s); len(got) != tt.wantWins {
 					t.Errorf("%d expiry entries, want %d", len(got), tt.wantWins)
 				}
 			})
 		}
 	})
+}
+
+// race runs call(w) for w in [0, n) on n goroutines at once and returns
+// how many calls succeeded. A call may also fail with lost (nil: it may
+// not); any other error fails the test.
+func race(t *testing.T, n int, lost error, call func(w int) error) int {
+	t.Helper()
+	var (
+		wins  atomic.Int64
+		wg    sync.WaitGroup
+		start = make(chan struct{})
+	)
+	for w := range n {
+		wg.Go(func() {
+			<-start
+			switch err := call(w); {
+			case err == nil:
+				wins.Add(1)
+			case errors.Is(err, lost):
+			default:
+				t.Errorf("racing call %d: %v", w, err)
+			}
+		})
+	}
+	close(start)
+	wg.Wait()
+	return int(wins.Load())
 }
 
 // storeCalls exercises every method of broker.LeaseStore but Close, on a
@@ -178,19 +161,19 @@ func storeCalls(rev uint64) []struct {
 	name string
 	call func(ctx context.Context, s broker.LeaseStore) error
 } {
-	updated := newLease("l", "ro", "svc", at(time.Hour))
+	updated := NewLease("l", "ro", "svc", at(time.Hour))
 	updated.Revision = rev
 	return []struct {
 		name string
 		call func(ctx context.Context, s broker.LeaseStore) error
 	}{
 		{"PutIntent", func(ctx context.Context, s broker.LeaseStore) error {
-			return s.PutIntent(ctx, broker.Intent{LeaseID: "x", CreateTime: t0})
+			return s.PutIntent(ctx, broker.Intent{LeaseID: "x", CreateTime: T0})
 		}},
 		{"DeleteIntent", func(ctx context.Context, s broker.LeaseStore) error { return s.DeleteIntent(ctx, "i") }},
 		{"ListIntents", func(ctx context.Context, s broker.LeaseStore) error { _, err := s.ListIntents(ctx); return err }},
 		{"CreateLease", func(ctx context.Context, s broker.LeaseStore) error {
-			l := newLease("new", "ro", "svc", at(time.Minute))
+			l := NewLease("new", "ro", "svc", at(time.Minute))
 			return s.CreateLease(ctx, &l)
 		}},
 		{"UpdateLease", func(ctx context.Context, s broker.LeaseStore) error {
@@ -220,8 +203,8 @@ func storeCalls(rev uint64) []struct {
 // seedCalls gives the store what storeCalls expects, and returns lease "l".
 func seedCalls(t *testing.T, s broker.LeaseStore) broker.Lease {
 	t.Helper()
-	l := mustCreate(t, s, newLease("l", "ro", "svc", at(time.Minute)))[0]
-	if err := s.PutIntent(t.Context(), broker.Intent{LeaseID: "i", CreateTime: t0}); err != nil {
+	l := MustCreate(t, s, NewLease("l", "ro", "svc", at(time.Minute)))[0]
+	if err := s.PutIntent(t.Context(), broker.Intent{LeaseID: "i", CreateTime: T0}); err != nil {
 		t.Fatal(err)
 	}
 	return l
@@ -240,8 +223,8 @@ func testCanceledContext(t *testing.T, open OpenFunc) {
 		})
 	}
 	t.Run("nothing changed", func(t *testing.T) {
-		assertLeaseEqual(t, mustGet(t, s, "l"), l)
-		if got := ids(listAll(t, s)); !slices.Equal(got, []string{"l"}) {
+		assertLeaseEqual(t, MustGet(t, s, "l"), l)
+		if got := IDs(listAll(t, s)); !slices.Equal(got, []string{"l"}) {
 			t.Errorf("leases after canceled calls: %q", got)
 		}
 		if in, err := s.ListIntents(t.Context()); err != nil || len(in) != 1 || in[0].LeaseID != "i" {
@@ -278,12 +261,12 @@ func testClosed(t *testing.T, open OpenFunc) {
 func testReopen(t *testing.T, open ReopenFunc) {
 	s, reopen := open(t)
 	ctx := t.Context()
-	leases := mustCreate(t, s,
-		newLease("a", "ro", "svc", at(2*time.Minute)),
-		newLease("b", "rw", "ops", at(1*time.Minute)),
-		newLease("c", "rw", "ops", at(3*time.Minute)),
+	leases := MustCreate(t, s,
+		NewLease("a", "ro", "svc", at(2*time.Minute)),
+		NewLease("b", "rw", "ops", at(1*time.Minute)),
+		NewLease("c", "rw", "ops", at(3*time.Minute)),
 	)
-	leases[1] = mustUpdate(t, s, ended(leases[1], broker.StateRevoked, at(time.Minute)))
+	leases[1] = MustUpdate(t, s, ended(leases[1], broker.StateRevoked, at(time.Minute)))
 	if err := s.DeleteLease(ctx, "c"); err != nil {
 		t.Fatal(err)
 	}
@@ -298,12 +281,12 @@ func testReopen(t *testing.T, open ReopenFunc) {
 
 	s = reopen(t)
 	for _, want := range leases {
-		assertLeaseEqual(t, mustGet(t, s, want.ID), want)
+		assertLeaseEqual(t, MustGet(t, s, want.ID), want)
 	}
-	if got := ids(listAll(t, s)); !slices.Equal(got, []string{"a", "b"}) {
+	if got := IDs(listAll(t, s)); !slices.Equal(got, []string{"a", "b"}) {
 		t.Errorf("ListLeases after reopen = %q", got)
 	}
-	got := scanExpiry(t, s)
+	got := ScanExpiry(t, s)
 	if len(got) != 1 || got[0].LeaseID != "a" {
 		t.Fatalf("ScanExpiry after reopen = %+v, want lease a only", got)
 	}
@@ -317,7 +300,7 @@ func testReopen(t *testing.T, open ReopenFunc) {
 	}
 	// Revisions carry on from before, so a CAS based on a read before the
 	// restart still works, and its result is newer.
-	updated := mustUpdate(t, s, leases[0])
+	updated := MustUpdate(t, s, leases[0])
 	if updated.Revision <= leases[0].Revision {
 		t.Errorf("revision after reopen and update = %d, not after %d", updated.Revision, leases[0].Revision)
 	}

@@ -28,22 +28,32 @@ type OpenFunc func(t *testing.T) broker.LeaseStore
 // should close what it opens in t.Cleanup).
 type ReopenFunc func(t *testing.T) (s broker.LeaseStore, reopen func(t *testing.T) broker.LeaseStore)
 
+// cases are the contract's parts, each a subtest of Run.
+var cases = []struct {
+	name string
+	run  func(t *testing.T, open OpenFunc)
+}{
+	{"Intents", testIntents},
+	{"CreateLease", testCreateLease},
+	{"GetLease", testGetLease},
+	{"UpdateLease", testUpdateLease},
+	{"UpdateLeases", testUpdateLeases},
+	{"DeleteLease", testDeleteLease},
+	{"ListLeases", testListLeases},
+	{"ScanExpiry", testScanExpiry},
+	{"PurgeTombstones", testPurgeTombstones},
+	{"LastIssued", testLastIssued},
+	{"Concurrency", testConcurrency},
+	{"CanceledContext", testCanceledContext},
+	{"Closed", testClosed},
+}
+
 // Run runs the contract suite, each case on a fresh store from open.
 func Run(t *testing.T, open OpenFunc) {
 	t.Helper()
-	t.Run("Intents", func(t *testing.T) { testIntents(t, open) })
-	t.Run("CreateLease", func(t *testing.T) { testCreateLease(t, open) })
-	t.Run("GetLease", func(t *testing.T) { testGetLease(t, open) })
-	t.Run("UpdateLease", func(t *testing.T) { testUpdateLease(t, open) })
-	t.Run("UpdateLeases", func(t *testing.T) { testUpdateLeases(t, open) })
-	t.Run("DeleteLease", func(t *testing.T) { testDeleteLease(t, open) })
-	t.Run("ListLeases", func(t *testing.T) { testListLeases(t, open) })
-	t.Run("ScanExpiry", func(t *testing.T) { testScanExpiry(t, open) })
-	t.Run("PurgeTombstones", func(t *testing.T) { testPurgeTombstones(t, open) })
-	t.Run("LastIssued", func(t *testing.T) { testLastIssued(t, open) })
-	t.Run("Concurrency", func(t *testing.T) { testConcurrency(t, open) })
-	t.Run("CanceledContext", func(t *testing.T) { testCanceledContext(t, open) })
-	t.Run("Closed", func(t *testing.T) { testClosed(t, open) })
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) { c.run(t, open) })
+	}
 }
 
 // RunReopen checks that what a store acknowledged is there after it is
@@ -54,14 +64,18 @@ func RunReopen(t *testing.T, open ReopenFunc) {
 	t.Run("Reopen", func(t *testing.T) { testReopen(t, open) })
 }
 
-// t0 is an arbitrary instant with nanoseconds, so the suite sees any loss
-// of precision.
-var t0 = time.Date(2030, 1, 2, 3, 4, 5, 6, time.UTC)
+// The fixtures below are exported for a backend's own tests, so that they
+// build leases as the contract does.
 
-func at(d time.Duration) time.Time { return t0.Add(d) }
+// T0 is an arbitrary instant with nanoseconds, so tests see any loss of
+// precision.
+var T0 = time.Date(2030, 1, 2, 3, 4, 5, 6, time.UTC)
 
-// newLease returns an active lease with every field a new lease has set.
-func newLease(id, role, client string, expire time.Time) broker.Lease {
+func at(d time.Duration) time.Time { return T0.Add(d) }
+
+// NewLease returns an active lease with every field a new lease has set,
+// issued at T0.
+func NewLease(id, role, client string, expire time.Time) broker.Lease {
 	return broker.Lease{
 		ID:            id,
 		Role:          role,
@@ -69,9 +83,9 @@ func newLease(id, role, client string, expire time.Time) broker.Lease {
 		Target:        "main",
 		Username:      "cb_" + role + "_" + id,
 		ProxyRole:     role + "_role",
-		IssueTime:     t0,
+		IssueTime:     T0,
 		ExpireTime:    expire,
-		MaxExpireTime: t0.Add(time.Hour),
+		MaxExpireTime: T0.Add(time.Hour),
 		State:         broker.StateActive,
 		Metadata:      map[string]string{"pod": "api-" + id, "ns": "prod"},
 	}
@@ -83,7 +97,9 @@ func ended(l broker.Lease, state broker.LeaseState, end time.Time) broker.Lease 
 	return l
 }
 
-func mustCreate(t *testing.T, s broker.LeaseStore, leases ...broker.Lease) []broker.Lease {
+// MustCreate creates each lease (a copy of it) and returns them as
+// created, with their revisions.
+func MustCreate(t *testing.T, s broker.LeaseStore, leases ...broker.Lease) []broker.Lease {
 	t.Helper()
 	out := make([]broker.Lease, 0, len(leases))
 	for _, l := range leases {
@@ -96,7 +112,8 @@ func mustCreate(t *testing.T, s broker.LeaseStore, leases ...broker.Lease) []bro
 	return out
 }
 
-func mustGet(t *testing.T, s broker.LeaseStore, id string) broker.Lease {
+// MustGet returns the stored lease with that id.
+func MustGet(t *testing.T, s broker.LeaseStore, id string) broker.Lease {
 	t.Helper()
 	l, err := s.GetLease(t.Context(), id)
 	if err != nil {
@@ -105,7 +122,8 @@ func mustGet(t *testing.T, s broker.LeaseStore, id string) broker.Lease {
 	return l
 }
 
-func mustUpdate(t *testing.T, s broker.LeaseStore, l broker.Lease) broker.Lease {
+// MustUpdate updates l and returns it as stored.
+func MustUpdate(t *testing.T, s broker.LeaseStore, l broker.Lease) broker.Lease {
 	t.Helper()
 	got, err := s.UpdateLease(t.Context(), l)
 	if err != nil {
@@ -126,7 +144,8 @@ func listAll(t *testing.T, s broker.LeaseStore) []broker.Lease {
 	return all
 }
 
-func scanExpiry(t *testing.T, s broker.LeaseStore) []broker.ExpiryEntry {
+// ScanExpiry returns every entry ScanExpiry reports, in its order.
+func ScanExpiry(t *testing.T, s broker.LeaseStore) []broker.ExpiryEntry {
 	t.Helper()
 	var out []broker.ExpiryEntry
 	if err := s.ScanExpiry(t.Context(), func(e broker.ExpiryEntry) bool {
@@ -141,13 +160,14 @@ func scanExpiry(t *testing.T, s broker.LeaseStore) []broker.ExpiryEntry {
 func scanIDs(t *testing.T, s broker.LeaseStore) []string {
 	t.Helper()
 	var out []string
-	for _, e := range scanExpiry(t, s) {
+	for _, e := range ScanExpiry(t, s) {
 		out = append(out, e.LeaseID)
 	}
 	return out
 }
 
-func ids(leases []broker.Lease) []string {
+// IDs returns the leases' ids, in order.
+func IDs(leases []broker.Lease) []string {
 	out := make([]string, len(leases))
 	for i, l := range leases {
 		out[i] = l.ID
