@@ -5,51 +5,6 @@ import (
 	"time"
 )
 
-// LeaseStore persists leases and intents. Its operations are ones a
-// distributed KV (etcd) can implement too: compare-and-set writes of one
-// lease, a range scan by expiry, lookup by id, and listing by role/client.
-//
-// Implementations return ErrLeaseNotFound for a missing lease, ErrConflict
-// when a compare-and-set loses, ErrExists when creating a lease whose id is
-// taken, and ErrClosed after Close.
-type LeaseStore interface {
-	// PutIntent records that a user is about to be created.
-	PutIntent(ctx context.Context, in Intent) error
-	// DeleteIntent removes an intent; a missing intent is not an error.
-	DeleteIntent(ctx context.Context, leaseID string) error
-	// ListIntents returns every intent left in the store.
-	ListIntents(ctx context.Context) ([]Intent, error)
-
-	// CreateLease stores a new lease and, atomically with it, deletes the
-	// intent of the same id. It sets l.Revision to the stored revision.
-	CreateLease(ctx context.Context, l *Lease) error
-	// UpdateLease writes l if the stored lease's revision equals l.Revision,
-	// and returns the lease as stored (with its new revision).
-	UpdateLease(ctx context.Context, l Lease) (Lease, error)
-	// UpdateLeases is UpdateLease for many leases in one transaction, with
-	// a result per lease: a missing or conflicting lease fails only its own
-	// entry. Both slices have len(ls) entries.
-	UpdateLeases(ctx context.Context, ls []Lease) ([]Lease, []error)
-	// GetLease returns the lease with that id.
-	GetLease(ctx context.Context, id string) (Lease, error)
-	// DeleteLease removes a lease and its index entries; missing is not an error.
-	DeleteLease(ctx context.Context, id string) error
-	// ListLeases returns leases matching f in ascending id order, and the id
-	// to pass as f.After for the next page ("" when there is none).
-	ListLeases(ctx context.Context, f LeaseFilter) ([]Lease, string, error)
-	// ScanExpiry calls fn for each live lease (Active, Revoking,
-	// RevokeFailed) in ascending order of the instant it needs attention:
-	// its ExpireTime, or its EndTime when that is set and earlier (an
-	// admin's revocation under way), until fn returns false.
-	ScanExpiry(ctx context.Context, fn func(ExpiryEntry) bool) error
-	// PurgeTombstones deletes up to limit terminal leases (Revoked, Expired)
-	// whose EndTime is before the given instant, oldest first, and returns
-	// how many it deleted.
-	PurgeTombstones(ctx context.Context, endedBefore time.Time, limit int) (int, error)
-	// Close releases the store.
-	Close() error
-}
-
 // Database creates and drops users on one target (one PostgreSQL cluster).
 // Every method is safe for concurrent use. Errors never contain a password
 // or the admin connection string; an unreachable server is reported

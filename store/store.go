@@ -16,7 +16,10 @@ import (
 	"github.com/credbroker/credbroker/broker"
 )
 
-var _ broker.LeaseStore = (*Store)(nil)
+var (
+	_ broker.LeaseStore       = (*Store)(nil)
+	_ broker.LastIssuedReader = (*Store)(nil)
+)
 
 // DefaultTimeout is how long Open waits for the file lock when
 // Options.Timeout is zero.

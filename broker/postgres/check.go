@@ -125,14 +125,14 @@ type privilege struct {
 // role named read-only; two proxy roles with identical privileges; and an
 // admin that is a superuser, with the SQL that replaces it by the minimal
 // grants. Findings are sorted, most severe first.
-func (e *Engine) CheckPrivileges(ctx context.Context, uses []ProxyRoleUse) ([]Finding, error) {
+func (e *engine) CheckPrivileges(ctx context.Context, uses []ProxyRoleUse) ([]Finding, error) {
 	if err := e.checkOpen(); err != nil {
 		return nil, err
 	}
 	var out []Finding
 	admin, err := e.checkAdmin(ctx, uses)
 	if err != nil {
-		return nil, e.fail(ctx, err)
+		return nil, e.sanitize(ctx, err)
 	}
 	out = append(out, admin...)
 
@@ -151,7 +151,7 @@ func (e *Engine) CheckPrivileges(ctx context.Context, uses []ProxyRoleUse) ([]Fi
 		}
 		f, set, err := e.checkProxy(ctx, proxy, brokerRoles[proxy])
 		if err != nil {
-			return nil, e.fail(ctx, fmt.Errorf("postgres: checking proxy role %q: %w", proxy, err))
+			return nil, e.sanitize(ctx, fmt.Errorf("postgres: checking proxy role %q: %w", proxy, err))
 		}
 		out = append(out, f...)
 		if set != "" {
@@ -193,7 +193,7 @@ type attributes struct {
 // roleAttributes returns the attributes of name and of every role it is a
 // member of, directly or not. Membership counts whatever its INHERIT
 // option: an issued user can SET ROLE to any of them.
-func (e *Engine) roleAttributes(ctx context.Context, name string) ([]attributes, error) {
+func (e *engine) roleAttributes(ctx context.Context, name string) ([]attributes, error) {
 	rows, err := e.pool.Query(ctx, `
 		WITH RECURSIVE up(oid, via) AS (
 			SELECT oid, NULL::name FROM pg_roles WHERE rolname = $1
@@ -218,7 +218,7 @@ func (e *Engine) roleAttributes(ctx context.Context, name string) ([]attributes,
 // rolePrivileges lists the privileges granted to name or to a role it
 // belongs to (not to PUBLIC: every role has those), on the objects of the
 // admin's database and on that database itself, plus ownership.
-func (e *Engine) rolePrivileges(ctx context.Context, name string) ([]privilege, error) {
+func (e *engine) rolePrivileges(ctx context.Context, name string) ([]privilege, error) {
 	rows, err := e.pool.Query(ctx, `
 		WITH RECURSIVE up(oid) AS (
 			SELECT oid FROM pg_roles WHERE rolname = $1
@@ -270,7 +270,7 @@ func (e *Engine) rolePrivileges(ctx context.Context, name string) ([]privilege, 
 
 // checkProxy returns the findings about one proxy role and its privilege
 // set in canonical form ("" when it has none or does not exist).
-func (e *Engine) checkProxy(ctx context.Context, proxy string, brokerRoles []string) ([]Finding, string, error) {
+func (e *engine) checkProxy(ctx context.Context, proxy string, brokerRoles []string) ([]Finding, string, error) {
 	q := quoteIdent(proxy)
 	used := "broker role " + strings.Join(brokerRoles, ", ")
 	attrs, err := e.roleAttributes(ctx, proxy)
@@ -463,7 +463,7 @@ func overlaps(proxies []string, sets map[string]string) []Finding {
 
 // checkAdmin reports an admin role that is a superuser (with the SQL that
 // gives it the minimal grants instead) or holds attributes it never uses.
-func (e *Engine) checkAdmin(ctx context.Context, uses []ProxyRoleUse) ([]Finding, error) {
+func (e *engine) checkAdmin(ctx context.Context, uses []ProxyRoleUse) ([]Finding, error) {
 	var super, createDB, bypassRLS, replication bool
 	err := e.pool.QueryRow(ctx, `
 		SELECT rolsuper, rolcreatedb, rolbypassrls, rolreplication FROM pg_roles WHERE rolname = current_user`).

@@ -9,9 +9,7 @@ import (
 	"github.com/credbroker/credbroker/broker"
 )
 
-var _ broker.UsersDeleter = (*Engine)(nil)
-
-// DeleteUsers drops many users with DeleteUser's sequence, each step once
+// deleteUsers drops many users with DeleteUser's sequence, each step once
 // for all of them: one query checks that every user is the broker's, one
 // transaction blocks all their logins (committed before any session is
 // ended), one query ends their sessions, one transaction reassigns and
@@ -24,53 +22,36 @@ var _ broker.UsersDeleter = (*Engine)(nil)
 // that fails) sends every user of the batch through DeleteUser one by one:
 // its steps are idempotent, so starting again is safe, and it gives each
 // user its own precise result.
-func (e *Engine) DeleteUsers(ctx context.Context, reqs []broker.DeleteUserRequest) []error {
-	errs := make([]error, len(reqs))
-	if err := e.checkOpen(); err != nil {
-		for i := range errs {
-			errs[i] = err
-		}
-		return errs
-	}
-	var todo []int
-	for i, r := range reqs {
-		switch {
-		case validUsername(r.Username) != nil:
-			errs[i] = invalid("username", validUsername(r.Username))
-		case r.ProxyRole != "" && ValidIdentifier(r.ProxyRole) != nil:
-			errs[i] = invalid("proxy role", ValidIdentifier(r.ProxyRole))
-		default:
-			todo = append(todo, i)
-		}
-	}
+func (e *engine) deleteUsers(ctx context.Context, reqs []broker.DeleteUserRequest) []error {
+	errs, todo := validBatch(e, reqs, validDeletion)
 	for _, i := range todo {
 		e.managed.forget(reqs[i].Username)
 	}
 	if len(todo) > 1 {
-		err := e.deleteUsers(ctx, reqs, todo)
+		err := e.dropBatch(ctx, reqs, todo)
 		if err == nil {
 			e.log.Debug("dropped users", "count", len(todo))
 			return errs
 		}
 		if ctx.Err() != nil {
-			err = e.fail(ctx, fmt.Errorf("postgres: dropping %d users: %w", len(todo), err))
+			err = fmt.Errorf("postgres: dropping %d users: %w", len(todo), err)
 			for _, i := range todo {
 				errs[i] = err
 			}
 			return errs
 		}
-		e.log.Debug("dropping users one by one", "count", len(todo), "reason", e.fail(ctx, err))
+		e.log.Debug("dropping users one by one", "count", len(todo), "reason", e.sanitize(ctx, err))
 	}
 	for _, i := range todo {
-		errs[i] = e.DeleteUser(ctx, reqs[i])
+		errs[i] = e.deleteUser(ctx, reqs[i])
 	}
 	return errs
 }
 
-// errOneByOne tells DeleteUsers to take the one-user path.
+// errOneByOne tells deleteUsers to take the one-user path.
 var errOneByOne = errors.New("batch not applicable")
 
-func (e *Engine) deleteUsers(ctx context.Context, reqs []broker.DeleteUserRequest, todo []int) error {
+func (e *engine) dropBatch(ctx context.Context, reqs []broker.DeleteUserRequest, todo []int) error {
 	names := make([]string, 0, len(todo))
 	for _, i := range todo {
 		if reqs[i].ProxyRole == "" {
@@ -80,39 +61,20 @@ func (e *Engine) deleteUsers(ctx context.Context, reqs []broker.DeleteUserReques
 	}
 
 	// 1. Which users exist, and are they all the broker's (requireManaged)?
-	rows, err := e.pool.Query(ctx, `
-		SELECT r.rolname,
-		       EXISTS (SELECT 1 FROM pg_auth_members m WHERE m.member = r.oid AND m.roleid = g.oid)
-		   AND NOT EXISTS (SELECT 1 FROM pg_auth_members m WHERE m.member = r.oid AND m.roleid = g.oid AND m.admin_option)
-		   AND NOT (r.rolsuper OR r.rolcreaterole OR r.rolreplication OR r.rolbypassrls)
-		FROM pg_roles r, pg_roles g
-		WHERE r.rolname = ANY($1) AND g.rolname = $2`, names, e.marker)
+	present, err := e.managedStatus(ctx, names)
 	if err != nil {
 		return err
 	}
-	present := map[string]bool{}
-	for rows.Next() {
-		var name string
-		var managed bool
-		if err := rows.Scan(&name, &managed); err != nil {
-			rows.Close()
-			return err
-		}
-		if !managed {
-			rows.Close()
+	for _, name := range names {
+		if managed, exists := present[name]; exists && !managed {
 			return fmt.Errorf("%w: role %q is not plainly the broker's", errOneByOne, name)
 		}
-		present[name] = true
-	}
-	rows.Close()
-	if err := rows.Err(); err != nil {
-		return err
 	}
 	byProxy := map[string][]string{}
 	var users []string
 	for _, i := range todo {
 		if u := reqs[i].Username; present[u] {
-			byProxy[reqs[i].ProxyRole] = append(byProxy[reqs[i].ProxyRole], quoteIdent(u))
+			byProxy[reqs[i].ProxyRole] = append(byProxy[reqs[i].ProxyRole], u)
 			users = append(users, u)
 		}
 	}
@@ -124,14 +86,14 @@ func (e *Engine) deleteUsers(ctx context.Context, reqs []broker.DeleteUserReques
 	// DeleteUser), committed before any session is ended.
 	var b strings.Builder
 	for _, u := range users {
-		b.WriteString(blockAndGrantSQL(quoteIdent(u), e.admin))
+		b.WriteString(blockAndGrantSQL(u, e.admin) + "; ")
 	}
 	if _, err := e.pool.Exec(ctx, b.String()); err != nil {
 		return err
 	}
 
 	// 3. End their sessions.
-	if err := e.endSessionsOf(ctx, users); err != nil {
+	if err := e.endSessions(ctx, users); err != nil {
 		return err
 	}
 
@@ -142,13 +104,7 @@ func (e *Engine) deleteUsers(ctx context.Context, reqs []broker.DeleteUserReques
 		proxies = append(proxies, p)
 	}
 	var elsewhere, usable int
-	if err := e.pool.QueryRow(ctx, `
-		SELECT (SELECT count(*) FROM pg_shdepend s JOIN pg_database d ON d.oid = s.dbid
-		        WHERE s.refclassid = 'pg_authid'::regclass
-		          AND s.refobjid IN (SELECT oid FROM pg_roles WHERE rolname = ANY($1))
-		          AND d.datname <> current_database()),
-		       (SELECT count(*) FROM pg_roles WHERE rolname = ANY($2) AND pg_has_role(current_user, oid, 'USAGE'))`,
-		users, proxies).Scan(&elsewhere, &usable); err != nil {
+	if err := e.pool.QueryRow(ctx, batchDropQuery, users, proxies).Scan(&elsewhere, &usable); err != nil {
 		return err
 	}
 	if elsewhere > 0 {
@@ -162,11 +118,10 @@ func (e *Engine) deleteUsers(ctx context.Context, reqs []broker.DeleteUserReques
 	b.Reset()
 	all := make([]string, 0, len(users))
 	for _, p := range proxies {
-		list := strings.Join(byProxy[p], ", ")
-		b.WriteString("REASSIGN OWNED BY " + list + " TO " + quoteIdent(p) + "; DROP OWNED BY " + list + "; ")
+		b.WriteString(disownSQL(byProxy[p], p) + "; ")
 		all = append(all, byProxy[p]...)
 	}
-	b.WriteString("DROP ROLE IF EXISTS " + strings.Join(all, ", "))
+	b.WriteString(DropUsersSQL(all...))
 	_, err = e.pool.Exec(ctx, b.String())
 	return err
 }

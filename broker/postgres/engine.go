@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net/url"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -15,8 +16,6 @@ import (
 
 	"github.com/credbroker/credbroker/broker"
 )
-
-var _ broker.Database = (*Engine)(nil)
 
 // minServerVersion is the oldest PostgreSQL the engine supports (as
 // server_version_num).
@@ -47,9 +46,10 @@ type Config struct {
 	Logger *slog.Logger
 }
 
-// Engine creates and drops users on one PostgreSQL cluster as a
-// non-superuser admin role. It is safe for concurrent use.
-type Engine struct {
+// engine creates and drops users on one PostgreSQL cluster as a
+// non-superuser admin role. It is safe for concurrent use. Its errors may
+// carry secrets: only Engine, which redacts them, is handed out.
+type engine struct {
 	pool             *pgxpool.Pool
 	admin            string // current_user of the pool's connections
 	marker           string
@@ -57,7 +57,7 @@ type Engine struct {
 	endpoint         broker.Endpoint
 	terminateTimeout time.Duration
 	log              *slog.Logger
-	secrets          []string // redacted from every error
+	secrets          []string // the admin URL and password New was given
 	closed           atomic.Bool
 	managed          managedCache // users known to be the broker's (renewals.go)
 
@@ -69,10 +69,10 @@ type Engine struct {
 	oldSecret []string
 }
 
-// New connects to the target, checks the server version and the admin
-// role, and makes sure the marker role exists (creating it if the admin
-// may). The returned Engine must be closed.
-func New(ctx context.Context, cfg Config) (*Engine, error) {
+// newEngine connects to the target, checks the server version and the
+// admin role, and makes sure the marker role exists (creating it if the
+// admin may).
+func newEngine(ctx context.Context, cfg Config) (*engine, error) {
 	if cfg.MarkerRole == "" {
 		cfg.MarkerRole = DefaultMarkerRole
 	}
@@ -88,11 +88,9 @@ func New(ctx context.Context, cfg Config) (*Engine, error) {
 	if cfg.Logger == nil {
 		cfg.Logger = slog.New(slog.DiscardHandler)
 	}
-	secrets := []string{cfg.Password, cfg.URL}
-
 	pc, err := parseAdminURL(cfg.URL)
 	if err != nil {
-		return nil, redact(err, secrets...)
+		return nil, err
 	}
 	pc.ConnConfig.Password = cfg.Password
 	if pc.ConnConfig.RuntimeParams["application_name"] == "" {
@@ -110,7 +108,7 @@ func New(ctx context.Context, cfg Config) (*Engine, error) {
 		pc.ConnConfig.Database = pc.ConnConfig.User
 	}
 	pc.MaxConns = cfg.MaxConns
-	e := &Engine{
+	e := &engine{
 		marker: cfg.MarkerRole,
 		endpoint: broker.Endpoint{
 			Host:     pc.ConnConfig.Host,
@@ -119,7 +117,7 @@ func New(ctx context.Context, cfg Config) (*Engine, error) {
 		},
 		terminateTimeout: cfg.TerminateTimeout,
 		log:              cfg.Logger,
-		secrets:          secrets,
+		secrets:          []string{cfg.Password, cfg.URL},
 	}
 	e.password.Store(&cfg.Password)
 	// Read at every new connection, so a rotated password takes effect
@@ -130,12 +128,12 @@ func New(ctx context.Context, cfg Config) (*Engine, error) {
 	}
 	pool, err := pgxpool.NewWithConfig(ctx, pc)
 	if err != nil {
-		return nil, redact(fmt.Errorf("postgres: %w", err), secrets...)
+		return nil, fmt.Errorf("postgres: %w", err)
 	}
 	e.pool = pool
 	if err := e.init(ctx); err != nil {
 		pool.Close()
-		return nil, e.fail(ctx, err)
+		return nil, err
 	}
 	return e, nil
 }
@@ -172,11 +170,9 @@ func parseAdminURL(raw string) (*pgxpool.Config, error) {
 }
 
 // init checks the server and the admin role and ensures the marker role.
-func (e *Engine) init(ctx context.Context) error {
+func (e *engine) init(ctx context.Context) error {
 	var super, createRole bool
-	err := e.pool.QueryRow(ctx, `
-		SELECT current_setting('server_version_num')::int, current_user, rolsuper, rolcreaterole
-		FROM pg_roles WHERE rolname = current_user`).Scan(&e.version, &e.admin, &super, &createRole)
+	err := e.pool.QueryRow(ctx, adminQuery).Scan(&e.version, &e.admin, &super, &createRole)
 	if err != nil {
 		return fmt.Errorf("postgres: connecting as admin: %w", err)
 	}
@@ -194,10 +190,10 @@ func (e *Engine) init(ctx context.Context) error {
 	return e.ensureMarker(ctx)
 }
 
-func (e *Engine) ensureMarker(ctx context.Context) error {
+func (e *engine) ensureMarker(ctx context.Context) error {
 	r, err := e.roleInfo(ctx, e.marker)
 	if errors.Is(err, pgx.ErrNoRows) {
-		_, cerr := e.pool.Exec(ctx, "CREATE ROLE "+quoteIdent(e.marker)+" NOLOGIN")
+		_, cerr := e.pool.Exec(ctx, createMarkerSQL(e.marker))
 		switch sqlState(cerr) {
 		case "":
 			if cerr != nil {
@@ -207,7 +203,7 @@ func (e *Engine) ensureMarker(ctx context.Context) error {
 			if e.version < 160000 {
 				// 16+ gives the creator ADMIN OPTION by itself; before 16
 				// CREATEROLE may take it, so pg_upgrade to 16 keeps working.
-				_, _ = e.pool.Exec(ctx, "GRANT "+quoteIdent(e.marker)+" TO "+quoteIdent(e.admin)+" WITH ADMIN OPTION")
+				_, _ = e.pool.Exec(ctx, grantWithAdminSQL(e.marker, e.admin))
 			}
 			return nil
 		case codeDuplicateObject: // created concurrently by another broker
@@ -238,20 +234,16 @@ type role struct {
 	grantable bool // the admin holds ADMIN OPTION on it
 }
 
-func (e *Engine) roleInfo(ctx context.Context, name string) (role, error) {
+func (e *engine) roleInfo(ctx context.Context, name string) (role, error) {
 	r := role{name: name}
-	err := e.pool.QueryRow(ctx, `
-		SELECT rolcanlogin, rolsuper,
-		       pg_has_role(current_user, oid, 'USAGE'),
-		       pg_has_role(current_user, oid, 'MEMBER WITH ADMIN OPTION')
-		FROM pg_roles WHERE rolname = $1`, name).Scan(&r.canLogin, &r.super, &r.usage, &r.grantable)
+	err := e.pool.QueryRow(ctx, roleQuery, name).Scan(&r.canLogin, &r.super, &r.usage, &r.grantable)
 	return r, err
 }
 
 // checkGrantable reports a missing grant of a proxy or marker role to the
 // admin, naming the GRANT that fixes it.
-func (e *Engine) checkGrantable(r role, what string) error {
-	fix := fmt.Sprintf("GRANT %s TO %s WITH ADMIN OPTION", quoteIdent(r.name), quoteIdent(e.admin))
+func (e *engine) checkGrantable(r role, what string) error {
+	fix := grantWithAdminSQL(r.name, e.admin)
 	if what != "marker role" && !r.usage {
 		// REASSIGN OWNED ... TO proxy requires the privileges of both roles.
 		return fmt.Errorf("postgres: admin role %q lacks the privileges of %s %q, which dropping a user "+
@@ -269,16 +261,7 @@ func (e *Engine) checkGrantable(r role, what string) error {
 	return nil
 }
 
-// fail finishes every error an exported method returns: connection
-// failures are marked unavailable and secrets are scrubbed.
-func (e *Engine) fail(ctx context.Context, err error, secrets ...string) error {
-	if err == nil {
-		return nil
-	}
-	return redact(classify(ctx, err), append(append(secrets, e.secrets...), e.pastPasswords()...)...)
-}
-
-func (e *Engine) checkOpen() error {
+func (e *engine) checkOpen() error {
 	if e.closed.Load() {
 		return fmt.Errorf("postgres: engine %w", broker.ErrClosed)
 	}
@@ -289,19 +272,54 @@ func invalid(what string, err error) error {
 	return fmt.Errorf("%w: %s: %v", broker.ErrInvalidArgument, what, err)
 }
 
-// validUntilSQL moves one user's VALID UNTIL. Names are validated and
-// quoted, instants formatted by us: ALTER ROLE takes no bind parameters.
-func validUntilSQL(user string, t time.Time) string {
-	return "ALTER ROLE " + quoteIdent(user) + " VALID UNTIL " + quoteLiteral(pgTime(t)) + ";"
+// validRenewal checks what RenewUser and RenewUsers are asked, before
+// anything is sent.
+func validRenewal(req broker.RenewUserRequest) error {
+	if err := validUsername(req.Username); err != nil {
+		return invalid("username", err)
+	}
+	if req.ValidUntil.IsZero() {
+		return invalid("valid until", errors.New("missing"))
+	}
+	return nil
 }
 
-// pgTime formats an instant for VALID UNTIL: UTC with an explicit offset,
-// which every server time zone setting parses the same way.
-func pgTime(t time.Time) string {
-	return t.UTC().Format("2006-01-02 15:04:05.999999-07:00")
+// validDeletion checks what DeleteUser and DeleteUsers are asked, before
+// anything is sent. The proxy role may be empty (see DeleteUser).
+func validDeletion(req broker.DeleteUserRequest) error {
+	if err := validUsername(req.Username); err != nil {
+		return invalid("username", err)
+	}
+	if req.ProxyRole != "" {
+		if err := ValidIdentifier(req.ProxyRole); err != nil {
+			return invalid("proxy role", err)
+		}
+	}
+	return nil
 }
 
-// NewUser creates the user in one transaction (one round trip): LOGIN with a SCRAM verifier
+// validBatch is the start of RenewUsers and DeleteUsers: errs[i] is the
+// result of reqs[i] for each request valid rejects (for every request, if
+// the engine is closed), and todo lists the indexes of the others.
+func validBatch[R any](e *engine, reqs []R, valid func(R) error) (errs []error, todo []int) {
+	errs = make([]error, len(reqs))
+	if err := e.checkOpen(); err != nil {
+		for i := range errs {
+			errs[i] = err
+		}
+		return errs, nil
+	}
+	for i, r := range reqs {
+		if err := valid(r); err != nil {
+			errs[i] = err
+		} else {
+			todo = append(todo, i)
+		}
+	}
+	return errs, todo
+}
+
+// newUser creates the user in one transaction (one round trip): LOGIN with a SCRAM verifier
 // and VALID UNTIL req.ValidUntil (written as given: the caller adds any
 // grace), member of the proxy and the marker role, and SET role = proxy,
 // so whatever it creates belongs to the proxy role. A user that already
@@ -315,7 +333,10 @@ func pgTime(t time.Time) string {
 // creator belongs to: measured on 15, 2,000 users took 31 s with the
 // grant and the next 2,000 took 106 s, against 10-21 s per 2,000 without
 // it, flat.
-func (e *Engine) NewUser(ctx context.Context, req broker.NewUserRequest) error {
+//
+// A verifier it computes is left in req.Verifier, so that Engine redacts
+// it too.
+func (e *engine) newUser(ctx context.Context, req *broker.NewUserRequest) error {
 	if err := e.checkOpen(); err != nil {
 		return err
 	}
@@ -328,23 +349,17 @@ func (e *Engine) NewUser(ctx context.Context, req broker.NewUserRequest) error {
 	if req.ValidUntil.IsZero() {
 		return invalid("valid until", errors.New("missing: a user without VALID UNTIL never expires"))
 	}
-	verifier := req.Verifier
 	var err error
-	if verifier == "" {
-		if verifier, err = e.HashPassword(req.Password); err != nil {
+	if req.Verifier == "" {
+		if req.Verifier, err = hashPassword(req.Password); err != nil {
 			return err
 		}
 	}
-	user, proxy := quoteIdent(req.Username), quoteIdent(req.ProxyRole)
-	// One simple-protocol query (Exec without arguments) of three
+	// One simple-protocol query (Exec without arguments) of several
 	// statements runs as one implicit transaction, in one round trip
-	// instead of five (BEGIN, three statements, COMMIT): on a busy target
+	// instead of four (BEGIN, two statements, COMMIT): on a busy target
 	// the round trips, not the catalog writes, were the broker's overhead.
-	_, err = e.pool.Exec(ctx, "CREATE ROLE "+user+" LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION NOBYPASSRLS"+
-		" PASSWORD "+quoteLiteral(verifier)+
-		" VALID UNTIL "+quoteLiteral(pgTime(req.ValidUntil))+
-		" IN ROLE "+proxy+", "+quoteIdent(e.marker)+
-		"; ALTER ROLE "+user+" SET role = "+proxy)
+	_, err = e.pool.Exec(ctx, CreateUserSQL(req.Username, req.ProxyRole, e.marker, req.Verifier, req.ValidUntil))
 	if err != nil {
 		err = fmt.Errorf("creating user: %w", err)
 	}
@@ -359,13 +374,11 @@ func (e *Engine) NewUser(ctx context.Context, req broker.NewUserRequest) error {
 		err = fmt.Errorf("%w (does admin role %q have the grants of AdminSetupSQL for proxy role %q?)",
 			err, e.admin, req.ProxyRole)
 	}
-	return e.fail(ctx, fmt.Errorf("postgres: user %q: %w", req.Username, err), req.Password, verifier)
+	return fmt.Errorf("postgres: user %q: %w", req.Username, err)
 }
 
-// HashPassword is the SCRAM-SHA-256 verifier NewUser stores for password
-// (broker.PasswordHasher): about a millisecond of CPU, which the broker
-// spends ahead of the request.
-func (e *Engine) HashPassword(password string) (string, error) {
+// hashPassword is the SCRAM-SHA-256 verifier NewUser stores for password.
+func hashPassword(password string) (string, error) {
 	v, err := ScramSHA256Verifier(password)
 	if err != nil {
 		return "", invalid("password", err)
@@ -373,26 +386,23 @@ func (e *Engine) HashPassword(password string) (string, error) {
 	return v, nil
 }
 
-// RenewUser moves the user's VALID UNTIL. A missing user is ErrUserNotFound.
-func (e *Engine) RenewUser(ctx context.Context, req broker.RenewUserRequest) error {
+// renewUser moves the user's VALID UNTIL. A missing user is ErrUserNotFound.
+func (e *engine) renewUser(ctx context.Context, req broker.RenewUserRequest) error {
 	if err := e.checkOpen(); err != nil {
 		return err
 	}
-	if err := validUsername(req.Username); err != nil {
-		return invalid("username", err)
-	}
-	if req.ValidUntil.IsZero() {
-		return invalid("valid until", errors.New("missing"))
+	if err := validRenewal(req); err != nil {
+		return err
 	}
 	if err := e.requireManaged(ctx, req.Username); err != nil {
-		return e.fail(ctx, err)
+		return err
 	}
-	_, err := e.pool.Exec(ctx, validUntilSQL(req.Username, req.ValidUntil))
+	_, err := e.pool.Exec(ctx, RenewUserSQL(req.Username, req.ValidUntil))
 	if sqlState(err) == codeUndefinedObject {
 		err = ErrUserNotFound
 	}
 	if err != nil {
-		return e.fail(ctx, fmt.Errorf("postgres: renewing user %q: %w", req.Username, err))
+		return fmt.Errorf("postgres: renewing user %q: %w", req.Username, err)
 	}
 	return nil
 }
@@ -401,27 +411,48 @@ func (e *Engine) RenewUser(ctx context.Context, req broker.RenewUserRequest) err
 // a role the broker did not make: one that is not a plain member of the
 // marker role, or that holds ADMIN OPTION on it (the admin itself), or is
 // privileged. A corrupted lease must never alter or drop someone else.
-func (e *Engine) requireManaged(ctx context.Context, username string) error {
-	var managed bool
-	err := e.pool.QueryRow(ctx, `
-		SELECT EXISTS (SELECT 1 FROM pg_auth_members m WHERE m.member = r.oid AND m.roleid = g.oid)
-		   AND NOT EXISTS (SELECT 1 FROM pg_auth_members m WHERE m.member = r.oid AND m.roleid = g.oid AND m.admin_option)
-		   AND NOT (r.rolsuper OR r.rolcreaterole OR r.rolreplication OR r.rolbypassrls)
-		FROM pg_roles r, pg_roles g
-		WHERE r.rolname = $1 AND g.rolname = $2`, username, e.marker).Scan(&managed)
-	switch {
-	case errors.Is(err, pgx.ErrNoRows):
-		return ErrUserNotFound
-	case err != nil:
+func (e *engine) requireManaged(ctx context.Context, username string) error {
+	managed, err := e.managedStatus(ctx, []string{username})
+	if err != nil {
 		return fmt.Errorf("postgres: looking up user %q: %w", username, err)
-	case !managed:
-		return fmt.Errorf("postgres: refusing to touch role %q: it is not a plain member of the marker role %q, "+
-			"so credbroker did not create it", username, e.marker)
+	}
+	ok, exists := managed[username]
+	switch {
+	case !exists:
+		return ErrUserNotFound
+	case !ok:
+		return e.notManaged(username)
 	}
 	return nil
 }
 
-// DeleteUser drops the user in an order that leaves no way back in and no
+// managedStatus says, for each of names that exists, whether it is the
+// broker's (see managedRole). A name missing from the map does not exist.
+func (e *engine) managedStatus(ctx context.Context, names []string) (map[string]bool, error) {
+	rows, err := e.pool.Query(ctx, managedQuery, names, e.marker)
+	if err != nil {
+		return nil, err
+	}
+	managed := make(map[string]bool, len(names))
+	var name string
+	var ok bool
+	_, err = pgx.ForEachRow(rows, []any{&name, &ok}, func() error {
+		managed[name] = ok
+		return nil
+	})
+	if err != nil {
+		return nil, err
+	}
+	return managed, nil
+}
+
+// notManaged is the refusal to touch a role the broker did not make.
+func (e *engine) notManaged(username string) error {
+	return fmt.Errorf("postgres: refusing to touch role %q: it is not a plain member of the marker role %q, "+
+		"so credbroker did not create it", username, e.marker)
+}
+
+// deleteUser drops the user in an order that leaves no way back in and no
 // object behind; every step is idempotent, so a failed attempt is simply
 // retried:
 //
@@ -440,38 +471,34 @@ func (e *Engine) requireManaged(ctx context.Context, username string) error {
 // lease names, found by reconciliation) means the proxy role recorded in
 // the user's own SET role setting; failing that, or when the proxy role no
 // longer exists, what the user owns is dropped instead of reassigned.
-func (e *Engine) DeleteUser(ctx context.Context, req broker.DeleteUserRequest) error {
+func (e *engine) deleteUser(ctx context.Context, req broker.DeleteUserRequest) error {
 	if err := e.checkOpen(); err != nil {
 		return err
 	}
-	if err := validUsername(req.Username); err != nil {
-		return invalid("username", err)
-	}
-	if req.ProxyRole != "" {
-		if err := ValidIdentifier(req.ProxyRole); err != nil {
-			return invalid("proxy role", err)
-		}
+	if err := validDeletion(req); err != nil {
+		return err
 	}
 	e.managed.forget(req.Username)
-	err := e.deleteUser(ctx, req)
+	err := e.dropUser(ctx, req)
 	if errors.Is(err, ErrUserNotFound) {
 		return nil
 	}
 	if err != nil {
-		return e.fail(ctx, fmt.Errorf("postgres: dropping user %q: %w", req.Username, err))
+		return fmt.Errorf("postgres: dropping user %q: %w", req.Username, err)
 	}
 	e.log.Debug("dropped user", "user", req.Username)
 	return nil
 }
 
-func (e *Engine) deleteUser(ctx context.Context, req broker.DeleteUserRequest) error {
-	user := quoteIdent(req.Username)
+// dropUser is deleteUser's sequence.
+func (e *engine) dropUser(ctx context.Context, req broker.DeleteUserRequest) error {
+	users := []string{req.Username}
 
 	// 1.
 	if err := e.requireManaged(ctx, req.Username); err != nil {
 		return err
 	}
-	if _, err := e.pool.Exec(ctx, blockAndGrantSQL(user, e.admin)); err != nil {
+	if _, err := e.pool.Exec(ctx, blockAndGrantSQL(req.Username, e.admin)); err != nil {
 		if sqlState(err) == codeUndefinedObject {
 			return ErrUserNotFound
 		}
@@ -479,7 +506,7 @@ func (e *Engine) deleteUser(ctx context.Context, req broker.DeleteUserRequest) e
 	}
 
 	// 2.
-	if err := e.endSessions(ctx, req.Username); err != nil {
+	if err := e.endSessions(ctx, users); err != nil {
 		return err
 	}
 
@@ -488,20 +515,12 @@ func (e *Engine) deleteUser(ctx context.Context, req broker.DeleteUserRequest) e
 	if err != nil {
 		return err
 	}
-	disown := "DROP OWNED BY " + user
-	if proxy != "" {
-		disown = "REASSIGN OWNED BY " + user + " TO " + quoteIdent(proxy) + "; " + disown
-	} else {
+	disown := disownSQL(users, proxy)
+	if proxy == "" {
 		e.log.Warn("no proxy role to reassign to; objects the user owns are dropped",
 			"user", req.Username, "proxy_role", req.ProxyRole)
 	}
-	rows, err := e.pool.Query(ctx, `
-		SELECT DISTINCT d.datname, d.datallowconn
-		FROM pg_shdepend s JOIN pg_database d ON d.oid = s.dbid
-		WHERE s.refclassid = 'pg_authid'::regclass
-		  AND s.refobjid = (SELECT oid FROM pg_roles WHERE rolname = $1)
-		  AND d.datname <> current_database()
-		ORDER BY 1`, req.Username)
+	rows, err := e.pool.Query(ctx, elsewhereQuery, req.Username)
 	if err != nil {
 		return fmt.Errorf("finding databases with objects of the user: %w", err)
 	}
@@ -529,7 +548,7 @@ func (e *Engine) deleteUser(ctx context.Context, req broker.DeleteUserRequest) e
 	}
 	// Several statements in one simple-protocol query run as one
 	// transaction: the role goes only together with what it owned here.
-	if _, err := e.pool.Exec(ctx, disown+"; DROP ROLE IF EXISTS "+user); err != nil {
+	if _, err := e.pool.Exec(ctx, disown+"; "+DropUsersSQL(users...)); err != nil {
 		if sqlState(err) == codeUndefinedObject {
 			return ErrUserNotFound
 		}
@@ -538,25 +557,14 @@ func (e *Engine) deleteUser(ctx context.Context, req broker.DeleteUserRequest) e
 	return nil
 }
 
-// blockAndGrantSQL is DeleteUser's first step for one (quoted) user: no
-// more logins, and the admin gets the user's privileges, which ending its
-// sessions before PostgreSQL 16 and REASSIGN/DROP OWNED on every version
-// require. A user granted already (made by an older broker) only draws a
-// NOTICE.
-func blockAndGrantSQL(user, admin string) string {
-	return "ALTER ROLE " + user + " NOLOGIN; GRANT " + user + " TO " + quoteIdent(admin) + "; "
-}
-
 // reassignTarget is the role that inherits what the user owns: the
 // request's proxy role, else the one the user's SET role setting names
 // (NewUser records it there); "" if there is none the admin can use.
-func (e *Engine) reassignTarget(ctx context.Context, req broker.DeleteUserRequest) (string, error) {
+func (e *engine) reassignTarget(ctx context.Context, req broker.DeleteUserRequest) (string, error) {
 	proxy := req.ProxyRole
 	if proxy == "" {
 		var setting *string
-		err := e.pool.QueryRow(ctx, `
-			SELECT substr(c, 6) FROM pg_roles r, unnest(r.rolconfig) c
-			WHERE r.rolname = $1 AND c LIKE 'role=%' LIMIT 1`, req.Username).Scan(&setting)
+		err := e.pool.QueryRow(ctx, roleSettingQuery, req.Username).Scan(&setting)
 		if err != nil && !errors.Is(err, pgx.ErrNoRows) {
 			return "", fmt.Errorf("reading the user's role setting: %w", err)
 		}
@@ -569,9 +577,7 @@ func (e *Engine) reassignTarget(ctx context.Context, req broker.DeleteUserReques
 	// (the role is gone, or its grant to the admin was revoked) dropping
 	// the objects beats a user that can never be revoked.
 	var usable bool
-	if err := e.pool.QueryRow(ctx, `
-		SELECT pg_has_role(current_user, oid, 'USAGE') FROM pg_roles WHERE rolname = $1`,
-		proxy).Scan(&usable); err != nil && !errors.Is(err, pgx.ErrNoRows) {
+	if err := e.pool.QueryRow(ctx, usableQuery, proxy).Scan(&usable); err != nil && !errors.Is(err, pgx.ErrNoRows) {
 		return "", fmt.Errorf("looking up proxy role: %w", err)
 	}
 	if !usable {
@@ -580,16 +586,11 @@ func (e *Engine) reassignTarget(ctx context.Context, req broker.DeleteUserReques
 	return proxy, nil
 }
 
-// endSessions terminates the user's sessions, in every database, until
+// endSessions terminates the users' sessions, in every database, until
 // none is left. pg_terminate_backend only signals; the loop re-checks with
 // a short backoff, which also catches a session that was authenticating
 // when logins were blocked.
-func (e *Engine) endSessions(ctx context.Context, username string) error {
-	return e.endSessionsOf(ctx, []string{username})
-}
-
-// endSessionsOf is endSessions for several users at once.
-func (e *Engine) endSessionsOf(ctx context.Context, usernames []string) error {
+func (e *engine) endSessions(ctx context.Context, usernames []string) error {
 	tctx, cancel := context.WithTimeout(ctx, e.terminateTimeout)
 	defer cancel()
 	timedOut := func(n int) error {
@@ -600,9 +601,7 @@ func (e *Engine) endSessionsOf(ctx context.Context, usernames []string) error {
 	}
 	delay := 2 * time.Millisecond
 	for n := -1; ; {
-		err := e.pool.QueryRow(tctx, `
-			SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE usename = ANY($1)`,
-			usernames).Scan(&n)
+		err := e.pool.QueryRow(tctx, terminateQuery, usernames).Scan(&n)
 		if err != nil {
 			if tctx.Err() != nil {
 				return timedOut(n)
@@ -625,7 +624,7 @@ func (e *Engine) endSessionsOf(ctx context.Context, usernames []string) error {
 
 // execIn runs sql in another database of the cluster over a short-lived
 // connection: a pool's connections are bound to one database.
-func (e *Engine) execIn(ctx context.Context, database, sql string) error {
+func (e *engine) execIn(ctx context.Context, database, sql string) error {
 	cc := e.pool.Config().ConnConfig.Copy()
 	cc.Database = database
 	cc.Password = *e.password.Load()
@@ -642,38 +641,29 @@ func (e *Engine) execIn(ctx context.Context, database, sql string) error {
 	return err
 }
 
-// ListManagedUsers lists the members of the marker role, except roles that
+// listManagedUsers lists the members of the marker role, except roles that
 // administer it (the admin holds ADMIN OPTION on the marker role, so it is a
 // member too) and privileged roles: the reconciler drops what this returns.
-func (e *Engine) ListManagedUsers(ctx context.Context) ([]string, error) {
+func (e *engine) listManagedUsers(ctx context.Context) ([]string, error) {
 	if err := e.checkOpen(); err != nil {
 		return nil, err
 	}
-	rows, err := e.pool.Query(ctx, `
-		SELECT r.rolname
-		FROM pg_roles g
-		JOIN pg_auth_members m ON m.roleid = g.oid
-		JOIN pg_roles r ON r.oid = m.member
-		WHERE g.rolname = $1
-		  AND NOT (r.rolsuper OR r.rolcreaterole OR r.rolreplication OR r.rolbypassrls)
-		GROUP BY r.rolname
-		HAVING NOT bool_or(m.admin_option)
-		ORDER BY 1`, e.marker)
+	rows, err := e.pool.Query(ctx, listManagedQuery, e.marker)
 	if err != nil {
-		return nil, e.fail(ctx, fmt.Errorf("postgres: listing managed users: %w", err))
+		return nil, fmt.Errorf("postgres: listing managed users: %w", err)
 	}
 	users, err := pgx.CollectRows(rows, pgx.RowTo[string])
 	if err != nil {
-		return nil, e.fail(ctx, fmt.Errorf("postgres: listing managed users: %w", err))
+		return nil, fmt.Errorf("postgres: listing managed users: %w", err)
 	}
 	return users, nil
 }
 
-// CheckProxyRole reports an error if the proxy role does not exist, can
+// checkProxyRole reports an error if the proxy role does not exist, can
 // log in, is a superuser (an issued user could SET ROLE to it), is the
 // marker role, or the admin lacks the grants to hand it out and to take
 // over its users' objects. The error names the fix.
-func (e *Engine) CheckProxyRole(ctx context.Context, proxyRole string) error {
+func (e *engine) checkProxyRole(ctx context.Context, proxyRole string) error {
 	if err := e.checkOpen(); err != nil {
 		return err
 	}
@@ -689,7 +679,7 @@ func (e *Engine) CheckProxyRole(ctx context.Context, proxyRole string) error {
 		return fmt.Errorf("postgres: proxy role %q does not exist (CREATE ROLE %s NOLOGIN, then grant it privileges)",
 			proxyRole, quoteIdent(proxyRole))
 	case err != nil:
-		return e.fail(ctx, fmt.Errorf("postgres: checking proxy role %q: %w", proxyRole, err))
+		return fmt.Errorf("postgres: checking proxy role %q: %w", proxyRole, err)
 	case r.canLogin:
 		return fmt.Errorf("postgres: proxy role %q can log in; proxy roles must be NOLOGIN (ALTER ROLE %s NOLOGIN)",
 			proxyRole, quoteIdent(proxyRole))
@@ -699,22 +689,27 @@ func (e *Engine) CheckProxyRole(ctx context.Context, proxyRole string) error {
 	return e.checkGrantable(r, "proxy role")
 }
 
-// Endpoint is the host, port and database of the admin URL: where issued
-// users connect.
-func (e *Engine) Endpoint() broker.Endpoint { return e.endpoint }
+var _ database = (*engine)(nil)
 
-// Close releases the connection pool. Later calls fail with broker.ErrClosed.
-func (e *Engine) Close() {
+func (e *engine) describe() description {
+	return description{endpoint: e.endpoint, version: e.version, admin: e.admin, marker: e.marker}
+}
+
+func (e *engine) redacted() []string { return slices.Concat(e.secrets, e.pastPasswords()) }
+
+// sanitize is Engine's sanitizing for what the engine logs, and for the
+// callers in check.go and rotate.go, which also name secrets only they
+// know (a verifier). Engine sanitizes every error it returns regardless.
+func (e *engine) sanitize(ctx context.Context, err error, secrets ...string) error {
+	if err == nil {
+		return nil
+	}
+	return sanitize(ctx, err, slices.Concat(secrets, e.redacted())...)
+}
+
+// close releases the connection pool. Later calls fail with broker.ErrClosed.
+func (e *engine) close() {
 	if e.closed.CompareAndSwap(false, true) {
 		e.pool.Close()
 	}
 }
-
-// ServerVersion is the server's version as server_version_num (150018).
-func (e *Engine) ServerVersion() int { return e.version }
-
-// AdminRole is the role the engine connects as.
-func (e *Engine) AdminRole() string { return e.admin }
-
-// MarkerRole is the role every issued user is a member of.
-func (e *Engine) MarkerRole() string { return e.marker }

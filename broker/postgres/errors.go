@@ -85,10 +85,11 @@ type redactedError struct {
 func (e *redactedError) Error() string { return e.msg }
 func (e *redactedError) Unwrap() error { return e.err }
 
-// redact is the last step of every exported method: whatever a driver or
-// server message echoed, the returned error's text holds none of secrets.
-// The engine never builds a message from a secret in the first place; this
-// is the belt to those braces (Vault's dbplugin middleware does the same).
+// redact is sanitize's last step, so the last step of every exported
+// method: whatever a driver or server message echoed, the returned error's
+// text holds none of secrets. The engine never builds a message from a
+// secret in the first place; this is the belt to those braces (Vault's
+// dbplugin middleware does the same).
 func redact(err error, secrets ...string) error {
 	if err == nil {
 		return nil

@@ -2,7 +2,6 @@ package postgres
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"strings"
 	"sync"
@@ -10,7 +9,7 @@ import (
 	"github.com/credbroker/credbroker/broker"
 )
 
-// RenewUsers moves the VALID UNTIL of many users in one transaction, in
+// renewUsers moves the VALID UNTIL of many users in one transaction, in
 // two round trips: one checks that every user exists and is the broker's
 // (as RenewUser's requireManaged does, for all at once), and one
 // multi-statement exec alters them all and commits. Users this engine
@@ -23,31 +22,14 @@ import (
 // A user dropped by someone else between the check and the ALTER aborts
 // the transaction; then each user is renewed on its own, which is slow but
 // gives every entry its true result.
-func (e *Engine) RenewUsers(ctx context.Context, reqs []broker.RenewUserRequest) []error {
-	errs := make([]error, len(reqs))
-	if err := e.checkOpen(); err != nil {
-		for i := range errs {
-			errs[i] = err
-		}
-		return errs
-	}
-	var todo []int
-	for i, r := range reqs {
-		switch {
-		case validUsername(r.Username) != nil:
-			errs[i] = invalid("username", validUsername(r.Username))
-		case r.ValidUntil.IsZero():
-			errs[i] = invalid("valid until", errors.New("missing"))
-		default:
-			todo = append(todo, i)
-		}
-	}
+func (e *engine) renewUsers(ctx context.Context, reqs []broker.RenewUserRequest) []error {
+	errs, todo := validBatch(e, reqs, validRenewal)
 	if len(todo) == 0 {
 		return errs
 	}
-	retryAlone, err := e.renewUsers(ctx, reqs, todo, errs)
+	retryAlone, err := e.renewBatch(ctx, reqs, todo, errs)
 	if err != nil {
-		err = e.fail(ctx, fmt.Errorf("postgres: renewing %d users: %w", len(todo), err))
+		err = fmt.Errorf("postgres: renewing %d users: %w", len(todo), err)
 		for _, i := range todo {
 			if errs[i] == nil {
 				errs[i] = err
@@ -56,15 +38,15 @@ func (e *Engine) RenewUsers(ctx context.Context, reqs []broker.RenewUserRequest)
 		return errs
 	}
 	for _, i := range retryAlone {
-		errs[i] = e.RenewUser(ctx, reqs[i])
+		errs[i] = e.renewUser(ctx, reqs[i])
 	}
 	return errs
 }
 
-// renewUsers runs the batch transaction. It fills errs for users it
+// renewBatch runs the batch transaction. It fills errs for users it
 // refuses, and returns the indexes to renew one by one when the batch
 // statement failed for a reason that may concern a single user.
-func (e *Engine) renewUsers(ctx context.Context, reqs []broker.RenewUserRequest, todo []int, errs []error) ([]int, error) {
+func (e *engine) renewBatch(ctx context.Context, reqs []broker.RenewUserRequest, todo []int, errs []error) ([]int, error) {
 	names := make([]string, 0, len(todo))
 	for _, i := range todo {
 		names = append(names, reqs[i].Username)
@@ -72,7 +54,7 @@ func (e *Engine) renewUsers(ctx context.Context, reqs []broker.RenewUserRequest,
 	if e.managed.all(names) {
 		var stmt strings.Builder
 		for _, i := range todo {
-			stmt.WriteString(validUntilSQL(reqs[i].Username, reqs[i].ValidUntil))
+			stmt.WriteString(RenewUserSQL(reqs[i].Username, reqs[i].ValidUntil) + "; ")
 		}
 		_, err := e.pool.Exec(ctx, stmt.String())
 		if err == nil || ctx.Err() != nil || unavailable(err) {
@@ -81,28 +63,8 @@ func (e *Engine) renewUsers(ctx context.Context, reqs []broker.RenewUserRequest,
 		// A user is gone, or no longer what it was: check them all.
 		e.managed.forget(names...)
 	}
-	rows, err := e.pool.Query(ctx, `
-		SELECT r.rolname::text,
-		       EXISTS (SELECT 1 FROM pg_auth_members m WHERE m.member = r.oid AND m.roleid = g.oid)
-		   AND NOT EXISTS (SELECT 1 FROM pg_auth_members m WHERE m.member = r.oid AND m.roleid = g.oid AND m.admin_option)
-		   AND NOT (r.rolsuper OR r.rolcreaterole OR r.rolreplication OR r.rolbypassrls)
-		FROM pg_roles r, pg_roles g
-		WHERE r.rolname::text = ANY($1::text[]) AND g.rolname = $2`, names, e.marker)
+	managed, err := e.managedStatus(ctx, names)
 	if err != nil {
-		return nil, err
-	}
-	managed := make(map[string]bool, len(names))
-	for rows.Next() {
-		var name string
-		var ok bool
-		if err := rows.Scan(&name, &ok); err != nil {
-			rows.Close()
-			return nil, err
-		}
-		managed[name] = ok
-	}
-	rows.Close()
-	if err := rows.Err(); err != nil {
 		return nil, err
 	}
 
@@ -115,13 +77,12 @@ func (e *Engine) renewUsers(ctx context.Context, reqs []broker.RenewUserRequest,
 		case !exists:
 			errs[i] = fmt.Errorf("postgres: renewing user %q: %w", name, ErrUserNotFound)
 		case !ok:
-			errs[i] = fmt.Errorf("postgres: refusing to touch role %q: it is not a plain member of the marker role %q, "+
-				"so credbroker did not create it", name, e.marker)
+			errs[i] = e.notManaged(name)
 		default:
 			// Names are validated and quoted, instants formatted by us:
 			// no bind parameters in ALTER ROLE, so one simple-protocol
 			// exec runs them all.
-			stmt.WriteString(validUntilSQL(name, reqs[i].ValidUntil))
+			stmt.WriteString(RenewUserSQL(name, reqs[i].ValidUntil) + "; ")
 			altered = append(altered, i)
 		}
 	}

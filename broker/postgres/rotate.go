@@ -27,7 +27,7 @@ func IsAuthFailure(err error) bool {
 // password changed at its source (a password file or Vault secret re-read).
 // Open connections are unaffected; PostgreSQL checks a password at login
 // only.
-func (e *Engine) SetPassword(password string) {
+func (e *engine) SetPassword(password string) {
 	old := e.password.Swap(&password)
 	if old != nil && *old != "" && *old != password {
 		e.secretsMu.Lock()
@@ -39,7 +39,7 @@ func (e *Engine) SetPassword(password string) {
 }
 
 // pastPasswords are the passwords to redact besides the ones New knew.
-func (e *Engine) pastPasswords() []string {
+func (e *engine) pastPasswords() []string {
 	e.secretsMu.Lock()
 	defer e.secretsMu.Unlock()
 	out := slices.Clone(e.oldSecret)
@@ -52,7 +52,7 @@ func (e *Engine) pastPasswords() []string {
 // TryPassword opens one connection as the admin with password and closes
 // it: nil if the server accepts it, an error wrapping ErrAuthFailed if it
 // refuses it, another error if the server could not be asked.
-func (e *Engine) TryPassword(ctx context.Context, password string) error {
+func (e *engine) TryPassword(ctx context.Context, password string) error {
 	if err := e.checkOpen(); err != nil {
 		return err
 	}
@@ -63,7 +63,7 @@ func (e *Engine) TryPassword(ctx context.Context, password string) error {
 		if IsAuthFailure(err) {
 			return ErrAuthFailed
 		}
-		return e.fail(ctx, fmt.Errorf("postgres: trying a password: %w", err), password)
+		return e.sanitize(ctx, fmt.Errorf("postgres: trying a password: %w", err), password)
 	}
 	_ = conn.Close(ctx)
 	return nil
@@ -77,7 +77,7 @@ func (e *Engine) TryPassword(ctx context.Context, password string) error {
 // The caller must have recorded newPassword (as a pending secret) before:
 // if the statement's outcome is unknown (the connection broke), only
 // trying both passwords tells which one the server has.
-func (e *Engine) RotatePassword(ctx context.Context, newPassword string) error {
+func (e *engine) RotatePassword(ctx context.Context, newPassword string) error {
 	if err := e.checkOpen(); err != nil {
 		return err
 	}
@@ -86,7 +86,7 @@ func (e *Engine) RotatePassword(ctx context.Context, newPassword string) error {
 		return invalid("password", err)
 	}
 	if _, err := e.pool.Exec(ctx, "ALTER ROLE CURRENT_USER PASSWORD "+quoteLiteral(verifier)); err != nil {
-		return e.fail(ctx, fmt.Errorf("postgres: setting the admin role's password: %w", err), newPassword, verifier)
+		return e.sanitize(ctx, fmt.Errorf("postgres: setting the admin role's password: %w", err), newPassword, verifier)
 	}
 	e.SetPassword(newPassword)
 	e.log.Info("rotated the admin role's password", "admin", e.admin)

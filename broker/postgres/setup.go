@@ -65,14 +65,14 @@ func AdminSetupSQL(p SetupParams) ([]string, error) {
 		create += " PASSWORD " + quoteLiteral(v)
 	}
 	stmts := []string{
-		"CREATE ROLE " + quoteIdent(marker) + " NOLOGIN",
+		createMarkerSQL(marker),
 		create,
 	}
 	for _, r := range p.ProxyRoles {
-		stmts = append(stmts, "GRANT "+quoteIdent(r)+" TO "+admin+" WITH ADMIN OPTION")
+		stmts = append(stmts, grantWithAdminSQL(r, p.Admin))
 	}
 	stmts = append(stmts,
-		"GRANT "+quoteIdent(marker)+" TO "+admin+" WITH ADMIN OPTION",
+		grantWithAdminSQL(marker, p.Admin),
 		"GRANT pg_signal_backend TO "+admin,
 	)
 	return stmts, nil

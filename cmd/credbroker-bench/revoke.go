@@ -1,0 +1,53 @@
+package main
+
+import (
+	"context"
+	"fmt"
+
+	pb "github.com/credbroker/credbroker/proto/credbroker/v1"
+)
+
+// runRevoke measures RevokeLease against DROP ROLE of users without
+// sessions, at --revoke-concurrency, on --revoke-n leases issued and as
+// many users created (untimed) for the purpose.
+func (e *env) runRevoke(ctx context.Context, rep *report) error {
+	k := e.opts.revokeN
+	leases, err := e.issueMany(ctx, k)
+	if err != nil {
+		return fmt.Errorf("revoke setup: %w", err)
+	}
+	users, err := e.baselineUsers(ctx, "bench_v_", k)
+	if err != nil {
+		return fmt.Errorf("revoke setup: %w", err)
+	}
+	var rb, rk result
+	lc, uc := chunks(leases[:k], e.opts.rounds), chunks(users[:k], e.opts.rounds)
+	for i := range min(len(lc), len(uc)) {
+		brk := func() {
+			rk.merge(eachOnce(ctx, e.opts.revokeConc, lc[i], func(ctx context.Context, id string) error {
+				_, err := e.cred.RevokeLease(ctx, &pb.RevokeLeaseRequest{LeaseId: id})
+				return err
+			}))
+		}
+		base := func() {
+			rb.merge(eachOnce(ctx, e.opts.revokeConc, uc[i], func(ctx context.Context, u string) error {
+				_, err := e.base.Exec(ctx, dropSQL(u))
+				return err
+			}))
+		}
+		if i%2 == 0 {
+			base()
+			brk()
+		} else {
+			brk()
+			base()
+		}
+	}
+	errNote(rep, "revoke broker", rk)
+	errNote(rep, "revoke baseline", rb)
+	sc := fmt.Sprintf("revoke c=%d", e.opts.revokeConc)
+	rep.add(row{scenario: sc, figure: "throughput", broker: fmtRate(rk.perSec()), baseline: fmtRate(rb.perSec()), ratio: ratio(rk.perSec(), rb.perSec())})
+	rep.add(row{scenario: sc, figure: "latency p50 / p99", broker: fmtDur(rk.pct(50)) + " / " + fmtDur(rk.pct(99)),
+		baseline: fmtDur(rb.pct(50)) + " / " + fmtDur(rb.pct(99)), ratio: ratio(float64(rk.pct(50)), float64(rb.pct(50)))})
+	return nil
+}
