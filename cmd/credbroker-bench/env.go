@@ -227,7 +227,7 @@ func (e *env) maxConns() int32 {
 	if e.opts.maxConns > 0 {
 		return int32(e.opts.maxConns)
 	}
-	return config.DefaultMaxConns
+	return postgres.DefaultMaxConns
 }
 
 // writeConfig writes a password file and a brokerd configuration for the
@@ -296,14 +296,14 @@ func (e *env) revokeConcurrency() int {
 	if e.opts.brokerRevokeConc > 0 {
 		return e.opts.brokerRevokeConc
 	}
-	return config.DefaultRevokeConcurrency
+	return broker.DefaultRevokeConcurrency
 }
 
 func (e *env) revokeRate() float64 {
 	if e.opts.brokerRevokeRate > 0 {
 		return e.opts.brokerRevokeRate
 	}
-	return config.DefaultRevokeRate
+	return broker.DefaultRevokeRate
 }
 
 func (e *env) close() {

@@ -8,29 +8,17 @@ import (
 	"github.com/credbroker/credbroker/broker"
 )
 
-// Defaults of the optional keys. The broker's own defaults are the same;
-// they are repeated here so that the effective configuration brokerd logs
-// at start-up is the one it runs with.
+// Defaults of the keys this package owns. Every other key's default is
+// exported by the package that owns the setting (broker, broker/postgres,
+// store, server), and Validate fills it from there, so the effective
+// configuration brokerd logs at start-up is the one it runs with and no
+// default is written twice. README.md's configuration table is checked
+// against all of them (TestREADMEDefaults).
 const (
-	DefaultListen              = "127.0.0.1:7450"
-	DefaultMarkerRole          = "credbroker_managed"
-	DefaultMaxConns            = 10
-	DefaultConnectTimeout      = 10 * time.Second
-	DefaultStoreOpenTimeout    = 5 * time.Second
-	DefaultTombstoneRetention  = 24 * time.Hour
-	DefaultRevokeConcurrency   = 4
-	DefaultRevokeRate          = 1000.0
-	DefaultRevokeRetries       = 5
-	DefaultValidUntilGrace     = time.Minute
-	DefaultRetryBaseDelay      = time.Second
-	DefaultRetryMaxDelay       = time.Minute
-	DefaultFailedRetryInterval = 10 * time.Minute
-	DefaultReconcileInterval   = 5 * time.Minute
-	DefaultDisconnectGrace     = 30 * time.Second
-	DefaultShutdownTimeout     = 15 * time.Second
-	DefaultLogLevel            = "info"
-	DefaultLogFormat           = "text"
-	DefaultDSNSSLMode          = "prefer"
+	DefaultListen          = "127.0.0.1:7450"
+	DefaultShutdownTimeout = 15 * time.Second
+	DefaultLogLevel        = "info"
+	DefaultLogFormat       = "text"
 )
 
 // Config is a validated configuration with every default filled in.

@@ -11,6 +11,8 @@ import (
 	"time"
 
 	"github.com/credbroker/credbroker/broker"
+	"github.com/credbroker/credbroker/broker/postgres"
+	"github.com/credbroker/credbroker/store"
 )
 
 const testPassword = "s3cret-Admin-pw"
@@ -78,7 +80,7 @@ func TestValidMinimalConfigGetsDefaults(t *testing.T) {
 	if tg.Database != "app" || tg.AdminUser != "broker_admin" {
 		t.Errorf("database %q admin %q", tg.Database, tg.AdminUser)
 	}
-	if tg.MarkerRole != DefaultMarkerRole || tg.MaxConns != DefaultMaxConns || tg.ConnectTimeout != DefaultConnectTimeout {
+	if tg.MarkerRole != postgres.DefaultMarkerRole || tg.MaxConns != postgres.DefaultMaxConns || tg.ConnectTimeout != postgres.DefaultConnectTimeout {
 		t.Errorf("target defaults not filled: %+v", tg)
 	}
 	if tg.PasswordSource != "file "+filepath.Join(dir, "main.password") {
@@ -91,7 +93,7 @@ func TestValidMinimalConfigGetsDefaults(t *testing.T) {
 	if fmt.Sprint(c.Roles) != fmt.Sprint(want) {
 		t.Errorf("roles = %+v, want %+v", c.Roles, want)
 	}
-	if c.Store.TombstoneRetention != 24*time.Hour || c.Store.OpenTimeout != DefaultStoreOpenTimeout {
+	if c.Store.TombstoneRetention != 24*time.Hour || c.Store.OpenTimeout != store.DefaultTimeout {
 		t.Errorf("store defaults: %+v", c.Store)
 	}
 	wantExpiry := Expiry{

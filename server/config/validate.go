@@ -13,6 +13,8 @@ import (
 
 	"github.com/credbroker/credbroker/broker"
 	"github.com/credbroker/credbroker/broker/postgres"
+	"github.com/credbroker/credbroker/server"
+	"github.com/credbroker/credbroker/store"
 )
 
 // targetNamePattern: target names are shown in leases and logs and used as
@@ -60,26 +62,26 @@ func (f *File) Validate() (*Config, error) {
 	c.Roles = v.roles(f, c.Targets)
 
 	c.Expiry = Expiry{
-		RevokeConcurrency:   v.positiveInt("expiry.revoke_concurrency", f.Expiry.RevokeConcurrency, DefaultRevokeConcurrency),
-		RevokeRate:          v.positiveFloat("expiry.revoke_rate", f.Expiry.RevokeRate, DefaultRevokeRate),
-		RevokeRetries:       v.positiveInt("expiry.revoke_retries", f.Expiry.RevokeRetries, DefaultRevokeRetries),
-		ValidUntilGrace:     v.duration("expiry.valid_until_grace", f.Expiry.ValidUntilGrace, DefaultValidUntilGrace),
-		RetryBaseDelay:      v.duration("expiry.retry_base_delay", f.Expiry.RetryBaseDelay, DefaultRetryBaseDelay),
-		RetryMaxDelay:       v.duration("expiry.retry_max_delay", f.Expiry.RetryMaxDelay, DefaultRetryMaxDelay),
-		FailedRetryInterval: v.duration("expiry.failed_retry_interval", f.Expiry.FailedRetryInterval, DefaultFailedRetryInterval),
+		RevokeConcurrency:   v.positiveInt("expiry.revoke_concurrency", f.Expiry.RevokeConcurrency, broker.DefaultRevokeConcurrency),
+		RevokeRate:          v.positiveFloat("expiry.revoke_rate", f.Expiry.RevokeRate, broker.DefaultRevokeRate),
+		RevokeRetries:       v.positiveInt("expiry.revoke_retries", f.Expiry.RevokeRetries, broker.DefaultRevokeRetries),
+		ValidUntilGrace:     v.duration("expiry.valid_until_grace", f.Expiry.ValidUntilGrace, broker.DefaultValidUntilGrace),
+		RetryBaseDelay:      v.duration("expiry.retry_base_delay", f.Expiry.RetryBaseDelay, broker.DefaultRetryBaseDelay),
+		RetryMaxDelay:       v.duration("expiry.retry_max_delay", f.Expiry.RetryMaxDelay, broker.DefaultRetryMaxDelay),
+		FailedRetryInterval: v.duration("expiry.failed_retry_interval", f.Expiry.FailedRetryInterval, broker.DefaultFailedRetryInterval),
 	}
 	if c.Expiry.RetryBaseDelay > c.Expiry.RetryMaxDelay && c.Expiry.RetryMaxDelay > 0 {
 		v.errorf("expiry.retry_base_delay", "%s exceeds expiry.retry_max_delay %s", c.Expiry.RetryBaseDelay, c.Expiry.RetryMaxDelay)
 	}
-	c.ReconcileInterval = v.duration("reconcile_interval", f.ReconcileInterval, DefaultReconcileInterval)
-	c.DisconnectGrace = v.duration("disconnect_grace", f.DisconnectGrace, DefaultDisconnectGrace)
+	c.ReconcileInterval = v.duration("reconcile_interval", f.ReconcileInterval, broker.DefaultReconcileInterval)
+	c.DisconnectGrace = v.duration("disconnect_grace", f.DisconnectGrace, broker.DefaultDisconnectGrace)
 	c.ShutdownTimeout = v.duration("shutdown_timeout", f.ShutdownTimeout, DefaultShutdownTimeout)
 
 	c.Log = v.log(f.Log)
 
 	c.DSNSSLMode = f.DSNSSLMode
 	if c.DSNSSLMode == "" {
-		c.DSNSSLMode = DefaultDSNSSLMode
+		c.DSNSSLMode = server.DefaultSSLMode
 	}
 	if !slices.Contains(sslModes, c.DSNSSLMode) {
 		v.errorf("dsn_sslmode", "%q is not an sslmode; use one of %s", c.DSNSSLMode, strings.Join(sslModes, ", "))
@@ -107,8 +109,8 @@ func (f *File) path(p string) string {
 
 func (v *validator) store(f *File) Store {
 	s := Store{
-		OpenTimeout:        v.duration("store.open_timeout", f.Store.OpenTimeout, DefaultStoreOpenTimeout),
-		TombstoneRetention: v.duration("store.tombstone_retention", f.Store.TombstoneRetention, DefaultTombstoneRetention),
+		OpenTimeout:        v.duration("store.open_timeout", f.Store.OpenTimeout, store.DefaultTimeout),
+		TombstoneRetention: v.duration("store.tombstone_retention", f.Store.TombstoneRetention, broker.DefaultTombstoneRetention),
 	}
 	if f.Store.Path == "" {
 		v.errorf("store.path", "required (the lease database file, e.g. /var/lib/credbroker/leases.db)")
@@ -137,8 +139,8 @@ func (v *validator) targets(f *File) []Target {
 		t := Target{
 			Name:           tf.Name,
 			MarkerRole:     tf.MarkerRole,
-			ConnectTimeout: v.duration(p+".connect_timeout", tf.ConnectTimeout, DefaultConnectTimeout),
-			MaxConns:       v.positiveInt(p+".max_conns", tf.MaxConns, DefaultMaxConns),
+			ConnectTimeout: v.duration(p+".connect_timeout", tf.ConnectTimeout, postgres.DefaultConnectTimeout),
+			MaxConns:       v.positiveInt(p+".max_conns", tf.MaxConns, postgres.DefaultMaxConns),
 		}
 		switch {
 		case t.Name == "":
@@ -155,7 +157,7 @@ func (v *validator) targets(f *File) []Target {
 		v.targetURL(p+".url", tf.URL, &t)
 
 		if t.MarkerRole == "" {
-			t.MarkerRole = DefaultMarkerRole
+			t.MarkerRole = postgres.DefaultMarkerRole
 		}
 		if err := postgres.ValidIdentifier(t.MarkerRole); err != nil {
 			v.errorf(p+".marker_role", "%v", err)

@@ -71,7 +71,7 @@ func TestStaleCheck(t *testing.T) {
 		}
 	}
 	cfg := &config.Config{
-		Store: config.Store{TombstoneRetention: config.DefaultTombstoneRetention}, // shorter than DefaultStaleAfter
+		Store: config.Store{TombstoneRetention: broker.DefaultTombstoneRetention}, // shorter than DefaultStaleAfter
 		Roles: []broker.Role{
 			{Name: "old", Target: "main"},
 			{Name: "busy", Target: "main"},
@@ -114,7 +114,7 @@ func TestStaleCheck(t *testing.T) {
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			if tt.purge {
-				if _, err := st.PurgeTombstones(ctx, now.Add(-config.DefaultTombstoneRetention), 100); err != nil {
+				if _, err := st.PurgeTombstones(ctx, now.Add(-broker.DefaultTombstoneRetention), 100); err != nil {
 					t.Fatal(err)
 				}
 			}
