@@ -13,11 +13,10 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/credbroker/credbroker/broker"
-	"github.com/credbroker/credbroker/broker/postgres"
+	"github.com/credbroker/credbroker/broker/privcheck"
 	credbrokerv1 "github.com/credbroker/credbroker/proto/credbroker/v1"
 	"github.com/credbroker/credbroker/server/config"
 	"github.com/credbroker/credbroker/server/daemon"
-	"github.com/credbroker/credbroker/server/privcheck"
 	"github.com/credbroker/credbroker/store"
 )
 
@@ -71,7 +70,7 @@ check could not run, 0 otherwise.`,
 			if configPath == "" {
 				return usageErrorf("--config FILE is required")
 			}
-			threshold, err := postgres.ParseSeverity(severity)
+			threshold, err := privcheck.ParseSeverity(severity)
 			if err != nil {
 				return usageErrorf("--severity: %v", err)
 			}
@@ -100,16 +99,19 @@ check could not run, 0 otherwise.`,
 			if err != nil {
 				return err
 			}
-			findings, err := privcheck.Run(ctx, cfg, dbs, privcheck.Options{
-				Leases:     leases,
-				StaleAfter: time.Duration(staleDays) * 24 * time.Hour,
-			})
+			findings, err := privcheck.Run(ctx,
+				privcheck.Scope{Targets: cfg.TargetNames(), Roles: cfg.Roles, Engines: dbs},
+				privcheck.Options{
+					Leases:     leases,
+					StaleAfter: time.Duration(staleDays) * 24 * time.Hour,
+					Retention:  cfg.Store.TombstoneRetention,
+				})
 			if err != nil {
 				return err
 			}
 			if note != "" {
-				findings = append(findings, postgres.Finding{
-					Severity: postgres.SeverityInfo, Check: postgres.CheckStale, Message: note,
+				findings = append(findings, privcheck.Finding{
+					Severity: privcheck.SeverityInfo, Check: privcheck.CheckStale, Message: note,
 				})
 			}
 			if c.json {
@@ -180,7 +182,7 @@ func (g grpcLeases) ListLeases(ctx context.Context, f broker.LeaseFilter) ([]bro
 }
 
 // printFindings prints a table, then each finding's fix under its number.
-func (c *cli) printFindings(findings []postgres.Finding) error {
+func (c *cli) printFindings(findings []privcheck.Finding) error {
 	if len(findings) == 0 {
 		_, err := fmt.Fprintln(c.stdout, "no findings")
 		return err
@@ -209,14 +211,14 @@ func (c *cli) printFindings(findings []postgres.Finding) error {
 	return err
 }
 
-func (c *cli) printFindingsJSON(findings []postgres.Finding, threshold postgres.Severity) error {
+func (c *cli) printFindingsJSON(findings []privcheck.Finding, threshold privcheck.Severity) error {
 	if findings == nil {
-		findings = []postgres.Finding{}
+		findings = []privcheck.Finding{}
 	}
 	doc := struct {
-		Severity string             `json:"severity"`
-		Failed   bool               `json:"failed"`
-		Findings []postgres.Finding `json:"findings"`
+		Severity string              `json:"severity"`
+		Failed   bool                `json:"failed"`
+		Findings []privcheck.Finding `json:"findings"`
 	}{Severity: threshold.String(), Findings: findings}
 	for _, f := range findings {
 		doc.Failed = doc.Failed || f.Severity >= threshold

@@ -115,6 +115,15 @@ func (l Log) NewLogger(w io.Writer) *slog.Logger {
 	return slog.New(slog.NewTextHandler(w, opts))
 }
 
+// TargetNames are the targets' names, in the file's order.
+func (c *Config) TargetNames() []string {
+	names := make([]string, 0, len(c.Targets))
+	for _, t := range c.Targets {
+		names = append(names, t.Name)
+	}
+	return names
+}
+
 // Target returns the target of that name.
 func (c *Config) Target(name string) (Target, bool) {
 	for _, t := range c.Targets {

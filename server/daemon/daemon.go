@@ -13,9 +13,9 @@ import (
 
 	"github.com/credbroker/credbroker/audit"
 	"github.com/credbroker/credbroker/broker"
+	"github.com/credbroker/credbroker/broker/privcheck"
 	"github.com/credbroker/credbroker/server"
 	"github.com/credbroker/credbroker/server/config"
-	"github.com/credbroker/credbroker/server/privcheck"
 	"github.com/credbroker/credbroker/server/rootcred"
 	"github.com/credbroker/credbroker/store"
 )
@@ -183,7 +183,9 @@ func Start(ctx context.Context, cfg *config.Config, opts Options) (_ *Daemon, er
 		d.background.Go(func() {
 			ctx, cancel := context.WithTimeout(bg, privcheckTimeout)
 			defer cancel()
-			findings, err := privcheck.Run(ctx, cfg, d.databases, privcheck.Options{Leases: d.store})
+			findings, err := privcheck.Run(ctx,
+				privcheck.Scope{Targets: cfg.TargetNames(), Roles: cfg.Roles, Engines: d.databases},
+				privcheck.Options{Leases: d.store, Retention: cfg.Store.TombstoneRetention})
 			privcheck.LogFindings(ctx, log, findings, err)
 		})
 	}

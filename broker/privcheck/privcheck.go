@@ -15,8 +15,6 @@ import (
 	"time"
 
 	"github.com/credbroker/credbroker/broker"
-	"github.com/credbroker/credbroker/broker/postgres"
-	"github.com/credbroker/credbroker/server/config"
 )
 
 // DefaultStaleAfter is how long a broker role may go without an issued
@@ -30,82 +28,78 @@ type LeaseLister interface {
 	ListLeases(ctx context.Context, f broker.LeaseFilter) ([]broker.Lease, string, error)
 }
 
-// LastIssuedReader is a lease history that keeps each broker role's newest
-// issue time itself (the bbolt store does), so the stale check reads one entry
-// per role instead of every lease. Its memory is longer than the leases':
-// a role's last issue stays known after the tombstone retention has
-// dropped the lease, so the check judges such a role by its real last issue
-// instead of calling it "no lease the store remembers".
-type LastIssuedReader interface {
-	// LastIssued maps each role that ever had a lease to the issue time
-	// of its newest one; a role with none is absent.
-	LastIssued(ctx context.Context) (map[string]time.Time, error)
-}
-
 // Checker is what the check needs of a target's engine.
 type Checker interface {
-	CheckPrivileges(ctx context.Context, uses []postgres.ProxyRoleUse) ([]postgres.Finding, error)
+	CheckPrivileges(ctx context.Context, uses []ProxyRoleUse) ([]Finding, error)
 }
 
 // Options say what Run looks at besides the catalog.
 type Options struct {
 	// Leases, if set, is read for the stale check; nil skips it. When it
-	// is also a LastIssuedReader, that is all the check reads of it.
+	// is also a broker.LastIssuedReader, that is all the check reads of it.
 	Leases LeaseLister
 	// StaleAfter: a broker role with no lease issued for this long is
 	// stale; 0 is DefaultStaleAfter.
 	StaleAfter time.Duration
+	// Retention is the store's tombstone retention: a role with no lease
+	// in the store is only called unused when the store would remember
+	// one (see StaleRoles).
+	Retention time.Duration
 	// Now is the current time; zero is time.Now().
 	Now time.Time
 }
 
-// Run runs the least-privilege check on every target of cfg, through
-// engines (the target name's engine, which must implement Checker), plus
-// the stale check over opts.Leases. It returns what it found, most severe
-// first, and an error joining every part that could not run.
-func Run(ctx context.Context, cfg *config.Config, engines map[string]broker.Database, opts Options) ([]postgres.Finding, error) {
-	return checkPrivileges(ctx, cfg, engines, opts)
+// Scope is what the check covers: the targets (in the configuration's
+// order), the broker roles on them, and each target's engine, which must
+// implement Checker.
+type Scope struct {
+	Targets []string
+	Roles   []broker.Role
+	Engines map[string]broker.Database
 }
 
-func checkPrivileges(ctx context.Context, cfg *config.Config, dbs map[string]broker.Database, opts Options) ([]postgres.Finding, error) {
-	var out []postgres.Finding
+// Run runs the least-privilege check on every target of the scope, plus
+// the stale check over opts.Leases. It returns what it found, most severe
+// first, and an error joining every part that could not run.
+func Run(ctx context.Context, scope Scope, opts Options) ([]Finding, error) {
+	var out []Finding
 	var errs []error
-	for _, t := range cfg.Targets {
-		db, ok := dbs[t.Name].(Checker)
+	for _, name := range scope.Targets {
+		db, ok := scope.Engines[name].(Checker)
 		if !ok {
-			errs = append(errs, fmt.Errorf("target %s: its engine cannot check privileges", t.Name))
+			errs = append(errs, fmt.Errorf("target %s: its engine cannot check privileges", name))
 			continue
 		}
-		var uses []postgres.ProxyRoleUse
-		for _, r := range cfg.Roles {
-			if r.Target == t.Name {
-				uses = append(uses, postgres.ProxyRoleUse{BrokerRole: r.Name, ProxyRole: r.ProxyRole})
+		var uses []ProxyRoleUse
+		for _, r := range scope.Roles {
+			if r.Target == name {
+				uses = append(uses, ProxyRoleUse{BrokerRole: r.Name, ProxyRole: r.ProxyRole})
 			}
 		}
 		fs, err := db.CheckPrivileges(ctx, uses)
 		if err != nil {
-			errs = append(errs, fmt.Errorf("target %s: %w", t.Name, err))
+			errs = append(errs, fmt.Errorf("target %s: %w", name, err))
 			continue
 		}
 		for i := range fs {
-			fs[i].Target = t.Name
+			fs[i].Target = name
 		}
 		out = append(out, fs...)
 	}
 	if opts.Leases != nil {
-		stale, err := staleRoles(ctx, cfg, opts)
+		stale, err := staleRoles(ctx, scope.Roles, opts)
 		if err != nil {
 			errs = append(errs, fmt.Errorf("stale check: %w", err))
 		}
 		out = append(out, stale...)
 	}
-	postgres.SortFindings(out)
+	SortFindings(out)
 	return out, errors.Join(errs...)
 }
 
-// staleRoles reports the broker roles of cfg not issued for opts.StaleAfter,
-// from each role's newest issue time (see lastIssued).
-func staleRoles(ctx context.Context, cfg *config.Config, opts Options) ([]postgres.Finding, error) {
+// staleRoles reports the broker roles not issued for opts.StaleAfter, from
+// each role's newest issue time (see lastIssued).
+func staleRoles(ctx context.Context, roles []broker.Role, opts Options) ([]Finding, error) {
 	after := opts.StaleAfter
 	if after <= 0 {
 		after = DefaultStaleAfter
@@ -118,13 +112,13 @@ func staleRoles(ctx context.Context, cfg *config.Config, opts Options) ([]postgr
 	if err != nil {
 		return nil, err
 	}
-	activity := make([]postgres.LeaseActivity, 0, len(cfg.Roles))
+	activity := make([]LeaseActivity, 0, len(roles))
 	target := map[string]string{}
-	for _, r := range cfg.Roles {
-		activity = append(activity, postgres.LeaseActivity{BrokerRole: r.Name, LastIssued: last[r.Name]})
+	for _, r := range roles {
+		activity = append(activity, LeaseActivity{BrokerRole: r.Name, LastIssued: last[r.Name]})
 		target[r.Name] = r.Target
 	}
-	fs := postgres.StaleRoles(activity, after, cfg.Store.TombstoneRetention, now)
+	fs := StaleRoles(activity, after, opts.Retention, now)
 	for i := range fs {
 		fs[i].Target = target[fs[i].Role]
 	}
@@ -138,7 +132,7 @@ func staleRoles(ctx context.Context, cfg *config.Config, opts Options) ([]postgr
 // lease it holds, live ones and the tombstones of ended ones, which reads
 // the whole store.
 func lastIssued(ctx context.Context, leases LeaseLister) (map[string]time.Time, error) {
-	if r, ok := leases.(LastIssuedReader); ok {
+	if r, ok := leases.(broker.LastIssuedReader); ok {
 		return r.LastIssued(ctx)
 	}
 	last := map[string]time.Time{}
@@ -163,13 +157,13 @@ func lastIssued(ctx context.Context, leases LeaseLister) (map[string]time.Time, 
 // as warnings, the rest as information, each with its fix. err, from Run,
 // is logged as an incomplete check. Findings never stop brokerd: a DBA
 // may have reasons, and the broker still only hands out its proxy roles.
-func LogFindings(ctx context.Context, log *slog.Logger, findings []postgres.Finding, err error) {
+func LogFindings(ctx context.Context, log *slog.Logger, findings []Finding, err error) {
 	if err != nil {
 		log.Warn("least-privilege check incomplete", "err", err)
 	}
 	for _, f := range findings {
 		level := slog.LevelWarn
-		if f.Severity < postgres.SeverityMedium {
+		if f.Severity < SeverityMedium {
 			level = slog.LevelInfo
 		}
 		attrs := []any{"severity", f.Severity.String(), "check", f.Check, "target", f.Target, "role", f.Role}
