@@ -207,7 +207,10 @@ func TestUnitRevocationBacksOffThenRevokeFailedThenRetriesLater(t *testing.T) {
 
 	u.waitArmed(l.ExpireTime)
 	u.clock.Advance(time.Minute)
-	got := u.waitLease(l.ID, "first failed attempt", func(l broker.Lease) bool { return l.RevokeAttempts == 1 })
+	got := u.waitLease(l.ID, "first failed attempt", func(l broker.Lease) bool { return l.RevokeAttempts >= 1 })
+	if got.RevokeAttempts != 1 {
+		t.Fatalf("%d attempts without moving the clock: retried without backoff", got.RevokeAttempts)
+	}
 	if got.State != broker.StateRevoking || !strings.Contains(got.LastError, "connection refused") {
 		t.Errorf("after one failure: state %s, last_error %q", got.State, got.LastError)
 	}
@@ -224,7 +227,10 @@ func TestUnitRevocationBacksOffThenRevokeFailedThenRetriesLater(t *testing.T) {
 			t.Fatalf("retried before its backoff: %d attempts", n)
 		}
 		u.clock.Advance(time.Nanosecond)
-		got = u.waitLease(l.ID, fmt.Sprintf("attempt %d", attempt+1), func(l broker.Lease) bool { return l.RevokeAttempts == attempt+1 })
+		got = u.waitLease(l.ID, fmt.Sprintf("attempt %d", attempt+1), func(l broker.Lease) bool { return l.RevokeAttempts >= attempt+1 })
+		if got.RevokeAttempts != attempt+1 {
+			t.Fatalf("%d attempts after one more backoff: retried without backoff", got.RevokeAttempts)
+		}
 	}
 	if got.State != broker.StateRevokeFailed {
 		t.Fatalf("after 3 failed attempts: state %s, want revoke_failed", got.State)
@@ -662,4 +668,26 @@ func TestUnitTombstonesArePurgedAfterRetention(t *testing.T) {
 	if _, err := u.b.Lookup(ctx, live.ID); err != nil {
 		t.Errorf("a live lease was purged: %v", err)
 	}
+}
+
+func TestUnitRevocationRecordFailureIsRetried(t *testing.T) {
+	sw := &crashSwitch{}
+	u := newUnit(t, func(c *broker.Config) { c.Store = faultStore{LeaseStore: c.Store, sw: sw} })
+	ctx := context.Background()
+	l, c := u.issue(roleRO, 0, "svc")
+	sw.failNextCalls("UpdateLease:revoked", 1, errors.New("injected: disk full"))
+	if _, err := u.b.Revoke(ctx, l.ID); err == nil {
+		t.Fatal("Revoke succeeded although recording it failed")
+	}
+	if u.userExists(c.Username) {
+		t.Error("the user survived; only the record of its drop failed")
+	}
+	if s := u.lease(l.ID).State; s != broker.StateRevoking {
+		t.Fatalf("lease is %s, want still revoking (live, so it is tried again)", s)
+	}
+	// Retried after backoff(1), within a second, as an owner's revocation.
+	next := u.clock.Now().Add(time.Second)
+	waitFor(t, "the retry and the maintenance tick to be armed", func() bool { return u.clock.WaitersUntil(next) >= 2 })
+	u.clock.Advance(time.Second)
+	u.waitState(l.ID, broker.StateRevoked)
 }

@@ -274,22 +274,29 @@ func (d *DB) renew(req broker.RenewUserRequest) error {
 
 // RenewUsers is RenewUser for many users, with an error per request.
 func (d *DB) RenewUsers(ctx context.Context, reqs []broker.RenewUserRequest) []error {
-	errs := make([]error, len(reqs))
 	names := make([]string, len(reqs))
 	for i, r := range reqs {
 		names[i] = r.Username
 	}
+	return d.batch(ctx, RenewUsers, names, func(i int) error { return d.renew(reqs[i]) })
+}
+
+// batch runs a call naming many users, each as one, with an error per
+// user: the whole call's error (context, unavailable, FailNext) fails
+// every entry, as a failed transaction does.
+func (d *DB) batch(ctx context.Context, method string, names []string, each func(i int) error) []error {
+	errs := make([]error, len(names))
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	err := ctx.Err()
 	if err == nil {
-		err = d.begin(RenewUsers, names...)
+		err = d.begin(method, names...)
 	}
-	for i, r := range reqs {
+	for i := range names {
 		if err != nil {
 			errs[i] = err
 		} else {
-			errs[i] = d.renew(r)
+			errs[i] = each(i)
 		}
 	}
 	return errs
@@ -319,25 +326,11 @@ func (d *DB) drop(name string) error {
 
 // DeleteUsers is DeleteUser for many users, with an error per request.
 func (d *DB) DeleteUsers(ctx context.Context, reqs []broker.DeleteUserRequest) []error {
-	errs := make([]error, len(reqs))
 	names := make([]string, len(reqs))
 	for i, r := range reqs {
 		names[i] = r.Username
 	}
-	d.mu.Lock()
-	defer d.mu.Unlock()
-	err := ctx.Err()
-	if err == nil {
-		err = d.begin(DeleteUsers, names...)
-	}
-	for i, r := range reqs {
-		if err != nil {
-			errs[i] = err
-		} else {
-			errs[i] = d.drop(r.Username)
-		}
-	}
-	return errs
+	return d.batch(ctx, DeleteUsers, names, func(i int) error { return d.drop(names[i]) })
 }
 
 // ListManagedUsers lists the users, sorted.
