@@ -1,14 +1,14 @@
-// Package fuzz_test holds the fuzz tests of what callers and operators
-// control: request validation at the gRPC edge, and the configuration
-// file. They live apart from the packages they test because those
-// packages' TestMain starts a PostgreSQL cluster, which every fuzz worker
-// process would otherwise start too; nothing here needs a database.
+// Package fuzz_test holds the fuzz test of the configuration file, which
+// operators control. It lives apart from server/config because that
+// package is being rewritten; it moves next to the code it fuzzes, as the
+// request validation fuzz already did (server/request_fuzz_test.go: with
+// pgtest starting PostgreSQL lazily, fuzz workers no longer start one).
+// Nothing here needs a database.
 //
-// The seed corpus is in testdata/fuzz (the injection corpus of the server
-// tests and example configurations); `go test` runs the seeds, and
+// The seed corpus is in testdata/fuzz (example configurations); `go test`
+// runs the seeds, and
 //
-//	go test -run '^$' -fuzz FuzzRequestValidation -fuzztime 5m ./internal/fuzz
 //	go test -run '^$' -fuzz FuzzConfig -fuzztime 5m ./internal/fuzz
 //
-// search beyond them.
+// searches beyond them.
 package fuzz_test
