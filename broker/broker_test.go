@@ -322,39 +322,6 @@ func TestIssueGivesWorkingReadOnlyCredential(t *testing.T) {
 	}
 }
 
-func TestIssueTTLs(t *testing.T) {
-	e := newEnv(t)
-	for _, tc := range []struct {
-		name    string
-		ttl     time.Duration
-		want    time.Duration
-		wantErr error
-	}{
-		{"zero is the default", 0, 15 * time.Minute, nil},
-		{"within max", 30 * time.Minute, 30 * time.Minute, nil},
-		{"above max is capped", 2 * time.Hour, time.Hour, nil},
-		{"100000h is capped", 100000 * time.Hour, time.Hour, nil},
-		{"one nanosecond", time.Nanosecond, time.Nanosecond, nil},
-		{"negative", -time.Second, 0, broker.ErrInvalidArgument},
-	} {
-		t.Run(tc.name, func(t *testing.T) {
-			l, _, err := e.b.Issue(context.Background(), broker.IssueRequest{Role: roleRO, TTL: tc.ttl})
-			if tc.wantErr != nil {
-				if !errors.Is(err, tc.wantErr) {
-					t.Fatalf("err = %v, want %v", err, tc.wantErr)
-				}
-				return
-			}
-			if err != nil {
-				t.Fatal(err)
-			}
-			if got := l.ExpireTime.Sub(l.IssueTime); got != tc.want {
-				t.Errorf("granted %v, want %v", got, tc.want)
-			}
-		})
-	}
-}
-
 func TestBadInputCreatesNothing(t *testing.T) {
 	e := newEnv(t)
 	bad := []string{"", "read_only'", "read_only; DROP ROLE x", "read\x00only", strings.Repeat("a", 200), "READ_ONLY", "pg_read", "ro--", "ro/*x*/"}
@@ -498,24 +465,6 @@ func TestRenew(t *testing.T) {
 	}
 }
 
-func TestRenewRevokedOrExpiredFails(t *testing.T) {
-	e := newEnv(t)
-	l, _ := e.issue(roleRO, time.Minute)
-	if _, err := e.b.Revoke(context.Background(), l.ID); err != nil {
-		t.Fatal(err)
-	}
-	if _, err := e.b.Renew(context.Background(), l.ID, 0); !errors.Is(err, broker.ErrLeaseRevoked) {
-		t.Errorf("renew revoked: err = %v, want ErrLeaseRevoked", err)
-	}
-
-	l2, _ := e.issue(roleRO, time.Minute)
-	e.clock.Advance(time.Minute)
-	e.waitState(l2.ID, broker.StateExpired)
-	if _, err := e.b.Renew(context.Background(), l2.ID, 0); !errors.Is(err, broker.ErrLeaseExpired) {
-		t.Errorf("renew expired: err = %v, want ErrLeaseExpired", err)
-	}
-}
-
 func TestRevokeEndsSessionsAndDropsUser(t *testing.T) {
 	e := newEnv(t)
 	l, c := e.issue(roleUpdater, 0)
@@ -622,48 +571,6 @@ func TestRenewedLeaseIsNotExpiredEarly(t *testing.T) {
 	}
 }
 
-func TestFailedRevocationRetriesThenRevokeFailed(t *testing.T) {
-	e := newEnv(t)
-	l, c := e.issue(roleRO, time.Minute)
-	dbDown := fmt.Errorf("%w: connection refused", broker.ErrUnavailable)
-	e.sw.failNextCalls("DeleteUser", 3, dbDown)
-
-	e.clock.Advance(time.Minute)
-	got := e.waitState(l.ID, broker.StateRevoking)
-	waitFor(t, "the first failure to be recorded", func() bool { got = e.lease(l.ID); return got.RevokeAttempts == 1 })
-	if !strings.Contains(got.LastError, "connection refused") {
-		t.Errorf("last_error = %q", got.LastError)
-	}
-	first := got.NextAttempt.Sub(e.clock.Now())
-	if first < 500*time.Millisecond || first > time.Second {
-		t.Errorf("first retry in %v, want within [0.5s, 1s] (base 1s, jitter on the upper half)", first)
-	}
-	// Drive the retries: each failure pushes NextAttempt out.
-	for attempt := 2; attempt <= 3; attempt++ {
-		e.clock.Advance(got.NextAttempt.Sub(e.clock.Now()))
-		waitFor(t, fmt.Sprintf("attempt %d", attempt), func() bool { got = e.lease(l.ID); return got.RevokeAttempts == attempt })
-	}
-	if got.State != broker.StateRevokeFailed {
-		t.Fatalf("after the retry budget: state %s, want revoke_failed", got.State)
-	}
-	failed, _, err := e.b.ListLeases(context.Background(), broker.LeaseFilter{State: broker.StateRevokeFailed})
-	if err != nil || len(failed) != 1 || failed[0].ID != l.ID {
-		t.Errorf("admins cannot list the failed lease: %v %v", failed, err)
-	}
-	if !e.roleExists(c.Username) {
-		t.Fatal("user gone although every drop failed")
-	}
-	// Retried later, when PostgreSQL is back.
-	e.clock.Advance(got.NextAttempt.Sub(e.clock.Now()))
-	done := e.waitState(l.ID, broker.StateExpired)
-	if done.LastError != "" {
-		t.Errorf("last_error kept after success: %q", done.LastError)
-	}
-	if e.roleExists(c.Username) {
-		t.Error("user exists after the successful retry")
-	}
-}
-
 func TestRestartKeepsLeasesAndRevokesThoseExpiredMeanwhile(t *testing.T) {
 	e := newEnv(t)
 	short, cs := e.issue(roleRO, time.Minute)
@@ -685,67 +592,6 @@ func TestRestartKeepsLeasesAndRevokesThoseExpiredMeanwhile(t *testing.T) {
 	}
 	if _, err := e.b.Renew(context.Background(), long.ID, 0); err != nil {
 		t.Errorf("renew after restart: %v", err)
-	}
-}
-
-func TestAdminRevokeBySelector(t *testing.T) {
-	e := newEnv(t)
-	var ro []broker.Lease
-	for range 3 {
-		l, _ := e.issue(roleRO, 0)
-		ro = append(ro, l)
-	}
-	up, _ := e.issue(roleUpdater, 0)
-	other, _, err := e.b.Issue(context.Background(), broker.IssueRequest{Role: roleRO, Client: "other"})
-	if err != nil {
-		t.Fatal(err)
-	}
-
-	n, err := e.b.RevokeLeases(context.Background(), broker.RevokeSelector{Role: roleRO, Client: "test"})
-	if err != nil || n != 3 {
-		t.Fatalf("revoke role+client: n=%d err=%v, want 3", n, err)
-	}
-	for _, l := range ro {
-		if s := e.lease(l.ID).State; s != broker.StateRevoked {
-			t.Errorf("lease %s is %s", l.ID, s)
-		}
-	}
-	if s := e.lease(up.ID).State; s != broker.StateActive {
-		t.Errorf("updater lease touched: %s", s)
-	}
-	if s := e.lease(other.ID).State; s != broker.StateActive {
-		t.Errorf("other client's lease touched: %s", s)
-	}
-	n, err = e.b.RevokeLeases(context.Background(), broker.RevokeSelector{Client: "other"})
-	if err != nil || n != 1 {
-		t.Errorf("revoke by client: n=%d err=%v", n, err)
-	}
-	n, err = e.b.RevokeLeases(context.Background(), broker.RevokeSelector{IDs: []string{up.ID, ro[0].ID}})
-	if err != nil || n != 1 {
-		t.Errorf("revoke by ids (one already revoked): n=%d err=%v, want 1", n, err)
-	}
-	users, _ := e.engine.ListManagedUsers(context.Background())
-	if len(users) != 0 {
-		t.Errorf("users left: %v", users)
-	}
-}
-
-func TestTombstonesArePurgedAfterRetention(t *testing.T) {
-	e := newEnv(t, func(c *broker.Config) { c.TombstoneRetention = time.Hour })
-	l, _ := e.issue(roleRO, 0)
-	if _, err := e.b.Revoke(context.Background(), l.ID); err != nil {
-		t.Fatal(err)
-	}
-	e.clock.Advance(59 * time.Minute)
-	if n, err := e.b.PurgeTombstones(context.Background()); err != nil || n != 0 {
-		t.Fatalf("purge before retention: n=%d err=%v", n, err)
-	}
-	e.clock.Advance(2 * time.Minute)
-	if n, err := e.b.PurgeTombstones(context.Background()); err != nil || n != 1 {
-		t.Fatalf("purge after retention: n=%d err=%v, want 1", n, err)
-	}
-	if _, err := e.b.Lookup(context.Background(), l.ID); !errors.Is(err, broker.ErrLeaseNotFound) {
-		t.Errorf("purged lease still found: %v", err)
 	}
 }
 

@@ -3,8 +3,6 @@ package broker
 import (
 	"context"
 	"errors"
-	"log/slog"
-	"math/rand/v2"
 	"slices"
 	"time"
 )
@@ -16,16 +14,6 @@ import (
 // than 64: batches of 64 instead of 16 per worker took an expiry burst of
 // 2,000 from 1.5x to 1.0x the time of bare DROP ROLEs (credbroker-bench).
 const popBatch = 256
-
-// UsersDeleter is a Database that can drop many users at once, each step
-// of the revocation once for all of them (broker/postgres.Engine). When a
-// lease's target implements it, the expiry manager revokes a burst of
-// expired leases in batches: two PostgreSQL commits and two store commits
-// per batch instead of per lease. errs[i] is the result of reqs[i]; a
-// missing user is success.
-type UsersDeleter interface {
-	DeleteUsers(ctx context.Context, reqs []DeleteUserRequest) (errs []error)
-}
 
 // startExpiryManager starts the dispatcher, which waits for the earliest
 // due lease, and RevokeConcurrency workers, which revoke. Detection and
@@ -139,13 +127,6 @@ func (b *Broker) PurgeTombstones(ctx context.Context) (int, error) {
 	}
 }
 
-func jitter(n int64) int64 {
-	if n <= 0 {
-		return 0
-	}
-	return rand.Int64N(n)
-}
-
 // revokeBatch is revoke(ctx, id, true) for several expired leases at once:
 // the same states and events, with one store transaction per step and one
 // UsersDeleter call per target. What it cannot settle plainly (a lease
@@ -243,12 +224,7 @@ func (b *Broker) revokeBatch(ctx context.Context, ids []string) {
 				continue
 			}
 			l := revoking[i]
-			if l.EndTime.IsZero() {
-				l.State, l.EndTime = StateExpired, now
-			} else {
-				l.State = StateRevoked
-			}
-			l.LastError, l.RevokeAttempts, l.NextAttempt = "", 0, time.Time{}
+			finishRevocation(&l, now)
 			done = append(done, l)
 		}
 	}
@@ -267,24 +243,5 @@ func (b *Broker) revokeBatch(ctx context.Context, ids []string) {
 		}
 		l := stored[j]
 		b.leaseEnded(l, b.log.With("lease_id", l.ID, "role", l.Role, "client", l.Client, "username", l.Username))
-	}
-}
-
-// leaseEnded does what follows a finished revocation: the lease leaves
-// the queue and the stream bookkeeping, its subscribers hear of it, and it
-// is logged and audited.
-func (b *Broker) leaseEnded(stored Lease, log *slog.Logger) {
-	b.queue.Remove(stored.ID)
-	b.forgetStream(stored.ID)
-	ev := EventRevoked
-	if stored.State == StateExpired {
-		ev = EventExpired
-	}
-	b.hub.publish(Event{Type: ev, Lease: stored.Clone()})
-	log.Info("lease ended", "state", stored.State.String())
-	if stored.State == StateExpired {
-		b.audit(AuditExpire, stored, "")
-	} else {
-		b.audit(AuditRevoke, stored, "")
 	}
 }

@@ -85,3 +85,13 @@ type SystemClock struct{}
 
 func (SystemClock) Now() time.Time                         { return time.Now() }
 func (SystemClock) After(d time.Duration) <-chan time.Time { return time.After(d) }
+
+// UsersDeleter is a Database that can drop many users at once, each step
+// of the revocation once for all of them (broker/postgres.Engine). When a
+// lease's target implements it, the expiry manager revokes a burst of
+// expired leases in batches: two PostgreSQL commits and two store commits
+// per batch instead of per lease. errs[i] is the result of reqs[i]; a
+// missing user is success.
+type UsersDeleter interface {
+	DeleteUsers(ctx context.Context, reqs []DeleteUserRequest) (errs []error)
+}

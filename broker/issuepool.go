@@ -118,7 +118,7 @@ func (b *Broker) reserve(ctx context.Context, role Role, n int) []reservation {
 				ProxyRole:  role.ProxyRole,
 				CreateTime: now,
 			},
-			password: newPassword(),
+			password: NewPassword(),
 		}
 		if hasher != nil {
 			v, err := hasher.HashPassword(r.password)

@@ -74,7 +74,11 @@ func newUsername(role string) string {
 	return "cb_" + role + "_" + randomString(userAlphabet, userSuffixLen)
 }
 
-func newPassword() string { return randomString(passwordAlphabet, passwordLen) }
+// NewPassword returns a random password: 32 characters of [A-Za-z0-9],
+// about 190 bits, safe unquoted in SQL string literals, connection strings
+// and shells. Issued users get one; so may anything else that needs a
+// password of the same strength (the targets' admin password rotation).
+func NewPassword() string { return randomString(passwordAlphabet, passwordLen) }
 
 // randomString draws n characters uniformly from alphabet (rejection
 // sampling, so no character is more likely than another).

@@ -250,21 +250,3 @@ func (b *Broker) renewBatch(target string, calls []*renewCall) {
 		}
 	}
 }
-
-// tryLock is Lock without waiting: ok is false when the key is held or
-// awaited by someone else.
-func (k *keyedMutex) tryLock(key string) (unlock func(), ok bool) {
-	k.mu.Lock()
-	if k.locks == nil {
-		k.locks = make(map[string]*refMutex)
-	}
-	if _, busy := k.locks[key]; busy {
-		k.mu.Unlock()
-		return nil, false
-	}
-	m := &refMutex{refs: 1}
-	m.Lock()
-	k.locks[key] = m
-	k.mu.Unlock()
-	return k.unlocker(key, m), true
-}

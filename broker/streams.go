@@ -9,6 +9,14 @@ import (
 // are looked for; it is also the maintenance loop's tick.
 const disconnectCheckInterval = time.Second
 
+// streamState is what the broker knows of the KeepAlive streams naming
+// one lease.
+type streamState struct {
+	open     int       // streams naming the lease now
+	bound    bool      // the lease is revoke_on_disconnect
+	deadline time.Time // when a bound lease with no stream is revoked
+}
+
 // StreamOpened tells the broker that a KeepAlive stream started naming a
 // lease. A revoke_on_disconnect lease lives while at least one stream names
 // it, and for DisconnectGrace after the last one closed.

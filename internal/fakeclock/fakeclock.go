@@ -69,6 +69,21 @@ func (c *Clock) Waiters() int {
 	return len(c.waiters)
 }
 
+// WaitersUntil returns how many pending After channels fire once the clock
+// reaches t, so a test can wait for one particular timer (a loop's next
+// tick, say) to be armed before it moves the clock.
+func (c *Clock) WaitersUntil(t time.Time) int {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	n := 0
+	for _, w := range c.waiters {
+		if !w.at.After(t) {
+			n++
+		}
+	}
+	return n
+}
+
 // Changed returns a channel closed the next time the set of waiters changes,
 // so a test can wait for a goroutine to block on the clock without polling.
 func (c *Clock) Changed() <-chan struct{} {

@@ -8,9 +8,11 @@
 //
 //	func TestMain(m *testing.M) { os.Exit(pgtest.Main(m)) }
 //
-// Main starts one throwaway cluster (package pgcluster) for the package
-// binary, or uses the server named by $CREDBROKER_TEST_PG_URL (a superuser
-// URL) when set.
+// The first Server call starts one throwaway cluster (package pgcluster)
+// for the package binary, or uses the server named by
+// $CREDBROKER_TEST_PG_URL (a superuser URL) when set; Main stops it when
+// the tests are done. A package's tests that never call Server run without
+// PostgreSQL.
 package pgtest
 
 import (
@@ -43,8 +45,23 @@ const ExternalURLEnv = "CREDBROKER_TEST_PG_URL"
 // DemoTable is the table NewTarget creates in every target database.
 const DemoTable = "demo"
 
-// current is the package's server, set by Main.
-var current *Instance
+// The package's server is started by the first Server call, not by Main,
+// so that tests which need no PostgreSQL (unit tests, fuzz workers) run
+// without one.
+var (
+	// mainCalled is set by Main; Server refuses to start a server that no
+	// Main will stop.
+	mainCalled bool
+	startOnce  sync.Once
+	// startCtx bounds the start; Main's signal handler cancels it.
+	startCtx    context.Context
+	startCancel context.CancelFunc
+
+	mu       sync.Mutex
+	current  *Instance
+	startErr error
+	stopped  bool // Main has stopped, or is stopping, the server
+)
 
 // Instance is the PostgreSQL server of a test binary.
 type Instance struct {
@@ -63,31 +80,25 @@ type Instance struct {
 // so a run meant for PostgreSQL 17 cannot silently test another server.
 const MajorEnv = "CREDBROKER_TEST_PG_MAJOR"
 
-// Main starts the package's PostgreSQL server, runs the tests, and stops
-// the server, also when the test binary gets SIGINT or SIGTERM. Call it as
-// os.Exit(pgtest.Main(m)). It returns the exit code.
+// Main runs the tests and stops the package's PostgreSQL server at the end
+// if a test started one (see Server), also when the test binary gets SIGINT
+// or SIGTERM. Call it as os.Exit(pgtest.Main(m)). It returns the exit code.
 func Main(m *testing.M) int {
-	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
-	srv, err := start(ctx)
-	cancel()
-	if err != nil {
-		fmt.Fprintln(os.Stderr, "pgtest:", err)
-		return 1
-	}
-	current = srv
-	if want := os.Getenv(MajorEnv); want != "" && want != strconv.Itoa(srv.Version) {
-		fmt.Fprintf(os.Stderr, "pgtest: $%s is %s, but the server is PostgreSQL %d\n", MajorEnv, want, srv.Version)
-		if srv.Cluster != nil {
-			_ = srv.Cluster.Stop()
-		}
-		return 1
-	}
-	fmt.Fprintf(os.Stderr, "pgtest: PostgreSQL %d\n", srv.Version)
+	mu.Lock()
+	mainCalled = true
+	mu.Unlock()
+	// Two minutes for the start from the first Server call on; counted
+	// from there, not from now, by startServer.
+	startCtx, startCancel = context.WithCancel(context.Background())
 	stop := sync.OnceValue(func() error {
-		if srv.Cluster == nil {
+		startCancel() // a start under way gives up
+		mu.Lock()
+		defer mu.Unlock()
+		stopped = true
+		if current == nil || current.Cluster == nil {
 			return nil
 		}
-		return srv.Cluster.Stop()
+		return current.Cluster.Stop()
 	})
 
 	sigs := make(chan os.Signal, 1)
@@ -116,6 +127,35 @@ func Main(m *testing.M) int {
 		}
 	}
 	return code
+}
+
+// startServer starts the package's server, once, and checks its version
+// against $CREDBROKER_TEST_PG_MAJOR.
+func startServer() (*Instance, error) {
+	ctx, cancel := context.WithTimeout(startCtx, 2*time.Minute)
+	defer cancel()
+	srv, err := start(ctx)
+	if err != nil {
+		return nil, err
+	}
+	if want := os.Getenv(MajorEnv); want != "" && want != strconv.Itoa(srv.Version) {
+		if srv.Cluster != nil {
+			_ = srv.Cluster.Stop()
+		}
+		return nil, fmt.Errorf("$%s is %s, but the server is PostgreSQL %d", MajorEnv, want, srv.Version)
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	if stopped {
+		// Main stopped (a signal) while the server started.
+		if srv.Cluster != nil {
+			_ = srv.Cluster.Stop()
+		}
+		return nil, errors.New("the test binary is stopping")
+	}
+	current = srv
+	fmt.Fprintf(os.Stderr, "pgtest: PostgreSQL %d\n", srv.Version)
+	return srv, nil
 }
 
 func start(ctx context.Context) (*Instance, error) {
@@ -169,18 +209,34 @@ func external(ctx context.Context, raw string) (*Instance, error) {
 	}, nil
 }
 
-// Server returns the package's server. It fails the test, never skips it,
-// when TestMain did not call Main.
+// Server returns the package's server, starting it on the first call. It
+// fails the test, never skips it, when TestMain did not call Main or the
+// server cannot be started; every later call fails with the same error.
 func Server(t testing.TB) *Instance {
 	t.Helper()
-	if current == nil {
+	mu.Lock()
+	called := mainCalled
+	mu.Unlock()
+	if !called {
 		t.Fatal("pgtest: no PostgreSQL server: the package's TestMain must call os.Exit(pgtest.Main(m))")
 	}
-	return current
+	startOnce.Do(func() {
+		srv, err := startServer()
+		mu.Lock()
+		current, startErr = srv, err
+		mu.Unlock()
+	})
+	mu.Lock()
+	srv, err := current, startErr
+	mu.Unlock()
+	if err != nil {
+		t.Fatalf("pgtest: %v", err)
+	}
+	return srv
 }
 
 // HasLog reports whether Log returns the server's log with every statement
-// in it (true for the cluster Main starts; false for an external server).
+// in it (true for the cluster pgtest starts; false for an external server).
 func (s *Instance) HasLog() bool { return s.Cluster != nil }
 
 // Log returns the server log so far; nil when HasLog is false.

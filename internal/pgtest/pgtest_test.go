@@ -3,6 +3,7 @@ package pgtest_test
 import (
 	"context"
 	"os"
+	"os/exec"
 	"strings"
 	"testing"
 	"time"
@@ -13,6 +14,29 @@ import (
 )
 
 func TestMain(m *testing.M) { os.Exit(pgtest.Main(m)) }
+
+// lazyChildEnv marks the re-executed test binary of TestNoServerUntilAsked.
+const lazyChildEnv = "PGTEST_LAZY_CHILD"
+
+// TestNoServerUntilAsked runs this test binary again with only a test that
+// never calls Server, and checks that no PostgreSQL was started for it.
+func TestNoServerUntilAsked(t *testing.T) {
+	if os.Getenv(lazyChildEnv) != "" {
+		return // the child: needs no server
+	}
+	cmd := exec.Command(os.Args[0], "-test.run=^TestNoServerUntilAsked$", "-test.v")
+	cmd.Env = append(os.Environ(), lazyChildEnv+"=1")
+	out, err := cmd.CombinedOutput()
+	if err != nil {
+		t.Fatalf("child test binary: %v\n%s", err, out)
+	}
+	if strings.Contains(string(out), "pgtest: PostgreSQL") {
+		t.Errorf("a server was started for a test that never asked for one:\n%s", out)
+	}
+	if !strings.Contains(string(out), "PASS") {
+		t.Errorf("the child ran no test:\n%s", out)
+	}
+}
 
 func TestNewTarget(t *testing.T) {
 	t.Parallel()

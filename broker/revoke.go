@@ -1,0 +1,230 @@
+package broker
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"math/rand/v2"
+	"sync"
+	"time"
+)
+
+// Revoke drops the lease's user, ending its sessions; it returns once the
+// user is gone. Revoking a revoked or expired lease returns it unchanged.
+func (b *Broker) Revoke(ctx context.Context, id string) (Lease, error) {
+	if err := ValidateLeaseID(id); err != nil {
+		return Lease{}, err
+	}
+	l, _, err := b.revoke(ctx, id, false)
+	return l, err
+}
+
+// revoke runs the revocation of one lease under its lock. byExpiry says
+// the expiry manager asked; an admin or owner revoke otherwise. It reports
+// whether this call finished a revocation.
+func (b *Broker) revoke(ctx context.Context, id string, byExpiry bool) (Lease, bool, error) {
+	unlock := b.leaseMu.Lock(id)
+	defer unlock()
+	l, err := b.store.GetLease(ctx, id)
+	if err != nil {
+		return Lease{}, false, err
+	}
+	if l.State.Terminal() {
+		b.queue.Remove(id)
+		return l, false, nil
+	}
+	now := b.clock.Now()
+	if byExpiry && l.State == StateActive && now.Before(l.ExpireTime) {
+		// Renewed since it was queued.
+		b.queue.Set(id, l.ExpireTime)
+		return l, false, nil
+	}
+	if l.State == StateActive {
+		l.State = StateRevoking
+		if !byExpiry {
+			// EndTime on a live lease records that an admin or owner asked
+			// for it, so the tombstone says REVOKED, not EXPIRED.
+			l.EndTime = now
+		}
+		if l, err = b.store.UpdateLease(ctx, l); err != nil {
+			return l, false, fmt.Errorf("store lease: %w", err)
+		}
+	}
+	log := b.log.With("lease_id", l.ID, "role", l.Role, "client", l.Client, "username", l.Username)
+	db, dberr := b.db(l.Target)
+	if dberr == nil {
+		dberr = db.DeleteUser(ctx, DeleteUserRequest{Username: l.Username, ProxyRole: l.ProxyRole})
+	}
+	if dberr != nil {
+		l.RevokeAttempts++
+		l.LastError = dberr.Error()
+		var due time.Time
+		if l.RevokeAttempts >= b.cfg.RevokeRetries {
+			l.State = StateRevokeFailed
+			due = now.Add(b.cfg.FailedRetryInterval)
+			log.Error("revocation failed; will retry later", "attempts", l.RevokeAttempts, "err", dberr)
+		} else {
+			due = now.Add(b.backoff(l.RevokeAttempts))
+			log.Warn("revocation failed; retrying", "attempts", l.RevokeAttempts, "err", dberr)
+		}
+		l.NextAttempt = due
+		if stored, err := b.store.UpdateLease(context.WithoutCancel(ctx), l); err == nil {
+			l = stored
+		} else {
+			log.Error("could not record revocation failure", "err", err)
+		}
+		b.queue.Set(id, due)
+		b.audit(AuditRevokeFailed, l, dberr.Error())
+		return l, false, fmt.Errorf("revoke user: %w", dberr)
+	}
+	finishRevocation(&l, now)
+	// The user is gone; record it even if the caller has given up.
+	stored, err := b.store.UpdateLease(context.WithoutCancel(ctx), l)
+	if err != nil {
+		// The lease stays live in the store, so it is tried again; dropping
+		// a user that is already gone is success.
+		b.queue.Set(id, now.Add(b.backoff(1)))
+		return l, false, fmt.Errorf("store lease: %w", err)
+	}
+	b.leaseEnded(stored, log)
+	return stored.Clone(), true, nil
+}
+
+// backoff is the delay before retry attempt n (1-based): exponential from
+// RetryBaseDelay, capped at RetryMaxDelay, with full jitter over its upper
+// half so that a mass failure does not retry in lockstep.
+func (b *Broker) backoff(n int) time.Duration {
+	d := b.cfg.RetryBaseDelay
+	for i := 1; i < n && d < b.cfg.RetryMaxDelay; i++ {
+		d *= 2
+	}
+	if d > b.cfg.RetryMaxDelay {
+		d = b.cfg.RetryMaxDelay
+	}
+	half := d / 2
+	return half + time.Duration(jitter(int64(half)+1))
+}
+
+// finishRevocation records on l that its user is gone: a lease an admin
+// or owner revoked (EndTime set when the revocation began) becomes
+// REVOKED, one the expiry manager took EXPIRED, ending now; no failure is
+// left pending.
+func finishRevocation(l *Lease, now time.Time) {
+	if l.EndTime.IsZero() {
+		l.State = StateExpired
+		l.EndTime = now
+	} else {
+		l.State = StateRevoked
+	}
+	l.LastError = ""
+	l.RevokeAttempts = 0
+	l.NextAttempt = time.Time{}
+}
+
+// leaseEnded does what follows a finished revocation: the lease leaves
+// the queue and the stream bookkeeping, its subscribers hear of it, and it
+// is logged and audited.
+func (b *Broker) leaseEnded(stored Lease, log *slog.Logger) {
+	b.queue.Remove(stored.ID)
+	b.forgetStream(stored.ID)
+	ev := EventRevoked
+	if stored.State == StateExpired {
+		ev = EventExpired
+	}
+	b.hub.publish(Event{Type: ev, Lease: stored.Clone()})
+	log.Info("lease ended", "state", stored.State.String())
+	if stored.State == StateExpired {
+		b.audit(AuditExpire, stored, "")
+	} else {
+		b.audit(AuditRevoke, stored, "")
+	}
+}
+
+// RevokeLeases revokes every live lease the selector matches and returns
+// how many this call revoked. With several selectors a lease must match all.
+func (b *Broker) RevokeLeases(ctx context.Context, sel RevokeSelector) (int, error) {
+	if len(sel.IDs) == 0 && sel.Role == "" && sel.Client == "" {
+		return 0, fmt.Errorf("%w: name at least one of lease_ids, role, client", ErrInvalidArgument)
+	}
+	for _, id := range sel.IDs {
+		if err := ValidateLeaseID(id); err != nil {
+			return 0, err
+		}
+	}
+	filter := LeaseFilter{Role: sel.Role, Client: sel.Client}
+	var ids []string
+	if len(sel.IDs) > 0 {
+		seen := make(map[string]bool, len(sel.IDs))
+		for _, id := range sel.IDs {
+			if seen[id] {
+				continue
+			}
+			seen[id] = true
+			l, err := b.store.GetLease(ctx, id)
+			if err != nil {
+				return 0, err
+			}
+			if filter.Match(&l) && !l.State.Terminal() {
+				ids = append(ids, id)
+			}
+		}
+	} else {
+		filter.Limit = 1000
+		for {
+			page, next, err := b.store.ListLeases(ctx, filter)
+			if err != nil {
+				return 0, err
+			}
+			for i := range page {
+				if !page[i].State.Terminal() {
+					ids = append(ids, page[i].ID)
+				}
+			}
+			if next == "" {
+				break
+			}
+			filter.After = next
+		}
+	}
+	return b.revokeAll(ctx, ids)
+}
+
+// revokeAll revokes ids with at most RevokeConcurrency at once.
+func (b *Broker) revokeAll(ctx context.Context, ids []string) (int, error) {
+	var (
+		mu    sync.Mutex
+		count int
+		errs  []error
+		wg    sync.WaitGroup
+		sem   = make(chan struct{}, b.cfg.RevokeConcurrency)
+	)
+	for _, id := range ids {
+		sem <- struct{}{}
+		wg.Add(1)
+		go func() {
+			defer func() { <-sem; wg.Done() }()
+			_, done, err := b.revoke(ctx, id, false)
+			mu.Lock()
+			defer mu.Unlock()
+			if done {
+				count++
+			}
+			if err != nil && !errors.Is(err, ErrLeaseNotFound) {
+				errs = append(errs, fmt.Errorf("lease %s: %w", id, err))
+			}
+		}()
+	}
+	wg.Wait()
+	if len(errs) > 0 {
+		return count, fmt.Errorf("revoked %d of %d leases; %d failed, first: %w", count, len(ids), len(errs), errs[0])
+	}
+	return count, nil
+}
+
+func jitter(n int64) int64 {
+	if n <= 0 {
+		return 0
+	}
+	return rand.Int64N(n)
+}
