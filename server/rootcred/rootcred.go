@@ -2,13 +2,13 @@ package rootcred
 
 import (
 	"context"
-	"crypto/rand"
 	"errors"
 	"fmt"
 	"log/slog"
 	"sync"
 	"time"
 
+	"github.com/credbroker/credbroker/broker"
 	"github.com/credbroker/credbroker/broker/postgres"
 	"github.com/credbroker/credbroker/server"
 	"github.com/credbroker/credbroker/server/config"
@@ -175,29 +175,6 @@ var ErrRotateUnknownTarget = server.ErrUnknownTarget
 // comes from an environment variable.
 var ErrRotateNotWritable = errNotWritable
 
-// rotatePasswordLen: 32 characters of [A-Za-z0-9], about 190 bits.
-const rotatePasswordLen = 32
-
-func newRootPassword() string {
-	const alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"
-	return randomFrom(alphabet, rotatePasswordLen)
-}
-
-func randomFrom(alphabet string, n int) string {
-	b := make([]byte, n)
-	buf := make([]byte, 1)
-	for i := 0; i < n; {
-		_, _ = rand.Read(buf)
-		// Rejection sampling keeps every character equally likely.
-		if int(buf[0]) >= 256-256%len(alphabet) {
-			continue
-		}
-		b[i] = alphabet[int(buf[0])%len(alphabet)]
-		i++
-	}
-	return string(b)
-}
-
 // Rotate gives the target's admin role a new random password and stores
 // it at the password's source, in an order that survives a crash at any
 // point: the new password is written as pending first, then set in
@@ -219,7 +196,9 @@ func (rc *Credentials) Rotate(ctx context.Context, target string) (RotateResult,
 			return RotateResult{}, err
 		}
 	}
-	next := newRootPassword()
+	// The same generator as issued users' passwords: 32 characters of
+	// [A-Za-z0-9], about 190 bits.
+	next := broker.NewPassword()
 	staged, err := c.src.stage(ctx, st, next)
 	if err != nil {
 		return RotateResult{}, fmt.Errorf("recording the new admin password (%s): %w", c.src.describe(), err)

@@ -3,6 +3,7 @@ package rootcred
 import (
 	"bytes"
 	"context"
+	"crypto/rand"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -16,6 +17,7 @@ import (
 
 	"github.com/jackc/pgx/v5"
 
+	"github.com/credbroker/credbroker/broker"
 	"github.com/credbroker/credbroker/broker/postgres"
 	"github.com/credbroker/credbroker/internal/pgtest"
 	"github.com/credbroker/credbroker/internal/vaultkv"
@@ -103,7 +105,7 @@ func newRootFixture(t *testing.T, kind string) *rootFixture {
 	case "vault":
 		// A real Vault when VAULT_ADDR is set, else the in-process one.
 		addr, tok := os.Getenv("VAULT_ADDR"), os.Getenv("VAULT_TOKEN")
-		f.vaultPath = "credbroker-test/" + randomFrom("abcdef0123456789", 12)
+		f.vaultPath = "credbroker-test/" + rand.Text()[:12]
 		if addr != "" {
 			f.kv = realVault{t: t, addr: addr, tok: tok}
 		} else {
@@ -261,7 +263,7 @@ func TestRotateRoot(t *testing.T) {
 				t.Errorf("result %+v", res)
 			}
 			cur, pend := f.stored(t)
-			if cur == old || len(cur) != rotatePasswordLen || pend != "" {
+			if cur == old || len(cur) != len(broker.NewPassword()) || pend != "" {
 				t.Fatalf("after Rotate the source holds a %d-byte password (changed: %v) and pending %v", len(cur), cur != old, pend != "")
 			}
 			if !f.canLogin(t, cur) || f.canLogin(t, old) {
@@ -296,7 +298,7 @@ func TestRotateRootCrashRecovery(t *testing.T) {
 			t.Run(name, func(t *testing.T) {
 				t.Parallel()
 				f := newRootFixture(t, kind)
-				old, next := f.tg.AdminPassword, "Pending"+randomFrom("abcdef0123456789", 20)
+				old, next := f.tg.AdminPassword, "Pending"+rand.Text()[:20]
 				f.setStored(t, old, next)
 				want := old
 				if altered {
@@ -385,14 +387,14 @@ func TestRefreshRootPassword(t *testing.T) {
 				t.Errorf("Refresh with nothing changed: %v", got)
 			}
 			// A DBA rotates by hand: PostgreSQL first, then the source.
-			next := "Manual" + randomFrom("abcdef0123456789", 20)
+			next := "Manual" + rand.Text()[:20]
 			f.alterAdmin(t, next)
 			f.setStored(t, next, "")
 			if got := rt.RootCredentials.Refresh(ctx); len(got) != 1 || got[0] != "main" {
 				t.Fatalf("Refresh after a change: %v", got)
 			}
 			// A password PostgreSQL refuses is not taken.
-			f.setStored(t, "Wrong"+randomFrom("abcdef0123456789", 20), "")
+			f.setStored(t, "Wrong"+rand.Text()[:20], "")
 			if got := rt.RootCredentials.Refresh(ctx); len(got) != 0 {
 				t.Errorf("Refresh took a refused password: %v", got)
 			}
