@@ -73,7 +73,7 @@ func (ca *pemCA) leaf(t *testing.T, dir, name, cn string, server bool) {
 
 // TestCLIAgainstTLSAndTokenBroker configures a broker with mutual TLS,
 // a bearer token, an allow-list, an admin and an audit log, builds and
-// serves it as brokerd does (config.Build, Runtime.GRPCSecurity), and
+// serves it as brokerd does (daemon.Start), and
 // drives it with brokerctl's --tls-* and --token-file flags.
 func TestCLIAgainstTLSAndTokenBroker(t *testing.T) {
 	tg := pgtest.Server(t).NewTarget(t, pgtest.TargetOptions{})
