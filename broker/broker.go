@@ -63,27 +63,27 @@ func New(cfg Config) (*Broker, error) {
 	if cfg.Logger == nil {
 		cfg.Logger = slog.New(slog.DiscardHandler)
 	}
-	setDefault(&cfg.ValidUntilGrace, time.Minute)
-	setDefault(&cfg.TombstoneRetention, 24*time.Hour)
-	setDefault(&cfg.ReconcileInterval, 5*time.Minute)
-	setDefault(&cfg.RetryBaseDelay, time.Second)
-	setDefault(&cfg.RetryMaxDelay, time.Minute)
-	setDefault(&cfg.FailedRetryInterval, 10*time.Minute)
-	setDefault(&cfg.DisconnectGrace, 30*time.Second)
+	setDefault(&cfg.ValidUntilGrace, DefaultValidUntilGrace)
+	setDefault(&cfg.TombstoneRetention, DefaultTombstoneRetention)
+	setDefault(&cfg.ReconcileInterval, DefaultReconcileInterval)
+	setDefault(&cfg.RetryBaseDelay, DefaultRetryBaseDelay)
+	setDefault(&cfg.RetryMaxDelay, DefaultRetryMaxDelay)
+	setDefault(&cfg.FailedRetryInterval, DefaultFailedRetryInterval)
+	setDefault(&cfg.DisconnectGrace, DefaultDisconnectGrace)
 	if cfg.RevokeConcurrency <= 0 {
-		cfg.RevokeConcurrency = 4
+		cfg.RevokeConcurrency = DefaultRevokeConcurrency
 	}
 	if cfg.IssuePool == 0 {
-		cfg.IssuePool = 8
+		cfg.IssuePool = DefaultIssuePool
 	}
 	if cfg.RenewBatches <= 0 {
-		cfg.RenewBatches = 1
+		cfg.RenewBatches = DefaultRenewBatches
 	}
 	if cfg.RevokeRate <= 0 {
-		cfg.RevokeRate = 1000
+		cfg.RevokeRate = DefaultRevokeRate
 	}
 	if cfg.RevokeRetries <= 0 {
-		cfg.RevokeRetries = 5
+		cfg.RevokeRetries = DefaultRevokeRetries
 	}
 	roles := make(map[string]Role, len(cfg.Roles))
 	for _, r := range cfg.Roles {

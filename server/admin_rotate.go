@@ -16,7 +16,7 @@ import (
 )
 
 // RootRotator rotates the broker's own admin password on a target and
-// stores it back at its source (config.RootCredentials).
+// stores it back at its source (rootcred.Credentials).
 type RootRotator interface {
 	RotateRoot(ctx context.Context, target string) (RootRotation, error)
 }

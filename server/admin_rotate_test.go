@@ -16,7 +16,7 @@ import (
 )
 
 // rotatorFunc is a RootRotator made of a function; the real one
-// (config.RootCredentials) is tested end to end in server/config and
+// (rootcred.Credentials) is tested end to end in server/rootcred and
 // cmd/brokerctl.
 type rotatorFunc func(ctx context.Context, target string) (RootRotation, error)
 

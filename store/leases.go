@@ -4,7 +4,6 @@ import (
 	"bytes"
 	"context"
 	"fmt"
-	"math"
 	"time"
 
 	bolt "go.etcd.io/bbolt"
@@ -280,7 +279,7 @@ func (s *Store) PurgeTombstones(ctx context.Context, endedBefore time.Time, limi
 	if limit <= 0 {
 		return 0, fmt.Errorf("%w: purge limit must be positive, got %d", broker.ErrInvalidArgument, limit)
 	}
-	cutoff := purgeCutoff(endedBefore)
+	cutoff := broker.PurgeCutoff(endedBefore)
 	var purged int
 	err := s.update(ctx, func(tx *bolt.Tx) error {
 		purged = 0
@@ -327,17 +326,4 @@ func (s *Store) PurgeTombstones(ctx context.Context, endedBefore time.Time, limi
 		return 0, err
 	}
 	return purged, nil
-}
-
-// purgeCutoff returns the stored form of endedBefore for comparison with
-// tombstone keys, clamped to the range the format holds.
-func purgeCutoff(t time.Time) int64 {
-	switch {
-	case t.After(maxStorableTime):
-		return math.MaxInt64
-	case t.Before(minStorableTime):
-		return 0
-	default:
-		return t.UnixNano()
-	}
 }

@@ -82,46 +82,18 @@ func (h *leaseHead) matches(f *broker.LeaseFilter) bool {
 		(f.State == broker.StateUnspecified || h.state == f.State)
 }
 
-func validateID(id string) error {
-	if id == "" {
-		return fmt.Errorf("%w: empty lease id", broker.ErrInvalidArgument)
-	}
-	if len(id) > maxIDLen {
-		return fmt.Errorf("%w: lease id longer than %d bytes", broker.ErrInvalidArgument, maxIDLen)
-	}
-	return nil
-}
-
 // encodeLease validates l and returns its record and head. The revision
 // written is l.Revision; callers set it first.
 func encodeLease(l *broker.Lease) ([]byte, leaseHead, error) {
-	if err := validateID(l.ID); err != nil {
+	if err := broker.CheckStorable(l); err != nil {
 		return nil, leaseHead{}, err
 	}
-	if !l.State.Live() && !l.State.Terminal() {
-		return nil, leaseHead{}, fmt.Errorf("%w: lease %q: state %s cannot be stored", broker.ErrInvalidArgument, l.ID, l.State)
-	}
-	issue, err1 := timeNanos(l.IssueTime)
-	expire, err2 := timeNanos(l.ExpireTime)
-	maxExpire, err3 := timeNanos(l.MaxExpireTime)
-	next, err4 := timeNanos(l.NextAttempt)
-	end, err5 := timeNanos(l.EndTime)
-	if err := errors.Join(err1, err2, err3, err4, err5); err != nil {
-		return nil, leaseHead{}, fmt.Errorf("lease %q: %w", l.ID, err)
-	}
-	// The index key of a live lease is its expire time, of a terminal one
-	// its end time; without it the lease would be invisible to the expiry
-	// manager or to retention.
-	if l.State.Live() && expire == 0 {
-		return nil, leaseHead{}, fmt.Errorf("%w: lease %q: %s lease without an expire time", broker.ErrInvalidArgument, l.ID, l.State)
-	}
-	if l.State.Terminal() && end == 0 {
-		return nil, leaseHead{}, fmt.Errorf("%w: lease %q: %s lease without an end time", broker.ErrInvalidArgument, l.ID, l.State)
-	}
-	// Bounded so that every record written decodes on a 32-bit build too.
-	if l.RevokeAttempts < 0 || l.RevokeAttempts > math.MaxInt32 {
-		return nil, leaseHead{}, fmt.Errorf("%w: lease %q: revoke attempts %d out of range", broker.ErrInvalidArgument, l.ID, l.RevokeAttempts)
-	}
+	// Checked above: the conversions cannot fail.
+	issue, _ := timeNanos(l.IssueTime)
+	expire, _ := timeNanos(l.ExpireTime)
+	maxExpire, _ := timeNanos(l.MaxExpireTime)
+	next, _ := timeNanos(l.NextAttempt)
+	end, _ := timeNanos(l.EndTime)
 
 	// Sized for the worst case, so encoding allocates once.
 	const fixedMax = 3 + 17*binary.MaxVarintLen64 // format, flags, numbers, string lengths
@@ -281,7 +253,7 @@ func decodeLease(id string, v []byte) (broker.Lease, error) {
 }
 
 func encodeIntent(in *broker.Intent) ([]byte, error) {
-	if err := validateID(in.LeaseID); err != nil {
+	if err := broker.CheckLeaseID(in.LeaseID); err != nil {
 		return nil, err
 	}
 	created, err := timeNanos(in.CreateTime)

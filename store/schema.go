@@ -50,32 +50,20 @@ var (
 	metaKeySchemaVersion = []byte("schema_version")
 )
 
-// maxIDLen bounds lease ids. Real ids are short random strings; the bound
-// keeps a buggy or hostile id from turning into a huge bbolt key.
-const maxIDLen = 256
-
 // Times are stored as unix nanoseconds. Zero means "no time" (time.Time{}),
-// so real instants must be after the epoch; that also keeps index keys,
-// whose order is the unsigned order of the nanoseconds, in time order.
-// UnixNano wraps silently outside these bounds (year 1000 comes out
-// positive), so every conversion checks them first.
-var (
-	minStorableTime = time.Unix(0, 1)
-	maxStorableTime = time.Unix(0, math.MaxInt64)
-)
+// so real instants must be after the epoch (broker.MinStorableTime); that
+// also keeps index keys, whose order is the unsigned order of the
+// nanoseconds, in time order.
 
 // timeNanos returns the stored form of t: 0 for the zero time, else unix
 // nanoseconds. Instants the format cannot hold are an error rather than a
-// silently wrapped value.
+// silently wrapped value (broker.StorableTime).
 func timeNanos(t time.Time) (int64, error) {
-	if t.IsZero() {
-		return 0, nil
+	st, err := broker.StorableTime(t)
+	if err != nil || st.IsZero() {
+		return 0, err
 	}
-	if t.Before(minStorableTime) || t.After(maxStorableTime) {
-		return 0, fmt.Errorf("%w: time %s is outside what the store can hold (after 1970, before 2262)",
-			broker.ErrInvalidArgument, t.UTC().Format(time.RFC3339Nano))
-	}
-	return t.UnixNano(), nil
+	return st.UnixNano(), nil
 }
 
 // nanosTime is the inverse of timeNanos. Times come back in UTC with no

@@ -222,11 +222,11 @@ func TestOpenLockedFile(t *testing.T) {
 // cannot become a huge key.
 func TestLongIDRejected(t *testing.T) {
 	s := openStore(t)
-	l := newLease(strings.Repeat("x", maxIDLen+1), "ro", "svc", at(time.Minute))
+	l := newLease(strings.Repeat("x", broker.MaxLeaseIDLen+1), "ro", "svc", at(time.Minute))
 	if err := s.CreateLease(t.Context(), &l); !errors.Is(err, broker.ErrInvalidArgument) {
 		t.Fatalf("CreateLease of a %d-byte id: %v, want ErrInvalidArgument", len(l.ID), err)
 	}
-	l.ID = l.ID[:maxIDLen]
+	l.ID = l.ID[:broker.MaxLeaseIDLen]
 	mustCreate(t, s, l)
 	checkIndexes(t, s)
 }

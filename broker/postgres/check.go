@@ -8,77 +8,11 @@ import (
 	"slices"
 	"sort"
 	"strings"
-	"time"
 
 	"github.com/jackc/pgx/v5"
+
+	"github.com/credbroker/credbroker/broker/privcheck"
 )
-
-// Severity ranks a least-privilege finding. The zero value is SeverityInfo.
-type Severity int
-
-// Severities, from the least to the most urgent.
-const (
-	SeverityInfo Severity = iota
-	SeverityLow
-	SeverityMedium
-	SeverityHigh
-	SeverityCritical
-)
-
-var severityNames = []string{"info", "low", "medium", "high", "critical"}
-
-func (s Severity) String() string {
-	if s < 0 || int(s) >= len(severityNames) {
-		return fmt.Sprintf("severity(%d)", int(s))
-	}
-	return severityNames[s]
-}
-
-// MarshalText implements encoding.TextMarshaler, so JSON shows the name.
-func (s Severity) MarshalText() ([]byte, error) { return []byte(s.String()), nil }
-
-// ParseSeverity parses a severity name (info, low, medium, high, critical).
-func ParseSeverity(name string) (Severity, error) {
-	i := slices.Index(severityNames, strings.ToLower(name))
-	if i < 0 {
-		return 0, fmt.Errorf("unknown severity %q (one of %s)", name, strings.Join(severityNames, ", "))
-	}
-	return Severity(i), nil
-}
-
-// Checks, the Finding.Check values.
-const (
-	CheckProxyMissing    = "proxy-missing"    // a configured proxy role does not exist
-	CheckProxyLogin      = "proxy-login"      // a proxy role can log in
-	CheckProxyAttribute  = "proxy-attribute"  // SUPERUSER, CREATEROLE, CREATEDB, BYPASSRLS, REPLICATION (itself or by membership)
-	CheckProxyGrantAll   = "grant-all"        // every privilege on an object
-	CheckReadOnlyWrites  = "read-only-writes" // a role named read-only may write
-	CheckOverlap         = "overlap"          // two proxy roles with identical privileges
-	CheckNoPrivileges    = "no-privileges"    // a proxy role that grants nothing
-	CheckStale           = "stale"            // a broker role not issued for a long time
-	CheckAdminSuperuser  = "admin-superuser"  // the broker's admin is a superuser
-	CheckAdminAttributes = "admin-attribute"  // the admin holds attributes it does not need
-)
-
-// Finding is one least-privilege problem on a target.
-type Finding struct {
-	Severity Severity `json:"severity"`
-	Check    string   `json:"check"`
-	// Target is the broker's name for the PostgreSQL server (set by the
-	// caller; the engine does not know it).
-	Target string `json:"target,omitempty"`
-	// Role is the PostgreSQL role (or, for stale, the broker role) concerned.
-	Role    string `json:"role"`
-	Message string `json:"message"`
-	// Fix is SQL or advice that removes the finding, when there is one.
-	Fix string `json:"fix,omitempty"`
-}
-
-// ProxyRoleUse is one broker role's proxy role, as configured.
-type ProxyRoleUse struct {
-	BrokerRole string
-	ProxyRole  string
-}
 
 // readOnlyName matches role names that promise read-only access.
 var readOnlyName = regexp.MustCompile(`(?i)(read[_-]?only|readonly|(^|[_-])ro($|[_-])|reader|viewer)`)
@@ -97,16 +31,16 @@ var allTablePrivileges = []string{"SELECT", "INSERT", "UPDATE", "DELETE", "TRUNC
 // predefinedRisk are PostgreSQL's predefined roles that give powers no
 // ACL shows.
 var predefinedRisk = map[string]struct {
-	severity Severity
+	severity privcheck.Severity
 	why      string
 }{
-	"pg_execute_server_program": {SeverityCritical, "issued users can run programs on the database server"},
-	"pg_write_server_files":     {SeverityCritical, "issued users can write files on the database server"},
-	"pg_read_server_files":      {SeverityHigh, "issued users can read files on the database server"},
-	"pg_write_all_data":         {SeverityHigh, "issued users can write every table"},
-	"pg_read_all_data":          {SeverityMedium, "issued users can read every table"},
-	"pg_signal_backend":         {SeverityMedium, "issued users can end other sessions"},
-	"pg_create_subscription":    {SeverityMedium, "issued users can create subscriptions"},
+	"pg_execute_server_program": {privcheck.SeverityCritical, "issued users can run programs on the database server"},
+	"pg_write_server_files":     {privcheck.SeverityCritical, "issued users can write files on the database server"},
+	"pg_read_server_files":      {privcheck.SeverityHigh, "issued users can read files on the database server"},
+	"pg_write_all_data":         {privcheck.SeverityHigh, "issued users can write every table"},
+	"pg_read_all_data":          {privcheck.SeverityMedium, "issued users can read every table"},
+	"pg_signal_backend":         {privcheck.SeverityMedium, "issued users can end other sessions"},
+	"pg_create_subscription":    {privcheck.SeverityMedium, "issued users can create subscriptions"},
 }
 
 // privilege is one privilege a role holds, directly or through a role it
@@ -125,11 +59,11 @@ type privilege struct {
 // role named read-only; two proxy roles with identical privileges; and an
 // admin that is a superuser, with the SQL that replaces it by the minimal
 // grants. Findings are sorted, most severe first.
-func (e *engine) CheckPrivileges(ctx context.Context, uses []ProxyRoleUse) ([]Finding, error) {
+func (e *engine) CheckPrivileges(ctx context.Context, uses []privcheck.ProxyRoleUse) ([]privcheck.Finding, error) {
 	if err := e.checkOpen(); err != nil {
 		return nil, err
 	}
-	var out []Finding
+	var out []privcheck.Finding
 	admin, err := e.checkAdmin(ctx, uses)
 	if err != nil {
 		return nil, e.sanitize(ctx, err)
@@ -159,26 +93,8 @@ func (e *engine) CheckPrivileges(ctx context.Context, uses []ProxyRoleUse) ([]Fi
 		}
 	}
 	out = append(out, overlaps(proxies, sets)...)
-	SortFindings(out)
+	privcheck.SortFindings(out)
 	return out, nil
-}
-
-// SortFindings orders findings most severe first, then by target, check
-// and role, so output is stable.
-func SortFindings(fs []Finding) {
-	sort.SliceStable(fs, func(i, j int) bool {
-		a, b := fs[i], fs[j]
-		if a.Severity != b.Severity {
-			return a.Severity > b.Severity
-		}
-		if a.Target != b.Target {
-			return a.Target < b.Target
-		}
-		if a.Check != b.Check {
-			return a.Check < b.Check
-		}
-		return a.Role < b.Role
-	})
 }
 
 // attributes of a role, or of a role it belongs to (via names it).
@@ -270,7 +186,7 @@ func (e *engine) rolePrivileges(ctx context.Context, name string) ([]privilege, 
 
 // checkProxy returns the findings about one proxy role and its privilege
 // set in canonical form ("" when it has none or does not exist).
-func (e *engine) checkProxy(ctx context.Context, proxy string, brokerRoles []string) ([]Finding, string, error) {
+func (e *engine) checkProxy(ctx context.Context, proxy string, brokerRoles []string) ([]privcheck.Finding, string, error) {
 	q := quoteIdent(proxy)
 	used := "broker role " + strings.Join(brokerRoles, ", ")
 	attrs, err := e.roleAttributes(ctx, proxy)
@@ -278,13 +194,13 @@ func (e *engine) checkProxy(ctx context.Context, proxy string, brokerRoles []str
 		return nil, "", err
 	}
 	if len(attrs) == 0 {
-		return []Finding{{
-			Severity: SeverityHigh, Check: CheckProxyMissing, Role: proxy,
+		return []privcheck.Finding{{
+			Severity: privcheck.SeverityHigh, Check: privcheck.CheckProxyMissing, Role: proxy,
 			Message: fmt.Sprintf("proxy role of %s does not exist: every issue fails", used),
 			Fix:     "CREATE ROLE " + q + " NOLOGIN; -- then grant it exactly what " + used + " needs",
 		}}, "", nil
 	}
-	var out []Finding
+	var out []privcheck.Finding
 	for _, a := range attrs {
 		where, fixRole := "", q
 		if a.via != "" {
@@ -292,8 +208,8 @@ func (e *engine) checkProxy(ctx context.Context, proxy string, brokerRoles []str
 			fixRole = quoteIdent(a.role)
 		}
 		if a.via == "" && a.login {
-			out = append(out, Finding{
-				Severity: SeverityHigh, Check: CheckProxyLogin, Role: proxy,
+			out = append(out, privcheck.Finding{
+				Severity: privcheck.SeverityHigh, Check: privcheck.CheckProxyLogin, Role: proxy,
 				Message: "proxy role can log in; proxy roles are NOLOGIN, only the short-lived users the broker issues log in",
 				Fix:     "ALTER ROLE " + q + " NOLOGIN",
 			})
@@ -301,14 +217,14 @@ func (e *engine) checkProxy(ctx context.Context, proxy string, brokerRoles []str
 		for _, attr := range []struct {
 			on       bool
 			name     string
-			severity Severity
+			severity privcheck.Severity
 			why      string
 		}{
-			{a.super, "SUPERUSER", SeverityCritical, "every issued user can do anything"},
-			{a.createRole, "CREATEROLE", SeverityCritical, "issued users can create roles and grant themselves more"},
-			{a.bypassRLS, "BYPASSRLS", SeverityHigh, "issued users ignore row-level security"},
-			{a.replication, "REPLICATION", SeverityHigh, "issued users can stream the whole cluster's data"},
-			{a.createDB, "CREATEDB", SeverityMedium, "issued users can create databases"},
+			{a.super, "SUPERUSER", privcheck.SeverityCritical, "every issued user can do anything"},
+			{a.createRole, "CREATEROLE", privcheck.SeverityCritical, "issued users can create roles and grant themselves more"},
+			{a.bypassRLS, "BYPASSRLS", privcheck.SeverityHigh, "issued users ignore row-level security"},
+			{a.replication, "REPLICATION", privcheck.SeverityHigh, "issued users can stream the whole cluster's data"},
+			{a.createDB, "CREATEDB", privcheck.SeverityMedium, "issued users can create databases"},
 		} {
 			if !attr.on {
 				continue
@@ -317,8 +233,8 @@ func (e *engine) checkProxy(ctx context.Context, proxy string, brokerRoles []str
 			if a.via != "" {
 				subject = fmt.Sprintf("proxy role belongs to %q, which", a.role)
 			}
-			out = append(out, Finding{
-				Severity: attr.severity, Check: CheckProxyAttribute, Role: proxy,
+			out = append(out, privcheck.Finding{
+				Severity: attr.severity, Check: privcheck.CheckProxyAttribute, Role: proxy,
 				Message: fmt.Sprintf("%s has %s%s: %s", subject, attr.name, where, attr.why),
 				Fix:     "ALTER ROLE " + fixRole + " NO" + attr.name,
 			})
@@ -327,8 +243,8 @@ func (e *engine) checkProxy(ctx context.Context, proxy string, brokerRoles []str
 
 	for _, a := range attrs {
 		if d, ok := predefinedRisk[a.role]; ok && a.via != "" {
-			out = append(out, Finding{
-				Severity: d.severity, Check: CheckProxyAttribute, Role: proxy,
+			out = append(out, privcheck.Finding{
+				Severity: d.severity, Check: privcheck.CheckProxyAttribute, Role: proxy,
 				Message: fmt.Sprintf("proxy role belongs to the predefined role %q: %s", a.role, d.why),
 				Fix:     "REVOKE " + quoteIdent(a.via) + " FROM " + q,
 			})
@@ -376,14 +292,14 @@ func (e *engine) checkProxy(ctx context.Context, proxy string, brokerRoles []str
 		}
 		switch {
 		case all && readOnly:
-			out = append(out, Finding{
-				Severity: SeverityCritical, Check: CheckReadOnlyWrites, Role: proxy,
+			out = append(out, privcheck.Finding{
+				Severity: privcheck.SeverityCritical, Check: privcheck.CheckReadOnlyWrites, Role: proxy,
 				Message: fmt.Sprintf("read-only role holds ALL privileges on %s %s%s", o.kind, o.name, viaText(held, proxy)),
 				Fix:     fmt.Sprintf("REVOKE ALL ON %s FROM %s; GRANT SELECT ON %[1]s TO %[2]s", o.name, quoteIdent(firstVia(held, proxy))),
 			})
 		case all:
-			out = append(out, Finding{
-				Severity: SeverityMedium, Check: CheckProxyGrantAll, Role: proxy,
+			out = append(out, privcheck.Finding{
+				Severity: privcheck.SeverityMedium, Check: privcheck.CheckProxyGrantAll, Role: proxy,
 				Message: fmt.Sprintf("holds ALL privileges on %s %s%s; grant only what %s needs", o.kind, o.name, viaText(held, proxy), used),
 				Fix:     fmt.Sprintf("REVOKE ALL ON %s FROM %s; -- then GRANT the privileges needed", o.name, quoteIdent(firstVia(held, proxy))),
 			})
@@ -392,16 +308,16 @@ func (e *engine) checkProxy(ctx context.Context, proxy string, brokerRoles []str
 			if slices.Contains(writes, "OWNER") {
 				fix = fmt.Sprintf("ALTER %s %s OWNER TO <another role>", strings.ToUpper(sqlObjectKind(o.kind)), o.name)
 			}
-			out = append(out, Finding{
-				Severity: SeverityHigh, Check: CheckReadOnlyWrites, Role: proxy,
+			out = append(out, privcheck.Finding{
+				Severity: privcheck.SeverityHigh, Check: privcheck.CheckReadOnlyWrites, Role: proxy,
 				Message: fmt.Sprintf("read-only role may %s on %s %s%s", strings.Join(writes, ", "), o.kind, o.name, viaText(held, proxy)),
 				Fix:     fix,
 			})
 		}
 	}
 	if len(set) == 0 {
-		out = append(out, Finding{
-			Severity: SeverityLow, Check: CheckNoPrivileges, Role: proxy,
+		out = append(out, privcheck.Finding{
+			Severity: privcheck.SeverityLow, Check: privcheck.CheckNoPrivileges, Role: proxy,
 			Message: fmt.Sprintf("proxy role of %s holds no privileges in database %q: issued users can do nothing useful", used, e.endpoint.Database),
 		})
 		return out, "", nil
@@ -444,13 +360,13 @@ func firstVia(held map[string]string, proxy string) string {
 }
 
 // overlaps reports proxy roles with identical, non-empty privilege sets.
-func overlaps(proxies []string, sets map[string]string) []Finding {
-	var out []Finding
+func overlaps(proxies []string, sets map[string]string) []privcheck.Finding {
+	var out []privcheck.Finding
 	for i, a := range proxies {
 		for _, b := range proxies[i+1:] {
 			if sa, ok := sets[a]; ok && sa == sets[b] {
-				out = append(out, Finding{
-					Severity: SeverityMedium, Check: CheckOverlap, Role: a,
+				out = append(out, privcheck.Finding{
+					Severity: privcheck.SeverityMedium, Check: privcheck.CheckOverlap, Role: a,
 					Message: fmt.Sprintf("proxy roles %q and %q hold identical privileges; "+
 						"two names for the same access hide who can do what", a, b),
 					Fix: "merge the broker roles onto one proxy role, or narrow one of them",
@@ -463,7 +379,7 @@ func overlaps(proxies []string, sets map[string]string) []Finding {
 
 // checkAdmin reports an admin role that is a superuser (with the SQL that
 // gives it the minimal grants instead) or holds attributes it never uses.
-func (e *engine) checkAdmin(ctx context.Context, uses []ProxyRoleUse) ([]Finding, error) {
+func (e *engine) checkAdmin(ctx context.Context, uses []privcheck.ProxyRoleUse) ([]privcheck.Finding, error) {
 	var super, createDB, bypassRLS, replication bool
 	err := e.pool.QueryRow(ctx, `
 		SELECT rolsuper, rolcreatedb, rolbypassrls, rolreplication FROM pg_roles WHERE rolname = current_user`).
@@ -475,7 +391,7 @@ func (e *engine) checkAdmin(ctx context.Context, uses []ProxyRoleUse) ([]Finding
 		return nil, fmt.Errorf("postgres: reading the admin role: %w", err)
 	}
 	admin := quoteIdent(e.admin)
-	var out []Finding
+	var out []privcheck.Finding
 	if super {
 		var proxies []string
 		for _, u := range uses {
@@ -484,8 +400,8 @@ func (e *engine) checkAdmin(ctx context.Context, uses []ProxyRoleUse) ([]Finding
 			}
 		}
 		fix := MinimalGrantsSQL(e.admin, e.marker, proxies)
-		out = append(out, Finding{
-			Severity: SeverityHigh, Check: CheckAdminSuperuser, Role: e.admin,
+		out = append(out, privcheck.Finding{
+			Severity: privcheck.SeverityHigh, Check: privcheck.CheckAdminSuperuser, Role: e.admin,
 			Message: "the broker's admin role is a superuser; it needs only CREATEROLE and a few grants, " +
 				"and a leaked admin password would give away the whole cluster",
 			Fix: strings.Join(fix, ";\n") + ";",
@@ -497,8 +413,8 @@ func (e *engine) checkAdmin(ctx context.Context, uses []ProxyRoleUse) ([]Finding
 		name string
 	}{{createDB, "CREATEDB"}, {bypassRLS, "BYPASSRLS"}, {replication, "REPLICATION"}} {
 		if attr.on {
-			out = append(out, Finding{
-				Severity: SeverityMedium, Check: CheckAdminAttributes, Role: e.admin,
+			out = append(out, privcheck.Finding{
+				Severity: privcheck.SeverityMedium, Check: privcheck.CheckAdminAttributes, Role: e.admin,
 				Message: fmt.Sprintf("the broker's admin role has %s, which the broker never uses", attr.name),
 				Fix:     "ALTER ROLE " + admin + " NO" + attr.name,
 			})
@@ -523,56 +439,4 @@ func MinimalGrantsSQL(admin, marker string, proxyRoles []string) []string {
 		"GRANT "+quoteIdent(marker)+" TO "+a+" WITH ADMIN OPTION",
 		"GRANT pg_signal_backend TO "+a,
 	)
-}
-
-// LeaseActivity is what the stale check needs to know about a broker
-// role: the newest issue time among the leases the store still holds.
-type LeaseActivity struct {
-	BrokerRole string
-	// LastIssued is zero when the store holds no lease of the role.
-	LastIssued time.Time
-}
-
-// StaleRoles reports broker roles not issued for longer than after. The
-// store forgets ended leases after its tombstone retention, so a role with
-// no lease at all is reported as "none in the store's memory" when the
-// retention is shorter than after. now is the current time.
-func StaleRoles(activity []LeaseActivity, after, retention time.Duration, now time.Time) []Finding {
-	var out []Finding
-	for _, a := range activity {
-		switch {
-		case a.LastIssued.IsZero() && retention >= after:
-			out = append(out, Finding{
-				Severity: SeverityLow, Check: CheckStale, Role: a.BrokerRole,
-				Message: fmt.Sprintf("broker role issued no lease in the last %s", days(after)),
-				Fix:     "remove the role (and its proxy role's grants) if nothing uses it any more",
-			})
-		case a.LastIssued.IsZero():
-			out = append(out, Finding{
-				Severity: SeverityInfo, Check: CheckStale, Role: a.BrokerRole,
-				Message: fmt.Sprintf("broker role issued no lease the store remembers (ended leases are kept %s; "+
-					"set store.tombstone_retention to at least %s to judge staleness)", days(retention), days(after)),
-			})
-		case now.Sub(a.LastIssued) > after:
-			out = append(out, Finding{
-				Severity: SeverityLow, Check: CheckStale, Role: a.BrokerRole,
-				Message: fmt.Sprintf("broker role last issued a lease %s ago (%s)",
-					days(now.Sub(a.LastIssued)), a.LastIssued.UTC().Format(time.RFC3339)),
-				Fix: "remove the role (and its proxy role's grants) if nothing uses it any more",
-			})
-		}
-	}
-	return out
-}
-
-// days prints a duration in whole days (rounded down) once it is a day
-// or more.
-func days(d time.Duration) string {
-	switch n := d / (24 * time.Hour); {
-	case n == 1:
-		return "1 day"
-	case n > 1:
-		return fmt.Sprintf("%d days", n)
-	}
-	return d.String()
 }

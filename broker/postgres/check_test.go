@@ -9,26 +9,27 @@ import (
 	"github.com/jackc/pgx/v5"
 
 	"github.com/credbroker/credbroker/broker/postgres"
+	"github.com/credbroker/credbroker/broker/privcheck"
 	"github.com/credbroker/credbroker/internal/pgtest"
 )
 
 // uses maps every proxy role of the target to a broker role of the same
 // logical name.
-func (f *fixture) uses(names ...string) []postgres.ProxyRoleUse {
-	var out []postgres.ProxyRoleUse
+func (f *fixture) uses(names ...string) []privcheck.ProxyRoleUse {
+	var out []privcheck.ProxyRoleUse
 	for _, n := range names {
 		proxy := f.tg.ProxyRoles[n]
 		if proxy == "" {
 			proxy = n // a role the target does not have
 		}
-		out = append(out, postgres.ProxyRoleUse{BrokerRole: n, ProxyRole: proxy})
+		out = append(out, privcheck.ProxyRoleUse{BrokerRole: n, ProxyRole: proxy})
 	}
 	return out
 }
 
 // findings indexes findings by "check role".
-func findings(fs []postgres.Finding) map[string]postgres.Finding {
-	m := map[string]postgres.Finding{}
+func findings(fs []privcheck.Finding) map[string]privcheck.Finding {
+	m := map[string]privcheck.Finding{}
 	for _, f := range fs {
 		m[f.Check+" "+f.Role] = f
 	}
@@ -92,23 +93,23 @@ func TestCheckPrivilegesFindings(t *testing.T) {
 	p := f.tg.ProxyRoles
 	for _, want := range []struct {
 		check, role string
-		severity    postgres.Severity
+		severity    privcheck.Severity
 		message     string
 		fix         string
 	}{
-		{postgres.CheckReadOnlyWrites, p["read_only"], postgres.SeverityCritical, "ALL privileges on table demo", "GRANT SELECT ON demo"},
-		{postgres.CheckReadOnlyWrites, p["reader"], postgres.SeverityHigh, "may INSERT on table demo", "REVOKE INSERT ON TABLE demo"},
-		{postgres.CheckProxyGrantAll, p["updater"], postgres.SeverityMedium, "ALL privileges on table demo", "REVOKE ALL ON demo"},
-		{postgres.CheckOverlap, p["loader"], postgres.SeverityMedium, p["loader2"], ""},
-		{postgres.CheckProxyLogin, p["login"], postgres.SeverityHigh, "can log in", "NOLOGIN"},
-		{postgres.CheckProxyAttribute, p["powerful"], postgres.SeverityCritical, "CREATEROLE", "NOCREATEROLE"},
-		{postgres.CheckProxyAttribute, p["nested"], postgres.SeverityCritical, "SUPERUSER through its membership in \"" + boss + "\"", "NOSUPERUSER"},
-		{postgres.CheckProxyAttribute, p["loader2"], postgres.SeverityCritical, "pg_write_server_files", "REVOKE \"pg_write_server_files\" FROM " + q(p["loader2"])},
-		{postgres.CheckNoPrivileges, p["empty"], postgres.SeverityLow, "no privileges", ""},
-		{postgres.CheckProxyMissing, "no_such_role", postgres.SeverityHigh, "does not exist", "CREATE ROLE \"no_such_role\" NOLOGIN"},
+		{privcheck.CheckReadOnlyWrites, p["read_only"], privcheck.SeverityCritical, "ALL privileges on table demo", "GRANT SELECT ON demo"},
+		{privcheck.CheckReadOnlyWrites, p["reader"], privcheck.SeverityHigh, "may INSERT on table demo", "REVOKE INSERT ON TABLE demo"},
+		{privcheck.CheckProxyGrantAll, p["updater"], privcheck.SeverityMedium, "ALL privileges on table demo", "REVOKE ALL ON demo"},
+		{privcheck.CheckOverlap, p["loader"], privcheck.SeverityMedium, p["loader2"], ""},
+		{privcheck.CheckProxyLogin, p["login"], privcheck.SeverityHigh, "can log in", "NOLOGIN"},
+		{privcheck.CheckProxyAttribute, p["powerful"], privcheck.SeverityCritical, "CREATEROLE", "NOCREATEROLE"},
+		{privcheck.CheckProxyAttribute, p["nested"], privcheck.SeverityCritical, "SUPERUSER through its membership in \"" + boss + "\"", "NOSUPERUSER"},
+		{privcheck.CheckProxyAttribute, p["loader2"], privcheck.SeverityCritical, "pg_write_server_files", "REVOKE \"pg_write_server_files\" FROM " + q(p["loader2"])},
+		{privcheck.CheckNoPrivileges, p["empty"], privcheck.SeverityLow, "no privileges", ""},
+		{privcheck.CheckProxyMissing, "no_such_role", privcheck.SeverityHigh, "does not exist", "CREATE ROLE \"no_such_role\" NOLOGIN"},
 	} {
 		t.Run(want.check+"/"+want.role, func(t *testing.T) {
-			var fnd postgres.Finding
+			var fnd privcheck.Finding
 			ok := false
 			for _, c := range fs {
 				if c.Check == want.check && c.Role == want.role && (!ok || strings.Contains(c.Message, want.message)) {
@@ -145,7 +146,7 @@ func TestCheckPrivilegesFindings(t *testing.T) {
 		}
 	}
 	// A finding's fix really fixes it: run the read_only one and check again.
-	if _, err := super.Exec(f.ctx, got[postgres.CheckReadOnlyWrites+" "+p["read_only"]].Fix); err != nil {
+	if _, err := super.Exec(f.ctx, got[privcheck.CheckReadOnlyWrites+" "+p["read_only"]].Fix); err != nil {
 		t.Fatalf("running the fix: %v", err)
 	}
 	fs, err = f.e.CheckPrivileges(f.ctx, f.uses("read_only"))
@@ -184,8 +185,8 @@ func TestCheckPrivilegesAdminSuperuser(t *testing.T) {
 		t.Fatal(err)
 	}
 	got := findings(fs)
-	fnd, ok := got[postgres.CheckAdminSuperuser+" "+f.tg.AdminUser]
-	if !ok || fnd.Severity != postgres.SeverityHigh {
+	fnd, ok := got[privcheck.CheckAdminSuperuser+" "+f.tg.AdminUser]
+	if !ok || fnd.Severity != privcheck.SeverityHigh {
 		t.Fatalf("no high admin-superuser finding: %+v", fs)
 	}
 	for _, want := range []string{"NOSUPERUSER CREATEROLE", "GRANT " + q(f.tg.ProxyRoles["read_only"]), "pg_signal_backend", f.tg.MarkerRole} {
@@ -217,39 +218,39 @@ func TestCheckPrivilegesAdminSuperuser(t *testing.T) {
 func TestStaleRoles(t *testing.T) {
 	now := time.Date(2026, 11, 25, 12, 0, 0, 0, time.UTC)
 	day := 24 * time.Hour
-	activity := []postgres.LeaseActivity{
+	activity := []privcheck.LeaseActivity{
 		{BrokerRole: "fresh", LastIssued: now.Add(-2 * day)},
 		{BrokerRole: "old", LastIssued: now.Add(-40 * day)},
 		{BrokerRole: "never"},
 	}
 	t.Run("retention covers the window", func(t *testing.T) {
-		got := findings(postgres.StaleRoles(activity, 30*day, 90*day, now))
+		got := findings(privcheck.StaleRoles(activity, 30*day, 90*day, now))
 		if len(got) != 2 {
 			t.Fatalf("got %+v, want old and never", got)
 		}
-		if f := got["stale old"]; f.Severity != postgres.SeverityLow || !strings.Contains(f.Message, "40 days ago") {
+		if f := got["stale old"]; f.Severity != privcheck.SeverityLow || !strings.Contains(f.Message, "40 days ago") {
 			t.Errorf("old: %+v", f)
 		}
-		if f := got["stale never"]; f.Severity != postgres.SeverityLow || !strings.Contains(f.Message, "30 days") {
+		if f := got["stale never"]; f.Severity != privcheck.SeverityLow || !strings.Contains(f.Message, "30 days") {
 			t.Errorf("never: %+v", f)
 		}
 	})
 	t.Run("retention shorter than the window", func(t *testing.T) {
-		got := findings(postgres.StaleRoles(activity, 30*day, day, now))
-		if f := got["stale never"]; f.Severity != postgres.SeverityInfo || !strings.Contains(f.Message, "tombstone_retention") {
+		got := findings(privcheck.StaleRoles(activity, 30*day, day, now))
+		if f := got["stale never"]; f.Severity != privcheck.SeverityInfo || !strings.Contains(f.Message, "tombstone_retention") {
 			t.Errorf("never: %+v", f)
 		}
 	})
 }
 
 func TestParseSeverity(t *testing.T) {
-	for _, s := range []postgres.Severity{postgres.SeverityInfo, postgres.SeverityLow, postgres.SeverityMedium, postgres.SeverityHigh, postgres.SeverityCritical} {
-		got, err := postgres.ParseSeverity(strings.ToUpper(s.String()))
+	for _, s := range []privcheck.Severity{privcheck.SeverityInfo, privcheck.SeverityLow, privcheck.SeverityMedium, privcheck.SeverityHigh, privcheck.SeverityCritical} {
+		got, err := privcheck.ParseSeverity(strings.ToUpper(s.String()))
 		if err != nil || got != s {
 			t.Errorf("ParseSeverity(%q) = %v, %v", s, got, err)
 		}
 	}
-	if _, err := postgres.ParseSeverity("severe"); err == nil {
+	if _, err := privcheck.ParseSeverity("severe"); err == nil {
 		t.Error("ParseSeverity(severe) succeeded")
 	}
 }

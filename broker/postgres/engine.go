@@ -33,10 +33,10 @@ type Config struct {
 	// MarkerRole marks the users the broker creates; "" is
 	// DefaultMarkerRole.
 	MarkerRole string
-	// MaxConns caps the connection pool; 0 is 8.
+	// MaxConns caps the connection pool; 0 is DefaultMaxConns.
 	MaxConns int32
 	// ConnectTimeout bounds each connection attempt; 0 is the URL's
-	// connect_timeout, else 10s.
+	// connect_timeout, else DefaultConnectTimeout.
 	ConnectTimeout time.Duration
 	// TerminateTimeout bounds how long DeleteUser waits for the user's
 	// sessions to end; 0 is 10s.
@@ -80,7 +80,7 @@ func newEngine(ctx context.Context, cfg Config) (*engine, error) {
 		return nil, fmt.Errorf("postgres: marker role: %w", err)
 	}
 	if cfg.MaxConns <= 0 {
-		cfg.MaxConns = 8
+		cfg.MaxConns = DefaultMaxConns
 	}
 	if cfg.TerminateTimeout <= 0 {
 		cfg.TerminateTimeout = 10 * time.Second
@@ -101,7 +101,7 @@ func newEngine(ctx context.Context, cfg Config) (*engine, error) {
 	case cfg.ConnectTimeout > 0:
 		pc.ConnConfig.ConnectTimeout = cfg.ConnectTimeout
 	case pc.ConnConfig.ConnectTimeout == 0: // no connect_timeout in the URL either
-		pc.ConnConfig.ConnectTimeout = 10 * time.Second
+		pc.ConnConfig.ConnectTimeout = DefaultConnectTimeout
 	}
 	if pc.ConnConfig.Database == "" {
 		// What the server assumes too: issued users need the name.

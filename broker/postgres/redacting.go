@@ -5,6 +5,7 @@ import (
 	"slices"
 
 	"github.com/credbroker/credbroker/broker"
+	"github.com/credbroker/credbroker/broker/privcheck"
 )
 
 var (
@@ -39,7 +40,7 @@ type database interface {
 	deleteUsers(ctx context.Context, reqs []broker.DeleteUserRequest) []error
 	listManagedUsers(ctx context.Context) ([]string, error)
 	checkProxyRole(ctx context.Context, proxyRole string) error
-	CheckPrivileges(ctx context.Context, uses []ProxyRoleUse) ([]Finding, error)
+	CheckPrivileges(ctx context.Context, uses []privcheck.ProxyRoleUse) ([]privcheck.Finding, error)
 	SetPassword(password string)
 	TryPassword(ctx context.Context, password string) error
 	RotatePassword(ctx context.Context, newPassword string) error
@@ -161,7 +162,7 @@ func (e *Engine) CheckProxyRole(ctx context.Context, proxyRole string) error {
 
 // CheckPrivileges runs the least-privilege check of the proxy roles (see
 // check.go).
-func (e *Engine) CheckPrivileges(ctx context.Context, uses []ProxyRoleUse) ([]Finding, error) {
+func (e *Engine) CheckPrivileges(ctx context.Context, uses []privcheck.ProxyRoleUse) ([]privcheck.Finding, error) {
 	fs, err := e.inner.CheckPrivileges(ctx, uses)
 	return fs, e.sanitize(ctx, err)
 }

@@ -11,6 +11,7 @@ import (
 	"testing"
 
 	"github.com/credbroker/credbroker/broker"
+	"github.com/credbroker/credbroker/broker/privcheck"
 )
 
 // The secrets leakyDatabase knows and puts in every error.
@@ -46,7 +47,7 @@ func (d leakyDatabase) deleteUsers(_ context.Context, reqs []broker.DeleteUserRe
 }
 func (d leakyDatabase) listManagedUsers(context.Context) ([]string, error) { return nil, d.fail() }
 func (d leakyDatabase) checkProxyRole(context.Context, string) error       { return d.fail() }
-func (d leakyDatabase) CheckPrivileges(context.Context, []ProxyRoleUse) ([]Finding, error) {
+func (d leakyDatabase) CheckPrivileges(context.Context, []privcheck.ProxyRoleUse) ([]privcheck.Finding, error) {
 	return nil, d.fail()
 }
 func (leakyDatabase) SetPassword(string) {}

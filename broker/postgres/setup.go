@@ -2,10 +2,20 @@ package postgres
 
 import (
 	"fmt"
+	"time"
 )
 
-// DefaultMarkerRole is the marker role's name when none is configured.
-const DefaultMarkerRole = "credbroker_managed"
+// Defaults of a target's settings (Config; targets[] in brokerd's
+// configuration).
+const (
+	// DefaultMarkerRole is the marker role's name when none is configured.
+	DefaultMarkerRole = "credbroker_managed"
+	// DefaultMaxConns is the admin connection pool's size.
+	DefaultMaxConns = 10
+	// DefaultConnectTimeout bounds one connection attempt when neither
+	// the configuration nor the URL's connect_timeout says.
+	DefaultConnectTimeout = 10 * time.Second
+)
 
 // SetupParams name the roles of AdminSetupSQL.
 type SetupParams struct {

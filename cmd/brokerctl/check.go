@@ -13,9 +13,10 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/credbroker/credbroker/broker"
-	"github.com/credbroker/credbroker/broker/postgres"
+	"github.com/credbroker/credbroker/broker/privcheck"
 	credbrokerv1 "github.com/credbroker/credbroker/proto/credbroker/v1"
 	"github.com/credbroker/credbroker/server/config"
+	"github.com/credbroker/credbroker/server/daemon"
 	"github.com/credbroker/credbroker/store"
 )
 
@@ -69,7 +70,7 @@ check could not run, 0 otherwise.`,
 			if configPath == "" {
 				return usageErrorf("--config FILE is required")
 			}
-			threshold, err := postgres.ParseSeverity(severity)
+			threshold, err := privcheck.ParseSeverity(severity)
 			if err != nil {
 				return usageErrorf("--severity: %v", err)
 			}
@@ -89,16 +90,28 @@ check could not run, 0 otherwise.`,
 
 			leases, note, closeLeases := c.leaseHistory(cfg)
 			defer closeLeases()
-			findings, err := config.CheckPrivileges(ctx, cfg, nil, config.PrivilegeCheck{
-				Leases:     leases,
-				StaleAfter: time.Duration(staleDays) * 24 * time.Hour,
-			})
+			dbs, err := daemon.ConnectTargets(ctx, cfg, nil)
+			defer func() {
+				for _, db := range dbs {
+					db.Close()
+				}
+			}()
+			if err != nil {
+				return err
+			}
+			findings, err := privcheck.Run(ctx,
+				privcheck.Scope{Targets: cfg.TargetNames(), Roles: cfg.Roles, Engines: dbs},
+				privcheck.Options{
+					Leases:     leases,
+					StaleAfter: time.Duration(staleDays) * 24 * time.Hour,
+					Retention:  cfg.Store.TombstoneRetention,
+				})
 			if err != nil {
 				return err
 			}
 			if note != "" {
-				findings = append(findings, postgres.Finding{
-					Severity: postgres.SeverityInfo, Check: postgres.CheckStale, Message: note,
+				findings = append(findings, privcheck.Finding{
+					Severity: privcheck.SeverityInfo, Check: privcheck.CheckStale, Message: note,
 				})
 			}
 			if c.json {
@@ -123,14 +136,14 @@ check could not run, 0 otherwise.`,
 	}
 	cmd.Flags().StringVar(&configPath, "config", "", "brokerd's configuration file (YAML)")
 	cmd.Flags().StringVar(&severity, "severity", "medium", "exit 3 on findings at or above this: info, low, medium, high, critical")
-	cmd.Flags().IntVar(&staleDays, "stale-days", int(config.DefaultStaleAfter/(24*time.Hour)), "a broker role with no lease issued for this many days is stale")
+	cmd.Flags().IntVar(&staleDays, "stale-days", int(privcheck.DefaultStaleAfter/(24*time.Hour)), "a broker role with no lease issued for this many days is stale")
 	return cmd
 }
 
 // leaseHistory finds where the stale check reads leases: the store file
 // when no brokerd holds it, else the running brokerd. note says why there
 // is none.
-func (c *cli) leaseHistory(cfg *config.Config) (leases config.LeaseLister, note string, closeFn func()) {
+func (c *cli) leaseHistory(cfg *config.Config) (leases privcheck.LeaseLister, note string, closeFn func()) {
 	closeFn = func() {}
 	if _, err := os.Stat(cfg.Store.Path); errors.Is(err, fs.ErrNotExist) {
 		return nil, fmt.Sprintf("stale check skipped: no lease store at %s yet", cfg.Store.Path), closeFn
@@ -169,7 +182,7 @@ func (g grpcLeases) ListLeases(ctx context.Context, f broker.LeaseFilter) ([]bro
 }
 
 // printFindings prints a table, then each finding's fix under its number.
-func (c *cli) printFindings(findings []postgres.Finding) error {
+func (c *cli) printFindings(findings []privcheck.Finding) error {
 	if len(findings) == 0 {
 		_, err := fmt.Fprintln(c.stdout, "no findings")
 		return err
@@ -198,14 +211,14 @@ func (c *cli) printFindings(findings []postgres.Finding) error {
 	return err
 }
 
-func (c *cli) printFindingsJSON(findings []postgres.Finding, threshold postgres.Severity) error {
+func (c *cli) printFindingsJSON(findings []privcheck.Finding, threshold privcheck.Severity) error {
 	if findings == nil {
-		findings = []postgres.Finding{}
+		findings = []privcheck.Finding{}
 	}
 	doc := struct {
-		Severity string             `json:"severity"`
-		Failed   bool               `json:"failed"`
-		Findings []postgres.Finding `json:"findings"`
+		Severity string              `json:"severity"`
+		Failed   bool                `json:"failed"`
+		Findings []privcheck.Finding `json:"findings"`
 	}{Severity: threshold.String(), Findings: findings}
 	for _, f := range findings {
 		doc.Failed = doc.Failed || f.Severity >= threshold

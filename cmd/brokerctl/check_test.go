@@ -14,8 +14,8 @@ import (
 
 	"github.com/credbroker/credbroker/broker"
 	"github.com/credbroker/credbroker/broker/postgres"
+	"github.com/credbroker/credbroker/broker/privcheck"
 	"github.com/credbroker/credbroker/internal/pgtest"
-	"github.com/credbroker/credbroker/server"
 	"github.com/credbroker/credbroker/server/config"
 	"github.com/credbroker/credbroker/store"
 )
@@ -101,10 +101,10 @@ func TestCheckFindingsAndSeverity(t *testing.T) {
 	if got := strings.Join(rows[0], "|"); got != "#|SEVERITY|TARGET|CHECK|ROLE|FINDING" {
 		t.Errorf("header %q", got)
 	}
-	if rows[1][1] != "critical" || rows[1][3] != postgres.CheckReadOnlyWrites || rows[1][4] != tg.ProxyRoles["read_only"] {
+	if rows[1][1] != "critical" || rows[1][3] != privcheck.CheckReadOnlyWrites || rows[1][4] != tg.ProxyRoles["read_only"] {
 		t.Errorf("first row %q", rows[1])
 	}
-	if rows[2][1] != "high" || rows[2][3] != postgres.CheckProxyLogin {
+	if rows[2][1] != "high" || rows[2][3] != privcheck.CheckProxyLogin {
 		t.Errorf("second row %q", rows[2])
 	}
 	if !strings.Contains(r.stdout, "#2\n    ALTER ROLE "+postgres.QuoteIdentifier(tg.ProxyRoles["updater"])+" NOLOGIN\n") {
@@ -163,7 +163,7 @@ func TestCheckStaleFromStore(t *testing.T) {
 	}
 	stale := map[string]string{}
 	for _, f := range doc.Findings {
-		if f.Check == postgres.CheckStale {
+		if f.Check == privcheck.CheckStale {
 			stale[f.Role] = f.Message
 		}
 	}
@@ -197,11 +197,7 @@ func TestCheckStaleFromRunningBroker(t *testing.T) {
 	tg := pgtest.Server(t).NewTarget(t, pgtest.TargetOptions{})
 	cfgPath, _ := checkConfig(t, tg, "")
 	f, err := config.Load(cfgPath)
-	_, rt := startRuntime(t, f, err)
-	addr := serveLoopback(t, server.NewGRPCServer(server.Config{
-		Broker: rt.Broker, Authenticator: server.LocalAuthenticator{}, Endpoints: rt.Endpoints, SSLMode: "disable",
-	}))
-	b := &testBroker{addr: addr, target: tg}
+	b := &testBroker{addr: serveConfigFile(t, f, err, nil), target: tg}
 	b.ok(t, "issue", "read_only")
 
 	doc, r := checkJSON(t, "--addr", b.addr, "--config", cfgPath, "--severity", "info")
@@ -210,7 +206,7 @@ func TestCheckStaleFromRunningBroker(t *testing.T) {
 	}
 	stale := map[string]string{}
 	for _, f := range doc.Findings {
-		if f.Check == postgres.CheckStale {
+		if f.Check == privcheck.CheckStale {
 			stale[f.Role] = f.Severity + ": " + f.Message
 		}
 	}

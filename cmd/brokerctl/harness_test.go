@@ -5,14 +5,14 @@ import (
 	"net"
 	"testing"
 
-	"google.golang.org/grpc"
-
 	"github.com/credbroker/credbroker/server/config"
+	"github.com/credbroker/credbroker/server/daemon"
 )
 
-// startRuntime validates a parsed configuration, builds its runtime as
-// brokerd does, and starts the broker; everything is closed at cleanup.
-func startRuntime(t *testing.T, f *config.File, err error) (*config.Config, *config.Runtime) {
+// serveConfigFile validates a parsed configuration, starts it as brokerd
+// does (package daemon) and serves it on lis, or on a fresh loopback port
+// when lis is nil, until cleanup. It returns the address served.
+func serveConfigFile(t *testing.T, f *config.File, err error, lis net.Listener) string {
 	t.Helper()
 	if err != nil {
 		t.Fatal(err)
@@ -21,27 +21,27 @@ func startRuntime(t *testing.T, f *config.File, err error) (*config.Config, *con
 	if err != nil {
 		t.Fatal(err)
 	}
-	ctx := context.Background()
-	rt, err := config.Build(ctx, cfg, nil)
+	if lis == nil {
+		if lis, err = net.Listen("tcp", "127.0.0.1:0"); err != nil {
+			t.Fatal(err)
+		}
+	}
+	addr := lis.Addr().String()
+	if lis.Addr().Network() == "unix" {
+		addr = "unix:" + addr
+	}
+	d, err := daemon.Start(context.Background(), cfg, daemon.Options{Listener: lis, SkipPrivilegeCheck: true})
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { rt.Close() })
-	if err := rt.Broker.Start(ctx); err != nil {
-		t.Fatal(err)
-	}
-	return cfg, rt
-}
-
-// serveLoopback serves gs on a fresh loopback port until cleanup and
-// returns its address.
-func serveLoopback(t *testing.T, gs *grpc.Server) string {
-	t.Helper()
-	lis, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	go gs.Serve(lis)
-	t.Cleanup(gs.Stop)
-	return lis.Addr().String()
+	ctx, cancel := context.WithCancel(context.Background())
+	served := make(chan error, 1)
+	go func() { served <- d.Serve(ctx) }()
+	t.Cleanup(func() {
+		cancel()
+		<-served
+		d.Close()
+	})
+	<-d.Ready()
+	return addr
 }

@@ -31,8 +31,8 @@ type testBroker struct {
 	target *pgtest.Target
 }
 
-// startBroker builds the broker from a configuration file through
-// config.Build, so the CLI is tested against what brokerd runs. network is
+// startBroker starts the broker of a configuration file through package
+// daemon, so the CLI is tested against what brokerd runs. network is
 // "tcp" or "unix".
 func startBroker(t *testing.T, network string) *testBroker {
 	t.Helper()
@@ -55,10 +55,8 @@ roles:
 dsn_sslmode: disable
 `, filepath.Join(dir, "leases.db"), tg.AdminURL, pw, tg.MarkerRole, tg.ProxyRoles["read_only"], tg.ProxyRoles["updater"])
 	f, err := config.Parse([]byte(yml))
-	cfg, rt := startRuntime(t, f, err)
 
 	var lis net.Listener
-	addr := ""
 	if network == "unix" {
 		// A short path: sun_path holds 108 bytes and t.TempDir can be long.
 		sockDir, err := os.MkdirTemp("", "cbctl")
@@ -67,27 +65,11 @@ dsn_sslmode: disable
 		}
 		t.Cleanup(func() { os.RemoveAll(sockDir) })
 		sock := filepath.Join(sockDir, "s")
-		lis, err = net.Listen("unix", sock)
-		if err != nil {
+		if lis, err = net.Listen("unix", sock); err != nil {
 			t.Fatal(err)
 		}
-		addr = "unix:" + sock
-	} else {
-		lis, err = net.Listen("tcp", "127.0.0.1:0")
-		if err != nil {
-			t.Fatal(err)
-		}
-		addr = lis.Addr().String()
 	}
-	gs := server.NewGRPCServer(server.Config{
-		Broker:        rt.Broker,
-		Authenticator: server.LocalAuthenticator{},
-		Endpoints:     rt.Endpoints,
-		SSLMode:       cfg.DSNSSLMode,
-	})
-	go gs.Serve(lis)
-	t.Cleanup(gs.Stop)
-	return &testBroker{addr: addr, target: tg}
+	return &testBroker{addr: serveConfigFile(t, f, err, lis), target: tg}
 }
 
 // inAbout reports whether an expiry column says "(in <exact>)", or a few

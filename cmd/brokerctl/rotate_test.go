@@ -10,7 +10,6 @@ import (
 	"github.com/jackc/pgx/v5"
 
 	"github.com/credbroker/credbroker/internal/pgtest"
-	"github.com/credbroker/credbroker/server"
 	"github.com/credbroker/credbroker/server/config"
 )
 
@@ -19,11 +18,7 @@ import (
 func serveConfig(t *testing.T, cfgPath string) string {
 	t.Helper()
 	f, err := config.Load(cfgPath)
-	_, rt := startRuntime(t, f, err)
-	return serveLoopback(t, server.NewGRPCServer(server.Config{
-		Broker: rt.Broker, Authenticator: server.LocalAuthenticator{}, Endpoints: rt.Endpoints,
-		SSLMode: "disable", RootRotator: rt.RootCredentials,
-	}))
+	return serveConfigFile(t, f, err, nil)
 }
 
 func TestRotateRoot(t *testing.T) {

@@ -73,7 +73,7 @@ func (ca *pemCA) leaf(t *testing.T, dir, name, cn string, server bool) {
 
 // TestCLIAgainstTLSAndTokenBroker configures a broker with mutual TLS,
 // a bearer token, an allow-list, an admin and an audit log, builds and
-// serves it as brokerd does (config.Build, Runtime.GRPCSecurity), and
+// serves it as brokerd does (daemon.Start), and
 // drives it with brokerctl's --tls-* and --token-file flags.
 func TestCLIAgainstTLSAndTokenBroker(t *testing.T) {
 	tg := pgtest.Server(t).NewTarget(t, pgtest.TargetOptions{})
@@ -103,16 +103,7 @@ audit: {path: %q}
 		filepath.Join(dir, "server.crt"), filepath.Join(dir, "server.key"), filepath.Join(dir, "ca.crt"),
 		server.TokenHash(adminToken), auditPath)
 	f, err := config.Parse([]byte(yml))
-	cfg, rt := startRuntime(t, f, err)
-	sec, err := rt.GRPCSecurity(nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	gs := server.NewGRPCServer(server.Config{
-		Broker: rt.Broker, Authenticator: sec.Authenticator, Authorizer: sec.Authorizer,
-		Quotas: sec.Quotas, Auditor: sec.Auditor, Endpoints: rt.Endpoints, SSLMode: cfg.DSNSSLMode,
-	}, sec.ServerOptions...)
-	addr := serveLoopback(t, gs)
+	addr := serveConfigFile(t, f, err, nil)
 
 	tlsFlags := []string{"--addr", addr, "--tls-ca", filepath.Join(dir, "ca.crt")}
 	svc := append(tlsFlags, "--tls-cert", filepath.Join(dir, "svc.crt"), "--tls-key", filepath.Join(dir, "svc.key"))

@@ -21,6 +21,7 @@ import (
 	"github.com/credbroker/credbroker/broker/postgres"
 	"github.com/credbroker/credbroker/broker/postgres/pgcluster"
 	"github.com/credbroker/credbroker/server/config"
+	"github.com/credbroker/credbroker/server/daemon"
 )
 
 // The demo of `brokerd dev`: the three proxy roles of the article, each on
@@ -127,14 +128,18 @@ func runDev(ctx context.Context, listenAddr string, stdout, stderr io.Writer, re
 
 	// Bind first: a taken port should fail in a second, not after a
 	// cluster has been initialized.
-	lis, err := listen(listenAddr)
+	lis, err := daemon.Listen(listenAddr, false)
 	if err != nil {
 		if listenAddr == devListen {
 			return fmt.Errorf("%w\n(choose another address with --listen 127.0.0.1:7451)", err)
 		}
 		return err
 	}
-	defer lis.Close()
+	defer func() {
+		if lis != nil { // until daemon.Start takes it over
+			lis.Close()
+		}
+	}()
 	s := &devSession{Listen: listenAddr}
 	if lis.Addr().Network() == "tcp" {
 		s.Listen = lis.Addr().String()
@@ -181,24 +186,30 @@ func runDev(ctx context.Context, listenAddr string, stdout, stderr io.Writer, re
 	if err != nil {
 		return err
 	}
-	logConfig(log, cfg)
-	rt, err := config.Build(ctx, cfg, log)
+	d, err := daemon.Start(ctx, cfg, daemon.Options{Logger: log, Listener: lis})
+	lis = nil
 	if err != nil {
 		return err
 	}
 	defer func() {
-		revokeAll(rt, log)
-		if cerr := rt.Close(); cerr != nil {
+		revokeAll(d.Broker(), cfg, log)
+		if cerr := d.Close(); cerr != nil {
 			err = errors.Join(err, cerr)
 		}
 	}()
-
-	return serve(ctx, rt, lis, log, func() {
+	// Serve closes Ready before it blocks, so this ends before runDev does.
+	walkedThrough := make(chan struct{})
+	go func() {
+		defer close(walkedThrough)
+		<-d.Ready()
 		printWalkthrough(stdout, s)
 		if ready != nil {
 			ready(s)
 		}
-	})
+	}()
+	err = d.Serve(ctx)
+	<-walkedThrough
+	return err
 }
 
 // setUpDevDatabase creates the demo database, tables and proxy roles as
@@ -281,15 +292,12 @@ func writeDevConfig(s *devSession, adminPassword string) (string, error) {
 // revokeAll revokes every lease before the cluster goes, so that the
 // shutdown shows the same revocation path an operator relies on (and open
 // psql sessions are ended by the broker, not by the cluster's shutdown).
-func revokeAll(rt *config.Runtime, log *slog.Logger) {
-	if rt.Broker == nil {
-		return
-	}
+func revokeAll(b *broker.Broker, cfg *config.Config, log *slog.Logger) {
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer cancel()
 	total := 0
-	for _, r := range rt.Config.Roles {
-		n, err := rt.Broker.RevokeLeases(ctx, broker.RevokeSelector{Role: r.Name})
+	for _, r := range cfg.Roles {
+		n, err := b.RevokeLeases(ctx, broker.RevokeSelector{Role: r.Name})
 		if err != nil {
 			log.Warn("revoking leases at shutdown", "role", r.Name, "err", err)
 		}

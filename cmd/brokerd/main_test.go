@@ -20,6 +20,7 @@ import (
 	"github.com/credbroker/credbroker/internal/pgtest"
 	"github.com/credbroker/credbroker/internal/syncbuf"
 	credbrokerv1 "github.com/credbroker/credbroker/proto/credbroker/v1"
+	"github.com/credbroker/credbroker/server/daemon"
 	"github.com/credbroker/credbroker/store"
 )
 
@@ -430,11 +431,11 @@ func TestListenUnixSocket(t *testing.T) {
 	dir := shortTempDir(t)
 	sock := filepath.Join(dir, "cb.sock")
 
-	live, err := listen("unix:" + sock)
+	live, err := daemon.Listen("unix:"+sock, false)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, err := listen("unix:" + sock); err == nil || !strings.Contains(err.Error(), "address already in use") {
+	if _, err := daemon.Listen("unix:"+sock, false); err == nil || !strings.Contains(err.Error(), "address already in use") {
 		t.Errorf("second listen on a live socket: %v", err)
 	}
 	// A killed process leaves its socket file behind.
@@ -443,7 +444,7 @@ func TestListenUnixSocket(t *testing.T) {
 	if _, err := os.Stat(sock); err != nil {
 		t.Fatal(err)
 	}
-	again, err := listen("unix:" + sock)
+	again, err := daemon.Listen("unix:"+sock, false)
 	if err != nil {
 		t.Fatalf("stale socket not replaced: %v", err)
 	}
@@ -453,7 +454,7 @@ func TestListenUnixSocket(t *testing.T) {
 	if err := os.WriteFile(file, []byte("keep me"), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := listen("unix:" + file); err == nil || !strings.Contains(err.Error(), "is not a socket") {
+	if _, err := daemon.Listen("unix:"+file, false); err == nil || !strings.Contains(err.Error(), "is not a socket") {
 		t.Errorf("listen on a regular file: %v", err)
 	}
 	if b, err := os.ReadFile(file); err != nil || string(b) != "keep me" {

@@ -5,15 +5,16 @@ import (
 	"log/slog"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/jackc/pgx/v5"
 
 	"github.com/credbroker/credbroker/broker/postgres"
-	"github.com/credbroker/credbroker/server/config"
+	"github.com/credbroker/credbroker/server/daemon"
 )
 
 // The start-up check logs the least-privilege findings of brokerd's
-// targets (runServer runs it beside serving).
+// targets (daemon.Start runs it beside serving).
 func TestStartupPrivilegeWarnings(t *testing.T) {
 	c := writeConfig(t, "127.0.0.1:0", "")
 	ctx := context.Background()
@@ -33,15 +34,19 @@ func TestStartupPrivilegeWarnings(t *testing.T) {
 	}
 	var logs syncBuffer
 	log := slog.New(slog.NewTextHandler(&logs, nil))
-	rt, err := config.Build(ctx, cfg, log)
+	d, err := daemon.Start(ctx, cfg, daemon.Options{Logger: log})
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer rt.Close()
-	logPrivilegeFindings(ctx, rt, log)
+	defer d.Close()
 
-	out := logs.String()
+	// The check runs beside serving: wait for its findings.
 	want := `level=WARN msg="least privilege: read-only role may INSERT on table demo" severity=high check=read-only-writes target=main`
+	deadline := time.Now().Add(30 * time.Second)
+	for !strings.Contains(logs.String(), want) && time.Now().Before(deadline) {
+		time.Sleep(10 * time.Millisecond)
+	}
+	out := logs.String()
 	if !strings.Contains(out, want) {
 		t.Errorf("log lacks %q:\n%s", want, out)
 	}

@@ -7,11 +7,9 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"net"
 	"os"
 	"path/filepath"
 	"strings"
-	"time"
 
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgxpool"
@@ -22,9 +20,8 @@ import (
 	"github.com/credbroker/credbroker/broker/postgres"
 	"github.com/credbroker/credbroker/broker/postgres/pgcluster"
 	pb "github.com/credbroker/credbroker/proto/credbroker/v1"
-	"github.com/credbroker/credbroker/server"
 	"github.com/credbroker/credbroker/server/config"
-	"github.com/credbroker/credbroker/store"
+	"github.com/credbroker/credbroker/server/daemon"
 )
 
 // env is what the scenarios run against: a PostgreSQL target reached two
@@ -60,11 +57,11 @@ type env struct {
 	adminC pb.AdminServiceClient
 
 	// In-process broker, when the bench started one.
-	broker    *broker.Broker
-	store     *store.Store
-	engine    *postgres.Engine
-	grpcSrv   *grpc.Server
-	storePath string
+	daemon      *daemon.Daemon
+	broker      *broker.Broker
+	stopServing context.CancelFunc
+	served      chan error
+	storePath   string
 
 	cluster *pgcluster.Cluster
 	tmp     string
@@ -230,54 +227,66 @@ func (e *env) maxConns() int32 {
 	if e.opts.maxConns > 0 {
 		return int32(e.opts.maxConns)
 	}
-	return config.DefaultMaxConns
+	return postgres.DefaultMaxConns
 }
 
-// startBroker runs the broker in this process, over a real bbolt file
-// (fsync kept) and served by the real gRPC server on a loopback listener.
+// writeConfig writes a password file and a brokerd configuration for the
+// bench's target into dir, serving listen with the store at storePath;
+// extra is appended (YAML). It returns the configuration file's path.
+func (e *env) writeConfig(dir, listen, storePath, extra string) (string, error) {
+	pwFile := filepath.Join(dir, "admin.password")
+	if err := os.WriteFile(pwFile, []byte(e.adminPassword+"\n"), 0o600); err != nil {
+		return "", err
+	}
+	cfgFile := filepath.Join(dir, "brokerd.yaml")
+	yaml := fmt.Sprintf(`listen: %s
+store:
+  path: %s
+targets:
+  - name: main
+    url: %s
+    password_file: %s
+    marker_role: %s
+    max_conns: %d
+roles:
+  - name: %s
+    target: main
+    proxy_role: %s
+    default_ttl: 1h
+    max_ttl: 24h
+`, listen, storePath, e.adminURL, pwFile, e.markerRole, e.maxConns(), e.role, e.proxyRole)
+	return cfgFile, os.WriteFile(cfgFile, []byte(yaml+extra), 0o600)
+}
+
+// startBroker runs the broker in this process as brokerd does (package
+// daemon), over a real bbolt file (fsync kept), served by the real gRPC
+// server on a loopback listener.
 func (e *env) startBroker(ctx context.Context) error {
-	var err error
 	e.storePath = filepath.Join(e.tmp, "leases.db")
-	if e.store, err = store.Open(e.storePath, store.Options{Logger: e.log}); err != nil {
-		return err
-	}
-	e.engine, err = postgres.New(ctx, postgres.Config{
-		URL: e.adminURL, Password: e.adminPassword, MarkerRole: e.markerRole,
-		MaxConns: e.maxConns(), Logger: e.log,
-	})
+	cfgFile, err := e.writeConfig(e.tmp, "127.0.0.1:0", e.storePath,
+		fmt.Sprintf("expiry: {revoke_concurrency: %d, revoke_rate: %g}\n", e.revokeConcurrency(), e.revokeRate()))
 	if err != nil {
 		return err
 	}
-	e.broker, err = broker.New(broker.Config{
-		Store:     e.store,
-		Databases: map[string]broker.Database{"main": e.engine},
-		Roles: []broker.Role{{
-			Name: e.role, Target: "main", ProxyRole: e.proxyRole,
-			DefaultTTL: time.Hour, MaxTTL: 24 * time.Hour,
-		}},
-		Logger:            e.log,
-		RevokeConcurrency: e.revokeConcurrency(),
-		RevokeRate:        e.revokeRate(),
-	})
+	f, err := config.Load(cfgFile)
 	if err != nil {
 		return err
 	}
-	if err := e.broker.Start(ctx); err != nil {
-		return err
-	}
-	lis, err := net.Listen("tcp", "127.0.0.1:0")
+	cfg, err := f.Validate()
 	if err != nil {
 		return err
 	}
-	e.grpcSrv = server.NewGRPCServer(server.Config{
-		Broker:        e.broker,
-		Authenticator: server.LocalAuthenticator{},
-		Endpoints:     map[string]broker.Endpoint{"main": e.engine.Endpoint()},
-		// The bench's streams name more leases than a sidecar would.
-		MaxStreamLeases: 1 << 20,
-	})
-	go func() { _ = e.grpcSrv.Serve(lis) }()
-	e.conn, err = grpc.NewClient(lis.Addr().String(), grpc.WithTransportCredentials(insecure.NewCredentials()))
+	// The bench's streams name more leases than a sidecar would.
+	e.daemon, err = daemon.Start(ctx, cfg, daemon.Options{Logger: e.log, MaxStreamLeases: 1 << 20, SkipPrivilegeCheck: true})
+	if err != nil {
+		return err
+	}
+	e.broker = e.daemon.Broker()
+	serveCtx, stop := context.WithCancel(context.WithoutCancel(ctx))
+	e.stopServing, e.served = stop, make(chan error, 1)
+	go func() { e.served <- e.daemon.Serve(serveCtx) }()
+	<-e.daemon.Ready()
+	e.conn, err = grpc.NewClient(e.daemon.Addr().String(), grpc.WithTransportCredentials(insecure.NewCredentials()))
 	return err
 }
 
@@ -287,31 +296,24 @@ func (e *env) revokeConcurrency() int {
 	if e.opts.brokerRevokeConc > 0 {
 		return e.opts.brokerRevokeConc
 	}
-	return config.DefaultRevokeConcurrency
+	return broker.DefaultRevokeConcurrency
 }
 
 func (e *env) revokeRate() float64 {
 	if e.opts.brokerRevokeRate > 0 {
 		return e.opts.brokerRevokeRate
 	}
-	return config.DefaultRevokeRate
+	return broker.DefaultRevokeRate
 }
 
 func (e *env) close() {
 	if e.conn != nil {
 		_ = e.conn.Close()
 	}
-	if e.grpcSrv != nil {
-		e.grpcSrv.Stop()
-	}
-	if e.broker != nil {
-		_ = e.broker.Close()
-	}
-	if e.engine != nil {
-		e.engine.Close()
-	}
-	if e.store != nil {
-		_ = e.store.Close()
+	if e.daemon != nil {
+		e.stopServing()
+		<-e.served
+		_ = e.daemon.Close()
 	}
 	if e.base != nil {
 		e.base.Close()

@@ -27,6 +27,9 @@ import (
 	"syscall"
 	"text/tabwriter"
 	"time"
+
+	"github.com/credbroker/credbroker/broker"
+	"github.com/credbroker/credbroker/broker/postgres"
 )
 
 func main() {
@@ -100,7 +103,7 @@ func parseFlags(args []string, stderr io.Writer) (*options, error) {
 	fs.Float64Var(&o.churnRate, "churn-rate", 2000, "churn: leases issued per simulated hour")
 	fs.DurationVar(&o.churnTTL, "churn-ttl", 15*time.Minute, "churn: lease TTL")
 	fs.DurationVar(&o.churnHours, "churn-duration", 24*time.Hour, "churn: simulated time measured at steady state")
-	fs.DurationVar(&o.retention, "retention", 24*time.Hour, "churn: tombstone retention (store.tombstone_retention)")
+	fs.DurationVar(&o.retention, "retention", broker.DefaultTombstoneRetention, "churn: tombstone retention (store.tombstone_retention)")
 	fs.IntVar(&o.maxConns, "max-conns", 0, "in-process broker: targets[].max_conns (0: brokerd's default)")
 	fs.IntVar(&o.brokerRevokeConc, "broker-revoke-concurrency", 0, "in-process broker: expiry.revoke_concurrency (0: brokerd's default)")
 	fs.Float64Var(&o.brokerRevokeRate, "broker-revoke-rate", 0, "in-process broker: expiry.revoke_rate per second (0: brokerd's default)")
@@ -109,7 +112,7 @@ func parseFlags(args []string, stderr io.Writer) (*options, error) {
 	fs.StringVar(&o.brokerAddr, "broker", "", "gRPC address of a running broker serving --pg-url's target (default: an in-process broker)")
 	fs.StringVar(&o.role, "role", benchRole, "with --broker: the broker role to issue")
 	fs.StringVar(&o.proxyRole, "proxy-role", benchProxy, "with --pg-url: that role's proxy role")
-	fs.StringVar(&o.markerRole, "marker-role", "credbroker_managed", "with --pg-url: the target's marker role")
+	fs.StringVar(&o.markerRole, "marker-role", postgres.DefaultMarkerRole, "with --pg-url: the target's marker role")
 	fs.BoolVar(&o.pgDurable, "pg-durable", true, "own cluster: fsync and synchronous_commit on, as in production")
 	fs.StringVar(&o.profileDir, "profile-dir", "", "write CPU profiles of the in-process broker (issue at 16 clients, expiry burst) here")
 	fs.BoolVar(&o.verbose, "v", false, "log the broker's warnings to stderr")

@@ -23,15 +23,15 @@ import (
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 
 	"github.com/credbroker/credbroker/broker"
-	"github.com/credbroker/credbroker/server"
 	"github.com/credbroker/credbroker/server/config"
+	"github.com/credbroker/credbroker/server/daemon"
 	"github.com/credbroker/credbroker/store"
 )
 
 // serveChildCmd is the hidden subcommand the restore scenario execs when no
 // --brokerd binary is given: brokerd's start path (config.Load, Validate,
-// Build, Broker.Start, gRPC Serve) in a fresh process, so that its start
-// time and resident memory are its own.
+// daemon.Start, Serve) in a fresh process, so that its start time and
+// resident memory are its own.
 const serveChildCmd = "__serve"
 
 func serveChild(args []string) int {
@@ -70,24 +70,15 @@ func serveConfig(ctx context.Context, path string) error {
 	if err != nil {
 		return err
 	}
-	log := cfg.Log.NewLogger(os.Stderr)
-	lis, err := net.Listen("tcp", cfg.Listen)
+	// Without the background least-privilege check, so that the start
+	// measured is the broker's alone.
+	d, err := daemon.Start(ctx, cfg, daemon.Options{Logger: cfg.Log.NewLogger(os.Stderr), SkipPrivilegeCheck: true})
 	if err != nil {
 		return err
 	}
-	defer lis.Close()
-	rt, err := config.Build(ctx, cfg, log)
-	if err != nil {
-		return err
-	}
-	defer rt.Close()
-	if err := rt.Broker.Start(ctx); err != nil {
-		return err
-	}
+	defer d.Close()
 	stopProfile()
-	gs := server.NewGRPCServer(server.Config{Broker: rt.Broker, Authenticator: server.LocalAuthenticator{}, Logger: log, Endpoints: rt.Endpoints})
-	go func() { <-ctx.Done(); gs.Stop() }()
-	return gs.Serve(lis)
+	return d.Serve(ctx)
 }
 
 // writeSyntheticStore writes records leases through package store: active
@@ -148,29 +139,8 @@ func (e *env) measureStart(ctx context.Context, dir, storePath, profile string) 
 	if err != nil {
 		return m, err
 	}
-	pwFile := filepath.Join(dir, "admin.password")
-	if err := os.WriteFile(pwFile, []byte(e.adminPassword+"\n"), 0o600); err != nil {
-		return m, err
-	}
-	cfgFile := filepath.Join(dir, "brokerd.yaml")
-	yaml := fmt.Sprintf(`listen: 127.0.0.1:%d
-store:
-  path: %s
-targets:
-  - name: main
-    url: %s
-    password_file: %s
-    marker_role: %s
-roles:
-  - name: %s
-    target: main
-    proxy_role: %s
-    default_ttl: 1h
-    max_ttl: 24h
-log:
-  level: warn
-`, port, storePath, e.adminURL, pwFile, e.markerRole, e.role, e.proxyRole)
-	if err := os.WriteFile(cfgFile, []byte(yaml), 0o600); err != nil {
+	cfgFile, err := e.writeConfig(dir, fmt.Sprintf("127.0.0.1:%d", port), storePath, "log: {level: warn}\n")
+	if err != nil {
 		return m, err
 	}
 	var cmd *exec.Cmd

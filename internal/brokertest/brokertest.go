@@ -2,7 +2,8 @@
 // talks to it (the Go client, the pool helper, broker-agent): a real
 // PostgreSQL target from pgtest, a real bbolt file in t.TempDir(), and the
 // real gRPC server on a loopback TCP port, which survives Restart so that
-// clients reconnect to the same address. The test package's TestMain must
+// clients reconnect to the same address. It starts the broker from a
+// configuration file through package daemon, as brokerd does. The test package's TestMain must
 // run pgtest.Main.
 package brokertest
 
@@ -11,18 +12,17 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
+	"os"
 	"path/filepath"
+	"strings"
 	"sync"
 	"testing"
 	"time"
 
-	"google.golang.org/grpc"
-
 	"github.com/credbroker/credbroker/broker"
-	"github.com/credbroker/credbroker/broker/postgres"
 	"github.com/credbroker/credbroker/internal/pgtest"
-	"github.com/credbroker/credbroker/server"
-	"github.com/credbroker/credbroker/store"
+	"github.com/credbroker/credbroker/server/config"
+	"github.com/credbroker/credbroker/server/daemon"
 )
 
 // Role is a broker role on the target's read_only proxy role.
@@ -46,19 +46,17 @@ type Options struct {
 // Broker is a running broker. Its methods are safe for concurrent use.
 type Broker struct {
 	t      testing.TB
-	opts   Options
+	cfg    *config.Config
+	log    *slog.Logger
+	clock  broker.Clock
 	Target *pgtest.Target
-	Engine *postgres.Engine
 	// Addr is the gRPC listen address, the same across restarts.
-	Addr      string
-	storePath string
+	Addr string
 
-	mu      sync.Mutex
-	broker  *broker.Broker
-	store   *store.Store
-	gs      *grpc.Server
-	drainer *server.Drainer
-	served  chan struct{}
+	mu     sync.Mutex
+	daemon *daemon.Daemon
+	stop   context.CancelFunc
+	served chan error
 }
 
 // Start starts a broker; it stops at the end of the test.
@@ -70,16 +68,12 @@ func Start(t testing.TB, opts Options) *Broker {
 	if opts.Logger == nil {
 		opts.Logger = slog.New(slog.DiscardHandler)
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
-	defer cancel()
 	tg := pgtest.Server(t).NewTarget(t, pgtest.TargetOptions{})
-	cfg := tg.EngineConfig()
-	cfg.Logger = opts.Logger
-	eng, err := postgres.New(ctx, cfg)
+	cfg, err := writeConfig(t.TempDir(), tg, opts)
 	if err != nil {
-		t.Fatalf("brokertest: postgres.New: %v", err)
+		t.Fatalf("brokertest: %v", err)
 	}
-	b := &Broker{t: t, opts: opts, Target: tg, Engine: eng, storePath: filepath.Join(t.TempDir(), "leases.db")}
+	b := &Broker{t: t, cfg: cfg, log: opts.Logger, clock: opts.Clock, Target: tg}
 	lis, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatalf("brokertest: listen: %v", err)
@@ -88,57 +82,52 @@ func Start(t testing.TB, opts Options) *Broker {
 	if err := b.start(lis); err != nil {
 		t.Fatalf("brokertest: %v", err)
 	}
-	t.Cleanup(func() {
-		b.Stop()
-		eng.Close()
-	})
+	t.Cleanup(b.Stop)
 	return b
+}
+
+// writeConfig writes the target's admin password and a brokerd
+// configuration into dir, and returns it validated: the harness starts
+// the broker from a configuration, as brokerd does.
+func writeConfig(dir string, tg *pgtest.Target, opts Options) (*config.Config, error) {
+	pw := filepath.Join(dir, "admin.password")
+	if err := os.WriteFile(pw, []byte(tg.AdminPassword+"\n"), 0o600); err != nil {
+		return nil, err
+	}
+	var y strings.Builder
+	fmt.Fprintf(&y, "listen: 127.0.0.1:0\nstore: {path: %q}\n", filepath.Join(dir, "leases.db"))
+	fmt.Fprintf(&y, "targets:\n  - {name: main, url: %q, password_file: %q, marker_role: %q}\n", tg.AdminURL, pw, tg.MarkerRole)
+	y.WriteString("roles:\n")
+	for _, r := range opts.Roles {
+		fmt.Fprintf(&y, "  - {name: %q, target: main, proxy_role: %q, default_ttl: %s, max_ttl: %s}\n",
+			r.Name, tg.ProxyRoles["read_only"], r.DefaultTTL, r.MaxTTL)
+	}
+	y.WriteString("dsn_sslmode: disable\nshutdown_timeout: 2s\n")
+	if opts.DisconnectGrace > 0 {
+		fmt.Fprintf(&y, "disconnect_grace: %s\n", opts.DisconnectGrace)
+	}
+	f, err := config.Parse([]byte(y.String()))
+	if err != nil {
+		return nil, err
+	}
+	return f.Validate()
 }
 
 func (b *Broker) start(lis net.Listener) error {
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
-	st, err := store.Open(b.storePath, store.Options{NoSync: true})
+	d, err := daemon.Start(ctx, b.cfg, daemon.Options{
+		Logger: b.log, Listener: lis, Clock: b.clock, StoreNoSync: true, SkipPrivilegeCheck: true,
+	})
 	if err != nil {
-		_ = lis.Close()
 		return err
 	}
-	roles := make([]broker.Role, 0, len(b.opts.Roles))
-	for _, r := range b.opts.Roles {
-		roles = append(roles, broker.Role{Name: r.Name, Target: "main", ProxyRole: b.Target.ProxyRoles["read_only"],
-			DefaultTTL: r.DefaultTTL, MaxTTL: r.MaxTTL})
-	}
-	br, err := broker.New(broker.Config{
-		Store:           st,
-		Databases:       map[string]broker.Database{"main": b.Engine},
-		Roles:           roles,
-		Clock:           b.opts.Clock,
-		Logger:          b.opts.Logger,
-		DisconnectGrace: b.opts.DisconnectGrace,
-	})
-	if err == nil {
-		err = br.Start(ctx)
-	}
-	if err != nil {
-		_ = st.Close()
-		_ = lis.Close()
-		return err
-	}
-	drainer := server.NewDrainer()
-	gs := server.NewGRPCServer(server.Config{
-		Broker:    br,
-		Logger:    b.opts.Logger,
-		Endpoints: map[string]broker.Endpoint{"main": b.Engine.Endpoint()},
-		SSLMode:   "disable",
-		Drainer:   drainer,
-	})
-	served := make(chan struct{})
-	go func() {
-		defer close(served)
-		_ = gs.Serve(lis)
-	}()
+	serveCtx, stop := context.WithCancel(context.Background())
+	served := make(chan error, 1)
+	go func() { served <- d.Serve(serveCtx) }()
+	<-d.Ready()
 	b.mu.Lock()
-	b.broker, b.store, b.gs, b.drainer, b.served = br, st, gs, drainer, served
+	b.daemon, b.stop, b.served = d, stop, served
 	b.mu.Unlock()
 	return nil
 }
@@ -147,24 +136,25 @@ func (b *Broker) start(lis net.Listener) error {
 func (b *Broker) Broker() *broker.Broker {
 	b.mu.Lock()
 	defer b.mu.Unlock()
-	return b.broker
+	if b.daemon == nil {
+		return nil
+	}
+	return b.daemon.Broker()
 }
 
 // Stop stops serving as brokerd does on SIGTERM (streams drained first);
 // the store and the PostgreSQL users stay. Stopping twice is a no-op.
 func (b *Broker) Stop() {
 	b.mu.Lock()
-	br, st, gs, drainer, served := b.broker, b.store, b.gs, b.drainer, b.served
-	b.broker, b.store, b.gs = nil, nil, nil
+	d, stop, served := b.daemon, b.stop, b.served
+	b.daemon = nil
 	b.mu.Unlock()
-	if gs == nil {
+	if d == nil {
 		return
 	}
-	drainer.Drain()
-	gs.Stop()
+	stop()
 	<-served
-	_ = br.Close()
-	_ = st.Close()
+	_ = d.Close()
 }
 
 // Restart stops the broker and starts a new one on the same store file

@@ -8,29 +8,17 @@ import (
 	"github.com/credbroker/credbroker/broker"
 )
 
-// Defaults of the optional keys. The broker's own defaults are the same;
-// they are repeated here so that the effective configuration brokerd logs
-// at start-up is the one it runs with.
+// Defaults of the keys this package owns. Every other key's default is
+// exported by the package that owns the setting (broker, broker/postgres,
+// store, server), and Validate fills it from there, so the effective
+// configuration brokerd logs at start-up is the one it runs with and no
+// default is written twice. README.md's configuration table is checked
+// against all of them (TestREADMEDefaults).
 const (
-	DefaultListen              = "127.0.0.1:7450"
-	DefaultMarkerRole          = "credbroker_managed"
-	DefaultMaxConns            = 10
-	DefaultConnectTimeout      = 10 * time.Second
-	DefaultStoreOpenTimeout    = 5 * time.Second
-	DefaultTombstoneRetention  = 24 * time.Hour
-	DefaultRevokeConcurrency   = 4
-	DefaultRevokeRate          = 1000.0
-	DefaultRevokeRetries       = 5
-	DefaultValidUntilGrace     = time.Minute
-	DefaultRetryBaseDelay      = time.Second
-	DefaultRetryMaxDelay       = time.Minute
-	DefaultFailedRetryInterval = 10 * time.Minute
-	DefaultReconcileInterval   = 5 * time.Minute
-	DefaultDisconnectGrace     = 30 * time.Second
-	DefaultShutdownTimeout     = 15 * time.Second
-	DefaultLogLevel            = "info"
-	DefaultLogFormat           = "text"
-	DefaultDSNSSLMode          = "prefer"
+	DefaultListen          = "127.0.0.1:7450"
+	DefaultShutdownTimeout = 15 * time.Second
+	DefaultLogLevel        = "info"
+	DefaultLogFormat       = "text"
 )
 
 // Config is a validated configuration with every default filled in.
@@ -83,15 +71,12 @@ type Target struct {
 	Database string
 	// AdminUser is the user named in URL.
 	AdminUser string
-	// Password is the admin password, read from PasswordSource.
-	Password Secret
-	// PasswordSource says where Password came from ("file /path",
+	// PasswordSource says where the admin password lives ("file /path",
 	// "env NAME", "vault ..."), for logs.
 	PasswordSource string
-	// PasswordFile or PasswordEnv or Vault is the source: a rotation
-	// writes the new password back to a file or Vault (see
-	// secret_rotate.go). With Vault, Password is empty: brokerd reads it
-	// when it connects.
+	// PasswordFile or PasswordEnv or Vault is the source of the admin
+	// password. Package rootcred reads it when brokerd connects, and a
+	// rotation writes the new password back to a file or Vault.
 	PasswordFile string
 	PasswordEnv  string
 	Vault        *Vault
@@ -128,6 +113,15 @@ func (l Log) NewLogger(w io.Writer) *slog.Logger {
 		return slog.New(slog.NewJSONHandler(w, opts))
 	}
 	return slog.New(slog.NewTextHandler(w, opts))
+}
+
+// TargetNames are the targets' names, in the file's order.
+func (c *Config) TargetNames() []string {
+	names := make([]string, 0, len(c.Targets))
+	for _, t := range c.Targets {
+		names = append(names, t.Name)
+	}
+	return names
 }
 
 // Target returns the target of that name.

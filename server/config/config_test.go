@@ -11,6 +11,8 @@ import (
 	"time"
 
 	"github.com/credbroker/credbroker/broker"
+	"github.com/credbroker/credbroker/broker/postgres"
+	"github.com/credbroker/credbroker/store"
 )
 
 const testPassword = "s3cret-Admin-pw"
@@ -75,13 +77,10 @@ func TestValidMinimalConfigGetsDefaults(t *testing.T) {
 		t.Errorf("store path %q not resolved against the config's directory %q", c.Store.Path, dir)
 	}
 	tg := c.Targets[0]
-	if tg.Password.Reveal() != testPassword {
-		t.Errorf("password not read (or newline not trimmed)")
-	}
 	if tg.Database != "app" || tg.AdminUser != "broker_admin" {
 		t.Errorf("database %q admin %q", tg.Database, tg.AdminUser)
 	}
-	if tg.MarkerRole != DefaultMarkerRole || tg.MaxConns != DefaultMaxConns || tg.ConnectTimeout != DefaultConnectTimeout {
+	if tg.MarkerRole != postgres.DefaultMarkerRole || tg.MaxConns != postgres.DefaultMaxConns || tg.ConnectTimeout != postgres.DefaultConnectTimeout {
 		t.Errorf("target defaults not filled: %+v", tg)
 	}
 	if tg.PasswordSource != "file "+filepath.Join(dir, "main.password") {
@@ -94,7 +93,7 @@ func TestValidMinimalConfigGetsDefaults(t *testing.T) {
 	if fmt.Sprint(c.Roles) != fmt.Sprint(want) {
 		t.Errorf("roles = %+v, want %+v", c.Roles, want)
 	}
-	if c.Store.TombstoneRetention != 24*time.Hour || c.Store.OpenTimeout != DefaultStoreOpenTimeout {
+	if c.Store.TombstoneRetention != 24*time.Hour || c.Store.OpenTimeout != store.DefaultTimeout {
 		t.Errorf("store defaults: %+v", c.Store)
 	}
 	wantExpiry := Expiry{
@@ -152,7 +151,7 @@ dsn_sslmode: verify-full
 		t.Fatal(err)
 	}
 	tg := c.Targets[0]
-	if tg.Password.Reveal() != "from-env" || tg.PasswordSource != "env CB_TEST_PW" || tg.MarkerRole != "cb_marker" || tg.MaxConns != 3 || tg.ConnectTimeout != 3*time.Second {
+	if tg.PasswordSource != "env CB_TEST_PW" || tg.MarkerRole != "cb_marker" || tg.MaxConns != 3 || tg.ConnectTimeout != 3*time.Second {
 		t.Errorf("target: %+v", tg)
 	}
 	if c.Listen != "unix:/run/credbroker.sock" || c.Store.OpenTimeout != 2*time.Second || c.Store.TombstoneRetention != 72*time.Hour {
@@ -262,22 +261,6 @@ roles:`, 1),
 			name: "both password sources",
 			yaml: strings.Replace(validYAML, "    password_file: main.password\n", "    password_file: main.password\n    password_env: X\n", 1),
 			want: []string{"targets[0]: set one of password_file, password_env and vault, not several"},
-		},
-		{
-			name: "password file missing",
-			yaml: strings.Replace(validYAML, "password_file: main.password", "password_file: nope.password", 1),
-			want: []string{"targets[0].password_file: stat ", "nope.password: no such file or directory"},
-		},
-		{
-			name: "password env unset",
-			yaml: strings.Replace(validYAML, "password_file: main.password", "password_env: CB_TEST_UNSET_VARIABLE", 1),
-			want: []string{"targets[0].password_env: environment variable CB_TEST_UNSET_VARIABLE is not set"},
-		},
-		{
-			name: "password env empty",
-			yaml: strings.Replace(validYAML, "password_file: main.password", "password_env: CB_TEST_EMPTY", 1),
-			env:  map[string]string{"CB_TEST_EMPTY": ""},
-			want: []string{"targets[0].password_env: environment variable CB_TEST_EMPTY is empty"},
 		},
 		{
 			name: "ttl zero, negative, missing, malformed",
@@ -437,62 +420,6 @@ roles:
 	}
 }
 
-func TestPasswordFileModes(t *testing.T) {
-	tests := []struct {
-		mode        os.FileMode
-		content     string
-		wantErr     string
-		wantWarning string
-	}{
-		{mode: 0o600, content: "pw\n"},
-		{mode: 0o400, content: "pw"},
-		{mode: 0o640, content: "pw\r\n"},
-		{mode: 0o644, content: "pw\n", wantWarning: "is world-readable (mode 0644); run chmod 600"},
-		{mode: 0o620, content: "pw", wantErr: "is group- or world-writable (mode 0620)"},
-		{mode: 0o602, content: "pw", wantErr: "is group- or world-writable (mode 0602)"},
-		{mode: 0o600, content: "\n", wantErr: "is empty"},
-		{mode: 0o600, content: "pw\nsecond", wantErr: "holds more than one line"},
-	}
-	for _, tc := range tests {
-		t.Run(fmt.Sprintf("%04o_%q", tc.mode, tc.content), func(t *testing.T) {
-			path := writeConfig(t, validYAML)
-			pwPath := filepath.Join(filepath.Dir(path), "main.password")
-			if err := os.WriteFile(pwPath, []byte(tc.content), 0o600); err != nil {
-				t.Fatal(err)
-			}
-			if err := os.Chmod(pwPath, tc.mode); err != nil { // WriteFile's mode is masked by umask
-				t.Fatal(err)
-			}
-			f, err := Load(path)
-			if err != nil {
-				t.Fatal(err)
-			}
-			c, err := f.Validate()
-			if tc.wantErr != "" {
-				if err == nil || !strings.Contains(err.Error(), "targets[0].password_file: ") || !strings.Contains(err.Error(), tc.wantErr) {
-					t.Fatalf("err = %v, want %q", err, tc.wantErr)
-				}
-				if strings.Contains(err.Error(), "pw") && !strings.Contains(err.Error(), ".password") {
-					t.Errorf("error echoes the password: %v", err)
-				}
-				return
-			}
-			if err != nil {
-				t.Fatal(err)
-			}
-			if c.Targets[0].Password.Reveal() != "pw" {
-				t.Errorf("password = %q", c.Targets[0].Password.Reveal())
-			}
-			if tc.wantWarning == "" && len(c.Warnings) > 0 {
-				t.Errorf("unexpected warnings %q", c.Warnings)
-			}
-			if tc.wantWarning != "" && (len(c.Warnings) != 1 || !strings.Contains(c.Warnings[0], tc.wantWarning) || !strings.HasPrefix(c.Warnings[0], "targets[0].password_file: ")) {
-				t.Errorf("warnings = %q, want %q", c.Warnings, tc.wantWarning)
-			}
-		})
-	}
-}
-
 func TestWarnings(t *testing.T) {
 	c, err := loadAndValidate(t, validYAML+`  - name: also_read
     target: main
@@ -556,8 +483,9 @@ func TestParseListen(t *testing.T) {
 	}
 }
 
-// TestSecretNeverPrints: a Config (with its password) formatted or
-// encoded every common way shows no password.
+// TestSecretNeverPrints: a Config formatted or encoded every common way
+// shows no password: Validate reads none (package rootcred does, where it
+// is used), so there is none in it to show.
 func TestSecretNeverPrints(t *testing.T) {
 	c, err := loadAndValidate(t, validYAML)
 	if err != nil {
@@ -565,13 +493,13 @@ func TestSecretNeverPrints(t *testing.T) {
 	}
 	var outs []string
 	for _, verb := range []string{"%v", "%+v", "%#v", "%s", "%q", "%x", "%X"} {
-		outs = append(outs, fmt.Sprintf(verb, c), fmt.Sprintf(verb, c.Targets[0]), fmt.Sprintf(verb, c.Targets[0].Password))
+		outs = append(outs, fmt.Sprintf(verb, c), fmt.Sprintf(verb, c.Targets[0]))
 	}
 	js, _ := json.Marshal(c)
 	outs = append(outs, string(js))
 	var sb strings.Builder
-	slog.New(slog.NewTextHandler(&sb, nil)).Info("cfg", "target", c.Targets[0], "pw", c.Targets[0].Password)
-	slog.New(slog.NewJSONHandler(&sb, nil)).Info("cfg", "target", c.Targets[0], "pw", c.Targets[0].Password)
+	slog.New(slog.NewTextHandler(&sb, nil)).Info("cfg", "target", c.Targets[0])
+	slog.New(slog.NewJSONHandler(&sb, nil)).Info("cfg", "target", c.Targets[0])
 	outs = append(outs, sb.String())
 	for _, o := range outs {
 		if strings.Contains(o, testPassword) || strings.Contains(o, fmt.Sprintf("%x", testPassword)) {
@@ -584,5 +512,44 @@ func TestLoadMissingFile(t *testing.T) {
 	_, err := Load(filepath.Join(t.TempDir(), "nope.yaml"))
 	if err == nil || !strings.Contains(err.Error(), "no such file") {
 		t.Fatalf("err = %v", err)
+	}
+}
+
+func TestVaultConfigErrors(t *testing.T) {
+	for _, tc := range []struct {
+		vault string
+		want  string
+	}{
+		{`{path: x, auth: token, token_env: VT}`, "targets[0].vault.address: required"},
+		{`{address: "ftp://v", path: x, auth: token, token_env: VT}`, "targets[0].vault.address: not an http(s) URL"},
+		{`{address: "https://v", auth: token, token_env: VT}`, "targets[0].vault.path: required"},
+		{`{address: "https://v", path: x, auth: ldap}`, `targets[0].vault.auth: "ldap" is not an auth method`},
+		{`{address: "https://v", path: x, auth: token}`, "targets[0].vault: auth needs token_file or token_env"},
+		{`{address: "https://v", path: x, auth: approle, secret_id_env: VT}`, "targets[0].vault.role_id: required"},
+		{`{address: "https://v", path: x, key: pw_pending, auth: token, token_env: VT}`, "targets[0].vault.key"},
+		{`{address: "https://v", path: x, auth: token, token_env: VT, refresh_interval: 0s}`, "targets[0].vault.refresh_interval"},
+	} {
+		t.Run(tc.want, func(t *testing.T) {
+			t.Setenv("VT", "hvs.token")
+			f, err := Parse([]byte("store: {path: /tmp/x.db}\ntargets:\n  - {name: main, url: \"postgres://a@h/d\", vault: " + tc.vault + "}\n" +
+				"roles:\n  - {name: r, target: main, proxy_role: p, default_ttl: 1m, max_ttl: 5m}\n"))
+			if err != nil {
+				t.Fatal(err)
+			}
+			_, err = f.Validate()
+			if err == nil || !strings.Contains(err.Error(), tc.want) {
+				t.Fatalf("Validate: %v, want %q", err, tc.want)
+			}
+		})
+	}
+	// Two sources at once.
+	f, err := Parse([]byte("store: {path: /tmp/x.db}\ntargets:\n  - {name: main, url: \"postgres://a@h/d\", password_env: VT, vault: {address: \"https://v\", path: x, auth: token, token_env: VT}}\n" +
+		"roles:\n  - {name: r, target: main, proxy_role: p, default_ttl: 1m, max_ttl: 5m}\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Setenv("VT", "hvs.token")
+	if _, err := f.Validate(); err == nil || !strings.Contains(err.Error(), "not several") {
+		t.Fatalf("Validate with two sources: %v", err)
 	}
 }

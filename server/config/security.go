@@ -2,17 +2,12 @@ package config
 
 import (
 	"fmt"
-	"log/slog"
 	"math"
 	"os"
 	"regexp"
 	"strconv"
 	"strings"
 
-	"google.golang.org/grpc"
-	"google.golang.org/grpc/credentials"
-
-	"github.com/credbroker/credbroker/audit"
 	"github.com/credbroker/credbroker/broker"
 	"github.com/credbroker/credbroker/server"
 )
@@ -24,12 +19,31 @@ type Security struct {
 	// TLS is nil for plaintext (loopback or unix socket only).
 	TLS *TLS
 	// Tokens are the accepted bearer tokens, as hashes.
-	Tokens []server.TokenEntry
+	Tokens []Token
 	Admins []string
 	// Allowed maps each role to the identities (globs) that may issue it.
 	Allowed map[string][]string
-	Quotas  server.Quotas
+	Quotas  Quotas
 	Audit   Audit
+}
+
+// Token is one accepted bearer token: never the token itself, its hash.
+type Token struct {
+	Identity string
+	// SHA256 is the token's SHA-256 in lower-case hex.
+	SHA256 string
+}
+
+// Quotas bound what one caller may hold and how fast it may ask; zero
+// means no limit.
+type Quotas struct {
+	// IdentityMaxActive caps the active leases of one identity.
+	IdentityMaxActive int
+	// RoleMaxActive caps the active leases of a broker role.
+	RoleMaxActive map[string]int
+	// IssueRate is issues per second per identity, IssueBurst its burst.
+	IssueRate  float64
+	IssueBurst int
 }
 
 // Enabled reports whether callers are authenticated. Without tls and
@@ -46,22 +60,23 @@ type TLS struct {
 
 // Audit configures the audit log; Path "" means none.
 type Audit struct {
-	Path    string
-	HMACKey Secret
-	// HMACKeySource says where the key came from, for logs.
+	Path string
+	// HMACKeyFile holds the key that chains the records ("" for none);
+	// it is read when brokerd starts (package rootcred checks it).
+	HMACKeyFile string
+	// HMACKeySource says where the key comes from, for logs.
 	HMACKeySource string
 }
 
-var hexSHA256 = regexp.MustCompile(`^[0-9a-f]{64}$`)
+// MinHMACKeyBytes: shorter audit keys can be guessed offline from the file.
+const MinHMACKeyBytes = 16
 
-// minHMACKeyBytes: shorter keys can be guessed offline from the file.
-const minHMACKeyBytes = 16
+var hexSHA256 = regexp.MustCompile(`^[0-9a-f]{64}$`)
 
 func (v *validator) security(f *File, roles []broker.Role) Security {
 	var s Security
 	if f.TLS != nil {
 		p := "tls"
-		errsBefore := len(v.errs)
 		t := &TLS{}
 		if f.TLS.CertFile == "" {
 			v.errorf(p+".cert_file", "required (the server certificate, PEM)")
@@ -77,14 +92,9 @@ func (v *validator) security(f *File, roles []broker.Role) Security {
 		if f.TLS.ClientCAFile != "" {
 			t.ClientCAFile = v.readableFile(p+".client_ca_file", f.path(f.TLS.ClientCAFile))
 		}
-		// Load the files now, so `brokerd check` finds a key that does not
-		// match its certificate before a restart does. brokerd loads them
-		// again to serve (and whenever they change).
-		if len(v.errs) == errsBefore && t.CertFile != "" && t.KeyFile != "" {
-			if _, err := server.NewCertReloader(server.TLSFiles{CertFile: t.CertFile, KeyFile: t.KeyFile, ClientCAFile: t.ClientCAFile}, nil, nil); err != nil {
-				v.errorf(p, "%v", err)
-			}
-		}
+		// The files are loaded where they are served (package server), and
+		// by `brokerd check`, which finds a key that does not match its
+		// certificate before a restart does.
 		s.TLS = t
 	}
 
@@ -109,7 +119,7 @@ func (v *validator) security(f *File, roles []broker.Role) Security {
 			continue
 		}
 		seenHash[tf.SHA256] = i
-		s.Tokens = append(s.Tokens, server.TokenEntry{Identity: tf.Identity, SHA256: tf.SHA256})
+		s.Tokens = append(s.Tokens, Token(tf))
 	}
 	if len(f.Tokens) > 0 && f.TLS == nil {
 		v.warnf("tokens", "bearer tokens travel in plaintext without tls; acceptable on loopback or a unix socket only")
@@ -176,11 +186,8 @@ func (v *validator) security(f *File, roles []broker.Role) Security {
 		if f.Audit.Path == "" {
 			v.errorf("audit.hmac_key_file", "needs audit.path")
 		}
-		key, source := v.passwordFile("audit.hmac_key_file", f.path(f.Audit.HMACKeyFile))
-		if key != "" && len(key.Reveal()) < minHMACKeyBytes {
-			v.errorf("audit.hmac_key_file", "the key is %d bytes; use at least %d random bytes (head -c 32 /dev/urandom | base64)", len(key.Reveal()), minHMACKeyBytes)
-		}
-		s.Audit.HMACKey, s.Audit.HMACKeySource = key, source
+		s.Audit.HMACKeyFile = f.path(f.Audit.HMACKeyFile)
+		s.Audit.HMACKeySource = "file " + s.Audit.HMACKeyFile
 	}
 	return s
 }
@@ -205,8 +212,8 @@ func ParseRate(raw string) (perSecond float64, n int, err error) {
 	return float64(count) / per, count, nil
 }
 
-// readableFile checks that path is a regular file it can open, and
-// returns it.
+// readableFile checks that path is a regular file, and returns it. Whether
+// it can be read and parsed is found where it is loaded.
 func (v *validator) readableFile(p, path string) string {
 	fi, err := os.Stat(path)
 	if err != nil {
@@ -217,12 +224,6 @@ func (v *validator) readableFile(p, path string) string {
 		v.errorf(p, "%s is not a regular file", path)
 		return path
 	}
-	fh, err := os.Open(path)
-	if err != nil {
-		v.errorf(p, "%v", err)
-		return path
-	}
-	fh.Close()
 	return path
 }
 
@@ -240,77 +241,4 @@ func (v *validator) privateFile(p, path string) {
 	case perm&0o004 != 0:
 		v.warnf(p, "%s is world-readable (mode %04o); run chmod 600 %s", path, perm, path)
 	}
-}
-
-func secretBytes(s Secret) []byte {
-	if s == "" {
-		return nil
-	}
-	return []byte(s.Reveal())
-}
-
-// GRPCSecurity is what the gRPC server needs from the security
-// configuration.
-type GRPCSecurity struct {
-	Authenticator server.Authenticator
-	Authorizer    server.Authorizer
-	Quotas        server.Quotas
-	// Auditor is nil without audit.path.
-	Auditor server.RequestAuditor
-	// ServerOptions holds the TLS credentials, if any.
-	ServerOptions []grpc.ServerOption
-	// Certs serves and reloads the TLS files (nil without tls).
-	Certs *server.CertReloader
-}
-
-// GRPCSecurity builds the authenticator, authorizer, quotas, auditor and
-// TLS credentials of the configuration. Without tls and tokens it returns
-// the loopback defaults: every caller is the local admin and may issue
-// every role.
-func (rt *Runtime) GRPCSecurity(logger *slog.Logger) (*GRPCSecurity, error) {
-	sec := rt.Config.Security
-	out := &GRPCSecurity{Quotas: sec.Quotas}
-	if rt.Audit != nil {
-		out.Auditor = rt.Audit
-	}
-	if !sec.Enabled() {
-		out.Authenticator = server.LocalAuthenticator{}
-		out.Authorizer = server.OwnerAuthorizer{}
-		return out, nil
-	}
-	authn, err := server.NewPolicyAuthenticator(sec.Tokens, sec.Admins)
-	if err != nil {
-		return nil, fmt.Errorf("tokens/admins: %w", err)
-	}
-	authz, err := server.NewPolicyAuthorizer(sec.Allowed)
-	if err != nil {
-		return nil, fmt.Errorf("roles[].allowed: %w", err)
-	}
-	out.Authenticator, out.Authorizer = authn, authz
-	if sec.TLS != nil {
-		var onReload func(error)
-		if rt.Audit != nil {
-			log := rt.Audit
-			onReload = func(err error) {
-				rec := audit.Record{Event: audit.EventTLSReload, Outcome: audit.OutcomeOK, Message: sec.TLS.CertFile}
-				if err != nil {
-					rec.Outcome, rec.Message = audit.OutcomeError, err.Error()
-				}
-				log.Record(rec)
-			}
-		}
-		certs, err := server.NewCertReloader(server.TLSFiles{
-			CertFile:     sec.TLS.CertFile,
-			KeyFile:      sec.TLS.KeyFile,
-			ClientCAFile: sec.TLS.ClientCAFile,
-			// Token callers have no certificate to present.
-			ClientCertOptional: len(sec.Tokens) > 0,
-		}, logger, onReload)
-		if err != nil {
-			return nil, err
-		}
-		out.Certs = certs
-		out.ServerOptions = append(out.ServerOptions, grpc.Creds(credentials.NewTLS(certs.ServerConfig())))
-	}
-	return out, nil
 }

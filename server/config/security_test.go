@@ -1,13 +1,11 @@
 package config
 
 import (
-	"context"
 	"crypto/ecdsa"
 	"crypto/elliptic"
 	"crypto/rand"
 	"crypto/x509"
 	"crypto/x509/pkix"
-	"encoding/json"
 	"encoding/pem"
 	"math/big"
 	"os"
@@ -17,10 +15,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/jackc/pgx/v5"
-
-	"github.com/credbroker/credbroker/broker/postgres"
-	"github.com/credbroker/credbroker/internal/pgtest"
 	"github.com/credbroker/credbroker/server"
 )
 
@@ -93,7 +87,7 @@ audit:
 	if !s.Enabled() || s.TLS == nil || !filepath.IsAbs(s.TLS.CertFile) || !strings.HasSuffix(s.TLS.ClientCAFile, "ca.crt") {
 		t.Errorf("tls: %+v", s.TLS)
 	}
-	if len(s.Tokens) != 1 || s.Tokens[0] != (server.TokenEntry{Identity: "batch-job", SHA256: hash}) {
+	if len(s.Tokens) != 1 || s.Tokens[0] != (Token{Identity: "batch-job", SHA256: hash}) {
 		t.Errorf("tokens: %+v", s.Tokens)
 	}
 	if !slices.Equal(s.Admins, []string{"ops", "spiffe://prod/ns/ops/sa/admin"}) {
@@ -102,8 +96,8 @@ audit:
 	if s.Quotas.IdentityMaxActive != 20 || s.Quotas.IssueRate != 0.5 || s.Quotas.IssueBurst != 30 {
 		t.Errorf("quotas: %+v (want 20 active, 0.5/s, burst 30)", s.Quotas)
 	}
-	if !strings.HasSuffix(s.Audit.Path, "audit/credbroker.audit") || s.Audit.HMACKey.Reveal() != "0123456789abcdef0123456789abcdef" {
-		t.Errorf("audit: path %q, key read: %t", s.Audit.Path, s.Audit.HMACKey != "")
+	if !strings.HasSuffix(s.Audit.Path, "audit/credbroker.audit") || !strings.HasSuffix(s.Audit.HMACKeyFile, "/audit.key") {
+		t.Errorf("audit: path %q, key file %q", s.Audit.Path, s.Audit.HMACKeyFile)
 	}
 	// Both roles have no allowed list: nobody can issue them, and that is
 	// worth a warning.
@@ -132,27 +126,6 @@ audit:
 	}
 }
 
-func TestSecurityDefaultsKeepLoopbackBehaviour(t *testing.T) {
-	c, err := loadAndValidate(t, validYAML)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if c.Security.Enabled() {
-		t.Fatal("security enabled without tls or tokens")
-	}
-	rt := &Runtime{Config: c}
-	sec, err := rt.GRPCSecurity(nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if _, ok := sec.Authenticator.(server.LocalAuthenticator); !ok {
-		t.Errorf("authenticator %T, want LocalAuthenticator", sec.Authenticator)
-	}
-	if len(sec.ServerOptions) != 0 || sec.Auditor != nil {
-		t.Errorf("plaintext config got server options %d, auditor %v", len(sec.ServerOptions), sec.Auditor)
-	}
-}
-
 func TestSecurityErrors(t *testing.T) {
 	const plainToken = "my-secret-token-value"
 	for _, tc := range []struct {
@@ -171,13 +144,11 @@ func TestSecurityErrors(t *testing.T) {
 			[]string{"tls: no way to authenticate callers"}},
 		{"tls files missing", "tls: {cert_file: nope.crt, client_ca_file: ca.crt}\n",
 			[]string{"tls.cert_file: stat ", "tls.key_file: required"}},
-		{"tls key that does not match", "tls: {cert_file: ca.crt, key_file: audit.key, client_ca_file: ca.crt}\n",
-			[]string{"tls: tls: cert_file/key_file: "}},
 		{"bad rate", "quotas: {issue_rate_per_identity: fast, issue_burst: 0}\n",
 			[]string{`quotas.issue_rate_per_identity: "fast" is not a rate`, "quotas.issue_burst: 0 must be positive"}},
 		{"burst without rate", "quotas: {issue_burst: 3, max_active_per_identity: -1}\n",
 			[]string{"quotas.issue_burst: needs quotas.issue_rate_per_identity", "quotas.max_active_per_identity: -1 must be positive"}},
-		{"hmac key without path, and short", "audit: {hmac_key_file: server.crt}\n", []string{"audit.hmac_key_file: needs audit.path", "more than one line"}},
+		{"hmac key without path", "audit: {hmac_key_file: server.crt}\n", []string{"audit.hmac_key_file: needs audit.path"}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			_, err := securityConfig(t, tc.extra)
@@ -236,143 +207,6 @@ func TestListenBeyondLoopbackNeedsTLS(t *testing.T) {
 	if _, err := f.Validate(); err != nil {
 		t.Errorf("0.0.0.0 with tls: %v", err)
 	}
-}
-
-// configCorpus mirrors the server's injection corpus for configuration
-// values (invalid UTF-8 is covered by TestConfigRejectsInvalidUTF8).
-var configCorpus = []string{
-	"", `'`, `"`, `x'; DROP ROLE postgres; --`, `x"; DROP TABLE demo; --`,
-	`read_only_role'; CREATE ROLE evil SUPERUSER; --`, `/* c */ r`, `r -- c`,
-	`$$; DROP ROLE IF EXISTS credbroker_managed; $$`, `$tag$ x $tag$`, `\`, `\'`,
-	"r\x00", "a\nb", "a\r\nb", strings.Repeat("a", 63), strings.Repeat("a", 64), strings.Repeat("x", 200),
-	"pg_signal_backend", "pg_read_all_data", "postgres", "public", "READ_ONLY", " r", "r ", "😀", "1role",
-}
-
-// TestInjectionCorpusThroughConfig puts every corpus string in every
-// identifier of the configuration. Each must be refused by Validate with
-// its key path, or, if Validate accepts it as a name, refused by Build
-// against a real PostgreSQL; and no role is created or dropped.
-func TestInjectionCorpusThroughConfig(t *testing.T) {
-	tg := pgtest.Server(t).NewTarget(t, pgtest.TargetOptions{})
-	ctx := context.Background()
-	rolesNow := func() []string {
-		conn, err := pgx.Connect(ctx, tg.SuperURL)
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer conn.Close(ctx)
-		rows, _ := conn.Query(ctx, `SELECT rolname FROM pg_roles ORDER BY 1`)
-		names, err := pgx.CollectRows(rows, pgx.RowTo[string])
-		if err != nil {
-			t.Fatal(err)
-		}
-		return names
-	}
-	before := rolesNow()
-	dir := t.TempDir()
-	pw := filepath.Join(dir, "admin.password")
-	if err := os.WriteFile(pw, []byte(tg.AdminPassword+"\n"), 0o600); err != nil {
-		t.Fatal(err)
-	}
-	q := func(s string) string { b, _ := json.Marshal(s); return string(b) } // a YAML double-quoted scalar
-	base := map[string]string{
-		"target":  "main",
-		"marker":  tg.MarkerRole,
-		"url":     tg.AdminURL,
-		"role":    "read_only",
-		"proxy":   tg.ProxyRoles["read_only"],
-		"admin":   "ops",
-		"allowed": "svc",
-		"tokenid": "svc",
-	}
-	render := func(v map[string]string) string {
-		return "store: {path: " + q(filepath.Join(dir, "leases.db")) + ", open_timeout: 200ms}\n" +
-			"targets:\n  - {name: " + q(v["target"]) + ", url: " + q(v["url"]) + ", password_file: " + q(pw) +
-			", marker_role: " + q(v["marker"]) + ", connect_timeout: 5s}\n" +
-			"roles:\n  - {name: " + q(v["role"]) + ", target: " + q(v["target"]) + ", proxy_role: " + q(v["proxy"]) +
-			", default_ttl: 1m, max_ttl: 5m, allowed: [" + q(v["allowed"]) + "]}\n" +
-			"tokens: [{identity: " + q(v["tokenid"]) + ", sha256: " + server.TokenHash("t") + "}]\n" +
-			"admins: [" + q(v["admin"]) + "]\n"
-	}
-	// The base configuration is valid and builds: the corpus is what fails.
-	f, err := Parse([]byte(render(base)))
-	if err != nil {
-		t.Fatal(err)
-	}
-	cfg, err := f.Validate()
-	if err != nil {
-		t.Fatal(err)
-	}
-	rt, err := Build(ctx, cfg, nil)
-	if err != nil {
-		t.Fatalf("base config: %v", err)
-	}
-	rt.Close()
-
-	keyPath := map[string]string{
-		"target": "targets[0].name", "marker": "targets[0].marker_role", "role": "roles[0].name",
-		"proxy": "roles[0].proxy_role", "admin": "admins[0]", "allowed": "roles[0].allowed[0]", "tokenid": "tokens[0].identity",
-	}
-	var built int
-	for field, path := range keyPath {
-		for _, val := range configCorpus {
-			v := maps(base)
-			v[field] = val
-			f, err := Parse([]byte(render(v)))
-			if err != nil {
-				// yaml refuses some bytes outright (NUL): a clear error too.
-				continue
-			}
-			cfg, err := f.Validate()
-			if err != nil {
-				if !strings.Contains(err.Error(), path) && !strings.Contains(err.Error(), "roles[0].target") {
-					t.Errorf("%s = %q: error does not name %s:\n%v", field, val, path, err)
-				}
-				continue
-			}
-			switch field {
-			case "admin", "allowed", "tokenid", "target", "role":
-				// Identities are compared and target and role names are
-				// labels; none is ever sent to PostgreSQL, so any string
-				// that passes Validate is a name.
-				continue
-			case "marker":
-				// A well-formed marker role that does not exist is created
-				// by the engine at start-up (by design, see
-				// postgres.New), so Build is not run for it here.
-				if err := postgresIdentifierOK(val); err != nil {
-					t.Errorf("marker_role = %q passed Validate: %v", val, err)
-				}
-				continue
-			}
-			built++
-			rt, err := Build(ctx, cfg, nil)
-			if err == nil {
-				rt.Close()
-				t.Errorf("%s = %q: Build succeeded", field, val)
-			}
-		}
-	}
-	t.Logf("%d corpus configurations passed Validate and were refused by Build", built)
-	if after := rolesNow(); !slices.Equal(before, after) {
-		t.Errorf("pg_roles changed:\nbefore %v\nafter  %v", before, after)
-	}
-}
-
-// postgresIdentifierOK accepts the default marker role ("" means it).
-func postgresIdentifierOK(v string) error {
-	if v == "" {
-		return nil
-	}
-	return postgres.ValidIdentifier(v)
-}
-
-func maps(m map[string]string) map[string]string {
-	out := make(map[string]string, len(m))
-	for k, v := range m {
-		out[k] = v
-	}
-	return out
 }
 
 func TestConfigRejectsInvalidUTF8(t *testing.T) {

@@ -3,7 +3,6 @@ package config
 import (
 	"errors"
 	"fmt"
-	"io"
 	"net/url"
 	"os"
 	"path/filepath"
@@ -14,6 +13,8 @@ import (
 
 	"github.com/credbroker/credbroker/broker"
 	"github.com/credbroker/credbroker/broker/postgres"
+	"github.com/credbroker/credbroker/server"
+	"github.com/credbroker/credbroker/store"
 )
 
 // targetNamePattern: target names are shown in leases and logs and used as
@@ -24,10 +25,6 @@ var targetNamePattern = regexp.MustCompile(`^[a-z][a-z0-9_-]{0,62}$`)
 var envNamePattern = regexp.MustCompile(`^[A-Za-z_][A-Za-z0-9_]*$`)
 
 var sslModes = []string{"disable", "allow", "prefer", "require", "verify-ca", "verify-full"}
-
-// maxPasswordFileSize: a password file holds one line; anything bigger is
-// the wrong file.
-const maxPasswordFileSize = 4096
 
 // validator collects every problem in one pass.
 type validator struct {
@@ -43,8 +40,9 @@ func (v *validator) warnf(path, format string, args ...any) {
 	v.warnings = append(v.warnings, fmt.Sprintf("%s: %s", path, fmt.Sprintf(format, args...)))
 }
 
-// Validate checks every key, reads the admin passwords, fills defaults and
-// returns the typed Config. The error joins every problem found (see
+// Validate checks every key, fills defaults and returns the typed Config.
+// It reads no secret: the files and variables that hold them are named
+// here and read by package rootcred when brokerd starts (or checks). The error joins every problem found (see
 // errors.Join); each names its key path. Problems that need not stop
 // brokerd are returned in Config.Warnings.
 func (f *File) Validate() (*Config, error) {
@@ -64,26 +62,26 @@ func (f *File) Validate() (*Config, error) {
 	c.Roles = v.roles(f, c.Targets)
 
 	c.Expiry = Expiry{
-		RevokeConcurrency:   v.positiveInt("expiry.revoke_concurrency", f.Expiry.RevokeConcurrency, DefaultRevokeConcurrency),
-		RevokeRate:          v.positiveFloat("expiry.revoke_rate", f.Expiry.RevokeRate, DefaultRevokeRate),
-		RevokeRetries:       v.positiveInt("expiry.revoke_retries", f.Expiry.RevokeRetries, DefaultRevokeRetries),
-		ValidUntilGrace:     v.duration("expiry.valid_until_grace", f.Expiry.ValidUntilGrace, DefaultValidUntilGrace),
-		RetryBaseDelay:      v.duration("expiry.retry_base_delay", f.Expiry.RetryBaseDelay, DefaultRetryBaseDelay),
-		RetryMaxDelay:       v.duration("expiry.retry_max_delay", f.Expiry.RetryMaxDelay, DefaultRetryMaxDelay),
-		FailedRetryInterval: v.duration("expiry.failed_retry_interval", f.Expiry.FailedRetryInterval, DefaultFailedRetryInterval),
+		RevokeConcurrency:   v.positiveInt("expiry.revoke_concurrency", f.Expiry.RevokeConcurrency, broker.DefaultRevokeConcurrency),
+		RevokeRate:          v.positiveFloat("expiry.revoke_rate", f.Expiry.RevokeRate, broker.DefaultRevokeRate),
+		RevokeRetries:       v.positiveInt("expiry.revoke_retries", f.Expiry.RevokeRetries, broker.DefaultRevokeRetries),
+		ValidUntilGrace:     v.duration("expiry.valid_until_grace", f.Expiry.ValidUntilGrace, broker.DefaultValidUntilGrace),
+		RetryBaseDelay:      v.duration("expiry.retry_base_delay", f.Expiry.RetryBaseDelay, broker.DefaultRetryBaseDelay),
+		RetryMaxDelay:       v.duration("expiry.retry_max_delay", f.Expiry.RetryMaxDelay, broker.DefaultRetryMaxDelay),
+		FailedRetryInterval: v.duration("expiry.failed_retry_interval", f.Expiry.FailedRetryInterval, broker.DefaultFailedRetryInterval),
 	}
 	if c.Expiry.RetryBaseDelay > c.Expiry.RetryMaxDelay && c.Expiry.RetryMaxDelay > 0 {
 		v.errorf("expiry.retry_base_delay", "%s exceeds expiry.retry_max_delay %s", c.Expiry.RetryBaseDelay, c.Expiry.RetryMaxDelay)
 	}
-	c.ReconcileInterval = v.duration("reconcile_interval", f.ReconcileInterval, DefaultReconcileInterval)
-	c.DisconnectGrace = v.duration("disconnect_grace", f.DisconnectGrace, DefaultDisconnectGrace)
+	c.ReconcileInterval = v.duration("reconcile_interval", f.ReconcileInterval, broker.DefaultReconcileInterval)
+	c.DisconnectGrace = v.duration("disconnect_grace", f.DisconnectGrace, broker.DefaultDisconnectGrace)
 	c.ShutdownTimeout = v.duration("shutdown_timeout", f.ShutdownTimeout, DefaultShutdownTimeout)
 
 	c.Log = v.log(f.Log)
 
 	c.DSNSSLMode = f.DSNSSLMode
 	if c.DSNSSLMode == "" {
-		c.DSNSSLMode = DefaultDSNSSLMode
+		c.DSNSSLMode = server.DefaultSSLMode
 	}
 	if !slices.Contains(sslModes, c.DSNSSLMode) {
 		v.errorf("dsn_sslmode", "%q is not an sslmode; use one of %s", c.DSNSSLMode, strings.Join(sslModes, ", "))
@@ -111,8 +109,8 @@ func (f *File) path(p string) string {
 
 func (v *validator) store(f *File) Store {
 	s := Store{
-		OpenTimeout:        v.duration("store.open_timeout", f.Store.OpenTimeout, DefaultStoreOpenTimeout),
-		TombstoneRetention: v.duration("store.tombstone_retention", f.Store.TombstoneRetention, DefaultTombstoneRetention),
+		OpenTimeout:        v.duration("store.open_timeout", f.Store.OpenTimeout, store.DefaultTimeout),
+		TombstoneRetention: v.duration("store.tombstone_retention", f.Store.TombstoneRetention, broker.DefaultTombstoneRetention),
 	}
 	if f.Store.Path == "" {
 		v.errorf("store.path", "required (the lease database file, e.g. /var/lib/credbroker/leases.db)")
@@ -141,8 +139,8 @@ func (v *validator) targets(f *File) []Target {
 		t := Target{
 			Name:           tf.Name,
 			MarkerRole:     tf.MarkerRole,
-			ConnectTimeout: v.duration(p+".connect_timeout", tf.ConnectTimeout, DefaultConnectTimeout),
-			MaxConns:       v.positiveInt(p+".max_conns", tf.MaxConns, DefaultMaxConns),
+			ConnectTimeout: v.duration(p+".connect_timeout", tf.ConnectTimeout, postgres.DefaultConnectTimeout),
+			MaxConns:       v.positiveInt(p+".max_conns", tf.MaxConns, postgres.DefaultMaxConns),
 		}
 		switch {
 		case t.Name == "":
@@ -159,7 +157,7 @@ func (v *validator) targets(f *File) []Target {
 		v.targetURL(p+".url", tf.URL, &t)
 
 		if t.MarkerRole == "" {
-			t.MarkerRole = DefaultMarkerRole
+			t.MarkerRole = postgres.DefaultMarkerRole
 		}
 		if err := postgres.ValidIdentifier(t.MarkerRole); err != nil {
 			v.errorf(p+".marker_role", "%v", err)
@@ -178,10 +176,11 @@ func (v *validator) targets(f *File) []Target {
 			v.errorf(p, "set one of password_file, password_env and vault, not several")
 		case tf.PasswordFile != "":
 			t.PasswordFile = f.path(tf.PasswordFile)
-			t.Password, t.PasswordSource = v.passwordFile(p+".password_file", t.PasswordFile)
+			t.PasswordSource = "file " + t.PasswordFile
 		case tf.PasswordEnv != "":
 			t.PasswordEnv = tf.PasswordEnv
-			t.Password, t.PasswordSource = v.passwordEnv(p+".password_env", tf.PasswordEnv)
+			t.PasswordSource = "env " + tf.PasswordEnv
+			v.passwordEnvName(p+".password_env", tf.PasswordEnv)
 		case tf.Vault != nil:
 			t.Vault = v.vault(p+".vault", f, tf.Vault)
 			t.PasswordSource = t.Vault.String()
@@ -235,71 +234,12 @@ func (v *validator) targetURL(p, raw string, t *Target) {
 	}
 }
 
-func (v *validator) passwordFile(p, path string) (Secret, string) {
-	source := "file " + path
-	fi, err := os.Stat(path)
-	if err != nil {
-		v.errorf(p, "%v", err)
-		return "", source
-	}
-	if !fi.Mode().IsRegular() {
-		v.errorf(p, "%s is not a regular file", path)
-		return "", source
-	}
-	perm := fi.Mode().Perm()
-	if perm&0o022 != 0 {
-		// Whoever can write the file can point the broker at a server of
-		// their choosing's password, or lock it out: refuse.
-		v.errorf(p, "%s is group- or world-writable (mode %04o); run chmod 600 %s", path, perm, path)
-		return "", source
-	}
-	if perm&0o004 != 0 {
-		v.warnf(p, "%s is world-readable (mode %04o); run chmod 600 %s", path, perm, path)
-	}
-	fh, err := os.Open(path)
-	if err != nil {
-		v.errorf(p, "%v", err)
-		return "", source
-	}
-	defer fh.Close()
-	data, err := io.ReadAll(io.LimitReader(fh, maxPasswordFileSize+1))
-	if err != nil {
-		v.errorf(p, "read %s: %v", path, err)
-		return "", source
-	}
-	if len(data) > maxPasswordFileSize {
-		v.errorf(p, "%s is larger than %d bytes; it should hold one line, the password", path, maxPasswordFileSize)
-		return "", source
-	}
-	// Editors and `echo` add a final newline; it is not part of the password.
-	pw := strings.TrimRight(string(data), "\r\n")
-	switch {
-	case pw == "":
-		v.errorf(p, "%s is empty", path)
-	case strings.ContainsAny(pw, "\r\n"):
-		v.errorf(p, "%s holds more than one line; it should hold the password alone", path)
-	default:
-		return Secret(pw), source
-	}
-	return "", source
-}
-
-func (v *validator) passwordEnv(p, name string) (Secret, string) {
-	source := "env " + name
+// passwordEnvName checks an environment variable's name; its value is
+// read where the secret is used (package rootcred), not here.
+func (v *validator) passwordEnvName(p, name string) {
 	if !envNamePattern.MatchString(name) {
 		v.errorf(p, "%q is not an environment variable name", name)
-		return "", source
 	}
-	pw, ok := os.LookupEnv(name)
-	switch {
-	case !ok:
-		v.errorf(p, "environment variable %s is not set", name)
-	case pw == "":
-		v.errorf(p, "environment variable %s is empty", name)
-	default:
-		return Secret(pw), source
-	}
-	return "", source
 }
 
 func (v *validator) roles(f *File, targets []Target) []broker.Role {

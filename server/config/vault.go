@@ -1,9 +1,7 @@
 package config
 
 import (
-	"context"
 	"fmt"
-	"log/slog"
 	"net/url"
 	"strings"
 	"time"
@@ -45,12 +43,15 @@ type VaultFile struct {
 type Vault struct {
 	Address, Namespace, Mount, Path, Key string
 	// Auth is vaultkv.AuthToken or vaultkv.AuthAppRole.
-	Auth         string
-	Token        Secret
-	AppRoleMount string
-	RoleID       string
-	SecretID     Secret
-	CACert       string
+	Auth string
+	// TokenFile or TokenEnv holds the token (auth: token); SecretIDFile
+	// or SecretIDEnv the secret id (auth: approle). Package rootcred
+	// reads them.
+	TokenFile, TokenEnv       string
+	AppRoleMount              string
+	RoleID                    string
+	SecretIDFile, SecretIDEnv string
+	CACert                    string
 	// RefreshInterval: how often the secret is re-read for changes.
 	RefreshInterval time.Duration
 }
@@ -62,9 +63,10 @@ const (
 	DefaultRefreshInterval = time.Minute
 )
 
-// pendingSuffix names the field (Vault) or file (password_file) holding a
-// rotation's new password until it is known to be the server's.
-const pendingSuffix = "_pending"
+// PendingSuffix names the field (Vault) or file (password_file) holding a
+// rotation's new password until it is known to be the server's (package
+// rootcred); a key of that name would clash with it.
+const PendingSuffix = "_pending"
 
 // vault validates targets[].vault, reading the token or secret id from its
 // file or environment variable.
@@ -80,8 +82,8 @@ func (v *validator) vault(p string, f *File, vf *VaultFile) *Vault {
 	if out.Key == "" {
 		out.Key = DefaultVaultKey
 	}
-	if strings.HasSuffix(out.Key, pendingSuffix) {
-		v.errorf(p+".key", "%q ends in %s, which credbroker uses for a rotation in progress", out.Key, pendingSuffix)
+	if strings.HasSuffix(out.Key, PendingSuffix) {
+		v.errorf(p+".key", "%q ends in %s, which credbroker uses for a rotation in progress", out.Key, PendingSuffix)
 	}
 	switch u, err := url.Parse(out.Address); {
 	case out.Address == "":
@@ -99,12 +101,12 @@ func (v *validator) vault(p string, f *File, vf *VaultFile) *Vault {
 	}
 	switch out.Auth {
 	case vaultkv.AuthToken:
-		out.Token = v.credential(p, f, "token", vf.TokenFile, vf.TokenEnv)
+		out.TokenFile, out.TokenEnv = v.credential(p, f, "token", vf.TokenFile, vf.TokenEnv)
 	case vaultkv.AuthAppRole:
 		if out.RoleID == "" {
 			v.errorf(p+".role_id", "required for auth: approle")
 		}
-		out.SecretID = v.credential(p, f, "secret_id", vf.SecretIDFile, vf.SecretIDEnv)
+		out.SecretIDFile, out.SecretIDEnv = v.credential(p, f, "secret_id", vf.SecretIDFile, vf.SecretIDEnv)
 		if out.AppRoleMount == "" {
 			out.AppRoleMount = "approle"
 		}
@@ -116,92 +118,23 @@ func (v *validator) vault(p string, f *File, vf *VaultFile) *Vault {
 	return out
 }
 
-// credential reads a Vault credential from <name>_file or <name>_env.
-func (v *validator) credential(p string, f *File, name, file, env string) Secret {
+// credential checks that a Vault credential comes from exactly one of
+// <name>_file or <name>_env, and returns them (the file made absolute).
+func (v *validator) credential(p string, f *File, name, file, env string) (string, string) {
 	switch {
 	case file != "" && env != "":
 		v.errorf(p, "set %s_file or %s_env, not both", name, name)
 	case file != "":
-		s, _ := v.passwordFile(p+"."+name+"_file", f.path(file))
-		return s
+		return f.path(file), ""
 	case env != "":
-		s, _ := v.passwordEnv(p+"."+name+"_env", env)
-		return s
+		v.passwordEnvName(p+"."+name+"_env", env)
+		return "", env
 	default:
 		v.errorf(p, "auth needs %s_file or %s_env", name, name)
 	}
-	return ""
+	return "", ""
 }
 
 func (vt *Vault) String() string {
 	return fmt.Sprintf("vault %s %s/%s#%s", vt.Address, vt.Mount, vt.Path, vt.Key)
 }
-
-// vaultSource keeps the password in field Key of a KV v2 secret; a
-// rotation's intent is the field Key+"_pending" of the same secret, and
-// every write is check-and-set against the version read.
-type vaultSource struct {
-	cfg    *Vault
-	client *vaultkv.Client
-}
-
-func newVaultSource(ctx context.Context, cfg *Vault, logger *slog.Logger) (*vaultSource, error) {
-	c, err := vaultkv.New(ctx, vaultkv.Config{
-		Address: cfg.Address, Namespace: cfg.Namespace, Mount: cfg.Mount, Path: cfg.Path,
-		Auth: cfg.Auth, Token: cfg.Token.Reveal(), AppRoleMount: cfg.AppRoleMount,
-		RoleID: cfg.RoleID, SecretID: cfg.SecretID.Reveal(), CACert: cfg.CACert, Logger: logger,
-	})
-	if err != nil {
-		return nil, err
-	}
-	return &vaultSource{cfg: cfg, client: c}, nil
-}
-
-func (s *vaultSource) describe() string { return s.cfg.String() }
-
-func (s *vaultSource) read(ctx context.Context) (rootState, error) {
-	sec, err := s.client.Read(ctx)
-	if err != nil {
-		return rootState{}, err
-	}
-	st := rootState{current: sec.Data[s.cfg.Key], pending: sec.Data[s.cfg.Key+pendingSuffix], version: sec.Version, data: sec.Data}
-	if st.current == "" {
-		return rootState{}, fmt.Errorf("vault: %s: field %q is missing or empty", s.describe(), s.cfg.Key)
-	}
-	return st, nil
-}
-
-func (s *vaultSource) write(ctx context.Context, st rootState, current, pending string) (rootState, error) {
-	data := make(map[string]string, len(st.data)+1)
-	for k, v := range st.data {
-		data[k] = v
-	}
-	data[s.cfg.Key] = current
-	delete(data, s.cfg.Key+pendingSuffix)
-	if pending != "" {
-		data[s.cfg.Key+pendingSuffix] = pending
-	}
-	version, err := s.client.Write(ctx, data, st.version)
-	if err != nil {
-		return rootState{}, err
-	}
-	return rootState{current: current, pending: pending, version: version, data: data}, nil
-}
-
-func (s *vaultSource) stage(ctx context.Context, st rootState, next string) (rootState, error) {
-	return s.write(ctx, st, st.current, next)
-}
-
-func (s *vaultSource) commit(ctx context.Context, st rootState) error {
-	_, err := s.write(ctx, st, st.pending, "")
-	return err
-}
-
-func (s *vaultSource) abort(ctx context.Context, st rootState) error {
-	_, err := s.write(ctx, st, st.current, "")
-	return err
-}
-
-func (s *vaultSource) refreshInterval() time.Duration { return s.cfg.RefreshInterval }
-
-func (s *vaultSource) keepAlive(ctx context.Context) { s.client.KeepTokenAlive(ctx) }

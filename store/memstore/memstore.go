@@ -14,7 +14,6 @@ package memstore
 import (
 	"context"
 	"fmt"
-	"math"
 	"sort"
 	"sync"
 	"time"
@@ -22,18 +21,9 @@ import (
 	"github.com/credbroker/credbroker/broker"
 )
 
-// maxIDLen bounds lease ids, as the bbolt store does.
-const maxIDLen = 256
-
 // ctxCheckEvery is how many entries a long scan passes between checks of
 // its context, as in the bbolt store.
 const ctxCheckEvery = 4096
-
-// Times the bbolt store can hold (unix nanoseconds after the epoch).
-var (
-	minStorableTime = time.Unix(0, 1)
-	maxStorableTime = time.Unix(0, math.MaxInt64)
-)
 
 // Store is an in-memory lease store. It is safe for concurrent use. The
 // zero value is not usable; call New.
@@ -84,10 +74,10 @@ func (s *Store) lock(ctx context.Context) error {
 
 // PutIntent records an intent, replacing any of the same id.
 func (s *Store) PutIntent(ctx context.Context, in broker.Intent) error {
-	if err := validateID(in.LeaseID); err != nil {
+	if err := broker.CheckLeaseID(in.LeaseID); err != nil {
 		return err
 	}
-	created, err := storedTime(in.CreateTime)
+	created, err := broker.StorableTime(in.CreateTime)
 	if err != nil {
 		return fmt.Errorf("intent %q: %w", in.LeaseID, err)
 	}
@@ -325,7 +315,7 @@ func (s *Store) PurgeTombstones(ctx context.Context, endedBefore time.Time, limi
 	if limit <= 0 {
 		return 0, fmt.Errorf("%w: purge limit must be positive, got %d", broker.ErrInvalidArgument, limit)
 	}
-	cutoff := purgeCutoff(endedBefore)
+	cutoff := broker.PurgeCutoff(endedBefore)
 	if err := s.lock(ctx); err != nil {
 		return 0, err
 	}
@@ -374,69 +364,16 @@ func (s *Store) LastIssued(ctx context.Context) (map[string]time.Time, error) {
 // returns it as a read would give it back: times in UTC with no monotonic
 // reading, no empty metadata map, nothing shared with the caller.
 func normalize(l broker.Lease) (broker.Lease, error) {
-	if err := validateID(l.ID); err != nil {
+	if err := broker.CheckStorable(&l); err != nil {
 		return broker.Lease{}, err
 	}
-	if !l.State.Live() && !l.State.Terminal() {
-		return broker.Lease{}, fmt.Errorf("%w: lease %q: state %s cannot be stored", broker.ErrInvalidArgument, l.ID, l.State)
-	}
 	for _, t := range []*time.Time{&l.IssueTime, &l.ExpireTime, &l.MaxExpireTime, &l.NextAttempt, &l.EndTime} {
-		st, err := storedTime(*t)
-		if err != nil {
-			return broker.Lease{}, fmt.Errorf("lease %q: %w", l.ID, err)
-		}
-		*t = st
-	}
-	if l.State.Live() && l.ExpireTime.IsZero() {
-		return broker.Lease{}, fmt.Errorf("%w: lease %q: %s lease without an expire time", broker.ErrInvalidArgument, l.ID, l.State)
-	}
-	if l.State.Terminal() && l.EndTime.IsZero() {
-		return broker.Lease{}, fmt.Errorf("%w: lease %q: %s lease without an end time", broker.ErrInvalidArgument, l.ID, l.State)
-	}
-	if l.RevokeAttempts < 0 || l.RevokeAttempts > math.MaxInt32 {
-		return broker.Lease{}, fmt.Errorf("%w: lease %q: revoke attempts %d out of range", broker.ErrInvalidArgument, l.ID, l.RevokeAttempts)
+		*t, _ = broker.StorableTime(*t) // checked above
 	}
 	if len(l.Metadata) == 0 {
 		l.Metadata = nil
 	}
 	return l.Clone(), nil
-}
-
-func validateID(id string) error {
-	if id == "" {
-		return fmt.Errorf("%w: empty lease id", broker.ErrInvalidArgument)
-	}
-	if len(id) > maxIDLen {
-		return fmt.Errorf("%w: lease id longer than %d bytes", broker.ErrInvalidArgument, maxIDLen)
-	}
-	return nil
-}
-
-// storedTime returns t as the bbolt store gives it back: the zero time, or
-// the same instant in UTC without a monotonic reading. Instants the file
-// format cannot hold are an error there, so here too.
-func storedTime(t time.Time) (time.Time, error) {
-	if t.IsZero() {
-		return time.Time{}, nil
-	}
-	if t.Before(minStorableTime) || t.After(maxStorableTime) {
-		return time.Time{}, fmt.Errorf("%w: time %s is outside what the store can hold (after 1970, before 2262)",
-			broker.ErrInvalidArgument, t.UTC().Format(time.RFC3339Nano))
-	}
-	return time.Unix(0, t.UnixNano()).UTC(), nil
-}
-
-// purgeCutoff is endedBefore in unix nanoseconds, clamped to what a
-// stored time can be.
-func purgeCutoff(t time.Time) int64 {
-	switch {
-	case t.After(maxStorableTime):
-		return math.MaxInt64
-	case t.Before(minStorableTime):
-		return 0
-	default:
-		return t.UnixNano()
-	}
 }
 
 func sortedKeys[V any](m map[string]V) []string {

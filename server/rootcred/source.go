@@ -1,4 +1,4 @@
-package config
+package rootcred
 
 import (
 	"context"
@@ -7,10 +7,10 @@ import (
 	"io/fs"
 	"os"
 	"path/filepath"
-	"strings"
 	"time"
 
 	"github.com/credbroker/credbroker/server"
+	"github.com/credbroker/credbroker/server/config"
 )
 
 // rootState is what a root-credential source holds: the password the
@@ -65,22 +65,7 @@ type fileSource struct {
 
 func (s *fileSource) describe() string { return "file " + s.path }
 func (s *fileSource) pendingPath() string {
-	return s.path + pendingSuffix
-}
-
-func readPasswordFile(path string) (string, error) {
-	b, err := os.ReadFile(path)
-	if err != nil {
-		return "", err
-	}
-	if len(b) > maxPasswordFileSize {
-		return "", fmt.Errorf("%s is larger than %d bytes", path, maxPasswordFileSize)
-	}
-	pw := strings.TrimRight(string(b), "\r\n")
-	if pw == "" || strings.ContainsAny(pw, "\r\n") {
-		return "", fmt.Errorf("%s must hold the password alone, on one line", path)
-	}
-	return pw, nil
+	return s.path + config.PendingSuffix
 }
 
 func (s *fileSource) read(context.Context) (rootState, error) {
@@ -120,7 +105,7 @@ func (s *fileSource) abort(context.Context, rootState) error {
 	return syncDir(filepath.Dir(s.path))
 }
 
-func (s *fileSource) refreshInterval() time.Duration { return DefaultRefreshInterval }
+func (s *fileSource) refreshInterval() time.Duration { return config.DefaultRefreshInterval }
 
 // writeFileSync writes a 0600 file durably: a temporary file, fsync,
 // rename, fsync of the directory. The file is owned by brokerd's user.

@@ -1,8 +1,9 @@
-package config
+package rootcred
 
 import (
 	"bytes"
 	"context"
+	"crypto/rand"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -16,10 +17,12 @@ import (
 
 	"github.com/jackc/pgx/v5"
 
+	"github.com/credbroker/credbroker/broker"
 	"github.com/credbroker/credbroker/broker/postgres"
 	"github.com/credbroker/credbroker/internal/pgtest"
 	"github.com/credbroker/credbroker/internal/vaultkv"
 	"github.com/credbroker/credbroker/internal/vaultkv/kvtest"
+	"github.com/credbroker/credbroker/server/config"
 )
 
 // rootFixture is a pgtest target whose admin password lives in a file or
@@ -102,7 +105,7 @@ func newRootFixture(t *testing.T, kind string) *rootFixture {
 	case "vault":
 		// A real Vault when VAULT_ADDR is set, else the in-process one.
 		addr, tok := os.Getenv("VAULT_ADDR"), os.Getenv("VAULT_TOKEN")
-		f.vaultPath = "credbroker-test/" + randomFrom("abcdef0123456789", 12)
+		f.vaultPath = "credbroker-test/" + rand.Text()[:12]
 		if addr != "" {
 			f.kv = realVault{t: t, addr: addr, tok: tok}
 		} else {
@@ -138,16 +141,16 @@ func (f *rootFixture) setStored(t *testing.T, current, pending string) {
 		if err := os.WriteFile(path, []byte(current+"\n"), 0o600); err != nil {
 			t.Fatal(err)
 		}
-		_ = os.Remove(path + pendingSuffix)
+		_ = os.Remove(path + config.PendingSuffix)
 		if pending != "" {
-			if err := os.WriteFile(path+pendingSuffix, []byte(pending+"\n"), 0o600); err != nil {
+			if err := os.WriteFile(path+config.PendingSuffix, []byte(pending+"\n"), 0o600); err != nil {
 				t.Fatal(err)
 			}
 		}
 	case "vault":
 		data := map[string]string{"password": current, "owner": "dba-team"}
 		if pending != "" {
-			data["password"+pendingSuffix] = pending
+			data["password"+config.PendingSuffix] = pending
 		}
 		f.kv.Put(f.vaultPath, data)
 	}
@@ -166,7 +169,7 @@ func (f *rootFixture) stored(t *testing.T) (current, pending string) {
 		if fi, err := os.Stat(path); err != nil || fi.Mode().Perm() != 0o600 {
 			t.Errorf("password file mode %v (%v), want 0600", fi.Mode(), err)
 		}
-		pend, err := readPasswordFile(path + pendingSuffix)
+		pend, err := readPasswordFile(path + config.PendingSuffix)
 		if err != nil && !os.IsNotExist(err) {
 			t.Fatal(err)
 		}
@@ -176,13 +179,27 @@ func (f *rootFixture) stored(t *testing.T) (current, pending string) {
 		if data["owner"] != "dba-team" {
 			t.Errorf("another field of the Vault secret was lost: %v", data)
 		}
-		return data["password"], data["password"+pendingSuffix]
+		return data["password"], data["password"+config.PendingSuffix]
 	}
 }
 
-func (f *rootFixture) build(t *testing.T) (*Runtime, error) {
+// connected is what brokerd holds of a target after start-up: the root
+// credentials and the engine they connected.
+type connected struct {
+	RootCredentials *Credentials
+	Databases       map[string]*postgres.Engine
+}
+
+func (c *connected) Close() {
+	for _, db := range c.Databases {
+		db.Close()
+	}
+}
+
+// build connects the fixture's target as brokerd's start-up does.
+func (f *rootFixture) build(t *testing.T) (*connected, error) {
 	t.Helper()
-	file, err := Parse([]byte(f.yaml))
+	file, err := config.Parse([]byte(f.yaml))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -190,11 +207,14 @@ func (f *rootFixture) build(t *testing.T) (*Runtime, error) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	rt, err := Build(context.Background(), cfg, slog.New(slog.NewTextHandler(f.logs, nil)))
-	if err == nil {
-		t.Cleanup(func() { rt.Close() })
+	rc := New(slog.New(slog.NewTextHandler(f.logs, nil)))
+	eng, err := rc.Connect(context.Background(), cfg.Targets[0])
+	if err != nil {
+		return nil, err
 	}
-	return rt, err
+	c := &connected{RootCredentials: rc, Databases: map[string]*postgres.Engine{"main": eng}}
+	t.Cleanup(c.Close)
+	return c, nil
 }
 
 // canLogin reports whether the admin logs in with password.
@@ -243,7 +263,7 @@ func TestRotateRoot(t *testing.T) {
 				t.Errorf("result %+v", res)
 			}
 			cur, pend := f.stored(t)
-			if cur == old || len(cur) != rotatePasswordLen || pend != "" {
+			if cur == old || len(cur) != len(broker.NewPassword()) || pend != "" {
 				t.Fatalf("after Rotate the source holds a %d-byte password (changed: %v) and pending %v", len(cur), cur != old, pend != "")
 			}
 			if !f.canLogin(t, cur) || f.canLogin(t, old) {
@@ -278,7 +298,7 @@ func TestRotateRootCrashRecovery(t *testing.T) {
 			t.Run(name, func(t *testing.T) {
 				t.Parallel()
 				f := newRootFixture(t, kind)
-				old, next := f.tg.AdminPassword, "Pending"+randomFrom("abcdef0123456789", 20)
+				old, next := f.tg.AdminPassword, "Pending"+rand.Text()[:20]
 				f.setStored(t, old, next)
 				want := old
 				if altered {
@@ -367,14 +387,14 @@ func TestRefreshRootPassword(t *testing.T) {
 				t.Errorf("Refresh with nothing changed: %v", got)
 			}
 			// A DBA rotates by hand: PostgreSQL first, then the source.
-			next := "Manual" + randomFrom("abcdef0123456789", 20)
+			next := "Manual" + rand.Text()[:20]
 			f.alterAdmin(t, next)
 			f.setStored(t, next, "")
 			if got := rt.RootCredentials.Refresh(ctx); len(got) != 1 || got[0] != "main" {
 				t.Fatalf("Refresh after a change: %v", got)
 			}
 			// A password PostgreSQL refuses is not taken.
-			f.setStored(t, "Wrong"+randomFrom("abcdef0123456789", 20), "")
+			f.setStored(t, "Wrong"+rand.Text()[:20], "")
 			if got := rt.RootCredentials.Refresh(ctx); len(got) != 0 {
 				t.Errorf("Refresh took a refused password: %v", got)
 			}
@@ -393,41 +413,4 @@ func TestRefreshRootPassword(t *testing.T) {
 	}
 }
 
-func TestVaultConfigErrors(t *testing.T) {
-	for _, tc := range []struct {
-		vault string
-		want  string
-	}{
-		{`{path: x, auth: token, token_env: VT}`, "targets[0].vault.address: required"},
-		{`{address: "ftp://v", path: x, auth: token, token_env: VT}`, "targets[0].vault.address: not an http(s) URL"},
-		{`{address: "https://v", auth: token, token_env: VT}`, "targets[0].vault.path: required"},
-		{`{address: "https://v", path: x, auth: ldap}`, `targets[0].vault.auth: "ldap" is not an auth method`},
-		{`{address: "https://v", path: x, auth: token}`, "targets[0].vault: auth needs token_file or token_env"},
-		{`{address: "https://v", path: x, auth: approle, secret_id_env: VT}`, "targets[0].vault.role_id: required"},
-		{`{address: "https://v", path: x, key: pw_pending, auth: token, token_env: VT}`, "targets[0].vault.key"},
-		{`{address: "https://v", path: x, auth: token, token_env: VT, refresh_interval: 0s}`, "targets[0].vault.refresh_interval"},
-	} {
-		t.Run(tc.want, func(t *testing.T) {
-			t.Setenv("VT", "hvs.token")
-			f, err := Parse([]byte("store: {path: /tmp/x.db}\ntargets:\n  - {name: main, url: \"postgres://a@h/d\", vault: " + tc.vault + "}\n" +
-				"roles:\n  - {name: r, target: main, proxy_role: p, default_ttl: 1m, max_ttl: 5m}\n"))
-			if err != nil {
-				t.Fatal(err)
-			}
-			_, err = f.Validate()
-			if err == nil || !strings.Contains(err.Error(), tc.want) {
-				t.Fatalf("Validate: %v, want %q", err, tc.want)
-			}
-		})
-	}
-	// Two sources at once.
-	f, err := Parse([]byte("store: {path: /tmp/x.db}\ntargets:\n  - {name: main, url: \"postgres://a@h/d\", password_env: VT, vault: {address: \"https://v\", path: x, auth: token, token_env: VT}}\n" +
-		"roles:\n  - {name: r, target: main, proxy_role: p, default_ttl: 1m, max_ttl: 5m}\n"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Setenv("VT", "hvs.token")
-	if _, err := f.Validate(); err == nil || !strings.Contains(err.Error(), "not several") {
-		t.Fatalf("Validate with two sources: %v", err)
-	}
-}
+func TestMain(m *testing.M) { os.Exit(pgtest.Main(m)) }

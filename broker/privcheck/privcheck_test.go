@@ -1,4 +1,4 @@
-package config
+package privcheck
 
 import (
 	"context"
@@ -8,7 +8,6 @@ import (
 	"time"
 
 	"github.com/credbroker/credbroker/broker"
-	"github.com/credbroker/credbroker/broker/postgres"
 	"github.com/credbroker/credbroker/store"
 )
 
@@ -69,13 +68,12 @@ func TestStaleCheck(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	cfg := &Config{
-		Store: Store{TombstoneRetention: DefaultTombstoneRetention}, // shorter than DefaultStaleAfter
-		Roles: []broker.Role{
-			{Name: "old", Target: "main"},
-			{Name: "busy", Target: "main"},
-			{Name: "never", Target: "main"},
-		},
+	// The store's retention, broker.DefaultTombstoneRetention, is shorter
+	// than DefaultStaleAfter.
+	roles := []broker.Role{
+		{Name: "old", Target: "main"},
+		{Name: "busy", Target: "main"},
+		{Name: "never", Target: "main"},
 	}
 	lastIssuedOld := "low: broker role last issued a lease 40 days ago (2030-04-22T12:00:00Z)"
 	neverIssued := "info: broker role issued no lease the store remembers (ended leases are kept 1 day; " +
@@ -83,13 +81,13 @@ func TestStaleCheck(t *testing.T) {
 
 	check := func(t *testing.T, leases LeaseLister) map[string]string {
 		t.Helper()
-		fs, err := checkPrivileges(ctx, cfg, nil, PrivilegeCheck{Leases: leases, Now: now})
+		fs, err := Run(ctx, Scope{Roles: roles}, Options{Leases: leases, Now: now, Retention: broker.DefaultTombstoneRetention})
 		if err != nil {
 			t.Fatal(err)
 		}
 		got := map[string]string{}
 		for _, f := range fs {
-			if f.Check != postgres.CheckStale || f.Target != "main" {
+			if f.Check != CheckStale || f.Target != "main" {
 				t.Errorf("unexpected finding %+v", f)
 			}
 			got[f.Role] = f.Severity.String() + ": " + f.Message
@@ -113,7 +111,7 @@ func TestStaleCheck(t *testing.T) {
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			if tt.purge {
-				if _, err := st.PurgeTombstones(ctx, now.Add(-DefaultTombstoneRetention), 100); err != nil {
+				if _, err := st.PurgeTombstones(ctx, now.Add(-broker.DefaultTombstoneRetention), 100); err != nil {
 					t.Fatal(err)
 				}
 			}

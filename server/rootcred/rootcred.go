@@ -1,16 +1,17 @@
-package config
+package rootcred
 
 import (
 	"context"
-	"crypto/rand"
 	"errors"
 	"fmt"
 	"log/slog"
 	"sync"
 	"time"
 
+	"github.com/credbroker/credbroker/broker"
 	"github.com/credbroker/credbroker/broker/postgres"
 	"github.com/credbroker/credbroker/server"
+	"github.com/credbroker/credbroker/server/config"
 )
 
 // adminEngine is what root-credential handling needs of a target's engine.
@@ -20,10 +21,11 @@ type adminEngine interface {
 	TryPassword(ctx context.Context, password string) error
 }
 
-// RootCredentials keeps the targets' admin passwords: it re-reads each
-// source for changes (Watch), keeps Vault tokens alive, and rotates a
-// target's password (Rotate). brokerd has one, in Runtime.
-type RootCredentials struct {
+// Credentials keeps the targets' admin passwords: it connects each target
+// with the password at its source (Connect), re-reads each source for
+// changes (Watch), keeps Vault tokens alive, and rotates a target's
+// password (Rotate). A running brokerd has one.
+type Credentials struct {
 	log     *slog.Logger
 	mu      sync.Mutex
 	targets map[string]*rootCredential
@@ -38,19 +40,23 @@ type rootCredential struct {
 	inUse  string     // the password the engine was last given
 }
 
-var _ server.RootRotator = (*RootCredentials)(nil)
+var _ server.RootRotator = (*Credentials)(nil)
 
-func newRootCredentials(log *slog.Logger) *RootCredentials {
-	return &RootCredentials{log: log, targets: map[string]*rootCredential{}}
+// New returns an empty Credentials; Connect fills it.
+func New(log *slog.Logger) *Credentials {
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	return &Credentials{log: log, targets: map[string]*rootCredential{}}
 }
 
-func (rc *RootCredentials) add(target string, src rootSource, engine adminEngine, inUse string) {
+func (rc *Credentials) add(target string, src rootSource, engine adminEngine, inUse string) {
 	rc.mu.Lock()
 	rc.targets[target] = &rootCredential{target: target, src: src, engine: engine, inUse: inUse}
 	rc.mu.Unlock()
 }
 
-func (rc *RootCredentials) get(target string) (*rootCredential, bool) {
+func (rc *Credentials) get(target string) (*rootCredential, bool) {
 	rc.mu.Lock()
 	defer rc.mu.Unlock()
 	c, ok := rc.targets[target]
@@ -58,24 +64,47 @@ func (rc *RootCredentials) get(target string) (*rootCredential, bool) {
 }
 
 // newSource returns a target's password source; a Vault source logs in.
-func newSource(ctx context.Context, t Target, logger *slog.Logger) (rootSource, error) {
+func newSource(ctx context.Context, t config.Target, logger *slog.Logger) (rootSource, error) {
 	switch {
 	case t.Vault != nil:
 		return newVaultSource(ctx, t.Vault, logger)
 	case t.PasswordFile != "":
+		if _, _, err := ReadSecretFile(t.PasswordFile); err != nil {
+			return nil, err
+		}
 		return &fileSource{path: t.PasswordFile}, nil
 	default:
-		return &envSource{name: t.PasswordEnv, password: t.Password.Reveal()}, nil
+		pw, err := ReadSecretEnv(t.PasswordEnv)
+		if err != nil {
+			return nil, err
+		}
+		return &envSource{name: t.PasswordEnv, password: pw.Reveal()}, nil
 	}
 }
 
-// connectTarget reads the target's password from its source and connects.
+// Connect reads the target's admin password from its source, connects,
+// and registers the target for Watch and Rotate. A rotation that a crash
+// interrupted is settled first (see connect).
+func (rc *Credentials) Connect(ctx context.Context, t config.Target) (*postgres.Engine, error) {
+	return connect(ctx, t, rc.log, rc)
+}
+
+// Connect reads the target's admin password from its source and connects,
+// writing nothing back: for the check commands, beside a running brokerd.
+func Connect(ctx context.Context, t config.Target, logger *slog.Logger) (*postgres.Engine, error) {
+	if logger == nil {
+		logger = slog.New(slog.DiscardHandler)
+	}
+	return connect(ctx, t, logger, nil)
+}
+
+// connect reads the target's password from its source and connects.
 // A rotation interrupted by a crash left the new password as pending: the
 // server has whichever of the two it accepts. With rc set (brokerd), the
 // source is then settled — pending committed or dropped — and the target
 // registered for Watch and Rotate; without (the check commands), nothing
 // is written.
-func connectTarget(ctx context.Context, t Target, logger *slog.Logger, rc *RootCredentials) (*postgres.Engine, error) {
+func connect(ctx context.Context, t config.Target, logger *slog.Logger, rc *Credentials) (*postgres.Engine, error) {
 	src, err := newSource(ctx, t, logger.With("target", t.Name))
 	if err != nil {
 		return nil, fmt.Errorf("admin password (%s): %w", t.PasswordSource, err)
@@ -146,35 +175,12 @@ var ErrRotateUnknownTarget = server.ErrUnknownTarget
 // comes from an environment variable.
 var ErrRotateNotWritable = errNotWritable
 
-// rotatePasswordLen: 32 characters of [A-Za-z0-9], about 190 bits.
-const rotatePasswordLen = 32
-
-func newRootPassword() string {
-	const alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"
-	return randomFrom(alphabet, rotatePasswordLen)
-}
-
-func randomFrom(alphabet string, n int) string {
-	b := make([]byte, n)
-	buf := make([]byte, 1)
-	for i := 0; i < n; {
-		_, _ = rand.Read(buf)
-		// Rejection sampling keeps every character equally likely.
-		if int(buf[0]) >= 256-256%len(alphabet) {
-			continue
-		}
-		b[i] = alphabet[int(buf[0])%len(alphabet)]
-		i++
-	}
-	return string(b)
-}
-
 // Rotate gives the target's admin role a new random password and stores
 // it at the password's source, in an order that survives a crash at any
 // point: the new password is written as pending first, then set in
-// PostgreSQL, then made current (see connectTarget for the recovery). A
+// PostgreSQL, then made current (see connect for the recovery). A
 // rotation left pending by an earlier failure is settled first.
-func (rc *RootCredentials) Rotate(ctx context.Context, target string) (RotateResult, error) {
+func (rc *Credentials) Rotate(ctx context.Context, target string) (RotateResult, error) {
 	c, ok := rc.get(target)
 	if !ok {
 		return RotateResult{}, fmt.Errorf("%w %q", ErrRotateUnknownTarget, target)
@@ -190,7 +196,9 @@ func (rc *RootCredentials) Rotate(ctx context.Context, target string) (RotateRes
 			return RotateResult{}, err
 		}
 	}
-	next := newRootPassword()
+	// The same generator as issued users' passwords: 32 characters of
+	// [A-Za-z0-9], about 190 bits.
+	next := broker.NewPassword()
 	staged, err := c.src.stage(ctx, st, next)
 	if err != nil {
 		return RotateResult{}, fmt.Errorf("recording the new admin password (%s): %w", c.src.describe(), err)
@@ -241,7 +249,7 @@ func (c *rootCredential) settle(ctx context.Context, st rootState) (rootState, e
 }
 
 // RotateRoot is Rotate for the gRPC server (server.RootRotator).
-func (rc *RootCredentials) RotateRoot(ctx context.Context, target string) (server.RootRotation, error) {
+func (rc *Credentials) RotateRoot(ctx context.Context, target string) (server.RootRotation, error) {
 	res, err := rc.Rotate(ctx, target)
 	return server.RootRotation{Target: res.Target, Source: res.Source, Time: res.Time}, err
 }
@@ -251,7 +259,7 @@ func (rc *RootCredentials) RotateRoot(ctx context.Context, target string) (serve
 // who rotated it by hand, or another tool writing Vault). A pending
 // rotation is left to Rotate and start-up. It returns the targets whose
 // password changed.
-func (rc *RootCredentials) Refresh(ctx context.Context) []string {
+func (rc *Credentials) Refresh(ctx context.Context) []string {
 	rc.mu.Lock()
 	all := make([]*rootCredential, 0, len(rc.targets))
 	for _, c := range rc.targets {
@@ -300,7 +308,7 @@ func (c *rootCredential) refresh(ctx context.Context, log *slog.Logger) bool {
 // Watch re-reads the password sources every refresh interval (the
 // shortest of the targets'), and keeps Vault tokens alive, until ctx is
 // done.
-func (rc *RootCredentials) Watch(ctx context.Context) {
+func (rc *Credentials) Watch(ctx context.Context) {
 	rc.mu.Lock()
 	interval := time.Duration(0)
 	var wg sync.WaitGroup

@@ -1,4 +1,4 @@
-package fuzz_test
+package config_test
 
 import (
 	"bytes"
@@ -38,11 +38,14 @@ admins: [ops]
 quotas: {max_active_per_identity: 5, issue_rate_per_identity: 30/m, issue_burst: 3}
 `
 
-// FuzzConfig parses and validates arbitrary configuration files. Neither
-// may panic; what Validate accepts must be safe to use (role names that
-// need no quoting, proxy roles and databases that are valid PostgreSQL
-// identifiers, token hashes that are hashes); and no error may echo a
-// password written into a URL or a token pasted in place of its hash.
+// FuzzConfig feeds the configuration parser and validator arbitrary YAML.
+// The seed corpus is testdata/fuzz/FuzzConfig (example configurations and
+// the injection corpus in every identifier); `go test` runs the seeds, and
+//
+//	go test -run '^$' -fuzz FuzzConfig -fuzztime 5m ./server/config
+//
+// searches beyond them. Nothing here needs a database, and the package
+// starts none.
 func FuzzConfig(f *testing.F) {
 	f.Setenv("CREDBROKER_FUZZ_PASSWORD", "fuzz-admin-password")
 	f.Add([]byte(seedConfig))

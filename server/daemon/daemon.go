@@ -1,0 +1,325 @@
+package daemon
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"sync"
+	"time"
+
+	"google.golang.org/grpc"
+
+	"github.com/credbroker/credbroker/audit"
+	"github.com/credbroker/credbroker/broker"
+	"github.com/credbroker/credbroker/broker/privcheck"
+	"github.com/credbroker/credbroker/server"
+	"github.com/credbroker/credbroker/server/config"
+	"github.com/credbroker/credbroker/server/rootcred"
+	"github.com/credbroker/credbroker/store"
+)
+
+// privcheckTimeout bounds the least-privilege check brokerd runs beside
+// serving at start-up.
+const privcheckTimeout = 30 * time.Second
+
+// Options are what a caller of Start may set beyond the configuration:
+// none of them is an operator's setting. The zero value is brokerd's.
+type Options struct {
+	// Logger receives brokerd's log; nil discards it.
+	Logger *slog.Logger
+	// Listener, if set, is served instead of binding cfg.Listen (the
+	// caller bound it first, or rebinds an address across a restart).
+	// Start takes it over: Close closes it.
+	Listener net.Listener
+	// Clock is the broker's clock; nil is the system clock. For tests.
+	Clock broker.Clock
+	// StoreNoSync skips fsync on the store's commits: a crash may lose
+	// acknowledged writes. For tests and benchmarks only.
+	StoreNoSync bool
+	// MaxStreamLeases overrides how many leases one KeepAlive stream may
+	// name (server.DefaultMaxStreamLeases): the bench's streams name more
+	// than a sidecar's would.
+	MaxStreamLeases int
+	// SkipPrivilegeCheck skips the least-privilege check brokerd logs at
+	// start-up (tests that count queries or log lines).
+	SkipPrivilegeCheck bool
+}
+
+// Daemon is a started broker. Serve serves it; Close releases it.
+type Daemon struct {
+	cfg *config.Config
+	log *slog.Logger
+	lis net.Listener
+
+	store     broker.LeaseStore
+	databases map[string]broker.Database
+	endpoints map[string]broker.Endpoint
+	rootCreds *rootcred.Credentials
+	audit     *audit.Log
+	broker    *broker.Broker
+	security  *security
+	grpc      *grpc.Server
+	drainer   *server.Drainer
+
+	ready chan struct{}
+	// background is the work Start began beside serving (the root
+	// credentials' watch, the least-privilege check); stopBackground
+	// ends it and Close waits for it.
+	background     sync.WaitGroup
+	stopBackground context.CancelFunc
+
+	closeOnce sync.Once
+	closeErr  error
+}
+
+// Start turns a validated configuration into a started broker: it binds
+// the gRPC address (before anything slower, so a taken port fails fast),
+// reads the secrets the configuration names, opens the lease store,
+// connects to every target and checks every role's proxy role there,
+// opens the audit log, starts the broker's background work (expiry,
+// reconciliation) and builds the gRPC server. Errors name the key they
+// are about ("targets[0]", "roles[1].proxy_role"); on error everything
+// opened so far is closed again. The returned Daemon accepts calls once
+// Serve runs.
+func Start(ctx context.Context, cfg *config.Config, opts Options) (_ *Daemon, err error) {
+	log := opts.Logger
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	d := &Daemon{
+		cfg:       cfg,
+		log:       log,
+		lis:       opts.Listener,
+		databases: make(map[string]broker.Database, len(cfg.Targets)),
+		endpoints: make(map[string]broker.Endpoint, len(cfg.Targets)),
+		ready:     make(chan struct{}),
+	}
+	defer func() {
+		if err != nil {
+			_ = d.Close()
+		}
+	}()
+	logConfig(log, cfg)
+	if d.lis == nil {
+		if d.lis, err = Listen(cfg.Listen, cfg.Security.TLS != nil); err != nil {
+			return nil, err
+		}
+	}
+	warnings, err := rootcred.Check(cfg)
+	for _, w := range warnings {
+		log.Warn("config: " + w)
+	}
+	if err != nil {
+		return nil, err
+	}
+
+	if d.store, err = openStore(cfg.Store, log, opts.StoreNoSync); err != nil {
+		return nil, err
+	}
+	d.rootCreds = rootcred.New(log)
+	if err := connectTargets(ctx, cfg, d.rootCreds.Connect, d.databases); err != nil {
+		return nil, err
+	}
+	for name, db := range d.databases {
+		d.endpoints[name] = db.Endpoint()
+	}
+	if err := checkProxyRoles(ctx, cfg, d.databases); err != nil {
+		return nil, err
+	}
+
+	var auditor broker.Auditor
+	if cfg.Security.Audit.Path != "" {
+		key, err := rootcred.AuditKey(cfg.Security.Audit)
+		if err != nil {
+			return nil, err
+		}
+		// Opened before the broker exists, so that what start-up
+		// reconciliation drops is on the record too.
+		d.audit, err = audit.Open(cfg.Security.Audit.Path, audit.Options{HMACKey: key, Logger: log})
+		if err != nil {
+			return nil, fmt.Errorf("audit.path: %w", err)
+		}
+		auditor = d.audit
+	}
+
+	bcfg := BrokerConfig(cfg)
+	bcfg.Store, bcfg.Databases, bcfg.Logger, bcfg.Clock, bcfg.Auditor = d.store, d.databases, log, opts.Clock, auditor
+	if d.broker, err = broker.New(bcfg); err != nil {
+		return nil, fmt.Errorf("broker: %w", err)
+	}
+	// TLS files that do not load are found before the broker starts work.
+	if d.security, err = newSecurity(cfg.Security, d.audit, log); err != nil {
+		return nil, err
+	}
+	if err := d.broker.Start(ctx); err != nil {
+		return nil, err
+	}
+
+	d.drainer = server.NewDrainer()
+	d.grpc = server.NewGRPCServer(server.Config{
+		Broker:          d.broker,
+		Authenticator:   d.security.authenticator,
+		Authorizer:      d.security.authorizer,
+		Quotas:          d.security.quotas,
+		Auditor:         d.security.auditor,
+		Logger:          log,
+		Endpoints:       d.endpoints,
+		SSLMode:         cfg.DSNSSLMode,
+		Drainer:         d.drainer,
+		RootRotator:     d.rootCreds,
+		MaxStreamLeases: opts.MaxStreamLeases,
+	}, d.security.serverOptions...)
+
+	bg, stop := context.WithCancel(context.WithoutCancel(ctx))
+	d.stopBackground = stop
+	// Re-read the admin passwords' sources and keep Vault tokens alive.
+	d.background.Go(func() { d.rootCreds.Watch(bg) })
+	if !opts.SkipPrivilegeCheck {
+		// The check pages through the lease history (stale roles): it runs
+		// beside serving, not before it, or a store of a million records
+		// would keep brokerd from serving for seconds.
+		d.background.Go(func() {
+			ctx, cancel := context.WithTimeout(bg, privcheckTimeout)
+			defer cancel()
+			findings, err := privcheck.Run(ctx,
+				privcheck.Scope{Targets: cfg.TargetNames(), Roles: cfg.Roles, Engines: d.databases},
+				privcheck.Options{Leases: d.store, Retention: cfg.Store.TombstoneRetention})
+			privcheck.LogFindings(ctx, log, findings, err)
+		})
+	}
+	return d, nil
+}
+
+// openStore opens the lease store the configuration names.
+func openStore(cfg config.Store, log *slog.Logger, noSync bool) (broker.LeaseStore, error) {
+	s, err := store.Open(cfg.Path, store.Options{Timeout: cfg.OpenTimeout, Logger: log, NoSync: noSync})
+	if err != nil {
+		return nil, fmt.Errorf("store.path: %w", err)
+	}
+	return s, nil
+}
+
+// BrokerConfig is the broker's configuration as cfg sets it: roles and
+// every expiry and reconciliation setting. Start fills in the parts it
+// opens (store, engines, clock, logger, auditor).
+func BrokerConfig(cfg *config.Config) broker.Config {
+	return broker.Config{
+		Roles:               cfg.Roles,
+		ValidUntilGrace:     cfg.Expiry.ValidUntilGrace,
+		TombstoneRetention:  cfg.Store.TombstoneRetention,
+		ReconcileInterval:   cfg.ReconcileInterval,
+		RevokeConcurrency:   cfg.Expiry.RevokeConcurrency,
+		RevokeRate:          cfg.Expiry.RevokeRate,
+		RevokeRetries:       cfg.Expiry.RevokeRetries,
+		RetryBaseDelay:      cfg.Expiry.RetryBaseDelay,
+		RetryMaxDelay:       cfg.Expiry.RetryMaxDelay,
+		FailedRetryInterval: cfg.Expiry.FailedRetryInterval,
+		DisconnectGrace:     cfg.DisconnectGrace,
+	}
+}
+
+// Addr is the address served (the real port when cfg.Listen had :0).
+func (d *Daemon) Addr() net.Addr { return d.lis.Addr() }
+
+// Broker is the running broker.
+func (d *Daemon) Broker() *broker.Broker { return d.broker }
+
+// Store is the lease store.
+func (d *Daemon) Store() broker.LeaseStore { return d.store }
+
+// RootCredentials rotates and re-reads the targets' admin passwords.
+func (d *Daemon) RootCredentials() *rootcred.Credentials { return d.rootCreds }
+
+// Ready is closed once Serve accepts calls.
+func (d *Daemon) Ready() <-chan struct{} { return d.ready }
+
+// Serve serves gRPC until ctx is done or the server fails, then stops in
+// order: health NOT_SERVING and KeepAlive streams ended (drain), unary
+// calls in flight allowed to finish for up to shutdown_timeout, then cut.
+// Call it once; Close releases everything afterwards.
+func (d *Daemon) Serve(ctx context.Context) error {
+	errc := make(chan error, 1)
+	go func() { errc <- d.grpc.Serve(d.lis) }()
+	if d.audit != nil {
+		d.audit.Record(audit.Record{Event: audit.EventStart, Outcome: audit.OutcomeOK,
+			Message: fmt.Sprintf("serving on %s (tls: %t, authentication: %t)", d.lis.Addr(), d.security.certs != nil, d.cfg.Security.Enabled())})
+	}
+	d.log.Info("serving", "listen", d.lis.Addr().String())
+	close(d.ready)
+
+	var serveErr error
+	select {
+	case <-ctx.Done():
+		d.log.Info("shutting down")
+	case serveErr = <-errc:
+		d.log.Error("gRPC server stopped", "err", serveErr)
+	}
+	d.stopServing()
+	if serveErr != nil {
+		return fmt.Errorf("serve: %w", serveErr)
+	}
+	return nil
+}
+
+// stopServing drains the gRPC server and stops it within shutdown_timeout.
+func (d *Daemon) stopServing() {
+	d.drainer.Drain()
+	stopped := make(chan struct{})
+	go func() {
+		d.grpc.GracefulStop()
+		close(stopped)
+	}()
+	timeout := d.cfg.ShutdownTimeout
+	select {
+	case <-stopped:
+	case <-time.After(timeout):
+		d.log.Warn("calls still running after the shutdown timeout; cutting them", "shutdown_timeout", timeout)
+		d.grpc.Stop()
+		<-stopped
+	}
+}
+
+// Close stops serving (if Serve still runs, its calls are cut), ends the
+// background work, stops the broker's loops, then closes the engines, the
+// store and the audit log, in that order, so no loop touches a closed
+// engine. It is safe to call more than once.
+func (d *Daemon) Close() error {
+	d.closeOnce.Do(func() { d.closeErr = d.close() })
+	return d.closeErr
+}
+
+func (d *Daemon) close() error {
+	var errs []error
+	if d.grpc != nil {
+		d.drainer.Drain()
+		d.grpc.Stop()
+	}
+	if d.lis != nil {
+		_ = d.lis.Close() // already closed when Serve ran
+	}
+	if d.stopBackground != nil {
+		d.stopBackground()
+	}
+	d.background.Wait()
+	if d.broker != nil {
+		if err := d.broker.Close(); err != nil {
+			errs = append(errs, fmt.Errorf("close broker: %w", err))
+		}
+	}
+	for _, db := range d.databases {
+		db.Close()
+	}
+	if d.store != nil {
+		if err := d.store.Close(); err != nil {
+			errs = append(errs, fmt.Errorf("close store: %w", err))
+		}
+	}
+	if d.audit != nil {
+		if err := d.audit.Close(); err != nil {
+			errs = append(errs, fmt.Errorf("close audit log: %w", err))
+		}
+	}
+	return errors.Join(errs...)
+}

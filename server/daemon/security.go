@@ -1,0 +1,85 @@
+package daemon
+
+import (
+	"fmt"
+	"log/slog"
+
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials"
+
+	"github.com/credbroker/credbroker/audit"
+	"github.com/credbroker/credbroker/server"
+	"github.com/credbroker/credbroker/server/config"
+)
+
+// security is what the gRPC server needs from the security configuration.
+type security struct {
+	authenticator server.Authenticator
+	authorizer    server.Authorizer
+	quotas        server.Quotas
+	// auditor is nil without audit.path.
+	auditor server.RequestAuditor
+	// serverOptions holds the TLS credentials, if any.
+	serverOptions []grpc.ServerOption
+	// certs serves and reloads the TLS files (nil without tls).
+	certs *server.CertReloader
+}
+
+// newSecurity builds the authenticator, authorizer, quotas, auditor and
+// TLS credentials of the configuration. Without tls and tokens it returns
+// the loopback defaults: every caller is the local admin and may issue
+// every role. auditLog may be nil.
+func newSecurity(sec config.Security, auditLog *audit.Log, logger *slog.Logger) (*security, error) {
+	out := &security{quotas: server.Quotas{
+		IdentityMaxActive: sec.Quotas.IdentityMaxActive,
+		RoleMaxActive:     sec.Quotas.RoleMaxActive,
+		IssueRate:         sec.Quotas.IssueRate,
+		IssueBurst:        sec.Quotas.IssueBurst,
+	}}
+	if auditLog != nil {
+		out.auditor = auditLog
+	}
+	if !sec.Enabled() {
+		out.authenticator = server.LocalAuthenticator{}
+		out.authorizer = server.OwnerAuthorizer{}
+		return out, nil
+	}
+	tokens := make([]server.TokenEntry, 0, len(sec.Tokens))
+	for _, t := range sec.Tokens {
+		tokens = append(tokens, server.TokenEntry{Identity: t.Identity, SHA256: t.SHA256})
+	}
+	authn, err := server.NewPolicyAuthenticator(tokens, sec.Admins)
+	if err != nil {
+		return nil, fmt.Errorf("tokens/admins: %w", err)
+	}
+	authz, err := server.NewPolicyAuthorizer(sec.Allowed)
+	if err != nil {
+		return nil, fmt.Errorf("roles[].allowed: %w", err)
+	}
+	out.authenticator, out.authorizer = authn, authz
+	if sec.TLS != nil {
+		var onReload func(error)
+		if auditLog != nil {
+			onReload = func(err error) {
+				rec := audit.Record{Event: audit.EventTLSReload, Outcome: audit.OutcomeOK, Message: sec.TLS.CertFile}
+				if err != nil {
+					rec.Outcome, rec.Message = audit.OutcomeError, err.Error()
+				}
+				auditLog.Record(rec)
+			}
+		}
+		certs, err := server.NewCertReloader(server.TLSFiles{
+			CertFile:     sec.TLS.CertFile,
+			KeyFile:      sec.TLS.KeyFile,
+			ClientCAFile: sec.TLS.ClientCAFile,
+			// Token callers have no certificate to present.
+			ClientCertOptional: len(sec.Tokens) > 0,
+		}, logger, onReload)
+		if err != nil {
+			return nil, fmt.Errorf("tls: %w", err)
+		}
+		out.certs = certs
+		out.serverOptions = append(out.serverOptions, grpc.Creds(credentials.NewTLS(certs.ServerConfig())))
+	}
+	return out, nil
+}
