@@ -20,6 +20,8 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/credbroker/credbroker/internal/buildinfo"
+
 	"github.com/spf13/cobra"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
@@ -112,8 +114,9 @@ func newRootCmd(stdout, stderr io.Writer) *cobra.Command {
 		addr = defaultAddr
 	}
 	root := &cobra.Command{
-		Use:   "brokerctl",
-		Short: "Issue, inspect and revoke credbroker leases",
+		Version: buildinfo.Read().String(),
+		Use:     "brokerctl",
+		Short:   "Issue, inspect and revoke credbroker leases",
 		Long: `brokerctl talks to brokerd over gRPC: it issues short-lived PostgreSQL
 credentials, renews, looks up and revokes leases, and lists leases and roles.
 

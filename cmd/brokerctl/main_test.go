@@ -16,6 +16,7 @@ import (
 	"github.com/jackc/pgx/v5"
 	"google.golang.org/protobuf/encoding/protojson"
 
+	"github.com/credbroker/credbroker/internal/buildinfo"
 	"github.com/credbroker/credbroker/internal/pgtest"
 	credbrokerv1 "github.com/credbroker/credbroker/proto/credbroker/v1"
 	"github.com/credbroker/credbroker/server"
@@ -419,5 +420,13 @@ func TestShortDuration(t *testing.T) {
 		if got := shortDuration(d); got != want {
 			t.Errorf("shortDuration(%v) = %q, want %q", d, got, want)
 		}
+	}
+}
+
+// TestVersion: --version names the build (package buildinfo) and exits 0.
+func TestVersion(t *testing.T) {
+	r := ctl(t, "--version")
+	if r.code != 0 || !strings.HasPrefix(r.stdout, "brokerctl version ") || !strings.Contains(r.stdout, buildinfo.Read().String()) {
+		t.Errorf("--version: exit %d, %q", r.code, r.stdout)
 	}
 }

@@ -23,6 +23,8 @@ import (
 	"strings"
 	"syscall"
 
+	"github.com/credbroker/credbroker/internal/buildinfo"
+
 	"github.com/spf13/cobra"
 )
 
@@ -72,8 +74,9 @@ func indentLines(s string) string {
 func newRootCmd(stdout, stderr io.Writer) *cobra.Command {
 	var configPath string
 	root := &cobra.Command{
-		Use:   "brokerd --config FILE",
-		Short: "Serve credbroker: short-lived PostgreSQL users over gRPC",
+		Version: buildinfo.Read().String(),
+		Use:     "brokerd --config FILE",
+		Short:   "Serve credbroker: short-lived PostgreSQL users over gRPC",
 		Long: `brokerd issues short-lived PostgreSQL users for broker roles, records them as
 leases, and drops them (ending their sessions) when a lease expires or is
 revoked.

@@ -17,6 +17,7 @@ import (
 	"google.golang.org/grpc/credentials/insecure"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 
+	"github.com/credbroker/credbroker/internal/buildinfo"
 	"github.com/credbroker/credbroker/internal/pgtest"
 	"github.com/credbroker/credbroker/internal/syncbuf"
 	credbrokerv1 "github.com/credbroker/credbroker/proto/credbroker/v1"
@@ -459,5 +460,13 @@ func TestListenUnixSocket(t *testing.T) {
 	}
 	if b, err := os.ReadFile(file); err != nil || string(b) != "keep me" {
 		t.Errorf("the regular file was touched: %q %v", b, err)
+	}
+}
+
+// TestVersion: --version names the build (package buildinfo) and exits 0.
+func TestVersion(t *testing.T) {
+	out, _, code := brokerd(t, "--version")
+	if code != 0 || !strings.HasPrefix(out, "brokerd version ") || !strings.Contains(out, buildinfo.Read().String()) {
+		t.Errorf("--version: exit %d, %q", code, out)
 	}
 }

@@ -28,6 +28,8 @@ import (
 	"text/tabwriter"
 	"time"
 
+	"github.com/credbroker/credbroker/internal/buildinfo"
+
 	"github.com/credbroker/credbroker/broker"
 	"github.com/credbroker/credbroker/broker/postgres"
 )
@@ -126,8 +128,12 @@ func parseFlags(args []string, stderr io.Writer) (*options, error) {
 		return nil
 	})
 	fs.BoolVar(&o.keepLog, "keep-pg-log", false, "own cluster: copy the server log to ./credbroker-bench-pg.log before removing the cluster")
+	version := fs.Bool("version", false, "print the build's version and exit")
 	if err := fs.Parse(args); err != nil {
 		return nil, err
+	}
+	if *version {
+		return nil, errVersion
 	}
 	if fs.NArg() > 0 {
 		return nil, fmt.Errorf("unexpected argument %q", fs.Arg(0))
@@ -162,9 +168,16 @@ func parseFlags(args []string, stderr io.Writer) (*options, error) {
 	return o, nil
 }
 
+// errVersion is parseFlags' answer to --version.
+var errVersion = errors.New("--version")
+
 func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	o, err := parseFlags(args, stderr)
 	if errors.Is(err, flag.ErrHelp) {
+		return 0
+	}
+	if errors.Is(err, errVersion) {
+		fmt.Fprintf(stdout, "credbroker-bench version %s\n", buildinfo.Read())
 		return 0
 	}
 	if err != nil {

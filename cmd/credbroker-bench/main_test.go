@@ -67,3 +67,11 @@ func TestFlags(t *testing.T) {
 		})
 	}
 }
+
+// TestVersion: --version names the build (package buildinfo) and exits 0.
+func TestVersion(t *testing.T) {
+	var out, errOut strings.Builder
+	if code := run(t.Context(), []string{"--version"}, &out, &errOut); code != 0 || !strings.HasPrefix(out.String(), "credbroker-bench version ") {
+		t.Errorf("--version: exit %d, %q (stderr %q)", code, out.String(), errOut.String())
+	}
+}

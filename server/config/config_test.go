@@ -420,6 +420,55 @@ roles:
 	}
 }
 
+// TestUnknownKeyHidesNothing: a file with unknown keys, a key given twice
+// and a value of the wrong kind reports those and every other problem of
+// the file, all together.
+func TestUnknownKeyHidesNothing(t *testing.T) {
+	_, err := loadAndValidate(t, `
+listen: 0.0.0.0:1
+lisen: 127.0.0.1:1
+store:
+  path: leases.db
+  open_timeout: forever
+targets:
+  - name: Main
+    url: postgres://broker_admin:pw@h/app
+    max_conns: ten
+    colour: blue
+roles:
+  - {name: a, target: x, proxy_role: r, default_ttl: 2h, max_ttl: 1h}
+  - {name: a, target: main, proxy_role: "pg_signal_backend", default_ttl: -1s, max_ttl: 1h}
+  - {name: c, name: d, target: main, proxy_role: r, default_ttl: 1m, max_ttl: 1h}
+expiry: {revoke_rate: 0, retry_base_delay: 5m}
+log: {level: loud}
+dsn_sslmode: sometimes
+`)
+	if err == nil {
+		t.Fatal("no error")
+	}
+	lines := strings.Split(err.Error(), "\n")
+	for _, prefix := range []string{
+		"lisen: unknown key", "targets[0].colour: unknown key", "targets[0].max_conns: \"ten\" is not an integer",
+		"roles[2].name: given twice", "roles[1].name:",
+		"listen 0.0.0.0:1:", "store.open_timeout:", "targets[0].name:", "targets[0].url:", "targets[0]: no admin password",
+		"roles[0].target:", "roles[0].default_ttl: 2h exceeds", "roles[1].proxy_role:", "roles[1].default_ttl:",
+		"expiry.revoke_rate:", "expiry.retry_base_delay:", "log.level:", "dsn_sslmode:",
+	} {
+		found := false
+		for _, l := range lines {
+			found = found || strings.HasPrefix(l, prefix)
+		}
+		if !found {
+			t.Errorf("no line starts with %q:\n%s", prefix, err)
+		}
+	}
+	// A value of the wrong kind is reported once, not again as the
+	// validation error it causes ("must be positive").
+	if n := strings.Count(err.Error(), "targets[0].max_conns"); n != 1 {
+		t.Errorf("targets[0].max_conns reported %d times:\n%s", n, err)
+	}
+}
+
 func TestWarnings(t *testing.T) {
 	c, err := loadAndValidate(t, validYAML+`  - name: also_read
     target: main

@@ -53,6 +53,15 @@ type File struct {
 	// dir is the directory of the file, against which relative paths are
 	// resolved (so a unit file's working directory does not matter).
 	dir string
+	// shapeErrs are the unknown keys, repeated keys and values of the
+	// wrong kind that Parse found; Validate reports them with the rest.
+	shapeErrs []shapeError
+}
+
+// shapeError is a problem with the file's structure at a key path.
+type shapeError struct {
+	path string // "" for the top level
+	err  error
 }
 
 // StoreFile is the store section.
@@ -169,9 +178,12 @@ func Load(path string) (*File, error) {
 }
 
 // Parse parses a configuration document. Relative paths in it are taken
-// relative to the working directory. Unknown keys, keys given twice and
-// values of the wrong shape are errors, all reported at once, each with its
-// key path and line.
+// relative to the working directory. It fails only on what stops it from
+// reading the document at all (YAML syntax, an empty file, a second
+// document). Unknown keys, keys given twice and values of the wrong shape,
+// each with its key path and line, are reported by Validate together with
+// every other problem of the file, so one unknown key does not hide the
+// rest.
 func Parse(data []byte) (*File, error) {
 	var doc yaml.Node
 	if err := yaml.Unmarshal(data, &doc); err != nil {
@@ -186,20 +198,24 @@ func Parse(data []byte) (*File, error) {
 	}
 	// yaml.v3's own messages for unknown fields and type mismatches name a
 	// line but not the key, so walk the tree first to name the key path.
-	var errs []error
-	checkShape(root, reflect.TypeFor[File](), "", &errs)
-	if len(errs) > 0 {
-		return nil, errors.Join(errs...)
-	}
+	var shapeErrs []shapeError
+	checkShape(root, reflect.TypeFor[File](), "", &shapeErrs)
 
-	// KnownFields(true) as a second line of defence: the walk above should
-	// already have rejected every unknown key.
+	// The walk above found every unknown key and value of the wrong kind;
+	// decoding skips those (yaml.v3 reports them as a TypeError after
+	// decoding everything else), so the rest of the file is still
+	// validated. Without shape errors, KnownFields(true) is a second line
+	// of defence.
 	dec := yaml.NewDecoder(bytes.NewReader(data))
-	dec.KnownFields(true)
+	dec.KnownFields(len(shapeErrs) == 0)
 	var f File
 	if err := dec.Decode(&f); err != nil {
-		return nil, err
+		var te *yaml.TypeError
+		if len(shapeErrs) == 0 || !errors.As(err, &te) {
+			return nil, err
+		}
 	}
+	f.shapeErrs = shapeErrs
 	// A second document would be silently ignored by Decode; an operator
 	// who wrote one meant something by it.
 	var extra yaml.Node
@@ -212,7 +228,7 @@ func Parse(data []byte) (*File, error) {
 // checkShape compares node against the Go type t and appends an error for
 // every unknown key, repeated key and value of the wrong kind, naming its
 // key path.
-func checkShape(node *yaml.Node, t reflect.Type, path string, errs *[]error) {
+func checkShape(node *yaml.Node, t reflect.Type, path string, errs *[]shapeError) {
 	if node.Kind == yaml.AliasNode {
 		node = node.Alias
 	}
@@ -224,7 +240,7 @@ func checkShape(node *yaml.Node, t reflect.Type, path string, errs *[]error) {
 		t = t.Elem()
 	}
 	at := func(format string, args ...any) {
-		*errs = append(*errs, fmt.Errorf("%s: %s (line %d)", displayPath(path), fmt.Sprintf(format, args...), node.Line))
+		*errs = append(*errs, shapeError{path, fmt.Errorf("%s: %s (line %d)", displayPath(path), fmt.Sprintf(format, args...), node.Line)})
 	}
 	switch t.Kind() {
 	case reflect.Struct:
@@ -242,13 +258,13 @@ func checkShape(node *yaml.Node, t reflect.Type, path string, errs *[]error) {
 			}
 			sub := joinPath(path, key)
 			if line, dup := seen[key]; dup {
-				*errs = append(*errs, fmt.Errorf("%s: given twice (lines %d and %d)", sub, line, k.Line))
+				*errs = append(*errs, shapeError{sub, fmt.Errorf("%s: given twice (lines %d and %d)", sub, line, k.Line)})
 				continue
 			}
 			seen[key] = k.Line
 			ft, ok := fields[key]
 			if !ok {
-				*errs = append(*errs, fmt.Errorf("%s: unknown key (line %d)%s", sub, k.Line, suggest(key, fields)))
+				*errs = append(*errs, shapeError{sub, fmt.Errorf("%s: unknown key (line %d)%s", sub, k.Line, suggest(key, fields))})
 				continue
 			}
 			checkShape(v, ft, sub, errs)

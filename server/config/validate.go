@@ -90,10 +90,42 @@ func (f *File) Validate() (*Config, error) {
 	c.Security = v.security(f, c.Roles)
 
 	c.Warnings = v.warnings
-	if len(v.errs) > 0 {
-		return nil, errors.Join(v.errs...)
+	if errs := f.withShapeErrors(v.errs); len(errs) > 0 {
+		return nil, errors.Join(errs...)
 	}
 	return c, nil
+}
+
+// withShapeErrors puts the file's shape errors (from Parse) before the
+// validation errors, and drops the validation errors that only repeat a
+// shape error: a value of the wrong kind at "targets" also reads as "at
+// least one target is required", which says nothing new.
+func (f *File) withShapeErrors(errs []error) []error {
+	if len(f.shapeErrs) == 0 {
+		return errs
+	}
+	out := make([]error, 0, len(f.shapeErrs)+len(errs))
+	for _, se := range f.shapeErrs {
+		out = append(out, se.err)
+	}
+	for _, err := range errs {
+		if !f.repeatsShapeError(err.Error()) {
+			out = append(out, err)
+		}
+	}
+	return out
+}
+
+func (f *File) repeatsShapeError(msg string) bool {
+	for _, se := range f.shapeErrs {
+		if se.path == "" {
+			return true // the whole file has the wrong shape
+		}
+		if rest, ok := strings.CutPrefix(msg, se.path); ok && rest != "" && strings.ContainsRune(":.[", rune(rest[0])) {
+			return true
+		}
+	}
+	return false
 }
 
 // path resolves p against the configuration file's directory.
