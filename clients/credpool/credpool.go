@@ -123,7 +123,7 @@ func (p *Pool) isCurrent(conn *pgx.Conn) bool {
 }
 
 // beforeConnect logs in with the current credential, waiting for one
-// while the Keeper replaces a lost credential.
+// while the Keeper issues a fresh one for a lost credential.
 func (p *Pool) beforeConnect(ctx context.Context, cc *pgx.ConnConfig) error {
 	for {
 		p.mu.Lock()
