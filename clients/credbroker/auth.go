@@ -43,7 +43,7 @@ func TLSFiles(caFile, certFile, keyFile, serverName string) (*tls.Config, error)
 
 // WithBearerTokenFile sends the token in file (surrounding white space
 // trimmed) as "authorization: Bearer ..." on every call. The file is read
-// for each call, so a token rotated on disk (a mounted Kubernetes secret)
+// for each call, so a token updated on disk (a mounted Kubernetes secret)
 // is picked up without a restart. Over plaintext, which Dial allows to
 // loopback and unix sockets only, the token is sent too.
 func WithBearerTokenFile(path string) Option {

@@ -56,7 +56,7 @@ func WithDialOptions(opts ...grpc.DialOption) Option {
 	return func(o *options) { o.dialOpts = append(o.dialOpts, opts...) }
 }
 
-// WithLogger sets where the client logs reconnections and rotations
+// WithLogger sets where the client logs reconnections and replacements
 // (never a password). Default: discard.
 func WithLogger(l *slog.Logger) Option { return func(o *options) { o.logger = l } }
 

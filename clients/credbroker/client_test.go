@@ -193,7 +193,7 @@ func TestKeeperSurvivesBrokerRestart(t *testing.T) {
 	_ = ev
 	renewed, more2 := nextEvent(t, k, 20*time.Second, credbroker.EventRenewed)
 	for _, e := range append(append(skipped, more...), more2...) {
-		if e.Type == credbroker.EventIssued || e.Type == credbroker.EventRotated {
+		if e.Type == credbroker.EventIssued || e.Type == credbroker.EventReplaced {
 			t.Fatalf("a new credential was issued across the restart: %v", e.Type)
 		}
 	}
@@ -235,41 +235,41 @@ func TestKeeperRevokedIssuesFresh(t *testing.T) {
 	}
 }
 
-// TestKeeperRotatesBeforeMaxTTL: on a role with a max TTL of a few
+// TestKeeperReplacesBeforeMaxTTL: on a role with a max TTL of a few
 // seconds, the successor is issued before the old lease expires and the
 // old one keeps working through the overlap, then is revoked.
-func TestKeeperRotatesBeforeMaxTTL(t *testing.T) {
+func TestKeeperReplacesBeforeMaxTTL(t *testing.T) {
 	ctx := testContext(t)
 	b := brokertest.Start(t, brokertest.Options{Roles: []brokertest.Role{{Name: "short", DefaultTTL: 6 * time.Second, MaxTTL: 6 * time.Second}}})
 	c := dial(t, b)
 	k := startKeeper(t, c, credbroker.KeeperOptions{
-		Issue:        credbroker.IssueRequest{Role: "short"},
-		Overlap:      2 * time.Second,
-		RotateBefore: 3 * time.Second,
+		Issue:         credbroker.IssueRequest{Role: "short"},
+		Overlap:       2 * time.Second,
+		ReplaceBefore: 3 * time.Second,
 	})
 	first, oldCred, _ := k.Current()
-	rot, before := nextEvent(t, k, 20*time.Second, credbroker.EventRotated)
+	repl, before := nextEvent(t, k, 20*time.Second, credbroker.EventReplaced)
 	sawMax := false
 	for _, ev := range before {
 		sawMax = sawMax || (ev.Type == credbroker.EventMaxTTLReached && ev.Lease.ID == first.ID)
 	}
 	if !sawMax {
 		// Issued at its max TTL, the lease cannot grow: the broker says so
-		// on the first renewal, long before the rotation.
-		t.Errorf("no MAX_TTL_REACHED for %s before the rotation (saw %v)", first.ID, eventTypes(before))
+		// on the first renewal, long before the replacement.
+		t.Errorf("no MAX_TTL_REACHED for %s before the replacement (saw %v)", first.ID, eventTypes(before))
 	}
-	if rot.Old == nil || rot.Old.ID != first.ID || rot.Credential == nil || rot.Lease.ID == first.ID {
-		t.Fatalf("rotation event %+v", rot)
+	if repl.Old == nil || repl.Old.ID != first.ID || repl.Credential == nil || repl.Lease.ID == first.ID {
+		t.Fatalf("replacement event %+v", repl)
 	}
-	if !rot.Lease.IssueTime.Before(first.MaxExpireTime) {
-		t.Fatalf("successor issued at %v, not before the old lease's max expiry %v", rot.Lease.IssueTime, first.MaxExpireTime)
+	if !repl.Lease.IssueTime.Before(first.MaxExpireTime) {
+		t.Fatalf("successor issued at %v, not before the old lease's max expiry %v", repl.Lease.IssueTime, first.MaxExpireTime)
 	}
 	// Make-before-break: the old credential still works while the
 	// overlap lasts (it is retired only after the event below).
 	if err := login(ctx, oldCred); err != nil {
 		t.Fatalf("the old credential stopped working before it was retired: %v", err)
 	}
-	if err := login(ctx, *rot.Credential); err != nil {
+	if err := login(ctx, *repl.Credential); err != nil {
 		t.Fatalf("the new credential does not log in: %v", err)
 	}
 	ret, _ := nextEvent(t, k, 20*time.Second, credbroker.EventRetired)

@@ -19,13 +19,13 @@ const (
 	// EventRenewed: the current lease was renewed.
 	EventRenewed
 	// EventMaxTTLReached: the current lease cannot grow any more; a
-	// rotation follows.
+	// replacement follows.
 	EventMaxTTLReached
-	// EventRotated: a fresh credential replaced the current one before its
+	// EventReplaced: a fresh credential replaced the current one before its
 	// max TTL (make-before-break). Credential is the new one; Old is the
 	// lease that keeps working until it is retired after the overlap.
-	EventRotated
-	// EventRetired: the old credential of a rotation was let go (revoked,
+	EventReplaced
+	// EventRetired: the old credential of a replacement was let go (revoked,
 	// unless KeeperOptions.KeepRetired).
 	EventRetired
 	// EventRevoked, EventExpired, EventNotFound: the current lease is gone;
@@ -42,7 +42,12 @@ const (
 	EventError
 )
 
-var eventNames = [...]string{"", "issued", "renewed", "max_ttl_reached", "rotated", "retired",
+// EventRotated is the former name of EventReplaced.
+//
+// Deprecated: use EventReplaced.
+const EventRotated = EventReplaced
+
+var eventNames = [...]string{"", "issued", "renewed", "max_ttl_reached", "replaced", "retired",
 	"revoked", "expired", "not_found", "disconnected", "reconnected", "error"}
 
 func (t EventType) String() string {
@@ -56,9 +61,9 @@ func (t EventType) String() string {
 type Event struct {
 	Type  EventType
 	Lease Lease
-	// Credential is set for EventIssued and EventRotated.
+	// Credential is set for EventIssued and EventReplaced.
 	Credential *Credential
-	// Old is the retiring lease of EventRotated, the retired one of
+	// Old is the outgoing lease of EventReplaced, the retired one of
 	// EventRetired.
 	Old *Lease
 	Err error
@@ -70,19 +75,24 @@ type KeeperOptions struct {
 	Issue IssueRequest
 	// Increment is asked for on each renewal (zero: the role's default TTL).
 	Increment time.Duration
-	// Overlap is how long a rotated-out credential keeps working after
+	// Overlap is how long a replaced credential keeps working after
 	// its successor was delivered, so in-flight work finishes and pools
 	// drain (default 30s; never past the old lease's expiry).
 	Overlap time.Duration
-	// RotateBefore is how long before the lease's max expiry the Keeper
+	// ReplaceBefore is how long before the lease's max expiry the Keeper
 	// issues its successor (default: twice the Overlap, at least a tenth
 	// of the lease's lifetime). It is capped at half the lifetime.
+	ReplaceBefore time.Duration
+	// RotateBefore is the former name of ReplaceBefore, used when
+	// ReplaceBefore is zero.
+	//
+	// Deprecated: use ReplaceBefore.
 	RotateBefore time.Duration
 	// KeepRetired lets a retired lease run out instead of revoking it.
 	KeepRetired bool
 	// OnEvent, if set, is called synchronously on the Keeper's goroutine
 	// before the event is offered on Events. A pool uses it to switch
-	// credentials before anyone else hears of a rotation. It must not block.
+	// credentials before anyone else hears of a replacement. It must not block.
 	OnEvent func(Event)
 	// Backoff paces retries of failed issues (defaults as Backoff).
 	Backoff Backoff
@@ -90,9 +100,9 @@ type KeeperOptions struct {
 
 // Keeper holds one credential alive: it issues it, renews it over the
 // client's shared KeepAlive stream at about two thirds of its remaining
-// TTL (with jitter), replaces it when the broker revokes or expires it,
-// and before its max TTL issues a successor first and retires the old one
-// only after the overlap.
+// TTL (with jitter), issues a fresh one when the broker revokes or
+// expires it, and before its max TTL replaces it make-before-break: it
+// issues a successor first and retires the old one only after the overlap.
 type Keeper struct {
 	c    *Client
 	opts KeeperOptions
@@ -103,7 +113,7 @@ type Keeper struct {
 
 	mu    sync.Mutex
 	cur   *held // the current credential
-	old   *held // the rotated-out one, until retired
+	old   *held // the replaced one, until retired
 	ran   bool
 	ended chan struct{}
 }
@@ -121,6 +131,9 @@ const eventBuffer = 64
 func (c *Client) NewKeeper(opts KeeperOptions) *Keeper {
 	if opts.Overlap <= 0 {
 		opts.Overlap = 30 * time.Second
+	}
+	if opts.ReplaceBefore == 0 {
+		opts.ReplaceBefore = opts.RotateBefore
 	}
 	opts.Backoff = opts.Backoff.withDefaults()
 	return &Keeper{
@@ -207,11 +220,11 @@ type keeperRun struct {
 	k   *Keeper
 	ctx context.Context
 
-	renewAt  time.Time // next renewal of cur; zero: none due
-	rotateAt time.Time // when to issue cur's successor
-	issueAt  time.Time // when to retry a failed issue; zero: no issue pending
-	failures int
-	rotating bool // the issue pending is a rotation (cur still valid)
+	renewAt   time.Time // next renewal of cur; zero: none due
+	replaceAt time.Time // when to issue cur's successor
+	issueAt   time.Time // when to retry a failed issue; zero: no issue pending
+	failures  int
+	replacing bool // the issue pending is a replacement (cur still valid)
 }
 
 func (r *keeperRun) loop() error {
@@ -231,8 +244,8 @@ func (r *keeperRun) loop() error {
 		if !r.renewAt.IsZero() && !now.Before(r.renewAt) {
 			r.renew(now)
 		}
-		if !r.rotateAt.IsZero() && !now.Before(r.rotateAt) && r.issueAt.IsZero() {
-			r.startRotation("max TTL ahead")
+		if !r.replaceAt.IsZero() && !now.Before(r.replaceAt) && r.issueAt.IsZero() {
+			r.startReplacement("max TTL ahead")
 			continue
 		}
 		if old := r.old(); old != nil && !now.Before(old.retireAt) {
@@ -259,7 +272,7 @@ func (r *keeperRun) loop() error {
 
 func (r *keeperRun) nextWake(now time.Time) time.Duration {
 	next := now.Add(time.Hour)
-	for _, t := range []time.Time{r.renewAt, r.rotateAt, r.issueAt} {
+	for _, t := range []time.Time{r.renewAt, r.replaceAt, r.issueAt} {
 		if !t.IsZero() && t.Before(next) {
 			next = t
 		}
@@ -300,8 +313,8 @@ func (r *keeperRun) emit(ev Event) {
 	}
 }
 
-// issue issues a credential: the first, a replacement of a lost one, or a
-// rotation's successor.
+// issue issues a credential: the first, a fresh one for a lost one, or
+// the successor of a replacement.
 func (r *keeperRun) issue() {
 	k := r.k
 	ctx, cancel := context.WithTimeout(r.ctx, 30*time.Second)
@@ -320,14 +333,14 @@ func (r *keeperRun) issue() {
 	}
 	r.failures = 0
 	r.issueAt = time.Time{}
-	rotation := r.rotating
-	r.rotating = false
+	replacement := r.replacing
+	r.replacing = false
 
 	k.mu.Lock()
 	prev := k.cur
 	var alsoRetire *held
-	if rotation && prev != nil {
-		alsoRetire = k.old // a rotation before the last one retired
+	if replacement && prev != nil {
+		alsoRetire = k.old // a replacement before the last one retired
 		retireAt := time.Now().Add(k.opts.Overlap)
 		if prev.lease.ExpireTime.Before(retireAt) {
 			retireAt = prev.lease.ExpireTime
@@ -343,11 +356,11 @@ func (r *keeperRun) issue() {
 	k.c.stream.watch(lease.ID, k.opts.Increment, k.in)
 	r.schedule(lease)
 	k.c.log.Info("credential issued", "lease_id", lease.ID, "role", lease.Role, "username", lease.Username,
-		"expire_time", lease.ExpireTime, "rotation", rotation)
+		"expire_time", lease.ExpireTime, "replacement", replacement)
 	c := cred
-	if rotation && prev != nil {
+	if replacement && prev != nil {
 		o := prev.lease
-		r.emit(Event{Type: EventRotated, Lease: lease, Credential: &c, Old: &o})
+		r.emit(Event{Type: EventReplaced, Lease: lease, Credential: &c, Old: &o})
 	} else {
 		r.emit(Event{Type: EventIssued, Lease: lease, Credential: &c})
 	}
@@ -358,7 +371,7 @@ func (r *keeperRun) issue() {
 	}
 }
 
-// schedule plans cur's next renewal and its rotation.
+// schedule plans cur's next renewal and its replacement.
 func (r *keeperRun) schedule(l Lease) {
 	now := time.Now()
 	r.renewAt = time.Time{}
@@ -370,14 +383,14 @@ func (r *keeperRun) schedule(l Lease) {
 		r.renewAt = now.Add(max(wait, 0))
 	}
 	life := l.MaxExpireTime.Sub(l.IssueTime)
-	before := r.k.opts.RotateBefore
+	before := r.k.opts.ReplaceBefore
 	if before <= 0 {
 		before = max(2*r.k.opts.Overlap, life/10)
 	}
 	// Never more than half the lifetime: a successor due at once would be
 	// due at once again, issuing without end.
 	before = min(before, life/2)
-	r.rotateAt = l.MaxExpireTime.Add(-before)
+	r.replaceAt = l.MaxExpireTime.Add(-before)
 }
 
 func (r *keeperRun) renew(now time.Time) {
@@ -393,12 +406,12 @@ func (r *keeperRun) renew(now time.Time) {
 	r.renewAt = now.Add(max(left/3, time.Second))
 }
 
-func (r *keeperRun) startRotation(why string) {
+func (r *keeperRun) startReplacement(why string) {
 	if cur := r.cur(); cur != nil {
-		r.k.c.log.Info("rotating credential", "lease_id", cur.lease.ID, "reason", why)
+		r.k.c.log.Info("replacing credential", "lease_id", cur.lease.ID, "reason", why)
 	}
-	r.rotating = true
-	r.rotateAt = time.Time{}
+	r.replacing = true
+	r.replaceAt = time.Time{}
 	r.issueAt = time.Now()
 }
 
@@ -465,8 +478,8 @@ func (r *keeperRun) handle(m streamMsg) {
 		r.update(l)
 		r.emit(Event{Type: EventRenewed, Lease: l})
 	case pb.KeepAliveEvent_KEEP_ALIVE_EVENT_MAX_TTL_REACHED:
-		// The successor is issued at rotateAt, which schedule keeps
-		// ahead of the max expiry: rotating right now would loop for a
+		// The successor is issued at replaceAt, which schedule keeps
+		// ahead of the max expiry: replacing right now would loop for a
 		// role whose default TTL is its max (every new lease starts at
 		// the cap).
 		r.update(l)
@@ -490,8 +503,8 @@ func (r *keeperRun) handle(m streamMsg) {
 		r.k.mu.Lock()
 		r.k.cur = nil
 		r.k.mu.Unlock()
-		r.renewAt, r.rotateAt = time.Time{}, time.Time{}
-		r.rotating = false
+		r.renewAt, r.replaceAt = time.Time{}, time.Time{}
+		r.replacing = false
 		r.issueAt = time.Now()
 	default:
 		// Not a lifecycle event: the broker could not renew now (its
@@ -516,8 +529,8 @@ func (r *keeperRun) update(l Lease) {
 	r.k.mu.Unlock()
 	r.failures = 0
 	r.schedule(l)
-	if r.rotating || !r.issueAt.IsZero() {
-		r.rotateAt = time.Time{}
+	if r.replacing || !r.issueAt.IsZero() {
+		r.replaceAt = time.Time{}
 	}
 }
 

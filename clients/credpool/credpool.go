@@ -1,11 +1,11 @@
 // Package credpool is a pgx v5 connection pool that lives with short-lived
 // credentials from credbroker. A Keeper holds the credential; every new
 // connection logs in with the current one (BeforeConnect), and after a
-// rotation connections of the old user are retired as soon as they are
+// replacement connections of the old user are retired as soon as they are
 // idle: one returned to the pool is closed instead of kept, one found idle
 // is closed instead of handed out. The Keeper's overlap gives in-flight
 // queries on old connections time to finish before the old user is
-// dropped, so a workload sees no failed query across rotations.
+// dropped, so a workload sees no failed query across replacements.
 package credpool
 
 import (
@@ -33,7 +33,7 @@ type Options struct {
 	RevokeOnClose bool
 }
 
-// Pool is a *pgxpool.Pool whose credentials rotate underneath it.
+// Pool is a *pgxpool.Pool whose credentials are replaced underneath it.
 type Pool struct {
 	*pgxpool.Pool
 	keeper *credbroker.Keeper
@@ -84,7 +84,7 @@ func New(ctx context.Context, c *credbroker.Client, opts Options) (*Pool, error)
 	}
 	cfg.BeforeConnect = p.beforeConnect
 	cfg.PrepareConn = func(_ context.Context, conn *pgx.Conn) (bool, error) {
-		// Idle and of a rotated-out user: close it, connect afresh.
+		// Idle and of a replaced user: close it, connect afresh.
 		return p.isCurrent(conn), nil
 	}
 	cfg.AfterRelease = p.isCurrent
@@ -102,7 +102,7 @@ func (p *Pool) Keeper() *credbroker.Keeper { return p.keeper }
 
 func (p *Pool) onEvent(ev credbroker.Event) {
 	switch ev.Type {
-	case credbroker.EventIssued, credbroker.EventRotated:
+	case credbroker.EventIssued, credbroker.EventReplaced:
 		p.mu.Lock()
 		p.user = ev.Credential.Username
 		close(p.changed)
@@ -123,7 +123,7 @@ func (p *Pool) isCurrent(conn *pgx.Conn) bool {
 }
 
 // beforeConnect logs in with the current credential, waiting for one
-// while the Keeper replaces a lost credential.
+// while the Keeper issues a fresh one for a lost credential.
 func (p *Pool) beforeConnect(ctx context.Context, cc *pgx.ConnConfig) error {
 	for {
 		p.mu.Lock()

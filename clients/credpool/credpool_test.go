@@ -18,12 +18,12 @@ import (
 
 func TestMain(m *testing.M) { os.Exit(pgtest.Main(m)) }
 
-// TestPoolSurvivesThreeRotationsWithoutAFailedQuery: workers query the
-// pool without pause while the credential rotates three times (a role
+// TestPoolSurvivesThreeReplacementsWithoutAFailedQuery: workers query the
+// pool without pause while the credential is replaced three times (a role
 // with a max TTL of a few seconds) and each old user is revoked, which
 // drops it and ends its sessions. Not one query may fail, and the
 // queries must have run as each of the four users.
-func TestPoolSurvivesThreeRotationsWithoutAFailedQuery(t *testing.T) {
+func TestPoolSurvivesThreeReplacementsWithoutAFailedQuery(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
 	b := brokertest.Start(t, brokertest.Options{Roles: []brokertest.Role{{Name: "short", DefaultTTL: 6 * time.Second, MaxTTL: 6 * time.Second}}})
@@ -34,9 +34,9 @@ func TestPoolSurvivesThreeRotationsWithoutAFailedQuery(t *testing.T) {
 	defer c.Close()
 	pool, err := credpool.New(ctx, c, credpool.Options{
 		Keeper: credbroker.KeeperOptions{
-			Issue:        credbroker.IssueRequest{Role: "short"},
-			Overlap:      2 * time.Second,
-			RotateBefore: 3 * time.Second,
+			Issue:         credbroker.IssueRequest{Role: "short"},
+			Overlap:       2 * time.Second,
+			ReplaceBefore: 3 * time.Second,
 		},
 		Configure:     func(cfg *pgxpool.Config) { cfg.MaxConns = 4 },
 		RevokeOnClose: true,
@@ -79,7 +79,7 @@ func TestPoolSurvivesThreeRotationsWithoutAFailedQuery(t *testing.T) {
 		})
 	}
 
-	// Three rotations, each old credential retired and its user dropped
+	// Three replacements, each old credential retired and its user dropped
 	// while the workers keep querying.
 	first, _, _ := pool.Keeper().Current()
 	retired := []string{}
@@ -93,7 +93,7 @@ func TestPoolSurvivesThreeRotationsWithoutAFailedQuery(t *testing.T) {
 		case <-deadline:
 			close(stop)
 			wg.Wait()
-			t.Fatalf("only %d rotations retired within the deadline", len(retired))
+			t.Fatalf("only %d replacements retired within the deadline", len(retired))
 		}
 	}
 	if retired[0] != first.Username {
@@ -134,6 +134,6 @@ func TestPoolSurvivesThreeRotationsWithoutAFailedQuery(t *testing.T) {
 		}
 	}
 	if len(users) < 4 {
-		t.Errorf("queries ran as %d users, want at least 4 (three rotations)", len(users))
+		t.Errorf("queries ran as %d users, want at least 4 (three replacements)", len(users))
 	}
 }

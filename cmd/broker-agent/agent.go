@@ -35,6 +35,9 @@ type agent struct {
 }
 
 func newAgent(cfg *config, log *slog.Logger) (*agent, error) {
+	for _, d := range cfg.deprecated {
+		log.Warn("deprecated setting name; use the new one", "old", d.oldName, "new", d.newName)
+	}
 	r, err := newRenderer(cfg)
 	if err != nil {
 		return nil, err
@@ -59,9 +62,9 @@ func newAgent(cfg *config, log *slog.Logger) (*agent, error) {
 		Issue: credbroker.IssueRequest{
 			Role: cfg.role, TTL: cfg.ttl, Metadata: cfg.metadata, RevokeOnDisconnect: cfg.revokeOnDisconnect,
 		},
-		Increment:    cfg.increment,
-		Overlap:      cfg.overlap,
-		RotateBefore: cfg.rotateBefore,
+		Increment:     cfg.increment,
+		Overlap:       cfg.overlap,
+		ReplaceBefore: cfg.replaceBefore,
 	})
 	return a, nil
 }
@@ -174,13 +177,13 @@ func (a *agent) run(ctx context.Context, sigs <-chan os.Signal) int {
 // handle reacts to one keeper event.
 func (a *agent) handle(ev credbroker.Event) {
 	switch ev.Type {
-	case credbroker.EventIssued, credbroker.EventRotated:
+	case credbroker.EventIssued, credbroker.EventReplaced:
 		if ev.Lease.ID == a.rendered {
 			return // the first credential, already rendered
 		}
 		data := dataOf(ev.Lease, *ev.Credential)
 		if err := a.render.render(data); err != nil {
-			// The old file stays; the next rotation tries again.
+			// The old file stays; the next replacement tries again.
 			a.log.Error("cannot write the new credential", "path", a.cfg.outPath, "err", err)
 			return
 		}
@@ -190,7 +193,7 @@ func (a *agent) handle(ev credbroker.Event) {
 		if a.child == nil {
 			return
 		}
-		switch a.cfg.onRotate {
+		switch a.cfg.onReplace {
 		case "signal":
 			a.log.Info("signalling the command", "signal", a.cfg.signal.String(), "pid", a.child.pid())
 			a.child.signal(a.cfg.signal)

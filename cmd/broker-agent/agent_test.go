@@ -154,7 +154,7 @@ func TestAgentSurvivesBrokerRestart(t *testing.T) {
 	_, more := ra.waitEvent(t, credbroker.EventReconnected, 20*time.Second)
 	renewed, more2 := ra.waitEvent(t, credbroker.EventRenewed, 20*time.Second)
 	for _, ev := range append(append(seen, more...), more2...) {
-		if ev.Type == credbroker.EventIssued || ev.Type == credbroker.EventRotated {
+		if ev.Type == credbroker.EventIssued || ev.Type == credbroker.EventReplaced {
 			t.Fatalf("a new credential was issued across the restart (%v)", ev.Type)
 		}
 	}
@@ -236,10 +236,10 @@ func TestAgentRendersFreshCredentialAfterAdminRevoke(t *testing.T) {
 	assertNoPassword(t, ra.logs.String(), fresh.Credential.Password)
 }
 
-// TestAgentRotatesBeforeMaxTTL: on a role whose max TTL is a few seconds,
+// TestAgentReplacesBeforeMaxTTL: on a role whose max TTL is a few seconds,
 // the agent renders a fresh credential while the old lease is still
 // active (make-before-break), and the template format renders it.
-func TestAgentRotatesBeforeMaxTTL(t *testing.T) {
+func TestAgentReplacesBeforeMaxTTL(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
 	b := brokertest.Start(t, brokertest.Options{Roles: []brokertest.Role{{Name: "short", DefaultTTL: 6 * time.Second, MaxTTL: 6 * time.Second}}})
@@ -250,7 +250,7 @@ func TestAgentRotatesBeforeMaxTTL(t *testing.T) {
 	}
 	out := filepath.Join(dir, "pgpass")
 	ra := startAgent(t, "--broker", b.Addr, "--role", "short", "--out", out, "--format", "template", "--template", tmpl,
-		"--overlap", "2s", "--rotate-before", "3s")
+		"--overlap", "2s", "--replace-before", "3s")
 	waitFile(t, out, func(b []byte) bool { return len(b) > 0 })
 	old, _, _ := ra.a.keeper.Current()
 
@@ -259,14 +259,14 @@ func TestAgentRotatesBeforeMaxTTL(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer admin.Close()
-	rot, _ := ra.waitEvent(t, credbroker.EventRotated, 20*time.Second)
+	repl, _ := ra.waitEvent(t, credbroker.EventReplaced, 20*time.Second)
 	// observe runs after the file was rendered: the new credential is on
 	// disk now. The old lease must still be alive at this point.
 	content, err := os.ReadFile(out)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if !strings.Contains(string(content), ":"+rot.Lease.Username+":"+rot.Credential.Password+"\n") {
+	if !strings.Contains(string(content), ":"+repl.Lease.Username+":"+repl.Credential.Password+"\n") {
 		t.Fatal("the rendered file does not hold the new credential")
 	}
 	l, err := admin.Lookup(ctx, old.ID)
@@ -283,7 +283,7 @@ func TestAgentRotatesBeforeMaxTTL(t *testing.T) {
 }
 
 // TestAgentExecMode: the child gets the credential in its environment, is
-// signalled on rotation, gets forwarded signals, and its exit code is the
+// signalled on replacement, gets forwarded signals, and its exit code is the
 // agent's.
 func TestAgentExecMode(t *testing.T) {
 	b := brokertest.Start(t, brokertest.Options{Roles: []brokertest.Role{{Name: "short", DefaultTTL: 4 * time.Second, MaxTTL: 4 * time.Second}}})
@@ -294,13 +294,13 @@ trap 'echo hup >> "$MARKS"' HUP
 trap 'echo term >> "$MARKS"; exit 7' TERM
 while :; do sleep 0.05; done`
 	t.Setenv("MARKS", marks)
-	ra := startAgent(t, "--broker", b.Addr, "--role", "short", "--overlap", "1s", "--rotate-before", "2s", "--", "/bin/sh", "-c", script)
+	ra := startAgent(t, "--broker", b.Addr, "--role", "short", "--overlap", "1s", "--replace-before", "2s", "--", "/bin/sh", "-c", script)
 	first := waitFile(t, marks, func(b []byte) bool { return strings.HasPrefix(string(b), "user=cb_short_") })
 	lease, _, _ := ra.a.keeper.Current()
 	if !strings.Contains(string(first), "user="+lease.Username+"\n") {
 		t.Fatalf("the child saw %q, want user=%s", first, lease.Username)
 	}
-	ra.waitEvent(t, credbroker.EventRotated, 20*time.Second)
+	ra.waitEvent(t, credbroker.EventReplaced, 20*time.Second)
 	waitFile(t, marks, func(b []byte) bool { return strings.Contains(string(b), "hup\n") })
 
 	ra.sigs <- syscall.SIGTERM
@@ -320,21 +320,21 @@ while :; do sleep 0.05; done`
 	}
 }
 
-// TestAgentExecRestartOnRotate: with --on-rotate restart the child is
+// TestAgentExecRestartOnReplace: with --on-replace restart the child is
 // started again with the new credential in its environment.
-func TestAgentExecRestartOnRotate(t *testing.T) {
+func TestAgentExecRestartOnReplace(t *testing.T) {
 	b := brokertest.Start(t, brokertest.Options{Roles: []brokertest.Role{{Name: "short", DefaultTTL: 4 * time.Second, MaxTTL: 4 * time.Second}}})
 	marks := filepath.Join(t.TempDir(), "marks")
 	t.Setenv("MARKS", marks)
-	ra := startAgent(t, "--broker", b.Addr, "--role", "short", "--overlap", "1s", "--rotate-before", "2s",
-		"--on-rotate", "restart", "--", "/bin/sh", "-c", `echo "user=$PGUSER" >> "$MARKS"; trap 'exit 0' TERM; while :; do sleep 0.05; done`)
+	ra := startAgent(t, "--broker", b.Addr, "--role", "short", "--overlap", "1s", "--replace-before", "2s",
+		"--on-replace", "restart", "--", "/bin/sh", "-c", `echo "user=$PGUSER" >> "$MARKS"; trap 'exit 0' TERM; while :; do sleep 0.05; done`)
 	waitFile(t, marks, func(b []byte) bool { return strings.HasPrefix(string(b), "user=") })
 	cur, _, _ := ra.a.keeper.Current()
 	first := cur.Username
-	rot, _ := ra.waitEvent(t, credbroker.EventRotated, 20*time.Second)
-	got := string(waitFile(t, marks, func(b []byte) bool { return strings.Contains(string(b), "user="+rot.Lease.Username+"\n") }))
+	repl, _ := ra.waitEvent(t, credbroker.EventReplaced, 20*time.Second)
+	got := string(waitFile(t, marks, func(b []byte) bool { return strings.Contains(string(b), "user="+repl.Lease.Username+"\n") }))
 	if !strings.HasPrefix(got, "user="+first+"\n") {
-		t.Fatalf("child starts: %q; want %s, then %s", got, first, rot.Lease.Username)
+		t.Fatalf("child starts: %q; want %s, then %s", got, first, repl.Lease.Username)
 	}
 }
 
@@ -345,9 +345,10 @@ func TestConfigFileAndFlags(t *testing.T) {
 role: read_only
 ttl: 10m
 overlap: 45s
+replace_before: 2m
 metadata: {app: web}
 output: {path: /run/db.json, format: dsn}
-exec: {command: [/app, --serve], on_rotate: restart}
+exec: {command: [/app, --serve], on_replace: restart}
 `
 	if err := os.WriteFile(path, []byte(yaml), 0o600); err != nil {
 		t.Fatal(err)
@@ -356,8 +357,8 @@ exec: {command: [/app, --serve], on_rotate: restart}
 	if err != nil {
 		t.Fatal(err)
 	}
-	if cfg.broker != "10.0.0.1:7450" || cfg.role != "updater" || cfg.ttl != 10*time.Minute || cfg.overlap != 45*time.Second ||
-		cfg.format != "dsn" || cfg.outPath != "/run/db.json" || cfg.onRotate != "restart" || cfg.signal != syscall.SIGUSR1 ||
+	if cfg.broker != "10.0.0.1:7450" || cfg.role != "updater" || cfg.ttl != 10*time.Minute || cfg.overlap != 45*time.Second || cfg.replaceBefore != 2*time.Minute ||
+		cfg.format != "dsn" || cfg.outPath != "/run/db.json" || cfg.onReplace != "restart" || cfg.signal != syscall.SIGUSR1 ||
 		len(cfg.command) != 2 || cfg.metadata["app"] != "web" {
 		t.Fatalf("config %+v", cfg)
 	}
@@ -389,6 +390,90 @@ exec: {command: [/app, --serve], on_rotate: restart}
 	}
 	if code := run(context.Background(), []string{"--role", "r"}, nil, io.Discard); code != 2 {
 		t.Errorf("run with a bad command line = %d, want 2", code)
+	}
+}
+
+// TestAgentAcceptsFormerRotateSpellings: --rotate-before, --on-rotate,
+// rotate_before and exec.on_rotate (from before "rotate" meant only the
+// root credential) still work, the agent warns once about each, naming
+// the new spelling, and refuses both spellings of one setting at once.
+func TestAgentAcceptsFormerRotateSpellings(t *testing.T) {
+	dir := t.TempDir()
+	writeConfig := func(name, content string) string {
+		path := filepath.Join(dir, name)
+		if err := os.WriteFile(path, []byte(content), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		return path
+	}
+	oldFile := writeConfig("old.yaml", "role: r\noutput: {path: /x}\nrotate_before: 4s\nexec: {on_rotate: none}\n")
+	newFile := writeConfig("new.yaml", "role: r\noutput: {path: /x}\nreplace_before: 5s\nexec: {on_replace: signal}\n")
+	for _, tc := range []struct {
+		args      []string
+		before    time.Duration
+		onReplace string
+		warnings  map[string]string // old spelling: new spelling
+	}{
+		{[]string{"--role", "r", "--out", "/x", "--rotate-before", "3s", "--on-rotate", "restart"}, 3 * time.Second, "restart",
+			map[string]string{"--rotate-before": "--replace-before", "--on-rotate": "--on-replace"}},
+		{[]string{"--config", oldFile}, 4 * time.Second, "none",
+			map[string]string{"rotate_before": "replace_before", "exec.on_rotate": "exec.on_replace"}},
+		// A former flag still overrides the file, as the new one does.
+		{[]string{"--config", newFile, "--rotate-before", "3s"}, 3 * time.Second, "signal",
+			map[string]string{"--rotate-before": "--replace-before"}},
+		{[]string{"--config", oldFile, "--replace-before", "3s", "--on-replace", "restart"}, 3 * time.Second, "restart",
+			map[string]string{"rotate_before": "replace_before", "exec.on_rotate": "exec.on_replace"}},
+		{[]string{"--config", newFile}, 5 * time.Second, "signal", nil},
+	} {
+		cfg, err := parseConfig(tc.args, io.Discard)
+		if err != nil {
+			t.Errorf("parseConfig(%q): %v", tc.args, err)
+			continue
+		}
+		if cfg.replaceBefore != tc.before || cfg.onReplace != tc.onReplace {
+			t.Errorf("parseConfig(%q): replace before %v, on replace %q; want %v, %q", tc.args, cfg.replaceBefore, cfg.onReplace, tc.before, tc.onReplace)
+		}
+		logs := &syncBuffer{}
+		a, err := newAgent(cfg, slog.New(slog.NewTextHandler(logs, nil)))
+		if err != nil {
+			t.Fatal(err)
+		}
+		a.client.Close()
+		if n := strings.Count(logs.String(), "level=WARN"); n != len(tc.warnings) {
+			t.Errorf("%q: %d warnings, want %d:\n%s", tc.args, n, len(tc.warnings), logs.String())
+		}
+		for old, repl := range tc.warnings {
+			if line := "old=" + old + " new=" + repl + "\n"; strings.Count(logs.String(), line) != 1 {
+				t.Errorf("%q: no single warning %q:\n%s", tc.args, line, logs.String())
+			}
+		}
+	}
+
+	both := writeConfig("both.yaml", "role: r\noutput: {path: /x}\nrotate_before: 4s\nreplace_before: 5s\n")
+	bothExec := writeConfig("both-exec.yaml", "role: r\noutput: {path: /x}\nexec: {on_rotate: none, on_replace: none}\n")
+	for _, args := range [][]string{
+		{"--role", "r", "--out", "/x", "--rotate-before", "3s", "--replace-before", "3s"},
+		{"--role", "r", "--out", "/x", "--on-rotate", "none", "--on-replace", "none"},
+		{"--config", both},
+		{"--config", bothExec},
+	} {
+		// Cancelled: were the arguments accepted, run would return at once
+		// instead of waiting for a broker.
+		ctx, cancel := context.WithCancel(context.Background())
+		cancel()
+		var stderr strings.Builder
+		if code := run(ctx, args, nil, &stderr); code != 2 || !strings.Contains(stderr.String(), "same setting") {
+			t.Errorf("run(%q) = %d, %q; want 2 and a usage error", args, code, stderr.String())
+		}
+	}
+
+	var help strings.Builder
+	if code := run(context.Background(), []string{"--help"}, nil, &help); code != 0 {
+		t.Fatalf("--help: exit %d", code)
+	}
+	if h := help.String(); !strings.Contains(h, "-replace-before") || !strings.Contains(h, "-on-replace") ||
+		strings.Contains(h, "-rotate-before") || strings.Contains(h, "-on-rotate") {
+		t.Errorf("--help should list only the new spellings:\n%s", h)
 	}
 }
 

@@ -8,7 +8,7 @@ import (
 	"time"
 )
 
-// restartGrace is how long a child restarted on rotation gets between
+// restartGrace is how long a child restarted on replacement gets between
 // SIGTERM and SIGKILL.
 const restartGrace = 10 * time.Second
 

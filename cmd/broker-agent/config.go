@@ -21,7 +21,8 @@ type fileConfig struct {
 	TTL                string            `yaml:"ttl"`
 	Increment          string            `yaml:"increment"`
 	Overlap            string            `yaml:"overlap"`
-	RotateBefore       string            `yaml:"rotate_before"`
+	ReplaceBefore      string            `yaml:"replace_before"`
+	RotateBefore       string            `yaml:"rotate_before"` // deprecated: replace_before
 	RevokeOnDisconnect bool              `yaml:"revoke_on_disconnect"`
 	NoRevokeOnExit     bool              `yaml:"no_revoke_on_exit"`
 	Metadata           map[string]string `yaml:"metadata"`
@@ -31,9 +32,10 @@ type fileConfig struct {
 		Template string `yaml:"template"`
 	} `yaml:"output"`
 	Exec struct {
-		Command  []string `yaml:"command"`
-		OnRotate string   `yaml:"on_rotate"`
-		Signal   string   `yaml:"signal"`
+		Command   []string `yaml:"command"`
+		OnReplace string   `yaml:"on_replace"`
+		OnRotate  string   `yaml:"on_rotate"` // deprecated: on_replace
+		Signal    string   `yaml:"signal"`
 	} `yaml:"exec"`
 	TLS struct {
 		CAFile     string `yaml:"ca_file"`
@@ -53,7 +55,7 @@ type config struct {
 	ttl                time.Duration
 	increment          time.Duration
 	overlap            time.Duration
-	rotateBefore       time.Duration
+	replaceBefore      time.Duration
 	revokeOnDisconnect bool
 	noRevokeOnExit     bool
 	metadata           map[string]string
@@ -62,15 +64,45 @@ type config struct {
 	format   string // json, env, dsn, template
 	template string // path of the template file
 
-	command  []string
-	onRotate string // signal, restart, none
-	signal   syscall.Signal
+	command   []string
+	onReplace string // signal, restart, none
+	signal    syscall.Signal
 
 	tlsCA, tlsCert, tlsKey, tlsServerName string
 	tokenFile                             string
 
 	healthListen string
 	logFormat    string // text, json
+
+	// deprecated are the former spellings the configuration used, for
+	// newAgent to warn about.
+	deprecated []renamed
+}
+
+// renamed is a setting whose former spelling still works: "rotate" once
+// also meant replacing a credential before its max TTL, and now means
+// only the broker's root credential.
+type renamed struct {
+	oldName, newName string // "--rotate-before" or "rotate_before"
+}
+
+// renamedSetting ties a renamed setting's spellings to where fileConfig
+// holds each of them, for the flags and for the file.
+type renamedSetting struct {
+	oldFlag, newFlag string
+	oldKey, newKey   string
+	flagOld, flagNew *string
+	fileOld, fileNew *string
+}
+
+// renamedSettings lists the renamed settings of fc (the flags) and file.
+func renamedSettings(fc, file *fileConfig) []renamedSetting {
+	return []renamedSetting{
+		{"rotate-before", "replace-before", "rotate_before", "replace_before",
+			&fc.RotateBefore, &fc.ReplaceBefore, &file.RotateBefore, &file.ReplaceBefore},
+		{"on-rotate", "on-replace", "exec.on_rotate", "exec.on_replace",
+			&fc.Exec.OnRotate, &fc.Exec.OnReplace, &file.Exec.OnRotate, &file.Exec.OnReplace},
+	}
 }
 
 const usageText = `broker-agent keeps a credbroker credential alive for one application.
@@ -91,28 +123,30 @@ Flags:
 func parseConfig(args []string, stderr io.Writer) (*config, error) {
 	fs := flag.NewFlagSet("broker-agent", flag.ContinueOnError)
 	fs.SetOutput(stderr)
-	fs.Usage = func() {
-		fmt.Fprint(stderr, usageText)
-		fs.PrintDefaults()
-	}
 	var (
 		configPath = fs.String("config", "", "YAML configuration `file`; flags override it")
-		fc         fileConfig
+		fc, file   fileConfig
 		signalName string
+		renames    = renamedSettings(&fc, &file)
+		hidden     = map[string]bool{}
 	)
+	fs.Usage = func() {
+		fmt.Fprint(stderr, usageText)
+		printDefaults(fs, stderr, hidden)
+	}
 	fs.StringVar(&fc.Broker, "broker", "", "broker gRPC `address` (default 127.0.0.1:7450, or $CREDBROKER_ADDR)")
 	fs.StringVar(&fc.Role, "role", "", "broker `role` to ask a credential for (required)")
 	fs.StringVar(&fc.TTL, "ttl", "", "requested lease `duration` (default: the role's)")
 	fs.StringVar(&fc.Increment, "increment", "", "renewal increment (default: the role's default TTL)")
-	fs.StringVar(&fc.Overlap, "overlap", "", "how long a rotated-out credential keeps working (default 30s)")
-	fs.StringVar(&fc.RotateBefore, "rotate-before", "", "issue the successor this long before the max TTL (default: derived from the overlap)")
+	fs.StringVar(&fc.Overlap, "overlap", "", "how long a replaced credential keeps working (default 30s)")
+	fs.StringVar(&fc.ReplaceBefore, "replace-before", "", "issue the successor this long before the max TTL (default: derived from the overlap)")
 	fs.BoolVar(&fc.RevokeOnDisconnect, "revoke-on-disconnect", false, "ask the broker to revoke the lease when this agent's stream is gone")
 	fs.BoolVar(&fc.NoRevokeOnExit, "no-revoke-on-exit", false, "leave the lease to expire instead of revoking it on SIGTERM")
 	fs.StringVar(&fc.Output.Path, "out", "", "write the credential to this `file`")
 	fs.StringVar(&fc.Output.Format, "format", "", "file format: json, env, dsn or template (default json)")
 	fs.StringVar(&fc.Output.Template, "template", "", "Go text/template `file` for --format template")
-	fs.StringVar(&fc.Exec.OnRotate, "on-rotate", "", "what to do to the child on a new credential: signal, restart or none (default signal)")
-	fs.StringVar(&signalName, "signal", "", "signal for --on-rotate signal (default SIGHUP)")
+	fs.StringVar(&fc.Exec.OnReplace, "on-replace", "", "what to do to the child on a new credential: signal, restart or none (default signal)")
+	fs.StringVar(&signalName, "signal", "", "signal for --on-replace signal (default SIGHUP)")
 	fs.StringVar(&fc.TLS.CAFile, "tls-ca", "", "CA certificate (PEM) that signed brokerd's certificate; enables TLS")
 	fs.StringVar(&fc.TLS.CertFile, "tls-cert", "", "client certificate (PEM) for mutual TLS")
 	fs.StringVar(&fc.TLS.KeyFile, "tls-key", "", "client private key (PEM) for mutual TLS")
@@ -122,11 +156,14 @@ func parseConfig(args []string, stderr io.Writer) (*config, error) {
 	fs.StringVar(&fc.LogFormat, "log-format", "", "text or json (default text)")
 	var metadata multiFlag
 	fs.Var(&metadata, "metadata", "lease metadata `key=value` (repeatable)")
+	for _, r := range renames {
+		fs.StringVar(r.flagOld, r.oldFlag, "", "deprecated: use --"+r.newFlag)
+		hidden[r.oldFlag] = true
+	}
 	if err := fs.Parse(args); err != nil {
 		return nil, err
 	}
 
-	var file fileConfig
 	if *configPath != "" {
 		raw, err := os.ReadFile(*configPath)
 		if err != nil {
@@ -141,6 +178,25 @@ func parseConfig(args []string, stderr io.Writer) (*config, error) {
 	// Flags that were set win over the file.
 	set := map[string]bool{}
 	fs.Visit(func(f *flag.Flag) { set[f.Name] = true })
+	// A former spelling stands for the new one, in the flags and in the
+	// file alike; both spellings of one setting in one place are an error.
+	var deprecated []renamed
+	for _, r := range renames {
+		if set[r.oldFlag] {
+			if set[r.newFlag] {
+				return nil, fmt.Errorf("--%s and --%s are the same setting: give only --%s", r.oldFlag, r.newFlag, r.newFlag)
+			}
+			*r.flagNew, set[r.newFlag] = *r.flagOld, true
+			deprecated = append(deprecated, renamed{"--" + r.oldFlag, "--" + r.newFlag})
+		}
+		if *r.fileOld != "" {
+			if *r.fileNew != "" {
+				return nil, fmt.Errorf("config %s: %s and %s are the same setting: give only %s", *configPath, r.oldKey, r.newKey, r.newKey)
+			}
+			*r.fileNew = *r.fileOld
+			deprecated = append(deprecated, renamed{r.oldKey, r.newKey})
+		}
+	}
 	pick := func(flagName, flagVal, fileVal string) string {
 		if set[flagName] {
 			return flagVal
@@ -155,7 +211,7 @@ func parseConfig(args []string, stderr io.Writer) (*config, error) {
 		outPath:            pick("out", fc.Output.Path, file.Output.Path),
 		format:             pick("format", fc.Output.Format, file.Output.Format),
 		template:           pick("template", fc.Output.Template, file.Output.Template),
-		onRotate:           pick("on-rotate", fc.Exec.OnRotate, file.Exec.OnRotate),
+		onReplace:          pick("on-replace", fc.Exec.OnReplace, file.Exec.OnReplace),
 		tlsCA:              pick("tls-ca", fc.TLS.CAFile, file.TLS.CAFile),
 		tlsCert:            pick("tls-cert", fc.TLS.CertFile, file.TLS.CertFile),
 		tlsKey:             pick("tls-key", fc.TLS.KeyFile, file.TLS.KeyFile),
@@ -164,6 +220,7 @@ func parseConfig(args []string, stderr io.Writer) (*config, error) {
 		healthListen:       pick("health-listen", fc.HealthListen, file.HealthListen),
 		logFormat:          pick("log-format", fc.LogFormat, file.LogFormat),
 		metadata:           map[string]string{},
+		deprecated:         deprecated,
 	}
 	for k, v := range file.Metadata {
 		c.metadata[k] = v
@@ -192,7 +249,7 @@ func parseConfig(args []string, stderr io.Writer) (*config, error) {
 		{"ttl", "ttl", fc.TTL, file.TTL, &c.ttl},
 		{"increment", "increment", fc.Increment, file.Increment, &c.increment},
 		{"overlap", "overlap", fc.Overlap, file.Overlap, &c.overlap},
-		{"rotate_before", "rotate-before", fc.RotateBefore, file.RotateBefore, &c.rotateBefore},
+		{"replace_before", "replace-before", fc.ReplaceBefore, file.ReplaceBefore, &c.replaceBefore},
 	} {
 		v := pick(d.flagName, d.flagVal, d.fileVal)
 		if v == "" {
@@ -233,12 +290,12 @@ func (c *config) validate(signalName string) error {
 	if c.template != "" && c.format != "template" {
 		return errors.New("a template file is only used with format template")
 	}
-	switch c.onRotate {
+	switch c.onReplace {
 	case "":
-		c.onRotate = "signal"
+		c.onReplace = "signal"
 	case "signal", "restart", "none":
 	default:
-		return fmt.Errorf("on_rotate %q: want signal, restart or none", c.onRotate)
+		return fmt.Errorf("on_replace %q: want signal, restart or none", c.onReplace)
 	}
 	c.signal = syscall.SIGHUP
 	if signalName != "" {
@@ -265,6 +322,20 @@ func signalByName(name string) (syscall.Signal, bool) {
 		"INT": syscall.SIGINT, "TERM": syscall.SIGTERM, "QUIT": syscall.SIGQUIT,
 	}[n]
 	return s, ok
+}
+
+// printDefaults is fs.PrintDefaults without the hidden flags (the former
+// spellings of renamed ones).
+func printDefaults(fs *flag.FlagSet, w io.Writer, hidden map[string]bool) {
+	shown := flag.NewFlagSet(fs.Name(), flag.ContinueOnError)
+	shown.SetOutput(w)
+	fs.VisitAll(func(f *flag.Flag) {
+		if !hidden[f.Name] {
+			shown.Var(f.Value, f.Name, f.Usage)
+			shown.Lookup(f.Name).DefValue = f.DefValue
+		}
+	})
+	shown.PrintDefaults()
 }
 
 type multiFlag []string
