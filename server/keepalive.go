@@ -349,7 +349,7 @@ func (k *keepAliveStream) forward(leaseID string, events <-chan broker.Event, st
 }
 
 // release stops keeping a lease alive once it is gone for good (revoked,
-// expired, unknown), so a sidecar that rotates credentials on one
+// expired, unknown), so a sidecar that replaces credentials on one
 // long-lived stream does not run into the stream's lease limit.
 func (k *keepAliveStream) release(leaseID string) {
 	k.mu.Lock()
