@@ -96,10 +96,14 @@ type Client struct {
 	authMu sync.Mutex
 	mu     sync.Mutex // guards tok
 	tok    tokenState
-	// secrets are every token and secret id the client has held, for
-	// scrub.
+	// secrets are the last tokens and secret ids the client has held, for
+	// scrub; older ones are expired and no request carries them any more.
 	secrets []string
 }
+
+// rememberedSecrets bounds secrets: a batch token is replaced every few
+// minutes for as long as brokerd runs.
+const rememberedSecrets = 8
 
 // Secret is one version of the KV secret.
 type Secret struct {
@@ -202,6 +206,9 @@ func (c *Client) remember(s string) {
 		}
 	}
 	c.secrets = append(c.secrets, s)
+	if len(c.secrets) > rememberedSecrets {
+		c.secrets = append(c.secrets[:0], c.secrets[len(c.secrets)-rememberedSecrets:]...)
+	}
 }
 
 // scrub removes credentials from an error's text: Vault's errors quote
