@@ -20,6 +20,8 @@ import (
 	"time"
 
 	"github.com/hashicorp/vault/api"
+
+	"github.com/credbroker/credbroker/broker"
 )
 
 // Auth methods.
@@ -66,22 +68,10 @@ type Config struct {
 	HTTPClient *http.Client
 	// Clock schedules token refreshes; nil is the real time (tests set
 	// internal/fakeclock).
-	Clock Clock
+	Clock broker.Clock
 	// Logger receives token renewal events; nil discards them.
 	Logger *slog.Logger
 }
-
-// Clock is the time the token refreshes are scheduled on.
-type Clock interface {
-	Now() time.Time
-	// After returns a channel that receives once d has passed.
-	After(d time.Duration) <-chan time.Time
-}
-
-type realClock struct{}
-
-func (realClock) Now() time.Time                         { return time.Now() }
-func (realClock) After(d time.Duration) <-chan time.Time { return time.After(d) }
 
 // Client is a logged-in Vault client for one KV v2 secret. It is safe for
 // concurrent use.
@@ -89,7 +79,7 @@ type Client struct {
 	cfg   Config
 	vc    *api.Client
 	log   *slog.Logger
-	clock Clock
+	clock broker.Clock
 
 	// authMu serialises logins, renewals and token switches, so the
 	// keep-alive loop and a read that got 403 never both log in.
@@ -141,7 +131,7 @@ func New(ctx context.Context, cfg Config) (*Client, error) {
 		cfg.Logger = slog.New(slog.DiscardHandler)
 	}
 	if cfg.Clock == nil {
-		cfg.Clock = realClock{}
+		cfg.Clock = broker.SystemClock{}
 	}
 	if cfg.PollInterval <= 0 {
 		cfg.PollInterval = DefaultPollInterval
