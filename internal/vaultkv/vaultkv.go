@@ -1,8 +1,10 @@
 // Package vaultkv reads and writes one secret of a Vault KV version 2
 // mount, where a target's root (admin) password can live. It logs in with a
-// token or with AppRole, and keeps its own Vault token alive with the Vault
-// API's lifetime watcher, logging in again (AppRole) when the token reaches
-// its max TTL.
+// token or with AppRole and keeps its Vault token usable (see token.go):
+// it renews a renewable token, logs in again (AppRole) or re-reads the
+// token (token auth) before the token's TTL ends, retries a failure with a
+// capped backoff, and re-authenticates once when Vault refuses a read or a
+// write with 403.
 //
 // Errors never hold a token, a secret id or a secret's value.
 package vaultkv
@@ -15,8 +17,11 @@ import (
 	"net/http"
 	"strings"
 	"sync"
+	"time"
 
 	"github.com/hashicorp/vault/api"
+
+	"github.com/credbroker/credbroker/broker"
 )
 
 // Auth methods.
@@ -37,17 +42,33 @@ type Config struct {
 	Path string
 	// Auth is AuthToken or AuthAppRole.
 	Auth string
-	// Token is the Vault token (AuthToken).
+	// Token is the Vault token (AuthToken), when TokenSource is nil.
 	Token string
+	// TokenSource, if set, returns the current Vault token (AuthToken).
+	// It is called at start, on every refresh of the token and when Vault
+	// refuses a request with 403, so a token that Vault Agent rewrites on
+	// disk is picked up. Its errors must not hold the token.
+	TokenSource func() (string, error)
 	// AppRoleMount is the AppRole auth mount; "" is "approle".
 	AppRoleMount string
-	// RoleID and SecretID log in with AppRole.
+	// RoleID and SecretID log in with AppRole (SecretID when
+	// SecretIDSource is nil).
 	RoleID, SecretID string
+	// SecretIDSource, if set, returns the current secret id; it is called
+	// before every AppRole login. Its errors must not hold the secret id.
+	SecretIDSource func() (string, error)
+	// PollInterval is how often a token that cannot be renewed (token
+	// auth) is re-read from TokenSource for a new one; 0 is
+	// DefaultPollInterval.
+	PollInterval time.Duration
 	// CACert is a PEM file of the CA that signed Vault's certificate; ""
 	// uses the system pool.
 	CACert string
 	// HTTPClient, if set, replaces the default transport (tests).
 	HTTPClient *http.Client
+	// Clock schedules token refreshes; nil is the real time (tests set
+	// internal/fakeclock).
+	Clock broker.Clock
 	// Logger receives token renewal events; nil discards them.
 	Logger *slog.Logger
 }
@@ -55,18 +76,47 @@ type Config struct {
 // Client is a logged-in Vault client for one KV v2 secret. It is safe for
 // concurrent use.
 type Client struct {
-	cfg Config
-	vc  *api.Client
-	log *slog.Logger
+	cfg   Config
+	vc    *api.Client
+	log   *slog.Logger
+	clock broker.Clock
 
-	mu   sync.Mutex
-	auth *api.Secret // the login (or token lookup) whose token is renewed
+	// authMu serialises logins, renewals and token switches, so the
+	// keep-alive loop and a read that got 403 never both log in.
+	authMu sync.Mutex
+	mu     sync.Mutex // guards tok
+	tok    tokenState
+	// secrets are the last tokens and secret ids the client has held, for
+	// scrub; older ones are expired and no request carries them any more.
+	secrets []string
 }
+
+// rememberedSecrets bounds secrets: a batch token is replaced every few
+// minutes for as long as brokerd runs.
+const rememberedSecrets = 8
 
 // Secret is one version of the KV secret.
 type Secret struct {
-	Data    map[string]string
+	// Data is every field as Vault returned it: strings as string,
+	// numbers as json.Number, and so on, so that writing it back keeps
+	// each field's type.
+	Data    map[string]any
 	Version int
+}
+
+// String returns the field key if it is a string. A missing field is ""
+// and no error; a field of another type is an error that names the key,
+// never the value (it may be the password in another shape).
+func (s Secret) String(key string) (string, error) {
+	v, ok := s.Data[key]
+	if !ok || v == nil {
+		return "", nil
+	}
+	str, ok := v.(string)
+	if !ok {
+		return "", fmt.Errorf("field %q is not a string", key)
+	}
+	return str, nil
 }
 
 // New builds the client and logs in.
@@ -79,6 +129,12 @@ func New(ctx context.Context, cfg Config) (*Client, error) {
 	}
 	if cfg.Logger == nil {
 		cfg.Logger = slog.New(slog.DiscardHandler)
+	}
+	if cfg.Clock == nil {
+		cfg.Clock = broker.SystemClock{}
+	}
+	if cfg.PollInterval <= 0 {
+		cfg.PollInterval = DefaultPollInterval
 	}
 	vcfg := api.DefaultConfig()
 	if vcfg.Error != nil {
@@ -105,56 +161,44 @@ func New(ctx context.Context, cfg Config) (*Client, error) {
 	if cfg.Namespace != "" {
 		vc.SetNamespace(cfg.Namespace)
 	}
-	c := &Client{cfg: cfg, vc: vc, log: cfg.Logger}
-	if err := c.login(ctx); err != nil {
-		return nil, err
+	c := &Client{cfg: cfg, vc: vc, log: cfg.Logger, clock: cfg.Clock}
+	c.authMu.Lock()
+	defer c.authMu.Unlock()
+	switch cfg.Auth {
+	case AuthToken:
+		tok, err := c.currentToken()
+		if err != nil {
+			return nil, err
+		}
+		if err := c.adoptToken(ctx, tok); err != nil {
+			return nil, err
+		}
+	case AuthAppRole:
+		if err := c.login(ctx); err != nil {
+			return nil, err
+		}
+	default:
+		return nil, fmt.Errorf("vault: unknown auth method %q (token or approle)", cfg.Auth)
 	}
 	return c, nil
 }
 
-// login authenticates and remembers the token's lease for renewal.
-func (c *Client) login(ctx context.Context) error {
-	switch c.cfg.Auth {
-	case AuthToken:
-		if c.cfg.Token == "" {
-			return errors.New("vault: token auth needs a token")
-		}
-		c.vc.SetToken(c.cfg.Token)
-		s, err := c.vc.Auth().Token().LookupSelfWithContext(ctx)
-		if err != nil {
-			return fmt.Errorf("vault: looking up the token: %w", c.scrub(err))
-		}
-		ttl, _ := s.TokenTTL()
-		renewable, _ := s.TokenIsRenewable()
-		c.setAuth(&api.Secret{Auth: &api.SecretAuth{
-			ClientToken: c.cfg.Token, Renewable: renewable, LeaseDuration: int(ttl.Seconds()),
-		}})
-		return nil
-	case AuthAppRole:
-		if c.cfg.RoleID == "" || c.cfg.SecretID == "" {
-			return errors.New("vault: approle auth needs a role_id and a secret_id")
-		}
-		s, err := c.vc.Logical().WriteWithContext(ctx, "auth/"+c.cfg.AppRoleMount+"/login", map[string]any{
-			"role_id": c.cfg.RoleID, "secret_id": c.cfg.SecretID,
-		})
-		if err != nil {
-			return fmt.Errorf("vault: approle login: %w", c.scrub(err))
-		}
-		if s == nil || s.Auth == nil || s.Auth.ClientToken == "" {
-			return errors.New("vault: approle login returned no token")
-		}
-		c.vc.SetToken(s.Auth.ClientToken)
-		c.setAuth(s)
-		return nil
-	default:
-		return fmt.Errorf("vault: unknown auth method %q (token or approle)", c.cfg.Auth)
+// remember records a credential so scrub can remove it from errors.
+func (c *Client) remember(s string) {
+	if s == "" {
+		return
 	}
-}
-
-func (c *Client) setAuth(s *api.Secret) {
 	c.mu.Lock()
-	c.auth = s
-	c.mu.Unlock()
+	defer c.mu.Unlock()
+	for _, have := range c.secrets {
+		if have == s {
+			return
+		}
+	}
+	c.secrets = append(c.secrets, s)
+	if len(c.secrets) > rememberedSecrets {
+		c.secrets = append(c.secrets[:0], c.secrets[len(c.secrets)-rememberedSecrets:]...)
+	}
 }
 
 // scrub removes credentials from an error's text: Vault's errors quote
@@ -163,9 +207,12 @@ func (c *Client) scrub(err error) error {
 	if err == nil {
 		return nil
 	}
+	c.mu.Lock()
+	secrets := append([]string{c.cfg.Token, c.cfg.SecretID, c.vc.Token()}, c.secrets...)
+	c.mu.Unlock()
 	msg := err.Error()
 	changed := false
-	for _, s := range []string{c.cfg.Token, c.cfg.SecretID, c.vc.Token()} {
+	for _, s := range secrets {
 		if s != "" && strings.Contains(msg, s) {
 			msg = strings.ReplaceAll(msg, s, "[REDACTED]")
 			changed = true
@@ -177,23 +224,25 @@ func (c *Client) scrub(err error) error {
 	return errors.New(msg)
 }
 
-// Read returns the newest version of the secret.
+// Read returns the newest version of the secret. Fields of any type are
+// returned as they are; a caller takes the string fields it needs with
+// Secret.String.
 func (c *Client) Read(ctx context.Context) (Secret, error) {
-	s, err := c.vc.KVv2(c.cfg.Mount).Get(ctx, c.cfg.Path)
+	var s *api.KVSecret
+	err := c.withReauth(ctx, func() error {
+		var err error
+		s, err = c.vc.KVv2(c.cfg.Mount).Get(ctx, c.cfg.Path)
+		return err
+	})
 	if err != nil {
 		return Secret{}, fmt.Errorf("vault: reading %s/%s: %w", c.cfg.Mount, c.cfg.Path, c.scrub(err))
 	}
-	out := Secret{Data: map[string]string{}}
+	out := Secret{Data: make(map[string]any, len(s.Data))}
 	if s.VersionMetadata != nil {
 		out.Version = s.VersionMetadata.Version
 	}
 	for k, v := range s.Data {
-		str, ok := v.(string)
-		if !ok {
-			// Never print the value: it may be the password in another shape.
-			return Secret{}, fmt.Errorf("vault: %s/%s: key %q is not a string", c.cfg.Mount, c.cfg.Path, k)
-		}
-		out.Data[k] = str
+		out.Data[k] = v
 	}
 	return out, nil
 }
@@ -204,12 +253,15 @@ var ErrVersionConflict = errors.New("vault: the secret changed meanwhile (check-
 
 // Write stores data as a new version, only if the newest version is still
 // cas (0: only if the secret does not exist). It returns the new version.
-func (c *Client) Write(ctx context.Context, data map[string]string, cas int) (int, error) {
-	d := make(map[string]any, len(data))
-	for k, v := range data {
-		d[k] = v
-	}
-	s, err := c.vc.KVv2(c.cfg.Mount).Put(ctx, c.cfg.Path, d, api.WithCheckAndSet(cas))
+// Values are sent as they are: a json.Number that Read returned is written
+// back as a number.
+func (c *Client) Write(ctx context.Context, data map[string]any, cas int) (int, error) {
+	var s *api.KVSecret
+	err := c.withReauth(ctx, func() error {
+		var err error
+		s, err = c.vc.KVv2(c.cfg.Mount).Put(ctx, c.cfg.Path, data, api.WithCheckAndSet(cas))
+		return err
+	})
 	if err != nil {
 		var re *api.ResponseError
 		if errors.As(err, &re) && re.StatusCode == http.StatusBadRequest && strings.Contains(strings.Join(re.Errors, " "), "check-and-set") {
@@ -221,65 +273,6 @@ func (c *Client) Write(ctx context.Context, data map[string]string, cas int) (in
 		return 0, errors.New("vault: the write returned no version")
 	}
 	return s.VersionMetadata.Version, nil
-}
-
-// KeepTokenAlive renews the client's Vault token with the API's lifetime
-// watcher until ctx is done. When the token cannot be renewed any more
-// (its max TTL), an AppRole client logs in again; a token client keeps
-// its token until Vault refuses it (and says so in the log). It returns
-// when ctx is done.
-func (c *Client) KeepTokenAlive(ctx context.Context) {
-	for ctx.Err() == nil {
-		c.mu.Lock()
-		auth := c.auth
-		c.mu.Unlock()
-		if auth == nil || auth.Auth == nil || !auth.Auth.Renewable {
-			if c.cfg.Auth == AuthToken {
-				c.log.Info("vault token is not renewable; nothing to keep alive")
-				return
-			}
-		} else {
-			w, err := c.vc.NewLifetimeWatcher(&api.LifetimeWatcherInput{Secret: auth})
-			if err != nil {
-				c.log.Error("vault token watcher", "err", c.scrub(err))
-				return
-			}
-			go w.Start()
-			done := c.watch(ctx, w)
-			w.Stop()
-			if !done {
-				return // ctx
-			}
-			if c.cfg.Auth == AuthToken {
-				c.log.Warn("vault token can no longer be renewed; it will expire at its max TTL")
-				return
-			}
-		}
-		if err := c.login(ctx); err != nil {
-			c.log.Error("vault approle login failed", "err", err)
-			return
-		}
-		c.log.Info("vault: logged in again with approle")
-	}
-}
-
-// watch reports renewals until the watcher is done (true) or ctx is (false).
-func (c *Client) watch(ctx context.Context, w *api.LifetimeWatcher) bool {
-	for {
-		select {
-		case <-ctx.Done():
-			return false
-		case err := <-w.DoneCh():
-			if err != nil {
-				c.log.Warn("vault token renewal stopped", "err", c.scrub(err))
-			}
-			return true
-		case r := <-w.RenewCh():
-			if r != nil && r.Secret != nil && r.Secret.Auth != nil {
-				c.log.Debug("vault token renewed", "lease_seconds", r.Secret.Auth.LeaseDuration)
-			}
-		}
-	}
 }
 
 // String describes the secret without credentials, for logs.

@@ -4,14 +4,14 @@ import (
 	"context"
 	"crypto/rand"
 	"encoding/hex"
+	"encoding/json"
 	"errors"
-	"log/slog"
 	"os"
+	"reflect"
 	"strings"
 	"testing"
 	"time"
 
-	"github.com/credbroker/credbroker/internal/syncbuf"
 	"github.com/credbroker/credbroker/internal/vaultkv"
 	"github.com/credbroker/credbroker/internal/vaultkv/kvtest"
 )
@@ -48,7 +48,7 @@ func TestReadWriteCheckAndSet(t *testing.T) {
 	if _, err := c.Read(ctx); err == nil {
 		t.Fatal("Read of a missing secret succeeded")
 	}
-	v1, err := c.Write(ctx, map[string]string{"password": "first", "other": "kept"}, 0)
+	v1, err := c.Write(ctx, map[string]any{"password": "first", "other": "kept"}, 0)
 	if err != nil {
 		t.Fatalf("Write: %v", err)
 	}
@@ -60,10 +60,10 @@ func TestReadWriteCheckAndSet(t *testing.T) {
 		t.Fatalf("Read = %+v, want version %d with the written data", got, v1)
 	}
 	// A write based on an old version loses: someone changed the secret.
-	if _, err := c.Write(ctx, map[string]string{"password": "second"}, v1); err != nil {
+	if _, err := c.Write(ctx, map[string]any{"password": "second"}, v1); err != nil {
 		t.Fatalf("Write with cas %d: %v", v1, err)
 	}
-	if _, err := c.Write(ctx, map[string]string{"password": "stale"}, v1); !errors.Is(err, vaultkv.ErrVersionConflict) {
+	if _, err := c.Write(ctx, map[string]any{"password": "stale"}, v1); !errors.Is(err, vaultkv.ErrVersionConflict) {
 		t.Fatalf("Write with an old cas: %v, want ErrVersionConflict", err)
 	}
 	if got, _ := c.Read(ctx); got.Data["password"] != "second" {
@@ -121,47 +121,42 @@ func TestAuth(t *testing.T) {
 	}
 }
 
-type syncBuffer = syncbuf.Buffer
-
-func TestKeepTokenAlive(t *testing.T) {
-	// Tokens live 2s, so the lifetime watcher renews within about 1.5s.
-	s := kvtest.New(t, 2*time.Second)
-	var logs syncBuffer
-	for _, auth := range []string{vaultkv.AuthToken, vaultkv.AuthAppRole} {
-		t.Run(auth, func(t *testing.T) {
-			c, err := vaultkv.New(context.Background(), vaultkv.Config{
-				Address: s.URL, Mount: s.Mount, Path: "x", Auth: auth,
-				Token: s.RootToken, RoleID: s.RoleID, SecretID: s.SecretID,
-				Logger: slog.New(slog.NewTextHandler(&logs, &slog.HandlerOptions{Level: slog.LevelDebug})),
-			})
-			if err != nil {
-				t.Fatal(err)
-			}
-			ctx, cancel := context.WithCancel(context.Background())
-			done := make(chan struct{})
-			go func() {
-				c.KeepTokenAlive(ctx)
-				close(done)
-			}()
-			for i := 0; i < 2; i++ {
-				select {
-				case tok := <-s.Renewals():
-					if auth == vaultkv.AuthToken && tok != s.RootToken {
-						t.Errorf("renewed token %q, want the configured one", tok)
-					}
-				case <-time.After(15 * time.Second):
-					t.Fatalf("renewal %d never came", i+1)
-				}
-			}
-			cancel()
-			select {
-			case <-done:
-			case <-time.After(10 * time.Second):
-				t.Fatal("KeepTokenAlive did not return after ctx was cancelled")
-			}
-		})
+// A secret holds fields the broker does not use, of any JSON type (a DBA
+// writes port: 5432 as a number). Reading it works, and writing back what
+// was read keeps every field with its type: a number stays a number.
+func TestNonStringFields(t *testing.T) {
+	ctx := context.Background()
+	s := kvtest.New(t, time.Hour)
+	s.PutData("x", map[string]any{
+		"password": "pw", "port": 5432, "tls": true, "hosts": []any{"a", "b"}, "extra": map[string]any{"n": 1.5},
+	})
+	c, err := vaultkv.New(ctx, vaultkv.Config{Address: s.URL, Mount: s.Mount, Path: "x", Auth: vaultkv.AuthToken, Token: s.RootToken})
+	if err != nil {
+		t.Fatal(err)
 	}
-	if strings.Contains(logs.String(), s.RootToken) || strings.Contains(logs.String(), s.SecretID) {
-		t.Error("a credential reached the log")
+	got, err := c.Read(ctx)
+	if err != nil {
+		t.Fatalf("Read of a secret with a numeric field: %v", err)
+	}
+	if pw, err := got.String("password"); err != nil || pw != "pw" {
+		t.Fatalf("String(password) = %q, %v", pw, err)
+	}
+	if _, err := got.String("port"); err == nil || strings.Contains(err.Error(), "5432") {
+		t.Errorf("String(port) of a number: %v, want an error that does not quote the value", err)
+	}
+	if v, err := got.String("absent"); v != "" || err != nil {
+		t.Errorf("String(absent) = %q, %v", v, err)
+	}
+	got.Data["password"] = "next"
+	if _, err := c.Write(ctx, got.Data, got.Version); err != nil {
+		t.Fatal(err)
+	}
+	stored, _ := s.GetData("x")
+	want := map[string]any{
+		"password": "next", "port": json.Number("5432"), "tls": true, "hosts": []any{"a", "b"},
+		"extra": map[string]any{"n": json.Number("1.5")},
+	}
+	if !reflect.DeepEqual(stored, want) {
+		t.Errorf("after writing back what was read, the secret is\n%#v\nwant\n%#v", stored, want)
 	}
 }

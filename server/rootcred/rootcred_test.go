@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"crypto/rand"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -40,8 +41,8 @@ type rootFixture struct {
 
 // kvSecrets writes and reads a secret behind the broker's back.
 type kvSecrets interface {
-	Put(path string, data map[string]string)
-	Get(path string) (map[string]string, int)
+	PutData(path string, data map[string]any)
+	GetData(path string) (map[string]any, int)
 }
 
 // realVault is a real Vault (VAULT_ADDR, VAULT_TOKEN; KV v2 at "secret").
@@ -59,7 +60,7 @@ func (r realVault) client(path string) *vaultkv.Client {
 	return c
 }
 
-func (r realVault) Put(path string, data map[string]string) {
+func (r realVault) PutData(path string, data map[string]any) {
 	c := r.client(path)
 	cur, err := c.Read(context.Background())
 	if err != nil {
@@ -70,7 +71,7 @@ func (r realVault) Put(path string, data map[string]string) {
 	}
 }
 
-func (r realVault) Get(path string) (map[string]string, int) {
+func (r realVault) GetData(path string) (map[string]any, int) {
 	s, err := r.client(path).Read(context.Background())
 	if err != nil {
 		return nil, 0
@@ -148,11 +149,13 @@ func (f *rootFixture) setStored(t *testing.T, current, pending string) {
 			}
 		}
 	case "vault":
-		data := map[string]string{"password": current, "owner": "dba-team"}
+		// Fields the broker does not use, one of them a number, as a DBA's
+		// secret has: they must survive every write, with their type.
+		data := map[string]any{"password": current, "owner": "dba-team", "port": 5432}
 		if pending != "" {
 			data["password"+config.PendingSuffix] = pending
 		}
-		f.kv.Put(f.vaultPath, data)
+		f.kv.PutData(f.vaultPath, data)
 	}
 }
 
@@ -175,11 +178,16 @@ func (f *rootFixture) stored(t *testing.T) (current, pending string) {
 		}
 		return cur, pend
 	default:
-		data, _ := f.kv.Get(f.vaultPath)
+		data, _ := f.kv.GetData(f.vaultPath)
 		if data["owner"] != "dba-team" {
 			t.Errorf("another field of the Vault secret was lost: %v", data)
 		}
-		return data["password"], data["password"+config.PendingSuffix]
+		if port, ok := data["port"].(json.Number); !ok || port.String() != "5432" {
+			t.Errorf("the numeric field port is %#v, want the number 5432", data["port"])
+		}
+		cur, _ := data["password"].(string)
+		pend, _ := data["password"+config.PendingSuffix].(string)
+		return cur, pend
 	}
 }
 

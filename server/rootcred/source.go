@@ -19,8 +19,8 @@ import (
 type rootState struct {
 	current string
 	pending string
-	version int               // Vault KV version, for check-and-set
-	data    map[string]string // the whole Vault secret, so other fields survive writes
+	version int            // Vault KV version, for check-and-set
+	data    map[string]any // the whole Vault secret, so other fields survive writes
 }
 
 // rootSource is where a target's admin password lives. A rotation is

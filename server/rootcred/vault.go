@@ -19,47 +19,63 @@ type vaultSource struct {
 }
 
 func newVaultSource(ctx context.Context, cfg *config.Vault, logger *slog.Logger) (*vaultSource, error) {
-	// The token or secret id is read each time a source is made (at
-	// start-up), never kept in the configuration.
-	var token, secretID Secret
-	var err error
+	// The token and the secret id are read from their file (or variable)
+	// each time vaultkv needs them — at start-up, before every AppRole login,
+	// and for the token on every refresh and when Vault refuses it — so one
+	// that Vault Agent or an operator replaces on disk is picked up without
+	// a restart. They are never kept in the configuration.
+	vcfg := vaultkv.Config{
+		Address: cfg.Address, Namespace: cfg.Namespace, Mount: cfg.Mount, Path: cfg.Path,
+		Auth: cfg.Auth, AppRoleMount: cfg.AppRoleMount, RoleID: cfg.RoleID, CACert: cfg.CACert,
+		PollInterval: cfg.RefreshInterval, Logger: logger,
+	}
 	if cfg.TokenFile != "" || cfg.TokenEnv != "" {
-		if token, err = readCredential(cfg.TokenFile, cfg.TokenEnv); err != nil {
-			return nil, fmt.Errorf("vault token: %w", err)
-		}
+		vcfg.TokenSource = credentialSource(cfg.TokenFile, cfg.TokenEnv)
 	}
 	if cfg.SecretIDFile != "" || cfg.SecretIDEnv != "" {
-		if secretID, err = readCredential(cfg.SecretIDFile, cfg.SecretIDEnv); err != nil {
-			return nil, fmt.Errorf("vault secret id: %w", err)
-		}
+		vcfg.SecretIDSource = credentialSource(cfg.SecretIDFile, cfg.SecretIDEnv)
 	}
-	c, err := vaultkv.New(ctx, vaultkv.Config{
-		Address: cfg.Address, Namespace: cfg.Namespace, Mount: cfg.Mount, Path: cfg.Path,
-		Auth: cfg.Auth, Token: token.Reveal(), AppRoleMount: cfg.AppRoleMount,
-		RoleID: cfg.RoleID, SecretID: secretID.Reveal(), CACert: cfg.CACert, Logger: logger,
-	})
+	c, err := vaultkv.New(ctx, vcfg)
 	if err != nil {
 		return nil, err
 	}
 	return &vaultSource{cfg: cfg, client: c}, nil
 }
 
+// credentialSource reads a Vault credential from file or env on each call.
+func credentialSource(file, env string) func() (string, error) {
+	return func() (string, error) {
+		s, err := readCredential(file, env)
+		return s.Reveal(), err
+	}
+}
+
 func (s *vaultSource) describe() string { return s.cfg.String() }
 
+// read takes the two fields the broker uses; the secret's other fields,
+// of whatever type (port: 5432), are kept as they are for writing back.
 func (s *vaultSource) read(ctx context.Context) (rootState, error) {
 	sec, err := s.client.Read(ctx)
 	if err != nil {
 		return rootState{}, err
 	}
-	st := rootState{current: sec.Data[s.cfg.Key], pending: sec.Data[s.cfg.Key+config.PendingSuffix], version: sec.Version, data: sec.Data}
+	st := rootState{version: sec.Version, data: sec.Data}
+	if st.current, err = sec.String(s.cfg.Key); err != nil {
+		return rootState{}, fmt.Errorf("vault: %s: %w", s.describe(), err)
+	}
+	if st.pending, err = sec.String(s.cfg.Key + config.PendingSuffix); err != nil {
+		return rootState{}, fmt.Errorf("vault: %s: %w", s.describe(), err)
+	}
 	if st.current == "" {
 		return rootState{}, fmt.Errorf("vault: %s: field %q is missing or empty", s.describe(), s.cfg.Key)
 	}
 	return st, nil
 }
 
+// write stores current and pending over a copy of the secret read, so every
+// other field is written back unchanged (a number stays a number).
 func (s *vaultSource) write(ctx context.Context, st rootState, current, pending string) (rootState, error) {
-	data := make(map[string]string, len(st.data)+1)
+	data := make(map[string]any, len(st.data)+1)
 	for k, v := range st.data {
 		data[k] = v
 	}
