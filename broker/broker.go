@@ -32,6 +32,10 @@ type Broker struct {
 	// renewals batches concurrent renewals per target (renewbatch.go).
 	renewals renewBatcher
 	limiter  *rate.Limiter
+	// storeFails counts, per lease, consecutive store errors that kept a
+	// revocation from going on, for requeue's backoff.
+	storeFailMu sync.Mutex
+	storeFails  map[string]int
 
 	streamsMu sync.Mutex
 	streams   map[string]*streamState

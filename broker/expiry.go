@@ -129,10 +129,12 @@ func (b *Broker) PurgeTombstones(ctx context.Context) (int, error) {
 
 // revokeBatch is revoke(ctx, id, true) for several expired leases at once:
 // the same states and events, with one store transaction per step and one
-// UsersDeleter call per target. What it cannot settle plainly (a lease
-// that cannot be read or written, a target without UsersDeleter, a user
-// that could not be dropped) goes through revoke one lease at a time,
-// which records attempts and schedules retries.
+// UsersDeleter call per target. A lease the store fails to read or write
+// goes back in the queue after a backoff (requeue), so no store error
+// loses a revocation. What else it cannot settle plainly (a lease changed
+// since read, a target without UsersDeleter, a user that could not be
+// dropped) goes through revoke one lease at a time, which records
+// attempts and schedules retries.
 func (b *Broker) revokeBatch(ctx context.Context, ids []string) {
 	ids = slices.Clone(ids)
 	slices.Sort(ids) // lock in one order: no two batches deadlock
@@ -160,7 +162,7 @@ func (b *Broker) revokeBatch(ctx context.Context, ids []string) {
 			b.queue.Remove(id)
 			continue
 		case err != nil:
-			alone = append(alone, id)
+			b.requeue(id, err)
 			continue
 		case l.State.Terminal():
 			b.queue.Remove(id)
@@ -188,10 +190,17 @@ func (b *Broker) revokeBatch(ctx context.Context, ids []string) {
 		stored, errs := b.store.UpdateLeases(ctx, ls)
 		failed := map[string]bool{}
 		for j, i := range marks {
-			if errs[j] != nil {
+			switch {
+			case errors.Is(errs[j], ErrConflict):
+				// Changed since read: revoke reads it again.
 				failed[revoking[i].ID] = true
 				alone = append(alone, revoking[i].ID)
-			} else {
+			case errs[j] != nil:
+				// Out of the queue and not marked: back in, after a
+				// backoff, or the revocation is lost.
+				failed[revoking[i].ID] = true
+				b.requeue(revoking[i].ID, errs[j])
+			default:
 				revoking[i] = stored[j]
 			}
 		}
@@ -237,8 +246,7 @@ func (b *Broker) revokeBatch(ctx context.Context, ids []string) {
 		if errs[j] != nil {
 			// Still live in the store, so tried again; dropping a user
 			// that is already gone is success.
-			b.queue.Set(done[j].ID, now.Add(b.backoff(1)))
-			b.log.Warn("could not record a revocation; will retry", "lease_id", done[j].ID, "err", errs[j])
+			b.requeue(done[j].ID, errs[j])
 			continue
 		}
 		l := stored[j]

@@ -1,0 +1,140 @@
+package broker_test
+
+import (
+	"errors"
+	"path/filepath"
+	"testing"
+	"time"
+
+	"github.com/credbroker/credbroker/broker"
+	"github.com/credbroker/credbroker/store"
+)
+
+// newUnitOnBolt is newUnit over the real bbolt store in t.TempDir(),
+// wrapped in a faultStore; u.store is the bare store, for the test's own
+// reads.
+func newUnitOnBolt(t *testing.T, mods ...func(*broker.Config)) (*unit, *crashSwitch) {
+	t.Helper()
+	st, err := store.Open(filepath.Join(t.TempDir(), "leases.db"), store.Options{Timeout: 5 * time.Second})
+	if err != nil {
+		t.Fatalf("store.Open: %v", err)
+	}
+	t.Cleanup(func() { _ = st.Close() }) // after the broker's Close (cleanups run last first)
+	sw := &crashSwitch{}
+	wrap := func(c *broker.Config) { c.Store = faultStore{LeaseStore: st, sw: sw} }
+	u := newUnit(t, append([]func(*broker.Config){wrap}, mods...)...)
+	u.store = st
+	return u, sw
+}
+
+// failsLeft is how many injected transient faults have not fired yet.
+func (c *crashSwitch) failsLeft() int {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.failN
+}
+
+// runQueue moves the clock from one expiry-queue entry to the next, each
+// time once the dispatcher's timer for it is armed, until done holds. It
+// fails the test if the queue is empty while done does not hold: a lease
+// that left the queue unfinished is a lost revocation.
+func (u *unit) runQueue(what string, done func() bool) {
+	u.t.Helper()
+	for i := 0; ; i++ {
+		if i == 30 {
+			u.t.Fatalf("%s: not done after 30 queue entries", what)
+		}
+		var next time.Time
+		waitFor(u.t, what+" (or a lease due later in the queue, its timer armed)", func() bool {
+			if done() {
+				return true
+			}
+			n, ok := u.b.QueueNext()
+			next = n
+			return ok && n.After(u.clock.Now()) &&
+				u.clock.WaitersUntil(n) > u.clock.WaitersUntil(n.Add(-time.Nanosecond))
+		})
+		if done() {
+			return
+		}
+		u.clock.Advance(next.Sub(u.clock.Now()))
+	}
+}
+
+// Point 1 of issue 10: a store error while the expiry manager revokes a
+// lease puts it back in the queue with backoff; it is not lost until the
+// next start.
+func TestUnitExpiryRetriesAFailedRevokingWriteOnBolt(t *testing.T) {
+	u, sw := newUnitOnBolt(t)
+	l, c := u.issue(roleRO, time.Minute, "svc")
+	sw.failNextCalls("UpdateLease:revoking", 1, errors.New("injected: store unavailable"))
+
+	u.waitArmed(l.ExpireTime)
+	u.clock.Advance(time.Minute)
+	waitFor(t, "the injected failure of the Revoking write", func() bool { return sw.failsLeft() == 0 })
+	var next time.Time
+	waitFor(t, "the lease back in the expiry queue", func() bool {
+		n, ok := u.b.QueueNext()
+		next = n
+		return ok && n.After(u.clock.Now())
+	})
+	if wait := next.Sub(u.clock.Now()); wait < 500*time.Millisecond || wait > time.Second {
+		t.Errorf("retried in %v, want backoff(1) within [500ms, 1s]", wait)
+	}
+	if got := u.lease(l.ID); got.State != broker.StateActive || !u.userExists(c.Username) {
+		t.Fatalf("after the failed write: state %s, user exists %v; want active with its user", got.State, u.userExists(c.Username))
+	}
+	u.waitArmed(next)
+	u.clock.Advance(next.Sub(u.clock.Now()))
+	got := u.waitState(l.ID, broker.StateExpired)
+	if u.userExists(c.Username) {
+		t.Error("the user survived its lease")
+	}
+	if !got.EndTime.Equal(next) {
+		t.Errorf("ended at %v, want at the retry %v", got.EndTime, next)
+	}
+	if n := u.b.QueueLen(); n != 0 {
+		t.Errorf("%d leases left in the queue", n)
+	}
+}
+
+// The batch variant: an expiry batch whose UpdateLeases fails, on a store
+// that keeps failing for a while, loses none of its leases.
+func TestUnitExpiryBatchRetriesAFailedBatchWriteOnBolt(t *testing.T) {
+	u, sw := newUnitOnBolt(t, func(c *broker.Config) {
+		c.RevokeConcurrency = 1 // all due leases in one batch
+		c.RevokeRate = 1000
+	})
+	const n = 4
+	var leases []broker.Lease
+	var users []string
+	for range n {
+		l, c := u.issue(roleRO, time.Minute, "svc")
+		leases = append(leases, l)
+		users = append(users, c.Username)
+	}
+	// The batch's write fails, and so does the next write of each lease.
+	sw.failNextCalls("UpdateLease:revoking", 1+n, errors.New("injected: store unavailable"))
+
+	u.waitArmed(leases[0].ExpireTime)
+	u.clock.Advance(time.Minute)
+	u.runQueue("every lease expired", func() bool {
+		for _, l := range leases {
+			if u.lease(l.ID).State != broker.StateExpired {
+				return false
+			}
+		}
+		return true
+	})
+	if left := sw.failsLeft(); left != 0 {
+		t.Errorf("%d injected failures never fired: the batch path did not run as planned", left)
+	}
+	for _, name := range users {
+		if u.userExists(name) {
+			t.Errorf("user %s survived its lease", name)
+		}
+	}
+	if q := u.b.QueueLen(); q != 0 {
+		t.Errorf("%d leases left in the queue", q)
+	}
+}
