@@ -1,12 +1,15 @@
 package broker_test
 
 import (
+	"context"
 	"errors"
+	"fmt"
 	"path/filepath"
 	"testing"
 	"time"
 
 	"github.com/credbroker/credbroker/broker"
+	"github.com/credbroker/credbroker/broker/fakedb"
 	"github.com/credbroker/credbroker/store"
 )
 
@@ -136,5 +139,68 @@ func TestUnitExpiryBatchRetriesAFailedBatchWriteOnBolt(t *testing.T) {
 	}
 	if q := u.b.QueueLen(); q != 0 {
 		t.Errorf("%d leases left in the queue", q)
+	}
+}
+
+// deleteCalls is how many DeleteUser and DeleteUsers calls fakedb received.
+func (u *unit) deleteCalls() int {
+	return u.db.CallCount(fakedb.DeleteUser) + u.db.CallCount(fakedb.DeleteUsers)
+}
+
+// Point 4 of issue 10: a revocation on disconnect that fails follows the
+// expiry manager's backoff and ends REVOKE_FAILED after RevokeRetries,
+// instead of being tried again on every maintenance tick.
+func TestUnitRevokeOnDisconnectBacksOff(t *testing.T) {
+	u := newUnit(t, func(c *broker.Config) {
+		c.DisconnectGrace = 30 * time.Second
+		c.RetryBaseDelay = 4 * time.Second
+		c.RetryMaxDelay = 16 * time.Second
+		c.FailedRetryInterval = 10 * time.Minute
+	})
+	l, c, err := u.b.Issue(context.Background(), broker.IssueRequest{Role: roleRO, Client: "svc", RevokeOnDisconnect: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	u.db.FailUser(c.Username, fmt.Errorf("%w: connection refused", broker.ErrUnavailable))
+
+	u.waitArmed(u.clock.Now().Add(time.Second)) // the maintenance tick
+	u.clock.Advance(30 * time.Second)
+	// Exponential from 4s, full jitter over the upper half of each step.
+	windows := map[int][2]time.Duration{1: {2 * time.Second, 4 * time.Second}, 2: {4 * time.Second, 8 * time.Second}}
+	var got broker.Lease
+	for attempt := 1; ; attempt++ {
+		got = u.waitLease(l.ID, fmt.Sprintf("attempt %d", attempt), func(l broker.Lease) bool { return l.RevokeAttempts >= attempt })
+		if attempt == 3 {
+			break
+		}
+		wait := got.NextAttempt.Sub(u.clock.Now())
+		if w := windows[attempt]; wait < w[0] || wait > w[1] {
+			t.Errorf("retry after attempt %d in %v, want within [%v, %v]", attempt, wait, w[0], w[1])
+		}
+		// Up to 1ns before the retry, past at least one maintenance tick.
+		u.waitArmed(got.NextAttempt)
+		u.clock.Advance(wait - time.Nanosecond)
+		u.waitArmed(u.clock.Now().Add(time.Second)) // the tick ran
+		if n := u.deleteCalls(); n != attempt {
+			t.Fatalf("%d drops before the backoff after attempt %d ended", n, attempt)
+		}
+		u.clock.Advance(time.Nanosecond)
+	}
+	if got.State != broker.StateRevokeFailed {
+		t.Fatalf("after 3 failed attempts: state %s, want revoke_failed", got.State)
+	}
+	if want := u.clock.Now().Add(10 * time.Minute); !got.NextAttempt.Equal(want) {
+		t.Errorf("revoke_failed retried at %v, want after FailedRetryInterval (%v)", got.NextAttempt, want)
+	}
+	u.tick(5)
+	if n := u.deleteCalls(); n != 3 {
+		t.Errorf("%d drops after REVOKE_FAILED within 5s, want 3 in all", n)
+	}
+
+	// The target is back: the expiry manager's later retry ends it REVOKED.
+	u.db.FailUser(c.Username, nil)
+	u.runQueue("the lease revoked", func() bool { return u.lease(l.ID).State == broker.StateRevoked })
+	if u.userExists(c.Username) {
+		t.Error("the user survived")
 	}
 }
