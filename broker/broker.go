@@ -185,6 +185,12 @@ func (b *Broker) Close() error {
 	return nil
 }
 
+// wallNow is the clock's time without its monotonic reading. Lease times
+// are wall-clock instants, stored as such and compared with each other
+// and with the expiry queue's entries, so every instant the lease
+// lifecycle computes starts from this (see ExpiryQueue.Set).
+func (b *Broker) wallNow() time.Time { return b.clock.Now().Round(0) }
+
 func (b *Broker) db(target string) (Database, error) {
 	db, ok := b.dbs[target]
 	if !ok {
@@ -224,7 +230,7 @@ func (b *Broker) Issue(ctx context.Context, req IssueRequest) (Lease, Credential
 	if ttl > role.MaxTTL {
 		ttl = role.MaxTTL
 	}
-	now := b.clock.Now()
+	now := b.wallNow()
 	lease := Lease{
 		ID:                 newLeaseID(),
 		Role:               role.Name,
@@ -347,7 +353,7 @@ func (b *Broker) Renew(ctx context.Context, id string, increment time.Duration) 
 		if err != nil {
 			return Lease{}, err
 		}
-		now := b.clock.Now()
+		now := b.wallNow()
 		switch {
 		case l.State == StateExpired:
 			return l, fmt.Errorf("%w: lease %s expired at %s", ErrLeaseExpired, id, l.EndTime.UTC().Format(time.RFC3339))

@@ -57,7 +57,7 @@ func (b *Broker) dispatch(ctx context.Context, work chan<- []string) {
 	for {
 		var timer <-chan time.Time
 		if next, ok := b.queue.Next(); ok {
-			now := b.clock.Now()
+			now := b.wallNow()
 			if !next.After(now) {
 				due := b.queue.PopDue(now, popBatch)
 				size := (len(due) + b.cfg.RevokeConcurrency - 1) / b.cfg.RevokeConcurrency
@@ -98,6 +98,8 @@ func (b *Broker) maintenanceLoop(ctx context.Context) {
 			return
 		case <-b.clock.After(disconnectCheckInterval):
 		}
+		// Re-arms the dispatcher if the wall clock stepped forward.
+		b.queue.WakeIfDue(b.clock.Now())
 		b.revokeDisconnected(ctx)
 		if now := b.clock.Now(); !now.Before(nextReconcile) {
 			nextReconcile = now.Add(b.cfg.ReconcileInterval)
@@ -153,7 +155,7 @@ func (b *Broker) revokeBatch(ctx context.Context, ids []string) {
 		}
 	}()
 
-	now := b.clock.Now()
+	now := b.wallNow()
 	var revoking []Lease
 	for _, id := range ids {
 		l, err := b.store.GetLease(ctx, id)

@@ -204,3 +204,49 @@ func TestUnitRevokeOnDisconnectBacksOff(t *testing.T) {
 		t.Error("the user survived")
 	}
 }
+
+// Point 7 of issue 10: the expiry queue follows the wall clock. A step
+// forward revokes what fell due within a maintenance tick, although the
+// dispatcher's timer (monotonic) is still far off; a step back delays
+// expiry until the wall clock reaches the lease's expire time.
+func TestUnitExpiryFollowsWallClockSteps(t *testing.T) {
+	t.Run("forward", func(t *testing.T) {
+		u := newUnit(t)
+		l, c := u.issue(roleRO, 10*time.Minute, "svc")
+		u.waitArmed(l.ExpireTime)
+		u.clock.Step(time.Hour)
+		if got := u.lease(l.ID).State; got != broker.StateActive {
+			t.Fatalf("state %s right after the step, before any timer fired", got)
+		}
+		u.tick(1)
+		got := u.waitState(l.ID, broker.StateExpired)
+		if u.userExists(c.Username) {
+			t.Error("the user survived its lease")
+		}
+		if got.EndTime.Before(got.ExpireTime) {
+			t.Errorf("ended at %v, before its expire time %v", got.EndTime, got.ExpireTime)
+		}
+	})
+	t.Run("back", func(t *testing.T) {
+		u := newUnit(t)
+		l, _ := u.issue(roleRO, time.Minute, "svc")
+		u.waitArmed(l.ExpireTime)
+		u.clock.Step(-time.Hour)
+		// The dispatcher's timer fires a minute on, an hour before the
+		// lease's expire time by the wall clock: it must wait again.
+		u.clock.Advance(time.Minute)
+		u.waitArmed(l.ExpireTime)
+		if got := u.lease(l.ID).State; got != broker.StateActive {
+			t.Fatalf("state %s an hour before its expire time", got)
+		}
+		u.clock.Advance(time.Hour - time.Nanosecond)
+		u.waitArmed(l.ExpireTime)
+		if got := u.lease(l.ID).State; got != broker.StateActive {
+			t.Fatalf("state %s 1ns before its expire time", got)
+		}
+		u.clock.Advance(time.Nanosecond)
+		if got := u.waitState(l.ID, broker.StateExpired); !got.EndTime.Equal(got.ExpireTime) {
+			t.Errorf("ended at %v, want at its expire time %v", got.EndTime, got.ExpireTime)
+		}
+	})
+}

@@ -154,7 +154,7 @@ func (b *Broker) renewBatch(target string, calls []*renewCall) {
 	}()
 
 	alone := renewResult{err: errRenewAlone}
-	now := b.clock.Now()
+	now := b.wallNow()
 	for _, c := range calls {
 		if err := c.ctx.Err(); err != nil {
 			c.done <- renewResult{err: err}

@@ -43,7 +43,7 @@ func (b *Broker) revoke(ctx context.Context, id string, byExpiry bool) (Lease, b
 		b.queue.Remove(id)
 		return l, false, nil
 	}
-	now := b.clock.Now()
+	now := b.wallNow()
 	if byExpiry && l.State == StateActive && now.Before(l.ExpireTime) {
 		// Renewed since it was queued.
 		b.storeRecovered(id)
@@ -121,7 +121,7 @@ func (b *Broker) requeue(id string, err error) {
 	b.storeFails[id]++
 	n := b.storeFails[id]
 	b.storeFailMu.Unlock()
-	due := b.clock.Now().Add(b.backoff(n))
+	due := b.wallNow().Add(b.backoff(n))
 	b.queue.Set(id, due)
 	b.log.Warn("store error during revocation; will retry", "lease_id", id, "store_failures", n, "retry_at", due, "err", err)
 }
