@@ -362,14 +362,7 @@ func (b *Broker) Renew(ctx context.Context, id string, increment time.Duration) 
 		case !now.Before(l.ExpireTime):
 			return l, fmt.Errorf("%w: lease %s expired at %s", ErrLeaseExpired, id, l.ExpireTime.UTC().Format(time.RFC3339))
 		}
-		inc := increment
-		if inc == 0 {
-			inc = b.defaultTTL(l)
-		}
-		newExpire := now.Add(inc)
-		if newExpire.After(l.MaxExpireTime) {
-			newExpire = l.MaxExpireTime
-		}
+		newExpire := b.renewedExpiry(l, now, increment)
 		if !newExpire.After(l.ExpireTime) && !userOnly {
 			// Nothing to extend: at the cap, or asked for less than it has.
 			b.publishRenewal(l)
@@ -421,6 +414,20 @@ func (b *Broker) publishRenewal(l Lease) {
 		t = EventMaxTTLReached
 	}
 	b.hub.publish(Event{Type: t, Lease: l.Clone()})
+}
+
+// renewedExpiry is the expiry a renewal of l at now asks for: now plus
+// increment (zero: the role's default TTL), never past MaxExpireTime.
+// Both renewal paths, batched and alone, take it from here.
+func (b *Broker) renewedExpiry(l Lease, now time.Time, increment time.Duration) time.Time {
+	if increment == 0 {
+		increment = b.defaultTTL(l)
+	}
+	e := now.Add(increment)
+	if e.After(l.MaxExpireTime) {
+		return l.MaxExpireTime
+	}
+	return e
 }
 
 // defaultTTL is the lease's role's default TTL; for a role that has left

@@ -250,3 +250,26 @@ func TestUnitExpiryFollowsWallClockSteps(t *testing.T) {
 		}
 	})
 }
+
+// A renewal the batch sends down the single-lease path (here: PostgreSQL
+// refused the user with an error of its own) is capped at MaxExpireTime
+// there too, lease and VALID UNTIL alike.
+func TestUnitRenewAloneCapsAtMaxTTL(t *testing.T) {
+	u := newUnit(t)
+	l, c := u.issue(roleRO, 0, "svc")
+	u.db.FailNext(fakedb.RenewUsers, errors.New("injected: not unavailable, this user's own"))
+	got, err := u.b.Renew(context.Background(), l.ID, 2*time.Hour)
+	if err != nil {
+		t.Fatalf("Renew: %v", err)
+	}
+	if u.db.CallCount(fakedb.RenewUser) == 0 {
+		t.Fatal("the single-lease path did not run")
+	}
+	if !got.ExpireTime.Equal(l.MaxExpireTime) || !u.lease(l.ID).ExpireTime.Equal(l.MaxExpireTime) {
+		t.Errorf("renewed to %v (stored %v), want capped at %v", got.ExpireTime, u.lease(l.ID).ExpireTime, l.MaxExpireTime)
+	}
+	user, _ := u.db.User(c.Username)
+	if want := l.MaxExpireTime.Add(broker.DefaultValidUntilGrace); !user.ValidUntil.Equal(want) {
+		t.Errorf("VALID UNTIL %v, want %v", user.ValidUntil, want)
+	}
+}

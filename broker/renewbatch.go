@@ -172,15 +172,8 @@ func (b *Broker) renewBatch(target string, calls []*renewCall) {
 		if err != nil || l.State != StateActive || !now.Before(l.ExpireTime) || l.Target != target {
 			continue
 		}
-		inc := c.inc
-		if inc == 0 {
-			inc = b.defaultTTL(l)
-		}
 		it.lease = l
-		it.newExpire = now.Add(inc)
-		if it.newExpire.After(l.MaxExpireTime) {
-			it.newExpire = l.MaxExpireTime
-		}
+		it.newExpire = b.renewedExpiry(l, now, c.inc)
 		if !it.newExpire.After(l.ExpireTime) {
 			// Nothing to extend: at the cap, or asked for less than it has.
 			b.publishRenewal(l)
