@@ -363,7 +363,7 @@ func (b *Broker) Renew(ctx context.Context, id string, increment time.Duration) 
 			return l, fmt.Errorf("%w: lease %s expired at %s", ErrLeaseExpired, id, l.ExpireTime.UTC().Format(time.RFC3339))
 		}
 		newExpire := b.renewedExpiry(l, now, increment)
-		if !newExpire.After(l.ExpireTime) && !userOnly {
+		if !newExpire.After(l.ExpireTime) && !userOnly && !l.ValidUntilBehind {
 			// Nothing to extend: at the cap, or asked for less than it has.
 			b.publishRenewal(l)
 			return l, nil
@@ -393,6 +393,7 @@ func (b *Broker) Renew(ctx context.Context, id string, increment time.Duration) 
 			return l, fmt.Errorf("renew user: %w", err)
 		}
 		l.ExpireTime = newExpire
+		l.ValidUntilBehind = false // PostgreSQL has it now
 		stored, err := b.store.UpdateLease(ctx, l)
 		if errors.Is(err, ErrConflict) {
 			continue

@@ -273,3 +273,62 @@ func TestUnitRenewAloneCapsAtMaxTTL(t *testing.T) {
 		t.Errorf("VALID UNTIL %v, want %v", user.ValidUntil, want)
 	}
 }
+
+// Point 8 of issue 10: a batched renewal stored while PostgreSQL refused
+// the new VALID UNTIL leaves the user's safety net behind the lease; the
+// next renewal, though the lease is at its max TTL and has nothing left to
+// extend, brings VALID UNTIL up to the lease's expiry.
+func TestUnitValidUntilCatchesUpAfterAnUnavailableRenewal(t *testing.T) {
+	for _, alone := range []bool{false, true} {
+		t.Run(map[bool]string{false: "batched", true: "alone"}[alone], func(t *testing.T) {
+			testValidUntilCatchesUp(t, alone)
+		})
+	}
+}
+
+// testValidUntilCatchesUp runs the catching-up renewal through the batch,
+// or (alone) through the single-lease path: a failed first read sends it
+// there.
+func testValidUntilCatchesUp(t *testing.T, alone bool) {
+	sw := &crashSwitch{}
+	u := newUnit(t, func(c *broker.Config) { c.Store = faultStore{LeaseStore: c.Store, sw: sw} })
+	ctx := context.Background()
+	l, c := u.issue(roleRO, 0, "svc")
+	u.db.FailNext(fakedb.RenewUsers, fmt.Errorf("%w: injected: connection reset", broker.ErrUnavailable))
+	if _, err := u.b.Renew(ctx, l.ID, 2*time.Hour); !errors.Is(err, broker.ErrUnavailable) {
+		t.Fatalf("renewal while PostgreSQL is unavailable: %v, want ErrUnavailable", err)
+	}
+	stored := u.lease(l.ID)
+	if !stored.ExpireTime.Equal(l.MaxExpireTime) || !stored.ValidUntilBehind {
+		t.Fatalf("after the batch: expire %v, valid until behind %v; want the max TTL stored and the lag recorded", stored.ExpireTime, stored.ValidUntilBehind)
+	}
+
+	if alone {
+		sw.failNextCalls("GetLease", 1, errors.New("injected: read failed"))
+	}
+	got, err := u.b.Renew(ctx, l.ID, 2*time.Hour) // at the max TTL: nothing to extend
+	if err != nil {
+		t.Fatalf("renewal at the max TTL: %v", err)
+	}
+	if ran := u.db.CallCount(fakedb.RenewUser) > 0; ran != alone {
+		t.Errorf("the single-lease path ran: %v, want %v", ran, alone)
+	}
+	user, _ := u.db.User(c.Username)
+	if user.ValidUntil.Before(got.ExpireTime) {
+		t.Errorf("VALID UNTIL %v is before the lease's expiry %v", user.ValidUntil, got.ExpireTime)
+	}
+	if want := got.ExpireTime.Add(broker.DefaultValidUntilGrace); !user.ValidUntil.Equal(want) {
+		t.Errorf("VALID UNTIL %v, want %v", user.ValidUntil, want)
+	}
+	if u.lease(l.ID).ValidUntilBehind {
+		t.Error("the lag is still recorded after PostgreSQL took the new VALID UNTIL")
+	}
+	// Caught up: the next renewal at the cap skips PostgreSQL again.
+	before := u.db.CallCount(fakedb.RenewUsers) + u.db.CallCount(fakedb.RenewUser)
+	if _, err := u.b.Renew(ctx, l.ID, 2*time.Hour); err != nil {
+		t.Fatal(err)
+	}
+	if after := u.db.CallCount(fakedb.RenewUsers) + u.db.CallCount(fakedb.RenewUser); after != before {
+		t.Errorf("a renewal with nothing to extend and nothing behind went to PostgreSQL (%d calls)", after-before)
+	}
+}
