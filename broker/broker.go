@@ -288,8 +288,10 @@ func (b *Broker) Issue(ctx context.Context, req IssueRequest) (Lease, Credential
 		b.abandonIssue(intent, log)
 		return Lease{}, Credential{}, fmt.Errorf("create user: %w", err)
 	}
-	if err := b.store.CreateLease(ctx, &lease); err != nil {
-		b.abandonIssue(intent, log)
+	if err := b.store.CreateLease(ctx, &lease); err != nil && !b.createdAnyway(&lease, intent, err, log) {
+		if errors.Is(err, ErrUnknownOutcome) {
+			return Lease{}, Credential{}, fmt.Errorf("%w: store lease: %w", ErrUnavailable, err)
+		}
 		return Lease{}, Credential{}, fmt.Errorf("store lease: %w", err)
 	}
 	b.queue.Set(lease.ID, lease.ExpireTime)
@@ -306,6 +308,43 @@ func (b *Broker) Issue(ctx context.Context, req IssueRequest) (Lease, Credential
 		Port:     ep.Port,
 		Database: ep.Database,
 	}, nil
+}
+
+// createdAnyway settles a CreateLease that returned err. The write may have
+// committed all the same (ErrUnknownOutcome, a context that ended while it
+// was in flight), and undoing the issue then would leave an ACTIVE lease
+// without a user, and out of the expiry queue. So the lease is read back
+// first: if it is stored, createdAnyway sets *l to it and reports true, and
+// the issue goes on; if it is not, the issue is undone. If even the read
+// fails, the user and the intent stay for the reconciler (it drops the
+// user unless the lease exists), and the lease is queued so that, if it
+// does exist, it is revoked at its expiry.
+func (b *Broker) createdAnyway(l *Lease, in Intent, err error, log *slog.Logger) bool {
+	ctx, cancel := context.WithTimeout(context.Background(), cleanupTimeout)
+	defer cancel()
+	stored, rerr := b.store.GetLease(ctx, l.ID)
+	switch {
+	case rerr == nil && stored.Username == l.Username:
+		log.Warn("lease stored although the store reported an error; issuing it", "err", err)
+		*l = stored
+		return true
+	case rerr == nil:
+		// The id is another lease's (ErrExists): ours was not stored.
+		b.abandonIssue(in, log)
+		return false
+	case errors.Is(rerr, ErrLeaseNotFound):
+		if errors.Is(err, ErrUnknownOutcome) || errors.Is(err, context.Canceled) || errors.Is(err, context.DeadlineExceeded) {
+			// Should the write still land, the expiry manager revokes it;
+			// if it never does, the entry finds no lease and goes.
+			b.queue.Set(l.ID, l.ExpireTime)
+		}
+		b.abandonIssue(in, log)
+		return false
+	default:
+		b.queue.Set(l.ID, l.ExpireTime)
+		log.Warn("could not tell whether the lease was stored; the reconciler settles it", "err", err, "read_err", rerr)
+		return false
+	}
 }
 
 // abandonIssue undoes a half-finished issue on a context of its own: the

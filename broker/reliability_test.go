@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"path/filepath"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -330,5 +331,87 @@ func testValidUntilCatchesUp(t *testing.T, alone bool) {
 	}
 	if after := u.db.CallCount(fakedb.RenewUsers) + u.db.CallCount(fakedb.RenewUser); after != before {
 		t.Errorf("a renewal with nothing to extend and nothing behind went to PostgreSQL (%d calls)", after-before)
+	}
+}
+
+// outcomeStore makes the next CreateLease return ErrUnknownOutcome, after
+// committing it (commit) or without running it.
+type outcomeStore struct {
+	broker.LeaseStore
+	commit bool
+	armed  *atomic.Bool
+}
+
+func (s outcomeStore) CreateLease(ctx context.Context, l *broker.Lease) error {
+	if !s.armed.CompareAndSwap(true, false) {
+		return s.LeaseStore.CreateLease(ctx, l)
+	}
+	if s.commit {
+		if err := s.LeaseStore.CreateLease(ctx, l); err != nil {
+			return err
+		}
+	}
+	return fmt.Errorf("injected: request timed out: %w", broker.ErrUnknownOutcome)
+}
+
+// Point 3 of issue 10: a CreateLease of unknown outcome either issues the
+// credential with a lease that exists (its user exists, the lease is in
+// the expiry queue) or leaves nothing (no user, no lease, no intent).
+func TestUnitIssueWithUnknownOutcome(t *testing.T) {
+	for _, backend := range []string{"memstore", "bbolt"} {
+		for _, commit := range []bool{true, false} {
+			t.Run(fmt.Sprintf("%s/committed=%v", backend, commit), func(t *testing.T) {
+				armed := &atomic.Bool{}
+				wrap := func(c *broker.Config) { c.Store = outcomeStore{LeaseStore: c.Store, commit: commit, armed: armed} }
+				var u *unit
+				if backend == "bbolt" {
+					u, _ = newUnitOnBolt(t, wrap)
+				} else {
+					u = newUnit(t, wrap)
+				}
+				ctx := context.Background()
+				armed.Store(true)
+				l, cred, err := u.b.Issue(ctx, broker.IssueRequest{Role: roleRO, Client: "svc"})
+				if armed.Load() {
+					t.Fatal("the injected fault did not fire")
+				}
+				intents, ierr := u.store.ListIntents(ctx)
+				if ierr != nil {
+					t.Fatal(ierr)
+				}
+				if len(intents) != 0 {
+					t.Errorf("intents left: %v", intents)
+				}
+				if commit {
+					if err != nil {
+						t.Fatalf("Issue: %v; want the credential of the stored lease", err)
+					}
+					stored := u.lease(l.ID)
+					if stored.State != broker.StateActive || stored.Revision != l.Revision || stored.Username != cred.Username {
+						t.Errorf("stored lease %+v, returned %+v", stored, l)
+					}
+					if !u.userExists(cred.Username) {
+						t.Error("the credential's user does not exist")
+					}
+					if next, ok := u.b.QueueNext(); !ok || !next.Equal(l.ExpireTime) || u.b.QueueLen() != 1 {
+						t.Errorf("expiry queue: next %v (%v), %d entries; want the lease at %v", next, ok, u.b.QueueLen(), l.ExpireTime)
+					}
+					return
+				}
+				if err == nil {
+					t.Fatal("Issue succeeded although the lease was never stored")
+				}
+				if !errors.Is(err, broker.ErrUnknownOutcome) || !errors.Is(err, broker.ErrUnavailable) {
+					t.Errorf("error %v: want ErrUnknownOutcome, as ErrUnavailable", err)
+				}
+				if users := u.db.Usernames(); len(users) != 0 {
+					t.Errorf("users left: %v", users)
+				}
+				leases, _, lerr := u.store.ListLeases(ctx, broker.LeaseFilter{})
+				if lerr != nil || len(leases) != 0 {
+					t.Errorf("leases left: %v (%v)", leases, lerr)
+				}
+			})
+		}
 	}
 }
