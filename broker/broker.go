@@ -36,6 +36,10 @@ type Broker struct {
 	// revocation from going on, for requeue's backoff.
 	storeFailMu sync.Mutex
 	storeFails  map[string]int
+	// lanes are the expiry manager's revocation lanes, one per target
+	// (expiry.go).
+	lanesMu sync.Mutex
+	lanes   map[string]*revokeLane
 
 	streamsMu sync.Mutex
 	streams   map[string]*streamState
@@ -143,6 +147,7 @@ func (b *Broker) Start(ctx context.Context) error {
 		n := 0
 		err = b.store.ScanExpiry(ctx, func(e ExpiryEntry) bool {
 			b.queue.Set(e.LeaseID, e.Expire)
+			b.queue.SetTarget(e.LeaseID, e.Target) // "" when the index lacks it
 			n++
 			return true
 		})
@@ -295,6 +300,7 @@ func (b *Broker) Issue(ctx context.Context, req IssueRequest) (Lease, Credential
 		return Lease{}, Credential{}, fmt.Errorf("store lease: %w", err)
 	}
 	b.queue.Set(lease.ID, lease.ExpireTime)
+	b.queue.SetTarget(lease.ID, lease.Target)
 	if lease.RevokeOnDisconnect {
 		b.armDisconnect(lease.ID, now.Add(b.cfg.DisconnectGrace))
 	}

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"slices"
+	"sync"
 	"time"
 )
 
@@ -16,63 +17,51 @@ import (
 const popBatch = 256
 
 // startExpiryManager starts the dispatcher, which waits for the earliest
-// due lease, and RevokeConcurrency workers, which revoke. Detection and
+// due lease and hands it to its target's revocation lane. Detection and
 // revocation are separate so that one slow DROP does not delay the
 // detection of every other expiry, and the rate limiter sits between them
 // so a mass expiry cannot overload PostgreSQL.
 func (b *Broker) startExpiryManager(ctx context.Context) {
-	work := make(chan []string)
-	for i := 0; i < b.cfg.RevokeConcurrency; i++ {
-		b.wg.Add(1)
-		go func() {
-			defer b.wg.Done()
-			for {
-				select {
-				case <-ctx.Done():
-					return
-				case ids := <-work:
-					if len(ids) == 1 {
-						// Errors are recorded on the lease and logged by
-						// revoke; the lease is already queued for its retry.
-						_, _, _ = b.revoke(ctx, ids[0], true)
-					} else {
-						b.revokeBatch(ctx, ids)
-					}
-				}
-			}
-		}()
-	}
 	b.wg.Add(1)
 	go func() {
 		defer b.wg.Done()
-		b.dispatch(ctx, work)
+		b.dispatch(ctx)
 	}()
 }
 
-// dispatch hands due leases to the workers: one at a time while few are
-// due, in batches (split evenly over the workers) when many are. Every
-// lease takes one token of the rate limiter before it is handed over, so
-// the rate bounds revocations, not batches.
-func (b *Broker) dispatch(ctx context.Context, work chan<- []string) {
+// dispatch hands due leases to their targets' lanes: one at a time while
+// few are due, in batches (split evenly over a lane's workers) when many
+// are. Every lease takes one token of the rate limiter before it is handed
+// over, so the rate bounds revocations, not batches. Handing over never
+// blocks, so a target whose revocations hang delays no other target's.
+func (b *Broker) dispatch(ctx context.Context) {
 	for {
 		var timer <-chan time.Time
 		if next, ok := b.queue.Next(); ok {
 			now := b.wallNow()
 			if !next.After(now) {
 				due := b.queue.PopDue(now, popBatch)
-				size := (len(due) + b.cfg.RevokeConcurrency - 1) / b.cfg.RevokeConcurrency
-				for len(due) > 0 {
-					batch := due[:min(size, len(due))]
-					due = due[len(batch):]
-					for range batch {
-						if err := b.limiter.Wait(ctx); err != nil {
-							return
-						}
+				byTarget := map[string][]string{}
+				var targets []string
+				for _, id := range due {
+					t := b.queue.Target(id)
+					if _, ok := byTarget[t]; !ok {
+						targets = append(targets, t)
 					}
-					select {
-					case work <- batch:
-					case <-ctx.Done():
-						return
+					byTarget[t] = append(byTarget[t], id)
+				}
+				for _, target := range targets {
+					ids := byTarget[target]
+					size := (len(ids) + b.cfg.RevokeConcurrency - 1) / b.cfg.RevokeConcurrency
+					for len(ids) > 0 {
+						batch := ids[:min(size, len(ids))]
+						ids = ids[len(batch):]
+						for range batch {
+							if err := b.limiter.Wait(ctx); err != nil {
+								return
+							}
+						}
+						b.lane(target).add(ctx, b, batch)
 					}
 				}
 				continue
@@ -84,6 +73,80 @@ func (b *Broker) dispatch(ctx context.Context, work chan<- []string) {
 			return
 		case <-b.queue.wake:
 		case <-timer:
+		}
+	}
+}
+
+// revokeLane runs the expiry manager's revocations of one target, with up
+// to RevokeConcurrency goroutines, started while batches are pending and
+// gone when none is (as renewBatcher does for renewals). Each target has
+// its own lane, so a target that is down or slow holds only its own
+// workers: a thousand expiries on an unreachable target do not delay the
+// revocations on a healthy one. (Leases whose target the queue does not
+// know, from a store written by an older binary, share the lane "".)
+type revokeLane struct {
+	mu      sync.Mutex
+	pending [][]string
+	running int
+}
+
+func (b *Broker) lane(target string) *revokeLane {
+	b.lanesMu.Lock()
+	defer b.lanesMu.Unlock()
+	if b.lanes == nil {
+		b.lanes = make(map[string]*revokeLane)
+	}
+	l, ok := b.lanes[target]
+	if !ok {
+		l = &revokeLane{}
+		b.lanes[target] = l
+	}
+	return l
+}
+
+// add queues a batch on the lane and starts a worker if it has fewer than
+// RevokeConcurrency. It never blocks on a revocation. Only the dispatcher
+// calls it, which is itself counted in b.wg, so wg.Add cannot race Close's
+// Wait.
+func (l *revokeLane) add(ctx context.Context, b *Broker, ids []string) {
+	l.mu.Lock()
+	l.pending = append(l.pending, ids)
+	start := l.running < b.cfg.RevokeConcurrency
+	if start {
+		l.running++
+	}
+	l.mu.Unlock()
+	if !start {
+		return
+	}
+	b.wg.Add(1)
+	go func() {
+		defer b.wg.Done()
+		l.run(ctx, b)
+	}()
+}
+
+// run revokes the lane's batches until none is pending or ctx ends (the
+// broker is closing: what is left is rebuilt from the store at the next
+// start).
+func (l *revokeLane) run(ctx context.Context, b *Broker) {
+	for {
+		l.mu.Lock()
+		if len(l.pending) == 0 || ctx.Err() != nil {
+			l.running--
+			l.mu.Unlock()
+			return
+		}
+		ids := l.pending[0]
+		l.pending[0] = nil
+		l.pending = l.pending[1:]
+		l.mu.Unlock()
+		if len(ids) == 1 {
+			// Errors are recorded on the lease and logged by revoke; the
+			// lease is already queued for its retry.
+			_, _, _ = b.revoke(ctx, ids[0], true)
+		} else {
+			b.revokeBatch(ctx, ids)
 		}
 	}
 }

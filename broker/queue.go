@@ -14,6 +14,11 @@ type ExpiryQueue struct {
 	mu    sync.Mutex
 	items expiryHeap
 	index map[string]*expiryItem
+	// targets maps a lease to its target, so the dispatcher can hand it to
+	// that target's revocation lane. Unlike the heap entry it outlives
+	// PopDue (the lease is still being revoked, and may come back); Remove
+	// drops it.
+	targets map[string]string
 	// wake is signalled when the earliest due time may have moved earlier.
 	wake chan struct{}
 }
@@ -48,7 +53,7 @@ func (h *expiryHeap) Pop() any {
 
 // NewExpiryQueue returns an empty queue.
 func NewExpiryQueue() *ExpiryQueue {
-	return &ExpiryQueue{index: make(map[string]*expiryItem), wake: make(chan struct{}, 1)}
+	return &ExpiryQueue{index: make(map[string]*expiryItem), targets: make(map[string]string), wake: make(chan struct{}, 1)}
 }
 
 // Set schedules id at due, moving its entry if it has one.
@@ -77,10 +82,25 @@ func (q *ExpiryQueue) Set(id string, due time.Time) {
 	}
 }
 
-// Remove drops id's entry, if any.
+// SetTarget records the target of lease id (see Target).
+func (q *ExpiryQueue) SetTarget(id, target string) {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	q.targets[id] = target
+}
+
+// Target is the target SetTarget recorded for id, "" if none.
+func (q *ExpiryQueue) Target(id string) string {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	return q.targets[id]
+}
+
+// Remove drops id's entry and its target, if any.
 func (q *ExpiryQueue) Remove(id string) {
 	q.mu.Lock()
 	defer q.mu.Unlock()
+	delete(q.targets, id)
 	if it, ok := q.index[id]; ok {
 		heap.Remove(&q.items, it.pos)
 		delete(q.index, id)

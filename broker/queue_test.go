@@ -163,3 +163,17 @@ func TestQueueWakeIfDue(t *testing.T) {
 		t.Error("did not wake the dispatcher for an entry due now")
 	}
 }
+
+func TestQueueTargetOutlivesPopDueUntilRemove(t *testing.T) {
+	q := NewExpiryQueue()
+	q.Set("a", dueAt(1))
+	q.SetTarget("a", "main")
+	q.PopDue(dueAt(1), 10)
+	if got := q.Target("a"); got != "main" {
+		t.Errorf("target after PopDue = %q, want main (the lease is still being revoked)", got)
+	}
+	q.Remove("a")
+	if got := q.Target("a"); got != "" {
+		t.Errorf("target after Remove = %q, want none", got)
+	}
+}

@@ -415,3 +415,77 @@ func TestUnitIssueWithUnknownOutcome(t *testing.T) {
 		}
 	}
 }
+
+// hangingDB is a fakedb whose drops hang until released (or their context
+// ends), as they do on a target that stopped answering.
+type hangingDB struct {
+	*fakedb.DB
+	release chan struct{}
+	waiting atomic.Int32 // drops hanging now
+}
+
+func (d *hangingDB) hang(ctx context.Context) error {
+	d.waiting.Add(1)
+	defer d.waiting.Add(-1)
+	select {
+	case <-d.release:
+		return nil
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+}
+
+func (d *hangingDB) DeleteUser(ctx context.Context, req broker.DeleteUserRequest) error {
+	if err := d.hang(ctx); err != nil {
+		return err
+	}
+	return d.DB.DeleteUser(ctx, req)
+}
+
+func (d *hangingDB) DeleteUsers(ctx context.Context, reqs []broker.DeleteUserRequest) []error {
+	if err := d.hang(ctx); err != nil {
+		errs := make([]error, len(reqs))
+		for i := range errs {
+			errs[i] = err
+		}
+		return errs
+	}
+	return d.DB.DeleteUsers(ctx, reqs)
+}
+
+// Point 5 of issue 10: a target whose drops hang holds only its own
+// revocations; a healthy target's leases, due later, are revoked at once.
+func TestUnitOneStuckTargetDoesNotStallAnother(t *testing.T) {
+	dead := &hangingDB{DB: fakedb.New(), release: make(chan struct{})}
+	u := newUnit(t, func(c *broker.Config) {
+		c.Databases["dead"] = dead
+		c.Roles = append(c.Roles, broker.Role{Name: "dead_ro", Target: "dead", ProxyRole: "read_only_role", DefaultTTL: 15 * time.Minute, MaxTTL: time.Hour})
+		c.RevokeConcurrency = 2
+		c.RevokeRate = 1000
+	})
+	t.Cleanup(func() { close(dead.release) }) // before the broker's Close
+	var stuck []broker.Lease
+	for range 8 {
+		l, _ := u.issue("dead_ro", time.Minute, "svc")
+		stuck = append(stuck, l)
+	}
+	healthy, c := u.issue(roleRO, 2*time.Minute, "svc")
+
+	u.waitArmed(stuck[0].ExpireTime)
+	u.clock.Advance(time.Minute)
+	waitFor(t, "the dead target's workers to hang", func() bool { return dead.waiting.Load() == 2 })
+	u.waitArmed(healthy.ExpireTime)
+	u.clock.Advance(time.Minute)
+	u.waitState(healthy.ID, broker.StateExpired)
+	if u.userExists(c.Username) {
+		t.Error("the healthy target's user survived its lease")
+	}
+	if n := dead.waiting.Load(); n != 2 {
+		t.Errorf("%d drops hang on the dead target, want its 2 workers", n)
+	}
+	for _, l := range stuck {
+		if s := u.lease(l.ID).State; s != broker.StateRevoking {
+			t.Errorf("lease %s on the dead target is %s, want revoking", l.ID, s)
+		}
+	}
+}

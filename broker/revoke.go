@@ -29,6 +29,7 @@ func (b *Broker) revoke(ctx context.Context, id string, byExpiry bool) (Lease, b
 	l, err := b.store.GetLease(ctx, id)
 	if errors.Is(err, ErrLeaseNotFound) {
 		b.storeRecovered(id)
+		b.queue.Remove(id)
 		return Lease{}, false, err
 	}
 	if err != nil {
