@@ -37,9 +37,8 @@ type Broker struct {
 	storeFailMu sync.Mutex
 	storeFails  map[string]int
 	// lanes are the expiry manager's revocation lanes, one per target
-	// (expiry.go).
-	lanesMu sync.Mutex
-	lanes   map[string]*revokeLane
+	// (expiry.go); the map is fixed at New.
+	lanes map[string]*revokeLane
 
 	streamsMu sync.Mutex
 	streams   map[string]*streamState
@@ -111,17 +110,19 @@ func New(cfg Config) (*Broker, error) {
 	}
 	burst := cfg.RevokeConcurrency
 	return &Broker{
-		cfg:      cfg,
-		store:    cfg.Store,
-		dbs:      cfg.Databases,
-		roles:    roles,
-		clock:    cfg.Clock,
-		log:      cfg.Logger,
-		queue:    NewExpiryQueue(),
-		limiter:  rate.NewLimiter(rate.Limit(cfg.RevokeRate), burst),
-		streams:  make(map[string]*streamState),
-		inflight: make(map[string]struct{}),
-		closed:   make(chan struct{}),
+		cfg:        cfg,
+		store:      cfg.Store,
+		dbs:        cfg.Databases,
+		roles:      roles,
+		clock:      cfg.Clock,
+		log:        cfg.Logger,
+		queue:      NewExpiryQueue(),
+		limiter:    rate.NewLimiter(rate.Limit(cfg.RevokeRate), burst),
+		streams:    make(map[string]*streamState),
+		inflight:   make(map[string]struct{}),
+		closed:     make(chan struct{}),
+		storeFails: make(map[string]int),
+		lanes:      newRevokeLanes(cfg.Databases),
 	}, nil
 }
 

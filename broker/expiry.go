@@ -90,18 +90,22 @@ type revokeLane struct {
 	running int
 }
 
+// lane is target's lane; a target not configured (any more) or unknown
+// shares the lane "".
 func (b *Broker) lane(target string) *revokeLane {
-	b.lanesMu.Lock()
-	defer b.lanesMu.Unlock()
-	if b.lanes == nil {
-		b.lanes = make(map[string]*revokeLane)
+	if l, ok := b.lanes[target]; ok {
+		return l
 	}
-	l, ok := b.lanes[target]
-	if !ok {
-		l = &revokeLane{}
-		b.lanes[target] = l
+	return b.lanes[""]
+}
+
+// newRevokeLanes returns a lane per target and the lane "".
+func newRevokeLanes(dbs map[string]Database) map[string]*revokeLane {
+	lanes := map[string]*revokeLane{"": {}}
+	for target := range dbs {
+		lanes[target] = &revokeLane{}
 	}
-	return l
+	return lanes
 }
 
 // add queues a batch on the lane and starts a worker if it has fewer than

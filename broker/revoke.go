@@ -116,9 +116,6 @@ func (b *Broker) revoke(ctx context.Context, id string, byExpiry bool) (Lease, b
 // would live on.
 func (b *Broker) requeue(id string, err error) {
 	b.storeFailMu.Lock()
-	if b.storeFails == nil {
-		b.storeFails = make(map[string]int)
-	}
 	b.storeFails[id]++
 	n := b.storeFails[id]
 	b.storeFailMu.Unlock()
