@@ -21,7 +21,9 @@ type Config struct {
 	TombstoneRetention time.Duration // default 24h
 	// ReconcileInterval is how often intents and marker-role members are settled.
 	ReconcileInterval time.Duration // default 5m
-	// RevokeConcurrency bounds concurrent revocations by the expiry manager.
+	// RevokeConcurrency bounds concurrent revocations by the expiry manager,
+	// per target: each target has its own workers, so one that hangs does
+	// not delay the others.
 	RevokeConcurrency int // default 4
 	// RevokeRate bounds expiry-driven revocations per second (a mass expiry
 	// must not overload PostgreSQL).

@@ -32,6 +32,13 @@ type Broker struct {
 	// renewals batches concurrent renewals per target (renewbatch.go).
 	renewals renewBatcher
 	limiter  *rate.Limiter
+	// storeFails counts, per lease, consecutive store errors that kept a
+	// revocation from going on, for requeue's backoff.
+	storeFailMu sync.Mutex
+	storeFails  map[string]int
+	// lanes are the expiry manager's revocation lanes, one per target
+	// (expiry.go); the map is fixed at New.
+	lanes map[string]*revokeLane
 
 	streamsMu sync.Mutex
 	streams   map[string]*streamState
@@ -103,17 +110,19 @@ func New(cfg Config) (*Broker, error) {
 	}
 	burst := cfg.RevokeConcurrency
 	return &Broker{
-		cfg:      cfg,
-		store:    cfg.Store,
-		dbs:      cfg.Databases,
-		roles:    roles,
-		clock:    cfg.Clock,
-		log:      cfg.Logger,
-		queue:    NewExpiryQueue(),
-		limiter:  rate.NewLimiter(rate.Limit(cfg.RevokeRate), burst),
-		streams:  make(map[string]*streamState),
-		inflight: make(map[string]struct{}),
-		closed:   make(chan struct{}),
+		cfg:        cfg,
+		store:      cfg.Store,
+		dbs:        cfg.Databases,
+		roles:      roles,
+		clock:      cfg.Clock,
+		log:        cfg.Logger,
+		queue:      NewExpiryQueue(),
+		limiter:    rate.NewLimiter(rate.Limit(cfg.RevokeRate), burst),
+		streams:    make(map[string]*streamState),
+		inflight:   make(map[string]struct{}),
+		closed:     make(chan struct{}),
+		storeFails: make(map[string]int),
+		lanes:      newRevokeLanes(cfg.Databases),
 	}, nil
 }
 
@@ -139,6 +148,7 @@ func (b *Broker) Start(ctx context.Context) error {
 		n := 0
 		err = b.store.ScanExpiry(ctx, func(e ExpiryEntry) bool {
 			b.queue.Set(e.LeaseID, e.Expire)
+			b.queue.SetTarget(e.LeaseID, e.Target) // "" when the index lacks it
 			n++
 			return true
 		})
@@ -181,6 +191,12 @@ func (b *Broker) Close() error {
 	return nil
 }
 
+// wallNow is the clock's time without its monotonic reading. Lease times
+// are wall-clock instants, stored as such and compared with each other
+// and with the expiry queue's entries, so every instant the lease
+// lifecycle computes starts from this (see ExpiryQueue.Set).
+func (b *Broker) wallNow() time.Time { return b.clock.Now().Round(0) }
+
 func (b *Broker) db(target string) (Database, error) {
 	db, ok := b.dbs[target]
 	if !ok {
@@ -220,7 +236,7 @@ func (b *Broker) Issue(ctx context.Context, req IssueRequest) (Lease, Credential
 	if ttl > role.MaxTTL {
 		ttl = role.MaxTTL
 	}
-	now := b.clock.Now()
+	now := b.wallNow()
 	lease := Lease{
 		ID:                 newLeaseID(),
 		Role:               role.Name,
@@ -278,11 +294,14 @@ func (b *Broker) Issue(ctx context.Context, req IssueRequest) (Lease, Credential
 		b.abandonIssue(intent, log)
 		return Lease{}, Credential{}, fmt.Errorf("create user: %w", err)
 	}
-	if err := b.store.CreateLease(ctx, &lease); err != nil {
-		b.abandonIssue(intent, log)
+	if err := b.store.CreateLease(ctx, &lease); err != nil && !b.createdAnyway(&lease, intent, err, log) {
+		if errors.Is(err, ErrUnknownOutcome) {
+			return Lease{}, Credential{}, fmt.Errorf("%w: store lease: %w", ErrUnavailable, err)
+		}
 		return Lease{}, Credential{}, fmt.Errorf("store lease: %w", err)
 	}
 	b.queue.Set(lease.ID, lease.ExpireTime)
+	b.queue.SetTarget(lease.ID, lease.Target)
 	if lease.RevokeOnDisconnect {
 		b.armDisconnect(lease.ID, now.Add(b.cfg.DisconnectGrace))
 	}
@@ -296,6 +315,43 @@ func (b *Broker) Issue(ctx context.Context, req IssueRequest) (Lease, Credential
 		Port:     ep.Port,
 		Database: ep.Database,
 	}, nil
+}
+
+// createdAnyway settles a CreateLease that returned err. The write may have
+// committed all the same (ErrUnknownOutcome, a context that ended while it
+// was in flight), and undoing the issue then would leave an ACTIVE lease
+// without a user, and out of the expiry queue. So the lease is read back
+// first: if it is stored, createdAnyway sets *l to it and reports true, and
+// the issue goes on; if it is not, the issue is undone. If even the read
+// fails, the user and the intent stay for the reconciler (it drops the
+// user unless the lease exists), and the lease is queued so that, if it
+// does exist, it is revoked at its expiry.
+func (b *Broker) createdAnyway(l *Lease, in Intent, err error, log *slog.Logger) bool {
+	ctx, cancel := context.WithTimeout(context.Background(), cleanupTimeout)
+	defer cancel()
+	stored, rerr := b.store.GetLease(ctx, l.ID)
+	switch {
+	case rerr == nil && stored.Username == l.Username:
+		log.Warn("lease stored although the store reported an error; issuing it", "err", err)
+		*l = stored
+		return true
+	case rerr == nil:
+		// The id is another lease's (ErrExists): ours was not stored.
+		b.abandonIssue(in, log)
+		return false
+	case errors.Is(rerr, ErrLeaseNotFound):
+		if errors.Is(err, ErrUnknownOutcome) || errors.Is(err, context.Canceled) || errors.Is(err, context.DeadlineExceeded) {
+			// Should the write still land, the expiry manager revokes it;
+			// if it never does, the entry finds no lease and goes.
+			b.queue.Set(l.ID, l.ExpireTime)
+		}
+		b.abandonIssue(in, log)
+		return false
+	default:
+		b.queue.Set(l.ID, l.ExpireTime)
+		log.Warn("could not tell whether the lease was stored; the reconciler settles it", "err", err, "read_err", rerr)
+		return false
+	}
 }
 
 // abandonIssue undoes a half-finished issue on a context of its own: the
@@ -343,7 +399,7 @@ func (b *Broker) Renew(ctx context.Context, id string, increment time.Duration) 
 		if err != nil {
 			return Lease{}, err
 		}
-		now := b.clock.Now()
+		now := b.wallNow()
 		switch {
 		case l.State == StateExpired:
 			return l, fmt.Errorf("%w: lease %s expired at %s", ErrLeaseExpired, id, l.EndTime.UTC().Format(time.RFC3339))
@@ -352,15 +408,8 @@ func (b *Broker) Renew(ctx context.Context, id string, increment time.Duration) 
 		case !now.Before(l.ExpireTime):
 			return l, fmt.Errorf("%w: lease %s expired at %s", ErrLeaseExpired, id, l.ExpireTime.UTC().Format(time.RFC3339))
 		}
-		inc := increment
-		if inc == 0 {
-			inc = b.defaultTTL(l)
-		}
-		newExpire := now.Add(inc)
-		if newExpire.After(l.MaxExpireTime) {
-			newExpire = l.MaxExpireTime
-		}
-		if !newExpire.After(l.ExpireTime) && !userOnly {
+		newExpire := b.renewedExpiry(l, now, increment)
+		if !newExpire.After(l.ExpireTime) && !userOnly && !l.ValidUntilBehind {
 			// Nothing to extend: at the cap, or asked for less than it has.
 			b.publishRenewal(l)
 			return l, nil
@@ -390,6 +439,7 @@ func (b *Broker) Renew(ctx context.Context, id string, increment time.Duration) 
 			return l, fmt.Errorf("renew user: %w", err)
 		}
 		l.ExpireTime = newExpire
+		l.ValidUntilBehind = false // PostgreSQL has it now
 		stored, err := b.store.UpdateLease(ctx, l)
 		if errors.Is(err, ErrConflict) {
 			continue
@@ -411,6 +461,20 @@ func (b *Broker) publishRenewal(l Lease) {
 		t = EventMaxTTLReached
 	}
 	b.hub.publish(Event{Type: t, Lease: l.Clone()})
+}
+
+// renewedExpiry is the expiry a renewal of l at now asks for: now plus
+// increment (zero: the role's default TTL), never past MaxExpireTime.
+// Both renewal paths, batched and alone, take it from here.
+func (b *Broker) renewedExpiry(l Lease, now time.Time, increment time.Duration) time.Time {
+	if increment == 0 {
+		increment = b.defaultTTL(l)
+	}
+	e := now.Add(increment)
+	if e.After(l.MaxExpireTime) {
+		return l.MaxExpireTime
+	}
+	return e
 }
 
 // defaultTTL is the lease's role's default TTL; for a role that has left

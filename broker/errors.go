@@ -28,6 +28,10 @@ var (
 	// ErrUserNotFound: the lease's database user is gone (dropped outside
 	// the broker); Database.RenewUser returns it.
 	ErrUserNotFound = errors.New("database user does not exist")
+	// ErrUnknownOutcome: a store write whose outcome is unknown: it may
+	// have committed or not (a timeout on a networked store). The caller
+	// re-reads before it acts on either (see LeaseStore).
+	ErrUnknownOutcome = errors.New("write outcome unknown")
 	// ErrResourceExhausted: a quota or rate limit was hit.
 	ErrResourceExhausted = errors.New("resource exhausted")
 )

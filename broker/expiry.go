@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"slices"
+	"sync"
 	"time"
 )
 
@@ -16,63 +17,51 @@ import (
 const popBatch = 256
 
 // startExpiryManager starts the dispatcher, which waits for the earliest
-// due lease, and RevokeConcurrency workers, which revoke. Detection and
+// due lease and hands it to its target's revocation lane. Detection and
 // revocation are separate so that one slow DROP does not delay the
 // detection of every other expiry, and the rate limiter sits between them
 // so a mass expiry cannot overload PostgreSQL.
 func (b *Broker) startExpiryManager(ctx context.Context) {
-	work := make(chan []string)
-	for i := 0; i < b.cfg.RevokeConcurrency; i++ {
-		b.wg.Add(1)
-		go func() {
-			defer b.wg.Done()
-			for {
-				select {
-				case <-ctx.Done():
-					return
-				case ids := <-work:
-					if len(ids) == 1 {
-						// Errors are recorded on the lease and logged by
-						// revoke; the lease is already queued for its retry.
-						_, _, _ = b.revoke(ctx, ids[0], true)
-					} else {
-						b.revokeBatch(ctx, ids)
-					}
-				}
-			}
-		}()
-	}
 	b.wg.Add(1)
 	go func() {
 		defer b.wg.Done()
-		b.dispatch(ctx, work)
+		b.dispatch(ctx)
 	}()
 }
 
-// dispatch hands due leases to the workers: one at a time while few are
-// due, in batches (split evenly over the workers) when many are. Every
-// lease takes one token of the rate limiter before it is handed over, so
-// the rate bounds revocations, not batches.
-func (b *Broker) dispatch(ctx context.Context, work chan<- []string) {
+// dispatch hands due leases to their targets' lanes: one at a time while
+// few are due, in batches (split evenly over a lane's workers) when many
+// are. Every lease takes one token of the rate limiter before it is handed
+// over, so the rate bounds revocations, not batches. Handing over never
+// blocks, so a target whose revocations hang delays no other target's.
+func (b *Broker) dispatch(ctx context.Context) {
 	for {
 		var timer <-chan time.Time
 		if next, ok := b.queue.Next(); ok {
-			now := b.clock.Now()
+			now := b.wallNow()
 			if !next.After(now) {
 				due := b.queue.PopDue(now, popBatch)
-				size := (len(due) + b.cfg.RevokeConcurrency - 1) / b.cfg.RevokeConcurrency
-				for len(due) > 0 {
-					batch := due[:min(size, len(due))]
-					due = due[len(batch):]
-					for range batch {
-						if err := b.limiter.Wait(ctx); err != nil {
-							return
-						}
+				byTarget := map[string][]string{}
+				var targets []string
+				for _, id := range due {
+					t := b.queue.Target(id)
+					if _, ok := byTarget[t]; !ok {
+						targets = append(targets, t)
 					}
-					select {
-					case work <- batch:
-					case <-ctx.Done():
-						return
+					byTarget[t] = append(byTarget[t], id)
+				}
+				for _, target := range targets {
+					ids := byTarget[target]
+					size := (len(ids) + b.cfg.RevokeConcurrency - 1) / b.cfg.RevokeConcurrency
+					for len(ids) > 0 {
+						batch := ids[:min(size, len(ids))]
+						ids = ids[len(batch):]
+						for range batch {
+							if err := b.limiter.Wait(ctx); err != nil {
+								return
+							}
+						}
+						b.lane(target).add(ctx, b, batch)
 					}
 				}
 				continue
@@ -88,6 +77,84 @@ func (b *Broker) dispatch(ctx context.Context, work chan<- []string) {
 	}
 }
 
+// revokeLane runs the expiry manager's revocations of one target, with up
+// to RevokeConcurrency goroutines, started while batches are pending and
+// gone when none is (as renewBatcher does for renewals). Each target has
+// its own lane, so a target that is down or slow holds only its own
+// workers: a thousand expiries on an unreachable target do not delay the
+// revocations on a healthy one. (Leases whose target the queue does not
+// know, from a store written by an older binary, share the lane "".)
+type revokeLane struct {
+	mu      sync.Mutex
+	pending [][]string
+	running int
+}
+
+// lane is target's lane; a target not configured (any more) or unknown
+// shares the lane "".
+func (b *Broker) lane(target string) *revokeLane {
+	if l, ok := b.lanes[target]; ok {
+		return l
+	}
+	return b.lanes[""]
+}
+
+// newRevokeLanes returns a lane per target and the lane "".
+func newRevokeLanes(dbs map[string]Database) map[string]*revokeLane {
+	lanes := map[string]*revokeLane{"": {}}
+	for target := range dbs {
+		lanes[target] = &revokeLane{}
+	}
+	return lanes
+}
+
+// add queues a batch on the lane and starts a worker if it has fewer than
+// RevokeConcurrency. It never blocks on a revocation. Only the dispatcher
+// calls it, which is itself counted in b.wg, so wg.Add cannot race Close's
+// Wait.
+func (l *revokeLane) add(ctx context.Context, b *Broker, ids []string) {
+	l.mu.Lock()
+	l.pending = append(l.pending, ids)
+	start := l.running < b.cfg.RevokeConcurrency
+	if start {
+		l.running++
+	}
+	l.mu.Unlock()
+	if !start {
+		return
+	}
+	b.wg.Add(1)
+	go func() {
+		defer b.wg.Done()
+		l.run(ctx, b)
+	}()
+}
+
+// run revokes the lane's batches until none is pending or ctx ends (the
+// broker is closing: what is left is rebuilt from the store at the next
+// start).
+func (l *revokeLane) run(ctx context.Context, b *Broker) {
+	for {
+		l.mu.Lock()
+		if len(l.pending) == 0 || ctx.Err() != nil {
+			l.running--
+			l.mu.Unlock()
+			return
+		}
+		ids := l.pending[0]
+		l.pending[0] = nil
+		l.pending = l.pending[1:]
+		l.mu.Unlock()
+		if len(ids) == 1 {
+			// Errors are recorded on the lease and logged by revoke; the
+			// lease is already queued for its retry.
+			_, _, _ = b.revoke(ctx, ids[0], true)
+		} else {
+			b.revokeBatch(ctx, ids)
+		}
+	}
+}
+
 // maintenanceLoop settles intents and unknown users, purges old tombstones,
 // and revokes leases whose streams went away.
 func (b *Broker) maintenanceLoop(ctx context.Context) {
@@ -98,6 +165,8 @@ func (b *Broker) maintenanceLoop(ctx context.Context) {
 			return
 		case <-b.clock.After(disconnectCheckInterval):
 		}
+		// Re-arms the dispatcher if the wall clock stepped forward.
+		b.queue.WakeIfDue(b.clock.Now())
 		b.revokeDisconnected(ctx)
 		if now := b.clock.Now(); !now.Before(nextReconcile) {
 			nextReconcile = now.Add(b.cfg.ReconcileInterval)
@@ -129,10 +198,12 @@ func (b *Broker) PurgeTombstones(ctx context.Context) (int, error) {
 
 // revokeBatch is revoke(ctx, id, true) for several expired leases at once:
 // the same states and events, with one store transaction per step and one
-// UsersDeleter call per target. What it cannot settle plainly (a lease
-// that cannot be read or written, a target without UsersDeleter, a user
-// that could not be dropped) goes through revoke one lease at a time,
-// which records attempts and schedules retries.
+// UsersDeleter call per target. A lease the store fails to read or write
+// goes back in the queue after a backoff (requeue), so no store error
+// loses a revocation. What else it cannot settle plainly (a lease changed
+// since read, a target without UsersDeleter, a user that could not be
+// dropped) goes through revoke one lease at a time, which records
+// attempts and schedules retries.
 func (b *Broker) revokeBatch(ctx context.Context, ids []string) {
 	ids = slices.Clone(ids)
 	slices.Sort(ids) // lock in one order: no two batches deadlock
@@ -151,7 +222,7 @@ func (b *Broker) revokeBatch(ctx context.Context, ids []string) {
 		}
 	}()
 
-	now := b.clock.Now()
+	now := b.wallNow()
 	var revoking []Lease
 	for _, id := range ids {
 		l, err := b.store.GetLease(ctx, id)
@@ -160,7 +231,7 @@ func (b *Broker) revokeBatch(ctx context.Context, ids []string) {
 			b.queue.Remove(id)
 			continue
 		case err != nil:
-			alone = append(alone, id)
+			b.requeue(id, err)
 			continue
 		case l.State.Terminal():
 			b.queue.Remove(id)
@@ -188,10 +259,17 @@ func (b *Broker) revokeBatch(ctx context.Context, ids []string) {
 		stored, errs := b.store.UpdateLeases(ctx, ls)
 		failed := map[string]bool{}
 		for j, i := range marks {
-			if errs[j] != nil {
+			switch {
+			case errors.Is(errs[j], ErrConflict):
+				// Changed since read: revoke reads it again.
 				failed[revoking[i].ID] = true
 				alone = append(alone, revoking[i].ID)
-			} else {
+			case errs[j] != nil:
+				// Out of the queue and not marked: back in, after a
+				// backoff, or the revocation is lost.
+				failed[revoking[i].ID] = true
+				b.requeue(revoking[i].ID, errs[j])
+			default:
 				revoking[i] = stored[j]
 			}
 		}
@@ -237,8 +315,7 @@ func (b *Broker) revokeBatch(ctx context.Context, ids []string) {
 		if errs[j] != nil {
 			// Still live in the store, so tried again; dropping a user
 			// that is already gone is success.
-			b.queue.Set(done[j].ID, now.Add(b.backoff(1)))
-			b.log.Warn("could not record a revocation; will retry", "lease_id", done[j].ID, "err", errs[j])
+			b.requeue(done[j].ID, errs[j])
 			continue
 		}
 		l := stored[j]

@@ -107,7 +107,7 @@ func (b *Broker) reserve(ctx context.Context, role Role, n int) []reservation {
 		return nil
 	}
 	hasher, _ := db.(PasswordHasher)
-	now := b.clock.Now()
+	now := b.wallNow()
 	rs := make([]reservation, 0, n)
 	for range n {
 		r := reservation{

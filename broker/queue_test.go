@@ -125,3 +125,55 @@ func TestUnitExpiryQueueNotify(t *testing.T) {
 		t.Error("Remove or PopDue woke the dispatcher")
 	}
 }
+
+// The queue holds wall-clock instants only: a due time with a monotonic
+// reading (time.Now() has one) would be ordered by another clock than the
+// stored expiries once the wall clock steps.
+func TestQueueStripsMonotonicReadings(t *testing.T) {
+	q := NewExpiryQueue()
+	due := time.Now().Add(time.Minute)
+	if due == due.Round(0) {
+		t.Skip("this platform's time.Now has no monotonic reading")
+	}
+	q.Set("a", due)
+	next, ok := q.Next()
+	if !ok || next != due.Round(0) {
+		t.Errorf("Next() = %v (%v), want %v without its monotonic reading", next, ok, due.Round(0))
+	}
+	q.Set("a", due.Add(time.Second)) // a move strips too
+	if next, _ := q.Next(); next != due.Add(time.Second).Round(0) {
+		t.Errorf("after a move, Next() = %v, want it without a monotonic reading", next)
+	}
+}
+
+func TestQueueWakeIfDue(t *testing.T) {
+	q := NewExpiryQueue()
+	q.WakeIfDue(dueAt(100))
+	if woken(q) {
+		t.Error("an empty queue woke its dispatcher")
+	}
+	q.Set("a", dueAt(10))
+	woken(q) // Set's own signal
+	q.WakeIfDue(dueAt(9))
+	if woken(q) {
+		t.Error("woke the dispatcher before anything was due")
+	}
+	q.WakeIfDue(dueAt(10))
+	if !woken(q) {
+		t.Error("did not wake the dispatcher for an entry due now")
+	}
+}
+
+func TestQueueTargetOutlivesPopDueUntilRemove(t *testing.T) {
+	q := NewExpiryQueue()
+	q.Set("a", dueAt(1))
+	q.SetTarget("a", "main")
+	q.PopDue(dueAt(1), 10)
+	if got := q.Target("a"); got != "main" {
+		t.Errorf("target after PopDue = %q, want main (the lease is still being revoked)", got)
+	}
+	q.Remove("a")
+	if got := q.Target("a"); got != "" {
+		t.Errorf("target after Remove = %q, want none", got)
+	}
+}

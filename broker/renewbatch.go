@@ -154,7 +154,7 @@ func (b *Broker) renewBatch(target string, calls []*renewCall) {
 	}()
 
 	alone := renewResult{err: errRenewAlone}
-	now := b.clock.Now()
+	now := b.wallNow()
 	for _, c := range calls {
 		if err := c.ctx.Err(); err != nil {
 			c.done <- renewResult{err: err}
@@ -172,19 +172,18 @@ func (b *Broker) renewBatch(target string, calls []*renewCall) {
 		if err != nil || l.State != StateActive || !now.Before(l.ExpireTime) || l.Target != target {
 			continue
 		}
-		inc := c.inc
-		if inc == 0 {
-			inc = b.defaultTTL(l)
-		}
 		it.lease = l
-		it.newExpire = now.Add(inc)
-		if it.newExpire.After(l.MaxExpireTime) {
-			it.newExpire = l.MaxExpireTime
-		}
+		it.newExpire = b.renewedExpiry(l, now, c.inc)
 		if !it.newExpire.After(l.ExpireTime) {
-			// Nothing to extend: at the cap, or asked for less than it has.
-			b.publishRenewal(l)
-			it.result = renewResult{lease: l.Clone()}
+			if !l.ValidUntilBehind {
+				// Nothing to extend: at the cap, or asked for less than it has.
+				b.publishRenewal(l)
+				it.result = renewResult{lease: l.Clone()}
+				continue
+			}
+			// The lease needs no more time, but its user's VALID UNTIL
+			// does: renew the user to the lease's expiry.
+			it.newExpire = l.ExpireTime
 		}
 	}
 
@@ -212,18 +211,23 @@ func (b *Broker) renewBatch(target string, calls []*renewCall) {
 	// PostgreSQL write can also leave the lease later than VALID UNTIL.
 	// Neither gives more than the caller was entitled to: the lease's
 	// expiry, which revocation follows, is what it asked for, and VALID
-	// UNTIL is a safety net for when the broker is down (DESIGN.md).
+	// UNTIL is a safety net for when the broker is down (DESIGN.md). That
+	// net must still end at or after the lease: a lease stored without
+	// its VALID UNTIL is marked ValidUntilBehind, and the next renewal
+	// renews its user even when the lease has nothing left to extend.
 	reqs := make([]RenewUserRequest, len(renew))
 	ls := make([]Lease, len(renew))
 	for i, it := range renew {
 		reqs[i] = RenewUserRequest{Username: it.lease.Username, ValidUntil: it.newExpire.Add(b.cfg.ValidUntilGrace)}
 		ls[i] = it.lease
 		ls[i].ExpireTime = it.newExpire
+		ls[i].ValidUntilBehind = false // set again below if PostgreSQL refuses
 	}
 	dbDone := make(chan []error, 1)
 	go func() { dbDone <- db.RenewUsers(ctx, reqs) }()
 	stored, storeErrs := b.store.UpdateLeases(ctx, ls)
 	dbErrs := <-dbDone
+	b.markValidUntilBehind(ctx, stored, storeErrs, dbErrs)
 	for i, it := range renew {
 		storeErr, dbErr := storeErrs[i], dbErrs[i]
 		switch {
@@ -248,5 +252,35 @@ func (b *Broker) renewBatch(target string, calls []*renewCall) {
 			// broker's back, say): the single path decides what it means.
 			it.result = renewResult{err: errRenewUserAlone}
 		}
+	}
+}
+
+// markValidUntilBehind records on every lease the batch stored but whose
+// user PostgreSQL did not renew that its VALID UNTIL may lag (see
+// Lease.ValidUntilBehind), so that no later renewal skips PostgreSQL for
+// it; it updates stored in place. The lease is already stored and queued
+// at its new expiry, and the user is dropped then; what could lag is only
+// the safety net for when the broker is down.
+func (b *Broker) markValidUntilBehind(ctx context.Context, stored []Lease, storeErrs, dbErrs []error) {
+	var idx []int
+	var ls []Lease
+	for i := range stored {
+		if storeErrs[i] == nil && dbErrs[i] != nil {
+			l := stored[i]
+			l.ValidUntilBehind = true
+			idx = append(idx, i)
+			ls = append(ls, l)
+		}
+	}
+	if len(ls) == 0 {
+		return
+	}
+	marked, errs := b.store.UpdateLeases(ctx, ls)
+	for j, i := range idx {
+		if errs[j] != nil {
+			b.log.Warn("could not record that a user's VALID UNTIL lags its lease", "lease_id", ls[j].ID, "err", errs[j])
+			continue
+		}
+		stored[i] = marked[j]
 	}
 }

@@ -27,16 +27,27 @@ func (b *Broker) revoke(ctx context.Context, id string, byExpiry bool) (Lease, b
 	unlock := b.leaseMu.Lock(id)
 	defer unlock()
 	l, err := b.store.GetLease(ctx, id)
+	if errors.Is(err, ErrLeaseNotFound) {
+		b.storeRecovered(id)
+		b.queue.Remove(id)
+		return Lease{}, false, err
+	}
 	if err != nil {
+		if byExpiry {
+			// The expiry manager took it out of the queue: put it back.
+			b.requeue(id, err)
+		}
 		return Lease{}, false, err
 	}
 	if l.State.Terminal() {
+		b.storeRecovered(id)
 		b.queue.Remove(id)
 		return l, false, nil
 	}
-	now := b.clock.Now()
+	now := b.wallNow()
 	if byExpiry && l.State == StateActive && now.Before(l.ExpireTime) {
 		// Renewed since it was queued.
+		b.storeRecovered(id)
 		b.queue.Set(id, l.ExpireTime)
 		return l, false, nil
 	}
@@ -47,10 +58,16 @@ func (b *Broker) revoke(ctx context.Context, id string, byExpiry bool) (Lease, b
 			// for it, so the tombstone says REVOKED, not EXPIRED.
 			l.EndTime = now
 		}
-		if l, err = b.store.UpdateLease(ctx, l); err != nil {
-			return l, false, fmt.Errorf("store lease: %w", err)
+		stored, err := b.store.UpdateLease(ctx, l)
+		if err != nil {
+			if byExpiry {
+				b.requeue(id, err)
+			}
+			return Lease{}, false, fmt.Errorf("store lease: %w", err)
 		}
+		l = stored
 	}
+	b.storeRecovered(id)
 	log := b.log.With("lease_id", l.ID, "role", l.Role, "client", l.Client, "username", l.Username)
 	db, dberr := b.db(l.Target)
 	if dberr == nil {
@@ -84,11 +101,35 @@ func (b *Broker) revoke(ctx context.Context, id string, byExpiry bool) (Lease, b
 	if err != nil {
 		// The lease stays live in the store, so it is tried again; dropping
 		// a user that is already gone is success.
-		b.queue.Set(id, now.Add(b.backoff(1)))
+		b.requeue(id, err)
 		return l, false, fmt.Errorf("store lease: %w", err)
 	}
 	b.leaseEnded(stored, log)
 	return stored.Clone(), true, nil
+}
+
+// requeue puts a lease back in the expiry queue after a store error kept
+// its revocation from going on, at a backoff that grows with each
+// consecutive store failure of that lease. The expiry manager took the
+// lease out of the queue (PopDue), so without this a store error would
+// lose the revocation until the next start, and the user and its sessions
+// would live on.
+func (b *Broker) requeue(id string, err error) {
+	b.storeFailMu.Lock()
+	b.storeFails[id]++
+	n := b.storeFails[id]
+	b.storeFailMu.Unlock()
+	due := b.wallNow().Add(b.backoff(n))
+	b.queue.Set(id, due)
+	b.log.Warn("store error during revocation; will retry", "lease_id", id, "store_failures", n, "retry_at", due, "err", err)
+}
+
+// storeRecovered forgets the store failures of a lease: the store read
+// and wrote it again.
+func (b *Broker) storeRecovered(id string) {
+	b.storeFailMu.Lock()
+	delete(b.storeFails, id)
+	b.storeFailMu.Unlock()
 }
 
 // backoff is the delay before retry attempt n (1-based): exponential from
@@ -127,6 +168,7 @@ func finishRevocation(l *Lease, now time.Time) {
 // is logged and audited.
 func (b *Broker) leaseEnded(stored Lease, log *slog.Logger) {
 	b.queue.Remove(stored.ID)
+	b.storeRecovered(stored.ID)
 	b.forgetStream(stored.ID)
 	ev := EventRevoked
 	if stored.State == StateExpired {

@@ -56,9 +56,19 @@ import (
 // A call whose context is already done returns ctx.Err() and changes
 // nothing. A context that ends while a write is in flight may leave the
 // write done or not done: the caller re-reads rather than assume either
-// (bbolt commits a write it has queued whatever the context says; on etcd a
-// timeout is an unknown outcome). Long scans check their context as they
-// go.
+// (bbolt commits a write it has queued whatever the context says). Long
+// scans check their context as they go.
+//
+// A write whose outcome the backend cannot know (etcd: the request timed
+// out or the connection dropped after it was sent) returns an error
+// wrapping ErrUnknownOutcome, never a plain error that reads as "not
+// done". Every other error of a write means it did not commit. The caller
+// re-reads before it undoes anything: the broker's issue path reads the
+// lease back after a failed CreateLease and keeps the credential when the
+// lease is there. A backend should return ErrUnknownOutcome only once a
+// late commit has become unlikely (etcd: after a linearizable read of the
+// key), since the caller's re-read decides; the broker still queues such a
+// lease for expiry, so a write that lands later is revoked on time.
 //
 // Every method is safe for concurrent use.
 type LeaseStore interface {

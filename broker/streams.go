@@ -2,6 +2,7 @@ package broker
 
 import (
 	"context"
+	"errors"
 	"time"
 )
 
@@ -15,6 +16,9 @@ type streamState struct {
 	open     int       // streams naming the lease now
 	bound    bool      // the lease is revoke_on_disconnect
 	deadline time.Time // when a bound lease with no stream is revoked
+	// failures counts revocations on disconnect that failed before they
+	// began (a store error), for the backoff of the next try.
+	failures int
 }
 
 // StreamOpened tells the broker that a KeepAlive stream started naming a
@@ -30,6 +34,7 @@ func (b *Broker) StreamOpened(leaseID string) {
 	}
 	s.open++
 	s.deadline = time.Time{}
+	s.failures = 0
 }
 
 // StreamClosed: see StreamOpened.
@@ -132,8 +137,34 @@ func (b *Broker) revokeDisconnected(ctx context.Context) {
 	b.streamsMu.Unlock()
 	for _, id := range due {
 		b.log.Info("revoking lease: no KeepAlive stream within the grace period", "lease_id", id)
-		if _, _, err := b.revoke(ctx, id, false); err != nil {
+		l, _, err := b.revoke(ctx, id, false)
+		switch {
+		case err == nil:
+			// Ended (leaseEnded forgot the stream), or it had ended already.
+			b.forgetStream(id)
+		case errors.Is(err, ErrLeaseNotFound):
+			b.forgetStream(id)
+		case l.State == StateRevoking || l.State == StateRevokeFailed:
+			// Under way: revoke recorded the attempt and queued the retry
+			// at its backoff, so the expiry manager owns it from here, as
+			// it owns an expired lease (REVOKE_FAILED after RevokeRetries).
+			// Trying again every tick would flood a target that is down.
+			b.log.Warn("revoke on disconnect failed; the expiry manager retries it", "lease_id", id, "err", err)
+			b.forgetStream(id)
+		default:
+			// Not begun (the store failed): try again after a backoff.
 			b.log.Warn("revoke on disconnect failed", "lease_id", id, "err", err)
+			b.disconnectRetryLater(id, now)
 		}
+	}
+}
+
+// disconnectRetryLater moves a bound lease's deadline to its next try.
+func (b *Broker) disconnectRetryLater(id string, now time.Time) {
+	b.streamsMu.Lock()
+	defer b.streamsMu.Unlock()
+	if s, ok := b.streams[id]; ok && s.bound && s.open == 0 {
+		s.failures++
+		s.deadline = now.Add(b.backoff(s.failures))
 	}
 }

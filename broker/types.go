@@ -85,6 +85,12 @@ type Lease struct {
 	// RevokeOnDisconnect: revoke when no KeepAlive stream has named the lease
 	// for a grace period.
 	RevokeOnDisconnect bool
+	// ValidUntilBehind records that the user's VALID UNTIL may be earlier
+	// than ExpireTime plus the grace: a batched renewal stored the lease
+	// while PostgreSQL refused the new VALID UNTIL. The next renewal then
+	// renews the user even when the lease has nothing left to extend, so
+	// the safety net ends at or after the lease.
+	ValidUntilBehind bool
 	// Revision is the store's version of the record, for compare-and-set
 	// writes. The store sets it; callers pass back what they read.
 	Revision uint64

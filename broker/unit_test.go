@@ -27,7 +27,7 @@ var unitT0 = time.Date(2030, 1, 2, 3, 4, 5, 0, time.UTC)
 // unit is a broker over memstore and fakedb, with a manual clock.
 type unit struct {
 	t     *testing.T
-	store *memstore.Store
+	store broker.LeaseStore
 	db    *fakedb.DB
 	clock *fakeclock.Clock
 	b     *broker.Broker

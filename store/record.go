@@ -33,7 +33,7 @@ import (
 //	str     target, username, proxy role
 //	uvarint issue time, max expire time, next attempt
 //	varint  revoke attempts
-//	byte    flags (bit 0: revoke on disconnect)
+//	byte    flags (bit 0: revoke on disconnect; bit 1: VALID UNTIL behind)
 //	str     last error
 //	uvarint metadata count, then str key, str value, sorted by key
 //
@@ -45,6 +45,7 @@ const (
 	expiryFormat1 byte = 1
 
 	flagRevokeOnDisconnect byte = 1 << 0
+	flagValidUntilBehind   byte = 1 << 1
 )
 
 // errCorrupt marks a record or key that cannot be decoded. It is not a
@@ -119,6 +120,9 @@ func encodeLease(l *broker.Lease) ([]byte, leaseHead, error) {
 	var flags byte
 	if l.RevokeOnDisconnect {
 		flags |= flagRevokeOnDisconnect
+	}
+	if l.ValidUntilBehind {
+		flags |= flagValidUntilBehind
 	}
 	b = append(b, flags)
 	b = appendString(b, l.LastError)
@@ -231,7 +235,9 @@ func decodeLease(id string, v []byte) (broker.Lease, error) {
 		r.fail("revoke attempts")
 	}
 	l.RevokeAttempts = int(attempts)
-	l.RevokeOnDisconnect = r.byte("flags")&flagRevokeOnDisconnect != 0
+	flags := r.byte("flags")
+	l.RevokeOnDisconnect = flags&flagRevokeOnDisconnect != 0
+	l.ValidUntilBehind = flags&flagValidUntilBehind != 0
 	l.LastError = r.string("last error")
 	n := r.uvarint("metadata count")
 	// Each pair takes at least two bytes; a larger count is corruption, and

@@ -1,5 +1,6 @@
 // Package fakeclock is a controllable broker.Clock for tests: time moves
-// only when a test calls Advance, so expiry can be tested without sleeps.
+// only when a test calls Advance (or Step, a wall-clock step), so expiry
+// can be tested without sleeps.
 package fakeclock
 
 import (
@@ -59,6 +60,21 @@ func (c *Clock) Advance(d time.Duration) {
 		}
 	}
 	c.waiters = kept
+	c.notify()
+}
+
+// Step moves the clock's wall time by d, forward or back, as an NTP step
+// or an operator's date command does. Go's timers run on the monotonic
+// clock, which a step does not move, so every pending After channel keeps
+// the time it has left: none fires, and each fires when Advance has moved
+// the clock by that much.
+func (c *Clock) Step(d time.Duration) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.now = c.now.Add(d)
+	for i := range c.waiters {
+		c.waiters[i].at = c.waiters[i].at.Add(d)
+	}
 	c.notify()
 }
 

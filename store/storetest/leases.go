@@ -120,6 +120,7 @@ func testCreateLease(t *testing.T, open OpenFunc) {
 	full.RevokeAttempts = 3
 	full.NextAttempt = at(16 * time.Minute)
 	full.RevokeOnDisconnect = true
+	full.ValidUntilBehind = true
 	full.State = broker.StateRevokeFailed
 
 	revoked := ended(NewLease("lease-revoked", "admin", "ops", at(time.Minute)), broker.StateRevoked, at(30*time.Second))
