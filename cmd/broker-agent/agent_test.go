@@ -3,7 +3,9 @@ package main
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"io"
+	"io/fs"
 	"log/slog"
 	"net/http"
 	"os"
@@ -191,6 +193,10 @@ func TestAgentSurvivesBrokerRestart(t *testing.T) {
 	if ok, err := b.RoleExists(ctx, first.Username); err != nil || ok {
 		t.Fatalf("the user survived the agent's SIGTERM: %v %v", ok, err)
 	}
+	// The file named a user that is gone now: it goes too.
+	if _, err := os.Stat(out); !errors.Is(err, fs.ErrNotExist) {
+		t.Fatalf("the credential file outlived its revoked user: %v", err)
+	}
 	assertNoPassword(t, ra.logs.String(), first.Password)
 }
 
@@ -233,7 +239,90 @@ func TestAgentRendersFreshCredentialAfterAdminRevoke(t *testing.T) {
 	if err := loginDSN(ctx, fresh.Credential.DSN); err != nil {
 		t.Fatalf("the fresh credential does not log in: %v", err)
 	}
+	// The agent and the client library share a logger: one line for one
+	// event, not one from each.
+	if n := strings.Count(ra.logs.String(), "event=revoked"); n != 1 {
+		t.Errorf("the revocation was logged %d times, want once:\n%s", n, ra.logs.String())
+	}
 	assertNoPassword(t, ra.logs.String(), fresh.Credential.Password)
+}
+
+// runAgent runs the agent as main does and waits, with a deadline, for
+// its exit status.
+func runAgent(t *testing.T, deadline time.Duration, args ...string) (int, string) {
+	t.Helper()
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	logs := &syncBuffer{}
+	exit := make(chan int, 1)
+	go func() { exit <- run(ctx, args, make(chan os.Signal), logs) }()
+	select {
+	case code := <-exit:
+		return code, logs.String()
+	case <-time.After(deadline):
+		cancel()
+		<-exit
+		t.Fatalf("the agent still ran after %v; log:\n%s", deadline, logs.String())
+		return 0, ""
+	}
+}
+
+// TestAgentExitsAtOnceOnUnknownRole: a role the broker does not know is
+// not going to appear by retrying; the agent says so and exits 1 instead
+// of retrying for ever.
+func TestAgentExitsAtOnceOnUnknownRole(t *testing.T) {
+	b := brokertest.Start(t, brokertest.Options{})
+	out := filepath.Join(t.TempDir(), "db.json")
+	code, logs := runAgent(t, 30*time.Second, "--broker", b.Addr, "--role", "no_such_role", "--out", out)
+	if code != 1 {
+		t.Fatalf("exit %d, want 1; log:\n%s", code, logs)
+	}
+	if !strings.Contains(logs, "level=ERROR") || !strings.Contains(logs, "NotFound") || !strings.Contains(logs, "no_such_role") {
+		t.Errorf("the log does not say why:\n%s", logs)
+	}
+	if strings.Contains(logs, "retry_in") {
+		t.Errorf("the agent retried a permanent error:\n%s", logs)
+	}
+	if _, err := os.Stat(out); !errors.Is(err, fs.ErrNotExist) {
+		t.Errorf("a credential file appeared: %v", err)
+	}
+}
+
+// TestAgentExitsWhenItsRoleIsRemoved: the role is removed from brokerd's
+// configuration while the agent holds a credential of it. The agent's
+// next issue (the replacement before the max TTL) is refused for good; the
+// agent revokes what it holds, removes the file and exits 1, without
+// spinning.
+func TestAgentExitsWhenItsRoleIsRemoved(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	readOnly := brokertest.Role{Name: "read_only", DefaultTTL: 10 * time.Minute, MaxTTL: time.Hour}
+	b := brokertest.Start(t, brokertest.Options{Roles: []brokertest.Role{readOnly, {Name: "short", DefaultTTL: 6 * time.Second, MaxTTL: 6 * time.Second}}})
+	out := filepath.Join(t.TempDir(), "db.json")
+	ra := startAgent(t, "--broker", b.Addr, "--role", "short", "--out", out, "--overlap", "1s", "--replace-before", "3s")
+	first := readJSON(t, waitFile(t, out, func(b []byte) bool { return len(b) > 0 }))
+
+	b.RestartWithRoles(readOnly)
+	select {
+	case code := <-ra.exit:
+		ra.exit <- code // for the cleanup
+		if code != 1 {
+			t.Fatalf("exit %d, want 1; log:\n%s", code, ra.logs.String())
+		}
+	case <-time.After(30 * time.Second):
+		t.Fatalf("the agent did not exit after its role was removed; log:\n%s", ra.logs.String())
+	}
+	logs := ra.logs.String()
+	if !strings.Contains(logs, "NotFound") || strings.Count(logs, "level=ERROR") != 1 {
+		t.Errorf("want one error line naming NotFound:\n%s", logs)
+	}
+	if ok, err := b.RoleExists(ctx, first.Username); err != nil || ok {
+		t.Errorf("the user survived the agent's exit: %v %v", ok, err)
+	}
+	if _, err := os.Stat(out); !errors.Is(err, fs.ErrNotExist) {
+		t.Errorf("the credential file outlived its revoked user: %v", err)
+	}
+	assertNoPassword(t, logs, first.Password)
 }
 
 // TestAgentReplacesBeforeMaxTTL: on a role whose max TTL is a few seconds,

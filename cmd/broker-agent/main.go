@@ -7,8 +7,10 @@
 // to. It logs what it does, never a password, and serves /healthz.
 //
 // Exit status: the child's in exec mode (128+n when a signal ended it);
-// otherwise 0 after SIGTERM/SIGINT; 1 when it could not start; 2 for a
-// command line or configuration it could not understand.
+// otherwise 0 after SIGTERM/SIGINT; 1 when it could not start or the
+// broker refused it for good (an unknown role, a revoked token: errors
+// that retrying cannot change are not retried); 2 for a command line or
+// configuration it could not understand.
 package main
 
 import (
