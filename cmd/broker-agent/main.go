@@ -16,7 +16,6 @@ package main
 import (
 	"context"
 	"errors"
-	"flag"
 	"fmt"
 	"io"
 	"log/slog"
@@ -28,17 +27,18 @@ import (
 func main() {
 	sigs := make(chan os.Signal, 8)
 	signal.Notify(sigs, syscall.SIGTERM, syscall.SIGINT, syscall.SIGHUP, syscall.SIGUSR1, syscall.SIGUSR2, syscall.SIGQUIT)
-	os.Exit(run(context.Background(), os.Args[1:], sigs, os.Stderr))
+	os.Exit(run(context.Background(), os.Args[1:], sigs, os.Stdout, os.Stderr))
 }
 
-// run is main without the process: tests call it.
-func run(ctx context.Context, args []string, sigs <-chan os.Signal, stderr io.Writer) int {
-	cfg, err := parseConfig(args, stderr)
-	if errors.Is(err, flag.ErrHelp) {
+// run is main without the process: tests call it. --help and --version
+// print to stdout; everything else goes to stderr.
+func run(ctx context.Context, args []string, sigs <-chan os.Signal, stdout, stderr io.Writer) int {
+	cfg, err := parseConfig(args, stdout, stderr)
+	if errors.Is(err, errNoRun) {
 		return 0
 	}
 	if err != nil {
-		fmt.Fprintf(stderr, "broker-agent: %v\n", err)
+		fmt.Fprintf(stderr, "broker-agent: %v\nRun 'broker-agent --help' for usage.\n", err)
 		return 2
 	}
 	a, err := newAgent(cfg, newLogger(cfg, stderr))
