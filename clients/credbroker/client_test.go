@@ -393,3 +393,54 @@ func TestKeeperWaitsForABrokerThatIsDown(t *testing.T) {
 		t.Fatal("Ready is not closed after the first credential")
 	}
 }
+
+// TestKeeperStopsOnPermanentError: with StopOnPermanentError, a role the
+// broker does not know ends Run with the broker's NotFound; without it the
+// Keeper goes on retrying. A broker that is down is not permanent.
+func TestKeeperStopsOnPermanentError(t *testing.T) {
+	ctx := testContext(t)
+	b := brokertest.Start(t, brokertest.Options{})
+	c := dial(t, b)
+	for _, stop := range []bool{true, false} {
+		k := c.NewKeeper(credbroker.KeeperOptions{
+			Issue:                credbroker.IssueRequest{Role: "no_such_role"},
+			Backoff:              credbroker.Backoff{Base: 20 * time.Millisecond, Max: 200 * time.Millisecond},
+			StopOnPermanentError: stop,
+		})
+		runCtx, cancel := context.WithCancel(ctx)
+		done := make(chan error, 1)
+		go func() { done <- k.Run(runCtx) }()
+		if stop {
+			select {
+			case err := <-done:
+				if status.Code(err) != codes.NotFound {
+					t.Fatalf("Run = %v, want NotFound", err)
+				}
+			case <-time.After(30 * time.Second):
+				t.Fatal("Run went on after a permanent error")
+			}
+			cancel()
+			continue
+		}
+		nextEvent(t, k, 10*time.Second, credbroker.EventError)
+		nextEvent(t, k, 10*time.Second, credbroker.EventError) // a retry
+		cancel()
+		if err := <-done; !errors.Is(err, context.Canceled) {
+			t.Fatalf("Run = %v, want context.Canceled", err)
+		}
+	}
+
+	for code, want := range map[codes.Code]bool{
+		codes.NotFound: true, codes.PermissionDenied: true, codes.InvalidArgument: true,
+		codes.Unauthenticated: true, codes.Unimplemented: true,
+		codes.Unavailable: false, codes.DeadlineExceeded: false, codes.ResourceExhausted: false,
+		codes.Aborted: false, codes.Internal: false, codes.Canceled: false, codes.Unknown: false,
+	} {
+		if got := credbroker.IsPermanent(status.Error(code, "x")); got != want {
+			t.Errorf("IsPermanent(%v) = %v, want %v", code, got, want)
+		}
+	}
+	if credbroker.IsPermanent(errors.New("not a status")) {
+		t.Error("IsPermanent of a plain error")
+	}
+}

@@ -3,8 +3,12 @@ package credbroker
 import (
 	"context"
 	"errors"
+	"fmt"
 	"sync"
 	"time"
+
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
 
 	pb "github.com/credbroker/credbroker/proto/credbroker/v1"
 )
@@ -38,7 +42,7 @@ const (
 	EventDisconnected
 	EventReconnected
 	// EventError: a renewal or an issue failed (Err says why); the Keeper
-	// retries.
+	// retries (but see KeeperOptions.StopOnPermanentError).
 	EventError
 )
 
@@ -96,6 +100,29 @@ type KeeperOptions struct {
 	OnEvent func(Event)
 	// Backoff paces retries of failed issues (defaults as Backoff).
 	Backoff Backoff
+	// StopOnPermanentError ends Run, returning the error, when the broker
+	// refuses to issue a credential, or refuses the KeepAlive stream, with
+	// an error that retrying cannot change (see IsPermanent): an unknown
+	// role, a revoked token. Without it the Keeper retries with Backoff
+	// forever, which suits a library inside a long-running service that an
+	// operator may fix under it; a sidecar that a supervisor restarts
+	// rather wants to stop and say why.
+	StopOnPermanentError bool
+}
+
+// IsPermanent reports whether err is the broker's refusal that the same
+// request will meet again: InvalidArgument, NotFound (an unknown role),
+// PermissionDenied, Unauthenticated (a missing or revoked token) and
+// Unimplemented (not a credbroker). Everything else — Unavailable,
+// DeadlineExceeded, ResourceExhausted, Aborted, Internal (what brokerd
+// answers when its database fails), a broken connection — may pass and is
+// worth retrying.
+func IsPermanent(err error) bool {
+	switch status.Code(err) {
+	case codes.InvalidArgument, codes.NotFound, codes.PermissionDenied, codes.Unauthenticated, codes.Unimplemented:
+		return true
+	}
+	return false
 }
 
 // Keeper holds one credential alive: it issues it, renews it over the
@@ -166,8 +193,11 @@ func (k *Keeper) Current() (l Lease, c Credential, ok bool) {
 func (k *Keeper) Connected() bool { return k.c.stream.isConnected() }
 
 // Run issues the first credential and keeps credentials alive until ctx
-// is done; it then returns ctx's error. It does not revoke on return:
-// call Revoke for that. Run may be called once.
+// is done; it then returns ctx's error. With
+// KeeperOptions.StopOnPermanentError it also returns, with the broker's
+// error, on a permanent refusal; it does not log that error (the caller
+// reports it). It does not revoke on return: call Revoke for that. Run may
+// be called once.
 func (k *Keeper) Run(ctx context.Context) error {
 	k.mu.Lock()
 	if k.ran {
@@ -225,6 +255,8 @@ type keeperRun struct {
 	issueAt   time.Time // when to retry a failed issue; zero: no issue pending
 	failures  int
 	replacing bool // the issue pending is a replacement (cur still valid)
+	// stopErr, once set, ends Run (StopOnPermanentError).
+	stopErr error
 }
 
 func (r *keeperRun) loop() error {
@@ -235,6 +267,9 @@ func (r *keeperRun) loop() error {
 	for {
 		if err := r.ctx.Err(); err != nil {
 			return err
+		}
+		if r.stopErr != nil {
+			return r.stopErr
 		}
 		now := time.Now()
 		if !r.issueAt.IsZero() && !now.Before(r.issueAt) {
@@ -322,6 +357,10 @@ func (r *keeperRun) issue() {
 	cancel()
 	if err != nil {
 		if r.ctx.Err() != nil {
+			return
+		}
+		if k.opts.StopOnPermanentError && IsPermanent(err) {
+			r.stopErr = fmt.Errorf("credbroker: issuing a credential for role %q: %w", k.opts.Issue.Role, err)
 			return
 		}
 		r.failures++
@@ -451,6 +490,9 @@ func (r *keeperRun) handle(m streamMsg) {
 	switch {
 	case m.disconnected:
 		r.emit(Event{Type: EventDisconnected, Err: m.err})
+		if r.k.opts.StopOnPermanentError && IsPermanent(m.err) {
+			r.stopErr = fmt.Errorf("credbroker: KeepAlive stream: %w", m.err)
+		}
 		return
 	case m.connected:
 		r.emit(Event{Type: EventReconnected})

@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"io/fs"
 	"log/slog"
 	"net"
 	"net/http"
@@ -65,6 +66,9 @@ func newAgent(cfg *config, log *slog.Logger) (*agent, error) {
 		Increment:     cfg.increment,
 		Overlap:       cfg.overlap,
 		ReplaceBefore: cfg.replaceBefore,
+		// An unknown role or a revoked token is not going to change
+		// while we retry: say so and exit, for the supervisor to see.
+		StopOnPermanentError: true,
 	})
 	return a, nil
 }
@@ -74,9 +78,10 @@ func (a *agent) run(ctx context.Context, sigs <-chan os.Signal) int {
 	defer a.client.Close()
 	runCtx, stopKeeper := context.WithCancel(context.Background())
 	keeperDone := make(chan struct{})
+	var keeperErr error // set before keeperDone closes
 	go func() {
 		defer close(keeperDone)
-		_ = a.keeper.Run(runCtx)
+		keeperErr = a.keeper.Run(runCtx)
 	}()
 	stop := func() {
 		stopKeeper()
@@ -96,6 +101,12 @@ func (a *agent) run(ctx context.Context, sigs <-chan os.Signal) int {
 	a.log.Info("issuing credential", "broker", a.cfg.broker, "role", a.cfg.role)
 	select {
 	case <-a.keeper.Ready():
+	case <-keeperDone:
+		// A permanent refusal (an unknown role, a bad token): retrying
+		// would only repeat it.
+		a.log.Error("the broker refused the credential; not retrying", "role", a.cfg.role, "err", keeperErr)
+		stop()
+		return 1
 	case <-ctx.Done():
 		stop()
 		return 0
@@ -157,6 +168,18 @@ func (a *agent) run(ctx context.Context, sigs <-chan os.Signal) int {
 				stop()
 				return a.shutdown(0)
 			}
+		case <-keeperDone:
+			// A permanent refusal after a credential was held: the role
+			// was removed from brokerd's configuration, or the token
+			// revoked. No new credential will come, so stop now rather
+			// than hold one that cannot be replaced.
+			a.log.Error("the broker refused to go on; exiting", "role", a.cfg.role, "err", keeperErr)
+			stop()
+			if a.child != nil {
+				a.child.signal(syscall.SIGTERM)
+				<-a.child.exited
+			}
+			return a.shutdown(1)
 		case code := <-childExit:
 			a.log.Info("command exited", "code", code, "after_signal", terminating)
 			stop()
@@ -212,18 +235,19 @@ func (a *agent) handle(ev credbroker.Event) {
 		a.log.Info("lease reached its max TTL; a successor will be issued", "lease_id", ev.Lease.ID, "max_expire_time", ev.Lease.MaxExpireTime)
 	case credbroker.EventRetired:
 		a.log.Info("old credential retired", "lease_id", ev.Lease.ID, "username", ev.Lease.Username)
-	case credbroker.EventRevoked, credbroker.EventExpired, credbroker.EventNotFound:
-		a.log.Warn("credential lost; issuing a fresh one", "event", ev.Type.String(), "lease_id", ev.Lease.ID)
-	case credbroker.EventDisconnected:
-		a.log.Warn("KeepAlive stream lost; reconnecting", "err", ev.Err)
 	case credbroker.EventReconnected:
 		a.log.Info("KeepAlive stream connected")
-	case credbroker.EventError:
-		a.log.Warn("broker call failed; retrying", "err", ev.Err)
+		// EventRevoked, EventExpired, EventNotFound, EventDisconnected and
+		// EventError: the client library logs them (the agent gives it
+		// its logger); a second line here would say the same thing.
 	}
 }
 
-// shutdown revokes the lease unless told not to, and returns code.
+// shutdown revokes the lease unless told not to, and returns code. Once
+// the lease is revoked its user is gone, so the file naming it is removed:
+// a reader then finds no file rather than a credential that cannot log in.
+// A lease left to expire, or one whose revocation failed, keeps its file,
+// since the credential still works until it expires.
 func (a *agent) shutdown(code int) int {
 	if a.cfg.noRevokeOnExit {
 		a.log.Info("leaving the lease to expire (--no-revoke-on-exit)")
@@ -240,6 +264,16 @@ func (a *agent) shutdown(code int) int {
 	}
 	if l, _, ok := a.keeper.Current(); ok {
 		a.log.Info("lease revoked", "lease_id", l.ID)
+	}
+	if a.rendered != "" && a.cfg.outPath != "" {
+		if err := os.Remove(a.cfg.outPath); err != nil && !errors.Is(err, fs.ErrNotExist) {
+			a.log.Error("cannot remove the credential file", "path", a.cfg.outPath, "err", err)
+			if code == 0 {
+				code = 1
+			}
+		} else {
+			a.log.Info("credential file removed", "path", a.cfg.outPath)
+		}
 	}
 	return code
 }

@@ -3,7 +3,9 @@ package main
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"io"
+	"io/fs"
 	"log/slog"
 	"net/http"
 	"os"
@@ -17,6 +19,7 @@ import (
 
 	"github.com/credbroker/credbroker/clients/credbroker"
 	"github.com/credbroker/credbroker/internal/brokertest"
+	"github.com/credbroker/credbroker/internal/buildinfo"
 	"github.com/credbroker/credbroker/internal/pgtest"
 	"github.com/credbroker/credbroker/internal/syncbuf"
 )
@@ -38,7 +41,7 @@ type runningAgent struct {
 func startAgent(t *testing.T, args ...string) *runningAgent {
 	t.Helper()
 	logs := &syncBuffer{}
-	cfg, err := parseConfig(args, logs)
+	cfg, err := parseConfig(args, logs, logs)
 	if err != nil {
 		t.Fatalf("parseConfig(%q): %v", args, err)
 	}
@@ -191,6 +194,10 @@ func TestAgentSurvivesBrokerRestart(t *testing.T) {
 	if ok, err := b.RoleExists(ctx, first.Username); err != nil || ok {
 		t.Fatalf("the user survived the agent's SIGTERM: %v %v", ok, err)
 	}
+	// The file named a user that is gone now: it goes too.
+	if _, err := os.Stat(out); !errors.Is(err, fs.ErrNotExist) {
+		t.Fatalf("the credential file outlived its revoked user: %v", err)
+	}
 	assertNoPassword(t, ra.logs.String(), first.Password)
 }
 
@@ -233,7 +240,90 @@ func TestAgentRendersFreshCredentialAfterAdminRevoke(t *testing.T) {
 	if err := loginDSN(ctx, fresh.Credential.DSN); err != nil {
 		t.Fatalf("the fresh credential does not log in: %v", err)
 	}
+	// The agent and the client library share a logger: one line for one
+	// event, not one from each.
+	if n := strings.Count(ra.logs.String(), "event=revoked"); n != 1 {
+		t.Errorf("the revocation was logged %d times, want once:\n%s", n, ra.logs.String())
+	}
 	assertNoPassword(t, ra.logs.String(), fresh.Credential.Password)
+}
+
+// runAgent runs the agent as main does and waits, with a deadline, for
+// its exit status.
+func runAgent(t *testing.T, deadline time.Duration, args ...string) (int, string) {
+	t.Helper()
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	logs := &syncBuffer{}
+	exit := make(chan int, 1)
+	go func() { exit <- run(ctx, args, make(chan os.Signal), logs, logs) }()
+	select {
+	case code := <-exit:
+		return code, logs.String()
+	case <-time.After(deadline):
+		cancel()
+		<-exit
+		t.Fatalf("the agent still ran after %v; log:\n%s", deadline, logs.String())
+		return 0, ""
+	}
+}
+
+// TestAgentExitsAtOnceOnUnknownRole: a role the broker does not know is
+// not going to appear by retrying; the agent says so and exits 1 instead
+// of retrying for ever.
+func TestAgentExitsAtOnceOnUnknownRole(t *testing.T) {
+	b := brokertest.Start(t, brokertest.Options{})
+	out := filepath.Join(t.TempDir(), "db.json")
+	code, logs := runAgent(t, 30*time.Second, "--broker", b.Addr, "--role", "no_such_role", "--out", out)
+	if code != 1 {
+		t.Fatalf("exit %d, want 1; log:\n%s", code, logs)
+	}
+	if !strings.Contains(logs, "level=ERROR") || !strings.Contains(logs, "NotFound") || !strings.Contains(logs, "no_such_role") {
+		t.Errorf("the log does not say why:\n%s", logs)
+	}
+	if strings.Contains(logs, "retry_in") {
+		t.Errorf("the agent retried a permanent error:\n%s", logs)
+	}
+	if _, err := os.Stat(out); !errors.Is(err, fs.ErrNotExist) {
+		t.Errorf("a credential file appeared: %v", err)
+	}
+}
+
+// TestAgentExitsWhenItsRoleIsRemoved: the role is removed from brokerd's
+// configuration while the agent holds a credential of it. The agent's
+// next issue (the replacement before the max TTL) is refused for good; the
+// agent revokes what it holds, removes the file and exits 1, without
+// spinning.
+func TestAgentExitsWhenItsRoleIsRemoved(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	readOnly := brokertest.Role{Name: "read_only", DefaultTTL: 10 * time.Minute, MaxTTL: time.Hour}
+	b := brokertest.Start(t, brokertest.Options{Roles: []brokertest.Role{readOnly, {Name: "short", DefaultTTL: 6 * time.Second, MaxTTL: 6 * time.Second}}})
+	out := filepath.Join(t.TempDir(), "db.json")
+	ra := startAgent(t, "--broker", b.Addr, "--role", "short", "--out", out, "--overlap", "1s", "--replace-before", "3s")
+	first := readJSON(t, waitFile(t, out, func(b []byte) bool { return len(b) > 0 }))
+
+	b.RestartWithRoles(readOnly)
+	select {
+	case code := <-ra.exit:
+		ra.exit <- code // for the cleanup
+		if code != 1 {
+			t.Fatalf("exit %d, want 1; log:\n%s", code, ra.logs.String())
+		}
+	case <-time.After(30 * time.Second):
+		t.Fatalf("the agent did not exit after its role was removed; log:\n%s", ra.logs.String())
+	}
+	logs := ra.logs.String()
+	if !strings.Contains(logs, "NotFound") || strings.Count(logs, "level=ERROR") != 1 {
+		t.Errorf("want one error line naming NotFound:\n%s", logs)
+	}
+	if ok, err := b.RoleExists(ctx, first.Username); err != nil || ok {
+		t.Errorf("the user survived the agent's exit: %v %v", ok, err)
+	}
+	if _, err := os.Stat(out); !errors.Is(err, fs.ErrNotExist) {
+		t.Errorf("the credential file outlived its revoked user: %v", err)
+	}
+	assertNoPassword(t, logs, first.Password)
 }
 
 // TestAgentReplacesBeforeMaxTTL: on a role whose max TTL is a few seconds,
@@ -353,7 +443,7 @@ exec: {command: [/app, --serve], on_replace: restart}
 	if err := os.WriteFile(path, []byte(yaml), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	cfg, err := parseConfig([]string{"--config", path, "--role", "updater", "--signal", "USR1"}, io.Discard)
+	cfg, err := parseConfig([]string{"--config", path, "--role", "updater", "--signal", "USR1"}, io.Discard, io.Discard)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -362,14 +452,14 @@ exec: {command: [/app, --serve], on_replace: restart}
 		len(cfg.command) != 2 || cfg.metadata["app"] != "web" {
 		t.Fatalf("config %+v", cfg)
 	}
-	tlsCfg, err := parseConfig([]string{"--role", "r", "--out", "/x", "--tls-ca", "/ca.pem", "--token-file", "/tok"}, io.Discard)
+	tlsCfg, err := parseConfig([]string{"--role", "r", "--out", "/x", "--tls-ca", "/ca.pem", "--token-file", "/tok"}, io.Discard, io.Discard)
 	if err != nil || tlsCfg.tlsCA != "/ca.pem" || tlsCfg.tokenFile != "/tok" {
 		t.Fatalf("tls flags: %+v, %v", tlsCfg, err)
 	}
 	if _, err := newAgent(tlsCfg, slog.New(slog.DiscardHandler)); err == nil {
 		t.Error("newAgent with a missing CA file succeeded")
 	}
-	plain, _ := parseConfig([]string{"--role", "r", "--out", "/x", "--broker", "10.1.2.3:7450"}, io.Discard)
+	plain, _ := parseConfig([]string{"--role", "r", "--out", "/x", "--broker", "10.1.2.3:7450"}, io.Discard, io.Discard)
 	if _, err := newAgent(plain, slog.New(slog.DiscardHandler)); err == nil {
 		t.Error("plaintext to a non-loopback broker was allowed")
 	}
@@ -384,11 +474,11 @@ exec: {command: [/app, --serve], on_replace: restart}
 		{"--config", filepath.Join(dir, "missing.yaml"), "--role", "r", "--out", "/x"},
 	}
 	for _, args := range bad {
-		if _, err := parseConfig(args, io.Discard); err == nil {
+		if _, err := parseConfig(args, io.Discard, io.Discard); err == nil {
 			t.Errorf("parseConfig(%q) accepted", args)
 		}
 	}
-	if code := run(context.Background(), []string{"--role", "r"}, nil, io.Discard); code != 2 {
+	if code := run(context.Background(), []string{"--role", "r"}, nil, io.Discard, io.Discard); code != 2 {
 		t.Errorf("run with a bad command line = %d, want 2", code)
 	}
 }
@@ -425,7 +515,7 @@ func TestAgentAcceptsFormerRotateSpellings(t *testing.T) {
 			map[string]string{"rotate_before": "replace_before", "exec.on_rotate": "exec.on_replace"}},
 		{[]string{"--config", newFile}, 5 * time.Second, "signal", nil},
 	} {
-		cfg, err := parseConfig(tc.args, io.Discard)
+		cfg, err := parseConfig(tc.args, io.Discard, io.Discard)
 		if err != nil {
 			t.Errorf("parseConfig(%q): %v", tc.args, err)
 			continue
@@ -462,18 +552,79 @@ func TestAgentAcceptsFormerRotateSpellings(t *testing.T) {
 		ctx, cancel := context.WithCancel(context.Background())
 		cancel()
 		var stderr strings.Builder
-		if code := run(ctx, args, nil, &stderr); code != 2 || !strings.Contains(stderr.String(), "same setting") {
+		if code := run(ctx, args, nil, io.Discard, &stderr); code != 2 || !strings.Contains(stderr.String(), "same setting") {
 			t.Errorf("run(%q) = %d, %q; want 2 and a usage error", args, code, stderr.String())
 		}
 	}
 
 	var help strings.Builder
-	if code := run(context.Background(), []string{"--help"}, nil, &help); code != 0 {
+	if code := run(context.Background(), []string{"--help"}, nil, &help, io.Discard); code != 0 {
 		t.Fatalf("--help: exit %d", code)
 	}
-	if h := help.String(); !strings.Contains(h, "-replace-before") || !strings.Contains(h, "-on-replace") ||
-		strings.Contains(h, "-rotate-before") || strings.Contains(h, "-on-rotate") {
+	if h := help.String(); !strings.Contains(h, "--replace-before") || !strings.Contains(h, "--on-replace") ||
+		strings.Contains(h, "rotate-before") || strings.Contains(h, "on-rotate") {
 		t.Errorf("--help should list only the new spellings:\n%s", h)
+	}
+}
+
+// TestVersion: --version names the build (package buildinfo) on stdout
+// and exits 0, as brokerctl and brokerd do.
+func TestVersion(t *testing.T) {
+	var stdout, stderr strings.Builder
+	if code := run(context.Background(), []string{"--version"}, nil, &stdout, &stderr); code != 0 {
+		t.Fatalf("--version: exit %d, stderr %q", code, stderr.String())
+	}
+	if want := "broker-agent version " + buildinfo.Read().String() + "\n"; stdout.String() != want {
+		t.Errorf("--version printed %q, want %q", stdout.String(), want)
+	}
+}
+
+// TestCommandLineStyle: the agent's command line reads as brokerctl's and
+// brokerd's: help on stdout, listing "--long" flags with their value
+// names; single-dash long flags are a usage error (exit 2) that names the
+// two-dash spelling; "--" and the first non-flag argument start the
+// command; the environment fills in what neither flags nor file gave.
+func TestCommandLineStyle(t *testing.T) {
+	var help strings.Builder
+	if code := run(context.Background(), []string{"--help"}, nil, &help, io.Discard); code != 0 {
+		t.Fatalf("--help: exit %d", code)
+	}
+	for _, want := range []string{
+		"Usage:\n  broker-agent [flags] [-- command [args...]]\n",
+		"\nFlags:\n",
+		"      --config file ", "      --role role ", "      --ttl duration ",
+		"      --metadata key=value ", "      --revoke-on-disconnect ", "  -h, --help ", "  -v, --version ",
+	} {
+		if !strings.Contains(help.String(), want) {
+			t.Errorf("--help lacks %q:\n%s", want, help.String())
+		}
+	}
+
+	var stderr strings.Builder
+	if code := run(context.Background(), []string{"-role", "r", "--out", "/x"}, nil, io.Discard, &stderr); code != 2 ||
+		!strings.Contains(stderr.String(), "--role") || !strings.Contains(stderr.String(), "--help") {
+		t.Errorf("-role: exit %d, %q; want 2 and a hint at --role", code, stderr.String())
+	}
+
+	for _, args := range [][]string{
+		{"--role", "r", "--", "/app", "--serve", "-x"},
+		{"--role", "r", "/app", "--serve", "-x"},
+	} {
+		cfg, err := parseConfig(args, io.Discard, io.Discard)
+		if err != nil || strings.Join(cfg.command, " ") != "/app --serve -x" {
+			t.Errorf("parseConfig(%q) = %+v, %v; want the command /app --serve -x", args, cfg, err)
+		}
+	}
+
+	t.Setenv("CREDBROKER_ADDR", "unix:/run/credbroker.sock")
+	t.Setenv("CREDBROKER_TOKEN_FILE", "/env/token")
+	cfg, err := parseConfig([]string{"--role", "r", "--out", "/x"}, io.Discard, io.Discard)
+	if err != nil || cfg.broker != "unix:/run/credbroker.sock" || cfg.tokenFile != "/env/token" {
+		t.Errorf("environment fallbacks: %+v, %v", cfg, err)
+	}
+	cfg, err = parseConfig([]string{"--role", "r", "--out", "/x", "--broker", "127.0.0.1:1", "--token-file", "/flag/token"}, io.Discard, io.Discard)
+	if err != nil || cfg.broker != "127.0.0.1:1" || cfg.tokenFile != "/flag/token" {
+		t.Errorf("flags over the environment: %+v, %v", cfg, err)
 	}
 }
 

@@ -2,7 +2,6 @@ package main
 
 import (
 	"errors"
-	"flag"
 	"fmt"
 	"io"
 	"os"
@@ -10,7 +9,11 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/spf13/cobra"
+	"github.com/spf13/pflag"
 	"gopkg.in/yaml.v3"
+
+	"github.com/credbroker/credbroker/internal/buildinfo"
 )
 
 // fileConfig is broker-agent's YAML configuration file. Flags given on
@@ -105,7 +108,7 @@ func renamedSettings(fc, file *fileConfig) []renamedSetting {
 	}
 }
 
-const usageText = `broker-agent keeps a credbroker credential alive for one application.
+const longHelp = `broker-agent keeps a credbroker credential alive for one application.
 
 It issues a credential for a broker role, renders it to a file (json, env,
 dsn or a Go template; written atomically with mode 0600) and/or runs the
@@ -113,71 +116,134 @@ application with it in its environment, keeps the lease alive over a
 KeepAlive stream, replaces it before its max TTL (re-rendering the file and
 signalling or restarting the application), and revokes it on SIGTERM.
 
-Usage:
-  broker-agent [flags] [-- command [args...]]
+The broker's address is --broker, else broker: in --config, else
+$CREDBROKER_ADDR, else 127.0.0.1:7450. Flags given on the command line win
+over the configuration file.`
 
-Flags:
-`
+// errNoRun is parseConfig's answer to --help and --version, which it has
+// answered itself: there is nothing to run, and nothing went wrong.
+var errNoRun = errors.New("help or version shown")
 
-// parseConfig reads flags (and the --config file they name).
-func parseConfig(args []string, stderr io.Writer) (*config, error) {
-	fs := flag.NewFlagSet("broker-agent", flag.ContinueOnError)
-	fs.SetOutput(stderr)
-	var (
-		configPath = fs.String("config", "", "YAML configuration `file`; flags override it")
-		fc, file   fileConfig
-		signalName string
-		renames    = renamedSettings(&fc, &file)
-		hidden     = map[string]bool{}
-	)
-	fs.Usage = func() {
-		fmt.Fprint(stderr, usageText)
-		printDefaults(fs, stderr, hidden)
+// parseConfig reads flags (and the --config file they name). --help and
+// --version print to stdout and return errNoRun; any other error is a
+// command line or configuration file it could not understand.
+func parseConfig(args []string, stdout, stderr io.Writer) (*config, error) {
+	var cfg *config
+	cmd := newCommand(stdout, stderr, func(c *config) { cfg = c })
+	if args == nil {
+		args = []string{} // cobra reads os.Args for nil
 	}
-	fs.StringVar(&fc.Broker, "broker", "", "broker gRPC `address` (default 127.0.0.1:7450, or $CREDBROKER_ADDR)")
-	fs.StringVar(&fc.Role, "role", "", "broker `role` to ask a credential for (required)")
-	fs.StringVar(&fc.TTL, "ttl", "", "requested lease `duration` (default: the role's)")
-	fs.StringVar(&fc.Increment, "increment", "", "renewal increment (default: the role's default TTL)")
-	fs.StringVar(&fc.Overlap, "overlap", "", "how long a replaced credential keeps working (default 30s)")
-	fs.StringVar(&fc.ReplaceBefore, "replace-before", "", "issue the successor this long before the max TTL (default: derived from the overlap)")
-	fs.BoolVar(&fc.RevokeOnDisconnect, "revoke-on-disconnect", false, "ask the broker to revoke the lease when this agent's stream is gone")
-	fs.BoolVar(&fc.NoRevokeOnExit, "no-revoke-on-exit", false, "leave the lease to expire instead of revoking it on SIGTERM")
-	fs.StringVar(&fc.Output.Path, "out", "", "write the credential to this `file`")
-	fs.StringVar(&fc.Output.Format, "format", "", "file format: json, env, dsn or template (default json)")
-	fs.StringVar(&fc.Output.Template, "template", "", "Go text/template `file` for --format template")
-	fs.StringVar(&fc.Exec.OnReplace, "on-replace", "", "what to do to the child on a new credential: signal, restart or none (default signal)")
-	fs.StringVar(&signalName, "signal", "", "signal for --on-replace signal (default SIGHUP)")
-	fs.StringVar(&fc.TLS.CAFile, "tls-ca", "", "CA certificate (PEM) that signed brokerd's certificate; enables TLS")
-	fs.StringVar(&fc.TLS.CertFile, "tls-cert", "", "client certificate (PEM) for mutual TLS")
-	fs.StringVar(&fc.TLS.KeyFile, "tls-key", "", "client private key (PEM) for mutual TLS")
-	fs.StringVar(&fc.TLS.ServerName, "tls-server-name", "", "name to verify in brokerd's certificate (default: the broker's host)")
-	fs.StringVar(&fc.TokenFile, "token-file", "", "`file` holding a bearer token, read for every call (or $CREDBROKER_TOKEN_FILE)")
-	fs.StringVar(&fc.HealthListen, "health-listen", "", "serve /healthz on this `address` (e.g. 127.0.0.1:8081)")
-	fs.StringVar(&fc.LogFormat, "log-format", "", "text or json (default text)")
-	var metadata multiFlag
-	fs.Var(&metadata, "metadata", "lease metadata `key=value` (repeatable)")
-	for _, r := range renames {
-		fs.StringVar(r.flagOld, r.oldFlag, "", "deprecated: use --"+r.newFlag)
-		hidden[r.oldFlag] = true
-	}
-	if err := fs.Parse(args); err != nil {
+	cmd.SetArgs(args)
+	if err := cmd.Execute(); err != nil {
 		return nil, err
 	}
+	if cfg == nil {
+		return nil, errNoRun
+	}
+	return cfg, nil
+}
 
-	if *configPath != "" {
-		raw, err := os.ReadFile(*configPath)
+// newCommand is broker-agent's command line, in the style of brokerctl and
+// brokerd (cobra, --long-flags, help on stdout); parsed calls got with the
+// validated configuration.
+func newCommand(stdout, stderr io.Writer, parsed func(*config)) *cobra.Command {
+	var (
+		configPath string
+		fc         fileConfig
+		signalName string
+		metadata   []string
+	)
+	cmd := &cobra.Command{
+		Version:       buildinfo.Read().String(),
+		Use:           "broker-agent [flags] [-- command [args...]]",
+		Short:         "Keep a credbroker credential alive for one application",
+		Long:          longHelp,
+		Args:          cobra.ArbitraryArgs,
+		SilenceUsage:  true,
+		SilenceErrors: true,
+		RunE: func(cmd *cobra.Command, args []string) error {
+			c, err := buildConfig(cmd.Flags(), configPath, &fc, signalName, metadata, args)
+			if err != nil {
+				return err
+			}
+			parsed(c)
+			return nil
+		},
+	}
+	cmd.SetOut(stdout)
+	cmd.SetErr(stderr)
+	cmd.SetFlagErrorFunc(func(_ *cobra.Command, err error) error { return singleDashHint(cmd.Flags(), err) })
+	fs := cmd.Flags()
+	// Everything after the first argument that is not a flag is the
+	// command, as after "--": "broker-agent --role r /app --serve".
+	fs.SetInterspersed(false)
+	fs.SortFlags = false
+	fs.StringVar(&configPath, "config", "", "YAML configuration `file`; flags override it")
+	fs.StringVar(&fc.Broker, "broker", "", "broker gRPC `address` (default $CREDBROKER_ADDR, else 127.0.0.1:7450)")
+	fs.StringVar(&fc.Role, "role", "", "broker `role` to ask a credential for (required)")
+	fs.StringVar(&fc.TTL, "ttl", "", "requested lease `duration` (default: the role's)")
+	fs.StringVar(&fc.Increment, "increment", "", "renewal increment, a `duration` (default: the role's default TTL)")
+	fs.StringVar(&fc.Overlap, "overlap", "", "how long a replaced credential keeps working, a `duration` (default 30s)")
+	fs.StringVar(&fc.ReplaceBefore, "replace-before", "", "issue the successor this long before the max TTL, a `duration` (default: derived from the overlap)")
+	fs.BoolVar(&fc.RevokeOnDisconnect, "revoke-on-disconnect", false, "ask the broker to revoke the lease when this agent's stream is gone")
+	fs.BoolVar(&fc.NoRevokeOnExit, "no-revoke-on-exit", false, "leave the lease to expire instead of revoking it on SIGTERM")
+	fs.StringArrayVar(&metadata, "metadata", nil, "lease metadata `key=value` (repeatable)")
+	fs.StringVar(&fc.Output.Path, "out", "", "write the credential to this `file`")
+	fs.StringVar(&fc.Output.Format, "format", "", "file `format`: json, env, dsn or template (default json)")
+	fs.StringVar(&fc.Output.Template, "template", "", "Go text/template `file` for --format template")
+	fs.StringVar(&fc.Exec.OnReplace, "on-replace", "", "`action` on the command for a new credential: signal, restart or none (default signal)")
+	fs.StringVar(&signalName, "signal", "", "`signal` for --on-replace signal: HUP, USR1, USR2, INT, TERM or QUIT (default HUP)")
+	fs.StringVar(&fc.TLS.CAFile, "tls-ca", "", "CA certificate `file` (PEM) that signed brokerd's certificate; enables TLS")
+	fs.StringVar(&fc.TLS.CertFile, "tls-cert", "", "client certificate `file` (PEM) for mutual TLS")
+	fs.StringVar(&fc.TLS.KeyFile, "tls-key", "", "client private key `file` (PEM) for mutual TLS")
+	fs.StringVar(&fc.TLS.ServerName, "tls-server-name", "", "`name` to verify in brokerd's certificate (default: the broker's host)")
+	fs.StringVar(&fc.TokenFile, "token-file", "", "`file` holding a bearer token, read for every call (default $CREDBROKER_TOKEN_FILE)")
+	fs.StringVar(&fc.HealthListen, "health-listen", "", "serve /healthz on this `address` (e.g. 127.0.0.1:8081)")
+	fs.StringVar(&fc.LogFormat, "log-format", "", "log `format`: text or json (default text)")
+	for _, r := range renamedSettings(&fc, &fileConfig{}) {
+		fs.StringVar(r.flagOld, r.oldFlag, "", "deprecated: use --"+r.newFlag)
+		// Hidden from --help; the warning is the agent's log line (see
+		// newAgent), not pflag's deprecation notice, so it is said once.
+		_ = fs.MarkHidden(r.oldFlag)
+	}
+	return cmd
+}
+
+// singleDashHint adds a hint to pflag's error for "-role", which the
+// stdlib flag package that the agent once used accepted for "--role".
+func singleDashHint(fs *pflag.FlagSet, err error) error {
+	msg := err.Error()
+	i := strings.LastIndex(msg, " in -")
+	if !strings.HasPrefix(msg, "unknown shorthand flag") || i < 0 {
+		return err
+	}
+	name, _, _ := strings.Cut(msg[i+len(" in -"):], "=")
+	if fs.Lookup(name) == nil {
+		return err
+	}
+	return fmt.Errorf("%w (long flags take two dashes: --%s)", err, name)
+}
+
+// buildConfig merges the flags that were set, the configuration file and
+// the environment into a validated config; command is what followed the
+// flags.
+func buildConfig(fs *pflag.FlagSet, configPath string, fc *fileConfig, signalName string, metadata, command []string) (*config, error) {
+	var file fileConfig
+	renames := renamedSettings(fc, &file)
+	if configPath != "" {
+		raw, err := os.ReadFile(configPath)
 		if err != nil {
 			return nil, fmt.Errorf("read config: %w", err)
 		}
 		dec := yaml.NewDecoder(strings.NewReader(string(raw)))
 		dec.KnownFields(true)
 		if err := dec.Decode(&file); err != nil && !errors.Is(err, io.EOF) {
-			return nil, fmt.Errorf("config %s: %w", *configPath, err)
+			return nil, fmt.Errorf("config %s: %w", configPath, err)
 		}
 	}
 	// Flags that were set win over the file.
 	set := map[string]bool{}
-	fs.Visit(func(f *flag.Flag) { set[f.Name] = true })
+	fs.Visit(func(f *pflag.Flag) { set[f.Name] = true })
 	// A former spelling stands for the new one, in the flags and in the
 	// file alike; both spellings of one setting in one place are an error.
 	var deprecated []renamed
@@ -191,7 +257,7 @@ func parseConfig(args []string, stderr io.Writer) (*config, error) {
 		}
 		if *r.fileOld != "" {
 			if *r.fileNew != "" {
-				return nil, fmt.Errorf("config %s: %s and %s are the same setting: give only %s", *configPath, r.oldKey, r.newKey, r.newKey)
+				return nil, fmt.Errorf("config %s: %s and %s are the same setting: give only %s", configPath, r.oldKey, r.newKey, r.newKey)
 			}
 			*r.fileNew = *r.fileOld
 			deprecated = append(deprecated, renamed{r.oldKey, r.newKey})
@@ -259,7 +325,7 @@ func parseConfig(args []string, stderr io.Writer) (*config, error) {
 			return nil, fmt.Errorf("%s: %q is not a non-negative duration", d.key, v)
 		}
 	}
-	c.command = fs.Args()
+	c.command = command
 	if len(c.command) == 0 {
 		c.command = file.Exec.Command
 	}
@@ -323,22 +389,3 @@ func signalByName(name string) (syscall.Signal, bool) {
 	}[n]
 	return s, ok
 }
-
-// printDefaults is fs.PrintDefaults without the hidden flags (the former
-// spellings of renamed ones).
-func printDefaults(fs *flag.FlagSet, w io.Writer, hidden map[string]bool) {
-	shown := flag.NewFlagSet(fs.Name(), flag.ContinueOnError)
-	shown.SetOutput(w)
-	fs.VisitAll(func(f *flag.Flag) {
-		if !hidden[f.Name] {
-			shown.Var(f.Value, f.Name, f.Usage)
-			shown.Lookup(f.Name).DefValue = f.DefValue
-		}
-	})
-	shown.PrintDefaults()
-}
-
-type multiFlag []string
-
-func (m *multiFlag) String() string     { return strings.Join(*m, ",") }
-func (m *multiFlag) Set(v string) error { *m = append(*m, v); return nil }

@@ -7,14 +7,15 @@
 // to. It logs what it does, never a password, and serves /healthz.
 //
 // Exit status: the child's in exec mode (128+n when a signal ended it);
-// otherwise 0 after SIGTERM/SIGINT; 1 when it could not start; 2 for a
-// command line or configuration it could not understand.
+// otherwise 0 after SIGTERM/SIGINT; 1 when it could not start or the
+// broker refused it for good (an unknown role, a revoked token: errors
+// that retrying cannot change are not retried); 2 for a command line or
+// configuration it could not understand.
 package main
 
 import (
 	"context"
 	"errors"
-	"flag"
 	"fmt"
 	"io"
 	"log/slog"
@@ -26,17 +27,18 @@ import (
 func main() {
 	sigs := make(chan os.Signal, 8)
 	signal.Notify(sigs, syscall.SIGTERM, syscall.SIGINT, syscall.SIGHUP, syscall.SIGUSR1, syscall.SIGUSR2, syscall.SIGQUIT)
-	os.Exit(run(context.Background(), os.Args[1:], sigs, os.Stderr))
+	os.Exit(run(context.Background(), os.Args[1:], sigs, os.Stdout, os.Stderr))
 }
 
-// run is main without the process: tests call it.
-func run(ctx context.Context, args []string, sigs <-chan os.Signal, stderr io.Writer) int {
-	cfg, err := parseConfig(args, stderr)
-	if errors.Is(err, flag.ErrHelp) {
+// run is main without the process: tests call it. --help and --version
+// print to stdout; everything else goes to stderr.
+func run(ctx context.Context, args []string, sigs <-chan os.Signal, stdout, stderr io.Writer) int {
+	cfg, err := parseConfig(args, stdout, stderr)
+	if errors.Is(err, errNoRun) {
 		return 0
 	}
 	if err != nil {
-		fmt.Fprintf(stderr, "broker-agent: %v\n", err)
+		fmt.Fprintf(stderr, "broker-agent: %v\nRun 'broker-agent --help' for usage.\n", err)
 		return 2
 	}
 	a, err := newAgent(cfg, newLogger(cfg, stderr))

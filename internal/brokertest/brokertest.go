@@ -46,6 +46,8 @@ type Options struct {
 // Broker is a running broker. Its methods are safe for concurrent use.
 type Broker struct {
 	t      testing.TB
+	dir    string  // the configuration's and the store's directory
+	opts   Options // what the configuration was written from
 	cfg    *config.Config
 	log    *slog.Logger
 	clock  broker.Clock
@@ -69,11 +71,12 @@ func Start(t testing.TB, opts Options) *Broker {
 		opts.Logger = slog.New(slog.DiscardHandler)
 	}
 	tg := pgtest.Server(t).NewTarget(t, pgtest.TargetOptions{})
-	cfg, err := writeConfig(t.TempDir(), tg, opts)
+	dir := t.TempDir()
+	cfg, err := writeConfig(dir, tg, opts)
 	if err != nil {
 		t.Fatalf("brokertest: %v", err)
 	}
-	b := &Broker{t: t, cfg: cfg, log: opts.Logger, clock: opts.Clock, Target: tg}
+	b := &Broker{t: t, dir: dir, opts: opts, cfg: cfg, log: opts.Logger, clock: opts.Clock, Target: tg}
 	lis, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatalf("brokertest: listen: %v", err)
@@ -171,6 +174,21 @@ func (b *Broker) Restart() {
 	if err := b.start(lis); err != nil {
 		b.t.Fatalf("brokertest: restart: %v", err)
 	}
+}
+
+// RestartWithRoles restarts the broker, as Restart does, with its
+// configuration's roles replaced by roles: a role removed from brokerd's
+// configuration while leases of it are held.
+func (b *Broker) RestartWithRoles(roles ...Role) {
+	b.t.Helper()
+	b.opts.Roles = roles
+	cfg, err := writeConfig(b.dir, b.Target, b.opts)
+	if err != nil {
+		b.t.Fatalf("brokertest: %v", err)
+	}
+	b.Stop()
+	b.cfg = cfg
+	b.Restart()
 }
 
 // RoleExists asks PostgreSQL, as superuser, whether a user exists.
