@@ -30,4 +30,7 @@ var (
 	ErrUserNotFound = errors.New("database user does not exist")
 	// ErrResourceExhausted: a quota or rate limit was hit.
 	ErrResourceExhausted = errors.New("resource exhausted")
+	// ErrUnknownOutcome: a write whose outcome is unknown (a timeout on
+	// etcd): it may or may not have been applied; the caller re-reads.
+	ErrUnknownOutcome = errors.New("the write's outcome is unknown")
 )
