@@ -237,6 +237,9 @@ func (s *Store) updateLeases(ctx context.Context, ls []broker.Lease) ([]broker.L
 				pending = append(pending, u)
 			}
 		}
+		if testHookUpdateRead != nil {
+			testHookUpdateRead()
+		}
 		// Commit in groups that fit a Txn.
 		for len(pending) > 0 {
 			var group []*update

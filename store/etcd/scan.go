@@ -42,6 +42,9 @@ func (s *Store) scanAt(ctx context.Context, from, end string, page func() int64,
 		if !resp.More || len(resp.Kvs) == 0 {
 			return nil
 		}
+		if testHookPage != nil {
+			testHookPage()
+		}
 		from = string(resp.Kvs[len(resp.Kvs)-1].Key) + "\x00"
 	}
 }
@@ -111,7 +114,7 @@ func (s *Store) ListLeases(ctx context.Context, f broker.LeaseFilter) ([]broker.
 		if f.Limit == 0 || filtered {
 			return scanPage
 		}
-		return int64(min(f.Limit+1-len(out), scanPage))
+		return min(int64(f.Limit+1-len(out)), scanPage)
 	}
 	err = s.consistent(ctx, "ListLeases", func() { out = nil }, func() error {
 		return s.scanAt(ctx, from, clientv3.GetPrefixRangeEnd(section), page, func(kv *mvccpb.KeyValue) (bool, error) {

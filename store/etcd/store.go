@@ -51,12 +51,22 @@ const (
 const (
 	maxTxnOps   = 128
 	maxTxnBytes = 1 << 20
-	// scanPage is how many keys one range read of a scan returns.
-	scanPage = 500
 	// maxScanRestarts bounds how often a scan starts again because the
 	// revision it reads at was compacted meanwhile.
 	maxScanRestarts = 5
 )
+
+// scanPage is how many keys one range read of a scan returns (a variable
+// for tests, which page through few keys).
+var scanPage int64 = 500
+
+// testHookPage, when set (by tests), runs after each range read of a
+// scan, before the next.
+var testHookPage func()
+
+// testHookUpdateRead, when set (by tests), runs in UpdateLeases between
+// reading the records and committing them.
+var testHookUpdateRead func()
 
 // TLSFiles names PEM files for TLS to etcd; all empty means plaintext.
 type TLSFiles struct {
