@@ -225,6 +225,10 @@ func (m *Member) start(state, token string) error {
 	cmd.Stdout, cmd.Stderr = logFile, logFile
 	// Its own process group, so a signal to the test's group (Ctrl-C)
 	// does not race Main's cleanup, and Kill reaches only this process.
+	// Pdeathsig kills it if the test binary dies without cleaning up (go
+	// test's -timeout panics past Main); strictly it fires when the OS
+	// thread that started it exits, which Go threads do not unless a
+	// goroutine locked to one ends.
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
 	if err := cmd.Start(); err != nil {
 		return fmt.Errorf("starting etcd member %s: %w", m.Name, err)
