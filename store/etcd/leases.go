@@ -1,0 +1,316 @@
+package etcd
+
+import (
+	"context"
+	"fmt"
+
+	clientv3 "go.etcd.io/etcd/client/v3"
+
+	"github.com/credbroker/credbroker/broker"
+)
+
+// CreateLease is one Txn: if the lease key was never created (create
+// revision 0), put the record and its index key, delete the intent, and
+// move the role's last issue time forward. The last issue time moves in a
+// nested Txn that compares the stored value (fixed-width hex, so byte
+// order is time order), so the create needs no read first and no retry.
+func (s *Store) CreateLease(ctx context.Context, l *broker.Lease) error {
+	if l == nil {
+		return fmt.Errorf("%w: nil lease", broker.ErrInvalidArgument)
+	}
+	release, err := s.enter(ctx)
+	if err != nil {
+		return err
+	}
+	defer release()
+	rec, val, err := encodeLease(l)
+	if err != nil {
+		return err
+	}
+	idx, ok := s.keys.indexOf(l.ID, rec)
+	if !ok { // CheckStorable accepted the state: unreachable
+		return fmt.Errorf("%w: lease %q has no index key", broker.ErrInvalidArgument, l.ID)
+	}
+	key := s.keys.lease(l.ID)
+	then := []clientv3.Op{
+		clientv3.OpPut(key, string(val)),
+		clientv3.OpPut(idx.key, idx.val),
+		clientv3.OpDelete(s.keys.intent(l.ID)),
+	}
+	if l.Role != "" && rec.Issue != 0 {
+		act, issue := s.keys.lastIssued(l.Role), hex16(rec.Issue)
+		put := clientv3.OpPut(act, issue)
+		then = append(then, clientv3.OpTxn(
+			[]clientv3.Cmp{clientv3.Compare(clientv3.CreateRevision(act), "=", 0)},
+			[]clientv3.Op{put},
+			// A value compare fails on a missing key, hence two levels.
+			[]clientv3.Op{clientv3.OpTxn(
+				[]clientv3.Cmp{clientv3.Compare(clientv3.Value(act), "<", issue)},
+				[]clientv3.Op{put}, nil)},
+		))
+	}
+	resp, err := s.commit(ctx, "CreateLease",
+		[]clientv3.Cmp{clientv3.Compare(clientv3.CreateRevision(key), "=", 0)}, then, nil)
+	if err != nil {
+		return err
+	}
+	if !resp.Succeeded {
+		return fmt.Errorf("lease %q: %w", l.ID, broker.ErrExists)
+	}
+	l.Revision = uint64(resp.Header.Revision)
+	return nil
+}
+
+// GetLease reads the lease key; its mod revision is the lease's revision.
+func (s *Store) GetLease(ctx context.Context, id string) (broker.Lease, error) {
+	release, err := s.enter(ctx)
+	if err != nil {
+		return broker.Lease{}, err
+	}
+	defer release()
+	resp, err := s.get(ctx, s.keys.lease(id))
+	if err != nil {
+		return broker.Lease{}, errRead("GetLease", err)
+	}
+	if len(resp.Kvs) == 0 {
+		return broker.Lease{}, fmt.Errorf("lease %q: %w", id, broker.ErrLeaseNotFound)
+	}
+	kv := resp.Kvs[0]
+	return decodeLease(id, kv.Value, kv.ModRevision)
+}
+
+// DeleteLease reads the record (for its index key), then deletes the
+// record and the index key in one Txn guarded by the record's mod
+// revision, reading again if the lease changed meanwhile.
+func (s *Store) DeleteLease(ctx context.Context, id string) error {
+	release, err := s.enter(ctx)
+	if err != nil {
+		return err
+	}
+	defer release()
+	key := s.keys.lease(id)
+	for {
+		resp, err := s.get(ctx, key)
+		if err != nil {
+			return errRead("DeleteLease", err)
+		}
+		if len(resp.Kvs) == 0 {
+			return nil
+		}
+		kv := resp.Kvs[0]
+		rec, err := decodeRecord(id, kv.Value)
+		if err != nil {
+			return err
+		}
+		then := []clientv3.Op{clientv3.OpDelete(key)}
+		if idx, ok := s.keys.indexOf(id, rec); ok {
+			then = append(then, clientv3.OpDelete(idx.key))
+		}
+		txn, err := s.commit(ctx, "DeleteLease",
+			[]clientv3.Cmp{clientv3.Compare(clientv3.ModRevision(key), "=", kv.ModRevision)}, then, nil)
+		if err != nil || txn.Succeeded {
+			return err
+		}
+		if err := ctx.Err(); err != nil {
+			return err
+		}
+	}
+}
+
+// UpdateLease is UpdateLeases of one lease.
+func (s *Store) UpdateLease(ctx context.Context, l broker.Lease) (broker.Lease, error) {
+	release, err := s.enter(ctx)
+	if err != nil {
+		return broker.Lease{}, err
+	}
+	defer release()
+	out, errs := s.updateLeases(ctx, []broker.Lease{l})
+	return out[0], errs[0]
+}
+
+// UpdateLeases reads the stored records (for their revisions and old
+// index keys), then commits the entries whose revision matches in Txns of
+// at most maxTxnOps operations and maxTxnBytes, each guarded by every
+// entry's mod revision. etcd's Txn is all or nothing: when a group's
+// compare fails, its Else branch reads the group's keys, the entries
+// that lost are failed and the rest retried. A lease named more than once
+// is updated in rounds, its n-th entry in round n (a Txn may not put one
+// key twice), so a later entry sees the revision the earlier one wrote.
+func (s *Store) UpdateLeases(ctx context.Context, ls []broker.Lease) ([]broker.Lease, []error) {
+	release, err := s.enter(ctx)
+	if err != nil {
+		return make([]broker.Lease, len(ls)), fill(make([]error, len(ls)), err)
+	}
+	defer release()
+	return s.updateLeases(ctx, ls)
+}
+
+func fill(errs []error, err error) []error {
+	for i := range errs {
+		errs[i] = err
+	}
+	return errs
+}
+
+// update is one entry of UpdateLeases on its way to a Txn.
+type update struct {
+	i      int // index in the caller's slice
+	key    string
+	rev    int64
+	val    []byte
+	newIdx indexKey
+	oldIdx indexKey
+	hasOld bool
+}
+
+func (u *update) ops() []clientv3.Op {
+	ops := []clientv3.Op{clientv3.OpPut(u.key, string(u.val))}
+	if u.hasOld && u.oldIdx.key != u.newIdx.key {
+		ops = append(ops, clientv3.OpDelete(u.oldIdx.key))
+	}
+	return append(ops, clientv3.OpPut(u.newIdx.key, u.newIdx.val))
+}
+
+func (u *update) size() int {
+	return len(u.key) + len(u.val) + len(u.newIdx.key) + len(u.newIdx.val) + len(u.oldIdx.key)
+}
+
+func (s *Store) updateLeases(ctx context.Context, ls []broker.Lease) ([]broker.Lease, []error) {
+	out := make([]broker.Lease, len(ls))
+	errs := make([]error, len(ls))
+	type encoded struct {
+		val []byte
+		idx indexKey
+	}
+	enc := make([]encoded, len(ls))
+	var rounds [][]int
+	seen := map[string]int{}
+	for i := range ls {
+		rec, val, err := encodeLease(&ls[i])
+		if err != nil {
+			errs[i] = err
+			continue
+		}
+		idx, _ := s.keys.indexOf(ls[i].ID, rec)
+		enc[i] = encoded{val: val, idx: idx}
+		n := seen[ls[i].ID]
+		seen[ls[i].ID] = n + 1
+		if n == len(rounds) {
+			rounds = append(rounds, nil)
+		}
+		rounds[n] = append(rounds[n], i)
+	}
+	for _, round := range rounds {
+		// Read the stored records, maxTxnOps keys per read.
+		var pending []*update
+		for start := 0; start < len(round); start += maxTxnOps {
+			chunk := round[start:min(start+maxTxnOps, len(round))]
+			ops := make([]clientv3.Op, len(chunk))
+			for j, i := range chunk {
+				ops[j] = clientv3.OpGet(s.keys.lease(ls[i].ID))
+			}
+			resp, err := s.readTxn(ctx, ops)
+			if err != nil {
+				for _, i := range chunk {
+					errs[i] = errRead("UpdateLeases", err)
+				}
+				continue
+			}
+			for j, i := range chunk {
+				l := &ls[i]
+				kvs := resp.Responses[j].GetResponseRange().Kvs
+				if len(kvs) == 0 {
+					errs[i] = fmt.Errorf("lease %q: %w", l.ID, broker.ErrLeaseNotFound)
+					continue
+				}
+				if uint64(kvs[0].ModRevision) != l.Revision {
+					errs[i] = fmt.Errorf("lease %q at revision %d, not %d: %w", l.ID, kvs[0].ModRevision, l.Revision, broker.ErrConflict)
+					continue
+				}
+				old, err := decodeRecord(l.ID, kvs[0].Value)
+				if err != nil {
+					errs[i] = err
+					continue
+				}
+				u := &update{i: i, key: s.keys.lease(l.ID), rev: kvs[0].ModRevision, val: enc[i].val, newIdx: enc[i].idx}
+				u.oldIdx, u.hasOld = s.keys.indexOf(l.ID, old)
+				pending = append(pending, u)
+			}
+		}
+		if testHookUpdateRead != nil {
+			testHookUpdateRead()
+		}
+		// Commit in groups that fit a Txn.
+		for len(pending) > 0 {
+			var group []*update
+			ops, bytes := 0, 0
+			for len(pending) > 0 {
+				u := pending[0]
+				n, b := len(u.ops()), u.size()
+				if len(group) > 0 && (ops+n > maxTxnOps || bytes+b > maxTxnBytes) {
+					break
+				}
+				group = append(group, u)
+				ops, bytes = ops+n, bytes+b
+				pending = pending[1:]
+			}
+			s.commitGroup(ctx, ls, group, out, errs)
+		}
+	}
+	return out, errs
+}
+
+// commitGroup commits one group of updates, retrying without the entries
+// whose compare failed until the rest commit or none is left.
+func (s *Store) commitGroup(ctx context.Context, ls []broker.Lease, group []*update, out []broker.Lease, errs []error) {
+	for len(group) > 0 {
+		if err := ctx.Err(); err != nil {
+			for _, u := range group {
+				errs[u.i] = err // not sent: nothing changed
+			}
+			return
+		}
+		var cmps []clientv3.Cmp
+		var then, els []clientv3.Op
+		for _, u := range group {
+			cmps = append(cmps, clientv3.Compare(clientv3.ModRevision(u.key), "=", u.rev))
+			then = append(then, u.ops()...)
+			els = append(els, clientv3.OpGet(u.key, clientv3.WithKeysOnly()))
+		}
+		resp, err := s.commit(ctx, "UpdateLeases", cmps, then, els)
+		if err != nil {
+			for _, u := range group {
+				errs[u.i] = err
+			}
+			return
+		}
+		if resp.Succeeded {
+			for _, u := range group {
+				// Decoded from what was written: exactly what
+				// GetLease returns now.
+				l, err := decodeLease(ls[u.i].ID, u.val, resp.Header.Revision)
+				out[u.i], errs[u.i] = l, err
+			}
+			return
+		}
+		kept := group[:0]
+		for j, u := range group {
+			kvs := resp.Responses[j].GetResponseRange().Kvs
+			switch {
+			case len(kvs) == 0:
+				errs[u.i] = fmt.Errorf("lease %q: %w", ls[u.i].ID, broker.ErrLeaseNotFound)
+			case kvs[0].ModRevision != u.rev:
+				errs[u.i] = fmt.Errorf("lease %q: %w", ls[u.i].ID, broker.ErrConflict)
+			default:
+				kept = append(kept, u)
+			}
+		}
+		if len(kept) == len(group) { // cannot happen: some compare failed
+			for _, u := range group {
+				errs[u.i] = fmt.Errorf("lease %q: %w", ls[u.i].ID, broker.ErrConflict)
+			}
+			return
+		}
+		group = kept
+	}
+}

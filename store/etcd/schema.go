@@ -1,0 +1,273 @@
+package etcd
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"math"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/credbroker/credbroker/broker"
+)
+
+// The key layout. Everything that decides how keys and values are read is
+// in this file. Every key is under the group's prefix P (Options.Prefix):
+//
+//	P lease/<id>                      -> lease record (JSON, leaseRecord)
+//	P intent/<id>                     -> intent record (JSON, intentRecord)
+//	P expiry/<hex16 due>/<id>         -> expiryValue (JSON); live leases only
+//	P tombstone/<hex16 end>/<id>      -> empty; terminal leases only
+//	P lastissued/<role>               -> hex16 of the role's newest issue time
+//	P group                           -> the broker group's id (GroupID)
+//
+// hex16 is the instant in unix nanoseconds as 16 lower-case hex digits: a
+// fixed-width big-endian number, so byte order is time order (as bbolt's
+// be64 keys), and etcdctl shows keys an operator can read. The id after
+// the time keeps keys unique when two leases share an instant. Values are
+// JSON for the same reason: `etcdctl get --prefix P` is the debugger.
+//
+// Lease.Revision is the lease key's mod revision, which etcd moves on
+// every write of the key; the record does not hold it.
+//
+// Listing by role or client scans the lease keys and filters (there is no
+// secondary index): a filtered listing reads every lease record, but a
+// lease write stays at three operations of a Txn's 128 and the listing is
+// an admin's call, not a hot path.
+
+// Key sections under the prefix.
+const (
+	sectionLease      = "lease/"
+	sectionIntent     = "intent/"
+	sectionExpiry     = "expiry/"
+	sectionTombstone  = "tombstone/"
+	sectionLastIssued = "lastissued/"
+	keyGroup          = "group"
+)
+
+// keys builds the keys of one broker group.
+type keys struct{ prefix string }
+
+func (k keys) lease(id string) string        { return k.prefix + sectionLease + id }
+func (k keys) intent(id string) string       { return k.prefix + sectionIntent + id }
+func (k keys) lastIssued(role string) string { return k.prefix + sectionLastIssued + role }
+func (k keys) group() string                 { return k.prefix + keyGroup }
+func (k keys) section(s string) string       { return k.prefix + s }
+
+// leaseID returns the id of a lease key.
+func (k keys) leaseID(key []byte) string { return string(key[len(k.prefix)+len(sectionLease):]) }
+
+// timeKey is an expiry or tombstone key; n is unix nanoseconds, not
+// negative.
+func (k keys) timeKey(section string, n int64, id string) string {
+	return k.section(section) + hex16(n) + "/" + id
+}
+
+// timeBound is the first key of section at instant n: every key of an
+// earlier instant sorts before it.
+func (k keys) timeBound(section string, n int64) string { return k.section(section) + hex16(n) }
+
+var errCorrupt = errors.New("corrupt record")
+
+// parseTimeKey splits an expiry or tombstone key into its instant and id.
+func (k keys) parseTimeKey(section string, key []byte) (int64, string, error) {
+	rest, ok := strings.CutPrefix(string(key), k.section(section))
+	if !ok || len(rest) < 18 || rest[16] != '/' {
+		return 0, "", fmt.Errorf("%w: malformed index key %q", errCorrupt, key)
+	}
+	n, err := parseHex16(rest[:16])
+	if err != nil {
+		return 0, "", fmt.Errorf("%w: index key %q", err, key)
+	}
+	return n, rest[17:], nil
+}
+
+func hex16(n int64) string { return fmt.Sprintf("%016x", uint64(n)) }
+
+func parseHex16(s string) (int64, error) {
+	u, err := strconv.ParseUint(s, 16, 64)
+	if err != nil || len(s) != 16 || u > math.MaxInt64 {
+		return 0, fmt.Errorf("%w: malformed instant %q", errCorrupt, s)
+	}
+	return int64(u), nil
+}
+
+// indexKey is the one index key of a lease: in the expiry section while it
+// is live, at the instant it needs attention (its ExpireTime, or its
+// EndTime when set and earlier: an admin's revocation under way), in the
+// tombstone section at its EndTime once it is terminal.
+type indexKey struct {
+	key string
+	val string
+}
+
+func (k keys) indexOf(id string, r *leaseRecord) (indexKey, bool) {
+	switch st := broker.LeaseState(r.State); {
+	case st.Live():
+		due := r.Expire
+		if r.End != 0 && r.End < due {
+			due = r.End
+		}
+		v, _ := json.Marshal(expiryValue{State: r.State, Target: r.Target, Username: r.Username,
+			RevokeOnDisconnect: r.RevokeOnDisconnect})
+		return indexKey{key: k.timeKey(sectionExpiry, due, id), val: string(v)}, true
+	case st.Terminal():
+		return indexKey{key: k.timeKey(sectionTombstone, r.End, id)}, true
+	default:
+		return indexKey{}, false
+	}
+}
+
+// recordFormat is the format of the lease and intent records this code
+// writes; a reader refuses one it does not know, so an older binary cannot
+// misread a newer record. Fields may be added without a new format.
+const recordFormat = 1
+
+// leaseRecord is a stored lease. Instants are unix nanoseconds (0: none),
+// exact to the nanosecond, unlike RFC 3339 strings through time zones.
+type leaseRecord struct {
+	Format             int               `json:"format"`
+	State              int               `json:"state"`
+	Role               string            `json:"role,omitempty"`
+	Client             string            `json:"client,omitempty"`
+	Target             string            `json:"target,omitempty"`
+	Username           string            `json:"username,omitempty"`
+	ProxyRole          string            `json:"proxy_role,omitempty"`
+	Issue              int64             `json:"issue_ns,omitempty"`
+	Expire             int64             `json:"expire_ns,omitempty"`
+	MaxExpire          int64             `json:"max_expire_ns,omitempty"`
+	NextAttempt        int64             `json:"next_attempt_ns,omitempty"`
+	End                int64             `json:"end_ns,omitempty"`
+	RevokeAttempts     int               `json:"revoke_attempts,omitempty"`
+	RevokeOnDisconnect bool              `json:"revoke_on_disconnect,omitempty"`
+	LastError          string            `json:"last_error,omitempty"`
+	Metadata           map[string]string `json:"metadata,omitempty"`
+}
+
+// expiryValue is the value of an expiry key: what start-up and
+// reconciliation need of a live lease (broker.ExpiryEntry), so that they
+// read the index and never the records.
+type expiryValue struct {
+	State              int    `json:"state"`
+	Target             string `json:"target,omitempty"`
+	Username           string `json:"username,omitempty"`
+	RevokeOnDisconnect bool   `json:"revoke_on_disconnect,omitempty"`
+}
+
+type intentRecord struct {
+	Format    int    `json:"format"`
+	Target    string `json:"target,omitempty"`
+	Username  string `json:"username,omitempty"`
+	ProxyRole string `json:"proxy_role,omitempty"`
+	Create    int64  `json:"create_ns,omitempty"`
+}
+
+// nanos is the stored form of a time broker.CheckStorable accepted.
+func nanos(t time.Time) int64 {
+	if t.IsZero() {
+		return 0
+	}
+	return t.UnixNano()
+}
+
+func nanosTime(n int64) time.Time {
+	if n == 0 {
+		return time.Time{}
+	}
+	return time.Unix(0, n).UTC()
+}
+
+// encodeLease validates l (broker.CheckStorable) and returns its record.
+func encodeLease(l *broker.Lease) (*leaseRecord, []byte, error) {
+	if err := broker.CheckStorable(l); err != nil {
+		return nil, nil, err
+	}
+	r := &leaseRecord{
+		Format: recordFormat, State: int(l.State),
+		Role: l.Role, Client: l.Client, Target: l.Target, Username: l.Username, ProxyRole: l.ProxyRole,
+		Issue: nanos(l.IssueTime), Expire: nanos(l.ExpireTime), MaxExpire: nanos(l.MaxExpireTime),
+		NextAttempt: nanos(l.NextAttempt), End: nanos(l.EndTime),
+		RevokeAttempts: l.RevokeAttempts, RevokeOnDisconnect: l.RevokeOnDisconnect,
+		LastError: l.LastError, Metadata: l.Metadata,
+	}
+	b, err := json.Marshal(r)
+	if err != nil {
+		return nil, nil, err
+	}
+	return r, b, nil
+}
+
+func decodeRecord(id string, v []byte) (*leaseRecord, error) {
+	var r leaseRecord
+	if err := json.Unmarshal(v, &r); err != nil {
+		return nil, fmt.Errorf("lease %q: %w: %v", id, errCorrupt, err)
+	}
+	if r.Format != recordFormat {
+		return nil, fmt.Errorf("lease %q: %w: unknown record format %d", id, errCorrupt, r.Format)
+	}
+	for _, n := range []int64{r.Issue, r.Expire, r.MaxExpire, r.NextAttempt, r.End} {
+		if n < 0 {
+			return nil, fmt.Errorf("lease %q: %w: negative instant", id, errCorrupt)
+		}
+	}
+	return &r, nil
+}
+
+// lease returns the record as a broker.Lease at revision rev; the metadata
+// map is the record's own (decoded afresh per read), so the caller owns it.
+func (r *leaseRecord) lease(id string, rev int64) broker.Lease {
+	return broker.Lease{
+		ID: id, State: broker.LeaseState(r.State),
+		Role: r.Role, Client: r.Client, Target: r.Target, Username: r.Username, ProxyRole: r.ProxyRole,
+		IssueTime: nanosTime(r.Issue), ExpireTime: nanosTime(r.Expire), MaxExpireTime: nanosTime(r.MaxExpire),
+		NextAttempt: nanosTime(r.NextAttempt), EndTime: nanosTime(r.End),
+		RevokeAttempts: r.RevokeAttempts, RevokeOnDisconnect: r.RevokeOnDisconnect,
+		LastError: r.LastError, Metadata: r.Metadata,
+		Revision: uint64(rev),
+	}
+}
+
+func decodeLease(id string, v []byte, rev int64) (broker.Lease, error) {
+	r, err := decodeRecord(id, v)
+	if err != nil {
+		return broker.Lease{}, err
+	}
+	return r.lease(id, rev), nil
+}
+
+func decodeExpiry(id string, due int64, v []byte) (broker.ExpiryEntry, error) {
+	var ev expiryValue
+	if err := json.Unmarshal(v, &ev); err != nil {
+		return broker.ExpiryEntry{}, fmt.Errorf("expiry entry %q: %w: %v", id, errCorrupt, err)
+	}
+	return broker.ExpiryEntry{
+		Expire: nanosTime(due), LeaseID: id,
+		State: broker.LeaseState(ev.State), Target: ev.Target, Username: ev.Username,
+		RevokeOnDisconnect: ev.RevokeOnDisconnect,
+	}, nil
+}
+
+func encodeIntent(in *broker.Intent) ([]byte, error) {
+	if err := broker.CheckLeaseID(in.LeaseID); err != nil {
+		return nil, err
+	}
+	created, err := broker.StorableTime(in.CreateTime)
+	if err != nil {
+		return nil, fmt.Errorf("intent %q: %w", in.LeaseID, err)
+	}
+	return json.Marshal(intentRecord{Format: recordFormat, Target: in.Target, Username: in.Username,
+		ProxyRole: in.ProxyRole, Create: nanos(created)})
+}
+
+func decodeIntent(id string, v []byte) (broker.Intent, error) {
+	var r intentRecord
+	if err := json.Unmarshal(v, &r); err != nil {
+		return broker.Intent{}, fmt.Errorf("intent %q: %w: %v", id, errCorrupt, err)
+	}
+	if r.Format != recordFormat || r.Create < 0 {
+		return broker.Intent{}, fmt.Errorf("intent %q: %w: format %d", id, errCorrupt, r.Format)
+	}
+	return broker.Intent{LeaseID: id, Target: r.Target, Username: r.Username, ProxyRole: r.ProxyRole,
+		CreateTime: nanosTime(r.Create)}, nil
+}
