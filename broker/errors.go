@@ -28,6 +28,9 @@ var (
 	// ErrUserNotFound: the lease's database user is gone (dropped outside
 	// the broker); Database.RenewUser returns it.
 	ErrUserNotFound = errors.New("database user does not exist")
+	// ErrMarkerOwned: a target's marker role belongs to another broker
+	// group (MarkerClaimer); this group must not issue into it or sweep it.
+	ErrMarkerOwned = errors.New("marker role owned by another broker group")
 	// ErrResourceExhausted: a quota or rate limit was hit.
 	ErrResourceExhausted = errors.New("resource exhausted")
 )
