@@ -20,10 +20,8 @@ import (
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 	"google.golang.org/grpc/status"
 
-	pb "github.com/credbroker/credbroker/proto/credbroker/v1"
-	"github.com/credbroker/credbroker/server/config"
-
 	"github.com/credbroker/credbroker/internal/pgtest"
+	pb "github.com/credbroker/credbroker/proto/credbroker/v1"
 )
 
 // tcpProxy forwards connections on a local port to the PostgreSQL server:
@@ -127,16 +125,7 @@ roles:
 		up.AdminURL, writePW("up.pw", up.AdminPassword), up.MarkerRole,
 		downURL, writePW("down.pw", down.AdminPassword), down.MarkerRole,
 		up.ProxyRoles["read_only"], down.ProxyRoles["read_only"])
-	f, err := config.Parse([]byte(yaml))
-	if err != nil {
-		t.Fatal(err)
-	}
-	cfg, err := f.Validate()
-	if err != nil {
-		t.Fatal(err)
-	}
-
-	d, err := Start(ctx, cfg, testOptions())
+	d, err := Start(ctx, parseConfig(t, yaml), testOptions())
 	if err != nil {
 		t.Fatalf("Start with one target down: %v", err)
 	}
