@@ -147,3 +147,25 @@ func TestUnitReconcileLeavesAnotherGroupsIntent(t *testing.T) {
 		t.Errorf("intents after reconcile: %+v, want only the other group's", got)
 	}
 }
+
+// The claim is checked again before every sweep: a marker role that
+// another group took over while the broker ran (a DBA handed it over) is
+// not swept, and issuing on it answers ErrMarkerOwned.
+func TestUnitReconcileStopsSweepingAMarkerRoleTakenOver(t *testing.T) {
+	db := &claimingDB{DB: fakedb.New()}
+	u := newUnstarted(t, withDB(db))
+	if err := u.b.Start(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	db.set(broker.ErrMarkerOwned)
+	db.AddUser(fakedb.User{Name: "cb_new_owners_user"})
+	if _, err := u.b.Reconcile(context.Background()); !errors.Is(err, broker.ErrMarkerOwned) {
+		t.Errorf("Reconcile = %v, want ErrMarkerOwned", err)
+	}
+	if got := db.Usernames(); !slices.Equal(got, []string{"cb_new_owners_user"}) {
+		t.Errorf("users after reconcile: %v, want the new owner's untouched", got)
+	}
+	if _, _, err := u.b.Issue(context.Background(), broker.IssueRequest{Role: roleRO, Client: "c"}); !errors.Is(err, broker.ErrMarkerOwned) {
+		t.Errorf("Issue = %v, want ErrMarkerOwned", err)
+	}
+}
