@@ -48,6 +48,10 @@ type Broker struct {
 	inflightMu sync.Mutex
 	inflight   map[string]struct{}
 
+	// group is the broker group's id and the marker roles claimed for it
+	// (group.go).
+	group groupState
+
 	// pool holds reservations for issues (issuepool.go); poolCtx is set by
 	// Start and ends at Close.
 	pool    issuePool
@@ -140,6 +144,14 @@ func setDefault(d *time.Duration, def time.Duration) {
 func (b *Broker) Start(ctx context.Context) error {
 	var err error
 	b.startOnce.Do(func() {
+		if _, err = b.groupID(ctx); err != nil {
+			err = fmt.Errorf("broker: %w", err)
+			return
+		}
+		if err = b.claimAll(ctx); err != nil {
+			err = fmt.Errorf("broker: %w", err)
+			return
+		}
 		if _, rerr := b.Reconcile(ctx); rerr != nil {
 			// A target that is down must not keep the broker from serving
 			// the others; the periodic reconciler tries again.
@@ -229,6 +241,10 @@ func (b *Broker) Issue(ctx context.Context, req IssueRequest) (Lease, Credential
 	if err != nil {
 		return Lease{}, Credential{}, err
 	}
+	if err := b.ensureClaimed(ctx, role.Target); err != nil {
+		return Lease{}, Credential{}, err
+	}
+	group, _ := b.groupID(ctx) // read by ensureClaimed
 	ttl := req.TTL
 	if ttl == 0 {
 		ttl = role.DefaultTTL
@@ -261,7 +277,7 @@ func (b *Broker) Issue(ctx context.Context, req IssueRequest) (Lease, Credential
 		defer b.setInflight(lease.ID, false)
 	} else {
 		password = NewPassword()
-		intent = Intent{LeaseID: lease.ID, Target: lease.Target, Username: lease.Username, ProxyRole: lease.ProxyRole, CreateTime: now}
+		intent = Intent{LeaseID: lease.ID, Target: lease.Target, Username: lease.Username, ProxyRole: lease.ProxyRole, CreateTime: now, Group: group}
 		b.setInflight(lease.ID, true)
 		defer b.setInflight(lease.ID, false)
 		// Hash while the intent's commit waits on its fsync.

@@ -32,6 +32,9 @@ var (
 	// have committed or not (a timeout on a networked store). The caller
 	// re-reads before it acts on either (see LeaseStore).
 	ErrUnknownOutcome = errors.New("write outcome unknown")
+	// ErrMarkerOwned: a target's marker role belongs to another broker
+	// group (MarkerClaimer); this group must not issue into it or sweep it.
+	ErrMarkerOwned = errors.New("marker role owned by another broker group")
 	// ErrResourceExhausted: a quota or rate limit was hit.
 	ErrResourceExhausted = errors.New("resource exhausted")
 )

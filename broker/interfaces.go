@@ -95,3 +95,15 @@ func (SystemClock) After(d time.Duration) <-chan time.Time { return time.After(d
 type UsersDeleter interface {
 	DeleteUsers(ctx context.Context, reqs []DeleteUserRequest) (errs []error)
 }
+
+// MarkerClaimer is a Database whose managed users are the members of a
+// marker role that one broker group owns (broker/postgres.Engine). The
+// reconciler drops every member its store does not know, so before a
+// broker issues into a target or sweeps it, it claims the marker role for
+// its group (LeaseStore.GroupID). ClaimMarker records group as the owner
+// if no one is, and returns nil if group is the owner; a role another
+// group owns is ErrMarkerOwned, with a message that names the role and
+// the fix. After the first claim it is a cheap read.
+type MarkerClaimer interface {
+	ClaimMarker(ctx context.Context, group string) error
+}

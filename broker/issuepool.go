@@ -106,6 +106,10 @@ func (b *Broker) reserve(ctx context.Context, role Role, n int) []reservation {
 	if err != nil {
 		return nil
 	}
+	if b.ensureClaimed(ctx, role.Target) != nil {
+		return nil // issues will say why
+	}
+	group, _ := b.groupID(ctx) // read by ensureClaimed
 	hasher, _ := db.(PasswordHasher)
 	now := b.wallNow()
 	rs := make([]reservation, 0, n)
@@ -117,6 +121,7 @@ func (b *Broker) reserve(ctx context.Context, role Role, n int) []reservation {
 				Username:   newUsername(role.Name),
 				ProxyRole:  role.ProxyRole,
 				CreateTime: now,
+				Group:      group,
 			},
 			password: NewPassword(),
 		}

@@ -22,6 +22,11 @@ func newLeaseID() string {
 	return leaseIDEncoding.EncodeToString(b[:])
 }
 
+// NewGroupID returns a new broker group identity (see
+// LeaseStore.GroupID): 160 random bits in the lease ids' alphabet, so it
+// is safe in a PostgreSQL comment, a file and an etcd key alike.
+func NewGroupID() string { return newLeaseID() }
+
 // ValidateLeaseID reports whether id has the shape of a lease id, wrapping
 // ErrInvalidArgument otherwise. The message never echoes the id: it may be
 // anything a caller sent, NUL bytes and all.

@@ -50,6 +50,11 @@ type ReconcileResult struct {
 // knows is dropped. It is safe to run while the broker serves: the users
 // are listed before the intents and leases, and an intent is written before
 // its user exists, so a user being issued is always known.
+//
+// A target's marker role is swept only while this broker group owns it
+// (claimMarker, checked before every sweep): the members of a role another
+// group owns are that group's users. Intents another group wrote (a copied
+// store) are left alone.
 func (b *Broker) Reconcile(ctx context.Context) (ReconcileResult, error) {
 	var res ReconcileResult
 	var errs []error
@@ -58,6 +63,13 @@ func (b *Broker) Reconcile(ctx context.Context) (ReconcileResult, error) {
 	users := make(map[string][]string, len(b.dbs))
 	exists := make(map[string]map[string]bool, len(b.dbs)) // by target: the same users, as a set
 	for name, db := range b.dbs {
+		if err := b.claimMarker(ctx, name); err != nil {
+			if errors.Is(err, ErrMarkerOwned) {
+				b.log.Error("reconcile: not sweeping a target whose marker role this broker group does not own", "target", name, "err", err)
+			}
+			errs = append(errs, err)
+			continue
+		}
 		list, err := db.ListManagedUsers(ctx)
 		if err != nil {
 			errs = append(errs, fmt.Errorf("target %s: list managed users: %w", name, err))
@@ -119,6 +131,14 @@ func (b *Broker) Reconcile(ctx context.Context) (ReconcileResult, error) {
 	// were left by a crash.
 	for _, in := range intents {
 		if b.isInflight(in.LeaseID) {
+			continue
+		}
+		if b.foreignIntent(in) {
+			// Its user, if any, is a member of the other group's marker
+			// role: that group's to settle. remember() above kept it out
+			// of this sweep too.
+			b.log.Warn("reconcile: leaving an intent of another broker group alone (was this store copied?)",
+				"lease_id", in.LeaseID, "username", in.Username, "target", in.Target, "intent_group", in.Group)
 			continue
 		}
 		if _, err := b.store.GetLease(ctx, in.LeaseID); err == nil {

@@ -203,6 +203,24 @@ type LeaseStore interface {
 	// deleted). bbolt does it in one transaction; etcd needs several, of at
 	// most 64 leases each (two deletes per lease).
 	PurgeTombstones(ctx context.Context, endedBefore time.Time, limit int) (int, error)
+	// GroupID returns the identity of the broker group this store belongs
+	// to: a random id (NewGroupID) created by the first call on a new
+	// store and returned unchanged by every later call, across restarts
+	// and by every instance sharing the store. A broker records it as the
+	// owner of each target's marker role (DESIGN.md "A broker group owns
+	// its marker role"), so that two groups on one PostgreSQL cluster
+	// never drop each other's users; it is kept in the store because the
+	// store is what makes a group (one bbolt file, or one etcd prefix). Of
+	// two concurrent first calls, both return the same id: the creation
+	// is atomic.
+	//
+	// Backend: one key, read and, when absent, created under "the key
+	// does not exist" (bbolt: the meta bucket, in one write transaction;
+	// etcd: Txn(Compare(CreateRevision(prefix+"group_id"), "=", 0),
+	// Put) falling back to a Get when the compare fails, so a loser of
+	// the race returns the winner's id).
+	GroupID(ctx context.Context) (string, error)
+
 	// Close releases the store. Writes in flight finish first; every later
 	// call of any method returns ErrClosed. Closing twice is not an error.
 	Close() error

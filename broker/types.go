@@ -117,6 +117,16 @@ type Intent struct {
 	Username   string
 	ProxyRole  string
 	CreateTime time.Time
+	// Group is the broker group (LeaseStore.GroupID) that wrote the
+	// intent; "" in intents written before groups existed, which are the
+	// store's own group's. An intent lives in its group's own store, so a
+	// broker never reads another group's intents in the normal course;
+	// the field guards the abnormal one, a store copied or restored into
+	// another group's place (a bbolt file copied to a second host, an
+	// etcd prefix restored under another): the reconciler neither settles
+	// nor drops users of an intent naming another group, since their
+	// users live under that group's marker role.
+	Group string
 }
 
 // Credential is what a client logs in with. The password exists only in the

@@ -29,6 +29,7 @@ var errorCodes = []struct {
 	{broker.ErrPermissionDenied, codes.PermissionDenied},
 	{broker.ErrLeaseExpired, codes.FailedPrecondition},
 	{broker.ErrLeaseRevoked, codes.FailedPrecondition},
+	{broker.ErrMarkerOwned, codes.FailedPrecondition},
 	{broker.ErrResourceExhausted, codes.ResourceExhausted},
 	{broker.ErrConflict, codes.Aborted},
 	{broker.ErrUnavailable, codes.Unavailable},

@@ -29,6 +29,7 @@ func TestTogRPCError(t *testing.T) {
 		{broker.ErrUnavailable, codes.Unavailable},
 		{broker.ErrLeaseExpired, codes.FailedPrecondition},
 		{broker.ErrLeaseRevoked, codes.FailedPrecondition},
+		{broker.ErrMarkerOwned, codes.FailedPrecondition},
 		{broker.ErrResourceExhausted, codes.ResourceExhausted},
 		{broker.ErrConflict, codes.Aborted},
 		{broker.ErrClosed, codes.Unavailable},

@@ -38,7 +38,11 @@ import (
 //	uvarint metadata count, then str key, str value, sorted by key
 //
 // Intent record, format 1: byte format (1), str target, str username,
-// str proxy role, uvarint create time.
+// str proxy role, uvarint create time, then optionally str group. The
+// group came later; it is trailing and optional rather than a format 2
+// so that a binary from before it still reads the record (ignoring the
+// group, as it ignored groups altogether), and a record without it
+// decodes with Group "".
 const (
 	leaseFormat1  byte = 1
 	intentFormat1 byte = 1
@@ -266,12 +270,15 @@ func encodeIntent(in *broker.Intent) ([]byte, error) {
 	if err != nil {
 		return nil, fmt.Errorf("intent %q: %w", in.LeaseID, err)
 	}
-	b := make([]byte, 0, 1+len(in.Target)+len(in.Username)+len(in.ProxyRole)+4*binary.MaxVarintLen64)
+	b := make([]byte, 0, 1+len(in.Target)+len(in.Username)+len(in.ProxyRole)+len(in.Group)+5*binary.MaxVarintLen64)
 	b = append(b, intentFormat1)
 	b = appendString(b, in.Target)
 	b = appendString(b, in.Username)
 	b = appendString(b, in.ProxyRole)
 	b = binary.AppendUvarint(b, uint64(created))
+	if in.Group != "" {
+		b = appendString(b, in.Group)
+	}
 	return b, nil
 }
 
@@ -285,6 +292,9 @@ func decodeIntent(id string, v []byte) (broker.Intent, error) {
 	in.Username = r.string("username")
 	in.ProxyRole = r.string("proxy role")
 	in.CreateTime = nanosTime(r.nanos("create time"))
+	if r.err == nil && len(r.b) > 0 {
+		in.Group = r.string("group")
+	}
 	if r.err != nil {
 		return broker.Intent{}, fmt.Errorf("intent %q: %w", id, r.err)
 	}

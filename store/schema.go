@@ -14,6 +14,9 @@ import (
 // file, so a change to the layout is a change here and a schema version bump.
 //
 //	meta        "schema_version"              -> be64(version)
+//	            "group_id"                    -> the broker group's id
+//	                                             (broker.NewGroupID; written
+//	                                             by the first GroupID call)
 //	leases      lease id                      -> lease record (record.go)
 //	intents     lease id                      -> intent record (record.go)
 //	expiry      be64(expire unix ns) || id    -> state, flags, target, username
@@ -48,6 +51,7 @@ var (
 	allBuckets = [][]byte{bucketMeta, bucketLeases, bucketIntents, bucketExpiry, bucketTombstones, bucketActivity}
 
 	metaKeySchemaVersion = []byte("schema_version")
+	metaKeyGroupID       = []byte("group_id")
 )
 
 // Times are stored as unix nanoseconds. Zero means "no time" (time.Time{}),

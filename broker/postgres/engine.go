@@ -109,12 +109,8 @@ func newEngine(ctx context.Context, cfg Config) (*engine, error) {
 	}
 	pc.MaxConns = cfg.MaxConns
 	e := &engine{
-		marker: cfg.MarkerRole,
-		endpoint: broker.Endpoint{
-			Host:     pc.ConnConfig.Host,
-			Port:     int(pc.ConnConfig.Port),
-			Database: pc.ConnConfig.Database,
-		},
+		marker:           cfg.MarkerRole,
+		endpoint:         endpointOf(pc),
 		terminateTimeout: cfg.TerminateTimeout,
 		log:              cfg.Logger,
 		secrets:          []string{cfg.Password, cfg.URL},
@@ -136,6 +132,26 @@ func newEngine(ctx context.Context, cfg Config) (*engine, error) {
 		return nil, err
 	}
 	return e, nil
+}
+
+// endpointOf is where the users of the target pc connects to log in.
+func endpointOf(pc *pgxpool.Config) broker.Endpoint {
+	db := pc.ConnConfig.Database
+	if db == "" {
+		db = pc.ConnConfig.User // what the server assumes too
+	}
+	return broker.Endpoint{Host: pc.ConnConfig.Host, Port: int(pc.ConnConfig.Port), Database: db}
+}
+
+// TargetEndpoint is the Endpoint an Engine for the admin URL would report,
+// without connecting: for a target that cannot be reached yet. Its errors
+// never quote the URL.
+func TargetEndpoint(adminURL string) (broker.Endpoint, error) {
+	pc, err := parseAdminURL(adminURL)
+	if err != nil {
+		return broker.Endpoint{}, err
+	}
+	return endpointOf(pc), nil
 }
 
 // parseAdminURL accepts only postgres:// URLs without a password. Its

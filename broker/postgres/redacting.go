@@ -12,6 +12,7 @@ var (
 	_ broker.Database       = (*Engine)(nil)
 	_ broker.UsersDeleter   = (*Engine)(nil)
 	_ broker.PasswordHasher = (*Engine)(nil)
+	_ broker.MarkerClaimer  = (*Engine)(nil)
 )
 
 // Engine creates and drops users on one PostgreSQL cluster as a
@@ -40,6 +41,7 @@ type database interface {
 	deleteUsers(ctx context.Context, reqs []broker.DeleteUserRequest) []error
 	listManagedUsers(ctx context.Context) ([]string, error)
 	checkProxyRole(ctx context.Context, proxyRole string) error
+	claimMarker(ctx context.Context, group string) error
 	CheckPrivileges(ctx context.Context, uses []privcheck.ProxyRoleUse) ([]privcheck.Finding, error)
 	SetPassword(password string)
 	TryPassword(ctx context.Context, password string) error
@@ -158,6 +160,13 @@ func (e *Engine) ListManagedUsers(ctx context.Context) ([]string, error) {
 // names the fix.
 func (e *Engine) CheckProxyRole(ctx context.Context, proxyRole string) error {
 	return e.sanitize(ctx, e.inner.checkProxyRole(ctx, proxyRole))
+}
+
+// ClaimMarker makes sure the broker group owns the marker role, claiming
+// it when no one does (see marker.go); another group's role is
+// broker.ErrMarkerOwned.
+func (e *Engine) ClaimMarker(ctx context.Context, group string) error {
+	return e.sanitize(ctx, e.inner.claimMarker(ctx, group))
 }
 
 // CheckPrivileges runs the least-privilege check of the proxy roles (see

@@ -47,6 +47,7 @@ func (d leakyDatabase) deleteUsers(_ context.Context, reqs []broker.DeleteUserRe
 }
 func (d leakyDatabase) listManagedUsers(context.Context) ([]string, error) { return nil, d.fail() }
 func (d leakyDatabase) checkProxyRole(context.Context, string) error       { return d.fail() }
+func (d leakyDatabase) claimMarker(context.Context, string) error          { return d.fail() }
 func (d leakyDatabase) CheckPrivileges(context.Context, []privcheck.ProxyRoleUse) ([]privcheck.Finding, error) {
 	return nil, d.fail()
 }
@@ -86,6 +87,7 @@ func TestEngineRedactsEveryError(t *testing.T) {
 		},
 		"ListManagedUsers": func() []error { _, err := e.ListManagedUsers(ctx); return one(err) },
 		"CheckProxyRole":   func() []error { return one(e.CheckProxyRole(ctx, "read_only_role")) },
+		"ClaimMarker":      func() []error { return one(e.ClaimMarker(ctx, "g")) },
 		"CheckPrivileges":  func() []error { _, err := e.CheckPrivileges(ctx, nil); return one(err) },
 		"TryPassword":      func() []error { return one(e.TryPassword(ctx, tried)) },
 		"RotatePassword":   func() []error { return one(e.RotatePassword(ctx, newAdmin)) },

@@ -23,6 +23,7 @@ import (
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 
 	"github.com/credbroker/credbroker/broker"
+	"github.com/credbroker/credbroker/broker/postgres"
 	"github.com/credbroker/credbroker/server/config"
 	"github.com/credbroker/credbroker/server/daemon"
 	"github.com/credbroker/credbroker/store"
@@ -143,6 +144,17 @@ func (e *env) measureStart(ctx context.Context, dir, storePath, profile string) 
 	if err != nil {
 		return m, err
 	}
+	// Hand the marker role over from the previous start's group (see
+	// runRestore); nothing when it does not exist yet.
+	var exists bool
+	if err := e.base.QueryRow(ctx, "SELECT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = $1)", e.markerRole).Scan(&exists); err != nil {
+		return m, err
+	}
+	if exists {
+		if _, err := e.base.Exec(ctx, "COMMENT ON ROLE "+postgres.QuoteIdentifier(e.markerRole)+" IS NULL"); err != nil {
+			return m, fmt.Errorf("handing the restore marker role over: %w", err)
+		}
+	}
 	var cmd *exec.Cmd
 	if e.opts.brokerd != "" {
 		cmd = exec.CommandContext(ctx, e.opts.brokerd, "--config", cfgFile)
@@ -261,6 +273,17 @@ func (e *env) runRestore(ctx context.Context, rep *report) error {
 		return err
 	}
 	full := filepath.Join(dir, "full.db")
+	// Each measured start is a broker group of its own (its own store), so
+	// it gets a marker role of its own: on the bench's, the served broker's
+	// group owns it and a second group must refuse to start (DESIGN.md "A
+	// broker group owns its marker role"). The role is handed over between
+	// the two starts and dropped at the end; neither start issues a user.
+	served := e.markerRole
+	e.markerRole = served + "_restore"
+	defer func() {
+		_, _ = e.base.Exec(context.WithoutCancel(ctx), "DROP ROLE IF EXISTS "+postgres.QuoteIdentifier(e.markerRole))
+		e.markerRole = served
+	}()
 	t := time.Now()
 	if err := writeSyntheticStore(ctx, full, e.opts.restoreRecords, e.opts.restoreActive, e.role, e.proxyRole); err != nil {
 		return fmt.Errorf("restore: writing the synthetic store: %w", err)

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"slices"
 
 	"github.com/credbroker/credbroker/broker"
 	"github.com/credbroker/credbroker/broker/postgres"
@@ -68,14 +69,17 @@ func connectTargets(ctx context.Context, cfg *config.Config, connect func(contex
 	return nil
 }
 
-// checkProxyRoles checks every role's proxy role on its target and reports
-// every failure, not only the first.
+// checkProxyRoles checks the proxy role of every role whose target is in
+// dbs and reports every failure, not only the first. A target missing from
+// dbs is checked when it is connected (see connectLate).
 func checkProxyRoles(ctx context.Context, cfg *config.Config, dbs map[string]broker.Database) error {
 	var errs []error
 	for i, r := range cfg.Roles {
 		db, ok := dbs[r.Target]
 		if !ok {
-			errs = append(errs, fmt.Errorf("roles[%d].target: unknown target %q", i, r.Target))
+			if !slices.Contains(cfg.TargetNames(), r.Target) {
+				errs = append(errs, fmt.Errorf("roles[%d].target: unknown target %q", i, r.Target))
+			}
 			continue
 		}
 		if err := db.CheckProxyRole(ctx, r.ProxyRole); err != nil {
@@ -83,4 +87,32 @@ func checkProxyRoles(ctx context.Context, cfg *config.Config, dbs map[string]bro
 		}
 	}
 	return errors.Join(errs...)
+}
+
+// connectAll connects every target for Start, into d.databases. A
+// target that cannot be reached (broker.ErrUnavailable) becomes a
+// lateTarget, returned by index, for connectLate; any other failure is
+// the start's. The proxy roles of the targets connected are checked.
+func (d *Daemon) connectAll(ctx context.Context) (map[int]*lateTarget, error) {
+	late := map[int]*lateTarget{}
+	connected := map[string]broker.Database{}
+	for i, t := range d.cfg.Targets {
+		engine, err := d.rootCreds.Connect(ctx, t)
+		switch {
+		case err == nil:
+			d.databases[t.Name], connected[t.Name] = engine, engine
+		case errors.Is(err, broker.ErrUnavailable) && ctx.Err() == nil:
+			lt, lerr := newLateTarget(t)
+			if lerr != nil {
+				return nil, fmt.Errorf("targets[%d] (%s): %w", i, t.Name, lerr)
+			}
+			d.log.Warn("target unreachable at start-up; serving the others and connecting it in the background",
+				"key", fmt.Sprintf("targets[%d]", i), "target", t.Name, "err", err)
+			d.databases[t.Name], late[i] = lt, lt
+		default:
+			// The engine's errors never hold the password or the DSN.
+			return nil, fmt.Errorf("targets[%d] (%s): %w", i, t.Name, err)
+		}
+	}
+	return late, checkProxyRoles(ctx, d.cfg, connected)
 }

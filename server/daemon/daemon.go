@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"google.golang.org/grpc"
+	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 
 	"github.com/credbroker/credbroker/audit"
 	"github.com/credbroker/credbroker/broker"
@@ -77,7 +78,9 @@ type Daemon struct {
 // Start turns a validated configuration into a started broker: it binds
 // the gRPC address (before anything slower, so a taken port fails fast),
 // reads the secrets the configuration names, opens the lease store,
-// connects to every target and checks every role's proxy role there,
+// connects to every target and checks every role's proxy role there (a
+// target that cannot be reached is connected in the background instead,
+// see target.go; any other failure to connect fails the start),
 // opens the audit log, starts the broker's background work (expiry,
 // reconciliation) and builds the gRPC server. Errors name the key they
 // are about ("targets[0]", "roles[1].proxy_role"); on error everything
@@ -119,14 +122,12 @@ func Start(ctx context.Context, cfg *config.Config, opts Options) (_ *Daemon, er
 		return nil, err
 	}
 	d.rootCreds = rootcred.New(log)
-	if err := connectTargets(ctx, cfg, d.rootCreds.Connect, d.databases); err != nil {
+	late, err := d.connectAll(ctx)
+	if err != nil {
 		return nil, err
 	}
 	for name, db := range d.databases {
 		d.endpoints[name] = db.Endpoint()
-	}
-	if err := checkProxyRoles(ctx, cfg, d.databases); err != nil {
-		return nil, err
 	}
 
 	var auditor broker.Auditor
@@ -174,6 +175,16 @@ func Start(ctx context.Context, cfg *config.Config, opts Options) (_ *Daemon, er
 
 	bg, stop := context.WithCancel(context.WithoutCancel(ctx))
 	d.stopBackground = stop
+	for i, t := range cfg.Targets {
+		lt, ok := late[i]
+		if !ok {
+			d.drainer.HealthServer().SetServingStatus(TargetHealthService(t.Name), healthpb.HealthCheckResponse_SERVING)
+			continue
+		}
+		// Before the loop starts, which sets SERVING once connected.
+		d.drainer.HealthServer().SetServingStatus(TargetHealthService(t.Name), healthpb.HealthCheckResponse_NOT_SERVING)
+		d.background.Go(func() { d.connectLate(bg, i, t, lt) })
+	}
 	// Re-read the admin passwords' sources and keep Vault tokens alive.
 	d.background.Go(func() { d.rootCreds.Watch(bg) })
 	if !opts.SkipPrivilegeCheck {

@@ -48,7 +48,13 @@ func targetConfig(t *testing.T, tg *pgtest.Target, password string, roles [][2]s
 		fmt.Fprintf(&b, "  - {name: %s, target: main, proxy_role: %s, default_ttl: 1m, max_ttl: 5m}\n", r[0], r[1])
 	}
 	b.WriteString(extra)
-	f, err := config.Parse([]byte(b.String()))
+	return parseConfig(t, b.String())
+}
+
+// parseConfig parses and validates a configuration that must be valid.
+func parseConfig(t *testing.T, yaml string) *config.Config {
+	t.Helper()
+	f, err := config.Parse([]byte(yaml))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -308,15 +314,7 @@ func TestInjectionCorpusThroughConfig(t *testing.T) {
 			"admins: [" + q(v["admin"]) + "]\n"
 	}
 	// The base configuration is valid and starts: the corpus is what fails.
-	f, err := config.Parse([]byte(render(base)))
-	if err != nil {
-		t.Fatal(err)
-	}
-	cfg, err := f.Validate()
-	if err != nil {
-		t.Fatal(err)
-	}
-	d, err := Start(ctx, cfg, testOptions())
+	d, err := Start(ctx, parseConfig(t, render(base)), testOptions())
 	if err != nil {
 		t.Fatalf("base config: %v", err)
 	}

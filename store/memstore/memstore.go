@@ -35,6 +35,7 @@ type Store struct {
 	// lastIssued is each role's newest issue time, as store.Store's
 	// activity bucket: it only moves forward and nothing deletes it.
 	lastIssued map[string]time.Time
+	groupID    string // created by the first GroupID
 }
 
 var _ broker.LeaseStore = (*Store)(nil)
@@ -70,6 +71,18 @@ func (s *Store) lock(ctx context.Context) error {
 		return err
 	}
 	return nil
+}
+
+// GroupID returns the store's group id, created by the first call.
+func (s *Store) GroupID(ctx context.Context) (string, error) {
+	if err := s.lock(ctx); err != nil {
+		return "", err
+	}
+	defer s.mu.Unlock()
+	if s.groupID == "" {
+		s.groupID = broker.NewGroupID()
+	}
+	return s.groupID, nil
 }
 
 // PutIntent records an intent, replacing any of the same id.

@@ -19,7 +19,7 @@ func testIntents(t *testing.T, open OpenFunc) {
 		{LeaseID: "b", Target: "main", Username: "cb_ro_b", ProxyRole: "ro_role", CreateTime: at(0)},
 		{LeaseID: "a", Target: "main", Username: "cb_ro_a", ProxyRole: "ro_role", CreateTime: at(time.Second)},
 		{LeaseID: "c", Target: "other", Username: "cb_ro_c", ProxyRole: "ro_role"},
-		{LeaseID: "d", Target: "main", Username: "cb_ro_d", ProxyRole: "ro_role", CreateTime: at(0)},
+		{LeaseID: "d", Target: "main", Username: "cb_ro_d", ProxyRole: "ro_role", CreateTime: at(0), Group: "g2345"},
 	}
 	for _, in := range intents {
 		if err := s.PutIntent(ctx, in); err != nil {

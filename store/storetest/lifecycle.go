@@ -197,6 +197,7 @@ func storeCalls(rev uint64) []struct {
 			_, err := s.PurgeTombstones(ctx, at(time.Hour), 10)
 			return err
 		}},
+		{"GroupID", func(ctx context.Context, s broker.LeaseStore) error { _, err := s.GroupID(ctx); return err }},
 	}
 }
 
@@ -271,7 +272,11 @@ func testReopen(t *testing.T, open ReopenFunc) {
 		t.Fatal(err)
 	}
 	leases = leases[:2]
-	in := broker.Intent{LeaseID: "d", Target: "main", Username: "cb_d", ProxyRole: "ro_role", CreateTime: at(0)}
+	group, err := s.GroupID(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	in := broker.Intent{LeaseID: "d", Target: "main", Username: "cb_d", ProxyRole: "ro_role", CreateTime: at(0), Group: group}
 	if err := s.PutIntent(ctx, in); err != nil {
 		t.Fatal(err)
 	}
@@ -280,6 +285,11 @@ func testReopen(t *testing.T, open ReopenFunc) {
 	}
 
 	s = reopen(t)
+	// The group survives a restart: the same store is the same group, so
+	// a broker restarted on it still owns its marker roles.
+	if got, err := s.GroupID(ctx); err != nil || got != group {
+		t.Errorf("GroupID after reopen = %q, %v; want %q", got, err, group)
+	}
 	for _, want := range leases {
 		assertLeaseEqual(t, MustGet(t, s, want.ID), want)
 	}
@@ -307,5 +317,38 @@ func testReopen(t *testing.T, open ReopenFunc) {
 	// The tombstone is still indexed for the purge.
 	if n, err := s.PurgeTombstones(ctx, at(time.Hour), 10); err != nil || n != 1 {
 		t.Errorf("PurgeTombstones after reopen = %d, %v; want 1", n, err)
+	}
+}
+
+// testGroupID: one id per store, created once, the same for concurrent
+// first callers, of the shape broker.NewGroupID makes; and another store
+// is another group.
+func testGroupID(t *testing.T, open OpenFunc) {
+	s := open(t)
+	ctx := t.Context()
+	const callers = 8
+	ids := make([]string, callers)
+	errs := make([]error, callers)
+	var wg sync.WaitGroup
+	for i := range callers {
+		wg.Go(func() { ids[i], errs[i] = s.GroupID(ctx) })
+	}
+	wg.Wait()
+	for i := range callers {
+		if errs[i] != nil {
+			t.Fatalf("GroupID: %v", errs[i])
+		}
+		if ids[i] != ids[0] {
+			t.Fatalf("concurrent first GroupID calls returned %q and %q", ids[0], ids[i])
+		}
+	}
+	if err := broker.ValidateLeaseID(ids[0]); err != nil { // NewGroupID's shape
+		t.Errorf("GroupID = %q: %v", ids[0], err)
+	}
+	if again, err := s.GroupID(ctx); err != nil || again != ids[0] {
+		t.Errorf("second GroupID = %q, %v; want %q", again, err, ids[0])
+	}
+	if other, err := open(t).GroupID(ctx); err != nil || other == ids[0] {
+		t.Errorf("another store's GroupID = %q, %v; want a different id", other, err)
 	}
 }

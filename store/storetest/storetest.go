@@ -43,6 +43,7 @@ var cases = []struct {
 	{"ScanExpiry", testScanExpiry},
 	{"PurgeTombstones", testPurgeTombstones},
 	{"LastIssued", testLastIssued},
+	{"GroupID", testGroupID},
 	{"Concurrency", testConcurrency},
 	{"CanceledContext", testCanceledContext},
 	{"Closed", testClosed},
