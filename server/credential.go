@@ -73,6 +73,12 @@ func (s *credentialServer) RenewLease(ctx context.Context, req *pb.RenewLeaseReq
 	if err != nil {
 		return nil, err
 	}
+	// Renewals wait in the broker's batches; bound how many may pile up.
+	done, err := s.takeRenewSlot()
+	if err != nil {
+		return nil, s.fail(ctx, err)
+	}
+	defer done()
 	if _, err := s.authorizedLease(ctx, req.GetLeaseId()); err != nil {
 		return nil, err
 	}

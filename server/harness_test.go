@@ -73,8 +73,11 @@ const (
 type harnessOptions struct {
 	clock           broker.Clock // nil: the real clock
 	maxStreamLeases int
-	renewBatches    int                                   // broker.Config.RenewBatches; 0: its default
-	wrapDB          func(broker.Database) broker.Database // nil: the engine as is
+	// maxKeepAliveLeases and maxPendingRenewals: 0 is the default.
+	maxKeepAliveLeases int
+	maxPendingRenewals int
+	renewBatches       int                                   // broker.Config.RenewBatches; 0: its default
+	wrapDB             func(broker.Database) broker.Database // nil: the engine as is
 }
 
 func newHarness(t *testing.T) *harness {
@@ -140,7 +143,9 @@ func newHarnessWith(t *testing.T, o harnessOptions) *harness {
 		SSLMode:       "disable",
 		Drainer:       h.drainer,
 		// 0 is the default.
-		MaxStreamLeases: o.maxStreamLeases,
+		MaxStreamLeases:    o.maxStreamLeases,
+		MaxKeepAliveLeases: o.maxKeepAliveLeases,
+		MaxPendingRenewals: o.maxPendingRenewals,
 	})
 	lis := bufconn.Listen(1 << 20)
 	go func() { _ = gs.Serve(lis) }()

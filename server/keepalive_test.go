@@ -247,3 +247,52 @@ func TestKeepAliveHandlesAStreamsRequestsAtOnce(t *testing.T) {
 		t.Fatalf("stream ended with %v, want EOF", err)
 	}
 }
+
+// All streams together name at most MaxKeepAliveLeases leases: one more
+// answers ResourceExhausted on its stream, which stays open, and a stream
+// that ends gives its places back.
+func TestKeepAliveLeaseLimitAcrossStreams(t *testing.T) {
+	h := newHarnessWith(t, harnessOptions{maxKeepAliveLeases: 1})
+	ctx := testContext(t)
+	first := h.issue(t, ctx, "svc-a", roleReadOnly).GetLease().GetId()
+	second := h.issue(t, ctx, "svc-b", roleReadOnly).GetLease().GetId()
+
+	sctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	defer cancel()
+	open := func(client string) pb.CredentialService_KeepAliveClient {
+		t.Helper()
+		s, err := h.cred.KeepAlive(as(sctx, client, false))
+		if err != nil {
+			t.Fatal(err)
+		}
+		return s
+	}
+	ask := func(s pb.CredentialService_KeepAliveClient, id string) *pb.KeepAliveResponse {
+		t.Helper()
+		if err := s.Send(&pb.KeepAliveRequest{LeaseId: id}); err != nil {
+			t.Fatal(err)
+		}
+		r, err := s.Recv()
+		if err != nil {
+			t.Fatalf("Recv: %v", err)
+		}
+		if r.GetLease().GetId() != id {
+			t.Fatalf("answer for %q, want %q", r.GetLease().GetId(), id)
+		}
+		return r
+	}
+	a, b := open("svc-a"), open("svc-b")
+	if r := ask(a, first); r.GetEvent() != pb.KeepAliveEvent_KEEP_ALIVE_EVENT_RENEWED {
+		t.Fatalf("first lease: %v %q", r.GetEvent(), r.GetMessage())
+	}
+	r := ask(b, second)
+	if r.GetEvent() != pb.KeepAliveEvent_KEEP_ALIVE_EVENT_UNSPECIFIED ||
+		!strings.HasPrefix(r.GetMessage(), "ResourceExhausted: ") || !strings.Contains(r.GetMessage(), "on all streams") {
+		t.Fatalf("a lease over the limit of all streams: %v %q", r.GetEvent(), r.GetMessage())
+	}
+	closeStream(t, a)
+	if r := ask(b, second); r.GetEvent() != pb.KeepAliveEvent_KEEP_ALIVE_EVENT_RENEWED {
+		t.Fatalf("after the other stream ended: %v %q", r.GetEvent(), r.GetMessage())
+	}
+	closeStream(t, b)
+}

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"log/slog"
 	"sync"
+	"sync/atomic"
 
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/health"
@@ -19,6 +20,12 @@ import (
 const (
 	DefaultSSLMode         = "prefer"
 	DefaultMaxStreamLeases = 1000
+	// DefaultMaxKeepAliveLeases bounds the leases named on all KeepAlive
+	// streams together: each costs a subscription and a goroutine, and the
+	// number of streams is otherwise unbounded.
+	DefaultMaxKeepAliveLeases = 100_000
+	// DefaultMaxPendingRenewals bounds the RenewLease calls in progress.
+	DefaultMaxPendingRenewals = 1024
 	// DefaultMaxRecvMsgSize bounds one request message. The largest real
 	// request, RevokeLeases naming a thousand lease ids, is about 35 KiB;
 	// gRPC's own default (4 MiB) would let a caller make the broker
@@ -59,6 +66,16 @@ type Config struct {
 	// which bounds the goroutines and memory one client can pin.
 	// Default: 1000.
 	MaxStreamLeases int
+	// MaxKeepAliveLeases caps the leases named on all KeepAlive streams
+	// together; past it, naming one more answers ResourceExhausted on the
+	// stream. Default: DefaultMaxKeepAliveLeases, or MaxStreamLeases if
+	// that is larger.
+	MaxKeepAliveLeases int
+	// MaxPendingRenewals caps the RenewLease calls in progress at once;
+	// past it, RenewLease answers ResourceExhausted at once rather than
+	// queue (KeepAlive streams wait instead: see keepalive.go).
+	// Default: DefaultMaxPendingRenewals.
+	MaxPendingRenewals int
 	// Auditor, when set, receives one record per call: identity, peer,
 	// role, lease id, username and outcome (see auth_audit.go).
 	Auditor RequestAuditor
@@ -90,6 +107,12 @@ func (c Config) Validate() error {
 	}
 	if c.MaxStreamLeases < 0 {
 		return fmt.Errorf("server: MaxStreamLeases must not be negative, got %d", c.MaxStreamLeases)
+	}
+	if c.MaxKeepAliveLeases < 0 {
+		return fmt.Errorf("server: MaxKeepAliveLeases must not be negative, got %d", c.MaxKeepAliveLeases)
+	}
+	if c.MaxPendingRenewals < 0 {
+		return fmt.Errorf("server: MaxPendingRenewals must not be negative, got %d", c.MaxPendingRenewals)
 	}
 	return nil
 }
@@ -180,6 +203,15 @@ func NewGRPCServer(cfg Config, opts ...grpc.ServerOption) *grpc.Server {
 	if c.maxStreamLeases <= 0 {
 		c.maxStreamLeases = DefaultMaxStreamLeases
 	}
+	c.maxKeepAliveLeases = int64(cfg.MaxKeepAliveLeases)
+	if c.maxKeepAliveLeases <= 0 {
+		c.maxKeepAliveLeases = int64(max(DefaultMaxKeepAliveLeases, c.maxStreamLeases))
+	}
+	maxRenewals := cfg.MaxPendingRenewals
+	if maxRenewals <= 0 {
+		maxRenewals = DefaultMaxPendingRenewals
+	}
+	c.renewSlots = make(chan struct{}, maxRenewals)
 	drainer := cfg.Drainer
 	if drainer == nil {
 		drainer = NewDrainer()
@@ -238,4 +270,36 @@ type core struct {
 	// keepAliveSlots bounds the KeepAlive requests being handled across
 	// all streams (see keepalive.go).
 	keepAliveSlots chan struct{}
+	// keepAliveLeases counts the leases named on all KeepAlive streams,
+	// at most maxKeepAliveLeases.
+	keepAliveLeases    atomic.Int64
+	maxKeepAliveLeases int64
+	// renewSlots holds one token per RenewLease call in progress.
+	renewSlots chan struct{}
+}
+
+// takeKeepAliveLease counts one more lease named on a KeepAlive stream, or
+// reports that the broker keeps as many as it may. Every true is matched by
+// one dropKeepAliveLease.
+func (c *core) takeKeepAliveLease() bool {
+	if c.keepAliveLeases.Add(1) > c.maxKeepAliveLeases {
+		c.keepAliveLeases.Add(-1)
+		return false
+	}
+	return true
+}
+
+func (c *core) dropKeepAliveLease() { c.keepAliveLeases.Add(-1) }
+
+// takeRenewSlot admits one RenewLease call, or refuses it when
+// cap(renewSlots) are in progress already. On success call the returned
+// function when the call ends.
+func (c *core) takeRenewSlot() (func(), error) {
+	select {
+	case c.renewSlots <- struct{}{}:
+		return func() { <-c.renewSlots }, nil
+	default:
+		return nil, fmt.Errorf("the broker is already renewing %d leases for RenewLease calls; retry with backoff, or keep leases alive on a KeepAlive stream: %w",
+			cap(c.renewSlots), broker.ErrResourceExhausted)
+	}
 }
