@@ -62,6 +62,8 @@ type secureOptions struct {
 	quotas       Quotas
 	auditKey     []byte
 	maxRecvBytes int
+	clock        broker.Clock                              // nil: the real clock
+	wrapStore    func(broker.LeaseStore) broker.LeaseStore // nil: the bbolt store as is
 }
 
 // secureHarness is a broker on its own PostgreSQL target and bbolt file,
@@ -102,6 +104,10 @@ func newSecureHarness(t *testing.T, o secureOptions) *secureHarness {
 		t.Fatalf("store.Open: %v", err)
 	}
 	t.Cleanup(func() { _ = st.Close() })
+	var leases broker.LeaseStore = st
+	if o.wrapStore != nil {
+		leases = o.wrapStore(st)
+	}
 
 	h.auditPath = filepath.Join(h.dir, "audit.log")
 	h.audit, err = audit.Open(h.auditPath, audit.Options{HMACKey: o.auditKey, Logger: logger})
@@ -113,7 +119,8 @@ func newSecureHarness(t *testing.T, o secureOptions) *secureHarness {
 	readOnly := h.target.ProxyRoles["read_only"]
 	updater := h.target.ProxyRoles["updater"]
 	b, err := broker.New(broker.Config{
-		Store:     st,
+		Store:     leases,
+		Clock:     o.clock,
 		Databases: map[string]broker.Database{"main": eng},
 		Roles: []broker.Role{
 			{Name: roleReadOnly, Target: "main", ProxyRole: readOnly, DefaultTTL: 10 * time.Minute, MaxTTL: time.Hour},

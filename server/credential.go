@@ -42,7 +42,7 @@ func (s *credentialServer) IssueCredential(ctx context.Context, req *pb.IssueCre
 	}
 	// Quotas count only what authorized callers ask for: a refused caller
 	// must not use up a legitimate one's allowance.
-	release, err := s.quota.admit(ctx, s.broker, id.Name, req.GetRole())
+	release, err := s.quota.admit(ctx, id.Name, req.GetRole())
 	if err != nil {
 		return nil, s.fail(ctx, err)
 	}

@@ -30,13 +30,16 @@ type Quotas struct {
 
 // quotaKeeper enforces Quotas in front of broker.Issue.
 //
-// Active leases are counted from the store, so the count is right after a
-// restart and whatever ended the leases (expiry, an admin, reconciliation).
-// The count and the reservation of the new lease happen under one mutex;
-// an issue in flight stays reserved until its lease is in the store, after
-// which it may briefly be counted twice, which errs on the side of refusing.
+// Active leases are counted by activeLeases: read from the store once, so
+// the count is right after a restart, then kept from the broker's lifecycle
+// events, whatever ended the leases (expiry, an admin, reconciliation). An
+// issue costs a map lookup, not a scan of the store. The check and the
+// reservation of the new lease happen under one mutex; an issue in flight
+// stays reserved until its lease is counted, after which it is briefly
+// counted twice, which errs on the side of refusing.
 type quotaKeeper struct {
-	q Quotas
+	q      Quotas
+	active *activeLeases // nil when no max_active_* quota is set
 
 	checkMu sync.Mutex
 	mu      sync.Mutex
@@ -46,11 +49,15 @@ type quotaKeeper struct {
 	limiters   map[string]*rate.Limiter
 }
 
-func newQuotaKeeper(q Quotas) *quotaKeeper {
+func newQuotaKeeper(q Quotas, b *broker.Broker) *quotaKeeper {
 	if q.IssueBurst <= 0 {
 		q.IssueBurst = 1
 	}
-	return &quotaKeeper{q: q, pending: map[string]int{}, limiters: map[string]*rate.Limiter{}}
+	k := &quotaKeeper{q: q, pending: map[string]int{}, limiters: map[string]*rate.Limiter{}}
+	if b != nil && (q.IdentityMaxActive > 0 || len(q.RoleMaxActive) > 0) {
+		k.active = newActiveLeases(b)
+	}
+	return k
 }
 
 // maxLimiters bounds the per-identity limiters kept. Identities are
@@ -67,7 +74,7 @@ const maxLimiters = 10000
 // the caller's allowance (a reservation taken and then cancelled would not
 // give it back: golang.org/x/time/rate restores only reservations whose
 // time has not come).
-func (k *quotaKeeper) admit(ctx context.Context, b *broker.Broker, identity, role string) (release func(), err error) {
+func (k *quotaKeeper) admit(ctx context.Context, identity, role string) (release func(), err error) {
 	lim := k.limiter(identity)
 	// Cheap refusal first: no count for a caller over its rate.
 	if err := k.rateAvailable(identity, lim); err != nil {
@@ -75,7 +82,7 @@ func (k *quotaKeeper) admit(ctx context.Context, b *broker.Broker, identity, rol
 	}
 	roleMax := k.q.RoleMaxActive[role]
 	idMax := k.q.IdentityMaxActive
-	if roleMax <= 0 && idMax <= 0 {
+	if k.active == nil || (roleMax <= 0 && idMax <= 0) {
 		if err := k.takeRate(identity, lim); err != nil {
 			return nil, err
 		}
@@ -83,7 +90,7 @@ func (k *quotaKeeper) admit(ctx context.Context, b *broker.Broker, identity, rol
 	}
 	k.checkMu.Lock()
 	defer k.checkMu.Unlock()
-	roleN, idN, err := countActive(ctx, b, role, identity)
+	roleN, idN, err := k.active.counts(ctx, role, identity)
 	if err != nil {
 		return nil, err
 	}
@@ -178,27 +185,3 @@ func (k *quotaKeeper) rateError(identity string, wait time.Duration) error {
 }
 
 func formatRate(r float64) string { return fmt.Sprintf("%.4g", r) }
-
-// countActive counts the active leases of role and of identity in one
-// pass over the store.
-func countActive(ctx context.Context, b *broker.Broker, role, identity string) (roleN, idN int, err error) {
-	f := broker.LeaseFilter{State: broker.StateActive, Limit: 1000}
-	for {
-		page, next, err := b.ListLeases(ctx, f)
-		if err != nil {
-			return 0, 0, err
-		}
-		for i := range page {
-			if page[i].Role == role {
-				roleN++
-			}
-			if page[i].Client == identity {
-				idN++
-			}
-		}
-		if next == "" {
-			return roleN, idN, nil
-		}
-		f.After = next
-	}
-}

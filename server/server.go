@@ -187,7 +187,7 @@ func NewGRPCServer(cfg Config, opts ...grpc.ServerOption) *grpc.Server {
 		sslmode:         cfg.SSLMode,
 		maxStreamLeases: cfg.MaxStreamLeases,
 		auditor:         cfg.Auditor,
-		quota:           newQuotaKeeper(cfg.Quotas),
+		quota:           newQuotaKeeper(cfg.Quotas, cfg.Broker),
 		rotator:         cfg.RootRotator,
 		keepAliveSlots:  make(chan struct{}, maxKeepAliveInflight),
 	}
