@@ -37,8 +37,10 @@ type auditCallKey struct{}
 
 // noteDenied records a refused authorization check. In a unary call it
 // turns the call's record into a denial; in a stream, which may go on
-// to do allowed work, it writes a record of its own at once.
-func (c *core) noteDenied(ctx context.Context, leaseID string) {
+// to do allowed work, it writes a record of its own at once, with the
+// lease's role (as the unary record has it from the call's log line), so
+// that usage per role counts the denial.
+func (c *core) noteDenied(ctx context.Context, leaseID, role string) {
 	ac, ok := ctx.Value(auditCallKey{}).(*auditCall)
 	if !ok {
 		return
@@ -50,7 +52,7 @@ func (c *core) noteDenied(ctx context.Context, leaseID string) {
 		return
 	}
 	rec := audit.Record{Event: audit.EventRequest, Method: ac.method, Peer: ac.peer,
-		LeaseID: loggableLeaseID(leaseID), Outcome: audit.OutcomeDenied,
+		LeaseID: loggableLeaseID(leaseID), Role: role, Outcome: audit.OutcomeDenied,
 		Code: codes.PermissionDenied.String(), Message: "lease belongs to another client"}
 	if id, ok := IdentityFrom(ctx); ok {
 		rec.Identity = id.Name

@@ -308,6 +308,9 @@ func TestDeniedAttemptsAreAudited(t *testing.T) {
 	if r := denied["LookupLease"]; r.LeaseID != leaseID || r.Identity != "svc-b" || r.Role != roleReadOnly {
 		t.Errorf("denied lookup record: %+v, want lease %s of role %s by svc-b", r, leaseID, roleReadOnly)
 	}
+	if r := denied["KeepAlive"]; r.LeaseID != leaseID || r.Identity != "svc-b" || r.Role != roleReadOnly {
+		t.Errorf("denied KeepAlive record: %+v, want lease %s of role %s by svc-b", r, leaseID, roleReadOnly)
+	}
 
 	// Usage over the trail counts the issue and the denial.
 	rows, err := audit.Usage(bytesReader([]byte(readFileString(t, h.auditPath))), time.Time{}, time.Time{})

@@ -135,7 +135,7 @@ func (c *core) authorizedLease(ctx context.Context, leaseID string) (broker.Leas
 	addLogAttrs(ctx, slog.String("role", l.Role))
 	if err := c.authz.AuthorizeLease(id, l); err != nil {
 		addLogAttrs(ctx, slog.String("error", err.Error()))
-		c.noteDenied(ctx, leaseID)
+		c.noteDenied(ctx, leaseID, l.Role)
 		return broker.Lease{}, leaseNotFound(leaseID)
 	}
 	return l, nil

@@ -270,7 +270,7 @@ func (k *keepAliveStream) name(leaseID string) bool {
 			// Answered as unknown, like the unary calls (see authorizedLease).
 			k.log.LogAttrs(k.ctx, slog.LevelWarn, "KeepAlive names a lease of another client",
 				slog.String("identity", k.id.Name), slog.String("lease_id", leaseID))
-			k.noteDenied(k.ctx, leaseID)
+			k.noteDenied(k.ctx, leaseID, l.Role)
 			err = broker.ErrLeaseNotFound
 		}
 	}
