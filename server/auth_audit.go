@@ -21,6 +21,36 @@ type RequestAuditor interface {
 	Record(audit.Record)
 }
 
+// CheckedAuditor is a RequestAuditor that reports its write failures, which
+// Config.AuditRequired needs. *audit.Log implements it.
+type CheckedAuditor interface {
+	RequestAuditor
+	// Write records r or says why it could not.
+	Write(audit.Record) error
+	// Healthy is nil when records can be written (trying once more if the
+	// last write failed).
+	Healthy() error
+	// Watch calls fn when writes start to fail (err) and succeed again (nil).
+	Watch(fn func(err error))
+}
+
+// errAuditUnavailable answers a call that cannot be audited under
+// audit.required. The cause is in brokerd's log, not told to callers.
+var errAuditUnavailable = status.Error(codes.Unavailable,
+	"the audit log cannot be written and audit.required is set: calls are refused until it can; retry later")
+
+// auditable refuses the call up front when the required audit log cannot
+// be written.
+func (c *core) auditable() error {
+	if c.requiredAuditor == nil {
+		return nil
+	}
+	if c.requiredAuditor.Healthy() != nil {
+		return errAuditUnavailable
+	}
+	return nil
+}
+
 // auditCall is what inner layers tell the audit interceptor about a call
 // beyond its status: that an authorization check said no even though the
 // caller is answered NotFound (see authorizedLease).
@@ -77,9 +107,16 @@ func (c *core) unaryAudit(ctx context.Context, req any, info *grpc.UnaryServerIn
 	if c.auditor == nil || auditExempt(info.FullMethod) {
 		return handler(ctx, req)
 	}
+	if err := c.auditable(); err != nil {
+		return nil, err
+	}
 	ac := &auditCall{method: info.FullMethod, peer: peerAddr(ctx)}
 	resp, err := handler(context.WithValue(ctx, auditCallKey{}, ac), req)
-	c.auditRequest(ctx, ac, err)
+	if c.auditRequest(ctx, ac, err) != nil {
+		// The work is done (an issued lease is left to expire unseen by
+		// the caller) but not recorded: the caller gets no answer to use.
+		return nil, errAuditUnavailable
+	}
 	return resp, err
 }
 
@@ -87,17 +124,24 @@ func (c *core) streamAudit(srv any, ss grpc.ServerStream, info *grpc.StreamServe
 	if c.auditor == nil || auditExempt(info.FullMethod) {
 		return handler(srv, ss)
 	}
+	if err := c.auditable(); err != nil {
+		return err
+	}
 	ac := &auditCall{method: info.FullMethod, peer: peerAddr(ss.Context()), stream: true}
 	ctx := context.WithValue(ss.Context(), auditCallKey{}, ac)
 	err := handler(srv, &contextStream{ServerStream: ss, ctx: ctx})
-	c.auditRequest(ss.Context(), ac, err)
+	if c.auditRequest(ss.Context(), ac, err) != nil {
+		return errAuditUnavailable
+	}
 	return err
 }
 
 // auditRequest writes the call's record. Its fields come from the call's
 // log attributes, which the handlers already restrict to validated ids and
 // names (see requestAttrs); never from the request or response message.
-func (c *core) auditRequest(ctx context.Context, ac *auditCall, err error) {
+// It returns an error only under audit.required, when the record could not
+// be written.
+func (c *core) auditRequest(ctx context.Context, ac *auditCall, err error) error {
 	code := status.Code(err)
 	rec := audit.Record{Event: audit.EventRequest, Method: ac.method, Peer: ac.peer, Code: code.String(), Outcome: outcomeOf(code)}
 	ac.mu.Lock()
@@ -127,7 +171,20 @@ func (c *core) auditRequest(ctx context.Context, ac *auditCall, err error) {
 		}
 		rl.mu.Unlock()
 	}
+	return c.record(rec)
+}
+
+// record writes rec; under audit.required it says whether that worked.
+func (c *core) record(rec audit.Record) error {
+	if c.requiredAuditor != nil {
+		if err := c.requiredAuditor.Write(rec); err != nil {
+			c.log.Error("audit record lost", "event", rec.Event, "method", rec.Method, "err", err)
+			return err
+		}
+		return nil
+	}
 	c.auditor.Record(rec)
+	return nil
 }
 
 func outcomeOf(code codes.Code) string {

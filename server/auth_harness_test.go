@@ -62,8 +62,12 @@ type secureOptions struct {
 	quotas       Quotas
 	auditKey     []byte
 	maxRecvBytes int
-	clock        broker.Clock                              // nil: the real clock
-	wrapStore    func(broker.LeaseStore) broker.LeaseStore // nil: the bbolt store as is
+	// auditRequired sets Config.AuditRequired; auditDevice, when set, is
+	// where the audit path points (a symlink), e.g. /dev/full.
+	auditRequired bool
+	auditDevice   string
+	clock         broker.Clock                              // nil: the real clock
+	wrapStore     func(broker.LeaseStore) broker.LeaseStore // nil: the bbolt store as is
 }
 
 // secureHarness is a broker on its own PostgreSQL target and bbolt file,
@@ -110,6 +114,11 @@ func newSecureHarness(t *testing.T, o secureOptions) *secureHarness {
 	}
 
 	h.auditPath = filepath.Join(h.dir, "audit.log")
+	if o.auditDevice != "" {
+		if err := os.Symlink(o.auditDevice, h.auditPath); err != nil {
+			t.Fatal(err)
+		}
+	}
 	h.audit, err = audit.Open(h.auditPath, audit.Options{HMACKey: o.auditKey, Logger: logger})
 	if err != nil {
 		t.Fatal(err)
@@ -177,6 +186,7 @@ func newSecureHarness(t *testing.T, o secureOptions) *secureHarness {
 		Authorizer:     authz,
 		Quotas:         o.quotas,
 		Auditor:        h.audit,
+		AuditRequired:  o.auditRequired,
 		Logger:         logger,
 		Endpoints:      map[string]broker.Endpoint{"main": eng.Endpoint()},
 		SSLMode:        "disable",

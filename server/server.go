@@ -79,6 +79,11 @@ type Config struct {
 	// Auditor, when set, receives one record per call: identity, peer,
 	// role, lease id, username and outcome (see auth_audit.go).
 	Auditor RequestAuditor
+	// AuditRequired refuses calls that cannot be audited (audit.required):
+	// while Auditor's writes fail, every call but health checks answers
+	// Unavailable without being handled, and health reports NOT_SERVING
+	// until a write succeeds again. Auditor must then be a CheckedAuditor.
+	AuditRequired bool
 	// Quotas bound active leases and the issue rate; the zero value
 	// imposes none.
 	Quotas Quotas
@@ -107,6 +112,9 @@ func (c Config) Validate() error {
 	}
 	if c.MaxStreamLeases < 0 {
 		return fmt.Errorf("server: MaxStreamLeases must not be negative, got %d", c.MaxStreamLeases)
+	}
+	if _, ok := c.Auditor.(CheckedAuditor); c.AuditRequired && !ok {
+		return errors.New("server: AuditRequired needs an Auditor that reports write failures (a CheckedAuditor such as *audit.Log)")
 	}
 	if c.MaxKeepAliveLeases < 0 {
 		return fmt.Errorf("server: MaxKeepAliveLeases must not be negative, got %d", c.MaxKeepAliveLeases)
@@ -249,6 +257,31 @@ func NewGRPCServer(cfg Config, opts ...grpc.ServerOption) *grpc.Server {
 	// "" is the whole server: it is up even without a broker, so that a
 	// probe can tell "misconfigured" from "not listening".
 	drainer.health.SetServingStatus("", healthpb.HealthCheckResponse_SERVING)
+	if checked, ok := cfg.Auditor.(CheckedAuditor); ok && cfg.AuditRequired {
+		c.requiredAuditor = checked
+		// Set after the statuses above, so a log that fails already is
+		// reported NOT_SERVING. After Drain these calls change nothing.
+		checked.Watch(func(err error) {
+			st := healthpb.HealthCheckResponse_SERVING
+			if err != nil {
+				st = healthpb.HealthCheckResponse_NOT_SERVING
+				log.Error("audit log cannot be written; refusing calls (audit.required)", "err", err)
+			} else {
+				log.Info("audit log writable again; serving calls")
+			}
+			for _, name := range append([]string{""}, serviceNames...) {
+				if name != "" && c.broker == nil {
+					continue
+				}
+				drainer.health.SetServingStatus(name, st)
+			}
+		})
+		if err := checked.Healthy(); err != nil {
+			for _, name := range append([]string{""}, serviceNames...) {
+				drainer.health.SetServingStatus(name, healthpb.HealthCheckResponse_NOT_SERVING)
+			}
+		}
+	}
 	healthpb.RegisterHealthServer(gs, drainer.health)
 	reflection.Register(gs)
 	return gs
@@ -265,6 +298,9 @@ type core struct {
 	maxStreamLeases int
 	draining        <-chan struct{}
 	auditor         RequestAuditor
+	// requiredAuditor is set with Config.AuditRequired: calls it cannot
+	// record are refused.
+	requiredAuditor CheckedAuditor
 	quota           *quotaKeeper
 	rotator         RootRotator
 	// keepAliveSlots bounds the KeepAlive requests being handled across
