@@ -107,6 +107,7 @@ func (c *core) unaryAudit(ctx context.Context, req any, info *grpc.UnaryServerIn
 	if c.auditor == nil || auditExempt(info.FullMethod) {
 		return handler(ctx, req)
 	}
+	markAudited(ctx)
 	if err := c.auditable(); err != nil {
 		return nil, err
 	}
@@ -124,6 +125,7 @@ func (c *core) streamAudit(srv any, ss grpc.ServerStream, info *grpc.StreamServe
 	if c.auditor == nil || auditExempt(info.FullMethod) {
 		return handler(srv, ss)
 	}
+	markAudited(ss.Context())
 	if err := c.auditable(); err != nil {
 		return err
 	}

@@ -242,6 +242,10 @@ func NewGRPCServer(cfg Config, opts ...grpc.ServerOption) *grpc.Server {
 		grpc.ChainUnaryInterceptor(c.unaryLog, c.unaryAudit, c.unaryRecover, c.unaryAuth),
 		grpc.ChainStreamInterceptor(c.streamLog, c.streamAudit, c.streamRecover, c.streamAuth),
 	}, opts...)
+	if c.auditor != nil {
+		// Records the calls grpc-go refuses before the interceptors.
+		all = append(all, grpc.StatsHandler(auditStats{c}))
+	}
 	gs := grpc.NewServer(all...)
 
 	status := healthpb.HealthCheckResponse_SERVING
