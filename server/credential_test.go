@@ -9,7 +9,6 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
-	"github.com/credbroker/credbroker/broker"
 	pb "github.com/credbroker/credbroker/proto/credbroker/v1"
 )
 
@@ -17,11 +16,7 @@ import (
 // next one answers ResourceExhausted at once instead of queueing, and a
 // call that ends gives its place back.
 func TestRenewLeasePendingLimit(t *testing.T) {
-	gdb := &gatedDB{entered: make(chan struct{}), gate: make(chan struct{})}
-	h := newHarnessWith(t, harnessOptions{maxPendingRenewals: 1, wrapDB: func(db broker.Database) broker.Database {
-		gdb.Database = db
-		return gdb
-	}})
+	h, gdb := gatedHarness(t, harnessOptions{maxPendingRenewals: 1})
 	ctx := testContext(t)
 	held := h.issue(t, ctx, "svc-a", roleReadOnly).GetLease().GetId()
 	other := h.issue(t, ctx, "svc-b", roleReadOnly).GetLease().GetId()
@@ -31,19 +26,7 @@ func TestRenewLeasePendingLimit(t *testing.T) {
 		_, err := h.cred.RenewLease(as(ctx, "svc-a", false), &pb.RenewLeaseRequest{LeaseId: held})
 		heldErr <- err
 	}()
-	released := false
-	release := func() {
-		if !released {
-			released = true
-			close(gdb.gate)
-		}
-	}
-	defer release()
-	select {
-	case <-gdb.entered:
-	case <-time.After(10 * time.Second): // a bound on a hang, not a sleep
-		t.Fatal("the first renewal never reached PostgreSQL")
-	}
+	gdb.waitEntered(t)
 	// Bounded: without the limit this call would wait for the held one.
 	octx, cancel := context.WithTimeout(ctx, 20*time.Second)
 	defer cancel()
@@ -52,7 +35,7 @@ func TestRenewLeasePendingLimit(t *testing.T) {
 	if msg := status.Convert(err).Message(); !strings.Contains(msg, "already renewing 1 leases") {
 		t.Errorf("message %q does not say what the limit is", msg)
 	}
-	release()
+	gdb.release()
 	if err := <-heldErr; err != nil {
 		t.Fatalf("the held renewal: %v", err)
 	}

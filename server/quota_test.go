@@ -99,26 +99,8 @@ func TestQuotaCountsFollowLifecycleWithoutListing(t *testing.T) {
 		}
 	})
 	defer stop()
-	deadline := time.After(30 * time.Second) // a bound on a hang, not a sleep
-	changed := clock.Changed()
-	clock.Advance(2 * time.Minute)
 	// Far below the other leases' 10-minute TTL: only the short one expires.
-	for done, extra := false, 0; !done; {
-		select {
-		case <-expired:
-			done = true
-		case <-changed:
-			// A loop waits on the clock again: give the expiry manager a
-			// few more ticks, in case it was busy at the first.
-			changed = clock.Changed()
-			if extra < 10 {
-				extra++
-				clock.Advance(time.Second)
-			}
-		case <-deadline:
-			t.Fatal("the short lease did not expire")
-		}
-	}
+	advanceUntil(t, clock, 2*time.Minute, expired, "expiry of the short lease")
 	if _, err := issue("updater", 0); err != nil {
 		t.Fatalf("updater lease after the other expired: %v", err)
 	}
