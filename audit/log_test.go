@@ -8,6 +8,7 @@ import (
 	"strings"
 	"sync"
 	"testing"
+	"time"
 )
 
 func verifyFile(t *testing.T, path string) (VerifyResult, []Record) {
@@ -153,5 +154,51 @@ func TestWriteFailureAndRecovery(t *testing.T) {
 	}
 	if !strings.Contains(recs[0].Message, "2 records could not be written") {
 		t.Errorf("resumed record %q does not count the 2 lost records", recs[0].Message)
+	}
+}
+
+// A log whose writes fail tries again on its own, every RetryInterval, and
+// turns healthy without a record to write or a Reopen (space was freed).
+func TestRetryRecoversWithoutAWrite(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "audit.log")
+	l, err := Open(path, Options{RetryInterval: time.Millisecond})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = l.Close() })
+	states := make(chan error, 4)
+	l.Watch(func(err error) { states <- err })
+
+	// Stand in for a full disk: the same file, opened read-only, refuses
+	// writes; putting the writable descriptor back is the space freed.
+	bad, err := os.Open(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer bad.Close()
+	l.mu.Lock()
+	good := l.f
+	l.f = bad
+	l.mu.Unlock()
+	if err := l.Write(Record{Event: EventStart, Outcome: OutcomeOK}); err == nil {
+		t.Fatal("write to a read-only descriptor succeeded")
+	}
+	if err := <-states; err == nil {
+		t.Fatal("watcher told nil, want the write error")
+	}
+	l.mu.Lock()
+	l.f = good
+	l.mu.Unlock()
+	select {
+	case err := <-states:
+		if err != nil {
+			t.Fatalf("watcher told %v, want nil (recovered)", err)
+		}
+	case <-time.After(10 * time.Second): // a bound on a hang, not a sleep
+		t.Fatal("the log did not recover on its own")
+	}
+	_, recs := verifyFile(t, path)
+	if len(recs) != 1 || recs[0].Event != EventResumed || !strings.Contains(recs[0].Message, "1 records could not be written") {
+		t.Fatalf("records after recovery: %+v", recs)
 	}
 }
