@@ -172,7 +172,9 @@ func resume(f *os.File, chain chainer, log *slog.Logger) (chainTail, int64, erro
 // moved away, the new file starts a new chain (prev 64 zeros) whose first
 // record, "reopened", names the seq and digest where the old file ended,
 // and seq goes on counting. A file that still holds records is continued.
-// On error the log keeps writing to the file it had.
+// If the path cannot be opened (or is not an audit log), the log keeps the
+// file it had; an error writing the "reopened" record is reported as any
+// write failure is (Healthy, Watch).
 func (l *Log) Reopen() error {
 	f, tail, cut, err := l.openFile()
 	if err != nil {
