@@ -23,6 +23,12 @@ const (
 	// EventRecovered notes that a partial last line (a crash mid-write)
 	// was cut off when the file was opened.
 	EventRecovered = "recovered"
+	// EventReopened starts the file Reopen opened (after log rotation); its
+	// message names where the previous file's chain ended.
+	EventReopened = "reopened"
+	// EventResumed is the first record written after writes failed; its
+	// message says how many records were lost, and since when.
+	EventResumed = "resumed"
 )
 
 // Outcomes of a record.

@@ -1,6 +1,10 @@
 package broker
 
-import "time"
+import (
+	"slices"
+	"sync"
+	"time"
+)
 
 // Audit actions: what happened to a lease. They are part of the audit
 // log's format (audit.Record.Event), so they are never renamed.
@@ -40,12 +44,56 @@ type Auditor interface {
 	AuditLease(AuditEvent)
 }
 
-// audit sends ev to the configured Auditor, if any.
-func (b *Broker) audit(action string, l Lease, errMsg string) {
-	if b.cfg.Auditor == nil {
-		return
+// WatchLifecycle calls fn with every lifecycle event, as the Auditor is
+// called: synchronously, after the event is committed to the store, so fn
+// must be quick and must not call back into the broker. Watchers are called
+// in the order they were registered. It is how the gRPC
+// layer keeps its counts of active leases without scanning the store.
+// Call the returned function to stop the calls.
+func (b *Broker) WatchLifecycle(fn func(AuditEvent)) (stop func()) {
+	return b.watchers.add(fn)
+}
+
+// lifecycleWatchers holds the functions WatchLifecycle registered, called
+// in the order they were registered.
+type lifecycleWatchers struct {
+	mu   sync.RWMutex
+	next int
+	fns  []watcher
+}
+
+type watcher struct {
+	id int
+	fn func(AuditEvent)
+}
+
+func (w *lifecycleWatchers) add(fn func(AuditEvent)) func() {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	id := w.next
+	w.next++
+	w.fns = append(w.fns, watcher{id: id, fn: fn})
+	var once sync.Once
+	return func() {
+		once.Do(func() {
+			w.mu.Lock()
+			defer w.mu.Unlock()
+			w.fns = slices.DeleteFunc(w.fns, func(x watcher) bool { return x.id == id })
+		})
 	}
-	b.cfg.Auditor.AuditLease(AuditEvent{
+}
+
+func (w *lifecycleWatchers) notify(ev AuditEvent) {
+	w.mu.RLock()
+	defer w.mu.RUnlock()
+	for _, x := range w.fns {
+		x.fn(ev)
+	}
+}
+
+// audit sends ev to the configured Auditor, if any, and to the watchers.
+func (b *Broker) audit(action string, l Lease, errMsg string) {
+	ev := AuditEvent{
 		Time:     b.clock.Now(),
 		Action:   action,
 		LeaseID:  l.ID,
@@ -54,5 +102,9 @@ func (b *Broker) audit(action string, l Lease, errMsg string) {
 		Target:   l.Target,
 		Username: l.Username,
 		Error:    errMsg,
-	})
+	}
+	b.watchers.notify(ev)
+	if b.cfg.Auditor != nil {
+		b.cfg.Auditor.AuditLease(ev)
+	}
 }

@@ -29,6 +29,8 @@ type Broker struct {
 	queue   *ExpiryQueue
 	leaseMu keyedMutex
 	hub     eventHub
+	// watchers are told of every lifecycle event, like the Auditor (audit.go).
+	watchers lifecycleWatchers
 	// renewals batches concurrent renewals per target (renewbatch.go).
 	renewals renewBatcher
 	limiter  *rate.Limiter

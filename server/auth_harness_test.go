@@ -62,6 +62,12 @@ type secureOptions struct {
 	quotas       Quotas
 	auditKey     []byte
 	maxRecvBytes int
+	// auditRequired sets Config.AuditRequired; auditDevice, when set, is
+	// where the audit path points (a symlink), e.g. /dev/full.
+	auditRequired bool
+	auditDevice   string
+	clock         broker.Clock                              // nil: the real clock
+	wrapStore     func(broker.LeaseStore) broker.LeaseStore // nil: the bbolt store as is
 }
 
 // secureHarness is a broker on its own PostgreSQL target and bbolt file,
@@ -102,8 +108,17 @@ func newSecureHarness(t *testing.T, o secureOptions) *secureHarness {
 		t.Fatalf("store.Open: %v", err)
 	}
 	t.Cleanup(func() { _ = st.Close() })
+	var leases broker.LeaseStore = st
+	if o.wrapStore != nil {
+		leases = o.wrapStore(st)
+	}
 
 	h.auditPath = filepath.Join(h.dir, "audit.log")
+	if o.auditDevice != "" {
+		if err := os.Symlink(o.auditDevice, h.auditPath); err != nil {
+			t.Fatal(err)
+		}
+	}
 	h.audit, err = audit.Open(h.auditPath, audit.Options{HMACKey: o.auditKey, Logger: logger})
 	if err != nil {
 		t.Fatal(err)
@@ -113,7 +128,8 @@ func newSecureHarness(t *testing.T, o secureOptions) *secureHarness {
 	readOnly := h.target.ProxyRoles["read_only"]
 	updater := h.target.ProxyRoles["updater"]
 	b, err := broker.New(broker.Config{
-		Store:     st,
+		Store:     leases,
+		Clock:     o.clock,
 		Databases: map[string]broker.Database{"main": eng},
 		Roles: []broker.Role{
 			{Name: roleReadOnly, Target: "main", ProxyRole: readOnly, DefaultTTL: 10 * time.Minute, MaxTTL: time.Hour},
@@ -170,6 +186,7 @@ func newSecureHarness(t *testing.T, o secureOptions) *secureHarness {
 		Authorizer:     authz,
 		Quotas:         o.quotas,
 		Auditor:        h.audit,
+		AuditRequired:  o.auditRequired,
 		Logger:         logger,
 		Endpoints:      map[string]broker.Endpoint{"main": eng.Endpoint()},
 		SSLMode:        "disable",

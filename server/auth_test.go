@@ -308,6 +308,9 @@ func TestDeniedAttemptsAreAudited(t *testing.T) {
 	if r := denied["LookupLease"]; r.LeaseID != leaseID || r.Identity != "svc-b" || r.Role != roleReadOnly {
 		t.Errorf("denied lookup record: %+v, want lease %s of role %s by svc-b", r, leaseID, roleReadOnly)
 	}
+	if r := denied["KeepAlive"]; r.LeaseID != leaseID || r.Identity != "svc-b" || r.Role != roleReadOnly {
+		t.Errorf("denied KeepAlive record: %+v, want lease %s of role %s by svc-b", r, leaseID, roleReadOnly)
+	}
 
 	// Usage over the trail counts the issue and the denial.
 	rows, err := audit.Usage(bytesReader([]byte(readFileString(t, h.auditPath))), time.Time{}, time.Time{})
@@ -410,6 +413,32 @@ func TestQuotas(t *testing.T) {
 		resp, _, err := h.broker.ListLeases(ctx, brokerFilterClient("svc-a"))
 		if err != nil || len(resp) != 2 {
 			t.Errorf("svc-a holds %d leases (%v), want the 2 of the burst", len(resp), err)
+		}
+	})
+
+	// A call refused for an active-lease quota gives its token back: the
+	// caller that revokes a lease can issue again at once.
+	t.Run("a quota refusal does not use up the rate allowance", func(t *testing.T) {
+		h := newSecureHarness(t, secureOptions{tokens: tokens, allowed: allowed, quotas: Quotas{
+			IdentityMaxActive: 1, IssueRate: 1.0 / 3600, IssueBurst: 2,
+		}})
+		credA, _ := h.clients(t, clientCreds{token: "token-a-0123456789"})
+		resp, err := credA.IssueCredential(ctx, &pb.IssueCredentialRequest{Role: roleReadOnly})
+		if err != nil {
+			t.Fatal(err)
+		}
+		for range 3 {
+			_, err = credA.IssueCredential(ctx, &pb.IssueCredentialRequest{Role: roleReadOnly})
+			wantCode(t, "second active lease", err, codes.ResourceExhausted)
+			if msg := status.Convert(err).Message(); !strings.Contains(msg, "max_active_per_identity") {
+				t.Fatalf("refused for %q, want the active-lease quota", msg)
+			}
+		}
+		if _, err := credA.RevokeLease(ctx, &pb.RevokeLeaseRequest{LeaseId: resp.GetLease().GetId()}); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := credA.IssueCredential(ctx, &pb.IssueCredentialRequest{Role: roleReadOnly}); err != nil {
+			t.Fatalf("issue with one token of the burst left: %v", err)
 		}
 	})
 }

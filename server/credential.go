@@ -42,7 +42,7 @@ func (s *credentialServer) IssueCredential(ctx context.Context, req *pb.IssueCre
 	}
 	// Quotas count only what authorized callers ask for: a refused caller
 	// must not use up a legitimate one's allowance.
-	release, err := s.quota.admit(ctx, s.broker, id.Name, req.GetRole())
+	release, err := s.quota.admit(ctx, id.Name, req.GetRole())
 	if err != nil {
 		return nil, s.fail(ctx, err)
 	}
@@ -73,6 +73,12 @@ func (s *credentialServer) RenewLease(ctx context.Context, req *pb.RenewLeaseReq
 	if err != nil {
 		return nil, err
 	}
+	// Renewals wait in the broker's batches; bound how many may pile up.
+	done, err := s.takeRenewSlot()
+	if err != nil {
+		return nil, s.fail(ctx, err)
+	}
+	defer done()
 	if _, err := s.authorizedLease(ctx, req.GetLeaseId()); err != nil {
 		return nil, err
 	}
@@ -129,7 +135,7 @@ func (c *core) authorizedLease(ctx context.Context, leaseID string) (broker.Leas
 	addLogAttrs(ctx, slog.String("role", l.Role))
 	if err := c.authz.AuthorizeLease(id, l); err != nil {
 		addLogAttrs(ctx, slog.String("error", err.Error()))
-		c.noteDenied(ctx, leaseID)
+		c.noteDenied(ctx, leaseID, l.Role)
 		return broker.Lease{}, leaseNotFound(leaseID)
 	}
 	return l, nil

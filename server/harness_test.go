@@ -17,6 +17,7 @@ import (
 
 	"github.com/credbroker/credbroker/broker"
 	"github.com/credbroker/credbroker/broker/postgres"
+	"github.com/credbroker/credbroker/internal/fakeclock"
 	"github.com/credbroker/credbroker/internal/pgtest"
 	"github.com/credbroker/credbroker/internal/syncbuf"
 	pb "github.com/credbroker/credbroker/proto/credbroker/v1"
@@ -73,8 +74,11 @@ const (
 type harnessOptions struct {
 	clock           broker.Clock // nil: the real clock
 	maxStreamLeases int
-	renewBatches    int                                   // broker.Config.RenewBatches; 0: its default
-	wrapDB          func(broker.Database) broker.Database // nil: the engine as is
+	// maxKeepAliveLeases and maxPendingRenewals: 0 is the default.
+	maxKeepAliveLeases int
+	maxPendingRenewals int
+	renewBatches       int                                   // broker.Config.RenewBatches; 0: its default
+	wrapDB             func(broker.Database) broker.Database // nil: the engine as is
 }
 
 func newHarness(t *testing.T) *harness {
@@ -140,7 +144,9 @@ func newHarnessWith(t *testing.T, o harnessOptions) *harness {
 		SSLMode:       "disable",
 		Drainer:       h.drainer,
 		// 0 is the default.
-		MaxStreamLeases: o.maxStreamLeases,
+		MaxStreamLeases:    o.maxStreamLeases,
+		MaxKeepAliveLeases: o.maxKeepAliveLeases,
+		MaxPendingRenewals: o.maxPendingRenewals,
 	})
 	lis := bufconn.Listen(1 << 20)
 	go func() { _ = gs.Serve(lis) }()
@@ -167,6 +173,44 @@ func (h *harness) issue(t *testing.T, ctx context.Context, client, role string) 
 		t.Fatalf("IssueCredential(%s as %s): %v", role, client, err)
 	}
 	return resp
+}
+
+// advanceUntil advances clock by d, then by a second each time a loop
+// waits on it again (at most ten times, in case a loop was busy at the
+// first tick), until done is closed. It fails the test after 30 seconds.
+func advanceUntil(t *testing.T, clock *fakeclock.Clock, d time.Duration, done <-chan struct{}, what string) {
+	t.Helper()
+	deadline := time.After(30 * time.Second) // a bound on a hang, not a sleep
+	changed := clock.Changed()
+	clock.Advance(d)
+	for extra := 0; ; {
+		select {
+		case <-done:
+			return
+		case <-changed:
+			changed = clock.Changed()
+			if extra < 10 {
+				extra++
+				clock.Advance(time.Second)
+			}
+		case <-deadline:
+			t.Fatalf("%s: not seen after advancing the clock", what)
+		}
+	}
+}
+
+// gatedHarness is a harness whose database holds the first RenewUsers
+// call until release.
+func gatedHarness(t *testing.T, o harnessOptions) (*harness, *gatedDB) {
+	t.Helper()
+	gdb := &gatedDB{entered: make(chan struct{}), gate: make(chan struct{})}
+	o.wrapDB = func(db broker.Database) broker.Database {
+		gdb.Database = db
+		return gdb
+	}
+	h := newHarnessWith(t, o)
+	t.Cleanup(gdb.release)
+	return h, gdb
 }
 
 // testContext bounds a test: no call in these tests may hang.

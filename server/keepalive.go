@@ -30,7 +30,10 @@ import (
 //     stream waits;
 //   - one forwarder per named lease moves the broker's events
 //     (broker.Subscribe) into the outbox. It never blocks: the broker's
-//     publisher must not wait for a client;
+//     publisher must not wait for a client. A stream names at most
+//     maxStreamLeases leases and all streams together maxKeepAliveLeases,
+//     so the forwarders are bounded; one more lease answers
+//     ResourceExhausted and the stream goes on;
 //   - the handler goroutine itself is the only sender. It drains the
 //     outbox, where each lease has one pending slot and the newest state
 //     wins, so a slow reader costs at most one message per lease.
@@ -267,7 +270,7 @@ func (k *keepAliveStream) name(leaseID string) bool {
 			// Answered as unknown, like the unary calls (see authorizedLease).
 			k.log.LogAttrs(k.ctx, slog.LevelWarn, "KeepAlive names a lease of another client",
 				slog.String("identity", k.id.Name), slog.String("lease_id", leaseID))
-			k.noteDenied(k.ctx, leaseID)
+			k.noteDenied(k.ctx, leaseID, l.Role)
 			err = broker.ErrLeaseNotFound
 		}
 	}
@@ -284,6 +287,11 @@ func (k *keepAliveStream) name(leaseID string) bool {
 			count, broker.ErrResourceExhausted))
 		return false
 	}
+	if !k.takeKeepAliveLease() {
+		k.answerError(leaseID, l, fmt.Errorf("the broker already keeps %d leases alive on all streams, its maximum; renew this lease with RenewLease or retry later: %w",
+			k.maxKeepAliveLeases, broker.ErrResourceExhausted))
+		return false
+	}
 
 	// Subscribe before the first renewal, so that no event between the
 	// two is lost.
@@ -296,6 +304,7 @@ func (k *keepAliveStream) name(leaseID string) bool {
 		k.mu.Unlock()
 		unsubscribe()
 		k.broker.StreamClosed(leaseID)
+		k.dropKeepAliveLease()
 		return false
 	}
 	k.leases[leaseID] = nl
@@ -365,6 +374,7 @@ func (k *keepAliveStream) release(leaseID string) {
 	close(nl.stop)
 	nl.unsubscribe()
 	k.broker.StreamClosed(leaseID)
+	k.dropKeepAliveLease()
 }
 
 // closeAll releases every lease at the end of the stream and waits for the
@@ -380,6 +390,7 @@ func (k *keepAliveStream) closeAll() {
 		close(nl.stop)
 		nl.unsubscribe()
 		k.broker.StreamClosed(leaseID)
+		k.dropKeepAliveLease()
 	}
 	k.forwarders.Wait()
 	addLogAttrs(k.ctx, slog.Int("leases_named", named))

@@ -60,34 +60,17 @@ func TestKeepAliveStreamEndReleasesLease(t *testing.T) {
 	}
 	closeStream(t, stream)
 
-	events, unsubscribe := h.broker.Subscribe(id)
-	defer unsubscribe()
-	deadline := time.After(30 * time.Second) // a bound on a hang, not a sleep
-	changed := clock.Changed()
-	clock.Advance(31 * time.Second) // past the default 30s DisconnectGrace
-	// Far below the lease's 10-minute TTL: a revocation seen here is the
-	// disconnect's, not the expiry's.
-	extra := 0
-	for {
-		select {
-		case ev := <-events:
-			if ev.Type == broker.EventRevoked {
-				return
-			}
-			t.Fatalf("lease event %v, want revoked", ev.Type)
-		case <-changed:
-			// A loop is waiting on the clock again: give the maintenance
-			// loop a few more ticks, in case it was busy at the first.
-			changed = clock.Changed()
-			if extra < 10 {
-				extra++
-				clock.Advance(time.Second)
-			}
-		case <-deadline:
-			l, err := h.broker.Lookup(ctx, id)
-			t.Fatalf("lease not revoked after its stream closed: %v, %v", l.State, err)
+	revoked := make(chan struct{})
+	var once sync.Once
+	stop := h.broker.WatchLifecycle(func(ev broker.AuditEvent) {
+		if ev.LeaseID == id && ev.Action == broker.AuditRevoke {
+			once.Do(func() { close(revoked) })
 		}
-	}
+	})
+	defer stop()
+	// Past the default 30s DisconnectGrace, far below the lease's 10-minute
+	// TTL: a revocation seen here is the disconnect's, not the expiry's.
+	advanceUntil(t, clock, 31*time.Second, revoked, "revocation after the stream closed")
 }
 
 // The lease limit of a stream answers ResourceExhausted for one more lease
@@ -156,12 +139,13 @@ func TestKeepAliveLeaseLimit(t *testing.T) {
 	closeStream(t, stream)
 }
 
-// gatedDB holds the first RenewUsers call until gate is closed.
+// gatedDB holds the first RenewUsers call until release.
 type gatedDB struct {
 	broker.Database
-	once    sync.Once
-	entered chan struct{}
-	gate    chan struct{}
+	once        sync.Once
+	entered     chan struct{}
+	gate        chan struct{}
+	releaseOnce sync.Once
 }
 
 func (d *gatedDB) RenewUsers(ctx context.Context, reqs []broker.RenewUserRequest) []error {
@@ -174,15 +158,24 @@ func (d *gatedDB) RenewUsers(ctx context.Context, reqs []broker.RenewUserRequest
 	return d.Database.RenewUsers(ctx, reqs)
 }
 
+// release lets the held call go on; it may be called more than once.
+func (d *gatedDB) release() { d.releaseOnce.Do(func() { close(d.gate) }) }
+
+// waitEntered waits until the first RenewUsers call is held.
+func (d *gatedDB) waitEntered(t *testing.T) {
+	t.Helper()
+	select {
+	case <-d.entered:
+	case <-time.After(10 * time.Second): // a bound on a hang, not a sleep
+		t.Fatal("the first renewal never reached PostgreSQL")
+	}
+}
+
 // Requests on one stream are handled at once, not one after the other:
 // while the renewal of one lease is held in PostgreSQL, another lease on
 // the same stream is renewed (the broker may run two batches at once here).
 func TestKeepAliveHandlesAStreamsRequestsAtOnce(t *testing.T) {
-	gdb := &gatedDB{entered: make(chan struct{}), gate: make(chan struct{})}
-	h := newHarnessWith(t, harnessOptions{renewBatches: 2, wrapDB: func(db broker.Database) broker.Database {
-		gdb.Database = db
-		return gdb
-	}})
+	h, gdb := gatedHarness(t, harnessOptions{renewBatches: 2})
 	ctx := testContext(t)
 	held := h.issue(t, ctx, "svc-a", roleReadOnly).GetLease().GetId()
 	other := h.issue(t, ctx, "svc-a", roleReadOnly).GetLease().GetId()
@@ -193,22 +186,10 @@ func TestKeepAliveHandlesAStreamsRequestsAtOnce(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	released := false
-	release := func() {
-		if !released {
-			released = true
-			close(gdb.gate)
-		}
-	}
-	defer release()
 	if err := stream.Send(&pb.KeepAliveRequest{LeaseId: held}); err != nil {
 		t.Fatal(err)
 	}
-	select {
-	case <-gdb.entered:
-	case <-time.After(10 * time.Second):
-		t.Fatal("the first renewal never reached PostgreSQL")
-	}
+	gdb.waitEntered(t)
 	if err := stream.Send(&pb.KeepAliveRequest{LeaseId: other}); err != nil {
 		t.Fatal(err)
 	}
@@ -233,7 +214,7 @@ func TestKeepAliveHandlesAStreamsRequestsAtOnce(t *testing.T) {
 	case <-time.After(10 * time.Second):
 		t.Fatal("the second lease was not renewed while the first one's renewal was held")
 	}
-	release()
+	gdb.release()
 	r, ok := <-answered
 	if !ok || r.GetLease().GetId() != held || r.GetEvent() != pb.KeepAliveEvent_KEEP_ALIVE_EVENT_RENEWED {
 		t.Fatalf("second answer: %v (ok %v), want %s renewed", r, ok, held)
@@ -246,4 +227,53 @@ func TestKeepAliveHandlesAStreamsRequestsAtOnce(t *testing.T) {
 	if err := <-recvErr; !errors.Is(err, io.EOF) {
 		t.Fatalf("stream ended with %v, want EOF", err)
 	}
+}
+
+// All streams together name at most MaxKeepAliveLeases leases: one more
+// answers ResourceExhausted on its stream, which stays open, and a stream
+// that ends gives its places back.
+func TestKeepAliveLeaseLimitAcrossStreams(t *testing.T) {
+	h := newHarnessWith(t, harnessOptions{maxKeepAliveLeases: 1})
+	ctx := testContext(t)
+	first := h.issue(t, ctx, "svc-a", roleReadOnly).GetLease().GetId()
+	second := h.issue(t, ctx, "svc-b", roleReadOnly).GetLease().GetId()
+
+	sctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	defer cancel()
+	open := func(client string) pb.CredentialService_KeepAliveClient {
+		t.Helper()
+		s, err := h.cred.KeepAlive(as(sctx, client, false))
+		if err != nil {
+			t.Fatal(err)
+		}
+		return s
+	}
+	ask := func(s pb.CredentialService_KeepAliveClient, id string) *pb.KeepAliveResponse {
+		t.Helper()
+		if err := s.Send(&pb.KeepAliveRequest{LeaseId: id}); err != nil {
+			t.Fatal(err)
+		}
+		r, err := s.Recv()
+		if err != nil {
+			t.Fatalf("Recv: %v", err)
+		}
+		if r.GetLease().GetId() != id {
+			t.Fatalf("answer for %q, want %q", r.GetLease().GetId(), id)
+		}
+		return r
+	}
+	a, b := open("svc-a"), open("svc-b")
+	if r := ask(a, first); r.GetEvent() != pb.KeepAliveEvent_KEEP_ALIVE_EVENT_RENEWED {
+		t.Fatalf("first lease: %v %q", r.GetEvent(), r.GetMessage())
+	}
+	r := ask(b, second)
+	if r.GetEvent() != pb.KeepAliveEvent_KEEP_ALIVE_EVENT_UNSPECIFIED ||
+		!strings.HasPrefix(r.GetMessage(), "ResourceExhausted: ") || !strings.Contains(r.GetMessage(), "on all streams") {
+		t.Fatalf("a lease over the limit of all streams: %v %q", r.GetEvent(), r.GetMessage())
+	}
+	closeStream(t, a)
+	if r := ask(b, second); r.GetEvent() != pb.KeepAliveEvent_KEEP_ALIVE_EVENT_RENEWED {
+		t.Fatalf("after the other stream ended: %v %q", r.GetEvent(), r.GetMessage())
+	}
+	closeStream(t, b)
 }

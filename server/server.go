@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"log/slog"
 	"sync"
+	"sync/atomic"
 
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/health"
@@ -19,6 +20,12 @@ import (
 const (
 	DefaultSSLMode         = "prefer"
 	DefaultMaxStreamLeases = 1000
+	// DefaultMaxKeepAliveLeases bounds the leases named on all KeepAlive
+	// streams together: each costs a subscription and a goroutine, and the
+	// number of streams is otherwise unbounded.
+	DefaultMaxKeepAliveLeases = 100_000
+	// DefaultMaxPendingRenewals bounds the RenewLease calls in progress.
+	DefaultMaxPendingRenewals = 1024
 	// DefaultMaxRecvMsgSize bounds one request message. The largest real
 	// request, RevokeLeases naming a thousand lease ids, is about 35 KiB;
 	// gRPC's own default (4 MiB) would let a caller make the broker
@@ -59,9 +66,24 @@ type Config struct {
 	// which bounds the goroutines and memory one client can pin.
 	// Default: 1000.
 	MaxStreamLeases int
+	// MaxKeepAliveLeases caps the leases named on all KeepAlive streams
+	// together; past it, naming one more answers ResourceExhausted on the
+	// stream. Default: DefaultMaxKeepAliveLeases, or MaxStreamLeases if
+	// that is larger.
+	MaxKeepAliveLeases int
+	// MaxPendingRenewals caps the RenewLease calls in progress at once;
+	// past it, RenewLease answers ResourceExhausted at once rather than
+	// queue (KeepAlive streams wait instead: see keepalive.go).
+	// Default: DefaultMaxPendingRenewals.
+	MaxPendingRenewals int
 	// Auditor, when set, receives one record per call: identity, peer,
 	// role, lease id, username and outcome (see auth_audit.go).
 	Auditor RequestAuditor
+	// AuditRequired refuses calls that cannot be audited (audit.required):
+	// while Auditor's writes fail, every call but health checks answers
+	// Unavailable without being handled, and health reports NOT_SERVING
+	// until a write succeeds again. Auditor must then be a CheckedAuditor.
+	AuditRequired bool
 	// Quotas bound active leases and the issue rate; the zero value
 	// imposes none.
 	Quotas Quotas
@@ -90,6 +112,15 @@ func (c Config) Validate() error {
 	}
 	if c.MaxStreamLeases < 0 {
 		return fmt.Errorf("server: MaxStreamLeases must not be negative, got %d", c.MaxStreamLeases)
+	}
+	if _, ok := c.Auditor.(CheckedAuditor); c.AuditRequired && !ok {
+		return errors.New("server: AuditRequired needs an Auditor that reports write failures (a CheckedAuditor such as *audit.Log)")
+	}
+	if c.MaxKeepAliveLeases < 0 {
+		return fmt.Errorf("server: MaxKeepAliveLeases must not be negative, got %d", c.MaxKeepAliveLeases)
+	}
+	if c.MaxPendingRenewals < 0 {
+		return fmt.Errorf("server: MaxPendingRenewals must not be negative, got %d", c.MaxPendingRenewals)
 	}
 	return nil
 }
@@ -164,7 +195,7 @@ func NewGRPCServer(cfg Config, opts ...grpc.ServerOption) *grpc.Server {
 		sslmode:         cfg.SSLMode,
 		maxStreamLeases: cfg.MaxStreamLeases,
 		auditor:         cfg.Auditor,
-		quota:           newQuotaKeeper(cfg.Quotas),
+		quota:           newQuotaKeeper(cfg.Quotas, cfg.Broker),
 		rotator:         cfg.RootRotator,
 		keepAliveSlots:  make(chan struct{}, maxKeepAliveInflight),
 	}
@@ -180,6 +211,15 @@ func NewGRPCServer(cfg Config, opts ...grpc.ServerOption) *grpc.Server {
 	if c.maxStreamLeases <= 0 {
 		c.maxStreamLeases = DefaultMaxStreamLeases
 	}
+	c.maxKeepAliveLeases = int64(cfg.MaxKeepAliveLeases)
+	if c.maxKeepAliveLeases <= 0 {
+		c.maxKeepAliveLeases = int64(max(DefaultMaxKeepAliveLeases, c.maxStreamLeases))
+	}
+	maxRenewals := cfg.MaxPendingRenewals
+	if maxRenewals <= 0 {
+		maxRenewals = DefaultMaxPendingRenewals
+	}
+	c.renewSlots = make(chan struct{}, maxRenewals)
 	drainer := cfg.Drainer
 	if drainer == nil {
 		drainer = NewDrainer()
@@ -202,6 +242,10 @@ func NewGRPCServer(cfg Config, opts ...grpc.ServerOption) *grpc.Server {
 		grpc.ChainUnaryInterceptor(c.unaryLog, c.unaryAudit, c.unaryRecover, c.unaryAuth),
 		grpc.ChainStreamInterceptor(c.streamLog, c.streamAudit, c.streamRecover, c.streamAuth),
 	}, opts...)
+	if c.auditor != nil {
+		// Records the calls grpc-go refuses before the interceptors.
+		all = append(all, grpc.StatsHandler(auditStats{c}))
+	}
 	gs := grpc.NewServer(all...)
 
 	status := healthpb.HealthCheckResponse_SERVING
@@ -217,6 +261,31 @@ func NewGRPCServer(cfg Config, opts ...grpc.ServerOption) *grpc.Server {
 	// "" is the whole server: it is up even without a broker, so that a
 	// probe can tell "misconfigured" from "not listening".
 	drainer.health.SetServingStatus("", healthpb.HealthCheckResponse_SERVING)
+	if checked, ok := cfg.Auditor.(CheckedAuditor); ok && cfg.AuditRequired {
+		c.requiredAuditor = checked
+		// Set after the statuses above, so a log that fails already is
+		// reported NOT_SERVING. After Drain these calls change nothing.
+		checked.Watch(func(err error) {
+			st := healthpb.HealthCheckResponse_SERVING
+			if err != nil {
+				st = healthpb.HealthCheckResponse_NOT_SERVING
+				log.Error("audit log cannot be written; refusing calls (audit.required)", "err", err)
+			} else {
+				log.Info("audit log writable again; serving calls")
+			}
+			for _, name := range append([]string{""}, serviceNames...) {
+				if name != "" && c.broker == nil {
+					continue
+				}
+				drainer.health.SetServingStatus(name, st)
+			}
+		})
+		if err := checked.Healthy(); err != nil {
+			for _, name := range append([]string{""}, serviceNames...) {
+				drainer.health.SetServingStatus(name, healthpb.HealthCheckResponse_NOT_SERVING)
+			}
+		}
+	}
 	healthpb.RegisterHealthServer(gs, drainer.health)
 	reflection.Register(gs)
 	return gs
@@ -233,9 +302,44 @@ type core struct {
 	maxStreamLeases int
 	draining        <-chan struct{}
 	auditor         RequestAuditor
+	// requiredAuditor is set with Config.AuditRequired: calls it cannot
+	// record are refused.
+	requiredAuditor CheckedAuditor
 	quota           *quotaKeeper
 	rotator         RootRotator
 	// keepAliveSlots bounds the KeepAlive requests being handled across
 	// all streams (see keepalive.go).
 	keepAliveSlots chan struct{}
+	// keepAliveLeases counts the leases named on all KeepAlive streams,
+	// at most maxKeepAliveLeases.
+	keepAliveLeases    atomic.Int64
+	maxKeepAliveLeases int64
+	// renewSlots holds one token per RenewLease call in progress.
+	renewSlots chan struct{}
+}
+
+// takeKeepAliveLease counts one more lease named on a KeepAlive stream, or
+// reports that the broker keeps as many as it may. Every true is matched by
+// one dropKeepAliveLease.
+func (c *core) takeKeepAliveLease() bool {
+	if c.keepAliveLeases.Add(1) > c.maxKeepAliveLeases {
+		c.keepAliveLeases.Add(-1)
+		return false
+	}
+	return true
+}
+
+func (c *core) dropKeepAliveLease() { c.keepAliveLeases.Add(-1) }
+
+// takeRenewSlot admits one RenewLease call, or refuses it when
+// cap(renewSlots) are in progress already. On success call the returned
+// function when the call ends.
+func (c *core) takeRenewSlot() (func(), error) {
+	select {
+	case c.renewSlots <- struct{}{}:
+		return func() { <-c.renewSlots }, nil
+	default:
+		return nil, fmt.Errorf("the broker is already renewing %d leases for RenewLease calls; retry with backoff, or keep leases alive on a KeepAlive stream: %w",
+			cap(c.renewSlots), broker.ErrResourceExhausted)
+	}
 }

@@ -5,6 +5,9 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"os"
+	"os/signal"
+	"syscall"
 
 	"github.com/spf13/cobra"
 
@@ -38,6 +41,13 @@ func runServer(ctx context.Context, configPath string, stderr io.Writer) error {
 		return err
 	}
 	defer d.Close()
+	// SIGHUP reopens the audit log, for log rotation (docs/security.md).
+	hup := make(chan os.Signal, 1)
+	signal.Notify(hup, syscall.SIGHUP)
+	defer signal.Stop(hup)
+	hupCtx, stopHUP := context.WithCancel(ctx)
+	defer stopHUP()
+	go d.ReopenAuditLogOn(hupCtx, hup)
 	return d.Serve(ctx)
 }
 

@@ -123,6 +123,7 @@ type QuotasFile struct {
 type AuditFile struct {
 	Path        string `yaml:"path"`
 	HMACKeyFile string `yaml:"hmac_key_file"`
+	Required    bool   `yaml:"required"`
 }
 
 // ExpiryFile is the expiry section.

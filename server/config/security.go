@@ -66,6 +66,8 @@ type Audit struct {
 	HMACKeyFile string
 	// HMACKeySource says where the key comes from, for logs.
 	HMACKeySource string
+	// Required refuses calls that cannot be audited (server.Config.AuditRequired).
+	Required bool
 }
 
 // MinHMACKeyBytes: shorter audit keys can be guessed offline from the file.
@@ -188,6 +190,12 @@ func (v *validator) security(f *File, roles []broker.Role) Security {
 		}
 		s.Audit.HMACKeyFile = f.path(f.Audit.HMACKeyFile)
 		s.Audit.HMACKeySource = "file " + s.Audit.HMACKeyFile
+	}
+	if f.Audit.Required {
+		if f.Audit.Path == "" {
+			v.errorf("audit.required", "needs audit.path")
+		}
+		s.Audit.Required = true
 	}
 	return s
 }

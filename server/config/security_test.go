@@ -79,6 +79,7 @@ quotas:
 audit:
   path: audit/credbroker.audit
   hmac_key_file: audit.key
+  required: true
 `)
 	if err != nil {
 		t.Fatal(err)
@@ -98,6 +99,9 @@ audit:
 	}
 	if !strings.HasSuffix(s.Audit.Path, "audit/credbroker.audit") || !strings.HasSuffix(s.Audit.HMACKeyFile, "/audit.key") {
 		t.Errorf("audit: path %q, key file %q", s.Audit.Path, s.Audit.HMACKeyFile)
+	}
+	if !s.Audit.Required {
+		t.Error("audit.required not read")
 	}
 	// Both roles have no allowed list: nobody can issue them, and that is
 	// worth a warning.
@@ -149,6 +153,7 @@ func TestSecurityErrors(t *testing.T) {
 		{"burst without rate", "quotas: {issue_burst: 3, max_active_per_identity: -1}\n",
 			[]string{"quotas.issue_burst: needs quotas.issue_rate_per_identity", "quotas.max_active_per_identity: -1 must be positive"}},
 		{"hmac key without path", "audit: {hmac_key_file: server.crt}\n", []string{"audit.hmac_key_file: needs audit.path"}},
+		{"required without path", "audit: {required: true}\n", []string{"audit.required: needs audit.path"}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			_, err := securityConfig(t, tc.extra)

@@ -165,6 +165,7 @@ func Start(ctx context.Context, cfg *config.Config, opts Options) (_ *Daemon, er
 		Authorizer:      d.security.authorizer,
 		Quotas:          d.security.quotas,
 		Auditor:         d.security.auditor,
+		AuditRequired:   d.security.auditRequired,
 		Logger:          log,
 		Endpoints:       d.endpoints,
 		SSLMode:         cfg.DSNSSLMode,

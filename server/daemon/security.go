@@ -19,6 +19,8 @@ type security struct {
 	quotas        server.Quotas
 	// auditor is nil without audit.path.
 	auditor server.RequestAuditor
+	// auditRequired is audit.required.
+	auditRequired bool
 	// serverOptions holds the TLS credentials, if any.
 	serverOptions []grpc.ServerOption
 	// certs serves and reloads the TLS files (nil without tls).
@@ -38,6 +40,7 @@ func newSecurity(sec config.Security, auditLog *audit.Log, logger *slog.Logger) 
 	}}
 	if auditLog != nil {
 		out.auditor = auditLog
+		out.auditRequired = sec.Audit.Required
 	}
 	if !sec.Enabled() {
 		out.authenticator = server.LocalAuthenticator{}
