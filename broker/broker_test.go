@@ -54,6 +54,12 @@ const (
 
 func newEnv(t *testing.T, mods ...func(*broker.Config)) *env {
 	t.Helper()
+	return newEnvAt(t, filepath.Join(t.TempDir(), "leases.db"), mods...)
+}
+
+// newEnvAt is newEnv with the store file at storePath.
+func newEnvAt(t *testing.T, storePath string, mods ...func(*broker.Config)) *env {
+	t.Helper()
 	srv := pgtest.Server(t)
 	target := srv.NewTarget(t, pgtest.TargetOptions{ProxyRoles: []pgtest.ProxyRole{
 		{Name: "read_only", Privileges: []string{"SELECT"}},
@@ -69,7 +75,7 @@ func newEnv(t *testing.T, mods ...func(*broker.Config)) *env {
 		t:         t,
 		target:    target,
 		engine:    engine,
-		storePath: filepath.Join(t.TempDir(), "leases.db"),
+		storePath: storePath,
 		auditPath: filepath.Join(t.TempDir(), "audit.log"),
 		// The manual clock starts at the real time: VALID UNTIL is checked
 		// by PostgreSQL against its own clock.

@@ -116,9 +116,14 @@ func (c *committer) commit(group []*writeCall) {
 			}
 			return nil
 		})
-		if failed >= 0 && len(group) == 1 {
+		switch {
+		case failed >= 0 && len(group) == 1:
 			// It ran alone: the error is its own.
 			err = failErr
+		case failed < 0 && err != nil:
+			// The commit failed (disk full, read-only, I/O): every
+			// member's write is lost alike.
+			err = commitError(err)
 		}
 		if failed < 0 || len(group) == 1 {
 			for _, call := range group {
@@ -128,7 +133,7 @@ func (c *committer) commit(group []*writeCall) {
 		}
 		solo := group[failed]
 		group = slices.Delete(group, failed, failed+1)
-		solo.err <- c.db.Update(func(tx *bolt.Tx) error { return safeCall(solo.fn, tx) })
+		solo.err <- updateTx(c.db, func(tx *bolt.Tx) error { return safeCall(solo.fn, tx) })
 	}
 }
 
