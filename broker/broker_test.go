@@ -129,6 +129,27 @@ func (e *env) open() {
 }
 
 // close stops the broker and the store, as a process exit would.
+// reconcileCloseAndCheckIntents runs the reconciler once (what a store
+// fault left, intents whose deletion was refused, is its to settle),
+// closes the broker (the issue pool's reservations go then) and fails the
+// test if the store still holds an intent. prefix starts each message.
+func (e *env) reconcileCloseAndCheckIntents(t *testing.T, prefix string) {
+	t.Helper()
+	ctx := context.Background()
+	if _, err := e.b.Reconcile(ctx); err != nil {
+		t.Errorf("%sreconcile: %v", prefix, err)
+	}
+	e.close()
+	st, err := store.Open(e.storePath, store.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer st.Close()
+	if in, err := st.ListIntents(ctx); err != nil || len(in) != 0 {
+		t.Errorf("%s%d intents left (%v): %+v", prefix, len(in), err, in)
+	}
+}
+
 func (e *env) close() {
 	if e.b != nil {
 		_ = e.b.Close()

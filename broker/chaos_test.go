@@ -12,7 +12,6 @@ import (
 	"time"
 
 	"github.com/credbroker/credbroker/broker"
-	"github.com/credbroker/credbroker/store"
 )
 
 // chaosSeedEnv overrides the chaos test's random seed, to replay a run.
@@ -413,18 +412,7 @@ func TestChaosLeasesSettleWithoutLossOrEarlyDrop(t *testing.T) {
 	// and the broker has closed (the issue pool's reservations are deleted
 	// then): an intent whose deletion a store fault refused is the
 	// reconciler's to settle, by design (see Issue's crash safety).
-	if _, err := e.b.Reconcile(ctx); err != nil {
-		t.Errorf("seed %d: reconcile after the faults stopped: %v", seed, err)
-	}
-	e.close()
-	st, err := store.Open(e.storePath, store.Options{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer st.Close()
-	if in, err := st.ListIntents(ctx); err != nil || len(in) != 0 {
-		t.Errorf("seed %d: %d intents left (%v): %+v", seed, len(in), err, in)
-	}
+	e.reconcileCloseAndCheckIntents(t, fmt.Sprintf("seed %d: ", seed))
 }
 
 func later(a, b time.Time) time.Time {

@@ -12,7 +12,6 @@ import (
 
 	"github.com/credbroker/credbroker/broker"
 	"github.com/credbroker/credbroker/internal/tmpfs"
-	"github.com/credbroker/credbroker/store"
 )
 
 // diskFullStore counts the writes of revocations the disk refused.
@@ -139,18 +138,7 @@ func TestDiskFullLosesNothing(t *testing.T) {
 	}
 	// What the refused issues left (their intents) the reconciler settles;
 	// the issue pool's reservations go when the broker closes.
-	if _, err := e.b.Reconcile(ctx); err != nil {
-		t.Fatal(err)
-	}
-	e.close()
-	st, err := store.Open(e.storePath, store.Options{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer st.Close()
-	if in, err := st.ListIntents(ctx); err != nil || len(in) != 0 {
-		t.Errorf("intents left: %v (%v)", in, err)
-	}
+	e.reconcileCloseAndCheckIntents(t, "")
 	if users, err := e.engine.ListManagedUsers(ctx); err != nil || len(users) != 0 {
 		t.Errorf("users left: %v (%v)", users, err)
 	}
