@@ -54,6 +54,12 @@ const (
 
 func newEnv(t *testing.T, mods ...func(*broker.Config)) *env {
 	t.Helper()
+	return newEnvAt(t, filepath.Join(t.TempDir(), "leases.db"), mods...)
+}
+
+// newEnvAt is newEnv with the store file at storePath.
+func newEnvAt(t *testing.T, storePath string, mods ...func(*broker.Config)) *env {
+	t.Helper()
 	srv := pgtest.Server(t)
 	target := srv.NewTarget(t, pgtest.TargetOptions{ProxyRoles: []pgtest.ProxyRole{
 		{Name: "read_only", Privileges: []string{"SELECT"}},
@@ -69,7 +75,7 @@ func newEnv(t *testing.T, mods ...func(*broker.Config)) *env {
 		t:         t,
 		target:    target,
 		engine:    engine,
-		storePath: filepath.Join(t.TempDir(), "leases.db"),
+		storePath: storePath,
 		auditPath: filepath.Join(t.TempDir(), "audit.log"),
 		// The manual clock starts at the real time: VALID UNTIL is checked
 		// by PostgreSQL against its own clock.
@@ -123,6 +129,27 @@ func (e *env) open() {
 }
 
 // close stops the broker and the store, as a process exit would.
+// reconcileCloseAndCheckIntents runs the reconciler once (what a store
+// fault left, intents whose deletion was refused, is its to settle),
+// closes the broker (the issue pool's reservations go then) and fails the
+// test if the store still holds an intent. prefix starts each message.
+func (e *env) reconcileCloseAndCheckIntents(t *testing.T, prefix string) {
+	t.Helper()
+	ctx := context.Background()
+	if _, err := e.b.Reconcile(ctx); err != nil {
+		t.Errorf("%sreconcile: %v", prefix, err)
+	}
+	e.close()
+	st, err := store.Open(e.storePath, store.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer st.Close()
+	if in, err := st.ListIntents(ctx); err != nil || len(in) != 0 {
+		t.Errorf("%s%d intents left (%v): %+v", prefix, len(in), err, in)
+	}
+}
+
 func (e *env) close() {
 	if e.b != nil {
 		_ = e.b.Close()

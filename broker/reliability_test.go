@@ -11,6 +11,7 @@ import (
 
 	"github.com/credbroker/credbroker/broker"
 	"github.com/credbroker/credbroker/broker/fakedb"
+	"github.com/credbroker/credbroker/internal/fakeclock"
 	"github.com/credbroker/credbroker/store"
 )
 
@@ -44,24 +45,31 @@ func (c *crashSwitch) failsLeft() int {
 // that left the queue unfinished is a lost revocation.
 func (u *unit) runQueue(what string, done func() bool) {
 	u.t.Helper()
+	runQueue(u.t, u.b, u.clock, 30, what, done)
+}
+
+// runQueue is unit.runQueue for any broker on a fake clock, giving up
+// after limit queue entries.
+func runQueue(t *testing.T, b *broker.Broker, clock *fakeclock.Clock, limit int, what string, done func() bool) {
+	t.Helper()
 	for i := 0; ; i++ {
-		if i == 30 {
-			u.t.Fatalf("%s: not done after 30 queue entries", what)
+		if i == limit {
+			t.Fatalf("%s: not done after %d queue entries", what, limit)
 		}
 		var next time.Time
-		waitFor(u.t, what+" (or a lease due later in the queue, its timer armed)", func() bool {
+		waitFor(t, what+" (or a lease due later in the queue, its timer armed)", func() bool {
 			if done() {
 				return true
 			}
-			n, ok := u.b.QueueNext()
+			n, ok := b.QueueNext()
 			next = n
-			return ok && n.After(u.clock.Now()) &&
-				u.clock.WaitersUntil(n) > u.clock.WaitersUntil(n.Add(-time.Nanosecond))
+			return ok && n.After(clock.Now()) &&
+				clock.WaitersUntil(n) > clock.WaitersUntil(n.Add(-time.Nanosecond))
 		})
 		if done() {
 			return
 		}
-		u.clock.Advance(next.Sub(u.clock.Now()))
+		clock.Advance(next.Sub(clock.Now()))
 	}
 }
 

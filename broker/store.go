@@ -51,6 +51,12 @@ import (
 // ErrInvalidArgument for a record the store will not hold (see CreateLease),
 // and ErrClosed from every method after Close.
 //
+// A write the backend itself failed (bbolt: the disk is full or read-only,
+// an I/O error; etcd: no quorum) wraps ErrUnavailable, so the broker's
+// callers hear Unavailable and the broker retries its own writes; unless
+// it also wraps ErrUnknownOutcome, it did not commit. The backend maps
+// these errors, being the one that can tell them from its own checks.
+//
 // # Contexts and unknown outcomes
 //
 // A call whose context is already done returns ctx.Err() and changes

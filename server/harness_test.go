@@ -79,6 +79,7 @@ type harnessOptions struct {
 	maxPendingRenewals int
 	renewBatches       int                                   // broker.Config.RenewBatches; 0: its default
 	wrapDB             func(broker.Database) broker.Database // nil: the engine as is
+	storeDir           string                                // where the bbolt file goes; "": t.TempDir()
 }
 
 func newHarness(t *testing.T) *harness {
@@ -104,7 +105,10 @@ func newHarnessWith(t *testing.T, o harnessOptions) *harness {
 	t.Cleanup(eng.Close)
 	h.engine = eng
 
-	st, err := store.Open(filepath.Join(t.TempDir(), "leases.db"), store.Options{})
+	if o.storeDir == "" {
+		o.storeDir = t.TempDir()
+	}
+	st, err := store.Open(filepath.Join(o.storeDir, "leases.db"), store.Options{})
 	if err != nil {
 		t.Fatalf("store.Open: %v", err)
 	}

@@ -109,18 +109,25 @@ func (c *committer) commit(group []*writeCall) {
 	for len(group) > 0 {
 		failed := -1
 		var failErr error
-		err := timedUpdate(c.db, c.observe, func(tx *bolt.Tx) error {
-			for i, call := range group {
-				if err := safeCall(call.fn, tx); err != nil {
-					failed, failErr = i, err
-					return errGroupMember
+		err := timed(c.observe, func() error {
+			return c.db.Update(func(tx *bolt.Tx) error {
+				for i, call := range group {
+					if err := safeCall(call.fn, tx); err != nil {
+						failed, failErr = i, err
+						return errGroupMember
+					}
 				}
-			}
-			return nil
+				return nil
+			})
 		})
-		if failed >= 0 && len(group) == 1 {
+		switch {
+		case failed >= 0 && len(group) == 1:
 			// It ran alone: the error is its own.
 			err = failErr
+		case failed < 0 && err != nil:
+			// The commit failed (disk full, read-only, I/O): every
+			// member's write is lost alike.
+			err = commitError(err)
 		}
 		if failed < 0 || len(group) == 1 {
 			for _, call := range group {
@@ -130,17 +137,20 @@ func (c *committer) commit(group []*writeCall) {
 		}
 		solo := group[failed]
 		group = slices.Delete(group, failed, failed+1)
-		solo.err <- timedUpdate(c.db, c.observe, func(tx *bolt.Tx) error { return safeCall(solo.fn, tx) })
+		solo.err <- timed(c.observe, func() error {
+			return updateTx(c.db, func(tx *bolt.Tx) error { return safeCall(solo.fn, tx) })
+		})
 	}
 }
 
-// timedUpdate is db.Update, timed for observe (if set).
-func timedUpdate(db *bolt.DB, observe func(time.Duration), fn func(*bolt.Tx) error) error {
+// timed runs update, a read-write transaction, and reports its duration
+// to observe (if set).
+func timed(observe func(time.Duration), update func() error) error {
 	if observe == nil {
-		return db.Update(fn)
+		return update()
 	}
 	start := time.Now()
-	err := db.Update(fn)
+	err := update()
 	observe(time.Since(start))
 	return err
 }

@@ -203,6 +203,9 @@ func (s *Store) view(ctx context.Context, fn func(*bolt.Tx) error) error {
 // queued meanwhile: group commit, one commit and one fsync for all of them
 // (see committer). A lone write commits at once; nothing waits for company.
 //
+// A commit the disk refuses fails every write of its group with an error
+// wrapping broker.ErrUnavailable (see ioerror.go); none of them is done.
+//
 // fn may run more than once (when another member of its group fails, the
 // group is rolled back and run again without it), so fn must be
 // idempotent: no side effects outside tx, and any result it sets must be
@@ -211,7 +214,7 @@ func (s *Store) write(ctx context.Context, fn func(*bolt.Tx) error) error {
 	if err := s.ready(ctx); err != nil {
 		return err
 	}
-	return mapErr(s.commits.do(fn))
+	return s.commits.do(fn)
 }
 
 // update runs fn alone in a read-write transaction, for maintenance writes
@@ -220,5 +223,5 @@ func (s *Store) update(ctx context.Context, fn func(*bolt.Tx) error) error {
 	if err := s.ready(ctx); err != nil {
 		return err
 	}
-	return mapErr(timedUpdate(s.db, s.observe, fn))
+	return timed(s.observe, func() error { return updateTx(s.db, fn) })
 }

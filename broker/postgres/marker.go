@@ -59,8 +59,8 @@ func claimSQL(marker, group string) string {
 }
 
 // claimAttempts bounds the retries of a claim that lost a race with a
-// concurrent one; the retry reads the winner's claim.
-const claimAttempts = 3
+// concurrent one; the retry reads the winner's claim first.
+const claimAttempts = 5
 
 // claimMarker makes sure group owns the marker role, claiming it if no
 // one does (see above). A role owned by another group is ErrMarkerOwned.
@@ -73,15 +73,19 @@ func (e *engine) claimMarker(ctx context.Context, group string) error {
 	if err := broker.ValidateLeaseID(group); err != nil { // broker.NewGroupID's shape
 		return invalid("broker group id", err)
 	}
-	var comment string
-	if err := e.pool.QueryRow(ctx, markerCommentQuery, e.marker).Scan(&comment); err != nil {
-		return fmt.Errorf("postgres: reading the owner of marker role %q: %w", e.marker, err)
-	}
-	if comment != "" {
-		return e.checkClaim(comment, group)
-	}
 	var err error
 	for range claimAttempts {
+		// Read again after a lost race: the claim that won committed
+		// before this one's ALTER ROLE failed, so its comment is there
+		// (a transaction commits ALTER ROLE only as a claim, or after
+		// it saw a claim).
+		var comment string
+		if err := e.pool.QueryRow(ctx, markerCommentQuery, e.marker).Scan(&comment); err != nil {
+			return fmt.Errorf("postgres: reading the owner of marker role %q: %w", e.marker, err)
+		}
+		if comment != "" {
+			return e.checkClaim(comment, group)
+		}
 		claimed := false
 		err = pgx.BeginFunc(ctx, e.pool, func(tx pgx.Tx) error {
 			if _, err := tx.Exec(ctx, claimLockSQL(e.marker)); err != nil {

@@ -1,7 +1,6 @@
 package rootcred
 
 import (
-	"bytes"
 	"context"
 	"crypto/rand"
 	"encoding/json"
@@ -11,7 +10,6 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
-	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -21,6 +19,7 @@ import (
 	"github.com/credbroker/credbroker/broker"
 	"github.com/credbroker/credbroker/broker/postgres"
 	"github.com/credbroker/credbroker/internal/pgtest"
+	"github.com/credbroker/credbroker/internal/syncbuf"
 	"github.com/credbroker/credbroker/internal/vaultkv"
 	"github.com/credbroker/credbroker/internal/vaultkv/kvtest"
 	"github.com/credbroker/credbroker/server/config"
@@ -36,7 +35,7 @@ type rootFixture struct {
 	kv        kvSecrets      // the Vault, in-process or real
 	vaultPath string
 	yaml      string
-	logs      *lockedBuffer
+	logs      *syncbuf.Buffer
 }
 
 // kvSecrets writes and reads a secret behind the broker's back.
@@ -79,26 +78,9 @@ func (r realVault) GetData(path string) (map[string]any, int) {
 	return s.Data, s.Version
 }
 
-type lockedBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (l *lockedBuffer) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.Write(p)
-}
-
-func (l *lockedBuffer) String() string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.String()
-}
-
 func newRootFixture(t *testing.T, kind string) *rootFixture {
 	t.Helper()
-	f := &rootFixture{tg: pgtest.Server(t).NewTarget(t, pgtest.TargetOptions{}), kind: kind, dir: t.TempDir(), logs: &lockedBuffer{}}
+	f := &rootFixture{tg: pgtest.Server(t).NewTarget(t, pgtest.TargetOptions{}), kind: kind, dir: t.TempDir(), logs: &syncbuf.Buffer{}}
 	var source string
 	switch kind {
 	case "file":

@@ -141,6 +141,7 @@ type leaseRecord struct {
 	End                int64             `json:"end_ns,omitempty"`
 	RevokeAttempts     int               `json:"revoke_attempts,omitempty"`
 	RevokeOnDisconnect bool              `json:"revoke_on_disconnect,omitempty"`
+	ValidUntilBehind   bool              `json:"valid_until_behind,omitempty"`
 	LastError          string            `json:"last_error,omitempty"`
 	Metadata           map[string]string `json:"metadata,omitempty"`
 }
@@ -161,6 +162,8 @@ type intentRecord struct {
 	Username  string `json:"username,omitempty"`
 	ProxyRole string `json:"proxy_role,omitempty"`
 	Create    int64  `json:"create_ns,omitempty"`
+	// Group is the broker group that wrote the intent (broker.Intent).
+	Group string `json:"group,omitempty"`
 }
 
 // nanos is the stored form of a time broker.CheckStorable accepted.
@@ -189,7 +192,7 @@ func encodeLease(l *broker.Lease) (*leaseRecord, []byte, error) {
 		Issue: nanos(l.IssueTime), Expire: nanos(l.ExpireTime), MaxExpire: nanos(l.MaxExpireTime),
 		NextAttempt: nanos(l.NextAttempt), End: nanos(l.EndTime),
 		RevokeAttempts: l.RevokeAttempts, RevokeOnDisconnect: l.RevokeOnDisconnect,
-		LastError: l.LastError, Metadata: l.Metadata,
+		ValidUntilBehind: l.ValidUntilBehind, LastError: l.LastError, Metadata: l.Metadata,
 	}
 	b, err := json.Marshal(r)
 	if err != nil {
@@ -223,7 +226,7 @@ func (r *leaseRecord) lease(id string, rev int64) broker.Lease {
 		IssueTime: nanosTime(r.Issue), ExpireTime: nanosTime(r.Expire), MaxExpireTime: nanosTime(r.MaxExpire),
 		NextAttempt: nanosTime(r.NextAttempt), EndTime: nanosTime(r.End),
 		RevokeAttempts: r.RevokeAttempts, RevokeOnDisconnect: r.RevokeOnDisconnect,
-		LastError: r.LastError, Metadata: r.Metadata,
+		ValidUntilBehind: r.ValidUntilBehind, LastError: r.LastError, Metadata: r.Metadata,
 		Revision: uint64(rev),
 	}
 }
@@ -257,7 +260,7 @@ func encodeIntent(in *broker.Intent) ([]byte, error) {
 		return nil, fmt.Errorf("intent %q: %w", in.LeaseID, err)
 	}
 	return json.Marshal(intentRecord{Format: recordFormat, Target: in.Target, Username: in.Username,
-		ProxyRole: in.ProxyRole, Create: nanos(created)})
+		ProxyRole: in.ProxyRole, Create: nanos(created), Group: in.Group})
 }
 
 func decodeIntent(id string, v []byte) (broker.Intent, error) {
@@ -269,5 +272,5 @@ func decodeIntent(id string, v []byte) (broker.Intent, error) {
 		return broker.Intent{}, fmt.Errorf("intent %q: %w: format %d", id, errCorrupt, r.Format)
 	}
 	return broker.Intent{LeaseID: id, Target: r.Target, Username: r.Username, ProxyRole: r.ProxyRole,
-		CreateTime: nanosTime(r.Create)}, nil
+		CreateTime: nanosTime(r.Create), Group: r.Group}, nil
 }

@@ -13,8 +13,6 @@ package etcd
 
 import (
 	"context"
-	"crypto/rand"
-	"encoding/hex"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -321,11 +319,7 @@ func (s *Store) GroupID(ctx context.Context) (string, error) {
 	if len(resp.Kvs) == 1 {
 		return string(resp.Kvs[0].Value), nil
 	}
-	b := make([]byte, 16)
-	if _, err := rand.Read(b); err != nil {
-		return "", err
-	}
-	id := hex.EncodeToString(b)
+	id := broker.NewGroupID()
 	txn, err := s.commit(ctx, "GroupID",
 		[]clientv3.Cmp{clientv3.Compare(clientv3.CreateRevision(key), "=", 0)},
 		[]clientv3.Op{clientv3.OpPut(key, id)},
