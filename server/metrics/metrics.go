@@ -72,7 +72,7 @@ func New(version string, roles []string) *Metrics {
 		grpc: grpcprom.NewServerMetrics(grpcprom.WithServerHandlingTimeHistogram(
 			grpcprom.WithHistogramBuckets(prometheus.DefBuckets))),
 		leases: prometheus.NewGaugeVec(prometheus.GaugeOpts{
-			Name: "credbroker_leases", Help: "Live leases by role and state (ACTIVE, REVOKING, REVOKE_FAILED).",
+			Name: "credbroker_leases", Help: "Live leases by role and state (active, revoking, revoke_failed).",
 		}, []string{"role", "state"}),
 		keepAliveStreams: prometheus.NewGauge(prometheus.GaugeOpts{
 			Name: "credbroker_keepalive_streams", Help: "Open KeepAlive streams.",
