@@ -103,6 +103,18 @@ func (d *Daemon) serveMetrics() {
 	if s == nil {
 		return
 	}
+	health := d.drainer.HealthServer()
+	s.m.WatchTargets(func() map[string]bool {
+		up := make(map[string]bool, len(d.cfg.Targets))
+		for _, t := range d.cfg.Targets {
+			r, err := health.Check(context.Background(), &healthpb.HealthCheckRequest{Service: TargetHealthService(t.Name)})
+			up[t.Name] = err == nil && r.GetStatus() == healthpb.HealthCheckResponse_SERVING
+		}
+		return up
+	})
+	if d.audit != nil {
+		s.m.WatchAudit(func() bool { return d.audit.Err() == nil })
+	}
 	s.http = &http.Server{Handler: s.m.Handler(d.readiness), ReadHeaderTimeout: metricsReadHeaderTimeout}
 	lis := s.lis
 	if d.security.certs != nil {

@@ -240,6 +240,7 @@ tokens: [{identity: %s, sha256: %s}]
 		`credbroker_leases{role="short",state="active"}`:     0,
 		`credbroker_keepalive_streams`:                       1,
 		`credbroker_is_leader`:                               1,
+		`credbroker_target_up{target="main"}`:                1,
 	}
 	for series, want := range gauges {
 		if got, ok := after[series]; !ok || got != want {
@@ -314,6 +315,9 @@ roles:
 	defer d.Close()
 	if code, body := httpGet(t, d, "/healthz"); code != http.StatusOK {
 		t.Errorf("/healthz: %d %s", code, body)
+	}
+	if v := scrapeMetrics(t, d)[`credbroker_target_up{target="main"}`]; v != 0 {
+		t.Errorf("credbroker_target_up of the target that is down = %v", v)
 	}
 	code, body := httpGet(t, d, "/readyz")
 	if code != http.StatusServiceUnavailable || !strings.Contains(body, "no target is reachable") {
