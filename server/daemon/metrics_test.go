@@ -26,6 +26,7 @@ import (
 	"github.com/credbroker/credbroker/internal/pgtest"
 	pb "github.com/credbroker/credbroker/proto/credbroker/v1"
 	"github.com/credbroker/credbroker/server"
+	"github.com/credbroker/credbroker/server/config"
 )
 
 // scrape is one /metrics answer: each sample's value by its series, written
@@ -89,6 +90,23 @@ func httpGet(t *testing.T, d *Daemon, path string) (int, string) {
 
 const metricsClient = "metrics-client-7"
 
+// metricsConfig is a configuration with metrics.listen on a free loopback
+// port and one target, main, at adminURL; rest holds the roles and more.
+func metricsConfig(t *testing.T, tg *pgtest.Target, adminURL, rest string) *config.Config {
+	t.Helper()
+	dir := t.TempDir()
+	pw := filepath.Join(dir, "admin.password")
+	if err := os.WriteFile(pw, []byte(tg.AdminPassword+"\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	return parseConfig(t, fmt.Sprintf(`listen: 127.0.0.1:0
+metrics: {listen: 127.0.0.1:0}
+store: {path: %q}
+targets:
+  - {name: main, url: %q, password_file: %q, marker_role: %s, connect_timeout: 5s}
+`, filepath.Join(dir, "leases.db"), adminURL, pw, tg.MarkerRole)+rest)
+}
+
 // TestMetricsFollowTheLifecycle drives a broker started through Start
 // over real gRPC (issue, renew, KeepAlive, revoke, expire, refusals) and
 // checks that every pinned metric moved by exactly what happened, that no
@@ -98,25 +116,14 @@ func TestMetricsFollowTheLifecycle(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
 	tg := pgtest.Server(t).NewTarget(t, pgtest.TargetOptions{})
-	dir := t.TempDir()
-	pw := filepath.Join(dir, "admin.password")
-	if err := os.WriteFile(pw, []byte(tg.AdminPassword+"\n"), 0o600); err != nil {
-		t.Fatal(err)
-	}
 	const token = "token-metrics-0123456789"
 	ro := tg.ProxyRoles["read_only"]
-	cfg := parseConfig(t, fmt.Sprintf(`listen: 127.0.0.1:0
-metrics: {listen: 127.0.0.1:0}
-store: {path: %q}
-targets:
-  - {name: main, url: %q, password_file: %q, marker_role: %s, connect_timeout: 5s}
-roles:
+	cfg := metricsConfig(t, tg, tg.AdminURL, fmt.Sprintf(`roles:
   - {name: read_only, target: main, proxy_role: %s, default_ttl: 1m, max_ttl: 5m, allowed: [%s]}
   - {name: short, target: main, proxy_role: %s, default_ttl: 1s, max_ttl: 1m, allowed: [%s]}
   - {name: other, target: main, proxy_role: %s, default_ttl: 1m, max_ttl: 5m, allowed: [someone-else]}
 tokens: [{identity: %s, sha256: %s}]
-`, filepath.Join(dir, "leases.db"), tg.AdminURL, pw, tg.MarkerRole,
-		ro, metricsClient, ro, metricsClient, ro, metricsClient, server.TokenHash(token)))
+`, ro, metricsClient, ro, metricsClient, ro, metricsClient, server.TokenHash(token)))
 
 	d, err := Start(ctx, cfg, testOptions())
 	if err != nil {
@@ -295,19 +302,8 @@ func TestReadyzWhenTheOnlyTargetIsDown(t *testing.T) {
 	}
 	proxy := newTCPProxy(t, pgURL.Host) // never started: connections are refused
 	pgURL.Host = proxy.addr
-	dir := t.TempDir()
-	pw := filepath.Join(dir, "admin.password")
-	if err := os.WriteFile(pw, []byte(tg.AdminPassword+"\n"), 0o600); err != nil {
-		t.Fatal(err)
-	}
-	cfg := parseConfig(t, fmt.Sprintf(`listen: 127.0.0.1:0
-metrics: {listen: 127.0.0.1:0}
-store: {path: %q}
-targets:
-  - {name: main, url: %q, password_file: %q, marker_role: %s, connect_timeout: 5s}
-roles:
-  - {name: read_only, target: main, proxy_role: %s, default_ttl: 1m, max_ttl: 5m}
-`, filepath.Join(dir, "leases.db"), pgURL.String(), pw, tg.MarkerRole, tg.ProxyRoles["read_only"]))
+	cfg := metricsConfig(t, tg, pgURL.String(), fmt.Sprintf("roles:\n  - {name: read_only, target: main, proxy_role: %s, default_ttl: 1m, max_ttl: 5m}\n",
+		tg.ProxyRoles["read_only"]))
 	d, err := Start(ctx, cfg, testOptions())
 	if err != nil {
 		t.Fatal(err)
