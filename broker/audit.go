@@ -32,7 +32,24 @@ type AuditEvent struct {
 	// Error is set when the action failed (a revocation that will be
 	// retried); it is the engine's message, which never holds a password.
 	Error string
+	// State is the lease's state after the event (REVOKING or
+	// REVOKE_FAILED after a failed revocation), ExpireTime its expiry.
+	// Metrics read them: leases by state, and how late an expiry was.
+	State      LeaseState
+	ExpireTime time.Time
+	// Reason says why a lease ended (revoke and expire): one of the
+	// Reason* constants.
+	Reason string
 }
+
+// Why a lease ended (AuditEvent.Reason). A revocation the expiry manager
+// had to retry keeps the reason of the lease's state: one begun on
+// disconnect and finished by a retry reads as revoked.
+const (
+	ReasonExpired    = "expired"
+	ReasonRevoked    = "revoked"
+	ReasonDisconnect = "disconnect"
+)
 
 // Auditor records lifecycle events. The broker calls it synchronously
 // after the event is committed to the store, so an implementation must be
@@ -93,6 +110,11 @@ func (w *lifecycleWatchers) notify(ev AuditEvent) {
 
 // audit sends ev to the configured Auditor, if any, and to the watchers.
 func (b *Broker) audit(action string, l Lease, errMsg string) {
+	b.auditReason(action, l, errMsg, "")
+}
+
+// auditReason is audit with the reason a lease ended.
+func (b *Broker) auditReason(action string, l Lease, errMsg, reason string) {
 	ev := AuditEvent{
 		Time:     b.clock.Now(),
 		Action:   action,
@@ -102,6 +124,10 @@ func (b *Broker) audit(action string, l Lease, errMsg string) {
 		Target:   l.Target,
 		Username: l.Username,
 		Error:    errMsg,
+
+		State:      l.State,
+		ExpireTime: l.ExpireTime,
+		Reason:     reason,
 	}
 	b.watchers.notify(ev)
 	if b.cfg.Auditor != nil {

@@ -447,7 +447,7 @@ func (b *Broker) Renew(ctx context.Context, id string, increment time.Duration) 
 				// so the lease ends now rather than pretending to live on.
 				unlock()
 				b.log.Warn("lease's user was dropped outside the broker; revoking the lease", "lease_id", id, "username", l.Username)
-				ended, _, rerr := b.revoke(ctx, id, false)
+				ended, _, rerr := b.revoke(ctx, id, causeRequest)
 				unlock = func() {}
 				if rerr != nil {
 					return ended, fmt.Errorf("renew user: %w", err)

@@ -148,7 +148,7 @@ func (l *revokeLane) run(ctx context.Context, b *Broker) {
 		if len(ids) == 1 {
 			// Errors are recorded on the lease and logged by revoke; the
 			// lease is already queued for its retry.
-			_, _, _ = b.revoke(ctx, ids[0], true)
+			_, _, _ = b.revoke(ctx, ids[0], causeExpiry)
 		} else {
 			b.revokeBatch(ctx, ids)
 		}
@@ -196,7 +196,7 @@ func (b *Broker) PurgeTombstones(ctx context.Context) (int, error) {
 	}
 }
 
-// revokeBatch is revoke(ctx, id, true) for several expired leases at once:
+// revokeBatch is revoke(ctx, id, causeExpiry) for several expired leases at once:
 // the same states and events, with one store transaction per step and one
 // UsersDeleter call per target. A lease the store fails to read or write
 // goes back in the queue after a backoff (requeue), so no store error
@@ -218,7 +218,7 @@ func (b *Broker) revokeBatch(ctx context.Context, ids []string) {
 			u()
 		}
 		for _, id := range alone {
-			_, _, _ = b.revoke(ctx, id, true)
+			_, _, _ = b.revoke(ctx, id, causeExpiry)
 		}
 	}()
 
@@ -319,6 +319,6 @@ func (b *Broker) revokeBatch(ctx context.Context, ids []string) {
 			continue
 		}
 		l := stored[j]
-		b.leaseEnded(l, b.log.With("lease_id", l.ID, "role", l.Role, "client", l.Client, "username", l.Username))
+		b.leaseEnded(l, b.log.With("lease_id", l.ID, "role", l.Role, "client", l.Client, "username", l.Username), causeExpiry)
 	}
 }

@@ -16,14 +16,23 @@ func (b *Broker) Revoke(ctx context.Context, id string) (Lease, error) {
 	if err := ValidateLeaseID(id); err != nil {
 		return Lease{}, err
 	}
-	l, _, err := b.revoke(ctx, id, false)
+	l, _, err := b.revoke(ctx, id, causeRequest)
 	return l, err
 }
 
-// revoke runs the revocation of one lease under its lock. byExpiry says
-// the expiry manager asked; an admin or owner revoke otherwise. It reports
-// whether this call finished a revocation.
-func (b *Broker) revoke(ctx context.Context, id string, byExpiry bool) (Lease, bool, error) {
+// revokeCause is who asked for a revocation.
+type revokeCause int
+
+const (
+	causeRequest    revokeCause = iota // an admin or owner
+	causeExpiry                        // the expiry manager
+	causeDisconnect                    // no KeepAlive stream within the grace period
+)
+
+// revoke runs the revocation of one lease under its lock; cause says who
+// asked. It reports whether this call finished a revocation.
+func (b *Broker) revoke(ctx context.Context, id string, cause revokeCause) (Lease, bool, error) {
+	byExpiry := cause == causeExpiry
 	unlock := b.leaseMu.Lock(id)
 	defer unlock()
 	l, err := b.store.GetLease(ctx, id)
@@ -104,7 +113,7 @@ func (b *Broker) revoke(ctx context.Context, id string, byExpiry bool) (Lease, b
 		b.requeue(id, err)
 		return l, false, fmt.Errorf("store lease: %w", err)
 	}
-	b.leaseEnded(stored, log)
+	b.leaseEnded(stored, log, cause)
 	return stored.Clone(), true, nil
 }
 
@@ -165,8 +174,8 @@ func finishRevocation(l *Lease, now time.Time) {
 
 // leaseEnded does what follows a finished revocation: the lease leaves
 // the queue and the stream bookkeeping, its subscribers hear of it, and it
-// is logged and audited.
-func (b *Broker) leaseEnded(stored Lease, log *slog.Logger) {
+// is logged and audited with the reason cause and its state give.
+func (b *Broker) leaseEnded(stored Lease, log *slog.Logger, cause revokeCause) {
 	b.queue.Remove(stored.ID)
 	b.storeRecovered(stored.ID)
 	b.forgetStream(stored.ID)
@@ -176,10 +185,13 @@ func (b *Broker) leaseEnded(stored Lease, log *slog.Logger) {
 	}
 	b.hub.publish(Event{Type: ev, Lease: stored.Clone()})
 	log.Info("lease ended", "state", stored.State.String())
-	if stored.State == StateExpired {
-		b.audit(AuditExpire, stored, "")
-	} else {
-		b.audit(AuditRevoke, stored, "")
+	switch {
+	case stored.State == StateExpired:
+		b.auditReason(AuditExpire, stored, "", ReasonExpired)
+	case cause == causeDisconnect:
+		b.auditReason(AuditRevoke, stored, "", ReasonDisconnect)
+	default:
+		b.auditReason(AuditRevoke, stored, "", ReasonRevoked)
 	}
 }
 
@@ -246,7 +258,7 @@ func (b *Broker) revokeAll(ctx context.Context, ids []string) (int, error) {
 		wg.Add(1)
 		go func() {
 			defer func() { <-sem; wg.Done() }()
-			_, done, err := b.revoke(ctx, id, false)
+			_, done, err := b.revoke(ctx, id, causeRequest)
 			mu.Lock()
 			defer mu.Unlock()
 			if done {

@@ -137,7 +137,7 @@ func (b *Broker) revokeDisconnected(ctx context.Context) {
 	b.streamsMu.Unlock()
 	for _, id := range due {
 		b.log.Info("revoking lease: no KeepAlive stream within the grace period", "lease_id", id)
-		l, _, err := b.revoke(ctx, id, false)
+		l, _, err := b.revoke(ctx, id, causeDisconnect)
 		switch {
 		case err == nil:
 			// Ended (leaseEnded forgot the stream), or it had ended already.

@@ -99,6 +99,11 @@ type Config struct {
 	// RootRotator, when set, serves AdminService.RotateRootCredential
 	// (see admin_rotate.go); without it that call is Unimplemented.
 	RootRotator RootRotator
+	// ObserveUnary and ObserveStream, when set, run outside every other
+	// interceptor, so they see every call, refused ones included
+	// (metrics). They must not change a call.
+	ObserveUnary  grpc.UnaryServerInterceptor
+	ObserveStream grpc.StreamServerInterceptor
 }
 
 // Validate reports the first invalid field. NewGRPCServer cannot return an
@@ -236,11 +241,19 @@ func NewGRPCServer(cfg Config, opts ...grpc.ServerOption) *grpc.Server {
 	// Audit sits inside logging (it reads the attributes the inner layers
 	// add to the call's log line) and outside authentication (refused
 	// callers are recorded too).
+	unary := []grpc.UnaryServerInterceptor{c.unaryLog, c.unaryAudit, c.unaryRecover, c.unaryAuth}
+	stream := []grpc.StreamServerInterceptor{c.streamLog, c.streamAudit, c.streamRecover, c.streamAuth}
+	if cfg.ObserveUnary != nil {
+		unary = append([]grpc.UnaryServerInterceptor{cfg.ObserveUnary}, unary...)
+	}
+	if cfg.ObserveStream != nil {
+		stream = append([]grpc.StreamServerInterceptor{cfg.ObserveStream}, stream...)
+	}
 	all := append([]grpc.ServerOption{
 		grpc.MaxRecvMsgSize(maxRecv),
 		grpc.MaxHeaderListSize(uint32(maxHeader)),
-		grpc.ChainUnaryInterceptor(c.unaryLog, c.unaryAudit, c.unaryRecover, c.unaryAuth),
-		grpc.ChainStreamInterceptor(c.streamLog, c.streamAudit, c.streamRecover, c.streamAuth),
+		grpc.ChainUnaryInterceptor(unary...),
+		grpc.ChainStreamInterceptor(stream...),
 	}, opts...)
 	if c.auditor != nil {
 		// Records the calls grpc-go refuses before the interceptors.

@@ -41,6 +41,11 @@ type Options struct {
 	// Logger receives the few events worth an operator's attention;
 	// nil discards them.
 	Logger *slog.Logger
+	// CommitObserver, when set, is called with the duration of every
+	// read-write transaction after it commits or fails (a group commit
+	// counts once, however many writes share it). It runs on the store's
+	// writer, so it must be quick: a histogram's Observe.
+	CommitObserver func(time.Duration)
 }
 
 // Store is the bbolt implementation of broker.LeaseStore. It is safe for
@@ -50,6 +55,8 @@ type Store struct {
 	path   string
 	log    *slog.Logger
 	closed atomic.Bool
+	// observe is Options.CommitObserver, or nil.
+	observe func(time.Duration)
 	// commits is the group commit of request writes; see write.
 	commits *committer
 }
@@ -93,7 +100,7 @@ func Open(path string, opts Options) (*Store, error) {
 		return nil, fmt.Errorf("open lease store %s: %w", path, err)
 	}
 	log.Debug("lease store opened", "schema_version", version)
-	return &Store{db: db, path: path, log: log, commits: newCommitter(db)}, nil
+	return &Store{db: db, path: path, log: log, observe: opts.CommitObserver, commits: newCommitter(db, opts.CommitObserver)}, nil
 }
 
 // initSchema creates the buckets of a new file, checks the schema version
@@ -216,5 +223,5 @@ func (s *Store) update(ctx context.Context, fn func(*bolt.Tx) error) error {
 	if err := s.ready(ctx); err != nil {
 		return err
 	}
-	return updateTx(s.db, fn)
+	return timed(s.observe, func() error { return updateTx(s.db, fn) })
 }

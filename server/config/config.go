@@ -45,6 +45,8 @@ type Config struct {
 	// Security is authentication, authorization, quotas and audit (see
 	// security.go).
 	Security Security
+	// Metrics is the metrics and probe listener (metrics.go).
+	Metrics Metrics
 
 	// Warnings are problems that do not stop brokerd (a world-readable
 	// password file, a target no role uses, two roles sharing a proxy

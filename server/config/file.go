@@ -49,6 +49,8 @@ type File struct {
 	Quotas QuotasFile `yaml:"quotas"`
 	// Audit configures the tamper-evident audit log.
 	Audit AuditFile `yaml:"audit"`
+	// Metrics serves Prometheus metrics and health probes over HTTP.
+	Metrics MetricsFile `yaml:"metrics"`
 
 	// dir is the directory of the file, against which relative paths are
 	// resolved (so a unit file's working directory does not matter).

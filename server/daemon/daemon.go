@@ -63,6 +63,7 @@ type Daemon struct {
 	security  *security
 	grpc      *grpc.Server
 	drainer   *server.Drainer
+	metrics   *metricsServer // nil without metrics.listen
 
 	ready chan struct{}
 	// background is the work Start began beside serving (the root
@@ -110,6 +111,9 @@ func Start(ctx context.Context, cfg *config.Config, opts Options) (_ *Daemon, er
 			return nil, err
 		}
 	}
+	if d.metrics, err = newMetricsServer(cfg); err != nil {
+		return nil, err
+	}
 	warnings, err := rootcred.Check(cfg)
 	for _, w := range warnings {
 		log.Warn("config: " + w)
@@ -118,7 +122,7 @@ func Start(ctx context.Context, cfg *config.Config, opts Options) (_ *Daemon, er
 		return nil, err
 	}
 
-	if d.store, err = openStore(cfg.Store, log, opts.StoreNoSync); err != nil {
+	if d.store, err = openStore(cfg.Store, log, opts.StoreNoSync, d.metrics.commitObserver()); err != nil {
 		return nil, err
 	}
 	d.rootCreds = rootcred.New(log)
@@ -154,6 +158,9 @@ func Start(ctx context.Context, cfg *config.Config, opts Options) (_ *Daemon, er
 	if d.security, err = newSecurity(cfg.Security, d.audit, log); err != nil {
 		return nil, err
 	}
+	if err := d.watchMetrics(ctx); err != nil {
+		return nil, err
+	}
 	if err := d.broker.Start(ctx); err != nil {
 		return nil, err
 	}
@@ -172,7 +179,10 @@ func Start(ctx context.Context, cfg *config.Config, opts Options) (_ *Daemon, er
 		Drainer:         d.drainer,
 		RootRotator:     d.rootCreds,
 		MaxStreamLeases: opts.MaxStreamLeases,
+		ObserveUnary:    d.metrics.unary(),
+		ObserveStream:   d.metrics.stream(),
 	}, d.security.serverOptions...)
+	d.serveMetrics()
 
 	bg, stop := context.WithCancel(context.WithoutCancel(ctx))
 	d.stopBackground = stop
@@ -205,8 +215,8 @@ func Start(ctx context.Context, cfg *config.Config, opts Options) (_ *Daemon, er
 }
 
 // openStore opens the lease store the configuration names.
-func openStore(cfg config.Store, log *slog.Logger, noSync bool) (broker.LeaseStore, error) {
-	s, err := store.Open(cfg.Path, store.Options{Timeout: cfg.OpenTimeout, Logger: log, NoSync: noSync})
+func openStore(cfg config.Store, log *slog.Logger, noSync bool, observe func(time.Duration)) (broker.LeaseStore, error) {
+	s, err := store.Open(cfg.Path, store.Options{Timeout: cfg.OpenTimeout, Logger: log, NoSync: noSync, CommitObserver: observe})
 	if err != nil {
 		return nil, fmt.Errorf("store.path: %w", err)
 	}
@@ -304,6 +314,7 @@ func (d *Daemon) Close() error {
 
 func (d *Daemon) close() error {
 	var errs []error
+	d.metrics.close()
 	if d.grpc != nil {
 		d.drainer.Drain()
 		d.grpc.Stop()
