@@ -10,10 +10,17 @@ import (
 	"testing"
 	"time"
 
+	"github.com/jackc/pgx/v5"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/grpc/status"
+
 	"github.com/credbroker/credbroker/broker"
 	"github.com/credbroker/credbroker/internal/etcdtest"
 	"github.com/credbroker/credbroker/internal/pgtest"
 	"github.com/credbroker/credbroker/internal/syncbuf"
+	pb "github.com/credbroker/credbroker/proto/credbroker/v1"
 	"github.com/credbroker/credbroker/store/etcd"
 )
 
@@ -192,4 +199,101 @@ func readFile(t *testing.T, path string) string {
 		t.Fatal(err)
 	}
 	return string(b)
+}
+
+// TestIssueWithoutQuorumIsUnavailable: with two of three etcd members
+// down, IssueCredential answers Unavailable (not Internal) and returns no
+// credential; once quorum is back, issues work again and, after the
+// reconciler's two sweeps, no user is left without a lease.
+func TestIssueWithoutQuorumIsUnavailable(t *testing.T) {
+	const ttl = 2 * time.Second
+	cluster := etcdtest.StartCluster(t, 3)
+	tg := pgtest.Server(t).NewTarget(t, pgtest.TargetOptions{})
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+	defer cancel()
+	var logs syncbuf.Buffer
+	opts := testOptions()
+	opts.Logger = slog.New(slog.NewTextHandler(&logs, nil))
+	defer func() {
+		if t.Failed() {
+			t.Logf("brokerd's log:\n%s", logs.String())
+		}
+	}()
+	d, err := Start(ctx, etcdConfig(t, tg, cluster.Endpoints(), "/quorum/", "broker-a", ttl, "", "reconcile_interval: 1s\n"), opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer d.Close()
+	go func() { _ = d.Serve(ctx) }()
+	<-d.Ready()
+	conn, err := grpc.NewClient(d.Addr().String(), grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	client := pb.NewCredentialServiceClient(conn)
+	if _, err := client.IssueCredential(ctx, &pb.IssueCredentialRequest{Role: "read_only"}); err != nil {
+		t.Fatal(err)
+	}
+
+	cluster.Members[1].Kill()
+	cluster.Members[2].Kill()
+	for range 3 {
+		cctx, ccancel := context.WithTimeout(ctx, 30*time.Second)
+		resp, err := client.IssueCredential(cctx, &pb.IssueCredentialRequest{Role: "read_only"})
+		ccancel()
+		if status.Code(err) != codes.Unavailable || resp.GetCredential() != nil {
+			t.Fatalf("issue without quorum: %v (credential %v), want Unavailable and none", err, resp.GetCredential() != nil)
+		}
+	}
+
+	cluster.Members[1].Restart(t)
+	cluster.Members[2].Restart(t)
+	var lease *pb.Lease
+	waitUntil(t, "issues to work again", 60*time.Second, func() bool {
+		resp, err := client.IssueCredential(ctx, &pb.IssueCredentialRequest{Role: "read_only"})
+		lease = resp.GetLease()
+		return err == nil
+	})
+	waitUntil(t, "the reconciler to drop the users of the failed issues", 60*time.Second, func() bool {
+		var live map[string]bool = map[string]bool{}
+		leases, _, err := d.Broker().ListLeases(ctx, broker.LeaseFilter{})
+		if err != nil {
+			return false
+		}
+		for _, l := range leases {
+			if l.State.Live() {
+				live[l.Username] = true
+			}
+		}
+		members := markerMembers(t, tg)
+		for _, u := range members {
+			if !live[u] {
+				return false
+			}
+		}
+		return len(members) == len(live) && live[lease.GetUsername()]
+	})
+}
+
+// markerMembers lists, as superuser, the members of the target's marker
+// role that are issued users (not the admin, who holds ADMIN OPTION).
+func markerMembers(t *testing.T, tg *pgtest.Target) []string {
+	t.Helper()
+	conn, err := pgx.Connect(context.Background(), tg.SuperURL)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close(context.Background())
+	rows, err := conn.Query(context.Background(), `SELECT m.rolname FROM pg_auth_members am
+		JOIN pg_roles r ON r.oid = am.roleid JOIN pg_roles m ON m.oid = am.member
+		WHERE r.rolname = $1 AND NOT am.admin_option`, tg.MarkerRole)
+	if err != nil {
+		t.Fatal(err)
+	}
+	users, err := pgx.CollectRows(rows, pgx.RowTo[string])
+	if err != nil {
+		t.Fatal(err)
+	}
+	return users
 }

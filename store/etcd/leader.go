@@ -266,6 +266,9 @@ func (l *Leadership) register(ctx context.Context, s *session) error {
 		if len(kvs) == 0 {
 			continue // gone meanwhile
 		}
+		if clientv3.LeaseID(kvs[0].Lease) == s.Lease() {
+			return nil // registered on this session
+		}
 		var other Member
 		_ = json.Unmarshal(kvs[0].Value, &other)
 		if other.Run == l.member.Run {

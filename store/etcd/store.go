@@ -272,7 +272,12 @@ func errWrite(op string, err error) error {
 	if refused(err) {
 		return fmt.Errorf("etcd %s: %w", op, err)
 	}
-	return fmt.Errorf("etcd %s: %w: %w", op, broker.ErrUnknownOutcome, err)
+	if errors.Is(err, context.Canceled) {
+		return fmt.Errorf("etcd %s: %w: %w", op, broker.ErrUnknownOutcome, err)
+	}
+	// etcd could not be reached or has no quorum: callers answer
+	// Unavailable (the broker's issue path undoes what it can).
+	return fmt.Errorf("etcd %s: %w: %w: %w", op, broker.ErrUnavailable, broker.ErrUnknownOutcome, err)
 }
 
 func refused(err error) bool {
@@ -296,8 +301,14 @@ func refused(err error) bool {
 	return false
 }
 
-// errRead wraps a failed read.
-func errRead(op string, err error) error { return fmt.Errorf("etcd %s: %w", op, err) }
+// errRead wraps a failed read: one etcd did not refuse (a timeout, no
+// quorum, no connection) is broker.ErrUnavailable.
+func errRead(op string, err error) error {
+	if refused(err) || errors.Is(err, context.Canceled) {
+		return fmt.Errorf("etcd %s: %w", op, err)
+	}
+	return fmt.Errorf("etcd %s: %w: %w", op, broker.ErrUnavailable, err)
+}
 
 // PutIntent writes the intent's key.
 func (s *Store) PutIntent(ctx context.Context, in broker.Intent) error {
