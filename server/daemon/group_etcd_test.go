@@ -297,3 +297,44 @@ func markerMembers(t *testing.T, tg *pgtest.Target) []string {
 	}
 	return users
 }
+
+// TestIsLeaderFollowsTheElection: credbroker_is_leader is 1 on the
+// leading instance and 0 on the other; /readyz is 200 on both (the group
+// has a leader); when the leader stops, the other's gauge turns 1.
+func TestIsLeaderFollowsTheElection(t *testing.T) {
+	cluster := etcdtest.StartCluster(t, 1)
+	tg := pgtest.Server(t).NewTarget(t, pgtest.TargetOptions{})
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	start := func(name string) (*Daemon, context.CancelFunc) {
+		d, err := Start(ctx, etcdConfig(t, tg, cluster.Endpoints(), "/metrics/", name, 2*time.Second, "", "metrics: {listen: 127.0.0.1:0}\n"), testOptions())
+		if err != nil {
+			t.Fatal(err)
+		}
+		sctx, stop := context.WithCancel(ctx)
+		served := make(chan struct{})
+		go func() { _ = d.Serve(sctx); close(served) }()
+		<-d.Ready()
+		t.Cleanup(func() { stop(); <-served; d.Close() })
+		return d, func() { stop(); <-served; d.Close() }
+	}
+	a, stopA := start("broker-a")
+	waitUntil(t, "A to lead", 30*time.Second, func() bool { return leading(a) })
+	b, _ := start("broker-b")
+	if got := scrapeMetrics(t, a)["credbroker_is_leader"]; got != 1 {
+		t.Errorf("credbroker_is_leader on the leader = %v", got)
+	}
+	if got := scrapeMetrics(t, b)["credbroker_is_leader"]; got != 0 {
+		t.Errorf("credbroker_is_leader on the follower = %v", got)
+	}
+	for _, d := range []*Daemon{a, b} {
+		if code, body := httpGet(t, d, "/readyz"); code != 200 {
+			t.Errorf("/readyz = %d %s", code, body)
+		}
+	}
+	stopA()
+	waitUntil(t, "B's gauge to turn 1", 30*time.Second, func() bool { return scrapeMetrics(t, b)["credbroker_is_leader"] == 1 })
+	if code, body := httpGet(t, b, "/readyz"); code != 200 {
+		t.Errorf("/readyz on the new leader = %d %s", code, body)
+	}
+}
