@@ -300,7 +300,8 @@ func markerMembers(t *testing.T, tg *pgtest.Target) []string {
 
 // TestIsLeaderFollowsTheElection: credbroker_is_leader is 1 on the
 // leading instance and 0 on the other; /readyz is 200 on both (the group
-// has a leader); when the leader stops, the other's gauge turns 1.
+// has a leader); the follower refuses a root rotation, naming the leader;
+// when the leader stops, the other's gauge turns 1.
 func TestIsLeaderFollowsTheElection(t *testing.T) {
 	cluster := etcdtest.StartCluster(t, 1)
 	tg := pgtest.Server(t).NewTarget(t, pgtest.TargetOptions{})
@@ -331,6 +332,11 @@ func TestIsLeaderFollowsTheElection(t *testing.T) {
 		if code, body := httpGet(t, d, "/readyz"); code != 200 {
 			t.Errorf("/readyz = %d %s", code, body)
 		}
+	}
+	// Root rotation is the leader's: the follower refuses it, naming the
+	// leader.
+	if _, err := b.rootRotator().RotateRoot(ctx, "main"); !errors.Is(err, broker.ErrNotLeader) || !strings.Contains(err.Error(), "instance broker-a at "+a.Addr().String()) {
+		t.Errorf("rotation on the follower: %v", err)
 	}
 	stopA()
 	waitUntil(t, "B's gauge to turn 1", 30*time.Second, func() bool { return scrapeMetrics(t, b)["credbroker_is_leader"] == 1 })
