@@ -59,6 +59,12 @@ type Broker struct {
 	pool    issuePool
 	poolCtx context.Context
 
+	// lead says whether this instance runs the background work
+	// (leader.go); feed is what the store's change feed told it
+	// (follow.go).
+	lead leadership
+	feed feedState
+
 	startOnce sync.Once
 	cancel    context.CancelFunc
 	wg        sync.WaitGroup
@@ -114,8 +120,11 @@ func New(cfg Config) (*Broker, error) {
 		}
 		roles[r.Name] = r
 	}
+	if cfg.Instance == "" {
+		cfg.Instance = "broker-" + newLeaseID()[:8]
+	}
 	burst := cfg.RevokeConcurrency
-	return &Broker{
+	b := &Broker{
 		cfg:        cfg,
 		store:      cfg.Store,
 		dbs:        cfg.Databases,
@@ -129,7 +138,10 @@ func New(cfg Config) (*Broker, error) {
 		closed:     make(chan struct{}),
 		storeFails: make(map[string]int),
 		lanes:      newRevokeLanes(cfg.Databases),
-	}, nil
+	}
+	b.lead.init(!cfg.Standby)
+	b.feed.init()
+	return b, nil
 }
 
 func setDefault(d *time.Duration, def time.Duration) {
@@ -154,10 +166,12 @@ func (b *Broker) Start(ctx context.Context) error {
 			err = fmt.Errorf("broker: %w", err)
 			return
 		}
-		if _, rerr := b.Reconcile(ctx); rerr != nil {
-			// A target that is down must not keep the broker from serving
-			// the others; the periodic reconciler tries again.
-			b.log.Warn("start-up reconciliation incomplete", "err", rerr)
+		if b.Leading() { // a standby leaves it to the leader
+			if _, rerr := b.Reconcile(ctx); rerr != nil {
+				// A target that is down must not keep the broker from
+				// serving the others; the periodic reconciler tries again.
+				b.log.Warn("start-up reconciliation incomplete", "err", rerr)
+			}
 		}
 		n := 0
 		err = b.store.ScanExpiry(ctx, func(e ExpiryEntry) bool {
@@ -177,6 +191,11 @@ func (b *Broker) Start(ctx context.Context) error {
 		b.pool.mu.Lock()
 		b.poolCtx = loopCtx
 		b.pool.mu.Unlock()
+		if err = b.startFollowing(ctx, loopCtx); err != nil {
+			cancel()
+			err = fmt.Errorf("broker: follow the store's changes: %w", err)
+			return
+		}
 		b.startExpiryManager(loopCtx)
 		b.wg.Add(1)
 		go func() {
