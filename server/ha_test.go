@@ -307,8 +307,14 @@ func waitEvent(t *testing.T, stream pb.CredentialService_KeepAliveClient, id str
 		if err != nil {
 			t.Fatalf("waiting for %s: %v", event, err)
 		}
-		if r.GetLease().GetId() == id && r.GetEvent() == event {
+		if r.GetLease().GetId() != id {
+			continue
+		}
+		switch r.GetEvent() {
+		case event:
 			return
+		case pb.KeepAliveEvent_KEEP_ALIVE_EVENT_REVOKED, pb.KeepAliveEvent_KEEP_ALIVE_EVENT_EXPIRED, pb.KeepAliveEvent_KEEP_ALIVE_EVENT_NOT_FOUND:
+			t.Fatalf("waiting for %s: got %s", event, r.GetEvent())
 		}
 	}
 }
