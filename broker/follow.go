@@ -45,8 +45,6 @@ type feedState struct {
 	live  map[string]feedLease
 	ready chan struct{} // closed at the first reset
 	once  sync.Once
-	// following is set when the store has a feed.
-	following bool
 }
 
 type feedLease struct {
@@ -66,7 +64,6 @@ func (b *Broker) startFollowing(ctx, loopCtx context.Context) error {
 	if !ok {
 		return nil
 	}
-	b.feed.following = true
 	done := make(chan error, 1)
 	b.wg.Add(1)
 	go func() {
