@@ -281,3 +281,71 @@ func TestUnitFeedLeaderExpiresWhatTheStandbyIssued(t *testing.T) {
 		t.Error("a expired a lease after it stopped leading")
 	}
 }
+
+// resetFollowers sends every follower a new reset, as the etcd feed does
+// after a compaction: what changed in between was never reported.
+func (s *feedStore) resetFollowers(t *testing.T) {
+	t.Helper()
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	var live []broker.Lease
+	err := s.LeaseStore.ScanExpiry(context.Background(), func(e broker.ExpiryEntry) bool {
+		if l, err := s.LeaseStore.GetLease(context.Background(), e.LeaseID); err == nil {
+			live = append(live, l)
+		}
+		return true
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	s.rev++
+	for _, f := range s.followers {
+		f.mu.Lock()
+		f.queue = append(f.queue, broker.FeedEvent{Kind: broker.FeedReset, Revision: s.rev, Leases: live})
+		f.mu.Unlock()
+		select {
+		case f.signal <- struct{}{}:
+		default:
+		}
+	}
+}
+
+// A lease that ended in a gap of the feed (its changes compacted away) is
+// missing from the next reset: the broker reads it, and its subscribers
+// and watchers hear of its end; one still live stays in the queue.
+func TestUnitFeedResetSettlesWhatEndedInAGap(t *testing.T) {
+	g := newGroup(t)
+	bEvents := recordEvents(t, g.b)
+	ctx := context.Background()
+	ended, _, err := g.a.Issue(ctx, broker.IssueRequest{Role: roleRO, Client: "svc"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	kept, _, err := g.a.Issue(ctx, broker.IssueRequest{Role: roleRO, Client: "svc"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "b to hear of both issues", func() bool {
+		return bEvents.has(ended.ID, broker.AuditIssue, true) && bEvents.has(kept.ID, broker.AuditIssue, true)
+	})
+	ch, unsubscribe := g.b.Subscribe(ended.ID)
+	defer unsubscribe()
+
+	// Written behind the feed's back.
+	l, err := g.store.LeaseStore.GetLease(ctx, ended.ID)
+	if err != nil {
+		t.Fatal(err)
+	}
+	l.State, l.EndTime = broker.StateRevoked, g.clock.Now()
+	if _, err := g.store.LeaseStore.UpdateLease(ctx, l); err != nil {
+		t.Fatal(err)
+	}
+	g.store.resetFollowers(t)
+	if ev := nextEvent(t, ch); ev.Type != broker.EventRevoked {
+		t.Errorf("on b: %v, want EventRevoked of the lease that ended in the gap", ev.Type)
+	}
+	waitFor(t, "b's watchers to hear of it", func() bool { return bEvents.has(ended.ID, broker.AuditRevoke, true) })
+	if bEvents.has(kept.ID, broker.AuditRevoke, true) {
+		t.Error("the lease still live was reported ended")
+	}
+}
