@@ -358,3 +358,49 @@ func TestStreamMarksComeBackAfterTheSessionEnds(t *testing.T) {
 		t.Errorf("session %x after the first ended (%x), want a new one; events %s", got, first, describe(evs))
 	}
 }
+
+// BenchmarkFeedDelivery measures a lease write on one client until its
+// change reaches a follower on another: the delay before another instance
+// of the group knows of an issue (and so the window of the quota bound).
+func BenchmarkFeedDelivery(b *testing.B) {
+	eps := etcdtest.Server(b)
+	prefix := etcdtest.Prefix(b, eps)
+	open := func() *etcd.Store {
+		s, err := etcd.Open(b.Context(), etcd.Options{Endpoints: eps, Prefix: prefix})
+		if err != nil {
+			b.Fatal(err)
+		}
+		b.Cleanup(func() { _ = s.Close() })
+		return s
+	}
+	s, writer := open(), open()
+	got := make(chan string, 1)
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	ready := make(chan struct{})
+	go func() {
+		_ = s.FollowLeases(ctx, func(ev broker.FeedEvent) {
+			switch ev.Kind {
+			case broker.FeedReset:
+				close(ready)
+			case broker.FeedLease:
+				got <- ev.Lease.ID
+			}
+		})
+	}()
+	<-ready
+	for i := 0; b.Loop(); i++ {
+		l := storetest.NewLease(fmt.Sprintf("b%08d", i), "ro", "svc", at(time.Hour))
+		if err := writer.CreateLease(ctx, &l); err != nil {
+			b.Fatal(err)
+		}
+		select {
+		case id := <-got:
+			if id != l.ID {
+				b.Fatalf("got %s, want %s", id, l.ID)
+			}
+		case <-time.After(feedWait):
+			b.Fatal("no event")
+		}
+	}
+}
