@@ -123,13 +123,20 @@ type group struct {
 	a, b  *broker.Broker
 }
 
-func newGroup(t *testing.T) *group {
+func newGroup(t *testing.T) *group { return newGroupWith(t, nil) }
+
+// newGroupWith is newGroup with b's database wrapped by wrapB.
+func newGroupWith(t *testing.T, wrapB func(broker.Database) broker.Database) *group {
 	t.Helper()
 	g := &group{store: newFeedStore(), db: fakedb.New(), clock: fakeclock.New(unitT0)}
 	start := func(name string, standby bool) *broker.Broker {
+		var db broker.Database = g.db
+		if standby && wrapB != nil {
+			db = wrapB(db)
+		}
 		b, err := broker.New(broker.Config{
 			Store:     g.store,
-			Databases: map[string]broker.Database{"main": g.db},
+			Databases: map[string]broker.Database{"main": db},
 			Roles: []broker.Role{
 				{Name: roleRO, Target: "main", ProxyRole: "read_only_role", DefaultTTL: 15 * time.Minute, MaxTTL: time.Hour},
 			},
@@ -347,5 +354,65 @@ func TestUnitFeedResetSettlesWhatEndedInAGap(t *testing.T) {
 	waitFor(t, "b's watchers to hear of it", func() bool { return bEvents.has(ended.ID, broker.AuditRevoke, true) })
 	if bEvents.has(kept.ID, broker.AuditRevoke, true) {
 		t.Error("the lease still live was reported ended")
+	}
+}
+
+// heldDB holds its first DeleteUser until release is closed.
+type heldDB struct {
+	broker.Database
+	once    sync.Once
+	entered chan struct{}
+	release chan struct{}
+}
+
+func (d *heldDB) DeleteUser(ctx context.Context, req broker.DeleteUserRequest) error {
+	first := false
+	d.once.Do(func() { first = true })
+	if first {
+		close(d.entered)
+		<-d.release
+	}
+	return d.Database.DeleteUser(ctx, req)
+}
+
+// A revocation begun on the standby that seems stuck is taken over by the
+// leader after revokeTakeover (30s); when the standby's revocation then
+// finishes, it finds the lease revoked and reports success, not a
+// conflict.
+func TestUnitFeedLeaderTakesOverAStuckRevocation(t *testing.T) {
+	held := &heldDB{entered: make(chan struct{}), release: make(chan struct{})}
+	g := newGroupWith(t, func(db broker.Database) broker.Database { held.Database = db; return held })
+	aEvents := recordEvents(t, g.a)
+	ctx := context.Background()
+	l, c, err := g.a.Issue(ctx, broker.IssueRequest{Role: roleRO, Client: "svc"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	type result struct {
+		l   broker.Lease
+		err error
+	}
+	done := make(chan result, 1)
+	go func() {
+		l, err := g.b.Revoke(ctx, l.ID)
+		done <- result{l, err}
+	}()
+	<-held.entered // REVOKING is stored; the standby's DROP hangs
+	takeover := g.clock.Now().Add(30 * time.Second)
+	waitFor(t, "the leader to schedule the takeover", func() bool {
+		return g.clock.WaitersUntil(takeover) > g.clock.WaitersUntil(takeover.Add(-time.Nanosecond))
+	})
+	if aEvents.has(l.ID, broker.AuditRevoke, false) {
+		t.Fatal("the leader revoked before the takeover delay")
+	}
+	g.clock.Advance(30 * time.Second)
+	waitFor(t, "the leader to finish the revocation", func() bool { return aEvents.has(l.ID, broker.AuditRevoke, false) })
+	if _, ok := g.db.User(c.Username); ok {
+		t.Error("the user is still there")
+	}
+	close(held.release)
+	r := <-done
+	if r.err != nil || r.l.State != broker.StateRevoked {
+		t.Errorf("the standby's Revoke: %v, %v; want the revoked lease and no error", r.l.State, r.err)
 	}
 }
