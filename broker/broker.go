@@ -59,11 +59,11 @@ type Broker struct {
 	pool    issuePool
 	poolCtx context.Context
 
-	// lead says whether this instance runs the background work
+	// leadSwitch says whether this instance runs the background work
 	// (leader.go); feed is what the store's change feed told it
 	// (follow.go).
-	lead leadership
-	feed feedState
+	leadSwitch leadership
+	feed       feedState
 
 	startOnce sync.Once
 	cancel    context.CancelFunc
@@ -139,7 +139,7 @@ func New(cfg Config) (*Broker, error) {
 		storeFails: make(map[string]int),
 		lanes:      newRevokeLanes(cfg.Databases),
 	}
-	b.lead.init(!cfg.Standby)
+	b.leadSwitch.init(!cfg.Standby)
 	b.feed.init()
 	return b, nil
 }

@@ -36,7 +36,7 @@ func (b *Broker) startExpiryManager(ctx context.Context) {
 // blocks, so a target whose revocations hang delays no other target's.
 func (b *Broker) dispatch(ctx context.Context) {
 	for {
-		if leading, changed := b.lead.get(); !leading {
+		if leading, changed := b.leadSwitch.get(); !leading {
 			// A standby keeps its queue but revokes nothing: the leader
 			// does. It starts at once when it is made the leader.
 			select {

@@ -37,14 +37,14 @@ func (l *leadership) get() (bool, <-chan struct{}) {
 // revocation that a deposed leader begins meanwhile is settled by the
 // store's compare-and-set and, once fenced, by the store's refusal.
 func (b *Broker) SetLeading(on bool) {
-	b.lead.mu.Lock()
-	defer b.lead.mu.Unlock()
-	if b.lead.on == on {
+	b.leadSwitch.mu.Lock()
+	defer b.leadSwitch.mu.Unlock()
+	if b.leadSwitch.on == on {
 		return
 	}
-	b.lead.on = on
-	close(b.lead.changed)
-	b.lead.changed = make(chan struct{})
+	b.leadSwitch.on = on
+	close(b.leadSwitch.changed)
+	b.leadSwitch.changed = make(chan struct{})
 	if on {
 		b.log.Info("leading: running the group's expiry, reconciliation and disconnect revocations", "instance", b.cfg.Instance)
 	} else {
@@ -54,7 +54,7 @@ func (b *Broker) SetLeading(on bool) {
 
 // Leading reports whether this instance runs the group's background work.
 func (b *Broker) Leading() bool {
-	on, _ := b.lead.get()
+	on, _ := b.leadSwitch.get()
 	return on
 }
 
