@@ -47,7 +47,7 @@ type markSession struct {
 
 func (m *markSession) init(ttl time.Duration) {
 	if ttl <= 0 {
-		ttl = DefaultSessionTTL
+		ttl = DefaultMarkTTL
 	}
 	m.ttl = ttl
 	m.marks = make(map[string]bool)
@@ -107,7 +107,7 @@ func (s *Store) writeMark(ctx context.Context, key string, open bool) error {
 		return err
 	}
 	for attempt := 0; ; attempt++ {
-		lease, err := s.session(ctx)
+		lease, err := s.markLease(ctx)
 		if err != nil {
 			return err
 		}
@@ -122,9 +122,9 @@ func (s *Store) writeMark(ctx context.Context, key string, open bool) error {
 	}
 }
 
-// session returns the session lease, granting it and starting its
+// markLease returns the session lease of the marks, granting it and starting its
 // keep-alive if there is none.
-func (s *Store) session(ctx context.Context) (clientv3.LeaseID, error) {
+func (s *Store) markLease(ctx context.Context) (clientv3.LeaseID, error) {
 	m := &s.marks
 	m.grantMu.Lock()
 	defer m.grantMu.Unlock()

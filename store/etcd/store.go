@@ -40,9 +40,9 @@ const (
 	// no earlier deadline; a write that runs out of it has an unknown
 	// outcome.
 	DefaultRequestTimeout = 5 * time.Second
-	// DefaultSessionTTL is Options.SessionTTL's default, DESIGN's
-	// session_ttl.
-	DefaultSessionTTL = 10 * time.Second
+	// DefaultMarkTTL is Options.SessionTTL's default, DESIGN's
+	// session_ttl (the leadership session's default too).
+	DefaultMarkTTL = 10 * time.Second
 )
 
 // etcd's limits (the server's defaults, which a cluster may lower but
@@ -98,7 +98,7 @@ type Options struct {
 	// SessionTTL is the TTL of the session lease this process's stream
 	// marks live on (broker.StreamMarker): how long after a crash of this
 	// process the other instances still count its KeepAlive streams
-	// (default DefaultSessionTTL; store.etcd.session_ttl).
+	// (default DefaultMarkTTL; store.etcd.session_ttl).
 	SessionTTL time.Duration
 }
 
