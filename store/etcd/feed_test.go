@@ -4,7 +4,9 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"log/slog"
 	"slices"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -14,6 +16,7 @@ import (
 
 	"github.com/credbroker/credbroker/broker"
 	"github.com/credbroker/credbroker/internal/etcdtest"
+	"github.com/credbroker/credbroker/internal/syncbuf"
 	"github.com/credbroker/credbroker/store/etcd"
 	"github.com/credbroker/credbroker/store/storetest"
 )
@@ -402,5 +405,60 @@ func BenchmarkFeedDelivery(b *testing.B) {
 		case <-time.After(feedWait):
 			b.Fatal("no event")
 		}
+	}
+}
+
+// A follower connected to a member that loses its quorum does not wait on
+// it silently: the watch requires a leader, so it ends, the feed says so
+// and resumes, and once the quorum is back it delivers what was written,
+// without a reset (nothing was compacted).
+func TestFeedResumesAfterQuorumLoss(t *testing.T) {
+	if testing.Short() {
+		t.Skip("starts a three-member cluster")
+	}
+	c := etcdtest.StartCluster(t, 3)
+	logs := &syncbuf.Buffer{}
+	s, err := etcd.Open(t.Context(), etcd.Options{
+		Endpoints: []string{c.Members[0].ClientURL}, Prefix: "/feed/", DialTimeout: 10 * time.Second,
+		Logger: slog.New(slog.NewTextHandler(logs, nil)),
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = s.Close() })
+	writer := openAt(t, c.Endpoints(), "/feed/")
+	r := follow(t, s)
+	r.waitFor(t, "the first reset", func(evs []broker.FeedEvent) bool { return len(evs) > 0 })
+
+	c.Members[1].Kill()
+	c.Members[2].Kill()
+	deadline := time.Now().Add(feedWait)
+	for !strings.Contains(logs.String(), "change feed watch ended") {
+		// The member notices it has no leader after its election
+		// timeout; the feed logs when its watch is cancelled for it.
+		if time.Now().After(deadline) {
+			t.Fatalf("the watch did not end without a leader; store log:\n%s", logs.String())
+		}
+		time.Sleep(20 * time.Millisecond) // polling a log: a condition with a deadline
+	}
+	c.Members[1].Restart(t)
+	c.Members[2].Restart(t)
+	l := storetest.NewLease("back", "ro", "svc", at(time.Hour))
+	ctx, cancel := context.WithTimeout(t.Context(), feedWait)
+	defer cancel()
+	for {
+		err := writer.CreateLease(ctx, &l)
+		if err == nil || errors.Is(err, broker.ErrExists) {
+			break
+		}
+		if ctx.Err() != nil {
+			t.Fatalf("CreateLease after the quorum came back: %v", err)
+		}
+	}
+	evs := r.waitFor(t, "the lease written after the quorum came back", func(evs []broker.FeedEvent) bool {
+		return has(evs, broker.FeedLease, "back", broker.StateActive)
+	})
+	if n := len(resets(evs)); n != 1 {
+		t.Errorf("%d resets, want 1: %s", n, describe(evs))
 	}
 }
