@@ -1,0 +1,155 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/credbroker/credbroker/broker"
+	"github.com/credbroker/credbroker/internal/etcdtest"
+	"github.com/credbroker/credbroker/store"
+	"github.com/credbroker/credbroker/store/etcd"
+)
+
+// bboltWithLeases writes a bbolt store of n leases (every third one
+// revoked) and an intent, and closes it; it returns the file's path.
+func bboltWithLeases(t *testing.T, n int) string {
+	t.Helper()
+	path := filepath.Join(t.TempDir(), "leases.db")
+	s, err := store.Open(path, store.Options{NoSync: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	ctx := t.Context()
+	now := time.Now().UTC()
+	for i := range n {
+		l := broker.Lease{ID: fmt.Sprintf("l%04d", i), Role: "read_only", Client: "svc", Target: "main",
+			Username: fmt.Sprintf("cb_%04d", i), ProxyRole: "read_only_role", IssueTime: now,
+			ExpireTime: now.Add(time.Hour), MaxExpireTime: now.Add(time.Hour), State: broker.StateActive}
+		if err := s.CreateLease(ctx, &l); err != nil {
+			t.Fatal(err)
+		}
+		if i%3 == 0 {
+			l.State, l.EndTime = broker.StateRevoked, now
+			if _, err := s.UpdateLease(ctx, l); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	if err := s.PutIntent(ctx, broker.Intent{LeaseID: "pending", Target: "main", Username: "cb_pending", CreateTime: now}); err != nil {
+		t.Fatal(err)
+	}
+	return path
+}
+
+func runCtl(t *testing.T, args ...string) (code int, stdout, stderr string) {
+	t.Helper()
+	var out, errb bytes.Buffer
+	code = run(context.Background(), args, &out, &errb)
+	return code, out.String(), errb.String()
+}
+
+func TestMigrate(t *testing.T) {
+	path := bboltWithLeases(t, 200)
+	cluster := etcdtest.StartCluster(t, 1)
+	eps := strings.Join(cluster.Endpoints(), ",")
+	prefix := "/credbroker-migrate-test/"
+	countKeys := func() etcd.KeyCounts {
+		t.Helper()
+		s, err := etcd.Open(t.Context(), etcd.Options{Endpoints: cluster.Endpoints(), Prefix: prefix, DialTimeout: 20 * time.Second})
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer s.Close()
+		c, err := s.CountKeys(t.Context())
+		if err != nil {
+			t.Fatal(err)
+		}
+		return c
+	}
+
+	t.Run("refused while a broker holds the file", func(t *testing.T) {
+		held, err := store.Open(path, store.Options{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer held.Close()
+		start := time.Now()
+		code, _, stderr := runCtl(t, "migrate", "--from-bbolt", path, "--etcd-endpoints", eps, "--prefix", prefix, "--lock-timeout", "300ms")
+		if code != 1 || !strings.Contains(stderr, path+" is in use") || !strings.Contains(stderr, "stop the brokerd") {
+			t.Fatalf("exit %d, stderr %q: want 1 and the busy file named", code, stderr)
+		}
+		if d := time.Since(start); d > 20*time.Second {
+			t.Errorf("refusal took %v with --lock-timeout 300ms", d)
+		}
+		if c := countKeys(); c.All != 0 {
+			t.Fatalf("a refused migrate wrote %d keys", c.All)
+		}
+	})
+
+	t.Run("a missing file is not created", func(t *testing.T) {
+		missing := filepath.Join(t.TempDir(), "typo.db")
+		code, _, stderr := runCtl(t, "migrate", "--from-bbolt", missing, "--etcd-endpoints", eps, "--prefix", prefix)
+		if code != 1 || !strings.Contains(stderr, "no such file") {
+			t.Fatalf("exit %d, stderr %q", code, stderr)
+		}
+		if _, err := os.Stat(missing); !os.IsNotExist(err) {
+			t.Fatalf("migrate created %s: %v", missing, err)
+		}
+	})
+
+	t.Run("copies", func(t *testing.T) {
+		code, stdout, stderr := runCtl(t, "--json", "migrate", "--from-bbolt", path, "--etcd-endpoints", eps, "--prefix", prefix)
+		if code != 0 {
+			t.Fatalf("exit %d: %s", code, stderr)
+		}
+		var rep struct {
+			Leases, Live, Ended, Intents, WrittenLeases int
+			Verified                                    bool
+		}
+		if err := json.Unmarshal([]byte(stdout), &rep); err != nil {
+			t.Fatalf("%v: %s", err, stdout)
+		}
+		if rep.Leases != 200 || rep.Live != 133 || rep.Ended != 67 || rep.Intents != 1 || rep.WrittenLeases != 200 || !rep.Verified {
+			t.Fatalf("report %+v", rep)
+		}
+		c := countKeys()
+		if c.Leases != 200 || c.Expiry != 133 || c.Tombstones != 67 || c.Intents != 1 || c.LastIssued != 1 || c.Group != 1 {
+			t.Fatalf("etcd keys after migrate: %+v", c)
+		}
+	})
+
+	t.Run("refuses the now used prefix", func(t *testing.T) {
+		code, _, stderr := runCtl(t, "migrate", "--from-bbolt", path, "--etcd-endpoints", eps, "--prefix", prefix)
+		if code != 1 || !strings.Contains(stderr, "etcd prefix "+prefix) || !strings.Contains(stderr, "not empty") {
+			t.Fatalf("exit %d, stderr %q", code, stderr)
+		}
+	})
+
+	t.Run("resume of a finished copy", func(t *testing.T) {
+		code, stdout, stderr := runCtl(t, "migrate", "--from-bbolt", path, "--etcd-endpoints", eps, "--prefix", prefix, "--resume")
+		if code != 0 || !strings.Contains(stdout, "0 leases, 0 intents") {
+			t.Fatalf("exit %d, stdout %q, stderr %q", code, stdout, stderr)
+		}
+	})
+
+	t.Run("usage", func(t *testing.T) {
+		for _, args := range [][]string{
+			{"migrate", "--etcd-endpoints", eps},
+			{"migrate", "--from-bbolt", path},
+			{"migrate", "--from-bbolt", path, "--etcd-endpoints", eps, "--prefix", "/no-slash"},
+			{"migrate", "--from-bbolt", path, "--etcd-endpoints", eps, "--etcd-cert-file", "c.pem"},
+		} {
+			if code, _, stderr := runCtl(t, args...); code != 2 {
+				t.Errorf("%v: exit %d (%s), want 2", args, code, stderr)
+			}
+		}
+	})
+}
