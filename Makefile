@@ -76,10 +76,11 @@ generate: tools
 ## micro-benchmarks; CPU profiles go to bin/bench-profiles. The broker's
 ## expiry.revoke_rate is 5,000/s for the 10,000-lease burst (brokerd's
 ## default of 1,000/s would pace it, not measure it).
+## The etcd-store scenario runs a three-member etcd cluster (`make etcd`).
 BENCH_FLAGS ?= --broker-revoke-rate 5000
-bench: postgres
+bench: postgres etcd
 	$(GO) build -buildvcs=auto -o bin/ ./cmd/brokerd ./cmd/credbroker-bench
-	bin/credbroker-bench --brokerd bin/brokerd --profile-dir bin/bench-profiles $(BENCH_FLAGS)
+	bin/credbroker-bench --brokerd bin/brokerd --etcd-bin $(ETCD_BIN) --profile-dir bin/bench-profiles $(BENCH_FLAGS)
 	$(GO) test -run '^$$' -bench . ./store/
 
 # -buildvcs=auto: the commit goes into every binary's --version even where
