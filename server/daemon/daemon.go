@@ -19,6 +19,7 @@ import (
 	"github.com/credbroker/credbroker/server/config"
 	"github.com/credbroker/credbroker/server/rootcred"
 	"github.com/credbroker/credbroker/store"
+	"github.com/credbroker/credbroker/store/etcd"
 )
 
 // privcheckTimeout bounds the least-privilege check brokerd runs beside
@@ -122,7 +123,7 @@ func Start(ctx context.Context, cfg *config.Config, opts Options) (_ *Daemon, er
 		return nil, err
 	}
 
-	if d.store, err = openStore(cfg.Store, log, opts.StoreNoSync, d.metrics.commitObserver()); err != nil {
+	if d.store, err = openStore(ctx, cfg.Store, log, opts.StoreNoSync, d.metrics.commitObserver()); err != nil {
 		return nil, err
 	}
 	d.rootCreds = rootcred.New(log)
@@ -214,8 +215,32 @@ func Start(ctx context.Context, cfg *config.Config, opts Options) (_ *Daemon, er
 	return d, nil
 }
 
-// openStore opens the lease store the configuration names.
-func openStore(cfg config.Store, log *slog.Logger, noSync bool, observe func(time.Duration)) (broker.LeaseStore, error) {
+// openStore opens the lease store the configuration names: the bbolt file
+// of store.path, or the etcd cluster of store.etcd (whose password file it
+// reads here, so the password is in no Config and no log).
+func openStore(ctx context.Context, cfg config.Store, log *slog.Logger, noSync bool, observe func(time.Duration)) (broker.LeaseStore, error) {
+	if e := cfg.Etcd; e != nil {
+		opts := etcd.Options{
+			Endpoints:   e.Endpoints,
+			Prefix:      e.Prefix,
+			DialTimeout: e.DialTimeout,
+			TLS:         etcd.TLSFiles{CAFile: e.TLS.CAFile, CertFile: e.TLS.CertFile, KeyFile: e.TLS.KeyFile},
+			Username:    e.Username,
+			Logger:      log,
+		}
+		if e.PasswordFile != "" {
+			pw, _, err := rootcred.ReadSecretFile(e.PasswordFile)
+			if err != nil {
+				return nil, fmt.Errorf("store.etcd.password_file: %w", err)
+			}
+			opts.Password = pw.Reveal()
+		}
+		s, err := etcd.Open(ctx, opts)
+		if err != nil {
+			return nil, fmt.Errorf("store.etcd: %w", err)
+		}
+		return s, nil
+	}
 	s, err := store.Open(cfg.Path, store.Options{Timeout: cfg.OpenTimeout, Logger: log, NoSync: noSync, CommitObserver: observe})
 	if err != nil {
 		return nil, fmt.Errorf("store.path: %w", err)
