@@ -11,6 +11,7 @@ import (
 
 	"github.com/spf13/cobra"
 
+	"github.com/credbroker/credbroker/server/config"
 	"github.com/credbroker/credbroker/server/rootcred"
 	"github.com/credbroker/credbroker/store"
 	"github.com/credbroker/credbroker/store/etcd"
@@ -36,17 +37,22 @@ func (c *cli) migrateCmd() *cobra.Command {
 		resume       bool
 		lockTimeout  time.Duration
 		dialTimeout  time.Duration
+		configPath   string
 	)
 	cmd := &cobra.Command{
-		Use:   "migrate --from-bbolt FILE --etcd-endpoints URL[,URL...]",
+		Use:   "migrate --from-bbolt FILE (--config FILE | --etcd-endpoints URL[,URL...])",
 		Short: "Copy a bbolt lease store into an etcd prefix, for brokers sharing one store",
 		Long: `migrate copies every record of a bbolt lease store (store.path) into an etcd
-prefix (store.etcd), for moving a broker to a group of brokers on etcd
+prefix, for moving a broker to a group of brokers on etcd
 (docs/ha.md): live leases, revoked and expired leases kept for audit
 (tombstones), intents (users being created when the broker stopped), each
 role's last issue time, and the group id, so the marker roles the broker
 claimed stay its group's. It then reads both stores back and checks that the
 prefix holds exactly the file's records, key counts and every field.
+
+The etcd side is the store.etcd section of --config (the configuration the
+brokers will run with: endpoints, prefix, tls, username and password_file),
+or the --etcd-* flags and --prefix.
 
 Stop brokerd first: migrate refuses a file a broker holds (bbolt locks it),
 and no broker may use the prefix until migrate has finished. It refuses a
@@ -60,7 +66,8 @@ the same command again with --resume; a key that holds anything else stops
 it, naming the key. migrate changes nothing in the bbolt file but what a
 brokerd start would (a group id if it had none, a schema upgrade), so until
 brokers run on etcd it stays the store to go back to.`,
-		Example: `  brokerctl migrate --from-bbolt /var/lib/credbroker/leases.db \
+		Example: `  brokerctl migrate --from-bbolt /var/lib/credbroker/leases.db --config /etc/credbroker/brokerd.yaml
+  brokerctl migrate --from-bbolt /var/lib/credbroker/leases.db \
       --etcd-endpoints https://10.0.0.1:2379,https://10.0.0.2:2379,https://10.0.0.3:2379 \
       --etcd-ca-file /etc/credbroker/etcd-ca.pem \
       --etcd-cert-file /etc/credbroker/etcd-client.pem --etcd-key-file /etc/credbroker/etcd-client-key.pem
@@ -70,8 +77,30 @@ brokers run on etcd it stays the store to go back to.`,
 			if from == "" {
 				return usageErrorf("--from-bbolt FILE is required")
 			}
+			if configPath != "" {
+				for _, name := range []string{"etcd-endpoints", "prefix", "etcd-ca-file", "etcd-cert-file", "etcd-key-file", "etcd-username", "etcd-password-file", "dial-timeout"} {
+					if cmd.Flags().Changed(name) {
+						return usageErrorf("--%s and --config: the etcd side comes from one or the other", name)
+					}
+				}
+				f, err := config.Load(configPath)
+				if err != nil {
+					return fmt.Errorf("--config %s: %w", configPath, err)
+				}
+				cfg, err := f.Validate()
+				if err != nil {
+					return fmt.Errorf("--config %s: %w", configPath, err)
+				}
+				e := cfg.Store.Etcd
+				if e == nil {
+					return usageErrorf("--config %s: no store.etcd section (migrate copies into the etcd store the brokers will use)", configPath)
+				}
+				endpoints, prefix, dialTimeout = e.Endpoints, e.Prefix, e.DialTimeout
+				tlsFiles = etcd.TLSFiles{CAFile: e.TLS.CAFile, CertFile: e.TLS.CertFile, KeyFile: e.TLS.KeyFile}
+				username, passwordFile = e.Username, e.PasswordFile
+			}
 			if len(endpoints) == 0 {
-				return usageErrorf("--etcd-endpoints is required")
+				return usageErrorf("--etcd-endpoints or --config is required")
 			}
 			if err := etcd.CheckPrefix(prefix); err != nil {
 				return usageErrorf("--prefix: %v", err)
@@ -178,6 +207,7 @@ brokers run on etcd it stays the store to go back to.`,
 	f.StringVar(&passwordFile, "etcd-password-file", "", "file holding the etcd user's password (store.etcd.password_file)")
 	f.BoolVar(&resume, "resume", false, "finish a copy that was cut off: allow a prefix holding this group's keys")
 	f.DurationVar(&lockTimeout, "lock-timeout", defaultMigrateLockTimeout, "give up on the bbolt file's lock after this long")
-	f.DurationVar(&dialTimeout, "dial-timeout", etcd.DefaultDialTimeout, "give up reaching etcd after this long")
+	f.DurationVar(&dialTimeout, "dial-timeout", etcd.DefaultDialTimeout, "give up reaching etcd after this long (store.etcd.dial_timeout)")
+	f.StringVar(&configPath, "config", "", "brokerd configuration whose store.etcd names the etcd side (instead of the --etcd-* flags)")
 	return cmd
 }

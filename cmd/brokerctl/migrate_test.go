@@ -140,6 +140,30 @@ func TestMigrate(t *testing.T) {
 		}
 	})
 
+	t.Run("the etcd side from a brokerd configuration", func(t *testing.T) {
+		dir := t.TempDir()
+		cfg := filepath.Join(dir, "brokerd.yaml")
+		yml := fmt.Sprintf(`store:
+  etcd:
+    endpoints: [%s]
+    prefix: /credbroker-from-config/
+targets:
+  - {name: main, url: "postgres://broker_admin@127.0.0.1:5432/app", password_file: admin.password}
+roles:
+  - {name: read_only, target: main, proxy_role: read_only_role, default_ttl: 15m, max_ttl: 1h}
+`, eps)
+		if err := os.WriteFile(cfg, []byte(yml), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		code, stdout, stderr := runCtl(t, "migrate", "--from-bbolt", path, "--config", cfg)
+		if code != 0 || !strings.Contains(stdout, "/credbroker-from-config/") || !strings.Contains(stdout, "200 (133 live, 67 ended)") {
+			t.Fatalf("exit %d, stdout %q, stderr %q", code, stdout, stderr)
+		}
+		if code, _, stderr := runCtl(t, "migrate", "--from-bbolt", path, "--config", cfg, "--prefix", "/x/"); code != 2 {
+			t.Errorf("--config with --prefix: exit %d (%s), want 2", code, stderr)
+		}
+	})
+
 	t.Run("usage", func(t *testing.T) {
 		for _, args := range [][]string{
 			{"migrate", "--etcd-endpoints", eps},
