@@ -44,7 +44,7 @@ func main() {
 	os.Exit(code)
 }
 
-var allScenarios = []string{"issue", "renew", "revoke", "expiry", "restore", "churn", "etcd-store"}
+var allScenarios = []string{"issue", "renew", "revoke", "expiry", "restore", "churn", "etcd-store", "etcd"}
 
 type options struct {
 	scenarios []string
@@ -119,8 +119,8 @@ func parseFlags(args []string, stderr io.Writer) (*options, error) {
 	fs.StringVar(&o.proxyRole, "proxy-role", benchProxy, "with --pg-url: that role's proxy role")
 	fs.StringVar(&o.markerRole, "marker-role", postgres.DefaultMarkerRole, "with --pg-url: the target's marker role")
 	fs.BoolVar(&o.pgDurable, "pg-durable", true, "own cluster: fsync and synchronous_commit on, as in production")
-	fs.StringVar(&o.etcdBin, "etcd-bin", "", "etcd-store: the etcd binary (default: $CREDBROKER_ETCD_BIN, else what `make etcd` built)")
-	fs.IntVar(&o.etcdClients, "etcd-clients", 16, "etcd-store: concurrent clients")
+	fs.StringVar(&o.etcdBin, "etcd-bin", "", "etcd-store, etcd: the etcd binary (default: $CREDBROKER_ETCD_BIN, else what `make etcd` built)")
+	fs.IntVar(&o.etcdClients, "etcd-clients", 16, "etcd-store, etcd: concurrent clients")
 	fs.StringVar(&o.profileDir, "profile-dir", "", "write CPU profiles of the in-process broker (issue at 16 clients, expiry burst) here")
 	fs.BoolVar(&o.verbose, "v", false, "log the broker's warnings to stderr")
 	o.pgConf = map[string]string{}
@@ -253,6 +253,12 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		progress("etcd-store: etcd against bbolt, %d clients", o.etcdClients)
 		if err := e.runEtcdStore(ctx, rep); err != nil {
 			fail("etcd-store", err)
+		}
+	}
+	if o.has("etcd") {
+		progress("etcd: a broker on etcd against the broker on bbolt, %d clients", o.etcdClients)
+		if err := e.runEtcdBroker(ctx, rep); err != nil {
+			fail("etcd", err)
 		}
 	}
 	if ctx.Err() != nil {

@@ -40,6 +40,7 @@ func TestSmoke(t *testing.T) {
 		"| issue c=1 ", "| issue c=2 ", "| revoke c=2 ", "| renew c=2 stream ", "| renew c=2 unary ",
 		"| expiry burst N=20 ", "| restore 3000 records", "| bbolt file, ",
 		"| etcd store issue c=2 ", "| etcd store renew c=2 ",
+		"| etcd broker issue c=2 ", "| etcd broker renew (unary) c=2 ",
 	} {
 		if !strings.Contains(out.String(), want) {
 			t.Errorf("no row %q in the table:\n%s", want, out.String())
