@@ -223,14 +223,37 @@ func (s *Store) get(ctx context.Context, key string, opts ...clientv3.OpOption) 
 }
 
 // commit runs one write Txn. Its error is errWrite's.
+//
+// A write under a leadership term (broker.FenceFrom(ctx)) is fenced: the
+// Txn is nested in one that compares the election key's create revision,
+// so a broker deposed while the write was in flight changes nothing and
+// gets broker.ErrNotLeader; the caller sees the inner Txn's response, as
+// if unfenced.
 func (s *Store) commit(ctx context.Context, op string, cmps []clientv3.Cmp, then, els []clientv3.Op) (*clientv3.TxnResponse, error) {
 	rctx, cancel := s.request(ctx)
 	defer cancel()
-	resp, err := s.cli.Txn(rctx).If(cmps...).Then(then...).Else(els...).Commit()
+	fence, fenced := broker.FenceFrom(ctx)
+	if !fenced {
+		resp, err := s.cli.Txn(rctx).If(cmps...).Then(then...).Else(els...).Commit()
+		if err != nil {
+			return nil, errWrite(op, err)
+		}
+		return resp, nil
+	}
+	resp, err := s.cli.Txn(rctx).
+		If(clientv3.Compare(clientv3.CreateRevision(fence.Key), "=", fence.Revision)).
+		Then(clientv3.OpTxn(cmps, then, els)).
+		Commit()
 	if err != nil {
 		return nil, errWrite(op, err)
 	}
-	return resp, nil
+	if !resp.Succeeded {
+		return nil, fmt.Errorf("etcd %s: %w: the leadership term of %s (revision %d) has ended; the write was refused",
+			op, broker.ErrNotLeader, fence.Key, fence.Revision)
+	}
+	inner := (*clientv3.TxnResponse)(resp.Responses[0].GetResponseTxn())
+	inner.Header = resp.Header
+	return inner, nil
 }
 
 // readTxn runs a Txn of reads only (ops are Gets), at one revision.
