@@ -3,6 +3,7 @@ package main
 import (
 	"bytes"
 	"os"
+	"slices"
 	"strings"
 	"testing"
 )
@@ -24,7 +25,11 @@ func TestSmoke(t *testing.T) {
 		t.Skip("starts a PostgreSQL cluster")
 	}
 	var out, errb bytes.Buffer
+	// failover is left out: it needs brokerd to campaign for leadership
+	// (the daemon's election wiring); make bench runs it.
+	scenarios := slices.DeleteFunc(slices.Clone(allScenarios), func(s string) bool { return s == "failover" })
 	code := run(t.Context(), []string{
+		"-scenarios", strings.Join(scenarios, ","),
 		"-levels", "1,2", "-phase", "150ms", "-rounds", "2",
 		"-renew-concurrency", "2", "-renew-leases", "2",
 		"-revoke-concurrency", "2", "-revoke-n", "20",
