@@ -55,7 +55,10 @@ type Daemon struct {
 	log *slog.Logger
 	lis net.Listener
 
-	store     broker.LeaseStore
+	store broker.LeaseStore
+	// leader is the brokerd's leadership in its group on etcd; nil on
+	// bbolt, where the one brokerd always leads.
+	leader    *groupLeader
 	databases map[string]broker.Database
 	endpoints map[string]broker.Endpoint
 	rootCreds *rootcred.Credentials
@@ -126,6 +129,15 @@ func Start(ctx context.Context, cfg *config.Config, opts Options) (_ *Daemon, er
 	if d.store, err = openStore(ctx, cfg.Store, log, opts.StoreNoSync, d.metrics.commitObserver()); err != nil {
 		return nil, err
 	}
+	if es, ok := d.store.(*etcd.Store); ok {
+		if d.leader, err = newGroupLeader(ctx, cfg, es, d.lis.Addr().String(), log); err != nil {
+			return nil, err
+		}
+		if d.metrics != nil {
+			d.leader.metrics = d.metrics
+			d.metrics.leader = d.leader.ready
+		}
+	}
 	d.rootCreds = rootcred.New(log)
 	late, err := d.connectAll(ctx)
 	if err != nil {
@@ -152,6 +164,14 @@ func Start(ctx context.Context, cfg *config.Config, opts Options) (_ *Daemon, er
 
 	bcfg := BrokerConfig(cfg)
 	bcfg.Store, bcfg.Databases, bcfg.Logger, bcfg.Clock, bcfg.Auditor = d.store, d.databases, log, opts.Clock, auditor
+	if d.leader != nil {
+		d.leader.audit = d.audit
+		bcfg.Leadership = d.leader
+		// An issue in flight on another instance is invisible here: the
+		// reconciler drops only what two sweeps a session TTL apart agree
+		// on.
+		bcfg.ReconcileConfirm = cfg.Store.Etcd.SessionTTL
+	}
 	if d.broker, err = broker.New(bcfg); err != nil {
 		return nil, fmt.Errorf("broker: %w", err)
 	}
@@ -178,7 +198,7 @@ func Start(ctx context.Context, cfg *config.Config, opts Options) (_ *Daemon, er
 		Endpoints:       d.endpoints,
 		SSLMode:         cfg.DSNSSLMode,
 		Drainer:         d.drainer,
-		RootRotator:     d.rootCreds,
+		RootRotator:     d.rootRotator(),
 		MaxStreamLeases: opts.MaxStreamLeases,
 		ObserveUnary:    d.metrics.unary(),
 		ObserveStream:   d.metrics.stream(),
@@ -265,6 +285,15 @@ func BrokerConfig(cfg *config.Config) broker.Config {
 		FailedRetryInterval: cfg.Expiry.FailedRetryInterval,
 		DisconnectGrace:     cfg.DisconnectGrace,
 	}
+}
+
+// rootRotator is the root credentials' rotation, refused on an instance
+// that does not lead its group.
+func (d *Daemon) rootRotator() server.RootRotator {
+	if d.leader == nil {
+		return d.rootCreds
+	}
+	return leaderOnlyRotator{RootRotator: d.rootCreds, leader: d.leader}
 }
 
 // Addr is the address served (the real port when cfg.Listen had :0).
@@ -354,6 +383,13 @@ func (d *Daemon) close() error {
 	if d.broker != nil {
 		if err := d.broker.Close(); err != nil {
 			errs = append(errs, fmt.Errorf("close broker: %w", err))
+		}
+	}
+	if d.leader != nil {
+		// After the broker resigned its term: the session's lease is
+		// revoked, so this instance leaves its group at once.
+		if err := d.leader.Close(); err != nil {
+			d.log.Warn("could not end the etcd session; it expires by itself", "err", err)
 		}
 	}
 	for _, db := range d.databases {
