@@ -3,7 +3,6 @@ package main
 import (
 	"bytes"
 	"os"
-	"slices"
 	"strings"
 	"testing"
 )
@@ -25,11 +24,7 @@ func TestSmoke(t *testing.T) {
 		t.Skip("starts a PostgreSQL cluster")
 	}
 	var out, errb bytes.Buffer
-	// failover is left out: it needs brokerd to campaign for leadership
-	// (the daemon's election wiring); make bench runs it.
-	scenarios := slices.DeleteFunc(slices.Clone(allScenarios), func(s string) bool { return s == "failover" })
 	code := run(t.Context(), []string{
-		"-scenarios", strings.Join(scenarios, ","),
 		"-levels", "1,2", "-phase", "150ms", "-rounds", "2",
 		"-renew-concurrency", "2", "-renew-leases", "2",
 		"-revoke-concurrency", "2", "-revoke-n", "20",
@@ -37,6 +32,7 @@ func TestSmoke(t *testing.T) {
 		"-restore-records", "3000", "-restore-active", "300",
 		"-churn-rate", "600", "-churn-duration", "1h", "-retention", "1h",
 		"-pg-durable=false", "-etcd-clients", "2",
+		"-failover-kills", "1", "-failover-session-ttl", "2s",
 	}, &out, &errb)
 	if code != 0 {
 		t.Fatalf("exit %d\nstdout:\n%s\nstderr:\n%s", code, out.String(), errb.String())
@@ -46,6 +42,7 @@ func TestSmoke(t *testing.T) {
 		"| expiry burst N=20 ", "| restore 3000 records", "| bbolt file, ",
 		"| etcd store issue c=2 ", "| etcd store renew c=2 ",
 		"| etcd broker issue c=2 ", "| etcd broker renew (unary) c=2 ",
+		"| failover ×1, session_ttl 2s ",
 	} {
 		if !strings.Contains(out.String(), want) {
 			t.Errorf("no row %q in the table:\n%s", want, out.String())
