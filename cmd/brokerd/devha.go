@@ -175,7 +175,29 @@ func runDevHA(ctx context.Context, listens []string, o devHAOptions, stdout, std
 			return err
 		}
 	}
-	printHAWalkthrough(stdout, s)
+	// Who leads, for the walk-through: the group's status in etcd,
+	// once some instance has won (within the session TTL).
+	leader := s.Instances[0]
+	if st, err := etcd.Open(ctx, etcd.Options{Endpoints: s.Etcd.Endpoints(), Prefix: etcd.DefaultPrefix}); err == nil {
+		deadline := time.Now().Add(devHASessionTTL + 10*time.Second)
+		for time.Now().Before(deadline) && ctx.Err() == nil {
+			gs, err := st.GroupStatus(ctx)
+			if err == nil && gs.Leader != "" {
+				for _, in := range s.Instances {
+					if in.Name == gs.Leader {
+						leader = in
+					}
+				}
+				break
+			}
+			select {
+			case <-ctx.Done():
+			case <-time.After(100 * time.Millisecond):
+			}
+		}
+		_ = st.Close()
+	}
+	printHAWalkthrough(stdout, s, leader)
 	if ready != nil {
 		ready(s)
 	}
@@ -399,8 +421,9 @@ func ctlFor(in *devInstance) string {
 
 // printHAWalkthrough tells a newcomer what runs and how to watch a
 // failover.
-func printHAWalkthrough(w io.Writer, s *devHASession) {
+func printHAWalkthrough(w io.Writer, s *devHASession, leader *devInstance) {
 	a, b := s.Instances[0], s.Instances[1]
+	other := s.otherThan(leader)
 	c := s.Cluster
 	fmt.Fprintf(w, "\ncredbroker dev --ha is ready: two brokerd sharing one lease store on etcd.\n\n")
 	for _, in := range s.Instances {
@@ -426,12 +449,12 @@ Try it in another terminal, from the repository:
        %[2]s leases
   3. Who leads (runs expiry, reconciliation and revocations) and since when:
        %[1]s status
-  4. Kill the leader as a crash would (say it is %[3]s, pid %[4]d):
+  4. Kill the leader, %[3]s now, as a crash would:
        kill -9 %[4]d
      Within session_ttl (%[5]s) the other instance leads; the leases issued
      before are still there and are still revoked on time:
-       %[2]s status
-       %[2]s leases
+       %[6]s status
+       %[6]s leases
   5. Press Enter here to start the killed instance again: it joins as a
      follower. Killing one etcd member (kill -9 on its pid above) changes
      nothing; killing two stops issuing (no quorum) until one is back.
@@ -439,7 +462,7 @@ Try it in another terminal, from the repository:
 Press Ctrl-C to revoke every lease, stop both brokers, etcd and PostgreSQL,
 and remove every temporary file.
 
-`, ctlFor(a), ctlFor(b), a.Name, a.Pid(), devHASessionTTL)
+`, ctlFor(a), ctlFor(b), leader.Name, leader.Pid(), devHASessionTTL, ctlFor(other))
 }
 
 func fileExists(path string) bool {

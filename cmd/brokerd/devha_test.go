@@ -15,6 +15,7 @@ import (
 	"github.com/jackc/pgx/v5"
 
 	credbrokerv1 "github.com/credbroker/credbroker/proto/credbroker/v1"
+	"github.com/credbroker/credbroker/store/etcd"
 	"github.com/credbroker/credbroker/store/etcd/etcdcluster"
 )
 
@@ -68,7 +69,7 @@ func TestDevHA(t *testing.T) {
 	walk := stdout.String()
 	for _, want := range []string{
 		"--addr " + a.Listen + " issue read_only", "--addr " + b.Listen + " issue read_only",
-		"--addr " + a.Listen + " status", fmt.Sprintf("kill -9 %d", a.Pid()), "Press Enter", "Ctrl-C",
+		"--addr " + a.Listen + " status", "Press Enter", "Ctrl-C",
 	} {
 		if !strings.Contains(walk, want) {
 			t.Errorf("walk-through lacks %q:\n%s", want, walk)
@@ -103,21 +104,49 @@ func TestDevHA(t *testing.T) {
 		t.Fatalf("b looking up a's lease: %v, %v", got, err)
 	}
 
-	pidA := a.Pid()
-	if err := syscall.Kill(pidA, syscall.SIGKILL); err != nil {
+	// Kill whichever instance leads; the other must lead within the
+	// session TTL (plus room for a loaded machine).
+	st, err := etcd.Open(callCtx, etcd.Options{Endpoints: s.Etcd.Endpoints(), Prefix: etcd.DefaultPrefix, DialTimeout: time.Minute})
+	if err != nil {
 		t.Fatal(err)
 	}
-	waitFor(t, 30*time.Second, func() bool { return strings.Contains(stdout.String(), a.Name+" exited") }, "dev to notice broker-a's death")
-	issue(b)
+	defer st.Close()
+	leader := func() string {
+		gs, err := st.GroupStatus(callCtx)
+		if err != nil {
+			return ""
+		}
+		return gs.Leader
+	}
+	waitFor(t, time.Minute, func() bool { return leader() != "" }, "a leader")
+	victim, survivor := a, b
+	if leader() == b.Name {
+		victim, survivor = b, a
+	}
+	pidV := victim.Pid()
+	if want := fmt.Sprintf("Kill the leader, %s now, as a crash would:\n       kill -9 %d", victim.Name, pidV); !strings.Contains(walk, want) {
+		t.Errorf("walk-through does not name the leader: lacks %q:\n%s", want, walk)
+	}
+	if err := syscall.Kill(pidV, syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	killed := time.Now()
+	waitFor(t, devHASessionTTL+30*time.Second, func() bool { return leader() == survivor.Name }, survivor.Name+" to lead")
+	t.Logf("%s leads %s after %s was killed", survivor.Name, time.Since(killed).Round(time.Millisecond), victim.Name)
+	waitFor(t, 30*time.Second, func() bool { return strings.Contains(stdout.String(), victim.Name+" exited") }, "dev to notice the death")
+	issue(survivor)
 	// Enter starts it again.
 	if _, err := enterW.Write([]byte("\n")); err != nil {
 		t.Fatal(err)
 	}
-	waitFor(t, 2*time.Minute, func() bool { return strings.Contains(stdout.String(), a.Name+" serves again") }, "broker-a to serve again")
-	if a.Pid() == 0 || a.Pid() == pidA {
-		t.Fatalf("broker-a pid %d after restart (was %d)", a.Pid(), pidA)
+	waitFor(t, 2*time.Minute, func() bool { return strings.Contains(stdout.String(), victim.Name+" serves again") }, victim.Name+" to serve again")
+	if victim.Pid() == 0 || victim.Pid() == pidV {
+		t.Fatalf("%s pid %d after restart (was %d)", victim.Name, victim.Pid(), pidV)
 	}
-	issue(a)
+	issue(victim)
+	if l := leader(); l != survivor.Name {
+		t.Errorf("after %s came back, %q leads; want %s to keep leading", victim.Name, l, survivor.Name)
+	}
 
 	pids := []int{a.Pid(), b.Pid()}
 	for _, m := range s.Etcd.Members {
