@@ -76,10 +76,11 @@ type options struct {
 	markerRole            string
 	pgDurable             bool
 
-	etcdBin       string
-	etcdClients   int
-	failoverKills int
-	failoverTTL   time.Duration
+	etcdBin          string
+	etcdClients      int
+	failoverKills    int
+	failoverExpiring int
+	failoverTTL      time.Duration
 
 	profileDir string
 	verbose    bool
@@ -125,6 +126,7 @@ func parseFlags(args []string, stderr io.Writer) (*options, error) {
 	fs.StringVar(&o.etcdBin, "etcd-bin", "", "etcd-store, etcd: the etcd binary (default: $CREDBROKER_ETCD_BIN, else what `make etcd` built)")
 	fs.IntVar(&o.etcdClients, "etcd-clients", 16, "etcd-store, etcd: concurrent clients")
 	fs.IntVar(&o.failoverKills, "failover-kills", 10, "failover: how many times the leader is killed")
+	fs.IntVar(&o.failoverExpiring, "failover-expiring", 10, "failover: leases issued just before each kill, expiring while no instance leads")
 	fs.DurationVar(&o.failoverTTL, "failover-session-ttl", etcd.DefaultSessionTTL, "failover: the group's store.etcd.session_ttl")
 	fs.StringVar(&o.profileDir, "profile-dir", "", "write CPU profiles of the in-process broker (issue at 16 clients, expiry burst) here")
 	fs.BoolVar(&o.verbose, "v", false, "log the broker's warnings to stderr")
