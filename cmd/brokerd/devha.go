@@ -360,8 +360,8 @@ func waitInstanceServing(ctx context.Context, in *devInstance, timeout time.Dura
 
 // stopDevInstances revokes every lease through a running instance, so
 // that the shutdown shows the revocation path (psql sessions ended by the
-// broker), then stops each instance (SIGTERM, then SIGKILL after
-// devHAStopTimeout) and waits for it.
+// broker), then stops the instances (SIGTERM, then SIGKILL for those still
+// running after devHAStopTimeout) and waits for them.
 func stopDevInstances(s *devHASession, log *slog.Logger) {
 	for _, in := range s.Instances {
 		if in.running() {
@@ -369,20 +369,31 @@ func stopDevInstances(s *devHASession, log *slog.Logger) {
 			break
 		}
 	}
+	// All at once: one by one, each leader's resignation would hand the
+	// leadership to an instance about to stop.
+	type running struct {
+		in   *devInstance
+		cmd  *exec.Cmd
+		done chan struct{}
+	}
+	var rs []running
 	for _, in := range s.Instances {
 		in.mu.Lock()
 		cmd, done := in.cmd, in.done
 		in.mu.Unlock()
-		if cmd == nil {
-			continue
+		if cmd != nil {
+			_ = cmd.Process.Signal(syscall.SIGTERM)
+			rs = append(rs, running{in, cmd, done})
 		}
-		_ = cmd.Process.Signal(syscall.SIGTERM)
+	}
+	deadline := time.After(devHAStopTimeout)
+	for _, r := range rs {
 		select {
-		case <-done:
-		case <-time.After(devHAStopTimeout):
-			log.Warn("instance did not stop; killing it", "instance", in.Name)
-			_ = cmd.Process.Kill()
-			<-done
+		case <-r.done:
+		case <-deadline:
+			log.Warn("instance did not stop; killing it", "instance", r.in.Name)
+			_ = r.cmd.Process.Kill()
+			<-r.done
 		}
 	}
 }
