@@ -70,6 +70,8 @@ type Daemon struct {
 	metrics   *metricsServer // nil without metrics.listen
 
 	ready chan struct{}
+	// started is when Start began: the instance's start time.
+	started time.Time
 	// background is the work Start began beside serving (the root
 	// credentials' watch, the least-privilege check); stopBackground
 	// ends it and Close waits for it.
@@ -103,6 +105,7 @@ func Start(ctx context.Context, cfg *config.Config, opts Options) (_ *Daemon, er
 		databases: make(map[string]broker.Database, len(cfg.Targets)),
 		endpoints: make(map[string]broker.Endpoint, len(cfg.Targets)),
 		ready:     make(chan struct{}),
+		started:   time.Now().UTC().Round(0),
 	}
 	defer func() {
 		if err != nil {
@@ -130,7 +133,7 @@ func Start(ctx context.Context, cfg *config.Config, opts Options) (_ *Daemon, er
 		return nil, err
 	}
 	if es, ok := d.store.(*etcd.Store); ok {
-		if d.leader, err = newGroupLeader(ctx, cfg, es, d.lis.Addr().String(), log); err != nil {
+		if d.leader, err = newGroupLeader(ctx, cfg, es, d.lis.Addr().String(), d.started, log); err != nil {
 			return nil, err
 		}
 		if d.metrics != nil {
@@ -199,6 +202,7 @@ func Start(ctx context.Context, cfg *config.Config, opts Options) (_ *Daemon, er
 		SSLMode:         cfg.DSNSSLMode,
 		Drainer:         d.drainer,
 		RootRotator:     d.rootRotator(),
+		Status:          d,
 		MaxStreamLeases: opts.MaxStreamLeases,
 		ObserveUnary:    d.metrics.unary(),
 		ObserveStream:   d.metrics.stream(),

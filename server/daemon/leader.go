@@ -41,13 +41,13 @@ var _ broker.Leadership = (*groupLeader)(nil)
 // newGroupLeader registers this brokerd in its group (instance, the gRPC
 // address it serves, its version and start time) on a session of
 // store.etcd.session_ttl.
-func newGroupLeader(ctx context.Context, cfg *config.Config, s *etcd.Store, addr string, log *slog.Logger) (*groupLeader, error) {
+func newGroupLeader(ctx context.Context, cfg *config.Config, s *etcd.Store, addr string, started time.Time, log *slog.Logger) (*groupLeader, error) {
 	l, err := etcd.NewLeadership(ctx, s, etcd.LeadershipOptions{
 		Member: etcd.Member{
 			Name:      cfg.Instance,
 			Address:   addr,
 			Version:   buildinfo.Read().Version,
-			StartTime: time.Now().UTC().Round(0),
+			StartTime: started,
 		},
 		SessionTTL: cfg.Store.Etcd.SessionTTL,
 		Logger:     log,
@@ -150,4 +150,28 @@ func (r leaderOnlyRotator) RotateRoot(ctx context.Context, target string) (serve
 			broker.ErrNotLeader, r.leader.Member().Name, r.leader.prefix, who)
 	}
 	return r.RootRotator.RotateRoot(ctx, target)
+}
+
+// GroupStatus answers AdminService.GetStatus (server.StatusSource): the
+// etcd group's registered instances and its leader, or, on bbolt, this
+// one instance, which has led since it started.
+func (d *Daemon) GroupStatus(ctx context.Context) (server.GroupStatus, error) {
+	if d.leader == nil {
+		return server.GroupStatus{
+			Store: "bbolt", Self: d.cfg.Instance, Leader: d.cfg.Instance, LeaderSince: d.started,
+			Instances: []server.InstanceStatus{{
+				Name: d.cfg.Instance, Address: d.lis.Addr().String(),
+				Version: buildinfo.Read().Version, StartTime: d.started,
+			}},
+		}, nil
+	}
+	st, err := d.leader.store.GroupStatus(ctx)
+	if err != nil {
+		return server.GroupStatus{}, err
+	}
+	out := server.GroupStatus{Store: "etcd", Self: d.leader.Member().Name, Leader: st.Leader, LeaderSince: st.LeaderSince}
+	for _, m := range st.Members {
+		out.Instances = append(out.Instances, server.InstanceStatus{Name: m.Name, Address: m.Address, Version: m.Version, StartTime: m.StartTime})
+	}
+	return out, nil
 }
