@@ -11,6 +11,9 @@ import (
 	"testing"
 	"time"
 
+	clientv3 "go.etcd.io/etcd/client/v3"
+	"go.uber.org/zap"
+
 	"github.com/credbroker/credbroker/broker"
 	"github.com/credbroker/credbroker/internal/etcdtest"
 	"github.com/credbroker/credbroker/store"
@@ -161,6 +164,58 @@ roles:
 		}
 		if code, _, stderr := runCtl(t, "migrate", "--from-bbolt", path, "--config", cfg, "--prefix", "/x/"); code != 2 {
 			t.Errorf("--config with --prefix: exit %d (%s), want 2", code, stderr)
+		}
+	})
+
+	// Last: it turns etcd authentication on for the cluster.
+	defer t.Run("etcd authentication", func(t *testing.T) {
+		ctx := t.Context()
+		cli, err := clientv3.New(clientv3.Config{Endpoints: cluster.Endpoints(), DialTimeout: 20 * time.Second, Logger: zap.NewNop()})
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer cli.Close()
+		const authPrefix = "/credbroker-auth/"
+		password := "pw-" + strings.Repeat("s3cr3t", 4)
+		for _, step := range []func() error{
+			func() error { _, err := cli.UserAdd(ctx, "root", "root-"+password); return err },
+			func() error { _, err := cli.UserGrantRole(ctx, "root", "root"); return err },
+			func() error { _, err := cli.RoleAdd(ctx, "credbroker"); return err },
+			func() error {
+				_, err := cli.RoleGrantPermission(ctx, "credbroker", authPrefix, clientv3.GetPrefixRangeEnd(authPrefix), clientv3.PermissionType(clientv3.PermReadWrite))
+				return err
+			},
+			func() error { _, err := cli.UserAdd(ctx, "credbroker", password); return err },
+			func() error { _, err := cli.UserGrantRole(ctx, "credbroker", "credbroker"); return err },
+			func() error { _, err := cli.AuthEnable(ctx); return err },
+		} {
+			if err := step(); err != nil {
+				t.Fatal(err)
+			}
+		}
+		dir := t.TempDir()
+		good, bad := filepath.Join(dir, "etcd.password"), filepath.Join(dir, "wrong.password")
+		if err := os.WriteFile(good, []byte(password+"\n"), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(bad, []byte("wrong-"+password+"\n"), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		args := []string{"migrate", "--from-bbolt", path, "--etcd-endpoints", eps, "--prefix", authPrefix, "--etcd-username", "credbroker"}
+		code, stdout, stderr := runCtl(t, append(args, "--etcd-password-file", bad)...)
+		if code != 1 || strings.Contains(stdout+stderr, password) {
+			t.Fatalf("wrong password: exit %d, output shows the password or succeeded:\n%s%s", code, stdout, stderr)
+		}
+		code, stdout, stderr = runCtl(t, append(args, "--etcd-password-file", good)...)
+		if code != 0 || !strings.Contains(stdout, "200 (133 live, 67 ended)") || strings.Contains(stdout+stderr, password) {
+			t.Fatalf("exit %d, stdout %q, stderr %q", code, stdout, stderr)
+		}
+		// Outside its prefix the user may not write: the copy needed
+		// nothing more than the prefix.
+		code, _, stderr = runCtl(t, "migrate", "--from-bbolt", path, "--etcd-endpoints", eps, "--prefix", "/elsewhere/",
+			"--etcd-username", "credbroker", "--etcd-password-file", good)
+		if code != 1 || !strings.Contains(stderr, "permission denied") {
+			t.Fatalf("outside the granted prefix: exit %d, stderr %q", code, stderr)
 		}
 	})
 
