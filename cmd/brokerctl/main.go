@@ -149,6 +149,7 @@ unix:/path reaches a unix socket.`,
 		c.checkCmd(),
 		c.rotateRootCmd(),
 		c.statusCmd(),
+		c.migrateCmd(),
 	)
 	// Cobra's own argument errors should exit 2 like flag errors do.
 	for _, cmd := range root.Commands() {

@@ -30,6 +30,7 @@ const (
 	devDatabase   = "app"
 	devAdmin      = "broker_admin"
 	devListen     = config.DefaultListen
+	devListenB    = "127.0.0.1:7451"
 	devTargetName = "main"
 )
 
@@ -84,9 +85,12 @@ var devSchemaSQL = []string{
 }
 
 func devCmd(stdout, stderr io.Writer) *cobra.Command {
-	var listenAddr string
+	var (
+		listenAddr, listenB string
+		ha                  bool
+	)
 	cmd := &cobra.Command{
-		Use:   "dev [--listen 127.0.0.1:7450]",
+		Use:   "dev [--listen 127.0.0.1:7450] [--ha [--listen-b 127.0.0.1:7451]]",
 		Short: "Try credbroker: a throwaway PostgreSQL cluster, demo proxy roles, a broker on loopback",
 		Long: `dev starts a throwaway PostgreSQL cluster from this machine's PostgreSQL
 binaries, creates database app with the demo tables important_table,
@@ -95,10 +99,22 @@ admin_role, and the non-superuser admin broker_admin, then serves the broker
 on loopback with a temporary lease store and prints how to issue a
 credential and log in with psql.
 
-Ctrl-C stops the broker and the cluster and removes every temporary file.`,
+Ctrl-C stops the broker and the cluster and removes every temporary file.
+
+With --ha it is a broker group instead (docs/ha.md): a three-member etcd
+cluster on loopback (the etcd that make etcd builds), and two brokerd
+processes, broker-a on --listen and broker-b on --listen-b, sharing one lease
+store on it, and it prints how to see which one leads, kill it and watch the
+other take over. Ctrl-C revokes every lease, stops both brokers, etcd and
+PostgreSQL, and removes every temporary file.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			err := runDev(cmd.Context(), listenAddr, stdout, stderr, nil)
+			var err error
+			if ha {
+				err = runDevHA(cmd.Context(), []string{listenAddr, listenB}, devHAOptions{Stdin: os.Stdin}, stdout, stderr, nil)
+			} else {
+				err = runDev(cmd.Context(), listenAddr, stdout, stderr, nil)
+			}
 			if err != nil && cmd.Context().Err() != nil {
 				// Ctrl-C during start-up: what failed is what was
 				// interrupted, and everything has been cleaned up.
@@ -108,7 +124,9 @@ Ctrl-C stops the broker and the cluster and removes every temporary file.`,
 			return err
 		},
 	}
-	cmd.Flags().StringVar(&listenAddr, "listen", devListen, "gRPC address (loopback or unix:/path)")
+	cmd.Flags().StringVar(&listenAddr, "listen", devListen, "gRPC address (loopback or unix:/path; with --ha, broker-a's loopback host:port)")
+	cmd.Flags().BoolVar(&ha, "ha", false, "a broker group: three etcd members and two brokerd sharing one store")
+	cmd.Flags().StringVar(&listenB, "listen-b", devListenB, "with --ha: broker-b's gRPC address (loopback host:port)")
 	return cmd
 }
 

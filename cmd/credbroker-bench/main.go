@@ -32,6 +32,7 @@ import (
 
 	"github.com/credbroker/credbroker/broker"
 	"github.com/credbroker/credbroker/broker/postgres"
+	"github.com/credbroker/credbroker/store/etcd"
 )
 
 func main() {
@@ -44,7 +45,7 @@ func main() {
 	os.Exit(code)
 }
 
-var allScenarios = []string{"issue", "renew", "revoke", "expiry", "restore", "churn"}
+var allScenarios = []string{"issue", "renew", "revoke", "expiry", "restore", "churn", "etcd-store", "etcd", "failover"}
 
 type options struct {
 	scenarios []string
@@ -74,6 +75,12 @@ type options struct {
 	role, proxyRole       string
 	markerRole            string
 	pgDurable             bool
+
+	etcdBin          string
+	etcdClients      int
+	failoverKills    int
+	failoverExpiring int
+	failoverTTL      time.Duration
 
 	profileDir string
 	verbose    bool
@@ -116,6 +123,11 @@ func parseFlags(args []string, stderr io.Writer) (*options, error) {
 	fs.StringVar(&o.proxyRole, "proxy-role", benchProxy, "with --pg-url: that role's proxy role")
 	fs.StringVar(&o.markerRole, "marker-role", postgres.DefaultMarkerRole, "with --pg-url: the target's marker role")
 	fs.BoolVar(&o.pgDurable, "pg-durable", true, "own cluster: fsync and synchronous_commit on, as in production")
+	fs.StringVar(&o.etcdBin, "etcd-bin", "", "etcd-store, etcd: the etcd binary (default: $CREDBROKER_ETCD_BIN, else what `make etcd` built)")
+	fs.IntVar(&o.etcdClients, "etcd-clients", 16, "etcd-store, etcd: concurrent clients")
+	fs.IntVar(&o.failoverKills, "failover-kills", 10, "failover: how many times the leader is killed")
+	fs.IntVar(&o.failoverExpiring, "failover-expiring", 10, "failover: leases issued just before each kill, expiring while no instance leads")
+	fs.DurationVar(&o.failoverTTL, "failover-session-ttl", etcd.DefaultSessionTTL, "failover: the group's store.etcd.session_ttl")
 	fs.StringVar(&o.profileDir, "profile-dir", "", "write CPU profiles of the in-process broker (issue at 16 clients, expiry burst) here")
 	fs.BoolVar(&o.verbose, "v", false, "log the broker's warnings to stderr")
 	o.pgConf = map[string]string{}
@@ -156,8 +168,8 @@ func parseFlags(args []string, stderr io.Writer) (*options, error) {
 		o.levels = append(o.levels, n)
 	}
 	switch {
-	case o.rounds < 1, o.renewConc < 1, o.renewPerWorker < 1, o.revokeConc < 1, o.revokeN < 1, o.expiryN < 1:
-		return nil, errors.New("--rounds, --renew-*, --revoke-concurrency and --expiry-n must be positive")
+	case o.rounds < 1, o.renewConc < 1, o.renewPerWorker < 1, o.revokeConc < 1, o.revokeN < 1, o.expiryN < 1, o.etcdClients < 1, o.failoverKills < 1:
+		return nil, errors.New("--rounds, --renew-*, --revoke-concurrency, --expiry-n --etcd-clients and --failover-kills must be positive")
 	case o.restoreActive > o.restoreRecords:
 		return nil, errors.New("--restore-active must not exceed --restore-records")
 	case o.brokerAddr != "" && o.pgURL == "":
@@ -242,6 +254,24 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		progress("churn: %s simulated", o.retention+o.churnHours)
 		if err := e.runChurn(ctx, rep); err != nil {
 			fail("churn", err)
+		}
+	}
+	if o.has("etcd-store") {
+		progress("etcd-store: etcd against bbolt, %d clients", o.etcdClients)
+		if err := e.runEtcdStore(ctx, rep); err != nil {
+			fail("etcd-store", err)
+		}
+	}
+	if o.has("etcd") {
+		progress("etcd: a broker on etcd against the broker on bbolt, %d clients", o.etcdClients)
+		if err := e.runEtcdBroker(ctx, rep); err != nil {
+			fail("etcd", err)
+		}
+	}
+	if o.has("failover") {
+		progress("failover: kill -9 the leader of two brokerd on etcd, %d times", o.failoverKills)
+		if err := e.runFailover(ctx, rep); err != nil {
+			fail("failover", err)
 		}
 	}
 	if ctx.Err() != nil {

@@ -31,7 +31,8 @@ func TestSmoke(t *testing.T) {
 		"-expiry-n", "20", "-broker-revoke-rate", "1000",
 		"-restore-records", "3000", "-restore-active", "300",
 		"-churn-rate", "600", "-churn-duration", "1h", "-retention", "1h",
-		"-pg-durable=false",
+		"-pg-durable=false", "-etcd-clients", "2",
+		"-failover-kills", "1", "-failover-session-ttl", "2s",
 	}, &out, &errb)
 	if code != 0 {
 		t.Fatalf("exit %d\nstdout:\n%s\nstderr:\n%s", code, out.String(), errb.String())
@@ -39,6 +40,9 @@ func TestSmoke(t *testing.T) {
 	for _, want := range []string{
 		"| issue c=1 ", "| issue c=2 ", "| revoke c=2 ", "| renew c=2 stream ", "| renew c=2 unary ",
 		"| expiry burst N=20 ", "| restore 3000 records", "| bbolt file, ",
+		"| etcd store issue c=2 ", "| etcd store renew c=2 ",
+		"| etcd broker issue c=2 ", "| etcd broker renew (unary) c=2 ",
+		"| failover ×1, session_ttl 2s ",
 	} {
 		if !strings.Contains(out.String(), want) {
 			t.Errorf("no row %q in the table:\n%s", want, out.String())
