@@ -54,6 +54,10 @@ type Config struct {
 	// DisconnectGrace is how long a revoke_on_disconnect lease may go
 	// without any KeepAlive stream naming it.
 	DisconnectGrace time.Duration // default 30s
+	// ActivityInterval is how often the targets' sessions are sampled
+	// for each lease's usage and unused leases revoked (activity.go);
+	// negative turns the sampling loop off (SampleActivity still works).
+	ActivityInterval time.Duration // default 30s
 	// Auditor, when set, is told of every lifecycle event (issue, renew,
 	// revoke, expire, failed revocation, reconcile drop); see audit.go.
 	Auditor Auditor

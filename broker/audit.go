@@ -15,6 +15,9 @@ const (
 	AuditExpire        = "expire"
 	AuditRevokeFailed  = "revoke_failed"
 	AuditReconcileDrop = "reconcile_drop"
+	// AuditFirstUse: the activity sampler saw the lease's user connected
+	// for the first time (activity.go).
+	AuditFirstUse = "first_use"
 )
 
 // AuditEvent is one lifecycle event of a lease, for the audit trail. It
@@ -40,6 +43,9 @@ type AuditEvent struct {
 	// Reason says why a lease ended (revoke and expire): one of the
 	// Reason* constants.
 	Reason string
+	// Usage is the lease's database-side usage as stored with the event
+	// (first_use, and the final usage on revoke and expire).
+	Usage LeaseUsage
 }
 
 // Why a lease ended (AuditEvent.Reason). A revocation the expiry manager
@@ -49,6 +55,9 @@ const (
 	ReasonExpired    = "expired"
 	ReasonRevoked    = "revoked"
 	ReasonDisconnect = "disconnect"
+	// ReasonUnused: the lease's user had no session for its role's
+	// revoke_unused_after (activity.go).
+	ReasonUnused = "unused"
 )
 
 // Auditor records lifecycle events. The broker calls it synchronously
@@ -128,6 +137,7 @@ func (b *Broker) auditReason(action string, l Lease, errMsg, reason string) {
 		State:      l.State,
 		ExpireTime: l.ExpireTime,
 		Reason:     reason,
+		Usage:      l.Usage,
 	}
 	b.watchers.notify(ev)
 	if b.cfg.Auditor != nil {

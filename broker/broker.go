@@ -50,6 +50,9 @@ type Broker struct {
 	inflightMu sync.Mutex
 	inflight   map[string]struct{}
 
+	// activity is the activity sampler's state (activity.go).
+	activity activityState
+
 	// group is the broker group's id and the marker roles claimed for it
 	// (group.go).
 	group groupState
@@ -83,6 +86,9 @@ func New(cfg Config) (*Broker, error) {
 	setDefault(&cfg.RetryMaxDelay, DefaultRetryMaxDelay)
 	setDefault(&cfg.FailedRetryInterval, DefaultFailedRetryInterval)
 	setDefault(&cfg.DisconnectGrace, DefaultDisconnectGrace)
+	if cfg.ActivityInterval == 0 {
+		cfg.ActivityInterval = DefaultActivityInterval
+	}
 	if cfg.RevokeConcurrency <= 0 {
 		cfg.RevokeConcurrency = DefaultRevokeConcurrency
 	}
@@ -112,6 +118,9 @@ func New(cfg Config) (*Broker, error) {
 		if r.DefaultTTL <= 0 || r.MaxTTL <= 0 || r.DefaultTTL > r.MaxTTL {
 			return nil, fmt.Errorf("broker: role %q: need 0 < default_ttl <= max_ttl", r.Name)
 		}
+		if r.RevokeUnusedAfter < 0 {
+			return nil, fmt.Errorf("broker: role %q: revoke_unused_after must not be negative", r.Name)
+		}
 		roles[r.Name] = r
 	}
 	burst := cfg.RevokeConcurrency
@@ -140,7 +149,8 @@ func setDefault(d *time.Duration, def time.Duration) {
 
 // Start settles what a previous run left behind (intents, unknown
 // marker-role members), rebuilds the expiry queue from the store, and
-// starts the expiry manager and the periodic reconciler. Leases that
+// starts the expiry manager, the periodic reconciler and, when a target
+// can report its sessions, the activity sampler (activity.go). Leases that
 // expired while the broker was down are revoked right away, at the bounded
 // revocation rate.
 func (b *Broker) Start(ctx context.Context) error {
@@ -183,6 +193,13 @@ func (b *Broker) Start(ctx context.Context) error {
 			defer b.wg.Done()
 			b.maintenanceLoop(loopCtx)
 		}()
+		if b.cfg.ActivityInterval > 0 && b.samplesActivity() {
+			b.wg.Add(1)
+			go func() {
+				defer b.wg.Done()
+				b.activityLoop(loopCtx)
+			}()
+		}
 	})
 	return err
 }
