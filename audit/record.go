@@ -69,8 +69,8 @@ type Record struct {
 	// Usage is the lease's database-side usage: on first_use, what was
 	// seen then; on revoke and expire, over the lease's whole life.
 	Usage *LeaseUsage `json:"usage,omitempty"`
-	MAC   string `json:"mac,omitempty"`
-	Prev     string    `json:"prev"`
+	MAC   string      `json:"mac,omitempty"`
+	Prev  string      `json:"prev"`
 }
 
 // LeaseUsage is broker.LeaseUsage in a record. Times are absent when unknown.
