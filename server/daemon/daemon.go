@@ -239,7 +239,17 @@ func BrokerConfig(cfg *config.Config) broker.Config {
 		RetryMaxDelay:       cfg.Expiry.RetryMaxDelay,
 		FailedRetryInterval: cfg.Expiry.FailedRetryInterval,
 		DisconnectGrace:     cfg.DisconnectGrace,
+		ActivityInterval:    activityInterval(cfg.Activity),
 	}
+}
+
+// activityInterval is activity.sample_interval for broker.Config, whose
+// zero means the default: off is negative there.
+func activityInterval(a config.Activity) time.Duration {
+	if a.SampleInterval == 0 {
+		return -1
+	}
+	return a.SampleInterval
 }
 
 // Addr is the address served (the real port when cfg.Listen had :0).
