@@ -293,6 +293,12 @@ func (b *Broker) SampleActivity(ctx context.Context) (ActivityReport, error) {
 		if err != nil {
 			errs = append(errs, fmt.Errorf("revoke unused leases: %w", err))
 		}
+		// The ended ones are no longer live: out of the aggregates.
+		for _, id := range unused {
+			if l, err := b.store.GetLease(ctx, id); err == nil && l.State.Terminal() || errors.Is(err, ErrLeaseNotFound) {
+				delete(a.leases, id)
+			}
+		}
 	}
 
 	// 6. Aggregate per role, over what is known of every live lease.
