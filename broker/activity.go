@@ -221,21 +221,13 @@ func (b *Broker) SampleActivity(ctx context.Context) (ActivityReport, error) {
 			continue
 		}
 		u, open := nextUsage(la, byUser[la.username], now)
-		if u != la.usage {
+		if !sameUsage(u, la.usage) {
 			changes = append(changes, change{id, u, open})
 		} else {
 			la.open, la.known = open, true
 		}
-		if la.state == StateActive && u.Sessions == 0 {
-			if r, ok := b.roles[la.role]; ok && r.RevokeUnusedAfter > 0 {
-				idle := la.issue
-				if u.Used() {
-					idle = u.LastSeen
-				}
-				if !now.Before(idle.Add(r.RevokeUnusedAfter)) {
-					unused = append(unused, id)
-				}
-			}
+		if la.state == StateActive && b.unusedFor(la.role, la.issue, u, now) {
+			unused = append(unused, id)
 		}
 	}
 
@@ -256,6 +248,12 @@ func (b *Broker) SampleActivity(ctx context.Context) (ActivityReport, error) {
 				if err != nil && !errors.Is(err, ErrLeaseNotFound) {
 					errs = append(errs, fmt.Errorf("read lease %s: %w", c.id, err))
 				}
+				continue
+			}
+			if la := a.leases[c.id]; !sameUsage(l.Usage, la.usage) {
+				// Another instance sampled it meanwhile (a leadership
+				// change): start again from what is stored.
+				la.usage, la.known = l.Usage, false
 				continue
 			}
 			l.Usage = c.usage
@@ -288,6 +286,13 @@ func (b *Broker) SampleActivity(ctx context.Context) (ActivityReport, error) {
 	// 5. Revoke the unused leases.
 	if len(unused) > 0 {
 		slices.Sort(unused)
+		// Judged again on the stored lease, which the writes above
+		// brought up to date: one written elsewhere, or not written now
+		// (busy), is left for the next sample.
+		unused = slices.DeleteFunc(unused, func(id string) bool {
+			l, err := b.store.GetLease(ctx, id)
+			return err != nil || l.State != StateActive || !b.unusedFor(l.Role, l.IssueTime, l.Usage, now)
+		})
 		n, err := b.revokeEach(ctx, unused, causeUnused, activityRevokeConcurrency)
 		rep.Revoked = n
 		if err != nil {
@@ -320,6 +325,29 @@ func (b *Broker) SampleActivity(ctx context.Context) (ActivityReport, error) {
 		}
 	}
 	return rep, errors.Join(errs...)
+}
+
+// unusedFor reports whether a lease of role, issued at issue, with usage
+// u (after a sample at now) is to be revoked as unused: its role has
+// RevokeUnusedAfter, and its user has had no session for that long since
+// it was issued or last seen.
+func (b *Broker) unusedFor(role string, issue time.Time, u LeaseUsage, now time.Time) bool {
+	r, ok := b.roles[role]
+	if !ok || r.RevokeUnusedAfter <= 0 || u.Sessions > 0 {
+		return false
+	}
+	idle := issue
+	if u.Used() {
+		idle = u.LastSeen
+	}
+	return !now.Before(idle.Add(r.RevokeUnusedAfter))
+}
+
+// sameUsage compares usages, instants by Equal.
+func sameUsage(x, y LeaseUsage) bool {
+	return x.Sessions == y.Sessions && x.PeakSessions == y.PeakSessions && x.SessionsSeen == y.SessionsSeen &&
+		x.FirstSeen.Equal(y.FirstSeen) && x.LastSeen.Equal(y.LastSeen) && x.LastQueryStart.Equal(y.LastQueryStart) &&
+		x.ApplicationName == y.ApplicationName && x.ClientAddr == y.ClientAddr
 }
 
 // nextUsage is la's usage after a sample at now found sessions of its
