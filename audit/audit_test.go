@@ -239,3 +239,60 @@ func TestUsage(t *testing.T) {
 		}
 	}
 }
+
+// TestUsageCountsActivity: used, unused, sessions and unused revocations
+// come from first_use and the final usage of revoke and expire records;
+// live lease data settles the leases the log has no end for.
+func TestUsageCountsActivity(t *testing.T) {
+	t0 := time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
+	path := filepath.Join(t.TempDir(), "audit.log")
+	l, err := Open(path, Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ev := func(at time.Duration, action, id, reason string, u broker.LeaseUsage) {
+		l.AuditLease(broker.AuditEvent{Time: t0.Add(at), Action: action, LeaseID: id, Role: "read_only", Client: "svc-a", Reason: reason, Usage: u})
+	}
+	used := broker.LeaseUsage{PeakSessions: 2, SessionsSeen: 3, FirstSeen: t0.Add(time.Minute), LastSeen: t0.Add(5 * time.Minute), ApplicationName: "api\x1b[31m"}
+	for _, id := range []string{"a", "b", "c", "d"} {
+		ev(0, broker.AuditIssue, id, "", broker.LeaseUsage{})
+	}
+	ev(time.Minute, broker.AuditFirstUse, "a", "", broker.LeaseUsage{Sessions: 1, PeakSessions: 1, SessionsSeen: 1, FirstSeen: t0.Add(time.Minute), LastSeen: t0.Add(time.Minute)})
+	ev(10*time.Minute, broker.AuditExpire, "a", broker.ReasonExpired, used)                                                  // used, 3 sessions
+	ev(10*time.Minute, broker.AuditRevoke, "b", broker.ReasonUnused, broker.LeaseUsage{})                                    // never used, revoked for it
+	ev(2*time.Minute, broker.AuditFirstUse, "c", "", broker.LeaseUsage{SessionsSeen: 1, FirstSeen: t0.Add(2 * time.Minute)}) // live, used
+	// d: live, nothing known from the log
+	l.Close()
+	data, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if bytes.Contains(data, []byte("\x1b")) {
+		t.Error("an escape sequence from application_name reached the log")
+	}
+
+	rows, err := Usage(bytes.NewReader(data), time.Time{}, time.Time{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := UsageRow{Role: "read_only", Identity: "svc-a", Issued: 4, Revoked: 1, Expired: 1, Used: 2, Unused: 1, RevokedUnused: 1, Sessions: 4}
+	if len(rows) != 1 || rows[0] != want {
+		t.Errorf("rows %+v, want [%+v]", rows, want)
+	}
+
+	// The broker's live data: c has seen 5 sessions by now, d none; e is
+	// not in the log's window and is ignored.
+	live := []LiveLease{
+		{ID: "c", Role: "read_only", Identity: "svc-a", Used: true, SessionsSeen: 5},
+		{ID: "d", Role: "read_only", Identity: "svc-a"},
+		{ID: "e", Role: "read_only", Identity: "svc-a", Used: true, SessionsSeen: 100},
+	}
+	rows, err = Usage(bytes.NewReader(data), time.Time{}, time.Time{}, live...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want.Unused, want.Sessions = 2, 8
+	if len(rows) != 1 || rows[0] != want {
+		t.Errorf("with live data: rows %+v, want [%+v]", rows, want)
+	}
+}

@@ -361,11 +361,31 @@ func (l *Log) AuditLease(ev broker.AuditEvent) {
 		Username: ev.Username,
 		Target:   ev.Target,
 		Outcome:  OutcomeOK,
+		Reason:   ev.Reason,
+	}
+	switch ev.Action {
+	case broker.AuditFirstUse, broker.AuditRevoke, broker.AuditExpire:
+		r.Usage = usageOf(ev.Usage)
 	}
 	if ev.Error != "" {
 		r.Outcome, r.Message = OutcomeError, ev.Error
 	}
 	l.Record(r)
+}
+
+func usageOf(u broker.LeaseUsage) *LeaseUsage {
+	at := func(t time.Time) *time.Time {
+		if t.IsZero() {
+			return nil
+		}
+		t = t.UTC()
+		return &t
+	}
+	return &LeaseUsage{
+		PeakSessions: u.PeakSessions, SessionsSeen: u.SessionsSeen,
+		FirstSeen: at(u.FirstSeen), LastSeen: at(u.LastSeen),
+		ApplicationName: u.ApplicationName, ClientAddr: u.ClientAddr, LastQueryStart: at(u.LastQueryStart),
+	}
 }
 
 // Err returns the error of the last write if it failed, nil otherwise.

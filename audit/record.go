@@ -66,8 +66,35 @@ type Record struct {
 	Outcome  string    `json:"outcome"`
 	Code     string    `json:"code,omitempty"`
 	Message  string    `json:"message,omitempty"`
-	MAC      string    `json:"mac,omitempty"`
-	Prev     string    `json:"prev"`
+	// Reason says why a lease ended (revoke, expire): expired, revoked,
+	// disconnect or unused.
+	Reason string `json:"reason,omitempty"`
+	// Usage is the lease's database-side usage: on first_use, what was
+	// seen then; on revoke and expire, over the lease's whole life.
+	Usage *LeaseUsage `json:"usage,omitempty"`
+	MAC   string      `json:"mac,omitempty"`
+	Prev  string      `json:"prev"`
+}
+
+// LeaseUsage is broker.LeaseUsage in a record. Times are absent when unknown.
+type LeaseUsage struct {
+	PeakSessions    int        `json:"peak_sessions"`
+	SessionsSeen    int        `json:"sessions_seen"`
+	FirstSeen       *time.Time `json:"first_seen,omitempty"`
+	LastSeen        *time.Time `json:"last_seen,omitempty"`
+	ApplicationName string     `json:"application_name,omitempty"`
+	ClientAddr      string     `json:"client_addr,omitempty"`
+	LastQueryStart  *time.Time `json:"last_query_start,omitempty"`
+}
+
+// Used reports whether the usage shows the lease's user connected.
+func (u *LeaseUsage) Used() bool { return u != nil && u.FirstSeen != nil }
+
+func (u *LeaseUsage) sessionsSeen() int {
+	if u == nil {
+		return 0
+	}
+	return u.SessionsSeen
 }
 
 // maxField bounds every string a record holds: a caller controls some of
@@ -94,8 +121,13 @@ func clean(s string) string {
 }
 
 func (r *Record) clean() {
-	for _, f := range []*string{&r.Event, &r.Method, &r.Identity, &r.Peer, &r.Role, &r.LeaseID, &r.Username, &r.Target, &r.Outcome, &r.Code, &r.Message} {
+	for _, f := range []*string{&r.Event, &r.Method, &r.Identity, &r.Peer, &r.Role, &r.LeaseID, &r.Username, &r.Target, &r.Outcome, &r.Code, &r.Message, &r.Reason} {
 		*f = clean(*f)
+	}
+	if r.Usage != nil {
+		// application_name is whatever the client set.
+		r.Usage.ApplicationName = clean(r.Usage.ApplicationName)
+		r.Usage.ClientAddr = clean(r.Usage.ClientAddr)
 	}
 }
 

@@ -21,6 +21,34 @@ type UsageRow struct {
 	Expired  int    `json:"expired"`
 	Denied   int    `json:"denied"`
 	Quota    int    `json:"quota_exceeded"`
+	// Used counts the leases seen connected; Unused those that ended
+	// (or, with live lease data, are live) never seen connected;
+	// RevokedUnused those revoked for it (reason unused). Sessions sums
+	// the distinct sessions seen of the leases counted in Used.
+	Used          int `json:"used"`
+	Unused        int `json:"unused"`
+	RevokedUnused int `json:"revoked_unused"`
+	Sessions      int `json:"sessions"`
+}
+
+// LiveLease is what a running broker knows of one lease's usage
+// (brokerctl reads it with ListLeases), to join with the audit log: it is
+// newer than the log's last record of the lease.
+type LiveLease struct {
+	ID           string
+	Role         string
+	Identity     string
+	Ended        bool
+	Used         bool
+	SessionsSeen int
+}
+
+// leaseUse is what the log, then the live data, says of one lease.
+type leaseUse struct {
+	role, identity string
+	ended, used    bool
+	known          bool // a record or live data said whether it was used
+	sessions       int
 }
 
 // Usage counts, per role and identity, the lifecycle events and the denied
@@ -31,17 +59,33 @@ type UsageRow struct {
 // authenticated). Successful requests are not counted again: their lease's
 // lifecycle record already is.
 //
+// Used, unused and sessions come from the usage the broker's activity
+// sampler recorded: a lease's first_use record, and the final usage on its
+// revoke or expire record. A lease still live has no final record; live
+// (the broker's current leases) fills that in for the leases the log's
+// window mentions. Without it, a live lease that was never seen connected
+// counts in neither Used nor Unused.
+//
 // Usage does not verify the chain; run Verify for that.
-func Usage(r io.Reader, from, to time.Time) ([]UsageRow, error) {
+func Usage(r io.Reader, from, to time.Time, live ...LiveLease) ([]UsageRow, error) {
 	rows := map[[2]string]*UsageRow{}
-	row := func(rec *Record) *UsageRow {
-		k := [2]string{rec.Role, rec.Identity}
+	row := func(role, identity string) *UsageRow {
+		k := [2]string{role, identity}
 		u, ok := rows[k]
 		if !ok {
-			u = &UsageRow{Role: rec.Role, Identity: rec.Identity}
+			u = &UsageRow{Role: role, Identity: identity}
 			rows[k] = u
 		}
 		return u
+	}
+	leases := map[string]*leaseUse{}
+	lease := func(rec *Record) *leaseUse {
+		lu, ok := leases[rec.LeaseID]
+		if !ok {
+			lu = &leaseUse{role: rec.Role, identity: rec.Identity}
+			leases[rec.LeaseID] = lu
+		}
+		return lu
 	}
 	sc := bufio.NewScanner(r)
 	sc.Buffer(make([]byte, 0, 64<<10), maxLine)
@@ -57,20 +101,60 @@ func Usage(r io.Reader, from, to time.Time) ([]UsageRow, error) {
 		}
 		switch rec.Event {
 		case broker.AuditIssue:
-			row(&rec).Issued++
+			row(rec.Role, rec.Identity).Issued++
+			if rec.LeaseID != "" {
+				lease(&rec)
+			}
 		case broker.AuditRenew:
-			row(&rec).Renewed++
-		case broker.AuditRevoke:
-			row(&rec).Revoked++
-		case broker.AuditExpire:
-			row(&rec).Expired++
+			row(rec.Role, rec.Identity).Renewed++
+		case broker.AuditRevoke, broker.AuditExpire:
+			if rec.Event == broker.AuditRevoke {
+				row(rec.Role, rec.Identity).Revoked++
+				if rec.Reason == broker.ReasonUnused {
+					row(rec.Role, rec.Identity).RevokedUnused++
+				}
+			} else {
+				row(rec.Role, rec.Identity).Expired++
+			}
+			if rec.LeaseID != "" && rec.Usage != nil {
+				lu := lease(&rec)
+				lu.ended, lu.known, lu.used = true, true, rec.Usage.Used()
+				lu.sessions = rec.Usage.SessionsSeen
+			}
+		case broker.AuditFirstUse:
+			if rec.LeaseID != "" {
+				lu := lease(&rec)
+				if !lu.ended {
+					lu.known, lu.used = true, true
+					lu.sessions = max(lu.sessions, rec.Usage.sessionsSeen())
+				}
+			}
 		case EventRequest:
 			switch rec.Outcome {
 			case OutcomeDenied:
-				row(&rec).Denied++
+				row(rec.Role, rec.Identity).Denied++
 			case OutcomeQuota:
-				row(&rec).Quota++
+				row(rec.Role, rec.Identity).Quota++
 			}
+		}
+	}
+	for _, l := range live {
+		lu, ok := leases[l.ID]
+		if !ok {
+			continue // outside the window
+		}
+		lu.known, lu.ended, lu.used, lu.sessions = true, l.Ended, l.Used, l.SessionsSeen
+	}
+	for _, lu := range leases {
+		if !lu.known {
+			continue
+		}
+		u := row(lu.role, lu.identity)
+		if lu.used {
+			u.Used++
+			u.Sessions += lu.sessions
+		} else {
+			u.Unused++
 		}
 	}
 	if err := sc.Err(); err != nil {

@@ -66,6 +66,10 @@ type Config struct {
 	// cannot be fenced; the session TTL is a fit value. Zero (one broker,
 	// which knows its own issues in flight) acts on the first sweep.
 	ReconcileConfirm time.Duration
+	// ActivityInterval is how often the targets' sessions are sampled
+	// for each lease's usage and unused leases revoked (activity.go);
+	// negative turns the sampling loop off (SampleActivity still works).
+	ActivityInterval time.Duration // default 30s
 	// Auditor, when set, is told of every lifecycle event (issue, renew,
 	// revoke, expire, failed revocation, reconcile drop); see audit.go.
 	Auditor Auditor

@@ -15,6 +15,9 @@ const (
 	AuditExpire        = "expire"
 	AuditRevokeFailed  = "revoke_failed"
 	AuditReconcileDrop = "reconcile_drop"
+	// AuditFirstUse: the activity sampler saw the lease's user connected
+	// for the first time (activity.go).
+	AuditFirstUse = "first_use"
 )
 
 // AuditEvent is one lifecycle event of a lease, for the audit trail. It
@@ -50,6 +53,9 @@ type AuditEvent struct {
 	// (the feed also carries this broker's own writes): apply it
 	// idempotently, by lease id.
 	Remote bool
+	// Usage is the lease's database-side usage as stored with the event
+	// (first_use, and the final usage on revoke and expire).
+	Usage LeaseUsage
 }
 
 // Why a lease ended (AuditEvent.Reason). A revocation the expiry manager
@@ -59,6 +65,9 @@ const (
 	ReasonExpired    = "expired"
 	ReasonRevoked    = "revoked"
 	ReasonDisconnect = "disconnect"
+	// ReasonUnused: the lease's user had no session for its role's
+	// revoke_unused_after (activity.go).
+	ReasonUnused = "unused"
 )
 
 // Auditor records lifecycle events. The broker calls it synchronously
@@ -144,6 +153,7 @@ func (b *Broker) notify(action string, l Lease, errMsg, reason string, remote bo
 		ExpireTime: l.ExpireTime,
 		Reason:     reason,
 		Remote:     remote,
+		Usage:      l.Usage,
 	}
 	b.watchers.notify(ev)
 	if b.cfg.Auditor != nil && !remote {

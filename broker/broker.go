@@ -50,6 +50,9 @@ type Broker struct {
 	inflightMu sync.Mutex
 	inflight   map[string]struct{}
 
+	// activity is the activity sampler's state (activity.go).
+	activity activityState
+
 	// group is the broker group's id and the marker roles claimed for it
 	// (group.go).
 	group groupState
@@ -97,6 +100,9 @@ func New(cfg Config) (*Broker, error) {
 	setDefault(&cfg.RetryMaxDelay, DefaultRetryMaxDelay)
 	setDefault(&cfg.FailedRetryInterval, DefaultFailedRetryInterval)
 	setDefault(&cfg.DisconnectGrace, DefaultDisconnectGrace)
+	if cfg.ActivityInterval == 0 {
+		cfg.ActivityInterval = DefaultActivityInterval
+	}
 	if cfg.RevokeConcurrency <= 0 {
 		cfg.RevokeConcurrency = DefaultRevokeConcurrency
 	}
@@ -125,6 +131,9 @@ func New(cfg Config) (*Broker, error) {
 		}
 		if r.DefaultTTL <= 0 || r.MaxTTL <= 0 || r.DefaultTTL > r.MaxTTL {
 			return nil, fmt.Errorf("broker: role %q: need 0 < default_ttl <= max_ttl", r.Name)
+		}
+		if r.RevokeUnusedAfter < 0 {
+			return nil, fmt.Errorf("broker: role %q: revoke_unused_after must not be negative", r.Name)
 		}
 		roles[r.Name] = r
 	}
@@ -167,7 +176,9 @@ func setDefault(d *time.Duration, def time.Duration) {
 // while the broker was down are revoked right away, at the bounded
 // revocation rate. A broker of a group campaigns for leadership in the
 // background instead and does that work only while it leads
-// (leadership.go); it serves calls either way.
+// (leadership.go); it serves calls either way. The background work
+// includes, when a target can report its sessions, the activity sampler
+// (activity.go).
 func (b *Broker) Start(ctx context.Context) error {
 	var err error
 	b.startOnce.Do(func() {
@@ -206,6 +217,13 @@ func (b *Broker) Start(ctx context.Context) error {
 			defer b.wg.Done()
 			b.maintenanceLoop(loopCtx)
 		}()
+		if b.cfg.ActivityInterval > 0 && b.samplesActivity() {
+			b.wg.Add(1)
+			go func() {
+				defer b.wg.Done()
+				b.activityLoop(loopCtx)
+			}()
+		}
 	})
 	return err
 }

@@ -17,4 +17,5 @@ const (
 	DefaultRetryMaxDelay       = time.Minute
 	DefaultFailedRetryInterval = 10 * time.Minute
 	DefaultDisconnectGrace     = 30 * time.Second
+	DefaultActivityInterval    = 30 * time.Second
 )

@@ -107,3 +107,28 @@ type UsersDeleter interface {
 type MarkerClaimer interface {
 	ClaimMarker(ctx context.Context, group string) error
 }
+
+// ActivitySampler is a Database that can report the open sessions of the
+// users the broker made (broker/postgres.Engine: pg_stat_activity, for
+// the members of the marker role). The activity sampler (activity.go)
+// calls it on each target at every sample.
+type ActivitySampler interface {
+	SampleSessions(ctx context.Context) ([]Session, error)
+}
+
+// Session is one open session of a managed user, as the target shows it
+// to the broker. PostgreSQL shows a role that lacks pg_read_all_stats
+// (and is not a member of the session's user) only the user, the process
+// id and application_name of another role's session: BackendStart,
+// ClientAddr and QueryStart are then zero.
+type Session struct {
+	Username        string
+	PID             int32
+	BackendStart    time.Time
+	ApplicationName string
+	// ClientAddr is the client's IP address; "" for a Unix socket or
+	// when not shown.
+	ClientAddr string
+	// QueryStart is when the session's current or last query began.
+	QueryStart time.Time
+}

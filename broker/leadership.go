@@ -132,6 +132,9 @@ func (b *Broker) runTerm(ctx context.Context, term Term) {
 	var wg sync.WaitGroup
 	wg.Go(func() { b.dispatch(termCtx) })
 	wg.Go(func() { b.maintenanceLoop(termCtx) })
+	if b.cfg.ActivityInterval > 0 && b.samplesActivity() {
+		wg.Go(func() { b.activityLoop(termCtx) })
+	}
 	<-termCtx.Done()
 	wg.Wait()
 	if ctx.Err() != nil {

@@ -27,6 +27,7 @@ const (
 	causeRequest    revokeCause = iota // an admin or owner
 	causeExpiry                        // the expiry manager
 	causeDisconnect                    // no KeepAlive stream within the grace period
+	causeUnused                        // no session for the role's revoke_unused_after (activity.go)
 )
 
 // revoke runs the revocation of one lease under its lock; cause says who
@@ -181,6 +182,7 @@ func finishRevocation(l *Lease, now time.Time) {
 	l.LastError = ""
 	l.RevokeAttempts = 0
 	l.NextAttempt = time.Time{}
+	l.Usage.Sessions = 0 // ended with the user
 }
 
 // leaseEnded does what follows a finished revocation: the lease leaves
@@ -201,6 +203,8 @@ func (b *Broker) leaseEnded(stored Lease, log *slog.Logger, cause revokeCause) {
 		b.auditReason(AuditExpire, stored, "", ReasonExpired)
 	case cause == causeDisconnect:
 		b.auditReason(AuditRevoke, stored, "", ReasonDisconnect)
+	case cause == causeUnused:
+		b.auditReason(AuditRevoke, stored, "", ReasonUnused)
 	default:
 		b.auditReason(AuditRevoke, stored, "", ReasonRevoked)
 	}
@@ -257,19 +261,25 @@ func (b *Broker) RevokeLeases(ctx context.Context, sel RevokeSelector) (int, err
 
 // revokeAll revokes ids with at most RevokeConcurrency at once.
 func (b *Broker) revokeAll(ctx context.Context, ids []string) (int, error) {
+	return b.revokeEach(ctx, ids, causeRequest, b.cfg.RevokeConcurrency)
+}
+
+// revokeEach revokes ids for cause with at most concurrency at once and
+// returns how many it revoked.
+func (b *Broker) revokeEach(ctx context.Context, ids []string, cause revokeCause, concurrency int) (int, error) {
 	var (
 		mu    sync.Mutex
 		count int
 		errs  []error
 		wg    sync.WaitGroup
-		sem   = make(chan struct{}, b.cfg.RevokeConcurrency)
+		sem   = make(chan struct{}, concurrency)
 	)
 	for _, id := range ids {
 		sem <- struct{}{}
 		wg.Add(1)
 		go func() {
 			defer func() { <-sem; wg.Done() }()
-			_, done, err := b.revoke(ctx, id, causeRequest)
+			_, done, err := b.revoke(ctx, id, cause)
 			mu.Lock()
 			defer mu.Unlock()
 			if done {

@@ -52,7 +52,8 @@ func StorableTime(t time.Time) (time.Time, error) {
 // lease without an expire time or a terminal one without an end time
 // (the index key of each; without it the lease would be invisible to the
 // expiry manager or to retention), or revoke attempts out of int32 range
-// (so that every record decodes on a 32-bit build too).
+// (so that every record decodes on a 32-bit build too), and the same for
+// the usage's session counts.
 func CheckStorable(l *Lease) error {
 	if err := CheckLeaseID(l.ID); err != nil {
 		return err
@@ -60,7 +61,8 @@ func CheckStorable(l *Lease) error {
 	if !l.State.Live() && !l.State.Terminal() {
 		return fmt.Errorf("%w: lease %q: state %s cannot be stored", ErrInvalidArgument, l.ID, l.State)
 	}
-	for _, t := range []time.Time{l.IssueTime, l.ExpireTime, l.MaxExpireTime, l.NextAttempt, l.EndTime} {
+	for _, t := range []time.Time{l.IssueTime, l.ExpireTime, l.MaxExpireTime, l.NextAttempt, l.EndTime,
+		l.Usage.FirstSeen, l.Usage.LastSeen, l.Usage.LastQueryStart} {
 		if _, err := StorableTime(t); err != nil {
 			return fmt.Errorf("lease %q: %w", l.ID, err)
 		}
@@ -73,6 +75,11 @@ func CheckStorable(l *Lease) error {
 	}
 	if l.RevokeAttempts < 0 || l.RevokeAttempts > math.MaxInt32 {
 		return fmt.Errorf("%w: lease %q: revoke attempts %d out of range", ErrInvalidArgument, l.ID, l.RevokeAttempts)
+	}
+	for _, n := range []int{l.Usage.Sessions, l.Usage.PeakSessions, l.Usage.SessionsSeen} {
+		if n < 0 || n > math.MaxInt32 {
+			return fmt.Errorf("%w: lease %q: session count %d out of range", ErrInvalidArgument, l.ID, n)
+		}
 	}
 	return nil
 }

@@ -57,6 +57,11 @@ type Role struct {
 	ProxyRole  string
 	DefaultTTL time.Duration
 	MaxTTL     time.Duration
+	// RevokeUnusedAfter, when positive, revokes a lease whose user has
+	// had no session for that long: never connected since it was issued,
+	// or disconnected since it was last seen (activity.go). Zero keeps
+	// unused leases until they expire.
+	RevokeUnusedAfter time.Duration
 }
 
 // Lease is one issued user. It holds everything revocation needs (target,
@@ -91,10 +96,42 @@ type Lease struct {
 	// renews the user even when the lease has nothing left to extend, so
 	// the safety net ends at or after the lease.
 	ValidUntilBehind bool
+	// Usage is what the activity sampler saw of the user's sessions
+	// (activity.go); the zero value until it was first sampled connected.
+	Usage LeaseUsage
 	// Revision is the store's version of the record, for compare-and-set
 	// writes. The store sets it; callers pass back what they read.
 	Revision uint64
 }
+
+// LeaseUsage is what the broker saw of a lease's user in the target's
+// pg_stat_activity, sample by sample (activity.go). Sessions shorter than
+// the sampling interval can fall between two samples and go unseen.
+type LeaseUsage struct {
+	// Sessions is the number of open sessions at the last sample that
+	// saw the lease's target (0 once the lease ended).
+	Sessions int
+	// PeakSessions is the most sessions seen open at once.
+	PeakSessions int
+	// SessionsSeen counts the distinct sessions seen over the lease's
+	// life.
+	SessionsSeen int
+	// FirstSeen and LastSeen are the first and the last sample that saw
+	// a session open; zero: never seen connected.
+	FirstSeen time.Time
+	LastSeen  time.Time
+	// ApplicationName is the application_name of the newest session seen.
+	ApplicationName string
+	// ClientAddr is the client address of the newest session seen, and
+	// LastQueryStart the latest query_start of its sessions: PostgreSQL
+	// shows them to the broker only with pg_read_all_stats ("" and zero
+	// without). ClientAddr is also "" for a Unix-socket session.
+	ClientAddr     string
+	LastQueryStart time.Time
+}
+
+// Used reports whether the lease's user was ever seen connected.
+func (u LeaseUsage) Used() bool { return !u.FirstSeen.IsZero() }
 
 // Clone returns a deep copy of l (the metadata map is copied).
 func (l Lease) Clone() Lease {

@@ -41,6 +41,7 @@ func leaseToProto(l broker.Lease) *pb.Lease {
 		LastError:          l.LastError,
 		EndTime:            timestampOrNil(l.EndTime),
 		RevokeOnDisconnect: l.RevokeOnDisconnect,
+		Usage:              usageToProto(l.Usage),
 	}
 	if len(l.Metadata) > 0 {
 		out.Metadata = make(map[string]string, len(l.Metadata))
@@ -49,6 +50,44 @@ func leaseToProto(l broker.Lease) *pb.Lease {
 		}
 	}
 	return out
+}
+
+// usageToProto is nil for a lease never sampled connected. Counts are
+// bounded to int32 by the store (broker.CheckStorable).
+func usageToProto(u broker.LeaseUsage) *pb.LeaseUsage {
+	if u == (broker.LeaseUsage{}) {
+		return nil
+	}
+	return &pb.LeaseUsage{
+		Sessions:           clampInt32(u.Sessions),
+		PeakSessions:       clampInt32(u.PeakSessions),
+		SessionsSeen:       clampInt32(u.SessionsSeen),
+		FirstSeenTime:      timestampOrNil(u.FirstSeen),
+		LastSeenTime:       timestampOrNil(u.LastSeen),
+		ApplicationName:    u.ApplicationName,
+		ClientAddr:         u.ClientAddr,
+		LastQueryStartTime: timestampOrNil(u.LastQueryStart),
+	}
+}
+
+func usageFromProto(p *pb.LeaseUsage) broker.LeaseUsage {
+	if p == nil {
+		return broker.LeaseUsage{}
+	}
+	return broker.LeaseUsage{
+		Sessions:        int(p.GetSessions()),
+		PeakSessions:    int(p.GetPeakSessions()),
+		SessionsSeen:    int(p.GetSessionsSeen()),
+		FirstSeen:       timeOrZero(p.GetFirstSeenTime()),
+		LastSeen:        timeOrZero(p.GetLastSeenTime()),
+		ApplicationName: p.GetApplicationName(),
+		ClientAddr:      p.GetClientAddr(),
+		LastQueryStart:  timeOrZero(p.GetLastQueryStartTime()),
+	}
+}
+
+func clampInt32(n int) int32 {
+	return int32(min(max(n, math.MinInt32), math.MaxInt32))
 }
 
 // leaseFromProto is the inverse of leaseToProto for the fields the API
@@ -69,6 +108,7 @@ func leaseFromProto(p *pb.Lease) broker.Lease {
 	l.ExpireTime = timeOrZero(p.GetExpireTime())
 	l.MaxExpireTime = timeOrZero(p.GetMaxExpireTime())
 	l.EndTime = timeOrZero(p.GetEndTime())
+	l.Usage = usageFromProto(p.GetUsage())
 	if len(p.GetMetadata()) > 0 {
 		l.Metadata = make(map[string]string, len(p.GetMetadata()))
 		for k, v := range p.GetMetadata() {

@@ -24,6 +24,8 @@ func TestLeaseRoundTrip(t *testing.T) {
 		IssueTime: now, ExpireTime: now.Add(time.Minute), MaxExpireTime: now.Add(time.Hour),
 		EndTime: now.Add(2 * time.Minute), State: broker.StateRevokeFailed,
 		Metadata: map[string]string{"pod": "a"}, LastError: "boom", RevokeOnDisconnect: true,
+		Usage: broker.LeaseUsage{Sessions: 1, PeakSessions: 3, SessionsSeen: 7, FirstSeen: now.Add(time.Second),
+			LastSeen: now.Add(time.Minute), ApplicationName: "billing", ClientAddr: "10.0.0.1", LastQueryStart: now.Add(59 * time.Second)},
 	}
 	for name, l := range map[string]broker.Lease{
 		"full": full,
@@ -37,6 +39,9 @@ func TestLeaseRoundTrip(t *testing.T) {
 			}
 			if l.IssueTime.IsZero() && p.IssueTime != nil {
 				t.Errorf("zero IssueTime became %v", p.IssueTime)
+			}
+			if l.Usage.Used() != (p.GetUsage() != nil) {
+				t.Errorf("usage %+v became %v", l.Usage, p.GetUsage())
 			}
 			// Through the wire and back.
 			b, err := proto.Marshal(p)

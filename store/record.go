@@ -36,6 +36,19 @@ import (
 //	byte    flags (bit 0: revoke on disconnect; bit 1: VALID UNTIL behind)
 //	str     last error
 //	uvarint metadata count, then str key, str value, sorted by key
+//	then, only when the lease's usage is not the zero value, the usage
+//	as one str holding:
+//	  byte    usage format (1)
+//	  uvarint sessions, peak sessions, sessions seen
+//	  uvarint first seen, last seen, last query start (times)
+//	  str     application name, client address
+//
+// The usage came later; it is trailing and optional, as the intent's
+// group is, so a binary from before it reads the record (ignoring it)
+// and a record without it decodes with zero usage. It is length-prefixed,
+// so that what a later binary appends after it, or inside it after these
+// fields, is skipped; a usage format this binary does not know reads as
+// zero usage (sampling fills it again) rather than a corrupt lease.
 //
 // Intent record, format 1: byte format (1), str target, str username,
 // str proxy role, uvarint create time, then optionally str group. The
@@ -47,6 +60,7 @@ const (
 	leaseFormat1  byte = 1
 	intentFormat1 byte = 1
 	expiryFormat1 byte = 1
+	usageFormat1  byte = 1
 
 	flagRevokeOnDisconnect byte = 1 << 0
 	flagValidUntilBehind   byte = 1 << 1
@@ -101,8 +115,9 @@ func encodeLease(l *broker.Lease) ([]byte, leaseHead, error) {
 	end, _ := timeNanos(l.EndTime)
 
 	// Sized for the worst case, so encoding allocates once.
-	const fixedMax = 3 + 17*binary.MaxVarintLen64 // format, flags, numbers, string lengths
-	size := fixedMax + len(l.Role) + len(l.Client) + len(l.Target) + len(l.Username) + len(l.ProxyRole) + len(l.LastError)
+	const fixedMax = 3 + 18*binary.MaxVarintLen64 // formats, flags, numbers, string lengths
+	size := fixedMax + len(l.Role) + len(l.Client) + len(l.Target) + len(l.Username) + len(l.ProxyRole) + len(l.LastError) +
+		len(l.Usage.ApplicationName) + len(l.Usage.ClientAddr) + 1 + 9*binary.MaxVarintLen64
 	for k, v := range l.Metadata {
 		size += len(k) + len(v) + 2*binary.MaxVarintLen64
 	}
@@ -135,6 +150,23 @@ func encodeLease(l *broker.Lease) ([]byte, leaseHead, error) {
 	for _, k := range slices.Sorted(maps.Keys(l.Metadata)) {
 		b = appendString(b, k)
 		b = appendString(b, l.Metadata[k])
+	}
+	if u := l.Usage; u != (broker.LeaseUsage{}) {
+		first, _ := timeNanos(u.FirstSeen)
+		last, _ := timeNanos(u.LastSeen)
+		query, _ := timeNanos(u.LastQueryStart)
+		ub := make([]byte, 0, 1+8*binary.MaxVarintLen64+len(u.ApplicationName)+len(u.ClientAddr))
+		ub = append(ub, usageFormat1)
+		ub = binary.AppendUvarint(ub, uint64(u.Sessions))
+		ub = binary.AppendUvarint(ub, uint64(u.PeakSessions))
+		ub = binary.AppendUvarint(ub, uint64(u.SessionsSeen))
+		ub = binary.AppendUvarint(ub, uint64(first))
+		ub = binary.AppendUvarint(ub, uint64(last))
+		ub = binary.AppendUvarint(ub, uint64(query))
+		ub = appendString(ub, u.ApplicationName)
+		ub = appendString(ub, u.ClientAddr)
+		b = binary.AppendUvarint(b, uint64(len(ub)))
+		b = append(b, ub...)
 	}
 
 	head := leaseHead{
@@ -256,6 +288,21 @@ func decodeLease(id string, v []byte) (broker.Lease, error) {
 			l.Metadata[k] = r.string("metadata value")
 		}
 	}
+	if r.err == nil && len(r.b) > 0 {
+		ur := recordReader{b: r.bytes("usage")}
+		if r.err == nil && len(ur.b) > 0 && ur.b[0] == usageFormat1 {
+			ur.b = ur.b[1:]
+			l.Usage.Sessions = ur.count("sessions")
+			l.Usage.PeakSessions = ur.count("peak sessions")
+			l.Usage.SessionsSeen = ur.count("sessions seen")
+			l.Usage.FirstSeen = nanosTime(ur.nanos("first seen"))
+			l.Usage.LastSeen = nanosTime(ur.nanos("last seen"))
+			l.Usage.LastQueryStart = nanosTime(ur.nanos("last query start"))
+			l.Usage.ApplicationName = ur.string("application name")
+			l.Usage.ClientAddr = ur.string("client address")
+			r.err = ur.err
+		}
+	}
 	if r.err != nil {
 		return broker.Lease{}, fmt.Errorf("lease %q: %w", id, r.err)
 	}
@@ -364,6 +411,16 @@ func (r *recordReader) nanos(field string) int64 {
 		return 0
 	}
 	return int64(v)
+}
+
+// count reads a count that CheckStorable bounded to int32.
+func (r *recordReader) count(field string) int {
+	v := r.uvarint(field)
+	if v > math.MaxInt32 {
+		r.fail(field)
+		return 0
+	}
+	return int(v)
 }
 
 // bytes returns a field that aliases the record.

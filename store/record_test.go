@@ -94,3 +94,40 @@ func FuzzDecodeLease(f *testing.F) {
 		_, _, _ = encodeLease(&l)
 	})
 }
+
+// The usage is an optional trailing section: a record with it decodes to
+// the same usage, one cut inside it is corrupt, and a usage format this
+// binary does not know reads as no usage.
+func TestLeaseUsageRecord(t *testing.T) {
+	at := time.Date(2026, 12, 1, 10, 0, 0, 0, time.UTC)
+	l := broker.Lease{ID: "id", State: broker.StateActive, ExpireTime: at.Add(time.Hour),
+		Usage: broker.LeaseUsage{Sessions: 2, PeakSessions: 3, SessionsSeen: 7, FirstSeen: at, LastSeen: at.Add(time.Minute),
+			ApplicationName: "billing", ClientAddr: "10.0.0.7", LastQueryStart: at.Add(59 * time.Second)}}
+	rec, _, err := encodeLease(&l)
+	if err != nil {
+		t.Fatal(err)
+	}
+	got, err := decodeLease("id", rec)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got.Usage != l.Usage {
+		t.Errorf("usage = %+v, want %+v", got.Usage, l.Usage)
+	}
+	bare := l
+	bare.Usage = broker.LeaseUsage{}
+	bareRec, _, err := encodeLease(&bare)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for n := len(bareRec) + 1; n < len(rec); n++ {
+		if _, err := decodeLease("id", rec[:n]); !errors.Is(err, errCorrupt) {
+			t.Errorf("record cut to %d bytes, inside the usage: %v, want errCorrupt", n, err)
+		}
+	}
+	unknown := append(bareRec[:len(bareRec):len(bareRec)], 2, 9, 9)
+	got, err = decodeLease("id", unknown)
+	if err != nil || got.Usage != (broker.LeaseUsage{}) {
+		t.Errorf("unknown usage format: %+v, %v; want no usage, no error", got.Usage, err)
+	}
+}

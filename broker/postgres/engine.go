@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgtype"
 	"github.com/jackc/pgx/v5/pgxpool"
 
 	"github.com/credbroker/credbroker/broker"
@@ -673,6 +674,35 @@ func (e *engine) listManagedUsers(ctx context.Context) ([]string, error) {
 		return nil, fmt.Errorf("postgres: listing managed users: %w", err)
 	}
 	return users, nil
+}
+
+// sampleSessions reads the open sessions of the broker's users.
+func (e *engine) sampleSessions(ctx context.Context) ([]broker.Session, error) {
+	if err := e.checkOpen(); err != nil {
+		return nil, err
+	}
+	rows, err := e.pool.Query(ctx, sessionsQuery, e.marker)
+	if err != nil {
+		return nil, fmt.Errorf("postgres: reading pg_stat_activity: %w", err)
+	}
+	var out []broker.Session
+	var start, query pgtype.Timestamptz
+	var s broker.Session
+	_, err = pgx.ForEachRow(rows, []any{&s.Username, &s.PID, &start, &s.ApplicationName, &s.ClientAddr, &query}, func() error {
+		s.BackendStart, s.QueryStart = time.Time{}, time.Time{}
+		if start.Valid {
+			s.BackendStart = start.Time
+		}
+		if query.Valid {
+			s.QueryStart = query.Time
+		}
+		out = append(out, s)
+		return nil
+	})
+	if err != nil {
+		return nil, fmt.Errorf("postgres: reading pg_stat_activity: %w", err)
+	}
+	return out, nil
 }
 
 // checkProxyRole reports an error if the proxy role does not exist, can

@@ -9,10 +9,11 @@ import (
 )
 
 var (
-	_ broker.Database       = (*Engine)(nil)
-	_ broker.UsersDeleter   = (*Engine)(nil)
-	_ broker.PasswordHasher = (*Engine)(nil)
-	_ broker.MarkerClaimer  = (*Engine)(nil)
+	_ broker.Database        = (*Engine)(nil)
+	_ broker.UsersDeleter    = (*Engine)(nil)
+	_ broker.PasswordHasher  = (*Engine)(nil)
+	_ broker.MarkerClaimer   = (*Engine)(nil)
+	_ broker.ActivitySampler = (*Engine)(nil)
 )
 
 // Engine creates and drops users on one PostgreSQL cluster as a
@@ -40,6 +41,7 @@ type database interface {
 	deleteUser(ctx context.Context, req broker.DeleteUserRequest) error
 	deleteUsers(ctx context.Context, reqs []broker.DeleteUserRequest) []error
 	listManagedUsers(ctx context.Context) ([]string, error)
+	sampleSessions(ctx context.Context) ([]broker.Session, error)
 	checkProxyRole(ctx context.Context, proxyRole string) error
 	claimMarker(ctx context.Context, group string) error
 	CheckPrivileges(ctx context.Context, uses []privcheck.ProxyRoleUse) ([]privcheck.Finding, error)
@@ -152,6 +154,14 @@ func (e *Engine) DeleteUsers(ctx context.Context, reqs []broker.DeleteUserReques
 func (e *Engine) ListManagedUsers(ctx context.Context) ([]string, error) {
 	users, err := e.inner.listManagedUsers(ctx)
 	return users, e.sanitize(ctx, err)
+}
+
+// SampleSessions lists the open sessions of the users the broker made
+// (the plain members of the marker role), from pg_stat_activity; see
+// broker.Session for what PostgreSQL shows without pg_read_all_stats.
+func (e *Engine) SampleSessions(ctx context.Context) ([]broker.Session, error) {
+	sessions, err := e.inner.sampleSessions(ctx)
+	return sessions, e.sanitize(ctx, err)
 }
 
 // CheckProxyRole reports an error if the proxy role does not exist, can

@@ -46,8 +46,11 @@ func (d leakyDatabase) deleteUsers(_ context.Context, reqs []broker.DeleteUserRe
 	return []error{nil, d.fail()}
 }
 func (d leakyDatabase) listManagedUsers(context.Context) ([]string, error) { return nil, d.fail() }
-func (d leakyDatabase) checkProxyRole(context.Context, string) error       { return d.fail() }
-func (d leakyDatabase) claimMarker(context.Context, string) error          { return d.fail() }
+func (d leakyDatabase) sampleSessions(context.Context) ([]broker.Session, error) {
+	return nil, d.fail()
+}
+func (d leakyDatabase) checkProxyRole(context.Context, string) error { return d.fail() }
+func (d leakyDatabase) claimMarker(context.Context, string) error    { return d.fail() }
 func (d leakyDatabase) CheckPrivileges(context.Context, []privcheck.ProxyRoleUse) ([]privcheck.Finding, error) {
 	return nil, d.fail()
 }
@@ -86,6 +89,7 @@ func TestEngineRedactsEveryError(t *testing.T) {
 			return e.DeleteUsers(ctx, make([]broker.DeleteUserRequest, 2))
 		},
 		"ListManagedUsers": func() []error { _, err := e.ListManagedUsers(ctx); return one(err) },
+		"SampleSessions":   func() []error { _, err := e.SampleSessions(ctx); return one(err) },
 		"CheckProxyRole":   func() []error { return one(e.CheckProxyRole(ctx, "read_only_role")) },
 		"ClaimMarker":      func() []error { return one(e.ClaimMarker(ctx, "g")) },
 		"CheckPrivileges":  func() []error { _, err := e.CheckPrivileges(ctx, nil); return one(err) },

@@ -154,6 +154,19 @@ const (
 		SELECT substr(c, 6) FROM pg_roles r, unnest(r.rolconfig) c
 		WHERE r.rolname = $1 AND c LIKE 'role=%' LIMIT 1`
 
+	// sessionsQuery lists the open sessions of the broker's users, given
+	// the marker role $1. Without pg_read_all_stats PostgreSQL returns
+	// NULL for backend_start, client_addr, query_start and backend_type
+	// of another role's session (so the parallel workers it would filter
+	// out are then counted too, for as long as they run).
+	sessionsQuery = `
+		SELECT r.rolname::text, a.pid, a.backend_start, coalesce(a.application_name, ''),
+		       coalesce(host(a.client_addr), ''), a.query_start
+		FROM pg_stat_activity a JOIN pg_roles r ON r.oid = a.usesysid, pg_roles g
+		WHERE g.rolname = $1 AND coalesce(a.backend_type, 'client backend') = 'client backend'
+		  AND ` + managedRole + `
+		ORDER BY 1, 2`
+
 	// usableQuery says whether the admin has the privileges of role $1.
 	usableQuery = `
 		SELECT pg_has_role(current_user, oid, 'USAGE') FROM pg_roles WHERE rolname = $1`

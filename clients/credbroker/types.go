@@ -33,6 +33,18 @@ type Lease struct {
 	Metadata                             map[string]string
 	LastError                            string
 	RevokeOnDisconnect                   bool
+	// Usage is what the broker saw of the user's database sessions
+	// (docs/usage.md); the zero value until a sample saw it connected.
+	Usage LeaseUsage
+}
+
+// LeaseUsage is a lease's database-side usage, sampled by the broker from
+// pg_stat_activity. ClientAddr and LastQueryStart need the broker to hold
+// pg_read_all_stats.
+type LeaseUsage struct {
+	Sessions, PeakSessions, SessionsSeen int
+	FirstSeen, LastSeen, LastQueryStart  time.Time
+	ApplicationName, ClientAddr          string
 }
 
 // Credential is what a service logs in to PostgreSQL with.
@@ -60,6 +72,13 @@ func leaseFromProto(p *pb.Lease) Lease {
 		IssueTime: timeOf(p.GetIssueTime()), ExpireTime: timeOf(p.GetExpireTime()), MaxExpireTime: timeOf(p.GetMaxExpireTime()),
 		EndTime: timeOf(p.GetEndTime()), State: LeaseState(p.GetState()), Metadata: p.GetMetadata(),
 		LastError: p.GetLastError(), RevokeOnDisconnect: p.GetRevokeOnDisconnect(),
+		Usage: LeaseUsage{
+			Sessions: int(p.GetUsage().GetSessions()), PeakSessions: int(p.GetUsage().GetPeakSessions()),
+			SessionsSeen: int(p.GetUsage().GetSessionsSeen()),
+			FirstSeen:    timeOf(p.GetUsage().GetFirstSeenTime()), LastSeen: timeOf(p.GetUsage().GetLastSeenTime()),
+			LastQueryStart:  timeOf(p.GetUsage().GetLastQueryStartTime()),
+			ApplicationName: p.GetUsage().GetApplicationName(), ClientAddr: p.GetUsage().GetClientAddr(),
+		},
 	}
 }
 

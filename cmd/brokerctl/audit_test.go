@@ -3,6 +3,7 @@ package main
 import (
 	"bytes"
 	"context"
+	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
@@ -91,13 +92,13 @@ func TestAuditUsageCommand(t *testing.T) {
 	if code != 0 {
 		t.Fatalf("usage: code %d, err %q", code, errOut)
 	}
-	for _, want := range []string{
-		"read_only  svc-a     1       1        1        0        0       0",
-		"updater    svc-a     0       0        0        0        1       0",
-	} {
-		if !strings.Contains(out, want) {
-			t.Errorf("usage output lacks %q:\n%s", want, out)
-		}
+	want := [][]string{
+		{"ROLE", "IDENTITY", "ISSUED", "USED", "UNUSED", "SESSIONS", "RENEWED", "REVOKED", "UNUSED_REVOKED", "EXPIRED", "DENIED", "QUOTA"},
+		{"read_only", "svc-a", "1", "0", "0", "0", "1", "1", "0", "0", "0", "0"},
+		{"updater", "svc-a", "0", "0", "0", "0", "0", "0", "0", "0", "1", "0"},
+	}
+	if got := tableRows(out); fmt.Sprint(got) != fmt.Sprint(want) {
+		t.Errorf("usage table\n got %q\nwant %q", got, want)
 	}
 	// A range that holds nothing.
 	code, out, _ = runCLI(t, "", "audit", "usage", path, "--until", "2026-11-25T00:00:00Z")

@@ -14,6 +14,13 @@ import (
 // when lis is nil, until cleanup. It returns the address served.
 func serveConfigFile(t *testing.T, f *config.File, err error, lis net.Listener) string {
 	t.Helper()
+	addr, _ := serveDaemon(t, f, err, lis)
+	return addr
+}
+
+// serveDaemon is serveConfigFile that also returns the running daemon.
+func serveDaemon(t *testing.T, f *config.File, err error, lis net.Listener) (string, *daemon.Daemon) {
+	t.Helper()
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -43,5 +50,5 @@ func serveConfigFile(t *testing.T, f *config.File, err error, lis net.Listener) 
 		d.Close()
 	})
 	<-d.Ready()
-	return addr
+	return addr, d
 }

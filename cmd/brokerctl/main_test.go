@@ -167,10 +167,10 @@ func TestIssueLookupLeasesRevoke(t *testing.T) {
 	}
 
 	rows := tableRows(b.ok(t, "leases"))
-	if want := []string{"LEASE", "ROLE", "CLIENT", "USERNAME", "STATE", "EXPIRES"}; fmt.Sprint(rows[0]) != fmt.Sprint(want) {
+	if want := []string{"LEASE", "ROLE", "CLIENT", "USERNAME", "STATE", "EXPIRES", "SESSIONS", "LAST_SEEN"}; fmt.Sprint(rows[0]) != fmt.Sprint(want) {
 		t.Errorf("header = %q", rows[0])
 	}
-	if len(rows) != 2 || rows[1][0] != id || rows[1][1] != "read_only" || rows[1][4] != "active" {
+	if len(rows) != 2 || rows[1][0] != id || rows[1][1] != "read_only" || rows[1][4] != "active" || rows[1][6] != "0" || rows[1][7] != "never" {
 		t.Errorf("leases printed %q", rows)
 	}
 

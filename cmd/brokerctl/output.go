@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"sort"
+	"strconv"
 	"strings"
 	"text/tabwriter"
 	"time"
@@ -99,14 +100,43 @@ func (c *cli) printLease(l *credbrokerv1.Lease) error {
 	if l.GetLastError() != "" {
 		fields = append(fields, [2]string{"last_error", l.GetLastError()})
 	}
+	fields = append(fields, usageFields(l.GetUsage())...)
 	return c.printFields(fields)
 }
 
+// usageFields are the lines of a lease's database-side usage: "sessions
+// never seen" until a sample saw the user connected.
+func usageFields(u *credbrokerv1.LeaseUsage) [][2]string {
+	if u.GetFirstSeenTime() == nil {
+		return [][2]string{{"sessions", "0 (never seen connected)"}}
+	}
+	fields := [][2]string{
+		{"sessions", fmt.Sprintf("%d (peak %d, %d seen)", u.GetSessions(), u.GetPeakSessions(), u.GetSessionsSeen())},
+		{"first_seen", formatTime(u.GetFirstSeenTime())},
+		{"last_seen", formatTime(u.GetLastSeenTime())},
+	}
+	if u.GetApplicationName() != "" {
+		fields = append(fields, [2]string{"application_name", u.GetApplicationName()})
+	}
+	if u.GetClientAddr() != "" {
+		fields = append(fields, [2]string{"client_addr", u.GetClientAddr()})
+	}
+	if u.GetLastQueryStartTime() != nil {
+		fields = append(fields, [2]string{"last_query_start", formatTime(u.GetLastQueryStartTime())})
+	}
+	return fields
+}
+
 func (c *cli) printLeaseTable(leases []*credbrokerv1.Lease) error {
-	rows := [][]string{{"LEASE", "ROLE", "CLIENT", "USERNAME", "STATE", "EXPIRES"}}
+	rows := [][]string{{"LEASE", "ROLE", "CLIENT", "USERNAME", "STATE", "EXPIRES", "SESSIONS", "LAST_SEEN"}}
 	for _, l := range leases {
+		lastSeen := "never"
+		if u := l.GetUsage(); u.GetLastSeenTime() != nil {
+			lastSeen = formatTime(u.GetLastSeenTime())
+		}
 		rows = append(rows, []string{
 			l.GetId(), l.GetRole(), l.GetClient(), l.GetUsername(), stateName(l.GetState()), formatTime(l.GetExpireTime()),
+			strconv.Itoa(int(l.GetUsage().GetSessions())), lastSeen,
 		})
 	}
 	return c.printTable(rows)

@@ -50,6 +50,8 @@ type Config struct {
 	Security Security
 	// Metrics is the metrics and probe listener (metrics.go).
 	Metrics Metrics
+	// Activity is the sampling of the targets' sessions (activity.go).
+	Activity Activity
 
 	// Warnings are problems that do not stop brokerd (a world-readable
 	// password file, a target no role uses, two roles sharing a proxy

@@ -70,6 +70,7 @@ roles:
 		"log.level":                    strings.ToLower(c.Log.Level.String()),
 		"log.format":                   c.Log.Format,
 		"dsn_sslmode":                  c.DSNSSLMode,
+		"activity.sample_interval":     c.Activity.SampleInterval,
 	}
 	stated := map[string]bool{}
 	for _, m := range readmeDefault.FindAllStringSubmatch(string(raw), -1) {

@@ -53,6 +53,8 @@ type File struct {
 	Audit AuditFile `yaml:"audit"`
 	// Metrics serves Prometheus metrics and health probes over HTTP.
 	Metrics MetricsFile `yaml:"metrics"`
+	// Activity is the sampling of the targets' sessions (activity.go).
+	Activity ActivityFile `yaml:"activity"`
 
 	// dir is the directory of the file, against which relative paths are
 	// resolved (so a unit file's working directory does not matter).
@@ -119,6 +121,9 @@ type RoleFile struct {
 	Allowed []string `yaml:"allowed"`
 	// MaxActiveLeases caps the role's active leases.
 	MaxActiveLeases *int `yaml:"max_active_leases"`
+	// RevokeUnusedAfter revokes a lease whose user has had no session for
+	// that long (activity.go); absent: never.
+	RevokeUnusedAfter string `yaml:"revoke_unused_after"`
 }
 
 // TLSFile is the tls section.

@@ -91,6 +91,8 @@ func (f *File) Validate() (*Config, error) {
 
 	c.Security = v.security(f, c.Roles)
 	c.Metrics = v.metrics(f)
+	c.Activity = v.activity(f)
+	v.revokeUnused(c.Roles, c.Activity, f)
 
 	c.Warnings = v.warnings
 	if errs := f.withShapeErrors(v.errs); len(errs) > 0 {
@@ -463,6 +465,7 @@ func (v *validator) roles(f *File, targets []Target) []broker.Role {
 		if r.DefaultTTL > 0 && r.MaxTTL > 0 && r.DefaultTTL > r.MaxTTL {
 			v.errorf(p+".default_ttl", "%s exceeds max_ttl %s", rf.DefaultTTL, rf.MaxTTL)
 		}
+		r.RevokeUnusedAfter = v.duration(p+".revoke_unused_after", rf.RevokeUnusedAfter, 0)
 		out = append(out, r)
 	}
 	for i, t := range targets {

@@ -293,6 +293,7 @@ func BrokerConfig(cfg *config.Config) broker.Config {
 		RetryMaxDelay:       cfg.Expiry.RetryMaxDelay,
 		FailedRetryInterval: cfg.Expiry.FailedRetryInterval,
 		DisconnectGrace:     cfg.DisconnectGrace,
+		ActivityInterval:    activityInterval(cfg.Activity),
 	}
 }
 
@@ -303,6 +304,15 @@ func (d *Daemon) rootRotator() server.RootRotator {
 		return d.rootCreds
 	}
 	return leaderOnlyRotator{RootRotator: d.rootCreds, leader: d.leader}
+}
+
+// activityInterval is activity.sample_interval for broker.Config, whose
+// zero means the default: off is negative there.
+func activityInterval(a config.Activity) time.Duration {
+	if a.SampleInterval == 0 {
+		return -1
+	}
+	return a.SampleInterval
 }
 
 // Addr is the address served (the real port when cfg.Listen had :0).

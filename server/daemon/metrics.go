@@ -87,6 +87,7 @@ func (d *Daemon) watchMetrics(ctx context.Context) error {
 		return nil
 	}
 	d.broker.WatchLifecycle(s.m.Observe)
+	d.broker.WatchActivity(s.m.ObserveActivity)
 	if err := s.m.LoadLeases(ctx, d.store); err != nil {
 		return fmt.Errorf("metrics: count the leases in the store: %w", err)
 	}

@@ -51,11 +51,12 @@ type lateTarget struct {
 }
 
 var (
-	_ broker.Database       = (*lateTarget)(nil)
-	_ broker.UsersDeleter   = (*lateTarget)(nil)
-	_ broker.PasswordHasher = (*lateTarget)(nil)
-	_ broker.MarkerClaimer  = (*lateTarget)(nil)
-	_ privcheck.Checker     = (*lateTarget)(nil)
+	_ broker.Database        = (*lateTarget)(nil)
+	_ broker.UsersDeleter    = (*lateTarget)(nil)
+	_ broker.PasswordHasher  = (*lateTarget)(nil)
+	_ broker.MarkerClaimer   = (*lateTarget)(nil)
+	_ broker.ActivitySampler = (*lateTarget)(nil)
+	_ privcheck.Checker      = (*lateTarget)(nil)
 )
 
 func newLateTarget(t config.Target) (*lateTarget, error) {
@@ -131,6 +132,14 @@ func (t *lateTarget) ListManagedUsers(ctx context.Context) ([]string, error) {
 		return nil, err
 	}
 	return e.ListManagedUsers(ctx)
+}
+
+func (t *lateTarget) SampleSessions(ctx context.Context) ([]broker.Session, error) {
+	e, err := t.get()
+	if err != nil {
+		return nil, err
+	}
+	return e.SampleSessions(ctx)
 }
 
 func (t *lateTarget) CheckProxyRole(ctx context.Context, proxyRole string) error {

@@ -12,17 +12,21 @@ import (
 	"github.com/credbroker/credbroker/broker"
 )
 
-// Reasons of credbroker_revoked_total. expired, revoked and disconnect
-// come from the broker's revoke and expire events, reconcile from
-// reconcile_drop. unused is reserved for revoking leases never used and
-// is 0 until such a path exists; it is exported from the start so that
-// dashboards and alerts need not change when it comes.
+// Reasons of credbroker_revoked_total. expired, revoked, disconnect and
+// unused (roles[].revoke_unused_after) come from the broker's revoke and
+// expire events, reconcile from reconcile_drop.
 const (
 	ReasonExpired    = broker.ReasonExpired
 	ReasonRevoked    = broker.ReasonRevoked
 	ReasonDisconnect = broker.ReasonDisconnect
-	ReasonUnused     = "unused"
+	ReasonUnused     = broker.ReasonUnused
 	ReasonReconcile  = "reconcile"
+)
+
+// Results of credbroker_activity_samples_total.
+const (
+	SampleOK    = "ok"
+	SampleError = "error"
 )
 
 // Reasons of credbroker_requests_denied_total, from the gRPC status of a
@@ -51,6 +55,12 @@ type Metrics struct {
 	isLeader         prometheus.Gauge
 	reloadFailures   prometheus.Counter
 	buildInfo        *prometheus.GaugeVec
+	leaseSessions    *prometheus.GaugeVec
+	neverUsed        *prometheus.GaugeVec
+	activitySamples  *prometheus.CounterVec
+	// activityRoles are the roles whose usage gauges were set, so that a
+	// role with no live lease left goes back to 0.
+	activityRoles map[string]bool
 
 	mu sync.Mutex
 	// live maps each live lease to what credbroker_leases counts it as.
@@ -113,11 +123,21 @@ func New(version string, roles []string) *Metrics {
 		buildInfo: prometheus.NewGaugeVec(prometheus.GaugeOpts{
 			Name: "credbroker_build_info", Help: "1, labelled with the running build's version.",
 		}, []string{"version"}),
-		live: make(map[string]leaseKey),
+		leaseSessions: prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Name: "credbroker_lease_sessions", Help: "Open database sessions of the role's live leases, at the last activity sample.",
+		}, []string{"role"}),
+		neverUsed: prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Name: "credbroker_leases_never_used", Help: "Live leases whose user no activity sample has seen connected.",
+		}, []string{"role"}),
+		activitySamples: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "credbroker_activity_samples_total", Help: "Samples of a target's pg_stat_activity, by result (ok, error).",
+		}, []string{"target", "result"}),
+		activityRoles: make(map[string]bool),
+		live:          make(map[string]leaseKey),
 	}
 	m.reg.MustRegister(m.grpc, m.leases, m.keepAliveStreams, m.issued, m.renewed, m.revoked,
 		m.revokeFailures, m.denied, m.issueDuration, m.expiryLag, m.storeCommit, m.isLeader,
-		m.reloadFailures, m.buildInfo,
+		m.reloadFailures, m.buildInfo, m.leaseSessions, m.neverUsed, m.activitySamples,
 		collectors.NewGoCollector(),
 		collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	m.buildInfo.WithLabelValues(version).Set(1)
@@ -129,6 +149,9 @@ func New(version string, roles []string) *Metrics {
 			m.revoked.WithLabelValues(role, reason)
 		}
 		m.leases.WithLabelValues(role, broker.StateActive.String())
+		m.leaseSessions.WithLabelValues(role)
+		m.neverUsed.WithLabelValues(role)
+		m.activityRoles[role] = true
 	}
 	// A user reconciliation drops has no lease, so no role.
 	m.revoked.WithLabelValues("", ReasonReconcile)
@@ -227,6 +250,32 @@ func (m *Metrics) Observe(ev broker.AuditEvent) {
 		m.mu.Unlock()
 	case broker.AuditReconcileDrop:
 		m.revoked.WithLabelValues(ev.Role, ReasonReconcile).Inc()
+	}
+}
+
+// ObserveActivity applies one activity sample's report
+// (broker.WatchActivity): the usage gauges per role, and the sample's
+// result per target.
+func (m *Metrics) ObserveActivity(rep broker.ActivityReport) {
+	for target, err := range rep.Targets {
+		result := SampleOK
+		if err != nil {
+			result = SampleError
+		}
+		m.activitySamples.WithLabelValues(target, result).Inc()
+	}
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	for role := range m.activityRoles {
+		if _, ok := rep.Roles[role]; !ok {
+			m.leaseSessions.WithLabelValues(role).Set(0)
+			m.neverUsed.WithLabelValues(role).Set(0)
+		}
+	}
+	for role, a := range rep.Roles {
+		m.activityRoles[role] = true
+		m.leaseSessions.WithLabelValues(role).Set(float64(a.Sessions))
+		m.neverUsed.WithLabelValues(role).Set(float64(a.NeverUsed))
 	}
 }
 

@@ -188,6 +188,8 @@ type leaseRecord struct {
 	ValidUntilBehind   bool              `json:"valid_until_behind,omitempty"`
 	LastError          string            `json:"last_error,omitempty"`
 	Metadata           map[string]string `json:"metadata,omitempty"`
+	// Usage is broker.LeaseUsage; absent until the lease was seen connected.
+	Usage *usageRecord `json:"usage,omitempty"`
 }
 
 // expiryValue is the value of an expiry key: what start-up and
@@ -225,6 +227,40 @@ func nanosTime(n int64) time.Time {
 	return time.Unix(0, n).UTC()
 }
 
+// usageRecord is a lease's broker.LeaseUsage.
+type usageRecord struct {
+	Sessions        int    `json:"sessions,omitempty"`
+	PeakSessions    int    `json:"peak_sessions,omitempty"`
+	SessionsSeen    int    `json:"sessions_seen,omitempty"`
+	FirstSeen       int64  `json:"first_seen_ns,omitempty"`
+	LastSeen        int64  `json:"last_seen_ns,omitempty"`
+	ApplicationName string `json:"application_name,omitempty"`
+	ClientAddr      string `json:"client_addr,omitempty"`
+	LastQueryStart  int64  `json:"last_query_start_ns,omitempty"`
+}
+
+func encodeUsage(u broker.LeaseUsage) *usageRecord {
+	if u == (broker.LeaseUsage{}) {
+		return nil
+	}
+	return &usageRecord{
+		Sessions: u.Sessions, PeakSessions: u.PeakSessions, SessionsSeen: u.SessionsSeen,
+		FirstSeen: nanos(u.FirstSeen), LastSeen: nanos(u.LastSeen),
+		ApplicationName: u.ApplicationName, ClientAddr: u.ClientAddr, LastQueryStart: nanos(u.LastQueryStart),
+	}
+}
+
+func (u *usageRecord) usage() broker.LeaseUsage {
+	if u == nil {
+		return broker.LeaseUsage{}
+	}
+	return broker.LeaseUsage{
+		Sessions: u.Sessions, PeakSessions: u.PeakSessions, SessionsSeen: u.SessionsSeen,
+		FirstSeen: nanosTime(u.FirstSeen), LastSeen: nanosTime(u.LastSeen),
+		ApplicationName: u.ApplicationName, ClientAddr: u.ClientAddr, LastQueryStart: nanosTime(u.LastQueryStart),
+	}
+}
+
 // encodeLease validates l (broker.CheckStorable) and returns its record.
 func encodeLease(l *broker.Lease) (*leaseRecord, []byte, error) {
 	if err := broker.CheckStorable(l); err != nil {
@@ -237,6 +273,7 @@ func encodeLease(l *broker.Lease) (*leaseRecord, []byte, error) {
 		NextAttempt: nanos(l.NextAttempt), End: nanos(l.EndTime),
 		RevokeAttempts: l.RevokeAttempts, RevokeOnDisconnect: l.RevokeOnDisconnect,
 		ValidUntilBehind: l.ValidUntilBehind, LastError: l.LastError, Metadata: l.Metadata,
+		Usage: encodeUsage(l.Usage),
 	}
 	b, err := json.Marshal(r)
 	if err != nil {
@@ -258,6 +295,11 @@ func decodeRecord(id string, v []byte) (*leaseRecord, error) {
 			return nil, fmt.Errorf("lease %q: %w: negative instant", id, errCorrupt)
 		}
 	}
+	if u := r.Usage; u != nil {
+		if u.FirstSeen < 0 || u.LastSeen < 0 || u.LastQueryStart < 0 || u.Sessions < 0 || u.PeakSessions < 0 || u.SessionsSeen < 0 {
+			return nil, fmt.Errorf("lease %q: %w: negative usage", id, errCorrupt)
+		}
+	}
 	return &r, nil
 }
 
@@ -271,6 +313,7 @@ func (r *leaseRecord) lease(id string, rev int64) broker.Lease {
 		NextAttempt: nanosTime(r.NextAttempt), EndTime: nanosTime(r.End),
 		RevokeAttempts: r.RevokeAttempts, RevokeOnDisconnect: r.RevokeOnDisconnect,
 		ValidUntilBehind: r.ValidUntilBehind, LastError: r.LastError, Metadata: r.Metadata,
+		Usage:    r.Usage.usage(),
 		Revision: uint64(rev),
 	}
 }

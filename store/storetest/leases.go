@@ -112,6 +112,8 @@ var invalidLeases = []struct {
 		l.State, l.EndTime = broker.StateRevoked, time.Date(1000, 1, 1, 0, 0, 0, 0, time.UTC)
 	}},
 	{"time after 2262", func(l *broker.Lease) { l.MaxExpireTime = time.Date(2300, 1, 1, 0, 0, 0, 0, time.UTC) }},
+	{"usage time before 1970", func(l *broker.Lease) { l.Usage.FirstSeen = time.Date(1969, 1, 1, 0, 0, 0, 0, time.UTC) }},
+	{"negative sessions", func(l *broker.Lease) { l.Usage.Sessions = -1 }},
 }
 
 func testCreateLease(t *testing.T, open OpenFunc) {
@@ -122,9 +124,15 @@ func testCreateLease(t *testing.T, open OpenFunc) {
 	full.RevokeOnDisconnect = true
 	full.ValidUntilBehind = true
 	full.State = broker.StateRevokeFailed
+	full.Usage = broker.LeaseUsage{
+		Sessions: 2, PeakSessions: 5, SessionsSeen: 9,
+		FirstSeen: at(time.Second), LastSeen: at(2 * time.Minute), LastQueryStart: at(119 * time.Second),
+		ApplicationName: "billing-worker", ClientAddr: "10.1.2.3",
+	}
 
 	revoked := ended(NewLease("lease-revoked", "admin", "ops", at(time.Minute)), broker.StateRevoked, at(30*time.Second))
 	revoked.Metadata = nil
+	revoked.Usage = broker.LeaseUsage{PeakSessions: 1, SessionsSeen: 1, FirstSeen: at(time.Second), LastSeen: at(time.Second)}
 
 	local := NewLease("lease-local", "updater", "", time.Date(2030, 5, 6, 7, 8, 9, 10, time.FixedZone("CEST", 2*3600)))
 	local.Metadata = map[string]string{}
@@ -255,6 +263,8 @@ func testUpdateLease(t *testing.T, open OpenFunc) {
 			l.IssueTime, l.ExpireTime, l.MaxExpireTime = at(time.Second), at(2*time.Hour), at(3*time.Hour)
 			l.State, l.LastError, l.RevokeAttempts, l.NextAttempt = broker.StateRevokeFailed, "boom", 4, at(time.Minute)
 			l.EndTime, l.RevokeOnDisconnect, l.Metadata = at(90*time.Minute), true, map[string]string{"k": "v"}
+			l.Usage = broker.LeaseUsage{Sessions: 1, PeakSessions: 3, SessionsSeen: 4, FirstSeen: at(time.Second),
+				LastSeen: at(time.Minute), ApplicationName: "app", ClientAddr: "::1", LastQueryStart: at(59 * time.Second)}
 			return l
 		}, nil},
 		{"stale revision", func(l broker.Lease) broker.Lease { l.Revision--; return l }, broker.ErrConflict},

@@ -179,7 +179,8 @@ func IDs(leases []broker.Lease) []string {
 // normalize puts a lease in a form where equal leases are DeepEqual: times
 // in UTC without a monotonic reading, empty metadata nil.
 func normalize(l broker.Lease) broker.Lease {
-	for _, p := range []*time.Time{&l.IssueTime, &l.ExpireTime, &l.MaxExpireTime, &l.NextAttempt, &l.EndTime} {
+	for _, p := range []*time.Time{&l.IssueTime, &l.ExpireTime, &l.MaxExpireTime, &l.NextAttempt, &l.EndTime,
+		&l.Usage.FirstSeen, &l.Usage.LastSeen, &l.Usage.LastQueryStart} {
 		if !p.IsZero() {
 			*p = p.UTC().Round(0)
 		}

@@ -261,8 +261,12 @@ type Lease struct {
 	EndTime *timestamppb.Timestamp `protobuf:"bytes,12,opt,name=end_time,json=endTime,proto3" json:"end_time,omitempty"`
 	// Revoke the lease when no KeepAlive stream has named it for a grace period.
 	RevokeOnDisconnect bool `protobuf:"varint,13,opt,name=revoke_on_disconnect,json=revokeOnDisconnect,proto3" json:"revoke_on_disconnect,omitempty"`
-	unknownFields      protoimpl.UnknownFields
-	sizeCache          protoimpl.SizeCache
+	// What the broker saw of the user's sessions in the target's
+	// pg_stat_activity, sampled every activity.sample_interval; unset until
+	// the first sample that saw it connected.
+	Usage         *LeaseUsage `protobuf:"bytes,14,opt,name=usage,proto3" json:"usage,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *Lease) Reset() {
@@ -386,6 +390,124 @@ func (x *Lease) GetRevokeOnDisconnect() bool {
 	return false
 }
 
+func (x *Lease) GetUsage() *LeaseUsage {
+	if x != nil {
+		return x.Usage
+	}
+	return nil
+}
+
+// LeaseUsage is a lease's database-side usage, sampled from
+// pg_stat_activity. A session that opens and closes between two samples is
+// not seen.
+type LeaseUsage struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Open sessions at the last sample (0 once the lease ended).
+	Sessions int32 `protobuf:"varint,1,opt,name=sessions,proto3" json:"sessions,omitempty"`
+	// The most sessions seen open at once.
+	PeakSessions int32 `protobuf:"varint,2,opt,name=peak_sessions,json=peakSessions,proto3" json:"peak_sessions,omitempty"`
+	// Distinct sessions seen over the lease's life.
+	SessionsSeen int32 `protobuf:"varint,3,opt,name=sessions_seen,json=sessionsSeen,proto3" json:"sessions_seen,omitempty"`
+	// The first and the last sample that saw a session open.
+	FirstSeenTime *timestamppb.Timestamp `protobuf:"bytes,4,opt,name=first_seen_time,json=firstSeenTime,proto3" json:"first_seen_time,omitempty"`
+	LastSeenTime  *timestamppb.Timestamp `protobuf:"bytes,5,opt,name=last_seen_time,json=lastSeenTime,proto3" json:"last_seen_time,omitempty"`
+	// application_name of the newest session seen.
+	ApplicationName string `protobuf:"bytes,6,opt,name=application_name,json=applicationName,proto3" json:"application_name,omitempty"`
+	// The client address of the newest session seen and the latest
+	// query_start: PostgreSQL shows them only to a broker granted
+	// pg_read_all_stats.
+	ClientAddr         string                 `protobuf:"bytes,7,opt,name=client_addr,json=clientAddr,proto3" json:"client_addr,omitempty"`
+	LastQueryStartTime *timestamppb.Timestamp `protobuf:"bytes,8,opt,name=last_query_start_time,json=lastQueryStartTime,proto3" json:"last_query_start_time,omitempty"`
+	unknownFields      protoimpl.UnknownFields
+	sizeCache          protoimpl.SizeCache
+}
+
+func (x *LeaseUsage) Reset() {
+	*x = LeaseUsage{}
+	mi := &file_credbroker_v1_credbroker_proto_msgTypes[2]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *LeaseUsage) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*LeaseUsage) ProtoMessage() {}
+
+func (x *LeaseUsage) ProtoReflect() protoreflect.Message {
+	mi := &file_credbroker_v1_credbroker_proto_msgTypes[2]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use LeaseUsage.ProtoReflect.Descriptor instead.
+func (*LeaseUsage) Descriptor() ([]byte, []int) {
+	return file_credbroker_v1_credbroker_proto_rawDescGZIP(), []int{2}
+}
+
+func (x *LeaseUsage) GetSessions() int32 {
+	if x != nil {
+		return x.Sessions
+	}
+	return 0
+}
+
+func (x *LeaseUsage) GetPeakSessions() int32 {
+	if x != nil {
+		return x.PeakSessions
+	}
+	return 0
+}
+
+func (x *LeaseUsage) GetSessionsSeen() int32 {
+	if x != nil {
+		return x.SessionsSeen
+	}
+	return 0
+}
+
+func (x *LeaseUsage) GetFirstSeenTime() *timestamppb.Timestamp {
+	if x != nil {
+		return x.FirstSeenTime
+	}
+	return nil
+}
+
+func (x *LeaseUsage) GetLastSeenTime() *timestamppb.Timestamp {
+	if x != nil {
+		return x.LastSeenTime
+	}
+	return nil
+}
+
+func (x *LeaseUsage) GetApplicationName() string {
+	if x != nil {
+		return x.ApplicationName
+	}
+	return ""
+}
+
+func (x *LeaseUsage) GetClientAddr() string {
+	if x != nil {
+		return x.ClientAddr
+	}
+	return ""
+}
+
+func (x *LeaseUsage) GetLastQueryStartTime() *timestamppb.Timestamp {
+	if x != nil {
+		return x.LastQueryStartTime
+	}
+	return nil
+}
+
 // Role is a broker role: what clients ask for.
 type Role struct {
 	state      protoimpl.MessageState `protogen:"open.v1"`
@@ -402,7 +524,7 @@ type Role struct {
 
 func (x *Role) Reset() {
 	*x = Role{}
-	mi := &file_credbroker_v1_credbroker_proto_msgTypes[2]
+	mi := &file_credbroker_v1_credbroker_proto_msgTypes[3]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -414,7 +536,7 @@ func (x *Role) String() string {
 func (*Role) ProtoMessage() {}
 
 func (x *Role) ProtoReflect() protoreflect.Message {
-	mi := &file_credbroker_v1_credbroker_proto_msgTypes[2]
+	mi := &file_credbroker_v1_credbroker_proto_msgTypes[3]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -427,7 +549,7 @@ func (x *Role) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Role.ProtoReflect.Descriptor instead.
 func (*Role) Descriptor() ([]byte, []int) {
-	return file_credbroker_v1_credbroker_proto_rawDescGZIP(), []int{2}
+	return file_credbroker_v1_credbroker_proto_rawDescGZIP(), []int{3}
 }
 
 func (x *Role) GetName() string {
@@ -486,7 +608,7 @@ type IssueCredentialRequest struct {
 
 func (x *IssueCredentialRequest) Reset() {
 	*x = IssueCredentialRequest{}
-	mi := &file_credbroker_v1_credbroker_proto_msgTypes[3]
+	mi := &file_credbroker_v1_credbroker_proto_msgTypes[4]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -498,7 +620,7 @@ func (x *IssueCredentialRequest) String() string {
 func (*IssueCredentialRequest) ProtoMessage() {}
 
 func (x *IssueCredentialRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_credbroker_v1_credbroker_proto_msgTypes[3]
+	mi := &file_credbroker_v1_credbroker_proto_msgTypes[4]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -511,7 +633,7 @@ func (x *IssueCredentialRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use IssueCredentialRequest.ProtoReflect.Descriptor instead.
 func (*IssueCredentialRequest) Descriptor() ([]byte, []int) {
-	return file_credbroker_v1_credbroker_proto_rawDescGZIP(), []int{3}
+	return file_credbroker_v1_credbroker_proto_rawDescGZIP(), []int{4}
 }
 
 func (x *IssueCredentialRequest) GetRole() string {
@@ -552,7 +674,7 @@ type IssueCredentialResponse struct {
 
 func (x *IssueCredentialResponse) Reset() {
 	*x = IssueCredentialResponse{}
-	mi := &file_credbroker_v1_credbroker_proto_msgTypes[4]
+	mi := &file_credbroker_v1_credbroker_proto_msgTypes[5]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -564,7 +686,7 @@ func (x *IssueCredentialResponse) String() string {
 func (*IssueCredentialResponse) ProtoMessage() {}
 
 func (x *IssueCredentialResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_credbroker_v1_credbroker_proto_msgTypes[4]
+	mi := &file_credbroker_v1_credbroker_proto_msgTypes[5]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -577,7 +699,7 @@ func (x *IssueCredentialResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use IssueCredentialResponse.ProtoReflect.Descriptor instead.
 func (*IssueCredentialResponse) Descriptor() ([]byte, []int) {
-	return file_credbroker_v1_credbroker_proto_rawDescGZIP(), []int{4}
+	return file_credbroker_v1_credbroker_proto_rawDescGZIP(), []int{5}
 }
 
 func (x *IssueCredentialResponse) GetLease() *Lease {
@@ -605,7 +727,7 @@ type RenewLeaseRequest struct {
 
 func (x *RenewLeaseRequest) Reset() {
 	*x = RenewLeaseRequest{}
-	mi := &file_credbroker_v1_credbroker_proto_msgTypes[5]
+	mi := &file_credbroker_v1_credbroker_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -617,7 +739,7 @@ func (x *RenewLeaseRequest) String() string {
 func (*RenewLeaseRequest) ProtoMessage() {}
 
 func (x *RenewLeaseRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_credbroker_v1_credbroker_proto_msgTypes[5]
+	mi := &file_credbroker_v1_credbroker_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -630,7 +752,7 @@ func (x *RenewLeaseRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RenewLeaseRequest.ProtoReflect.Descriptor instead.
 func (*RenewLeaseRequest) Descriptor() ([]byte, []int) {
-	return file_credbroker_v1_credbroker_proto_rawDescGZIP(), []int{5}
+	return file_credbroker_v1_credbroker_proto_rawDescGZIP(), []int{6}
 }
 
 func (x *RenewLeaseRequest) GetLeaseId() string {
@@ -656,7 +778,7 @@ type RenewLeaseResponse struct {
 
 func (x *RenewLeaseResponse) Reset() {
 	*x = RenewLeaseResponse{}
-	mi := &file_credbroker_v1_credbroker_proto_msgTypes[6]
+	mi := &file_credbroker_v1_credbroker_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -668,7 +790,7 @@ func (x *RenewLeaseResponse) String() string {
 func (*RenewLeaseResponse) ProtoMessage() {}
 
 func (x *RenewLeaseResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_credbroker_v1_credbroker_proto_msgTypes[6]
+	mi := &file_credbroker_v1_credbroker_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -681,7 +803,7 @@ func (x *RenewLeaseResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RenewLeaseResponse.ProtoReflect.Descriptor instead.
 func (*RenewLeaseResponse) Descriptor() ([]byte, []int) {
-	return file_credbroker_v1_credbroker_proto_rawDescGZIP(), []int{6}
+	return file_credbroker_v1_credbroker_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *RenewLeaseResponse) GetLease() *Lease {
@@ -700,7 +822,7 @@ type RevokeLeaseRequest struct {
 
 func (x *RevokeLeaseRequest) Reset() {
 	*x = RevokeLeaseRequest{}
-	mi := &file_credbroker_v1_credbroker_proto_msgTypes[7]
+	mi := &file_credbroker_v1_credbroker_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -712,7 +834,7 @@ func (x *RevokeLeaseRequest) String() string {
 func (*RevokeLeaseRequest) ProtoMessage() {}
 
 func (x *RevokeLeaseRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_credbroker_v1_credbroker_proto_msgTypes[7]
+	mi := &file_credbroker_v1_credbroker_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -725,7 +847,7 @@ func (x *RevokeLeaseRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RevokeLeaseRequest.ProtoReflect.Descriptor instead.
 func (*RevokeLeaseRequest) Descriptor() ([]byte, []int) {
-	return file_credbroker_v1_credbroker_proto_rawDescGZIP(), []int{7}
+	return file_credbroker_v1_credbroker_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *RevokeLeaseRequest) GetLeaseId() string {
@@ -744,7 +866,7 @@ type RevokeLeaseResponse struct {
 
 func (x *RevokeLeaseResponse) Reset() {
 	*x = RevokeLeaseResponse{}
-	mi := &file_credbroker_v1_credbroker_proto_msgTypes[8]
+	mi := &file_credbroker_v1_credbroker_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -756,7 +878,7 @@ func (x *RevokeLeaseResponse) String() string {
 func (*RevokeLeaseResponse) ProtoMessage() {}
 
 func (x *RevokeLeaseResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_credbroker_v1_credbroker_proto_msgTypes[8]
+	mi := &file_credbroker_v1_credbroker_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -769,7 +891,7 @@ func (x *RevokeLeaseResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RevokeLeaseResponse.ProtoReflect.Descriptor instead.
 func (*RevokeLeaseResponse) Descriptor() ([]byte, []int) {
-	return file_credbroker_v1_credbroker_proto_rawDescGZIP(), []int{8}
+	return file_credbroker_v1_credbroker_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *RevokeLeaseResponse) GetLease() *Lease {
@@ -788,7 +910,7 @@ type LookupLeaseRequest struct {
 
 func (x *LookupLeaseRequest) Reset() {
 	*x = LookupLeaseRequest{}
-	mi := &file_credbroker_v1_credbroker_proto_msgTypes[9]
+	mi := &file_credbroker_v1_credbroker_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -800,7 +922,7 @@ func (x *LookupLeaseRequest) String() string {
 func (*LookupLeaseRequest) ProtoMessage() {}
 
 func (x *LookupLeaseRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_credbroker_v1_credbroker_proto_msgTypes[9]
+	mi := &file_credbroker_v1_credbroker_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -813,7 +935,7 @@ func (x *LookupLeaseRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use LookupLeaseRequest.ProtoReflect.Descriptor instead.
 func (*LookupLeaseRequest) Descriptor() ([]byte, []int) {
-	return file_credbroker_v1_credbroker_proto_rawDescGZIP(), []int{9}
+	return file_credbroker_v1_credbroker_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *LookupLeaseRequest) GetLeaseId() string {
@@ -832,7 +954,7 @@ type LookupLeaseResponse struct {
 
 func (x *LookupLeaseResponse) Reset() {
 	*x = LookupLeaseResponse{}
-	mi := &file_credbroker_v1_credbroker_proto_msgTypes[10]
+	mi := &file_credbroker_v1_credbroker_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -844,7 +966,7 @@ func (x *LookupLeaseResponse) String() string {
 func (*LookupLeaseResponse) ProtoMessage() {}
 
 func (x *LookupLeaseResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_credbroker_v1_credbroker_proto_msgTypes[10]
+	mi := &file_credbroker_v1_credbroker_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -857,7 +979,7 @@ func (x *LookupLeaseResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use LookupLeaseResponse.ProtoReflect.Descriptor instead.
 func (*LookupLeaseResponse) Descriptor() ([]byte, []int) {
-	return file_credbroker_v1_credbroker_proto_rawDescGZIP(), []int{10}
+	return file_credbroker_v1_credbroker_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *LookupLeaseResponse) GetLease() *Lease {
@@ -878,7 +1000,7 @@ type KeepAliveRequest struct {
 
 func (x *KeepAliveRequest) Reset() {
 	*x = KeepAliveRequest{}
-	mi := &file_credbroker_v1_credbroker_proto_msgTypes[11]
+	mi := &file_credbroker_v1_credbroker_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -890,7 +1012,7 @@ func (x *KeepAliveRequest) String() string {
 func (*KeepAliveRequest) ProtoMessage() {}
 
 func (x *KeepAliveRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_credbroker_v1_credbroker_proto_msgTypes[11]
+	mi := &file_credbroker_v1_credbroker_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -903,7 +1025,7 @@ func (x *KeepAliveRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use KeepAliveRequest.ProtoReflect.Descriptor instead.
 func (*KeepAliveRequest) Descriptor() ([]byte, []int) {
-	return file_credbroker_v1_credbroker_proto_rawDescGZIP(), []int{11}
+	return file_credbroker_v1_credbroker_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *KeepAliveRequest) GetLeaseId() string {
@@ -932,7 +1054,7 @@ type KeepAliveResponse struct {
 
 func (x *KeepAliveResponse) Reset() {
 	*x = KeepAliveResponse{}
-	mi := &file_credbroker_v1_credbroker_proto_msgTypes[12]
+	mi := &file_credbroker_v1_credbroker_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -944,7 +1066,7 @@ func (x *KeepAliveResponse) String() string {
 func (*KeepAliveResponse) ProtoMessage() {}
 
 func (x *KeepAliveResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_credbroker_v1_credbroker_proto_msgTypes[12]
+	mi := &file_credbroker_v1_credbroker_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -957,7 +1079,7 @@ func (x *KeepAliveResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use KeepAliveResponse.ProtoReflect.Descriptor instead.
 func (*KeepAliveResponse) Descriptor() ([]byte, []int) {
-	return file_credbroker_v1_credbroker_proto_rawDescGZIP(), []int{12}
+	return file_credbroker_v1_credbroker_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *KeepAliveResponse) GetLease() *Lease {
@@ -996,7 +1118,7 @@ type ListLeasesRequest struct {
 
 func (x *ListLeasesRequest) Reset() {
 	*x = ListLeasesRequest{}
-	mi := &file_credbroker_v1_credbroker_proto_msgTypes[13]
+	mi := &file_credbroker_v1_credbroker_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1008,7 +1130,7 @@ func (x *ListLeasesRequest) String() string {
 func (*ListLeasesRequest) ProtoMessage() {}
 
 func (x *ListLeasesRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_credbroker_v1_credbroker_proto_msgTypes[13]
+	mi := &file_credbroker_v1_credbroker_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1021,7 +1143,7 @@ func (x *ListLeasesRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListLeasesRequest.ProtoReflect.Descriptor instead.
 func (*ListLeasesRequest) Descriptor() ([]byte, []int) {
-	return file_credbroker_v1_credbroker_proto_rawDescGZIP(), []int{13}
+	return file_credbroker_v1_credbroker_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *ListLeasesRequest) GetRole() string {
@@ -1069,7 +1191,7 @@ type ListLeasesResponse struct {
 
 func (x *ListLeasesResponse) Reset() {
 	*x = ListLeasesResponse{}
-	mi := &file_credbroker_v1_credbroker_proto_msgTypes[14]
+	mi := &file_credbroker_v1_credbroker_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1081,7 +1203,7 @@ func (x *ListLeasesResponse) String() string {
 func (*ListLeasesResponse) ProtoMessage() {}
 
 func (x *ListLeasesResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_credbroker_v1_credbroker_proto_msgTypes[14]
+	mi := &file_credbroker_v1_credbroker_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1094,7 +1216,7 @@ func (x *ListLeasesResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListLeasesResponse.ProtoReflect.Descriptor instead.
 func (*ListLeasesResponse) Descriptor() ([]byte, []int) {
-	return file_credbroker_v1_credbroker_proto_rawDescGZIP(), []int{14}
+	return file_credbroker_v1_credbroker_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *ListLeasesResponse) GetLeases() []*Lease {
@@ -1122,7 +1244,7 @@ type RevokeLeasesRequest struct {
 
 func (x *RevokeLeasesRequest) Reset() {
 	*x = RevokeLeasesRequest{}
-	mi := &file_credbroker_v1_credbroker_proto_msgTypes[15]
+	mi := &file_credbroker_v1_credbroker_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1134,7 +1256,7 @@ func (x *RevokeLeasesRequest) String() string {
 func (*RevokeLeasesRequest) ProtoMessage() {}
 
 func (x *RevokeLeasesRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_credbroker_v1_credbroker_proto_msgTypes[15]
+	mi := &file_credbroker_v1_credbroker_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1147,7 +1269,7 @@ func (x *RevokeLeasesRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RevokeLeasesRequest.ProtoReflect.Descriptor instead.
 func (*RevokeLeasesRequest) Descriptor() ([]byte, []int) {
-	return file_credbroker_v1_credbroker_proto_rawDescGZIP(), []int{15}
+	return file_credbroker_v1_credbroker_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *RevokeLeasesRequest) GetLeaseIds() []string {
@@ -1180,7 +1302,7 @@ type RevokeLeasesResponse struct {
 
 func (x *RevokeLeasesResponse) Reset() {
 	*x = RevokeLeasesResponse{}
-	mi := &file_credbroker_v1_credbroker_proto_msgTypes[16]
+	mi := &file_credbroker_v1_credbroker_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1192,7 +1314,7 @@ func (x *RevokeLeasesResponse) String() string {
 func (*RevokeLeasesResponse) ProtoMessage() {}
 
 func (x *RevokeLeasesResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_credbroker_v1_credbroker_proto_msgTypes[16]
+	mi := &file_credbroker_v1_credbroker_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1205,7 +1327,7 @@ func (x *RevokeLeasesResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RevokeLeasesResponse.ProtoReflect.Descriptor instead.
 func (*RevokeLeasesResponse) Descriptor() ([]byte, []int) {
-	return file_credbroker_v1_credbroker_proto_rawDescGZIP(), []int{16}
+	return file_credbroker_v1_credbroker_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *RevokeLeasesResponse) GetRevokedCount() int32 {
@@ -1223,7 +1345,7 @@ type ListRolesRequest struct {
 
 func (x *ListRolesRequest) Reset() {
 	*x = ListRolesRequest{}
-	mi := &file_credbroker_v1_credbroker_proto_msgTypes[17]
+	mi := &file_credbroker_v1_credbroker_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1235,7 +1357,7 @@ func (x *ListRolesRequest) String() string {
 func (*ListRolesRequest) ProtoMessage() {}
 
 func (x *ListRolesRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_credbroker_v1_credbroker_proto_msgTypes[17]
+	mi := &file_credbroker_v1_credbroker_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1248,7 +1370,7 @@ func (x *ListRolesRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListRolesRequest.ProtoReflect.Descriptor instead.
 func (*ListRolesRequest) Descriptor() ([]byte, []int) {
-	return file_credbroker_v1_credbroker_proto_rawDescGZIP(), []int{17}
+	return file_credbroker_v1_credbroker_proto_rawDescGZIP(), []int{18}
 }
 
 type ListRolesResponse struct {
@@ -1260,7 +1382,7 @@ type ListRolesResponse struct {
 
 func (x *ListRolesResponse) Reset() {
 	*x = ListRolesResponse{}
-	mi := &file_credbroker_v1_credbroker_proto_msgTypes[18]
+	mi := &file_credbroker_v1_credbroker_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1272,7 +1394,7 @@ func (x *ListRolesResponse) String() string {
 func (*ListRolesResponse) ProtoMessage() {}
 
 func (x *ListRolesResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_credbroker_v1_credbroker_proto_msgTypes[18]
+	mi := &file_credbroker_v1_credbroker_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1285,7 +1407,7 @@ func (x *ListRolesResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListRolesResponse.ProtoReflect.Descriptor instead.
 func (*ListRolesResponse) Descriptor() ([]byte, []int) {
-	return file_credbroker_v1_credbroker_proto_rawDescGZIP(), []int{18}
+	return file_credbroker_v1_credbroker_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *ListRolesResponse) GetRoles() []*Role {
@@ -1305,7 +1427,7 @@ type RotateRootCredentialRequest struct {
 
 func (x *RotateRootCredentialRequest) Reset() {
 	*x = RotateRootCredentialRequest{}
-	mi := &file_credbroker_v1_credbroker_proto_msgTypes[19]
+	mi := &file_credbroker_v1_credbroker_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1317,7 +1439,7 @@ func (x *RotateRootCredentialRequest) String() string {
 func (*RotateRootCredentialRequest) ProtoMessage() {}
 
 func (x *RotateRootCredentialRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_credbroker_v1_credbroker_proto_msgTypes[19]
+	mi := &file_credbroker_v1_credbroker_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1330,7 +1452,7 @@ func (x *RotateRootCredentialRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RotateRootCredentialRequest.ProtoReflect.Descriptor instead.
 func (*RotateRootCredentialRequest) Descriptor() ([]byte, []int) {
-	return file_credbroker_v1_credbroker_proto_rawDescGZIP(), []int{19}
+	return file_credbroker_v1_credbroker_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *RotateRootCredentialRequest) GetTarget() string {
@@ -1352,7 +1474,7 @@ type RotateRootCredentialResponse struct {
 
 func (x *RotateRootCredentialResponse) Reset() {
 	*x = RotateRootCredentialResponse{}
-	mi := &file_credbroker_v1_credbroker_proto_msgTypes[20]
+	mi := &file_credbroker_v1_credbroker_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1364,7 +1486,7 @@ func (x *RotateRootCredentialResponse) String() string {
 func (*RotateRootCredentialResponse) ProtoMessage() {}
 
 func (x *RotateRootCredentialResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_credbroker_v1_credbroker_proto_msgTypes[20]
+	mi := &file_credbroker_v1_credbroker_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1377,7 +1499,7 @@ func (x *RotateRootCredentialResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RotateRootCredentialResponse.ProtoReflect.Descriptor instead.
 func (*RotateRootCredentialResponse) Descriptor() ([]byte, []int) {
-	return file_credbroker_v1_credbroker_proto_rawDescGZIP(), []int{20}
+	return file_credbroker_v1_credbroker_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *RotateRootCredentialResponse) GetTarget() string {
@@ -1409,7 +1531,7 @@ type GetStatusRequest struct {
 
 func (x *GetStatusRequest) Reset() {
 	*x = GetStatusRequest{}
-	mi := &file_credbroker_v1_credbroker_proto_msgTypes[21]
+	mi := &file_credbroker_v1_credbroker_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1421,7 +1543,7 @@ func (x *GetStatusRequest) String() string {
 func (*GetStatusRequest) ProtoMessage() {}
 
 func (x *GetStatusRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_credbroker_v1_credbroker_proto_msgTypes[21]
+	mi := &file_credbroker_v1_credbroker_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1434,7 +1556,7 @@ func (x *GetStatusRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetStatusRequest.ProtoReflect.Descriptor instead.
 func (*GetStatusRequest) Descriptor() ([]byte, []int) {
-	return file_credbroker_v1_credbroker_proto_rawDescGZIP(), []int{21}
+	return file_credbroker_v1_credbroker_proto_rawDescGZIP(), []int{22}
 }
 
 type GetStatusResponse struct {
@@ -1456,7 +1578,7 @@ type GetStatusResponse struct {
 
 func (x *GetStatusResponse) Reset() {
 	*x = GetStatusResponse{}
-	mi := &file_credbroker_v1_credbroker_proto_msgTypes[22]
+	mi := &file_credbroker_v1_credbroker_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1468,7 +1590,7 @@ func (x *GetStatusResponse) String() string {
 func (*GetStatusResponse) ProtoMessage() {}
 
 func (x *GetStatusResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_credbroker_v1_credbroker_proto_msgTypes[22]
+	mi := &file_credbroker_v1_credbroker_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1481,7 +1603,7 @@ func (x *GetStatusResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetStatusResponse.ProtoReflect.Descriptor instead.
 func (*GetStatusResponse) Descriptor() ([]byte, []int) {
-	return file_credbroker_v1_credbroker_proto_rawDescGZIP(), []int{22}
+	return file_credbroker_v1_credbroker_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *GetStatusResponse) GetStore() string {
@@ -1536,7 +1658,7 @@ type Instance struct {
 
 func (x *Instance) Reset() {
 	*x = Instance{}
-	mi := &file_credbroker_v1_credbroker_proto_msgTypes[23]
+	mi := &file_credbroker_v1_credbroker_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1548,7 +1670,7 @@ func (x *Instance) String() string {
 func (*Instance) ProtoMessage() {}
 
 func (x *Instance) ProtoReflect() protoreflect.Message {
-	mi := &file_credbroker_v1_credbroker_proto_msgTypes[23]
+	mi := &file_credbroker_v1_credbroker_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1561,7 +1683,7 @@ func (x *Instance) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Instance.ProtoReflect.Descriptor instead.
 func (*Instance) Descriptor() ([]byte, []int) {
-	return file_credbroker_v1_credbroker_proto_rawDescGZIP(), []int{23}
+	return file_credbroker_v1_credbroker_proto_rawDescGZIP(), []int{24}
 }
 
 func (x *Instance) GetName() string {
@@ -1611,7 +1733,7 @@ const file_credbroker_v1_credbroker_proto_rawDesc = "" +
 	"\x04host\x18\x03 \x01(\tR\x04host\x12\x12\n" +
 	"\x04port\x18\x04 \x01(\x05R\x04port\x12\x1a\n" +
 	"\bdatabase\x18\x05 \x01(\tR\bdatabase\x12\x10\n" +
-	"\x03dsn\x18\x06 \x01(\tR\x03dsn\"\xe9\x04\n" +
+	"\x03dsn\x18\x06 \x01(\tR\x03dsn\"\x9a\x05\n" +
 	"\x05Lease\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x12\n" +
 	"\x04role\x18\x02 \x01(\tR\x04role\x12\x16\n" +
@@ -1629,10 +1751,22 @@ const file_credbroker_v1_credbroker_proto_rawDesc = "" +
 	"\n" +
 	"last_error\x18\v \x01(\tR\tlastError\x125\n" +
 	"\bend_time\x18\f \x01(\v2\x1a.google.protobuf.TimestampR\aendTime\x120\n" +
-	"\x14revoke_on_disconnect\x18\r \x01(\bR\x12revokeOnDisconnect\x1a;\n" +
+	"\x14revoke_on_disconnect\x18\r \x01(\bR\x12revokeOnDisconnect\x12/\n" +
+	"\x05usage\x18\x0e \x01(\v2\x19.credbroker.v1.LeaseUsageR\x05usage\x1a;\n" +
 	"\rMetadataEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
-	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\xdd\x01\n" +
+	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\x93\x03\n" +
+	"\n" +
+	"LeaseUsage\x12\x1a\n" +
+	"\bsessions\x18\x01 \x01(\x05R\bsessions\x12#\n" +
+	"\rpeak_sessions\x18\x02 \x01(\x05R\fpeakSessions\x12#\n" +
+	"\rsessions_seen\x18\x03 \x01(\x05R\fsessionsSeen\x12B\n" +
+	"\x0ffirst_seen_time\x18\x04 \x01(\v2\x1a.google.protobuf.TimestampR\rfirstSeenTime\x12@\n" +
+	"\x0elast_seen_time\x18\x05 \x01(\v2\x1a.google.protobuf.TimestampR\flastSeenTime\x12)\n" +
+	"\x10application_name\x18\x06 \x01(\tR\x0fapplicationName\x12\x1f\n" +
+	"\vclient_addr\x18\a \x01(\tR\n" +
+	"clientAddr\x12M\n" +
+	"\x15last_query_start_time\x18\b \x01(\v2\x1a.google.protobuf.TimestampR\x12lastQueryStartTime\"\xdd\x01\n" +
 	"\x04Role\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x16\n" +
 	"\x06target\x18\x02 \x01(\tR\x06target\x12\x1d\n" +
@@ -1759,91 +1893,96 @@ func file_credbroker_v1_credbroker_proto_rawDescGZIP() []byte {
 }
 
 var file_credbroker_v1_credbroker_proto_enumTypes = make([]protoimpl.EnumInfo, 2)
-var file_credbroker_v1_credbroker_proto_msgTypes = make([]protoimpl.MessageInfo, 26)
+var file_credbroker_v1_credbroker_proto_msgTypes = make([]protoimpl.MessageInfo, 27)
 var file_credbroker_v1_credbroker_proto_goTypes = []any{
 	(LeaseState)(0),                      // 0: credbroker.v1.LeaseState
 	(KeepAliveEvent)(0),                  // 1: credbroker.v1.KeepAliveEvent
 	(*Credential)(nil),                   // 2: credbroker.v1.Credential
 	(*Lease)(nil),                        // 3: credbroker.v1.Lease
-	(*Role)(nil),                         // 4: credbroker.v1.Role
-	(*IssueCredentialRequest)(nil),       // 5: credbroker.v1.IssueCredentialRequest
-	(*IssueCredentialResponse)(nil),      // 6: credbroker.v1.IssueCredentialResponse
-	(*RenewLeaseRequest)(nil),            // 7: credbroker.v1.RenewLeaseRequest
-	(*RenewLeaseResponse)(nil),           // 8: credbroker.v1.RenewLeaseResponse
-	(*RevokeLeaseRequest)(nil),           // 9: credbroker.v1.RevokeLeaseRequest
-	(*RevokeLeaseResponse)(nil),          // 10: credbroker.v1.RevokeLeaseResponse
-	(*LookupLeaseRequest)(nil),           // 11: credbroker.v1.LookupLeaseRequest
-	(*LookupLeaseResponse)(nil),          // 12: credbroker.v1.LookupLeaseResponse
-	(*KeepAliveRequest)(nil),             // 13: credbroker.v1.KeepAliveRequest
-	(*KeepAliveResponse)(nil),            // 14: credbroker.v1.KeepAliveResponse
-	(*ListLeasesRequest)(nil),            // 15: credbroker.v1.ListLeasesRequest
-	(*ListLeasesResponse)(nil),           // 16: credbroker.v1.ListLeasesResponse
-	(*RevokeLeasesRequest)(nil),          // 17: credbroker.v1.RevokeLeasesRequest
-	(*RevokeLeasesResponse)(nil),         // 18: credbroker.v1.RevokeLeasesResponse
-	(*ListRolesRequest)(nil),             // 19: credbroker.v1.ListRolesRequest
-	(*ListRolesResponse)(nil),            // 20: credbroker.v1.ListRolesResponse
-	(*RotateRootCredentialRequest)(nil),  // 21: credbroker.v1.RotateRootCredentialRequest
-	(*RotateRootCredentialResponse)(nil), // 22: credbroker.v1.RotateRootCredentialResponse
-	(*GetStatusRequest)(nil),             // 23: credbroker.v1.GetStatusRequest
-	(*GetStatusResponse)(nil),            // 24: credbroker.v1.GetStatusResponse
-	(*Instance)(nil),                     // 25: credbroker.v1.Instance
-	nil,                                  // 26: credbroker.v1.Lease.MetadataEntry
-	nil,                                  // 27: credbroker.v1.IssueCredentialRequest.MetadataEntry
-	(*timestamppb.Timestamp)(nil),        // 28: google.protobuf.Timestamp
-	(*durationpb.Duration)(nil),          // 29: google.protobuf.Duration
+	(*LeaseUsage)(nil),                   // 4: credbroker.v1.LeaseUsage
+	(*Role)(nil),                         // 5: credbroker.v1.Role
+	(*IssueCredentialRequest)(nil),       // 6: credbroker.v1.IssueCredentialRequest
+	(*IssueCredentialResponse)(nil),      // 7: credbroker.v1.IssueCredentialResponse
+	(*RenewLeaseRequest)(nil),            // 8: credbroker.v1.RenewLeaseRequest
+	(*RenewLeaseResponse)(nil),           // 9: credbroker.v1.RenewLeaseResponse
+	(*RevokeLeaseRequest)(nil),           // 10: credbroker.v1.RevokeLeaseRequest
+	(*RevokeLeaseResponse)(nil),          // 11: credbroker.v1.RevokeLeaseResponse
+	(*LookupLeaseRequest)(nil),           // 12: credbroker.v1.LookupLeaseRequest
+	(*LookupLeaseResponse)(nil),          // 13: credbroker.v1.LookupLeaseResponse
+	(*KeepAliveRequest)(nil),             // 14: credbroker.v1.KeepAliveRequest
+	(*KeepAliveResponse)(nil),            // 15: credbroker.v1.KeepAliveResponse
+	(*ListLeasesRequest)(nil),            // 16: credbroker.v1.ListLeasesRequest
+	(*ListLeasesResponse)(nil),           // 17: credbroker.v1.ListLeasesResponse
+	(*RevokeLeasesRequest)(nil),          // 18: credbroker.v1.RevokeLeasesRequest
+	(*RevokeLeasesResponse)(nil),         // 19: credbroker.v1.RevokeLeasesResponse
+	(*ListRolesRequest)(nil),             // 20: credbroker.v1.ListRolesRequest
+	(*ListRolesResponse)(nil),            // 21: credbroker.v1.ListRolesResponse
+	(*RotateRootCredentialRequest)(nil),  // 22: credbroker.v1.RotateRootCredentialRequest
+	(*RotateRootCredentialResponse)(nil), // 23: credbroker.v1.RotateRootCredentialResponse
+	(*GetStatusRequest)(nil),             // 24: credbroker.v1.GetStatusRequest
+	(*GetStatusResponse)(nil),            // 25: credbroker.v1.GetStatusResponse
+	(*Instance)(nil),                     // 26: credbroker.v1.Instance
+	nil,                                  // 27: credbroker.v1.Lease.MetadataEntry
+	nil,                                  // 28: credbroker.v1.IssueCredentialRequest.MetadataEntry
+	(*timestamppb.Timestamp)(nil),        // 29: google.protobuf.Timestamp
+	(*durationpb.Duration)(nil),          // 30: google.protobuf.Duration
 }
 var file_credbroker_v1_credbroker_proto_depIdxs = []int32{
-	28, // 0: credbroker.v1.Lease.issue_time:type_name -> google.protobuf.Timestamp
-	28, // 1: credbroker.v1.Lease.expire_time:type_name -> google.protobuf.Timestamp
-	28, // 2: credbroker.v1.Lease.max_expire_time:type_name -> google.protobuf.Timestamp
+	29, // 0: credbroker.v1.Lease.issue_time:type_name -> google.protobuf.Timestamp
+	29, // 1: credbroker.v1.Lease.expire_time:type_name -> google.protobuf.Timestamp
+	29, // 2: credbroker.v1.Lease.max_expire_time:type_name -> google.protobuf.Timestamp
 	0,  // 3: credbroker.v1.Lease.state:type_name -> credbroker.v1.LeaseState
-	26, // 4: credbroker.v1.Lease.metadata:type_name -> credbroker.v1.Lease.MetadataEntry
-	28, // 5: credbroker.v1.Lease.end_time:type_name -> google.protobuf.Timestamp
-	29, // 6: credbroker.v1.Role.default_ttl:type_name -> google.protobuf.Duration
-	29, // 7: credbroker.v1.Role.max_ttl:type_name -> google.protobuf.Duration
-	29, // 8: credbroker.v1.IssueCredentialRequest.ttl:type_name -> google.protobuf.Duration
-	27, // 9: credbroker.v1.IssueCredentialRequest.metadata:type_name -> credbroker.v1.IssueCredentialRequest.MetadataEntry
-	3,  // 10: credbroker.v1.IssueCredentialResponse.lease:type_name -> credbroker.v1.Lease
-	2,  // 11: credbroker.v1.IssueCredentialResponse.credential:type_name -> credbroker.v1.Credential
-	29, // 12: credbroker.v1.RenewLeaseRequest.increment:type_name -> google.protobuf.Duration
-	3,  // 13: credbroker.v1.RenewLeaseResponse.lease:type_name -> credbroker.v1.Lease
-	3,  // 14: credbroker.v1.RevokeLeaseResponse.lease:type_name -> credbroker.v1.Lease
-	3,  // 15: credbroker.v1.LookupLeaseResponse.lease:type_name -> credbroker.v1.Lease
-	29, // 16: credbroker.v1.KeepAliveRequest.increment:type_name -> google.protobuf.Duration
-	3,  // 17: credbroker.v1.KeepAliveResponse.lease:type_name -> credbroker.v1.Lease
-	1,  // 18: credbroker.v1.KeepAliveResponse.event:type_name -> credbroker.v1.KeepAliveEvent
-	0,  // 19: credbroker.v1.ListLeasesRequest.state:type_name -> credbroker.v1.LeaseState
-	3,  // 20: credbroker.v1.ListLeasesResponse.leases:type_name -> credbroker.v1.Lease
-	4,  // 21: credbroker.v1.ListRolesResponse.roles:type_name -> credbroker.v1.Role
-	28, // 22: credbroker.v1.RotateRootCredentialResponse.rotate_time:type_name -> google.protobuf.Timestamp
-	25, // 23: credbroker.v1.GetStatusResponse.instances:type_name -> credbroker.v1.Instance
-	28, // 24: credbroker.v1.GetStatusResponse.leader_since:type_name -> google.protobuf.Timestamp
-	28, // 25: credbroker.v1.Instance.start_time:type_name -> google.protobuf.Timestamp
-	5,  // 26: credbroker.v1.CredentialService.IssueCredential:input_type -> credbroker.v1.IssueCredentialRequest
-	7,  // 27: credbroker.v1.CredentialService.RenewLease:input_type -> credbroker.v1.RenewLeaseRequest
-	9,  // 28: credbroker.v1.CredentialService.RevokeLease:input_type -> credbroker.v1.RevokeLeaseRequest
-	11, // 29: credbroker.v1.CredentialService.LookupLease:input_type -> credbroker.v1.LookupLeaseRequest
-	13, // 30: credbroker.v1.CredentialService.KeepAlive:input_type -> credbroker.v1.KeepAliveRequest
-	15, // 31: credbroker.v1.AdminService.ListLeases:input_type -> credbroker.v1.ListLeasesRequest
-	17, // 32: credbroker.v1.AdminService.RevokeLeases:input_type -> credbroker.v1.RevokeLeasesRequest
-	19, // 33: credbroker.v1.AdminService.ListRoles:input_type -> credbroker.v1.ListRolesRequest
-	21, // 34: credbroker.v1.AdminService.RotateRootCredential:input_type -> credbroker.v1.RotateRootCredentialRequest
-	23, // 35: credbroker.v1.AdminService.GetStatus:input_type -> credbroker.v1.GetStatusRequest
-	6,  // 36: credbroker.v1.CredentialService.IssueCredential:output_type -> credbroker.v1.IssueCredentialResponse
-	8,  // 37: credbroker.v1.CredentialService.RenewLease:output_type -> credbroker.v1.RenewLeaseResponse
-	10, // 38: credbroker.v1.CredentialService.RevokeLease:output_type -> credbroker.v1.RevokeLeaseResponse
-	12, // 39: credbroker.v1.CredentialService.LookupLease:output_type -> credbroker.v1.LookupLeaseResponse
-	14, // 40: credbroker.v1.CredentialService.KeepAlive:output_type -> credbroker.v1.KeepAliveResponse
-	16, // 41: credbroker.v1.AdminService.ListLeases:output_type -> credbroker.v1.ListLeasesResponse
-	18, // 42: credbroker.v1.AdminService.RevokeLeases:output_type -> credbroker.v1.RevokeLeasesResponse
-	20, // 43: credbroker.v1.AdminService.ListRoles:output_type -> credbroker.v1.ListRolesResponse
-	22, // 44: credbroker.v1.AdminService.RotateRootCredential:output_type -> credbroker.v1.RotateRootCredentialResponse
-	24, // 45: credbroker.v1.AdminService.GetStatus:output_type -> credbroker.v1.GetStatusResponse
-	36, // [36:46] is the sub-list for method output_type
-	26, // [26:36] is the sub-list for method input_type
-	26, // [26:26] is the sub-list for extension type_name
-	26, // [26:26] is the sub-list for extension extendee
-	0,  // [0:26] is the sub-list for field type_name
+	27, // 4: credbroker.v1.Lease.metadata:type_name -> credbroker.v1.Lease.MetadataEntry
+	29, // 5: credbroker.v1.Lease.end_time:type_name -> google.protobuf.Timestamp
+	4,  // 6: credbroker.v1.Lease.usage:type_name -> credbroker.v1.LeaseUsage
+	29, // 7: credbroker.v1.LeaseUsage.first_seen_time:type_name -> google.protobuf.Timestamp
+	29, // 8: credbroker.v1.LeaseUsage.last_seen_time:type_name -> google.protobuf.Timestamp
+	29, // 9: credbroker.v1.LeaseUsage.last_query_start_time:type_name -> google.protobuf.Timestamp
+	30, // 10: credbroker.v1.Role.default_ttl:type_name -> google.protobuf.Duration
+	30, // 11: credbroker.v1.Role.max_ttl:type_name -> google.protobuf.Duration
+	30, // 12: credbroker.v1.IssueCredentialRequest.ttl:type_name -> google.protobuf.Duration
+	28, // 13: credbroker.v1.IssueCredentialRequest.metadata:type_name -> credbroker.v1.IssueCredentialRequest.MetadataEntry
+	3,  // 14: credbroker.v1.IssueCredentialResponse.lease:type_name -> credbroker.v1.Lease
+	2,  // 15: credbroker.v1.IssueCredentialResponse.credential:type_name -> credbroker.v1.Credential
+	30, // 16: credbroker.v1.RenewLeaseRequest.increment:type_name -> google.protobuf.Duration
+	3,  // 17: credbroker.v1.RenewLeaseResponse.lease:type_name -> credbroker.v1.Lease
+	3,  // 18: credbroker.v1.RevokeLeaseResponse.lease:type_name -> credbroker.v1.Lease
+	3,  // 19: credbroker.v1.LookupLeaseResponse.lease:type_name -> credbroker.v1.Lease
+	30, // 20: credbroker.v1.KeepAliveRequest.increment:type_name -> google.protobuf.Duration
+	3,  // 21: credbroker.v1.KeepAliveResponse.lease:type_name -> credbroker.v1.Lease
+	1,  // 22: credbroker.v1.KeepAliveResponse.event:type_name -> credbroker.v1.KeepAliveEvent
+	0,  // 23: credbroker.v1.ListLeasesRequest.state:type_name -> credbroker.v1.LeaseState
+	3,  // 24: credbroker.v1.ListLeasesResponse.leases:type_name -> credbroker.v1.Lease
+	5,  // 25: credbroker.v1.ListRolesResponse.roles:type_name -> credbroker.v1.Role
+	29, // 26: credbroker.v1.RotateRootCredentialResponse.rotate_time:type_name -> google.protobuf.Timestamp
+	26, // 27: credbroker.v1.GetStatusResponse.instances:type_name -> credbroker.v1.Instance
+	29, // 28: credbroker.v1.GetStatusResponse.leader_since:type_name -> google.protobuf.Timestamp
+	29, // 29: credbroker.v1.Instance.start_time:type_name -> google.protobuf.Timestamp
+	6,  // 30: credbroker.v1.CredentialService.IssueCredential:input_type -> credbroker.v1.IssueCredentialRequest
+	8,  // 31: credbroker.v1.CredentialService.RenewLease:input_type -> credbroker.v1.RenewLeaseRequest
+	10, // 32: credbroker.v1.CredentialService.RevokeLease:input_type -> credbroker.v1.RevokeLeaseRequest
+	12, // 33: credbroker.v1.CredentialService.LookupLease:input_type -> credbroker.v1.LookupLeaseRequest
+	14, // 34: credbroker.v1.CredentialService.KeepAlive:input_type -> credbroker.v1.KeepAliveRequest
+	16, // 35: credbroker.v1.AdminService.ListLeases:input_type -> credbroker.v1.ListLeasesRequest
+	18, // 36: credbroker.v1.AdminService.RevokeLeases:input_type -> credbroker.v1.RevokeLeasesRequest
+	20, // 37: credbroker.v1.AdminService.ListRoles:input_type -> credbroker.v1.ListRolesRequest
+	22, // 38: credbroker.v1.AdminService.RotateRootCredential:input_type -> credbroker.v1.RotateRootCredentialRequest
+	24, // 39: credbroker.v1.AdminService.GetStatus:input_type -> credbroker.v1.GetStatusRequest
+	7,  // 40: credbroker.v1.CredentialService.IssueCredential:output_type -> credbroker.v1.IssueCredentialResponse
+	9,  // 41: credbroker.v1.CredentialService.RenewLease:output_type -> credbroker.v1.RenewLeaseResponse
+	11, // 42: credbroker.v1.CredentialService.RevokeLease:output_type -> credbroker.v1.RevokeLeaseResponse
+	13, // 43: credbroker.v1.CredentialService.LookupLease:output_type -> credbroker.v1.LookupLeaseResponse
+	15, // 44: credbroker.v1.CredentialService.KeepAlive:output_type -> credbroker.v1.KeepAliveResponse
+	17, // 45: credbroker.v1.AdminService.ListLeases:output_type -> credbroker.v1.ListLeasesResponse
+	19, // 46: credbroker.v1.AdminService.RevokeLeases:output_type -> credbroker.v1.RevokeLeasesResponse
+	21, // 47: credbroker.v1.AdminService.ListRoles:output_type -> credbroker.v1.ListRolesResponse
+	23, // 48: credbroker.v1.AdminService.RotateRootCredential:output_type -> credbroker.v1.RotateRootCredentialResponse
+	25, // 49: credbroker.v1.AdminService.GetStatus:output_type -> credbroker.v1.GetStatusResponse
+	40, // [40:50] is the sub-list for method output_type
+	30, // [30:40] is the sub-list for method input_type
+	30, // [30:30] is the sub-list for extension type_name
+	30, // [30:30] is the sub-list for extension extendee
+	0,  // [0:30] is the sub-list for field type_name
 }
 
 func init() { file_credbroker_v1_credbroker_proto_init() }
@@ -1857,7 +1996,7 @@ func file_credbroker_v1_credbroker_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_credbroker_v1_credbroker_proto_rawDesc), len(file_credbroker_v1_credbroker_proto_rawDesc)),
 			NumEnums:      2,
-			NumMessages:   26,
+			NumMessages:   27,
 			NumExtensions: 0,
 			NumServices:   2,
 		},
