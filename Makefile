@@ -42,7 +42,7 @@ ETCD_BIN     := $(ETCD_DIR)/etcd
 # The packages whose tests start PostgreSQL (pgtest.Main or pgcluster.Start).
 PG_TEST_PKGS = $(shell grep -rlF --include='*_test.go' -e 'pgtest.Main' -e 'pgcluster.Start' . | xargs -n1 dirname | sort -u)
 
-.PHONY: dev test test-race lint generate tools postgres postgres17 etcd build bench clean
+.PHONY: dev test test-race lint generate tools postgres postgres17 etcd build bench clean licenses
 
 ## dev: a throwaway PostgreSQL cluster, demo proxy roles, the broker on 127.0.0.1:7450.
 dev: postgres
@@ -137,6 +137,12 @@ $(PG17_DIR)/.ready:
 	    echo "$(PG17_BINDIR)/initdb does not run$${RUN:+ as user postgres}: is a parent of $(PG17_DIR) closed to it?" \
 	         "Try: make test PG17_DIR=/var/cache/credbroker/pg$(PG17_MAJOR)" >&2; exit 1; fi
 	touch $@
+
+## licenses: regenerate docs/licenses.md, the license of every module linked
+## into the commands; fails on a license not allowed beside Apache-2.0
+## (go test ./tools/licenses, in make test, fails when the file is stale).
+licenses:
+	$(GO) run ./tools/licenses
 
 clean:
 	rm -rf bin .bin
