@@ -1,7 +1,7 @@
 // Package buildinfo says which build of credbroker is running: the module
 // version and the commit it was built from, as the Go toolchain records
-// them in the binary (runtime/debug.ReadBuildInfo). Every binary's
-// --version prints it.
+// them in the binary (runtime/debug.ReadBuildInfo), or the release version
+// `make release` stamps with the linker. Every binary's --version prints it.
 package buildinfo
 
 import (
@@ -9,10 +9,17 @@ import (
 	"strings"
 )
 
+// version is set by release builds (tools/release) with
+// -ldflags "-X github.com/credbroker/credbroker/internal/buildinfo.version=v1.2.3";
+// it replaces the module version, which is "(devel)" or a pseudo-version
+// for a build from a checkout.
+var version string
+
 // Info is what the toolchain recorded about a build.
 type Info struct {
-	// Version is the main module's version: a tag for `go install
-	// module@version`, "(devel)" for a build from a checkout.
+	// Version is the release version stamped by `make release`, else the
+	// main module's version: a tag for `go install module@version`,
+	// "(devel)" or a pseudo-version for a build from a checkout.
 	Version string
 	// Commit is the VCS revision (empty when built without VCS
 	// information), Time its commit time, and Modified whether the
@@ -30,7 +37,16 @@ func Read() Info {
 	if !ok {
 		return Info{Version: "unknown"}
 	}
-	return fromBuildInfo(bi)
+	return stamp(fromBuildInfo(bi), version)
+}
+
+// stamp puts a release version, when there is one, in place of the
+// module's.
+func stamp(info Info, release string) Info {
+	if release != "" {
+		info.Version = release
+	}
+	return info
 }
 
 func fromBuildInfo(bi *debug.BuildInfo) Info {
