@@ -9,11 +9,13 @@ import (
 	"strings"
 )
 
-// version is set by release builds (tools/release) with
-// -ldflags "-X github.com/credbroker/credbroker/internal/buildinfo.version=v1.2.3";
-// it replaces the module version, which is "(devel)" or a pseudo-version
-// for a build from a checkout.
-var version string
+// version and commit are set by release builds (tools/release) with
+// -ldflags "-X github.com/credbroker/credbroker/internal/buildinfo.version=v1.2.3".
+// version replaces the module version, which is "(devel)" or a
+// pseudo-version for a build from a checkout; commit stands in for the
+// toolchain's vcs.revision when it recorded none (the go command does not
+// find the repository of a `git worktree` checkout, whose .git is a file).
+var version, commit string
 
 // Info is what the toolchain recorded about a build.
 type Info struct {
@@ -37,14 +39,17 @@ func Read() Info {
 	if !ok {
 		return Info{Version: "unknown"}
 	}
-	return stamp(fromBuildInfo(bi), version)
+	return stamp(fromBuildInfo(bi), version, commit)
 }
 
 // stamp puts a release version, when there is one, in place of the
-// module's.
-func stamp(info Info, release string) Info {
+// module's, and a release commit where the toolchain recorded none.
+func stamp(info Info, release, releaseCommit string) Info {
 	if release != "" {
 		info.Version = release
+	}
+	if info.Commit == "" {
+		info.Commit = releaseCommit
 	}
 	return info
 }

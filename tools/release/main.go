@@ -32,8 +32,11 @@ var (
 	Platforms = []string{"linux/amd64", "linux/arm64"}
 )
 
-// versionVar is what the linker sets (package buildinfo's stamp).
-const versionVar = "github.com/credbroker/credbroker/internal/buildinfo.version"
+// What the linker sets (package buildinfo's stamp).
+const (
+	versionVar = "github.com/credbroker/credbroker/internal/buildinfo.version"
+	commitVar  = "github.com/credbroker/credbroker/internal/buildinfo.commit"
+)
 
 // Build describes one release build.
 type Build struct {
@@ -74,6 +77,15 @@ func (b Build) Run(stdout io.Writer) (string, error) {
 	if err != nil {
 		return "", err
 	}
+	// The commit is stamped explicitly too: the go command records none
+	// in a `git worktree` checkout.
+	rev := exec.Command("git", "rev-parse", "HEAD")
+	rev.Dir = b.Source
+	head, err := rev.Output()
+	if err != nil {
+		return "", fmt.Errorf("git rev-parse HEAD in %s: %v (a release is built from a git checkout)", b.Source, err)
+	}
+	commit := strings.TrimSpace(string(head))
 	if ents, err := os.ReadDir(out); err == nil && len(ents) > 0 {
 		return "", fmt.Errorf("%s is not empty: a release starts from nothing", b.Out)
 	}
@@ -87,12 +99,12 @@ func (b Build) Run(stdout io.Writer) (string, error) {
 			return "", err
 		}
 		for _, c := range cmds {
-			// -buildvcs=true: the commit and its time go in, and a build
-			// outside a checkout fails rather than ship without them.
-			// -buildid= and -s -w: no build id, symbol table or DWARF
-			// (smaller, and nothing that could vary).
+			// -buildvcs=true: the commit, its time and whether the tree
+			// was modified go in where the go command finds the
+			// repository. -buildid= and -s -w: no build id, symbol table
+			// or DWARF (smaller, and nothing that could vary).
 			args := []string{"build", "-trimpath", "-buildvcs=true",
-				"-ldflags", "-s -w -buildid= -X " + versionVar + "=" + v,
+				"-ldflags", "-s -w -buildid= -X " + versionVar + "=" + v + " -X " + commitVar + "=" + commit,
 				"-o", filepath.Join(dir, c), "./cmd/" + c}
 			cmd := exec.Command("go", args...)
 			cmd.Dir = b.Source
