@@ -105,8 +105,8 @@ release-verify:
 DIST_TEST_RUN ?= .
 dist-test:
 	rm -rf $(DIST_TEST_DIR)
-	$(GO) run ./tools/release --version $(DIST_TEST_VERSION) --out $(DIST_TEST_DIR) >/dev/null
-	cd tools/dist && CREDBROKER_RELEASE_DIR=$(DIST_TEST_DIR) CREDBROKER_RELEASE_VERSION=$(DIST_TEST_VERSION) \
+	commit=$$(git rev-parse HEAD) && $(GO) run ./tools/release --version $(DIST_TEST_VERSION) --out $(DIST_TEST_DIR) >/dev/null && \
+	cd tools/dist && CREDBROKER_RELEASE_DIR=$(DIST_TEST_DIR) CREDBROKER_RELEASE_VERSION=$(DIST_TEST_VERSION) CREDBROKER_RELEASE_COMMIT=$$commit \
 	    $(GO) test -count=1 -v -run '$(DIST_TEST_RUN)' -timeout $(TEST_TIMEOUT) ./...
 package-test:
 	$(MAKE) dist-test DIST_TEST_RUN=TestDebianPackage

@@ -38,7 +38,9 @@ func TestDebianPackage(t *testing.T) {
 		t.Fatal(err)
 	}
 	deb := debs[0]
-	if want := "credbroker_" + o.Version + "_" + runtime.GOARCH + ".deb"; filepath.Base(deb) != want {
+	// Debian sorts 1.0.0~rc1 before 1.0.0: a semver pre-release "-" is "~".
+	debVersion := strings.Replace(o.Version, "-", "~", 1)
+	if want := "credbroker_" + debVersion + "_" + runtime.GOARCH + ".deb"; filepath.Base(deb) != want {
 		t.Errorf("package file %s, want %s", filepath.Base(deb), want)
 	}
 
@@ -50,8 +52,8 @@ func TestDebianPackage(t *testing.T) {
 			t.Errorf("dpkg-deb --info has no %q:\n%s", want, info)
 		}
 	}
-	if got := run(t, "dpkg-deb", "--field", deb, "Version"); strings.TrimSpace(got) != strings.ReplaceAll(o.Version, "-", "~") && strings.TrimSpace(got) != o.Version {
-		t.Errorf("package version %q, want %s", got, o.Version)
+	if got := strings.TrimSpace(run(t, "dpkg-deb", "--field", deb, "Version")); got != debVersion {
+		t.Errorf("package version %q, want %s", got, debVersion)
 	}
 	contents := run(t, "dpkg-deb", "--contents", deb)
 	for _, want := range []string{

@@ -22,8 +22,9 @@ import (
 func TestMain(m *testing.M) { os.Exit(pgtest.Main(m)) }
 
 // release is the release under test: `make dist-test` builds one with
-// tools/release and names it in CREDBROKER_RELEASE_DIR and
-// CREDBROKER_RELEASE_VERSION. Without them the tests skip (fail under
+// tools/release and names it in CREDBROKER_RELEASE_DIR,
+// CREDBROKER_RELEASE_VERSION and CREDBROKER_RELEASE_COMMIT (the commit it
+// was built from, which HEAD may have left since). Without them the tests skip (fail under
 // CI=true): building six binaries is make's job, not each test's.
 func release(t *testing.T) Options {
 	t.Helper()
@@ -37,6 +38,9 @@ func release(t *testing.T) Options {
 	o := Options{Version: version, Root: "../..", Release: dir, Out: t.TempDir()}
 	if err := o.complete(); err != nil {
 		t.Fatal(err)
+	}
+	if c := os.Getenv("CREDBROKER_RELEASE_COMMIT"); c != "" {
+		o.Commit = c
 	}
 	return o
 }
