@@ -153,7 +153,8 @@ func ImageIndex(o Options) (v1.ImageIndex, error) {
 
 // BuildImage writes the index as an OCI image layout in a tar file,
 // credbroker_<version>_oci.tar in the release directory, loadable with
-// `skopeo copy oci-archive:...` or `podman load`, and returns its path.
+// `skopeo copy --all oci-archive:...` or `podman load` (which names it
+// credbroker:<version>), and returns its path.
 func BuildImage(o Options) (string, error) {
 	idx, err := ImageIndex(o)
 	if err != nil {
@@ -169,7 +170,8 @@ func BuildImage(o Options) (string, error) {
 		return "", err
 	}
 	if err := p.AppendIndex(idx, layout.WithAnnotations(map[string]string{
-		"org.opencontainers.image.ref.name": o.Version,
+		// A name and a tag: podman load names the image by it.
+		"org.opencontainers.image.ref.name": "credbroker:" + o.Version,
 	})); err != nil {
 		return "", err
 	}
