@@ -9,16 +9,19 @@ import (
 	"io"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"strings"
 	"testing"
 
+	"github.com/credbroker/credbroker/internal/testpki"
+	"github.com/credbroker/credbroker/server/config"
 	"gopkg.in/yaml.v3"
 )
 
 const chart = "credbroker"
 
 // required are the values without which the chart refuses to render.
-var required = []string{"--set", "tls.secretName=credbroker-tls", "--set", "adminPasswords.secretName=credbroker-admin"}
+var required = []string{"--set", "tls.secretName=credbroker-tls", "--set", "adminPasswords.secretName=credbroker-admin", "--set", "tls.clientCA=true"}
 
 func helmBin(t *testing.T) string {
 	t.Helper()
@@ -161,6 +164,51 @@ func TestLint(t *testing.T) {
 	}
 	if _, err := render(t, "--set", "tls.secretName=credbroker-tls"); err == nil || !strings.Contains(err.Error(), "adminPasswords.secretName is required") {
 		t.Fatalf("helm template without adminPasswords.secretName: %v, want the chart to refuse", err)
+	}
+	if _, err := render(t, "--set", "tls.secretName=credbroker-tls", "--set", "adminPasswords.secretName=credbroker-admin"); err == nil || !strings.Contains(err.Error(), "tls.clientCA (client certificates) or config.tokens") {
+		t.Fatalf("helm template with no way to authenticate callers: %v, want the chart to refuse", err)
+	}
+}
+
+// TestRenderedConfigIsValid: brokerd's own validation accepts the
+// configuration the chart renders, with the Secrets' and the volume's
+// files where the pod would have them (here under a temporary directory).
+// Only bbolt: store.etcd is not a key of brokerd's configuration yet (the
+// HA wiring is in progress).
+func TestRenderedConfigIsValid(t *testing.T) {
+	for name, args := range map[string][]string{
+		"client certificates": nil,
+		"tokens": {"--set", "tls.clientCA=false", "--set", "config.tokens[0].identity=orders",
+			"--set", "config.tokens[0].sha256=" + strings.Repeat("ab", 32), "--set", "config.admins={orders}"},
+	} {
+		t.Run(name, func(t *testing.T) {
+			cfg := brokerdConfig(t, mustRender(t, args...))
+			dir := t.TempDir()
+			b, err := yaml.Marshal(cfg)
+			if err != nil {
+				t.Fatal(err)
+			}
+			text := strings.NewReplacer("/etc/credbroker/", dir+"/etc/", "/var/lib/credbroker/", dir+"/data/").Replace(string(b))
+			for _, d := range []string{"etc/tls", "etc/passwords", "data"} {
+				if err := os.MkdirAll(filepath.Join(dir, d), 0o700); err != nil {
+					t.Fatal(err)
+				}
+			}
+			ca := testpki.NewCA(t, "chart")
+			cert, key := ca.Issue(t, testpki.Leaf{CN: "credbroker", Server: true})
+			for file, data := range map[string][]byte{"etc/tls/tls.crt": cert, "etc/tls/tls.key": key, "etc/tls/ca.crt": ca.PEM, "etc/passwords/main": []byte("secret")} {
+				if err := os.WriteFile(filepath.Join(dir, file), data, 0o600); err != nil {
+					t.Fatal(err)
+				}
+			}
+			f, err := config.Parse([]byte(text))
+			if err != nil {
+				t.Fatal(err)
+			}
+			if _, err := f.Validate(); err != nil {
+				t.Fatalf("brokerd refuses the chart's configuration:\n%v\n%s", err, text)
+			}
+		})
 	}
 }
 
