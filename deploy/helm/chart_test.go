@@ -173,13 +173,13 @@ func TestLint(t *testing.T) {
 // TestRenderedConfigIsValid: brokerd's own validation accepts the
 // configuration the chart renders, with the Secrets' and the volume's
 // files where the pod would have them (here under a temporary directory).
-// Only bbolt: store.etcd is not a key of brokerd's configuration yet (the
-// HA wiring is in progress).
 func TestRenderedConfigIsValid(t *testing.T) {
 	for name, args := range map[string][]string{
 		"client certificates": nil,
 		"tokens": {"--set", "tls.clientCA=false", "--set", "config.tokens[0].identity=orders",
 			"--set", "config.tokens[0].sha256=" + strings.Repeat("ab", 32), "--set", "config.admins={orders}"},
+		"three replicas on etcd": {"--set", "replicas=3", "--set", "store.etcd.endpoints={https://etcd-0:2379,https://etcd-1:2379}",
+			"--set", "store.etcd.prefix=/credbroker/", "--set", "store.etcd.session_ttl=10s"},
 	} {
 		t.Run(name, func(t *testing.T) {
 			cfg := brokerdConfig(t, mustRender(t, args...))
