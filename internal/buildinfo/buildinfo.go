@@ -1,7 +1,7 @@
 // Package buildinfo says which build of credbroker is running: the module
 // version and the commit it was built from, as the Go toolchain records
-// them in the binary (runtime/debug.ReadBuildInfo). Every binary's
-// --version prints it.
+// them in the binary (runtime/debug.ReadBuildInfo), or the release version
+// `make release` stamps with the linker. Every binary's --version prints it.
 package buildinfo
 
 import (
@@ -9,10 +9,19 @@ import (
 	"strings"
 )
 
+// version and commit are set by release builds (tools/release) with
+// -ldflags "-X github.com/credbroker/credbroker/internal/buildinfo.version=v1.2.3".
+// version replaces the module version, which is "(devel)" or a
+// pseudo-version for a build from a checkout; commit stands in for the
+// toolchain's vcs.revision when it recorded none (the go command does not
+// find the repository of a `git worktree` checkout, whose .git is a file).
+var version, commit string
+
 // Info is what the toolchain recorded about a build.
 type Info struct {
-	// Version is the main module's version: a tag for `go install
-	// module@version`, "(devel)" for a build from a checkout.
+	// Version is the release version stamped by `make release`, else the
+	// main module's version: a tag for `go install module@version`,
+	// "(devel)" or a pseudo-version for a build from a checkout.
 	Version string
 	// Commit is the VCS revision (empty when built without VCS
 	// information), Time its commit time, and Modified whether the
@@ -30,7 +39,19 @@ func Read() Info {
 	if !ok {
 		return Info{Version: "unknown"}
 	}
-	return fromBuildInfo(bi)
+	return stamp(fromBuildInfo(bi), version, commit)
+}
+
+// stamp puts a release version, when there is one, in place of the
+// module's, and a release commit where the toolchain recorded none.
+func stamp(info Info, release, releaseCommit string) Info {
+	if release != "" {
+		info.Version = release
+	}
+	if info.Commit == "" {
+		info.Commit = releaseCommit
+	}
+	return info
 }
 
 func fromBuildInfo(bi *debug.BuildInfo) Info {
