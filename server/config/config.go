@@ -47,6 +47,8 @@ type Config struct {
 	Security Security
 	// Metrics is the metrics and probe listener (metrics.go).
 	Metrics Metrics
+	// VaultAPI is the Vault-compatible HTTP API (vaultapi.go).
+	VaultAPI VaultAPI
 
 	// Warnings are problems that do not stop brokerd (a world-readable
 	// password file, a target no role uses, two roles sharing a proxy

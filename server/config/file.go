@@ -51,6 +51,8 @@ type File struct {
 	Audit AuditFile `yaml:"audit"`
 	// Metrics serves Prometheus metrics and health probes over HTTP.
 	Metrics MetricsFile `yaml:"metrics"`
+	// VaultAPI serves the Vault-compatible HTTP API.
+	VaultAPI VaultAPIFile `yaml:"vault_api"`
 
 	// dir is the directory of the file, against which relative paths are
 	// resolved (so a unit file's working directory does not matter).

@@ -89,6 +89,7 @@ func (f *File) Validate() (*Config, error) {
 
 	c.Security = v.security(f, c.Roles)
 	c.Metrics = v.metrics(f)
+	c.VaultAPI = v.vaultAPI(f)
 
 	c.Warnings = v.warnings
 	if errs := f.withShapeErrors(v.errs); len(errs) > 0 {
