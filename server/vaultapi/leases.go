@@ -112,15 +112,16 @@ func parseIncrement(raw json.RawMessage) (time.Duration, error) {
 	return d, nil
 }
 
-// seconds is a lease's time left in whole seconds, as Vault counts it,
-// rounded to the nearest second: the call itself takes a few
-// milliseconds, and a 10-second lease should read 10, not 9.
+// seconds is a lease's time left in whole seconds, truncated as Vault
+// truncates it: a client never believes it has more time than it has
+// (the Go client's LifetimeWatcher stops renewing and reports done from
+// this number).
 func seconds(until time.Time) int64 {
 	d := time.Until(until)
 	if d <= 0 {
 		return 0
 	}
-	return int64((d + time.Second/2) / time.Second)
+	return int64(d / time.Second)
 }
 
 // live says whether a lease still exists as Vault sees leases: revoked
