@@ -63,6 +63,7 @@ roles:
 		"log.level":                    strings.ToLower(c.Log.Level.String()),
 		"log.format":                   c.Log.Format,
 		"dsn_sslmode":                  c.DSNSSLMode,
+		"vault_api.mount":              c.VaultAPI.Mount,
 	}
 	stated := map[string]bool{}
 	for _, m := range readmeDefault.FindAllStringSubmatch(string(raw), -1) {
