@@ -303,7 +303,7 @@ func TestDev(t *testing.T) {
 	ready := make(chan *devSession, 1)
 	done := make(chan error, 1)
 	go func() {
-		done <- runDev(ctx, "127.0.0.1:0", &stdout, &stderr, func(s *devSession) { ready <- s })
+		done <- runDev(ctx, "127.0.0.1:0", "127.0.0.1:0", &stdout, &stderr, func(s *devSession) { ready <- s })
 	}()
 	var s *devSession
 	select {
@@ -404,7 +404,7 @@ func TestDevListenTaken(t *testing.T) {
 	defer held.Close()
 	start := time.Now()
 	var stdout, stderr bytes.Buffer
-	err = runDev(context.Background(), held.Addr().String(), &stdout, &stderr, nil)
+	err = runDev(context.Background(), held.Addr().String(), "", &stdout, &stderr, nil)
 	if err == nil || !strings.Contains(err.Error(), "address already in use") {
 		t.Fatalf("err = %v", err)
 	}
