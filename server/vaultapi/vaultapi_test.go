@@ -19,6 +19,7 @@ import (
 
 	"github.com/credbroker/credbroker/internal/pgtest"
 	"github.com/credbroker/credbroker/internal/syncbuf"
+	"github.com/credbroker/credbroker/internal/testpki"
 	"github.com/credbroker/credbroker/server"
 	"github.com/credbroker/credbroker/server/config"
 	"github.com/credbroker/credbroker/server/daemon"
@@ -99,7 +100,11 @@ audit: {path: %q}
 	case err := <-served:
 		t.Fatalf("serve: %v", err)
 	}
-	return &broker{t: t, d: d, tg: tg, addr: "http://" + d.VaultAPIAddr().String(), log: logs, audit: auditPath, cancel: cancel}
+	scheme := "http://"
+	if cfg.Security.TLS != nil {
+		scheme = "https://"
+	}
+	return &broker{t: t, d: d, tg: tg, addr: scheme + d.VaultAPIAddr().String(), log: logs, audit: auditPath, cancel: cancel}
 }
 
 // tokenConfig has tokens for svc (may issue read_only and short), other
@@ -702,6 +707,95 @@ func TestTokenHeaders(t *testing.T) {
 		}
 		if got := decode(t, tc.name, string(raw))["data"].(map[string]any)["display_name"]; got != tc.who {
 			t.Errorf("%s: identity %v, want %s", tc.name, got, tc.who)
+		}
+	}
+}
+
+// TestMutualTLSIdentity: with tls and a client CA, the Vault API serves
+// HTTPS with the gRPC certificate, a verified client certificate names
+// the caller as over gRPC, a certificate and a token together are
+// refused, and the calls are counted under their gRPC methods.
+func TestMutualTLSIdentity(t *testing.T) {
+	dir := t.TempDir()
+	ca := testpki.NewCA(t, "vault-api-ca")
+	caFile := ca.WriteCA(t, dir, "ca.crt")
+	certFile, keyFile := ca.WriteLeaf(t, dir, "server", testpki.Leaf{CN: "brokerd", Server: true})
+	clientCert, clientKey := ca.WriteLeaf(t, dir, "payments", testpki.Leaf{URI: "spiffe://test/payments"})
+	b := startBroker(t, fmt.Sprintf(`tls: {cert_file: %q, key_file: %q, client_ca_file: %q}
+metrics: {listen: 127.0.0.1:0}
+roles:
+  - {name: read_only, target: main, proxy_role: %%[1]s, default_ttl: 1m, max_ttl: 5m, allowed: ["spiffe://test/*", svc]}
+tokens: [{identity: svc, sha256: %s}]
+`, certFile, keyFile, caFile, server.TokenHash(svcToken)))
+
+	tlsClient := func(cert bool) *vault.Client {
+		cfg := vault.DefaultConfig()
+		cfg.Address = b.addr
+		cfg.MaxRetries = 0
+		tc := &vault.TLSConfig{CACert: caFile}
+		if cert {
+			tc.ClientCert, tc.ClientKey = clientCert, clientKey
+		}
+		if err := cfg.ConfigureTLS(tc); err != nil {
+			t.Fatal(err)
+		}
+		c, err := vault.NewClient(cfg)
+		if err != nil {
+			t.Fatal(err)
+		}
+		c.ClearToken()
+		return c
+	}
+	withCert := tlsClient(true)
+	self, err := withCert.Auth().Token().LookupSelf()
+	if err != nil {
+		t.Fatalf("lookup-self with a client certificate: %v", err)
+	}
+	if self.Data["display_name"] != "spiffe://test/payments" {
+		t.Errorf("identity %v, want the certificate's URI SAN", self.Data["display_name"])
+	}
+	s := issue(t, withCert, "read_only")
+	l, err := withCert.Sys().Lookup(s.LeaseID)
+	if err != nil {
+		t.Fatalf("lookup of its own lease: %v", err)
+	}
+	if l.Data["id"] != s.LeaseID {
+		t.Errorf("lookup: %v", l.Data)
+	}
+	// The token's identity does not own the certificate's lease.
+	byToken := tlsClient(false)
+	byToken.SetToken(svcToken)
+	_, err = byToken.Sys().Lookup(s.LeaseID)
+	wantCode(t, "lookup of the certificate identity's lease by a token", err, http.StatusBadRequest)
+	issue(t, byToken, "read_only")
+	both := tlsClient(true)
+	both.SetToken(svcToken)
+	_, err = both.Logical().Read("database/creds/read_only")
+	wantCode(t, "a certificate and a token together", err, http.StatusForbidden)
+
+	// Plaintext to the TLS port gets no credential.
+	if resp, err := http.Get("http://" + b.d.VaultAPIAddr().String() + "/v1/database/creds/read_only"); err == nil {
+		resp.Body.Close()
+		if resp.StatusCode == http.StatusOK {
+			t.Error("plaintext request answered 200")
+		}
+	}
+
+	// Metrics: the issues counted under IssueCredential, refusals as denials.
+	hc := withCert.CloneConfig().HttpClient
+	resp, err := hc.Get("https://" + b.d.MetricsAddr().String() + "/metrics")
+	if err != nil {
+		t.Fatal(err)
+	}
+	raw, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	for _, want := range []string{
+		`grpc_server_handled_total{grpc_code="OK",grpc_method="IssueCredential",grpc_service="credbroker.v1.CredentialService",grpc_type="unary"} 2`,
+		`credbroker_issued_total{role="read_only"} 2`,
+		`credbroker_requests_denied_total{reason="unauthenticated"} 1`,
+	} {
+		if !strings.Contains(string(raw), want) {
+			t.Errorf("metrics lack %s", want)
 		}
 	}
 }
