@@ -15,6 +15,7 @@ import (
 	"runtime/debug"
 	"strings"
 
+	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
@@ -103,22 +104,26 @@ func New(cfg Config) (*Handler, error) {
 	return &Handler{
 		cfg:   cfg,
 		log:   log,
-		creds: pb.NewCredentialServiceClient(cfg.Invoker),
-		admin: pb.NewAdminServiceClient(cfg.Invoker),
+		creds: pb.NewCredentialServiceClient(markingConn{cfg.Invoker}),
+		admin: pb.NewAdminServiceClient(markingConn{cfg.Invoker}),
 	}, nil
 }
 
 // request is one HTTP request on its way through the handler.
 type request struct {
-	w    http.ResponseWriter
-	r    *http.Request
-	ctx  context.Context // carries the caller (server.ContextWithCaller)
-	op   string          // "read", "list", "update"
-	path string          // after /v1/, without a trailing '/'
-	// dir is true when the path ended in '/' (LIST on a prefix).
-	dir   bool
+	w     http.ResponseWriter
+	r     *http.Request
+	ctx   context.Context // carries the caller (server.ContextWithCaller)
+	op    string          // "read", "list", "update", "head"
+	path  string          // after /v1/, without a trailing '/'
 	token string
+	// called is set once the request has made a call through the
+	// Invoker, which logs and audits it; requests answered before that
+	// are logged by ServeHTTP.
+	called bool
 }
+
+type requestKey struct{}
 
 // Operations, as Vault names them: GET is read, LIST (or GET with
 // ?list=true) is list, PUT and POST are update.
@@ -126,6 +131,9 @@ const (
 	opRead   = "read"
 	opList   = "list"
 	opUpdate = "update"
+	// opHead is HEAD, which only sys/health answers: a HEAD of creds
+	// must not issue a credential whose answer nobody reads.
+	opHead = "head"
 )
 
 // ServeHTTP implements http.Handler.
@@ -144,11 +152,14 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		writeErrors(w, http.StatusNotFound, "credbroker serves Vault's API under /v1/ only")
 		return
 	}
-	req := &request{w: w, r: r}
-	req.dir = strings.HasSuffix(path, "/")
+	rec := &statusRecorder{ResponseWriter: w}
+	req := &request{w: rec, r: r}
 	req.path = strings.TrimSuffix(path, "/")
+	defer h.logUncalled(req, rec)
 	switch r.Method {
-	case http.MethodGet, http.MethodHead:
+	case http.MethodHead:
+		req.op = opHead
+	case http.MethodGet:
 		req.op = opRead
 		if l := r.URL.Query().Get("list"); l == "true" || l == "1" {
 			req.op = opList
@@ -158,7 +169,7 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	case http.MethodPut, http.MethodPost:
 		req.op = opUpdate
 	default:
-		writeErrors(w, http.StatusMethodNotAllowed, "unsupported operation")
+		writeErrors(rec, http.StatusMethodNotAllowed, "unsupported operation")
 		return
 	}
 	req.token = r.Header.Get("X-Vault-Token")
@@ -173,7 +184,8 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		Token: req.token,
 		Via:   "vault_api",
 	})
-	r.Body = http.MaxBytesReader(w, r.Body, MaxBodyBytes)
+	req.ctx = context.WithValue(req.ctx, requestKey{}, req)
+	r.Body = http.MaxBytesReader(rec, r.Body, MaxBodyBytes)
 	h.route(req)
 }
 
@@ -183,7 +195,7 @@ func (h *Handler) route(req *request) {
 	mount := h.cfg.Mount
 	switch {
 	case p == "sys/health":
-		h.only(req, h.health, opRead)
+		h.only(req, h.health, opRead, opHead)
 	case p == "sys/seal-status":
 		h.only(req, h.sealStatus, opRead)
 	case p == "sys/mounts":
@@ -228,6 +240,59 @@ func (h *Handler) only(req *request, fn func(*request), ops ...string) {
 		}
 	}
 	writeErrors(req.w, http.StatusMethodNotAllowed, "unsupported operation")
+}
+
+// markingConn marks the request of a call's context as called.
+type markingConn struct{ inv *server.Invoker }
+
+func (m markingConn) Invoke(ctx context.Context, method string, args, reply any, opts ...grpc.CallOption) error {
+	if req, ok := ctx.Value(requestKey{}).(*request); ok {
+		req.called = true
+	}
+	return m.inv.Invoke(ctx, method, args, reply, opts...)
+}
+
+func (m markingConn) NewStream(ctx context.Context, desc *grpc.StreamDesc, method string, opts ...grpc.CallOption) (grpc.ClientStream, error) {
+	return m.inv.NewStream(ctx, desc, method, opts...)
+}
+
+// statusRecorder remembers the status a handler answered.
+type statusRecorder struct {
+	http.ResponseWriter
+	code int
+}
+
+func (s *statusRecorder) WriteHeader(code int) {
+	if s.code == 0 {
+		s.code = code
+	}
+	s.ResponseWriter.WriteHeader(code)
+}
+
+func (s *statusRecorder) Write(b []byte) (int, error) {
+	if s.code == 0 {
+		s.code = http.StatusOK
+	}
+	return s.ResponseWriter.Write(b)
+}
+
+// logUncalled logs a request the handler answered without a call (a
+// call has its own log line and audit record): a refused path, method or
+// body, a token lookup. Probes are not logged: they come every few
+// seconds and say nothing.
+func (h *Handler) logUncalled(req *request, rec *statusRecorder) {
+	if req.called || req.path == "sys/health" || req.path == "sys/seal-status" {
+		return
+	}
+	level := slog.LevelInfo
+	if rec.code >= 500 {
+		level = slog.LevelError
+	}
+	h.log.LogAttrs(req.r.Context(), level, "vault_api request",
+		slog.String("method", req.r.Method),
+		slog.String("path", truncate(req.r.URL.Path)),
+		slog.Int("status", rec.code),
+		slog.String("peer", req.r.RemoteAddr))
 }
 
 func remoteAddr(r *http.Request) net.Addr {

@@ -471,14 +471,21 @@ func TestVaultClientErrors(t *testing.T) {
 		{"GET", "/v1/secret/data/app", ``, http.StatusNotFound},
 		{"GET", "/v2/sys/health", ``, http.StatusNotFound},
 		{"GET", "/v1/database/roles/nope", ``, http.StatusForbidden}, // roles are an admin's view
+		{"HEAD", "/v1/database/creds/read_only", ``, http.StatusMethodNotAllowed},
 	} {
 		code, body := b.do(t, tc.method, tc.path, svcToken, tc.body)
 		if code != tc.want {
 			t.Errorf("%s %s %.40q: %d %s, want %d", tc.method, tc.path, tc.body, code, body, tc.want)
 		}
-		if !strings.HasPrefix(body, `{"errors":[`) {
+		if tc.method != "HEAD" && !strings.HasPrefix(body, `{"errors":[`) {
 			t.Errorf("%s %s: body %s, want Vault's {\"errors\":[...]}", tc.method, tc.path, body)
 		}
+	}
+	if n := strings.Count(b.log.String(), `msg="vault_api request"`); n < 10 {
+		t.Errorf("%d requests refused before any call were logged, want every one", n)
+	}
+	if strings.Contains(b.log.String(), svcToken) {
+		t.Error("a token is in brokerd's log")
 	}
 	code, body := b.do(t, "GET", "/v1/database/roles/nope", adminToken, "")
 	if code != http.StatusNotFound || body != `{"errors":[]}`+"\n" {
@@ -638,6 +645,9 @@ func TestPlainHTTPRequestShapes(t *testing.T) {
 	code, body = b.do(t, "GET", "/v1/sys/health", "", "")
 	if h := decode(t, "health", body); code != http.StatusOK || h["initialized"] != true || h["sealed"] != false || h["standby"] != false {
 		t.Errorf("sys/health: %d %s", code, body)
+	}
+	if code, _ = b.do(t, "HEAD", "/v1/sys/health", "", ""); code != http.StatusOK {
+		t.Errorf("HEAD sys/health: %d", code)
 	}
 	code, body = b.do(t, "GET", "/v1/sys/seal-status", "", "")
 	if h := decode(t, "seal-status", body); code != http.StatusOK || h["sealed"] != false {
