@@ -113,15 +113,33 @@ func parseIncrement(raw json.RawMessage) (time.Duration, error) {
 }
 
 // seconds is a lease's time left in whole seconds, truncated as Vault
-// truncates it: a client never believes it has more time than it has
-// (the Go client's LifetimeWatcher stops renewing and reports done from
-// this number).
+// truncates a lookup's ttl: a client never believes it has more time
+// than it has.
 func seconds(until time.Time) int64 {
 	d := time.Until(until)
 	if d <= 0 {
 		return 0
 	}
 	return int64(d / time.Second)
+}
+
+// renewedSeconds is a renewal's lease_duration. Vault answers the TTL it
+// granted (an increment of 2 reads 2, not the 1.99 seconds left by the
+// time the answer is written), which the Go client's LifetimeWatcher
+// plans its next renewal from: truncating would make a short lease look
+// as if renewals no longer extended it, and the watcher give up. Once
+// the lease is capped at its max TTL, it is the time left, truncated, so
+// a watcher reports done before the lease ends.
+func renewedSeconds(l *pb.Lease) int64 {
+	exp := l.GetExpireTime().AsTime()
+	if !exp.Before(l.GetMaxExpireTime().AsTime()) {
+		return seconds(exp)
+	}
+	d := time.Until(exp)
+	if d <= 0 {
+		return 0
+	}
+	return int64((d + time.Second/2) / time.Second)
 }
 
 // live says whether a lease still exists as Vault sees leases: revoked
@@ -196,7 +214,7 @@ func (h *Handler) renew(req *request) {
 	s := newSecret()
 	s.LeaseID = h.vaultLeaseID(role, l.GetId())
 	s.Renewable = l.GetState() == pb.LeaseState_LEASE_STATE_ACTIVE
-	s.LeaseDuration = seconds(l.GetExpireTime().AsTime())
+	s.LeaseDuration = renewedSeconds(l)
 	if inc > 0 && time.Until(l.GetExpireTime().AsTime()) < inc-time.Second {
 		s.Warnings = append(s.Warnings, fmt.Sprintf("TTL of %q exceeded the effective max_ttl; TTL value is capped accordingly (the lease ends at %s)",
 			inc.String(), l.GetMaxExpireTime().AsTime().UTC().Format(time.RFC3339)))
