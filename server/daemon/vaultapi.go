@@ -5,6 +5,7 @@ import (
 	"crypto/tls"
 	"errors"
 	"fmt"
+	"log/slog"
 	"net"
 	"net/http"
 	"time"
@@ -82,6 +83,9 @@ func (d *Daemon) serveVaultAPI() error {
 		ReadHeaderTimeout: vaultAPIReadHeaderTimeout,
 		ReadTimeout:       vaultAPIReadTimeout,
 		IdleTimeout:       vaultAPIIdleTimeout,
+		// net/http's own complaints (a failed TLS handshake, a plaintext
+		// request on the TLS port) go to brokerd's log, not stderr.
+		ErrorLog: slog.NewLogLogger(d.log.Handler(), slog.LevelWarn),
 	}
 	lis := s.lis
 	if d.security.certs != nil {
