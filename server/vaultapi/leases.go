@@ -215,7 +215,7 @@ func (h *Handler) renew(req *request) {
 	s.LeaseID = h.vaultLeaseID(role, l.GetId())
 	s.Renewable = l.GetState() == pb.LeaseState_LEASE_STATE_ACTIVE
 	s.LeaseDuration = renewedSeconds(l)
-	if inc > 0 && time.Until(l.GetExpireTime().AsTime()) < inc-time.Second {
+	if exp, max := l.GetExpireTime().AsTime(), l.GetMaxExpireTime().AsTime(); inc > 0 && !exp.Before(max) && time.Now().Add(inc).After(max) {
 		s.Warnings = append(s.Warnings, fmt.Sprintf("TTL of %q exceeded the effective max_ttl; TTL value is capped accordingly (the lease ends at %s)",
 			inc.String(), l.GetMaxExpireTime().AsTime().UTC().Format(time.RFC3339)))
 	}
