@@ -276,6 +276,17 @@ func TestVaultClientLifecycle(t *testing.T) {
 	}
 	_, err = other.Sys().Renew(s.LeaseID, 10)
 	wantCode(t, "renew of another identity's lease", err, http.StatusBadRequest)
+	// Revoking another identity's lease answers as for an unknown lease
+	// (204, as Vault), and revokes nothing.
+	if err := other.Sys().Revoke(s.LeaseID); err != nil {
+		t.Errorf("revoke of another identity's lease: %v, want 204", err)
+	}
+	if !b.roleExists(ctx, username) {
+		t.Fatalf("another identity's revoke dropped user %s", username)
+	}
+	// The role segment of a lease id must be the lease's, for lookup.
+	_, err = svc.Sys().Lookup(strings.Replace(s.LeaseID, "/read_only/", "/short/", 1))
+	wantCode(t, "lookup under another role", err, http.StatusBadRequest)
 
 	// Revoke: returns once the user is gone; the open session is ended.
 	if err := svc.Sys().Revoke(s.LeaseID); err != nil {
