@@ -2,6 +2,7 @@ package vaultapi
 
 import (
 	"net/http"
+	"strings"
 	"time"
 
 	"github.com/credbroker/credbroker/server"
@@ -102,6 +103,24 @@ func (h *Handler) mounts(req *request) {
 	body["warnings"] = nil
 	body["auth"] = nil
 	writeJSON(req.w, http.StatusOK, body)
+}
+
+// preflight is GET sys/internal/ui/mounts/<path>, which Vault Agent and
+// consul-template ask before every read to learn whether the path is a
+// KV v2 store: under the mount it is the database engine, anywhere else
+// there is nothing.
+func (h *Handler) preflight(req *request) {
+	if _, ok := h.authenticated(req); !ok {
+		return
+	}
+	p := strings.TrimPrefix(req.path, "sys/internal/ui/mounts/")
+	if p != h.cfg.Mount && !strings.HasPrefix(p, h.cfg.Mount+"/") {
+		writeErrors(req.w, http.StatusNotFound)
+		return
+	}
+	s := newSecret()
+	s.Data = map[string]any{"path": h.cfg.Mount + "/", "type": "database", "options": nil}
+	writeJSON(req.w, http.StatusOK, s)
 }
 
 // policies are the Vault policy names an identity is shown with.

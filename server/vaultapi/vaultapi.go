@@ -200,6 +200,8 @@ func (h *Handler) route(req *request) {
 		h.only(req, h.sealStatus, opRead)
 	case p == "sys/mounts":
 		h.only(req, h.mounts, opRead)
+	case strings.HasPrefix(p, "sys/internal/ui/mounts/"):
+		h.only(req, h.preflight, opRead)
 	case p == "sys/leases/lookup" && req.op == opList,
 		strings.HasPrefix(p, "sys/leases/lookup/"):
 		h.only(req, h.listLeases, opList)

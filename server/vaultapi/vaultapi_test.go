@@ -672,6 +672,19 @@ func TestPlainHTTPRequestShapes(t *testing.T) {
 		t.Errorf("sys/mounts: %v, want database/ of type database", mounts)
 	}
 
+	health, err := b.client("").Sys().Health()
+	if err != nil || !health.Initialized || health.Sealed || health.Standby {
+		t.Errorf("Sys().Health(): %+v, %v", health, err)
+	}
+	// Vault Agent's and consul-template's KV v2 preflight before a read.
+	code, body = b.do(t, "GET", "/v1/sys/internal/ui/mounts/database/creds/read_only", anyToken, "")
+	if pf := decode(t, "preflight", body); code != http.StatusOK || pf["data"].(map[string]any)["type"] != "database" {
+		t.Errorf("preflight: %d %s", code, body)
+	}
+	if code, _ = b.do(t, "GET", "/v1/sys/internal/ui/mounts/secret/app", anyToken, ""); code != http.StatusNotFound {
+		t.Errorf("preflight of another mount: %d, want 404", code)
+	}
+
 	// Token endpoints.
 	self, err := b.client(anyToken).Auth().Token().LookupSelf()
 	if err != nil {
