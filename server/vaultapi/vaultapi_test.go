@@ -575,6 +575,12 @@ func TestPlainHTTPRequestShapes(t *testing.T) {
 		t.Fatalf("GET creds without a token in local mode: %d %s", code, body)
 	}
 	second := decode(t, "GET creds", body)["lease_id"].(string)
+	// An unknown role, where no allow-list hides it: Vault's database
+	// engine's 400 "unknown role".
+	code, body = b.do(t, "GET", "/v1/database/creds/nope", anyToken, "")
+	if code != http.StatusBadRequest || !strings.Contains(body, "unknown role: nope") {
+		t.Errorf("GET creds of an unknown role: %d %s, want 400 unknown role", code, body)
+	}
 
 	for _, tc := range []struct {
 		method, path, body string
