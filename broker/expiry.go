@@ -170,8 +170,14 @@ func (b *Broker) maintenanceLoop(ctx context.Context) {
 		b.revokeDisconnected(ctx)
 		if now := b.clock.Now(); !now.Before(nextReconcile) {
 			nextReconcile = now.Add(b.cfg.ReconcileInterval)
-			if _, err := b.Reconcile(ctx); err != nil && !errors.Is(err, context.Canceled) {
+			res, err := b.Reconcile(ctx)
+			if err != nil && !errors.Is(err, context.Canceled) {
 				b.log.Warn("reconciliation incomplete", "err", err)
+			}
+			if res.Pending > 0 && b.cfg.ReconcileConfirm < b.cfg.ReconcileInterval {
+				// The second sweep that may confirm them, no later than
+				// needed.
+				nextReconcile = now.Add(b.cfg.ReconcileConfirm)
 			}
 			if n, err := b.PurgeTombstones(ctx); err != nil {
 				b.log.Warn("tombstone purge failed", "err", err)

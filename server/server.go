@@ -99,6 +99,9 @@ type Config struct {
 	// RootRotator, when set, serves AdminService.RotateRootCredential
 	// (see admin_rotate.go); without it that call is Unimplemented.
 	RootRotator RootRotator
+	// Status, when set, serves AdminService.GetStatus (admin_status.go);
+	// without it that call is Unimplemented.
+	Status StatusSource
 	// ObserveUnary and ObserveStream, when set, run outside every other
 	// interceptor, so they see every call, refused ones included
 	// (metrics). They must not change a call.
@@ -206,6 +209,7 @@ func NewGRPCServer(cfg Config, opts ...grpc.ServerOption) *grpc.Server {
 		auditor:         cfg.Auditor,
 		quota:           newQuotaKeeper(cfg.Quotas, cfg.Broker),
 		rotator:         cfg.RootRotator,
+		status:          cfg.Status,
 		keepAliveSlots:  make(chan struct{}, maxKeepAliveInflight),
 	}
 	if c.authn == nil {
@@ -327,6 +331,7 @@ type core struct {
 	requiredAuditor CheckedAuditor
 	quota           *quotaKeeper
 	rotator         RootRotator
+	status          StatusSource
 	// keepAliveSlots bounds the KeepAlive requests being handled across
 	// all streams (see keepalive.go).
 	keepAliveSlots chan struct{}

@@ -53,7 +53,21 @@ func (k keys) lease(id string) string        { return k.prefix + sectionLease + 
 func (k keys) intent(id string) string       { return k.prefix + sectionIntent + id }
 func (k keys) lastIssued(role string) string { return k.prefix + sectionLastIssued + role }
 func (k keys) group() string                 { return k.prefix + keyGroup }
-func (k keys) section(s string) string       { return k.prefix + s }
+
+// Keys of the group's members and its election (leader.go), attached to
+// each brokerd's session lease, so they vanish with it:
+//
+//	P instance/<name>        -> memberValue (JSON)
+//	P leader/<lease hex>     -> leaderValue (JSON); the election's keys,
+//	                            the first created leads
+const (
+	sectionInstance = "instance/"
+	electionPrefix  = "leader" // concurrency.NewElection appends "/"
+)
+
+func (k keys) instance(name string) string { return k.prefix + sectionInstance + name }
+func (k keys) election() string            { return k.prefix + electionPrefix }
+func (k keys) section(s string) string     { return k.prefix + s }
 
 // leaseID returns the id of a lease key.
 func (k keys) leaseID(key []byte) string { return string(key[len(k.prefix)+len(sectionLease):]) }

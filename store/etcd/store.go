@@ -223,14 +223,37 @@ func (s *Store) get(ctx context.Context, key string, opts ...clientv3.OpOption) 
 }
 
 // commit runs one write Txn. Its error is errWrite's.
+//
+// A write under a leadership term (broker.FenceFrom(ctx)) is fenced: the
+// Txn is nested in one that compares the election key's create revision,
+// so a broker deposed while the write was in flight changes nothing and
+// gets broker.ErrNotLeader; the caller sees the inner Txn's response, as
+// if unfenced.
 func (s *Store) commit(ctx context.Context, op string, cmps []clientv3.Cmp, then, els []clientv3.Op) (*clientv3.TxnResponse, error) {
 	rctx, cancel := s.request(ctx)
 	defer cancel()
-	resp, err := s.cli.Txn(rctx).If(cmps...).Then(then...).Else(els...).Commit()
+	fence, fenced := broker.FenceFrom(ctx)
+	if !fenced {
+		resp, err := s.cli.Txn(rctx).If(cmps...).Then(then...).Else(els...).Commit()
+		if err != nil {
+			return nil, errWrite(op, err)
+		}
+		return resp, nil
+	}
+	resp, err := s.cli.Txn(rctx).
+		If(clientv3.Compare(clientv3.CreateRevision(fence.Key), "=", fence.Revision)).
+		Then(clientv3.OpTxn(cmps, then, els)).
+		Commit()
 	if err != nil {
 		return nil, errWrite(op, err)
 	}
-	return resp, nil
+	if !resp.Succeeded {
+		return nil, fmt.Errorf("etcd %s: %w: the leadership term of %s (revision %d) has ended; the write was refused",
+			op, broker.ErrNotLeader, fence.Key, fence.Revision)
+	}
+	inner := (*clientv3.TxnResponse)(resp.Responses[0].GetResponseTxn())
+	inner.Header = resp.Header
+	return inner, nil
 }
 
 // readTxn runs a Txn of reads only (ops are Gets), at one revision.
@@ -249,7 +272,12 @@ func errWrite(op string, err error) error {
 	if refused(err) {
 		return fmt.Errorf("etcd %s: %w", op, err)
 	}
-	return fmt.Errorf("etcd %s: %w: %w", op, broker.ErrUnknownOutcome, err)
+	if errors.Is(err, context.Canceled) {
+		return fmt.Errorf("etcd %s: %w: %w", op, broker.ErrUnknownOutcome, err)
+	}
+	// etcd could not be reached or has no quorum: callers answer
+	// Unavailable (the broker's issue path undoes what it can).
+	return fmt.Errorf("etcd %s: %w: %w: %w", op, broker.ErrUnavailable, broker.ErrUnknownOutcome, err)
 }
 
 func refused(err error) bool {
@@ -273,8 +301,14 @@ func refused(err error) bool {
 	return false
 }
 
-// errRead wraps a failed read.
-func errRead(op string, err error) error { return fmt.Errorf("etcd %s: %w", op, err) }
+// errRead wraps a failed read: one etcd did not refuse (a timeout, no
+// quorum, no connection) is broker.ErrUnavailable.
+func errRead(op string, err error) error {
+	if refused(err) || errors.Is(err, context.Canceled) {
+		return fmt.Errorf("etcd %s: %w", op, err)
+	}
+	return fmt.Errorf("etcd %s: %w: %w", op, broker.ErrUnavailable, err)
+}
 
 // PutIntent writes the intent's key.
 func (s *Store) PutIntent(ctx context.Context, in broker.Intent) error {

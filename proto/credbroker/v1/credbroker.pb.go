@@ -1401,6 +1401,204 @@ func (x *RotateRootCredentialResponse) GetRotateTime() *timestamppb.Timestamp {
 	return nil
 }
 
+type GetStatusRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *GetStatusRequest) Reset() {
+	*x = GetStatusRequest{}
+	mi := &file_credbroker_v1_credbroker_proto_msgTypes[21]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GetStatusRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GetStatusRequest) ProtoMessage() {}
+
+func (x *GetStatusRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_credbroker_v1_credbroker_proto_msgTypes[21]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GetStatusRequest.ProtoReflect.Descriptor instead.
+func (*GetStatusRequest) Descriptor() ([]byte, []int) {
+	return file_credbroker_v1_credbroker_proto_rawDescGZIP(), []int{21}
+}
+
+type GetStatusResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// store is the lease store's backend: "bbolt" or "etcd".
+	Store string `protobuf:"bytes,1,opt,name=store,proto3" json:"store,omitempty"`
+	// instances are the live instances of the group, by name.
+	Instances []*Instance `protobuf:"bytes,2,rep,name=instances,proto3" json:"instances,omitempty"`
+	// leader is the name of the leading instance; empty while none leads
+	// (an election under way).
+	Leader string `protobuf:"bytes,3,opt,name=leader,proto3" json:"leader,omitempty"`
+	// leader_since is when the leader's term began.
+	LeaderSince *timestamppb.Timestamp `protobuf:"bytes,4,opt,name=leader_since,json=leaderSince,proto3" json:"leader_since,omitempty"`
+	// answered_by is the name of the instance that answered.
+	AnsweredBy    string `protobuf:"bytes,5,opt,name=answered_by,json=answeredBy,proto3" json:"answered_by,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *GetStatusResponse) Reset() {
+	*x = GetStatusResponse{}
+	mi := &file_credbroker_v1_credbroker_proto_msgTypes[22]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GetStatusResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GetStatusResponse) ProtoMessage() {}
+
+func (x *GetStatusResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_credbroker_v1_credbroker_proto_msgTypes[22]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GetStatusResponse.ProtoReflect.Descriptor instead.
+func (*GetStatusResponse) Descriptor() ([]byte, []int) {
+	return file_credbroker_v1_credbroker_proto_rawDescGZIP(), []int{22}
+}
+
+func (x *GetStatusResponse) GetStore() string {
+	if x != nil {
+		return x.Store
+	}
+	return ""
+}
+
+func (x *GetStatusResponse) GetInstances() []*Instance {
+	if x != nil {
+		return x.Instances
+	}
+	return nil
+}
+
+func (x *GetStatusResponse) GetLeader() string {
+	if x != nil {
+		return x.Leader
+	}
+	return ""
+}
+
+func (x *GetStatusResponse) GetLeaderSince() *timestamppb.Timestamp {
+	if x != nil {
+		return x.LeaderSince
+	}
+	return nil
+}
+
+func (x *GetStatusResponse) GetAnsweredBy() string {
+	if x != nil {
+		return x.AnsweredBy
+	}
+	return ""
+}
+
+// Instance is one brokerd of a broker group.
+type Instance struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// name is the instance's `instance` setting (default: its host name).
+	Name string `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	// address is the gRPC address it serves.
+	Address   string                 `protobuf:"bytes,2,opt,name=address,proto3" json:"address,omitempty"`
+	Version   string                 `protobuf:"bytes,3,opt,name=version,proto3" json:"version,omitempty"`
+	StartTime *timestamppb.Timestamp `protobuf:"bytes,4,opt,name=start_time,json=startTime,proto3" json:"start_time,omitempty"`
+	// leader is true for the instance that leads the group.
+	Leader        bool `protobuf:"varint,5,opt,name=leader,proto3" json:"leader,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Instance) Reset() {
+	*x = Instance{}
+	mi := &file_credbroker_v1_credbroker_proto_msgTypes[23]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Instance) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Instance) ProtoMessage() {}
+
+func (x *Instance) ProtoReflect() protoreflect.Message {
+	mi := &file_credbroker_v1_credbroker_proto_msgTypes[23]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Instance.ProtoReflect.Descriptor instead.
+func (*Instance) Descriptor() ([]byte, []int) {
+	return file_credbroker_v1_credbroker_proto_rawDescGZIP(), []int{23}
+}
+
+func (x *Instance) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *Instance) GetAddress() string {
+	if x != nil {
+		return x.Address
+	}
+	return ""
+}
+
+func (x *Instance) GetVersion() string {
+	if x != nil {
+		return x.Version
+	}
+	return ""
+}
+
+func (x *Instance) GetStartTime() *timestamppb.Timestamp {
+	if x != nil {
+		return x.StartTime
+	}
+	return nil
+}
+
+func (x *Instance) GetLeader() bool {
+	if x != nil {
+		return x.Leader
+	}
+	return false
+}
+
 var File_credbroker_v1_credbroker_proto protoreflect.FileDescriptor
 
 const file_credbroker_v1_credbroker_proto_rawDesc = "" +
@@ -1502,7 +1700,22 @@ const file_credbroker_v1_credbroker_proto_rawDesc = "" +
 	"\x06target\x18\x01 \x01(\tR\x06target\x12\x16\n" +
 	"\x06source\x18\x02 \x01(\tR\x06source\x12;\n" +
 	"\vrotate_time\x18\x03 \x01(\v2\x1a.google.protobuf.TimestampR\n" +
-	"rotateTime*\xac\x01\n" +
+	"rotateTime\"\x12\n" +
+	"\x10GetStatusRequest\"\xd8\x01\n" +
+	"\x11GetStatusResponse\x12\x14\n" +
+	"\x05store\x18\x01 \x01(\tR\x05store\x125\n" +
+	"\tinstances\x18\x02 \x03(\v2\x17.credbroker.v1.InstanceR\tinstances\x12\x16\n" +
+	"\x06leader\x18\x03 \x01(\tR\x06leader\x12=\n" +
+	"\fleader_since\x18\x04 \x01(\v2\x1a.google.protobuf.TimestampR\vleaderSince\x12\x1f\n" +
+	"\vanswered_by\x18\x05 \x01(\tR\n" +
+	"answeredBy\"\xa5\x01\n" +
+	"\bInstance\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12\x18\n" +
+	"\aaddress\x18\x02 \x01(\tR\aaddress\x12\x18\n" +
+	"\aversion\x18\x03 \x01(\tR\aversion\x129\n" +
+	"\n" +
+	"start_time\x18\x04 \x01(\v2\x1a.google.protobuf.TimestampR\tstartTime\x12\x16\n" +
+	"\x06leader\x18\x05 \x01(\bR\x06leader*\xac\x01\n" +
 	"\n" +
 	"LeaseState\x12\x1b\n" +
 	"\x17LEASE_STATE_UNSPECIFIED\x10\x00\x12\x16\n" +
@@ -1524,13 +1737,14 @@ const file_credbroker_v1_credbroker_proto_rawDesc = "" +
 	"RenewLease\x12 .credbroker.v1.RenewLeaseRequest\x1a!.credbroker.v1.RenewLeaseResponse\x12T\n" +
 	"\vRevokeLease\x12!.credbroker.v1.RevokeLeaseRequest\x1a\".credbroker.v1.RevokeLeaseResponse\x12T\n" +
 	"\vLookupLease\x12!.credbroker.v1.LookupLeaseRequest\x1a\".credbroker.v1.LookupLeaseResponse\x12R\n" +
-	"\tKeepAlive\x12\x1f.credbroker.v1.KeepAliveRequest\x1a .credbroker.v1.KeepAliveResponse(\x010\x012\xfb\x02\n" +
+	"\tKeepAlive\x12\x1f.credbroker.v1.KeepAliveRequest\x1a .credbroker.v1.KeepAliveResponse(\x010\x012\xcb\x03\n" +
 	"\fAdminService\x12Q\n" +
 	"\n" +
 	"ListLeases\x12 .credbroker.v1.ListLeasesRequest\x1a!.credbroker.v1.ListLeasesResponse\x12W\n" +
 	"\fRevokeLeases\x12\".credbroker.v1.RevokeLeasesRequest\x1a#.credbroker.v1.RevokeLeasesResponse\x12N\n" +
 	"\tListRoles\x12\x1f.credbroker.v1.ListRolesRequest\x1a .credbroker.v1.ListRolesResponse\x12o\n" +
-	"\x14RotateRootCredential\x12*.credbroker.v1.RotateRootCredentialRequest\x1a+.credbroker.v1.RotateRootCredentialResponseBCZAgithub.com/credbroker/credbroker/proto/credbroker/v1;credbrokerv1b\x06proto3"
+	"\x14RotateRootCredential\x12*.credbroker.v1.RotateRootCredentialRequest\x1a+.credbroker.v1.RotateRootCredentialResponse\x12N\n" +
+	"\tGetStatus\x12\x1f.credbroker.v1.GetStatusRequest\x1a .credbroker.v1.GetStatusResponseBCZAgithub.com/credbroker/credbroker/proto/credbroker/v1;credbrokerv1b\x06proto3"
 
 var (
 	file_credbroker_v1_credbroker_proto_rawDescOnce sync.Once
@@ -1545,7 +1759,7 @@ func file_credbroker_v1_credbroker_proto_rawDescGZIP() []byte {
 }
 
 var file_credbroker_v1_credbroker_proto_enumTypes = make([]protoimpl.EnumInfo, 2)
-var file_credbroker_v1_credbroker_proto_msgTypes = make([]protoimpl.MessageInfo, 23)
+var file_credbroker_v1_credbroker_proto_msgTypes = make([]protoimpl.MessageInfo, 26)
 var file_credbroker_v1_credbroker_proto_goTypes = []any{
 	(LeaseState)(0),                      // 0: credbroker.v1.LeaseState
 	(KeepAliveEvent)(0),                  // 1: credbroker.v1.KeepAliveEvent
@@ -1570,58 +1784,66 @@ var file_credbroker_v1_credbroker_proto_goTypes = []any{
 	(*ListRolesResponse)(nil),            // 20: credbroker.v1.ListRolesResponse
 	(*RotateRootCredentialRequest)(nil),  // 21: credbroker.v1.RotateRootCredentialRequest
 	(*RotateRootCredentialResponse)(nil), // 22: credbroker.v1.RotateRootCredentialResponse
-	nil,                                  // 23: credbroker.v1.Lease.MetadataEntry
-	nil,                                  // 24: credbroker.v1.IssueCredentialRequest.MetadataEntry
-	(*timestamppb.Timestamp)(nil),        // 25: google.protobuf.Timestamp
-	(*durationpb.Duration)(nil),          // 26: google.protobuf.Duration
+	(*GetStatusRequest)(nil),             // 23: credbroker.v1.GetStatusRequest
+	(*GetStatusResponse)(nil),            // 24: credbroker.v1.GetStatusResponse
+	(*Instance)(nil),                     // 25: credbroker.v1.Instance
+	nil,                                  // 26: credbroker.v1.Lease.MetadataEntry
+	nil,                                  // 27: credbroker.v1.IssueCredentialRequest.MetadataEntry
+	(*timestamppb.Timestamp)(nil),        // 28: google.protobuf.Timestamp
+	(*durationpb.Duration)(nil),          // 29: google.protobuf.Duration
 }
 var file_credbroker_v1_credbroker_proto_depIdxs = []int32{
-	25, // 0: credbroker.v1.Lease.issue_time:type_name -> google.protobuf.Timestamp
-	25, // 1: credbroker.v1.Lease.expire_time:type_name -> google.protobuf.Timestamp
-	25, // 2: credbroker.v1.Lease.max_expire_time:type_name -> google.protobuf.Timestamp
+	28, // 0: credbroker.v1.Lease.issue_time:type_name -> google.protobuf.Timestamp
+	28, // 1: credbroker.v1.Lease.expire_time:type_name -> google.protobuf.Timestamp
+	28, // 2: credbroker.v1.Lease.max_expire_time:type_name -> google.protobuf.Timestamp
 	0,  // 3: credbroker.v1.Lease.state:type_name -> credbroker.v1.LeaseState
-	23, // 4: credbroker.v1.Lease.metadata:type_name -> credbroker.v1.Lease.MetadataEntry
-	25, // 5: credbroker.v1.Lease.end_time:type_name -> google.protobuf.Timestamp
-	26, // 6: credbroker.v1.Role.default_ttl:type_name -> google.protobuf.Duration
-	26, // 7: credbroker.v1.Role.max_ttl:type_name -> google.protobuf.Duration
-	26, // 8: credbroker.v1.IssueCredentialRequest.ttl:type_name -> google.protobuf.Duration
-	24, // 9: credbroker.v1.IssueCredentialRequest.metadata:type_name -> credbroker.v1.IssueCredentialRequest.MetadataEntry
+	26, // 4: credbroker.v1.Lease.metadata:type_name -> credbroker.v1.Lease.MetadataEntry
+	28, // 5: credbroker.v1.Lease.end_time:type_name -> google.protobuf.Timestamp
+	29, // 6: credbroker.v1.Role.default_ttl:type_name -> google.protobuf.Duration
+	29, // 7: credbroker.v1.Role.max_ttl:type_name -> google.protobuf.Duration
+	29, // 8: credbroker.v1.IssueCredentialRequest.ttl:type_name -> google.protobuf.Duration
+	27, // 9: credbroker.v1.IssueCredentialRequest.metadata:type_name -> credbroker.v1.IssueCredentialRequest.MetadataEntry
 	3,  // 10: credbroker.v1.IssueCredentialResponse.lease:type_name -> credbroker.v1.Lease
 	2,  // 11: credbroker.v1.IssueCredentialResponse.credential:type_name -> credbroker.v1.Credential
-	26, // 12: credbroker.v1.RenewLeaseRequest.increment:type_name -> google.protobuf.Duration
+	29, // 12: credbroker.v1.RenewLeaseRequest.increment:type_name -> google.protobuf.Duration
 	3,  // 13: credbroker.v1.RenewLeaseResponse.lease:type_name -> credbroker.v1.Lease
 	3,  // 14: credbroker.v1.RevokeLeaseResponse.lease:type_name -> credbroker.v1.Lease
 	3,  // 15: credbroker.v1.LookupLeaseResponse.lease:type_name -> credbroker.v1.Lease
-	26, // 16: credbroker.v1.KeepAliveRequest.increment:type_name -> google.protobuf.Duration
+	29, // 16: credbroker.v1.KeepAliveRequest.increment:type_name -> google.protobuf.Duration
 	3,  // 17: credbroker.v1.KeepAliveResponse.lease:type_name -> credbroker.v1.Lease
 	1,  // 18: credbroker.v1.KeepAliveResponse.event:type_name -> credbroker.v1.KeepAliveEvent
 	0,  // 19: credbroker.v1.ListLeasesRequest.state:type_name -> credbroker.v1.LeaseState
 	3,  // 20: credbroker.v1.ListLeasesResponse.leases:type_name -> credbroker.v1.Lease
 	4,  // 21: credbroker.v1.ListRolesResponse.roles:type_name -> credbroker.v1.Role
-	25, // 22: credbroker.v1.RotateRootCredentialResponse.rotate_time:type_name -> google.protobuf.Timestamp
-	5,  // 23: credbroker.v1.CredentialService.IssueCredential:input_type -> credbroker.v1.IssueCredentialRequest
-	7,  // 24: credbroker.v1.CredentialService.RenewLease:input_type -> credbroker.v1.RenewLeaseRequest
-	9,  // 25: credbroker.v1.CredentialService.RevokeLease:input_type -> credbroker.v1.RevokeLeaseRequest
-	11, // 26: credbroker.v1.CredentialService.LookupLease:input_type -> credbroker.v1.LookupLeaseRequest
-	13, // 27: credbroker.v1.CredentialService.KeepAlive:input_type -> credbroker.v1.KeepAliveRequest
-	15, // 28: credbroker.v1.AdminService.ListLeases:input_type -> credbroker.v1.ListLeasesRequest
-	17, // 29: credbroker.v1.AdminService.RevokeLeases:input_type -> credbroker.v1.RevokeLeasesRequest
-	19, // 30: credbroker.v1.AdminService.ListRoles:input_type -> credbroker.v1.ListRolesRequest
-	21, // 31: credbroker.v1.AdminService.RotateRootCredential:input_type -> credbroker.v1.RotateRootCredentialRequest
-	6,  // 32: credbroker.v1.CredentialService.IssueCredential:output_type -> credbroker.v1.IssueCredentialResponse
-	8,  // 33: credbroker.v1.CredentialService.RenewLease:output_type -> credbroker.v1.RenewLeaseResponse
-	10, // 34: credbroker.v1.CredentialService.RevokeLease:output_type -> credbroker.v1.RevokeLeaseResponse
-	12, // 35: credbroker.v1.CredentialService.LookupLease:output_type -> credbroker.v1.LookupLeaseResponse
-	14, // 36: credbroker.v1.CredentialService.KeepAlive:output_type -> credbroker.v1.KeepAliveResponse
-	16, // 37: credbroker.v1.AdminService.ListLeases:output_type -> credbroker.v1.ListLeasesResponse
-	18, // 38: credbroker.v1.AdminService.RevokeLeases:output_type -> credbroker.v1.RevokeLeasesResponse
-	20, // 39: credbroker.v1.AdminService.ListRoles:output_type -> credbroker.v1.ListRolesResponse
-	22, // 40: credbroker.v1.AdminService.RotateRootCredential:output_type -> credbroker.v1.RotateRootCredentialResponse
-	32, // [32:41] is the sub-list for method output_type
-	23, // [23:32] is the sub-list for method input_type
-	23, // [23:23] is the sub-list for extension type_name
-	23, // [23:23] is the sub-list for extension extendee
-	0,  // [0:23] is the sub-list for field type_name
+	28, // 22: credbroker.v1.RotateRootCredentialResponse.rotate_time:type_name -> google.protobuf.Timestamp
+	25, // 23: credbroker.v1.GetStatusResponse.instances:type_name -> credbroker.v1.Instance
+	28, // 24: credbroker.v1.GetStatusResponse.leader_since:type_name -> google.protobuf.Timestamp
+	28, // 25: credbroker.v1.Instance.start_time:type_name -> google.protobuf.Timestamp
+	5,  // 26: credbroker.v1.CredentialService.IssueCredential:input_type -> credbroker.v1.IssueCredentialRequest
+	7,  // 27: credbroker.v1.CredentialService.RenewLease:input_type -> credbroker.v1.RenewLeaseRequest
+	9,  // 28: credbroker.v1.CredentialService.RevokeLease:input_type -> credbroker.v1.RevokeLeaseRequest
+	11, // 29: credbroker.v1.CredentialService.LookupLease:input_type -> credbroker.v1.LookupLeaseRequest
+	13, // 30: credbroker.v1.CredentialService.KeepAlive:input_type -> credbroker.v1.KeepAliveRequest
+	15, // 31: credbroker.v1.AdminService.ListLeases:input_type -> credbroker.v1.ListLeasesRequest
+	17, // 32: credbroker.v1.AdminService.RevokeLeases:input_type -> credbroker.v1.RevokeLeasesRequest
+	19, // 33: credbroker.v1.AdminService.ListRoles:input_type -> credbroker.v1.ListRolesRequest
+	21, // 34: credbroker.v1.AdminService.RotateRootCredential:input_type -> credbroker.v1.RotateRootCredentialRequest
+	23, // 35: credbroker.v1.AdminService.GetStatus:input_type -> credbroker.v1.GetStatusRequest
+	6,  // 36: credbroker.v1.CredentialService.IssueCredential:output_type -> credbroker.v1.IssueCredentialResponse
+	8,  // 37: credbroker.v1.CredentialService.RenewLease:output_type -> credbroker.v1.RenewLeaseResponse
+	10, // 38: credbroker.v1.CredentialService.RevokeLease:output_type -> credbroker.v1.RevokeLeaseResponse
+	12, // 39: credbroker.v1.CredentialService.LookupLease:output_type -> credbroker.v1.LookupLeaseResponse
+	14, // 40: credbroker.v1.CredentialService.KeepAlive:output_type -> credbroker.v1.KeepAliveResponse
+	16, // 41: credbroker.v1.AdminService.ListLeases:output_type -> credbroker.v1.ListLeasesResponse
+	18, // 42: credbroker.v1.AdminService.RevokeLeases:output_type -> credbroker.v1.RevokeLeasesResponse
+	20, // 43: credbroker.v1.AdminService.ListRoles:output_type -> credbroker.v1.ListRolesResponse
+	22, // 44: credbroker.v1.AdminService.RotateRootCredential:output_type -> credbroker.v1.RotateRootCredentialResponse
+	24, // 45: credbroker.v1.AdminService.GetStatus:output_type -> credbroker.v1.GetStatusResponse
+	36, // [36:46] is the sub-list for method output_type
+	26, // [26:36] is the sub-list for method input_type
+	26, // [26:26] is the sub-list for extension type_name
+	26, // [26:26] is the sub-list for extension extendee
+	0,  // [0:26] is the sub-list for field type_name
 }
 
 func init() { file_credbroker_v1_credbroker_proto_init() }
@@ -1635,7 +1857,7 @@ func file_credbroker_v1_credbroker_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_credbroker_v1_credbroker_proto_rawDesc), len(file_credbroker_v1_credbroker_proto_rawDesc)),
 			NumEnums:      2,
-			NumMessages:   23,
+			NumMessages:   26,
 			NumExtensions: 0,
 			NumServices:   2,
 		},

@@ -295,6 +295,7 @@ const (
 	AdminService_RevokeLeases_FullMethodName         = "/credbroker.v1.AdminService/RevokeLeases"
 	AdminService_ListRoles_FullMethodName            = "/credbroker.v1.AdminService/ListRoles"
 	AdminService_RotateRootCredential_FullMethodName = "/credbroker.v1.AdminService/RotateRootCredential"
+	AdminService_GetStatus_FullMethodName            = "/credbroker.v1.AdminService/GetStatus"
 )
 
 // AdminServiceClient is the client API for AdminService service.
@@ -317,6 +318,10 @@ type AdminServiceClient interface {
 	// password comes from an environment variable is FailedPrecondition; an
 	// unknown target NotFound. The password is never returned.
 	RotateRootCredential(ctx context.Context, in *RotateRootCredentialRequest, opts ...grpc.CallOption) (*RotateRootCredentialResponse, error)
+	// GetStatus shows the broker group: every live instance (one on a bbolt
+	// store), which one leads (runs expiry, reconciliation, disconnect
+	// revocations, the purge and root rotation) and since when.
+	GetStatus(ctx context.Context, in *GetStatusRequest, opts ...grpc.CallOption) (*GetStatusResponse, error)
 }
 
 type adminServiceClient struct {
@@ -367,6 +372,16 @@ func (c *adminServiceClient) RotateRootCredential(ctx context.Context, in *Rotat
 	return out, nil
 }
 
+func (c *adminServiceClient) GetStatus(ctx context.Context, in *GetStatusRequest, opts ...grpc.CallOption) (*GetStatusResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(GetStatusResponse)
+	err := c.cc.Invoke(ctx, AdminService_GetStatus_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // AdminServiceServer is the server API for AdminService service.
 // All implementations must embed UnimplementedAdminServiceServer
 // for forward compatibility.
@@ -387,6 +402,10 @@ type AdminServiceServer interface {
 	// password comes from an environment variable is FailedPrecondition; an
 	// unknown target NotFound. The password is never returned.
 	RotateRootCredential(context.Context, *RotateRootCredentialRequest) (*RotateRootCredentialResponse, error)
+	// GetStatus shows the broker group: every live instance (one on a bbolt
+	// store), which one leads (runs expiry, reconciliation, disconnect
+	// revocations, the purge and root rotation) and since when.
+	GetStatus(context.Context, *GetStatusRequest) (*GetStatusResponse, error)
 	mustEmbedUnimplementedAdminServiceServer()
 }
 
@@ -408,6 +427,9 @@ func (UnimplementedAdminServiceServer) ListRoles(context.Context, *ListRolesRequ
 }
 func (UnimplementedAdminServiceServer) RotateRootCredential(context.Context, *RotateRootCredentialRequest) (*RotateRootCredentialResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method RotateRootCredential not implemented")
+}
+func (UnimplementedAdminServiceServer) GetStatus(context.Context, *GetStatusRequest) (*GetStatusResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method GetStatus not implemented")
 }
 func (UnimplementedAdminServiceServer) mustEmbedUnimplementedAdminServiceServer() {}
 func (UnimplementedAdminServiceServer) testEmbeddedByValue()                      {}
@@ -502,6 +524,24 @@ func _AdminService_RotateRootCredential_Handler(srv interface{}, ctx context.Con
 	return interceptor(ctx, in, info, handler)
 }
 
+func _AdminService_GetStatus_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(GetStatusRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AdminServiceServer).GetStatus(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: AdminService_GetStatus_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AdminServiceServer).GetStatus(ctx, req.(*GetStatusRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // AdminService_ServiceDesc is the grpc.ServiceDesc for AdminService service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -524,6 +564,10 @@ var AdminService_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "RotateRootCredential",
 			Handler:    _AdminService_RotateRootCredential_Handler,
+		},
+		{
+			MethodName: "GetStatus",
+			Handler:    _AdminService_GetStatus_Handler,
 		},
 	},
 	Streams:  []grpc.StreamDesc{},
