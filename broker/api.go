@@ -69,6 +69,15 @@ type Config struct {
 	// Auditor, when set, is told of every lifecycle event (issue, renew,
 	// revoke, expire, failed revocation, reconcile drop); see audit.go.
 	Auditor Auditor
+
+	// Instance names this broker in its group (stream marks, logs);
+	// default: a random name. Brokers sharing a store must differ.
+	Instance string
+	// Standby starts the broker without running the group's background
+	// work (expiry, reconciliation, purges, disconnect revocations) until
+	// SetLeading(true): for instances of a group, of which one leads. A
+	// broker alone on its store leaves it false.
+	Standby bool
 }
 
 // IssueRequest asks for a new credential.

@@ -67,6 +67,11 @@ type Broker struct {
 	// has not dropped yet, with when it first did (reconcile.go).
 	suspectMu sync.Mutex
 	suspects  map[string]time.Time
+	// leadSwitch says whether this instance runs the background work
+	// (leader.go); feed is what the store's change feed told it
+	// (follow.go).
+	leadSwitch leadership
+	feed       feedState
 
 	startOnce sync.Once
 	cancel    context.CancelFunc
@@ -123,8 +128,11 @@ func New(cfg Config) (*Broker, error) {
 		}
 		roles[r.Name] = r
 	}
+	if cfg.Instance == "" {
+		cfg.Instance = "broker-" + newLeaseID()[:8]
+	}
 	burst := cfg.RevokeConcurrency
-	return &Broker{
+	b := &Broker{
 		cfg:        cfg,
 		store:      cfg.Store,
 		dbs:        cfg.Databases,
@@ -138,7 +146,11 @@ func New(cfg Config) (*Broker, error) {
 		closed:     make(chan struct{}),
 		storeFails: make(map[string]int),
 		lanes:      newRevokeLanes(cfg.Databases),
-	}, nil
+	}
+	// A group's broker (Leadership set) leads only during a term (runTerm).
+	b.leadSwitch.init(!cfg.Standby && cfg.Leadership == nil)
+	b.feed.init()
+	return b, nil
 }
 
 func setDefault(d *time.Duration, def time.Duration) {
@@ -179,6 +191,11 @@ func (b *Broker) Start(ctx context.Context) error {
 		b.pool.mu.Lock()
 		b.poolCtx = loopCtx
 		b.pool.mu.Unlock()
+		if err = b.startFollowing(ctx, loopCtx); err != nil {
+			cancel()
+			err = fmt.Errorf("broker: follow the store's changes: %w", err)
+			return
+		}
 		if b.cfg.Leadership != nil {
 			b.wg.Go(func() { b.lead(loopCtx) })
 			return

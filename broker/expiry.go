@@ -36,6 +36,16 @@ func (b *Broker) startExpiryManager(ctx context.Context) {
 // blocks, so a target whose revocations hang delays no other target's.
 func (b *Broker) dispatch(ctx context.Context) {
 	for {
+		if leading, changed := b.leadSwitch.get(); !leading {
+			// A standby keeps its queue but revokes nothing: the leader
+			// does. It starts at once when it is made the leader.
+			select {
+			case <-ctx.Done():
+				return
+			case <-changed:
+			}
+			continue
+		}
 		var timer <-chan time.Time
 		if next, ok := b.queue.Next(); ok {
 			now := b.wallNow()
@@ -164,6 +174,9 @@ func (b *Broker) maintenanceLoop(ctx context.Context) {
 		case <-ctx.Done():
 			return
 		case <-b.clock.After(disconnectCheckInterval):
+		}
+		if !b.Leading() {
+			continue
 		}
 		// Re-arms the dispatcher if the wall clock stepped forward.
 		b.queue.WakeIfDue(b.clock.Now())

@@ -114,6 +114,11 @@ func (b *Broker) runTerm(ctx context.Context, term Term) {
 	}()
 	b.setTerm(term)
 	defer b.setTerm(nil)
+	// Leading (leader.go) follows the term: the feed-driven paths that only
+	// a leader runs (takeover of stuck revocations, disconnect revocations
+	// of the whole group) check it.
+	b.SetLeading(true)
+	defer b.SetLeading(false)
 	if err := b.beginTerm(termCtx); err != nil {
 		if termCtx.Err() == nil {
 			b.log.Warn("could not take up leadership; resigning", "err", err)

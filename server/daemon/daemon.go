@@ -171,6 +171,7 @@ func Start(ctx context.Context, cfg *config.Config, opts Options) (_ *Daemon, er
 
 	bcfg := BrokerConfig(cfg)
 	bcfg.Store, bcfg.Databases, bcfg.Logger, bcfg.Clock, bcfg.Auditor = d.store, d.databases, log, opts.Clock, auditor
+	bcfg.Instance = cfg.Instance
 	if d.leader != nil {
 		d.leader.audit = d.audit
 		bcfg.Leadership = d.leader
@@ -253,9 +254,13 @@ func openStore(ctx context.Context, cfg config.Store, log *slog.Logger, noSync b
 			Endpoints:   e.Endpoints,
 			Prefix:      e.Prefix,
 			DialTimeout: e.DialTimeout,
-			TLS:         etcd.TLSFiles{CAFile: e.TLS.CAFile, CertFile: e.TLS.CertFile, KeyFile: e.TLS.KeyFile},
-			Username:    e.Username,
-			Logger:      log,
+			// Stream marks (revoke_on_disconnect across instances) live on a
+			// session of the same TTL as leadership: a dead instance's marks
+			// vanish when it would have lost leadership.
+			SessionTTL: e.SessionTTL,
+			TLS:        etcd.TLSFiles{CAFile: e.TLS.CAFile, CertFile: e.TLS.CertFile, KeyFile: e.TLS.KeyFile},
+			Username:   e.Username,
+			Logger:     log,
 		}
 		if e.PasswordFile != "" {
 			pw, _, err := rootcred.ReadSecretFile(e.PasswordFile)

@@ -40,6 +40,9 @@ const (
 	// no earlier deadline; a write that runs out of it has an unknown
 	// outcome.
 	DefaultRequestTimeout = 5 * time.Second
+	// DefaultMarkTTL is Options.SessionTTL's default, DESIGN's
+	// session_ttl (the leadership session's default too).
+	DefaultMarkTTL = 10 * time.Second
 )
 
 // etcd's limits (the server's defaults, which a cluster may lower but
@@ -92,6 +95,11 @@ type Options struct {
 	// Logger receives the store's and the etcd client's logs (default:
 	// discarded).
 	Logger *slog.Logger
+	// SessionTTL is the TTL of the session lease this process's stream
+	// marks live on (broker.StreamMarker): how long after a crash of this
+	// process the other instances still count its KeepAlive streams
+	// (default DefaultMarkTTL; store.etcd.session_ttl).
+	SessionTTL time.Duration
 }
 
 // CheckPrefix refuses a prefix that is empty or does not end in "/": one
@@ -116,6 +124,15 @@ type Store struct {
 	// later call sees closed.
 	mu     sync.RWMutex
 	closed bool
+
+	// doneCtx ends when Close begins: what runs for long (the change
+	// feed, the stream marks' session) stops on it, rather than hold mu.
+	doneCtx    context.Context
+	doneCancel context.CancelFunc
+
+	// marks are this process's stream marks and the session lease they
+	// live on (marks.go).
+	marks markSession
 }
 
 var (
@@ -168,6 +185,8 @@ func Open(ctx context.Context, opts Options) (*Store, error) {
 		return nil, fmt.Errorf("etcd client: %w", err)
 	}
 	s := &Store{cli: cli, keys: keys{prefix: opts.Prefix}, requestTimeout: opts.RequestTimeout, log: log}
+	s.doneCtx, s.doneCancel = context.WithCancel(context.Background())
+	s.marks.init(opts.SessionTTL)
 	// The client connects lazily; a linearizable read proves there is a
 	// cluster with a leader, and that the credentials are good.
 	pctx, cancel := context.WithTimeout(ctx, opts.DialTimeout)
@@ -186,6 +205,8 @@ func (s *Store) Client() *clientv3.Client { return s.cli }
 // Close waits for calls in flight, then closes the client. Every later
 // call returns broker.ErrClosed.
 func (s *Store) Close() error {
+	s.doneCancel()
+	s.marks.stop(s) // before the lock: its session loop takes it
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if s.closed {
