@@ -38,6 +38,15 @@ ETCD_DIR     ?= /var/cache/credbroker/etcd-$(ETCD_VERSION)
 else
 ETCD_DIR     ?= $(CURDIR)/.cache/etcd-$(ETCD_VERSION)
 endif
+# node-vault, a second Vault client the Vault API's tests run
+# (server/vaultapi TestNodeVault finds it through CREDBROKER_NODE_VAULT_DIR;
+# keep NODE_VAULT_VERSION and vaultapi_test's NodeVaultVersion in step).
+NODE_VAULT_VERSION := 0.12.0
+ifeq ($(shell id -u),0)
+NODE_VAULT_DIR ?= /var/cache/credbroker/node-vault-$(NODE_VAULT_VERSION)
+else
+NODE_VAULT_DIR ?= $(CURDIR)/.cache/node-vault-$(NODE_VAULT_VERSION)
+endif
 ETCD_BIN     := $(ETCD_DIR)/etcd
 # Helm for the chart's tests (deploy/helm), built from source by the tool
 # module tools/helm, once, into HELM_DIR (keep HELM_VERSION and
@@ -58,7 +67,7 @@ DIST_TEST_VERSION := 0.0.0-test
 # The packages whose tests start PostgreSQL (pgtest.Main or pgcluster.Start).
 PG_TEST_PKGS = $(shell grep -rlF --include='*_test.go' -e 'pgtest.Main' -e 'pgcluster.Start' . | xargs -n1 dirname | sort -u)
 
-.PHONY: dev dev-ha test test-race lint generate tools postgres postgres17 etcd helm build bench clean licenses release release-verify dist-test package-test image-test
+.PHONY: dev dev-ha test test-race lint generate tools postgres postgres17 etcd helm build bench node-vault clean licenses release release-verify dist-test package-test image-test
 
 ## dev: a throwaway PostgreSQL cluster, demo proxy roles, the broker on 127.0.0.1:7450.
 dev: postgres
@@ -75,9 +84,9 @@ dev-ha: postgres etcd
 ## PostgreSQL-facing packages again on PostgreSQL 17, whose CREATEROLE rules
 ## differ (see docs/postgres-grants.md), then the release artifacts
 ## (`make dist-test`: the Debian package when dpkg is here, the image).
-test: postgres postgres17 etcd helm
+test: postgres postgres17 etcd helm node-vault
 	$(GO) vet ./...
-	CREDBROKER_ETCD_BIN=$(ETCD_BIN) CREDBROKER_HELM_BIN=$(HELM_BIN) $(GO) test -count=1 -timeout $(TEST_TIMEOUT) ./...
+	CREDBROKER_ETCD_BIN=$(ETCD_BIN) CREDBROKER_HELM_BIN=$(HELM_BIN) CREDBROKER_NODE_VAULT_DIR=$(NODE_VAULT_DIR) $(GO) test -count=1 -timeout $(TEST_TIMEOUT) ./...
 	@echo "== PostgreSQL $(PG17_MAJOR) ($(PG17_VERSION)): $(PG_TEST_PKGS)"
 	env -u CREDBROKER_TEST_PG_URL CREDBROKER_PG_BINDIR=$(PG17_BINDIR) CREDBROKER_TEST_PG_MAJOR=$(PG17_MAJOR) \
 	    $(GO) test -count=1 -timeout $(TEST_TIMEOUT) $(PG_TEST_PKGS)
@@ -194,6 +203,15 @@ $(HELM_BIN):
 	cd tools/helm && $(GO) build -o $@.tmp helm.sh/helm/v3/cmd/helm
 	$@.tmp version --short | grep -q '^$(basename $(HELM_VERSION))'
 	mv $@.tmp $@
+
+## node-vault: install the node-vault npm package into NODE_VAULT_DIR unless
+## it is there (after postgres17, which installs node and npm if missing).
+node-vault: $(NODE_VAULT_DIR)/.ready
+$(NODE_VAULT_DIR)/.ready: | postgres17
+	mkdir -p $(NODE_VAULT_DIR)
+	npm install --prefix $(NODE_VAULT_DIR) --no-audit --no-fund --ignore-scripts --no-save \
+	    node-vault@$(NODE_VAULT_VERSION)
+	touch $@
 
 ## postgres17: unpack PostgreSQL 17 from npm into PG17_DIR unless it is there.
 postgres17: $(PG17_DIR)/.ready

@@ -93,6 +93,9 @@ func truncateForLog(s string) string {
 func (c *core) unaryLog(ctx context.Context, req any, info *grpc.UnaryServerInfo, handler grpc.UnaryHandler) (any, error) {
 	start := time.Now()
 	rl := &requestLog{attrs: append([]slog.Attr{slog.String("method", info.FullMethod)}, requestAttrs(req)...)}
+	if via, ok := viaOf(ctx); ok {
+		rl.attrs = append(rl.attrs, slog.String("via", via))
+	}
 	resp, err := handler(context.WithValue(ctx, requestLogKey{}, rl), req)
 	c.logCall(ctx, info.FullMethod, rl, start, err)
 	return resp, err

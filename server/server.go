@@ -107,6 +107,10 @@ type Config struct {
 	// (metrics). They must not change a call.
 	ObserveUnary  grpc.UnaryServerInterceptor
 	ObserveStream grpc.StreamServerInterceptor
+	// Invoker, when set, is attached to the server's services: calls
+	// made through it run the same interceptors and handlers as gRPC
+	// calls (see invoker.go). Not attached without a Broker.
+	Invoker *Invoker
 }
 
 // Validate reports the first invalid field. NewGRPCServer cannot return an
@@ -265,6 +269,9 @@ func NewGRPCServer(cfg Config, opts ...grpc.ServerOption) *grpc.Server {
 	}
 	gs := grpc.NewServer(all...)
 
+	if cfg.Invoker != nil && c.broker != nil {
+		cfg.Invoker.attach(c, unary)
+	}
 	status := healthpb.HealthCheckResponse_SERVING
 	if c.broker != nil {
 		pb.RegisterCredentialServiceServer(gs, &credentialServer{core: c})

@@ -27,11 +27,14 @@ import (
 // The demo of `brokerd dev`: the three proxy roles of the article, each on
 // its own table, and a broker role for each.
 const (
-	devDatabase   = "app"
-	devAdmin      = "broker_admin"
-	devListen     = config.DefaultListen
-	devListenB    = "127.0.0.1:7451"
-	devTargetName = "main"
+	devDatabase = "app"
+	devAdmin    = "broker_admin"
+	devListen   = config.DefaultListen
+	devListenB  = "127.0.0.1:7451"
+	// devVaultListen is Vault's own default address, so VAULT_ADDR
+	// needs no port a Vault user would not guess.
+	devVaultListen = "127.0.0.1:8200"
+	devTargetName  = "main"
 )
 
 type devRole struct {
@@ -86,18 +89,19 @@ var devSchemaSQL = []string{
 
 func devCmd(stdout, stderr io.Writer) *cobra.Command {
 	var (
-		listenAddr, listenB string
-		ha                  bool
+		listenAddr, listenB, vaultListen string
+		ha                               bool
 	)
 	cmd := &cobra.Command{
-		Use:   "dev [--listen 127.0.0.1:7450] [--ha [--listen-b 127.0.0.1:7451]]",
+		Use:   "dev [--listen 127.0.0.1:7450] [--vault-listen 127.0.0.1:8200] [--ha [--listen-b 127.0.0.1:7451]]",
 		Short: "Try credbroker: a throwaway PostgreSQL cluster, demo proxy roles, a broker on loopback",
 		Long: `dev starts a throwaway PostgreSQL cluster from this machine's PostgreSQL
 binaries, creates database app with the demo tables important_table,
 user_table and logs_table, the proxy roles read_only_role, updater_role and
 admin_role, and the non-superuser admin broker_admin, then serves the broker
-on loopback with a temporary lease store and prints how to issue a
-credential and log in with psql.
+on loopback with a temporary lease store, with the Vault-compatible HTTP
+API on --vault-listen, and prints how to issue a credential and log in
+with psql, and how a Vault client gets one.
 
 Ctrl-C stops the broker and the cluster and removes every temporary file.
 
@@ -113,7 +117,7 @@ PostgreSQL, and removes every temporary file.`,
 			if ha {
 				err = runDevHA(cmd.Context(), []string{listenAddr, listenB}, devHAOptions{Stdin: os.Stdin}, stdout, stderr, nil)
 			} else {
-				err = runDev(cmd.Context(), listenAddr, stdout, stderr, nil)
+				err = runDev(cmd.Context(), listenAddr, vaultListen, stdout, stderr, nil)
 			}
 			if err != nil && cmd.Context().Err() != nil {
 				// Ctrl-C during start-up: what failed is what was
@@ -125,6 +129,7 @@ PostgreSQL, and removes every temporary file.`,
 		},
 	}
 	cmd.Flags().StringVar(&listenAddr, "listen", devListen, "gRPC address (loopback or unix:/path; with --ha, broker-a's loopback host:port)")
+	cmd.Flags().StringVar(&vaultListen, "vault-listen", devVaultListen, "address of the Vault-compatible HTTP API (loopback; \"\" for none; not with --ha)")
 	cmd.Flags().BoolVar(&ha, "ha", false, "a broker group: three etcd members and two brokerd sharing one store")
 	cmd.Flags().StringVar(&listenB, "listen-b", devListenB, "with --ha: broker-b's gRPC address (loopback host:port)")
 	return cmd
@@ -136,12 +141,14 @@ type devSession struct {
 	Dir        string // temporary directory: config, password file, store
 	ConfigPath string
 	Listen     string // the address served (the real port if --listen had :0)
-	Cluster    *pgcluster.Cluster
+	// VaultAddr is the Vault API's URL (http://host:port), "" without it.
+	VaultAddr string
+	Cluster   *pgcluster.Cluster
 }
 
 // runDev runs `brokerd dev` until ctx is done. ready, if set, is called
 // once the broker serves.
-func runDev(ctx context.Context, listenAddr string, stdout, stderr io.Writer, ready func(*devSession)) (err error) {
+func runDev(ctx context.Context, listenAddr, vaultListen string, stdout, stderr io.Writer, ready func(*devSession)) (err error) {
 	log := slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: slog.LevelInfo}))
 
 	// Bind first: a taken port should fail in a second, not after a
@@ -161,6 +168,15 @@ func runDev(ctx context.Context, listenAddr string, stdout, stderr io.Writer, re
 	s := &devSession{Listen: listenAddr}
 	if lis.Addr().Network() == "tcp" {
 		s.Listen = lis.Addr().String()
+	}
+	if vaultListen != "" {
+		// daemon.Start binds it; a taken port is found here, before the
+		// cluster is initialized.
+		probe, err := daemon.Listen(vaultListen, false)
+		if err != nil {
+			return fmt.Errorf("--vault-listen: %w\n(choose another address with --vault-listen 127.0.0.1:8201, or none with --vault-listen '')", err)
+		}
+		probe.Close()
 	}
 
 	s.Dir, err = os.MkdirTemp("", "credbroker-dev-")
@@ -194,7 +210,7 @@ func runDev(ctx context.Context, listenAddr string, stdout, stderr io.Writer, re
 	if err := setUpDevDatabase(ctx, s.Cluster, adminPassword); err != nil {
 		return fmt.Errorf("dev: set up database %s: %w", devDatabase, err)
 	}
-	if s.ConfigPath, err = writeDevConfig(s, adminPassword); err != nil {
+	if s.ConfigPath, err = writeDevConfig(s, adminPassword, vaultListen); err != nil {
 		return fmt.Errorf("dev: %w", err)
 	}
 
@@ -208,6 +224,9 @@ func runDev(ctx context.Context, listenAddr string, stdout, stderr io.Writer, re
 	lis = nil
 	if err != nil {
 		return err
+	}
+	if a := d.VaultAPIAddr(); a != nil {
+		s.VaultAddr = "http://" + a.String()
 	}
 	defer func() {
 		revokeAll(d.Broker(), cfg, log)
@@ -280,7 +299,7 @@ func setUpDevDatabase(ctx context.Context, c *pgcluster.Cluster, adminPassword s
 
 // writeDevConfig writes the admin password (0600) and a configuration file
 // into the session's directory, and returns the file's path.
-func writeDevConfig(s *devSession, adminPassword string) (string, error) {
+func writeDevConfig(s *devSession, adminPassword, vaultListen string) (string, error) {
 	pwPath := filepath.Join(s.Dir, devAdmin+".password")
 	if err := os.WriteFile(pwPath, []byte(adminPassword+"\n"), 0o600); err != nil {
 		return "", err
@@ -300,6 +319,9 @@ func writeDevConfig(s *devSession, adminPassword string) (string, error) {
 	fmt.Fprintf(&b, "dsn_sslmode: disable\n")
 	// Fast enough to watch an expiry happen in a demo.
 	fmt.Fprintf(&b, "reconcile_interval: 1m\n")
+	if vaultListen != "" {
+		fmt.Fprintf(&b, "vault_api:\n  listen: %s\n  mount: database\n", strconv.Quote(vaultListen))
+	}
 	path := filepath.Join(s.Dir, "credbroker.yaml")
 	if err := os.WriteFile(path, []byte(b.String()), 0o600); err != nil {
 		return "", err
@@ -367,7 +389,29 @@ Try it %s:
        %s issue updater
        %s issue admin --ttl 2m
 
-Press Ctrl-C to stop the broker and PostgreSQL and remove every temporary file.
-
 `, where, ctl, ctl, ctl, ctl, ctl)
+	if s.VaultAddr != "" {
+		printVaultWalkthrough(w, s.VaultAddr)
+	}
+	fmt.Fprintf(w, `Press Ctrl-C to stop the broker and PostgreSQL and remove every temporary file.
+
+`)
+}
+
+// devVaultToken is the token the walk-through shows: in dev (local mode)
+// any token is the admin "local", as any gRPC caller is.
+const devVaultToken = "dev-any-token"
+
+// printVaultWalkthrough shows a Vault client getting a credential from
+// the Vault-compatible API, unchanged but for its address.
+func printVaultWalkthrough(w io.Writer, addr string) {
+	fmt.Fprintf(w, `Vault clients: the Vault-compatible API is on %s (mount database;
+any token is accepted here, every caller is admin):
+
+  6. Read a credential as Vault's database engine answers it:
+       curl -s -H "X-Vault-Token: %s" %s/v1/database/creds/read_only
+  7. The Vault Go client, unchanged but for VAULT_ADDR (read, log in, renew, revoke):
+       VAULT_ADDR=%s VAULT_TOKEN=%s go run ./examples/vault-client read_only
+
+`, addr, devVaultToken, addr, addr, devVaultToken)
 }

@@ -5,7 +5,9 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"net"
+	"net/http"
 	"os"
 	"path/filepath"
 	"strings"
@@ -303,7 +305,7 @@ func TestDev(t *testing.T) {
 	ready := make(chan *devSession, 1)
 	done := make(chan error, 1)
 	go func() {
-		done <- runDev(ctx, "127.0.0.1:0", &stdout, &stderr, func(s *devSession) { ready <- s })
+		done <- runDev(ctx, "127.0.0.1:0", "127.0.0.1:0", &stdout, &stderr, func(s *devSession) { ready <- s })
 	}()
 	var s *devSession
 	select {
@@ -318,6 +320,29 @@ func TestDev(t *testing.T) {
 	for _, want := range []string{"credbroker dev is ready", "brokerctl --addr " + s.Listen + " issue read_only", `psql "<dsn>"`, "leases", "revoke <lease_id>", "Ctrl-C"} {
 		if !strings.Contains(walk, want) {
 			t.Errorf("walk-through lacks %q:\n%s", want, walk)
+		}
+	}
+	// The Vault walk-through: its curl works as printed.
+	curl := fmt.Sprintf(`curl -s -H "X-Vault-Token: %s" %s/v1/database/creds/read_only`, devVaultToken, s.VaultAddr)
+	for _, want := range []string{curl, fmt.Sprintf("VAULT_ADDR=%s VAULT_TOKEN=%s go run ./examples/vault-client read_only", s.VaultAddr, devVaultToken)} {
+		if s.VaultAddr == "" || !strings.Contains(walk, want) {
+			t.Errorf("walk-through lacks %q:\n%s", want, walk)
+		}
+	}
+	if s.VaultAddr != "" {
+		req, err := http.NewRequest("GET", s.VaultAddr+"/v1/database/creds/read_only", nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		req.Header.Set("X-Vault-Token", devVaultToken)
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		body, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		if resp.StatusCode != http.StatusOK || !strings.Contains(string(body), `"lease_id":"database/creds/read_only/`) {
+			t.Errorf("the walk-through's curl: %s %s", resp.Status, body)
 		}
 	}
 	pwFile := filepath.Join(s.Dir, devAdmin+".password")
@@ -391,7 +416,7 @@ func TestDev(t *testing.T) {
 			t.Errorf("%s left behind: %v", p, err)
 		}
 	}
-	if !strings.Contains(stderr.String(), `msg="revoked leases at shutdown" count=3`) {
+	if !strings.Contains(stderr.String(), `msg="revoked leases at shutdown" count=4`) {
 		t.Errorf("leases not revoked at shutdown:\n%s", stderr.String())
 	}
 }
@@ -404,7 +429,7 @@ func TestDevListenTaken(t *testing.T) {
 	defer held.Close()
 	start := time.Now()
 	var stdout, stderr bytes.Buffer
-	err = runDev(context.Background(), held.Addr().String(), &stdout, &stderr, nil)
+	err = runDev(context.Background(), held.Addr().String(), "", &stdout, &stderr, nil)
 	if err == nil || !strings.Contains(err.Error(), "address already in use") {
 		t.Fatalf("err = %v", err)
 	}

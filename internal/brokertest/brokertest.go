@@ -41,6 +41,9 @@ type Options struct {
 	Logger *slog.Logger
 	// Clock is the broker's clock (default: real).
 	Clock broker.Clock
+	// VaultAPI serves the Vault-compatible API on a loopback port
+	// (VaultAddr), mount database.
+	VaultAPI bool
 }
 
 // Broker is a running broker. Its methods are safe for concurrent use.
@@ -109,6 +112,9 @@ func writeConfig(dir string, tg *pgtest.Target, opts Options) (*config.Config, e
 	if opts.DisconnectGrace > 0 {
 		fmt.Fprintf(&y, "disconnect_grace: %s\n", opts.DisconnectGrace)
 	}
+	if opts.VaultAPI {
+		y.WriteString("vault_api: {listen: 127.0.0.1:0}\n")
+	}
 	f, err := config.Parse([]byte(y.String()))
 	if err != nil {
 		return nil, err
@@ -143,6 +149,17 @@ func (b *Broker) Broker() *broker.Broker {
 		return nil
 	}
 	return b.daemon.Broker()
+}
+
+// VaultAddr is the Vault API's URL (http://host:port) while the broker
+// runs with Options.VaultAPI, else "". Its port changes across Restart.
+func (b *Broker) VaultAddr() string {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.daemon == nil || b.daemon.VaultAPIAddr() == nil {
+		return ""
+	}
+	return "http://" + b.daemon.VaultAPIAddr().String()
 }
 
 // Stop stops serving as brokerd does on SIGTERM (streams drained first);

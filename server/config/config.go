@@ -52,6 +52,8 @@ type Config struct {
 	Metrics Metrics
 	// Activity is the sampling of the targets' sessions (activity.go).
 	Activity Activity
+	// VaultAPI is the Vault-compatible HTTP API (vaultapi.go).
+	VaultAPI VaultAPI
 
 	// Warnings are problems that do not stop brokerd (a world-readable
 	// password file, a target no role uses, two roles sharing a proxy

@@ -71,6 +71,7 @@ roles:
 		"log.format":                   c.Log.Format,
 		"dsn_sslmode":                  c.DSNSSLMode,
 		"activity.sample_interval":     c.Activity.SampleInterval,
+		"vault_api.mount":              c.VaultAPI.Mount,
 	}
 	stated := map[string]bool{}
 	for _, m := range readmeDefault.FindAllStringSubmatch(string(raw), -1) {

@@ -55,6 +55,8 @@ type File struct {
 	Metrics MetricsFile `yaml:"metrics"`
 	// Activity is the sampling of the targets' sessions (activity.go).
 	Activity ActivityFile `yaml:"activity"`
+	// VaultAPI serves the Vault-compatible HTTP API.
+	VaultAPI VaultAPIFile `yaml:"vault_api"`
 
 	// dir is the directory of the file, against which relative paths are
 	// resolved (so a unit file's working directory does not matter).

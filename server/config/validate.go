@@ -93,6 +93,7 @@ func (f *File) Validate() (*Config, error) {
 	c.Metrics = v.metrics(f)
 	c.Activity = v.activity(f)
 	v.revokeUnused(c.Roles, c.Activity, f)
+	c.VaultAPI = v.vaultAPI(f)
 
 	c.Warnings = v.warnings
 	if errs := f.withShapeErrors(v.errs); len(errs) > 0 {

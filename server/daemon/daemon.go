@@ -67,7 +67,8 @@ type Daemon struct {
 	security  *security
 	grpc      *grpc.Server
 	drainer   *server.Drainer
-	metrics   *metricsServer // nil without metrics.listen
+	metrics   *metricsServer  // nil without metrics.listen
+	vaultAPI  *vaultAPIServer // nil without vault_api.listen
 
 	ready chan struct{}
 	// started is when Start began: the instance's start time.
@@ -119,6 +120,9 @@ func Start(ctx context.Context, cfg *config.Config, opts Options) (_ *Daemon, er
 		}
 	}
 	if d.metrics, err = newMetricsServer(cfg); err != nil {
+		return nil, err
+	}
+	if d.vaultAPI, err = newVaultAPIServer(cfg); err != nil {
 		return nil, err
 	}
 	warnings, err := rootcred.Check(cfg)
@@ -207,6 +211,7 @@ func Start(ctx context.Context, cfg *config.Config, opts Options) (_ *Daemon, er
 		MaxStreamLeases: opts.MaxStreamLeases,
 		ObserveUnary:    d.metrics.unary(),
 		ObserveStream:   d.metrics.stream(),
+		Invoker:         d.vaultAPI.serverInvoker(),
 	}, d.security.serverOptions...)
 	d.serveMetrics()
 
@@ -337,6 +342,11 @@ func (d *Daemon) Ready() <-chan struct{} { return d.ready }
 func (d *Daemon) Serve(ctx context.Context) error {
 	errc := make(chan error, 1)
 	go func() { errc <- d.grpc.Serve(d.lis) }()
+	if err := d.serveVaultAPI(); err != nil {
+		d.grpc.Stop()
+		<-errc
+		return err
+	}
 	if d.audit != nil {
 		d.audit.Record(audit.Record{Event: audit.EventStart, Outcome: audit.OutcomeOK,
 			Message: fmt.Sprintf("serving on %s (tls: %t, authentication: %t)", d.lis.Addr(), d.security.certs != nil, d.cfg.Security.Enabled())})
@@ -361,6 +371,9 @@ func (d *Daemon) Serve(ctx context.Context) error {
 // stopServing drains the gRPC server and stops it within shutdown_timeout.
 func (d *Daemon) stopServing() {
 	d.drainer.Drain()
+	// The Vault API's requests are gRPC calls: stopped first, within the
+	// same timeout, so none reaches a stopped gRPC server.
+	d.vaultAPI.shutdown(d.cfg.ShutdownTimeout)
 	stopped := make(chan struct{})
 	go func() {
 		d.grpc.GracefulStop()
@@ -388,6 +401,7 @@ func (d *Daemon) Close() error {
 func (d *Daemon) close() error {
 	var errs []error
 	d.metrics.close()
+	d.vaultAPI.shutdown(0)
 	if d.grpc != nil {
 		d.drainer.Drain()
 		d.grpc.Stop()

@@ -158,7 +158,7 @@ func (d *Daemon) readiness(ctx context.Context) error {
 	if _, err := d.store.GroupID(ctx); err != nil {
 		return fmt.Errorf("lease store: %w", err)
 	}
-	if s := d.metrics; s.leader != nil {
+	if s := d.metrics; s != nil && s.leader != nil {
 		leading, err := s.leader(ctx)
 		if err != nil {
 			return fmt.Errorf("leader unknown: %w", err)
