@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"sort"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"golang.org/x/time/rate"
@@ -19,10 +20,13 @@ const cleanupTimeout = 30 * time.Second
 // Broker issues, renews and revokes leases. Its methods are safe for
 // concurrent use.
 type Broker struct {
+	// cfg is the configuration New was given, with defaults filled in;
+	// what Reconfigure may change (roles, expiry settings) is read from
+	// live instead (reconfigure.go).
 	cfg   Config
+	live  atomic.Pointer[settings]
 	store LeaseStore
 	dbs   map[string]Database
-	roles map[string]Role
 	clock Clock
 	log   *slog.Logger
 
@@ -76,60 +80,33 @@ func New(cfg Config) (*Broker, error) {
 	if cfg.Logger == nil {
 		cfg.Logger = slog.New(slog.DiscardHandler)
 	}
-	setDefault(&cfg.ValidUntilGrace, DefaultValidUntilGrace)
-	setDefault(&cfg.TombstoneRetention, DefaultTombstoneRetention)
-	setDefault(&cfg.ReconcileInterval, DefaultReconcileInterval)
-	setDefault(&cfg.RetryBaseDelay, DefaultRetryBaseDelay)
-	setDefault(&cfg.RetryMaxDelay, DefaultRetryMaxDelay)
-	setDefault(&cfg.FailedRetryInterval, DefaultFailedRetryInterval)
-	setDefault(&cfg.DisconnectGrace, DefaultDisconnectGrace)
-	if cfg.RevokeConcurrency <= 0 {
-		cfg.RevokeConcurrency = DefaultRevokeConcurrency
-	}
 	if cfg.IssuePool == 0 {
 		cfg.IssuePool = DefaultIssuePool
 	}
 	if cfg.RenewBatches <= 0 {
 		cfg.RenewBatches = DefaultRenewBatches
 	}
-	if cfg.RevokeRate <= 0 {
-		cfg.RevokeRate = DefaultRevokeRate
+	live, err := newSettings(cfg)
+	if err != nil {
+		return nil, err
 	}
-	if cfg.RevokeRetries <= 0 {
-		cfg.RevokeRetries = DefaultRevokeRetries
-	}
-	roles := make(map[string]Role, len(cfg.Roles))
-	for _, r := range cfg.Roles {
-		if err := ValidateRoleName(r.Name); err != nil {
-			return nil, fmt.Errorf("broker: role %q: %w", r.Name, err)
-		}
-		if _, dup := roles[r.Name]; dup {
-			return nil, fmt.Errorf("broker: role %q defined twice", r.Name)
-		}
-		if _, ok := cfg.Databases[r.Target]; !ok {
-			return nil, fmt.Errorf("broker: role %q: unknown target %q", r.Name, r.Target)
-		}
-		if r.DefaultTTL <= 0 || r.MaxTTL <= 0 || r.DefaultTTL > r.MaxTTL {
-			return nil, fmt.Errorf("broker: role %q: need 0 < default_ttl <= max_ttl", r.Name)
-		}
-		roles[r.Name] = r
-	}
-	burst := cfg.RevokeConcurrency
-	return &Broker{
+	cfg = live.cfg
+	b := &Broker{
 		cfg:        cfg,
 		store:      cfg.Store,
 		dbs:        cfg.Databases,
-		roles:      roles,
 		clock:      cfg.Clock,
 		log:        cfg.Logger,
 		queue:      NewExpiryQueue(),
-		limiter:    rate.NewLimiter(rate.Limit(cfg.RevokeRate), burst),
+		limiter:    rate.NewLimiter(rate.Limit(cfg.RevokeRate), cfg.RevokeConcurrency),
 		streams:    make(map[string]*streamState),
 		inflight:   make(map[string]struct{}),
 		closed:     make(chan struct{}),
 		storeFails: make(map[string]int),
 		lanes:      newRevokeLanes(cfg.Databases),
-	}, nil
+	}
+	b.live.Store(live)
+	return b, nil
 }
 
 func setDefault(d *time.Duration, def time.Duration) {
@@ -229,7 +206,7 @@ func (b *Broker) Issue(ctx context.Context, req IssueRequest) (Lease, Credential
 	if err := ValidateRoleName(req.Role); err != nil {
 		return Lease{}, Credential{}, err
 	}
-	role, ok := b.roles[req.Role]
+	role, ok := b.role(req.Role)
 	if !ok {
 		return Lease{}, Credential{}, fmt.Errorf("%w: %q", ErrRoleNotFound, req.Role)
 	}
@@ -271,7 +248,13 @@ func (b *Broker) Issue(ctx context.Context, req IssueRequest) (Lease, Credential
 	}
 	var intent Intent
 	var password, verifier string
-	if r, ok := b.takeReservation(role); ok {
+	r, ok := b.takeReservation(role)
+	if ok && (r.intent.Target != role.Target || r.intent.ProxyRole != role.ProxyRole) {
+		// Made before a reload changed the role.
+		b.release([]reservation{r})
+		ok = false
+	}
+	if ok {
 		// Ready ahead (issuepool.go): the intent is durable already and
 		// the password hashed; the reservation is in flight.
 		intent, password, verifier = r.intent, r.password, r.verifier
@@ -303,7 +286,7 @@ func (b *Broker) Issue(ctx context.Context, req IssueRequest) (Lease, Credential
 		Username:   lease.Username,
 		Password:   password,
 		ProxyRole:  lease.ProxyRole,
-		ValidUntil: lease.ExpireTime.Add(b.cfg.ValidUntilGrace),
+		ValidUntil: lease.ExpireTime.Add(b.conf().ValidUntilGrace),
 		Verifier:   verifier,
 	})
 	if err != nil {
@@ -321,7 +304,7 @@ func (b *Broker) Issue(ctx context.Context, req IssueRequest) (Lease, Credential
 	b.queue.Set(lease.ID, lease.ExpireTime)
 	b.queue.SetTarget(lease.ID, lease.Target)
 	if lease.RevokeOnDisconnect {
-		b.armDisconnect(lease.ID, now.Add(b.cfg.DisconnectGrace))
+		b.armDisconnect(lease.ID, now.Add(b.conf().DisconnectGrace))
 	}
 	log.Info("lease issued", "expire_time", lease.ExpireTime)
 	b.audit(AuditIssue, lease, "")
@@ -441,7 +424,7 @@ func (b *Broker) Renew(ctx context.Context, id string, increment time.Duration) 
 		// PostgreSQL first: if the store write then fails, VALID UNTIL is
 		// merely later than the lease, and the expiry manager still drops
 		// the user at the lease's expiry.
-		if err := db.RenewUser(ctx, RenewUserRequest{Username: l.Username, ValidUntil: newExpire.Add(b.cfg.ValidUntilGrace)}); err != nil {
+		if err := db.RenewUser(ctx, RenewUserRequest{Username: l.Username, ValidUntil: newExpire.Add(b.conf().ValidUntilGrace)}); err != nil {
 			if errors.Is(err, ErrUserNotFound) {
 				// Dropped behind the broker's back: the credential is dead,
 				// so the lease ends now rather than pretending to live on.
@@ -498,7 +481,7 @@ func (b *Broker) renewedExpiry(l Lease, now time.Time, increment time.Duration) 
 // defaultTTL is the lease's role's default TTL; for a role that has left
 // the configuration, the lease's original TTL.
 func (b *Broker) defaultTTL(l Lease) time.Duration {
-	if r, ok := b.roles[l.Role]; ok {
+	if r, ok := b.role(l.Role); ok {
 		return r.DefaultTTL
 	}
 	return l.MaxExpireTime.Sub(l.IssueTime)
@@ -524,8 +507,9 @@ func (b *Broker) ListLeases(ctx context.Context, f LeaseFilter) ([]Lease, string
 
 // Roles returns the configured roles, sorted by name.
 func (b *Broker) Roles() []Role {
-	out := make([]Role, 0, len(b.roles))
-	for _, r := range b.roles {
+	roles := b.live.Load().roles
+	out := make([]Role, 0, len(roles))
+	for _, r := range roles {
 		out = append(out, r)
 	}
 	sort.Slice(out, func(i, j int) bool { return out[i].Name < out[j].Name })

@@ -86,9 +86,9 @@ func (b *Broker) revoke(ctx context.Context, id string, cause revokeCause) (Leas
 		l.RevokeAttempts++
 		l.LastError = dberr.Error()
 		var due time.Time
-		if l.RevokeAttempts >= b.cfg.RevokeRetries {
+		if l.RevokeAttempts >= b.conf().RevokeRetries {
 			l.State = StateRevokeFailed
-			due = now.Add(b.cfg.FailedRetryInterval)
+			due = now.Add(b.conf().FailedRetryInterval)
 			log.Error("revocation failed; will retry later", "attempts", l.RevokeAttempts, "err", dberr)
 		} else {
 			due = now.Add(b.backoff(l.RevokeAttempts))
@@ -145,12 +145,12 @@ func (b *Broker) storeRecovered(id string) {
 // RetryBaseDelay, capped at RetryMaxDelay, with full jitter over its upper
 // half so that a mass failure does not retry in lockstep.
 func (b *Broker) backoff(n int) time.Duration {
-	d := b.cfg.RetryBaseDelay
-	for i := 1; i < n && d < b.cfg.RetryMaxDelay; i++ {
+	d := b.conf().RetryBaseDelay
+	for i := 1; i < n && d < b.conf().RetryMaxDelay; i++ {
 		d *= 2
 	}
-	if d > b.cfg.RetryMaxDelay {
-		d = b.cfg.RetryMaxDelay
+	if d > b.conf().RetryMaxDelay {
+		d = b.conf().RetryMaxDelay
 	}
 	half := d / 2
 	return half + time.Duration(jitter(int64(half)+1))
@@ -251,7 +251,7 @@ func (b *Broker) revokeAll(ctx context.Context, ids []string) (int, error) {
 		count int
 		errs  []error
 		wg    sync.WaitGroup
-		sem   = make(chan struct{}, b.cfg.RevokeConcurrency)
+		sem   = make(chan struct{}, b.conf().RevokeConcurrency)
 	)
 	for _, id := range ids {
 		sem <- struct{}{}

@@ -52,7 +52,7 @@ func (b *Broker) StreamClosed(leaseID string) {
 		return
 	}
 	if s.bound {
-		s.deadline = b.clock.Now().Add(b.cfg.DisconnectGrace)
+		s.deadline = b.clock.Now().Add(b.conf().DisconnectGrace)
 	} else {
 		delete(b.streams, leaseID)
 	}
@@ -88,7 +88,7 @@ func (b *Broker) forgetStream(leaseID string) {
 // fresh grace period after a restart: its client had no stream to a broker
 // that was down, and deserves the chance to reconnect.
 func (b *Broker) restoreStreamDeadlines(ctx context.Context) {
-	deadline := b.clock.Now().Add(b.cfg.DisconnectGrace)
+	deadline := b.clock.Now().Add(b.conf().DisconnectGrace)
 	// The expiry index says which live leases are bound, without reading
 	// the records; only a file whose entries lack the details (written by
 	// an older binary) is listed the slow way.
