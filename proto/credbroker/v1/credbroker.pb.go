@@ -1401,6 +1401,197 @@ func (x *RotateRootCredentialResponse) GetRotateTime() *timestamppb.Timestamp {
 	return nil
 }
 
+type ReloadConfigRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ReloadConfigRequest) Reset() {
+	*x = ReloadConfigRequest{}
+	mi := &file_credbroker_v1_credbroker_proto_msgTypes[21]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ReloadConfigRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ReloadConfigRequest) ProtoMessage() {}
+
+func (x *ReloadConfigRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_credbroker_v1_credbroker_proto_msgTypes[21]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ReloadConfigRequest.ProtoReflect.Descriptor instead.
+func (*ReloadConfigRequest) Descriptor() ([]byte, []int) {
+	return file_credbroker_v1_credbroker_proto_rawDescGZIP(), []int{21}
+}
+
+type ReloadConfigResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// config_file is the file that was read.
+	ConfigFile string `protobuf:"bytes,1,opt,name=config_file,json=configFile,proto3" json:"config_file,omitempty"`
+	// changes lists what changed, one line per key path ("roles[read_only].default_ttl:
+	// 15m0s -> 5m0s"); empty when the file changed nothing. Never a secret.
+	Changes       []string `protobuf:"bytes,2,rep,name=changes,proto3" json:"changes,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ReloadConfigResponse) Reset() {
+	*x = ReloadConfigResponse{}
+	mi := &file_credbroker_v1_credbroker_proto_msgTypes[22]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ReloadConfigResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ReloadConfigResponse) ProtoMessage() {}
+
+func (x *ReloadConfigResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_credbroker_v1_credbroker_proto_msgTypes[22]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ReloadConfigResponse.ProtoReflect.Descriptor instead.
+func (*ReloadConfigResponse) Descriptor() ([]byte, []int) {
+	return file_credbroker_v1_credbroker_proto_rawDescGZIP(), []int{22}
+}
+
+func (x *ReloadConfigResponse) GetConfigFile() string {
+	if x != nil {
+		return x.ConfigFile
+	}
+	return ""
+}
+
+func (x *ReloadConfigResponse) GetChanges() []string {
+	if x != nil {
+		return x.Changes
+	}
+	return nil
+}
+
+type BackupStoreRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *BackupStoreRequest) Reset() {
+	*x = BackupStoreRequest{}
+	mi := &file_credbroker_v1_credbroker_proto_msgTypes[23]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *BackupStoreRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*BackupStoreRequest) ProtoMessage() {}
+
+func (x *BackupStoreRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_credbroker_v1_credbroker_proto_msgTypes[23]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use BackupStoreRequest.ProtoReflect.Descriptor instead.
+func (*BackupStoreRequest) Descriptor() ([]byte, []int) {
+	return file_credbroker_v1_credbroker_proto_rawDescGZIP(), []int{23}
+}
+
+type BackupStoreResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// format is set on the first message: "bbolt" (a database file to put at
+	// store.path) or "etcd-export" (for brokerctl restore-etcd).
+	Format string `protobuf:"bytes,1,opt,name=format,proto3" json:"format,omitempty"`
+	// data is the next chunk of the snapshot; concatenated, the chunks are it.
+	Data []byte `protobuf:"bytes,2,opt,name=data,proto3" json:"data,omitempty"`
+	// size is set on the last message: the snapshot's length in bytes.
+	Size          int64 `protobuf:"varint,3,opt,name=size,proto3" json:"size,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *BackupStoreResponse) Reset() {
+	*x = BackupStoreResponse{}
+	mi := &file_credbroker_v1_credbroker_proto_msgTypes[24]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *BackupStoreResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*BackupStoreResponse) ProtoMessage() {}
+
+func (x *BackupStoreResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_credbroker_v1_credbroker_proto_msgTypes[24]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use BackupStoreResponse.ProtoReflect.Descriptor instead.
+func (*BackupStoreResponse) Descriptor() ([]byte, []int) {
+	return file_credbroker_v1_credbroker_proto_rawDescGZIP(), []int{24}
+}
+
+func (x *BackupStoreResponse) GetFormat() string {
+	if x != nil {
+		return x.Format
+	}
+	return ""
+}
+
+func (x *BackupStoreResponse) GetData() []byte {
+	if x != nil {
+		return x.Data
+	}
+	return nil
+}
+
+func (x *BackupStoreResponse) GetSize() int64 {
+	if x != nil {
+		return x.Size
+	}
+	return 0
+}
+
 var File_credbroker_v1_credbroker_proto protoreflect.FileDescriptor
 
 const file_credbroker_v1_credbroker_proto_rawDesc = "" +
@@ -1502,7 +1693,17 @@ const file_credbroker_v1_credbroker_proto_rawDesc = "" +
 	"\x06target\x18\x01 \x01(\tR\x06target\x12\x16\n" +
 	"\x06source\x18\x02 \x01(\tR\x06source\x12;\n" +
 	"\vrotate_time\x18\x03 \x01(\v2\x1a.google.protobuf.TimestampR\n" +
-	"rotateTime*\xac\x01\n" +
+	"rotateTime\"\x15\n" +
+	"\x13ReloadConfigRequest\"Q\n" +
+	"\x14ReloadConfigResponse\x12\x1f\n" +
+	"\vconfig_file\x18\x01 \x01(\tR\n" +
+	"configFile\x12\x18\n" +
+	"\achanges\x18\x02 \x03(\tR\achanges\"\x14\n" +
+	"\x12BackupStoreRequest\"U\n" +
+	"\x13BackupStoreResponse\x12\x16\n" +
+	"\x06format\x18\x01 \x01(\tR\x06format\x12\x12\n" +
+	"\x04data\x18\x02 \x01(\fR\x04data\x12\x12\n" +
+	"\x04size\x18\x03 \x01(\x03R\x04size*\xac\x01\n" +
 	"\n" +
 	"LeaseState\x12\x1b\n" +
 	"\x17LEASE_STATE_UNSPECIFIED\x10\x00\x12\x16\n" +
@@ -1524,13 +1725,15 @@ const file_credbroker_v1_credbroker_proto_rawDesc = "" +
 	"RenewLease\x12 .credbroker.v1.RenewLeaseRequest\x1a!.credbroker.v1.RenewLeaseResponse\x12T\n" +
 	"\vRevokeLease\x12!.credbroker.v1.RevokeLeaseRequest\x1a\".credbroker.v1.RevokeLeaseResponse\x12T\n" +
 	"\vLookupLease\x12!.credbroker.v1.LookupLeaseRequest\x1a\".credbroker.v1.LookupLeaseResponse\x12R\n" +
-	"\tKeepAlive\x12\x1f.credbroker.v1.KeepAliveRequest\x1a .credbroker.v1.KeepAliveResponse(\x010\x012\xfb\x02\n" +
+	"\tKeepAlive\x12\x1f.credbroker.v1.KeepAliveRequest\x1a .credbroker.v1.KeepAliveResponse(\x010\x012\xac\x04\n" +
 	"\fAdminService\x12Q\n" +
 	"\n" +
 	"ListLeases\x12 .credbroker.v1.ListLeasesRequest\x1a!.credbroker.v1.ListLeasesResponse\x12W\n" +
 	"\fRevokeLeases\x12\".credbroker.v1.RevokeLeasesRequest\x1a#.credbroker.v1.RevokeLeasesResponse\x12N\n" +
 	"\tListRoles\x12\x1f.credbroker.v1.ListRolesRequest\x1a .credbroker.v1.ListRolesResponse\x12o\n" +
-	"\x14RotateRootCredential\x12*.credbroker.v1.RotateRootCredentialRequest\x1a+.credbroker.v1.RotateRootCredentialResponseBCZAgithub.com/credbroker/credbroker/proto/credbroker/v1;credbrokerv1b\x06proto3"
+	"\x14RotateRootCredential\x12*.credbroker.v1.RotateRootCredentialRequest\x1a+.credbroker.v1.RotateRootCredentialResponse\x12W\n" +
+	"\fReloadConfig\x12\".credbroker.v1.ReloadConfigRequest\x1a#.credbroker.v1.ReloadConfigResponse\x12V\n" +
+	"\vBackupStore\x12!.credbroker.v1.BackupStoreRequest\x1a\".credbroker.v1.BackupStoreResponse0\x01BCZAgithub.com/credbroker/credbroker/proto/credbroker/v1;credbrokerv1b\x06proto3"
 
 var (
 	file_credbroker_v1_credbroker_proto_rawDescOnce sync.Once
@@ -1545,7 +1748,7 @@ func file_credbroker_v1_credbroker_proto_rawDescGZIP() []byte {
 }
 
 var file_credbroker_v1_credbroker_proto_enumTypes = make([]protoimpl.EnumInfo, 2)
-var file_credbroker_v1_credbroker_proto_msgTypes = make([]protoimpl.MessageInfo, 23)
+var file_credbroker_v1_credbroker_proto_msgTypes = make([]protoimpl.MessageInfo, 27)
 var file_credbroker_v1_credbroker_proto_goTypes = []any{
 	(LeaseState)(0),                      // 0: credbroker.v1.LeaseState
 	(KeepAliveEvent)(0),                  // 1: credbroker.v1.KeepAliveEvent
@@ -1570,35 +1773,39 @@ var file_credbroker_v1_credbroker_proto_goTypes = []any{
 	(*ListRolesResponse)(nil),            // 20: credbroker.v1.ListRolesResponse
 	(*RotateRootCredentialRequest)(nil),  // 21: credbroker.v1.RotateRootCredentialRequest
 	(*RotateRootCredentialResponse)(nil), // 22: credbroker.v1.RotateRootCredentialResponse
-	nil,                                  // 23: credbroker.v1.Lease.MetadataEntry
-	nil,                                  // 24: credbroker.v1.IssueCredentialRequest.MetadataEntry
-	(*timestamppb.Timestamp)(nil),        // 25: google.protobuf.Timestamp
-	(*durationpb.Duration)(nil),          // 26: google.protobuf.Duration
+	(*ReloadConfigRequest)(nil),          // 23: credbroker.v1.ReloadConfigRequest
+	(*ReloadConfigResponse)(nil),         // 24: credbroker.v1.ReloadConfigResponse
+	(*BackupStoreRequest)(nil),           // 25: credbroker.v1.BackupStoreRequest
+	(*BackupStoreResponse)(nil),          // 26: credbroker.v1.BackupStoreResponse
+	nil,                                  // 27: credbroker.v1.Lease.MetadataEntry
+	nil,                                  // 28: credbroker.v1.IssueCredentialRequest.MetadataEntry
+	(*timestamppb.Timestamp)(nil),        // 29: google.protobuf.Timestamp
+	(*durationpb.Duration)(nil),          // 30: google.protobuf.Duration
 }
 var file_credbroker_v1_credbroker_proto_depIdxs = []int32{
-	25, // 0: credbroker.v1.Lease.issue_time:type_name -> google.protobuf.Timestamp
-	25, // 1: credbroker.v1.Lease.expire_time:type_name -> google.protobuf.Timestamp
-	25, // 2: credbroker.v1.Lease.max_expire_time:type_name -> google.protobuf.Timestamp
+	29, // 0: credbroker.v1.Lease.issue_time:type_name -> google.protobuf.Timestamp
+	29, // 1: credbroker.v1.Lease.expire_time:type_name -> google.protobuf.Timestamp
+	29, // 2: credbroker.v1.Lease.max_expire_time:type_name -> google.protobuf.Timestamp
 	0,  // 3: credbroker.v1.Lease.state:type_name -> credbroker.v1.LeaseState
-	23, // 4: credbroker.v1.Lease.metadata:type_name -> credbroker.v1.Lease.MetadataEntry
-	25, // 5: credbroker.v1.Lease.end_time:type_name -> google.protobuf.Timestamp
-	26, // 6: credbroker.v1.Role.default_ttl:type_name -> google.protobuf.Duration
-	26, // 7: credbroker.v1.Role.max_ttl:type_name -> google.protobuf.Duration
-	26, // 8: credbroker.v1.IssueCredentialRequest.ttl:type_name -> google.protobuf.Duration
-	24, // 9: credbroker.v1.IssueCredentialRequest.metadata:type_name -> credbroker.v1.IssueCredentialRequest.MetadataEntry
+	27, // 4: credbroker.v1.Lease.metadata:type_name -> credbroker.v1.Lease.MetadataEntry
+	29, // 5: credbroker.v1.Lease.end_time:type_name -> google.protobuf.Timestamp
+	30, // 6: credbroker.v1.Role.default_ttl:type_name -> google.protobuf.Duration
+	30, // 7: credbroker.v1.Role.max_ttl:type_name -> google.protobuf.Duration
+	30, // 8: credbroker.v1.IssueCredentialRequest.ttl:type_name -> google.protobuf.Duration
+	28, // 9: credbroker.v1.IssueCredentialRequest.metadata:type_name -> credbroker.v1.IssueCredentialRequest.MetadataEntry
 	3,  // 10: credbroker.v1.IssueCredentialResponse.lease:type_name -> credbroker.v1.Lease
 	2,  // 11: credbroker.v1.IssueCredentialResponse.credential:type_name -> credbroker.v1.Credential
-	26, // 12: credbroker.v1.RenewLeaseRequest.increment:type_name -> google.protobuf.Duration
+	30, // 12: credbroker.v1.RenewLeaseRequest.increment:type_name -> google.protobuf.Duration
 	3,  // 13: credbroker.v1.RenewLeaseResponse.lease:type_name -> credbroker.v1.Lease
 	3,  // 14: credbroker.v1.RevokeLeaseResponse.lease:type_name -> credbroker.v1.Lease
 	3,  // 15: credbroker.v1.LookupLeaseResponse.lease:type_name -> credbroker.v1.Lease
-	26, // 16: credbroker.v1.KeepAliveRequest.increment:type_name -> google.protobuf.Duration
+	30, // 16: credbroker.v1.KeepAliveRequest.increment:type_name -> google.protobuf.Duration
 	3,  // 17: credbroker.v1.KeepAliveResponse.lease:type_name -> credbroker.v1.Lease
 	1,  // 18: credbroker.v1.KeepAliveResponse.event:type_name -> credbroker.v1.KeepAliveEvent
 	0,  // 19: credbroker.v1.ListLeasesRequest.state:type_name -> credbroker.v1.LeaseState
 	3,  // 20: credbroker.v1.ListLeasesResponse.leases:type_name -> credbroker.v1.Lease
 	4,  // 21: credbroker.v1.ListRolesResponse.roles:type_name -> credbroker.v1.Role
-	25, // 22: credbroker.v1.RotateRootCredentialResponse.rotate_time:type_name -> google.protobuf.Timestamp
+	29, // 22: credbroker.v1.RotateRootCredentialResponse.rotate_time:type_name -> google.protobuf.Timestamp
 	5,  // 23: credbroker.v1.CredentialService.IssueCredential:input_type -> credbroker.v1.IssueCredentialRequest
 	7,  // 24: credbroker.v1.CredentialService.RenewLease:input_type -> credbroker.v1.RenewLeaseRequest
 	9,  // 25: credbroker.v1.CredentialService.RevokeLease:input_type -> credbroker.v1.RevokeLeaseRequest
@@ -1608,17 +1815,21 @@ var file_credbroker_v1_credbroker_proto_depIdxs = []int32{
 	17, // 29: credbroker.v1.AdminService.RevokeLeases:input_type -> credbroker.v1.RevokeLeasesRequest
 	19, // 30: credbroker.v1.AdminService.ListRoles:input_type -> credbroker.v1.ListRolesRequest
 	21, // 31: credbroker.v1.AdminService.RotateRootCredential:input_type -> credbroker.v1.RotateRootCredentialRequest
-	6,  // 32: credbroker.v1.CredentialService.IssueCredential:output_type -> credbroker.v1.IssueCredentialResponse
-	8,  // 33: credbroker.v1.CredentialService.RenewLease:output_type -> credbroker.v1.RenewLeaseResponse
-	10, // 34: credbroker.v1.CredentialService.RevokeLease:output_type -> credbroker.v1.RevokeLeaseResponse
-	12, // 35: credbroker.v1.CredentialService.LookupLease:output_type -> credbroker.v1.LookupLeaseResponse
-	14, // 36: credbroker.v1.CredentialService.KeepAlive:output_type -> credbroker.v1.KeepAliveResponse
-	16, // 37: credbroker.v1.AdminService.ListLeases:output_type -> credbroker.v1.ListLeasesResponse
-	18, // 38: credbroker.v1.AdminService.RevokeLeases:output_type -> credbroker.v1.RevokeLeasesResponse
-	20, // 39: credbroker.v1.AdminService.ListRoles:output_type -> credbroker.v1.ListRolesResponse
-	22, // 40: credbroker.v1.AdminService.RotateRootCredential:output_type -> credbroker.v1.RotateRootCredentialResponse
-	32, // [32:41] is the sub-list for method output_type
-	23, // [23:32] is the sub-list for method input_type
+	23, // 32: credbroker.v1.AdminService.ReloadConfig:input_type -> credbroker.v1.ReloadConfigRequest
+	25, // 33: credbroker.v1.AdminService.BackupStore:input_type -> credbroker.v1.BackupStoreRequest
+	6,  // 34: credbroker.v1.CredentialService.IssueCredential:output_type -> credbroker.v1.IssueCredentialResponse
+	8,  // 35: credbroker.v1.CredentialService.RenewLease:output_type -> credbroker.v1.RenewLeaseResponse
+	10, // 36: credbroker.v1.CredentialService.RevokeLease:output_type -> credbroker.v1.RevokeLeaseResponse
+	12, // 37: credbroker.v1.CredentialService.LookupLease:output_type -> credbroker.v1.LookupLeaseResponse
+	14, // 38: credbroker.v1.CredentialService.KeepAlive:output_type -> credbroker.v1.KeepAliveResponse
+	16, // 39: credbroker.v1.AdminService.ListLeases:output_type -> credbroker.v1.ListLeasesResponse
+	18, // 40: credbroker.v1.AdminService.RevokeLeases:output_type -> credbroker.v1.RevokeLeasesResponse
+	20, // 41: credbroker.v1.AdminService.ListRoles:output_type -> credbroker.v1.ListRolesResponse
+	22, // 42: credbroker.v1.AdminService.RotateRootCredential:output_type -> credbroker.v1.RotateRootCredentialResponse
+	24, // 43: credbroker.v1.AdminService.ReloadConfig:output_type -> credbroker.v1.ReloadConfigResponse
+	26, // 44: credbroker.v1.AdminService.BackupStore:output_type -> credbroker.v1.BackupStoreResponse
+	34, // [34:45] is the sub-list for method output_type
+	23, // [23:34] is the sub-list for method input_type
 	23, // [23:23] is the sub-list for extension type_name
 	23, // [23:23] is the sub-list for extension extendee
 	0,  // [0:23] is the sub-list for field type_name
@@ -1635,7 +1846,7 @@ func file_credbroker_v1_credbroker_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_credbroker_v1_credbroker_proto_rawDesc), len(file_credbroker_v1_credbroker_proto_rawDesc)),
 			NumEnums:      2,
-			NumMessages:   23,
+			NumMessages:   27,
 			NumExtensions: 0,
 			NumServices:   2,
 		},
