@@ -194,3 +194,15 @@ func (s *metricsServer) close() {
 	}
 	_ = s.lis.Close()
 }
+
+func (s *metricsServer) reloadFailed(at time.Time, err error) {
+	if s != nil {
+		s.m.ReloadFailed(at, err)
+	}
+}
+
+func (s *metricsServer) reloadSucceeded() {
+	if s != nil {
+		s.m.ReloadSucceeded()
+	}
+}
