@@ -148,6 +148,8 @@ unix:/path reaches a unix socket.`,
 		c.auditCmd(),
 		c.checkCmd(),
 		c.rotateRootCmd(),
+		c.reloadCmd(),
+		c.backupCmd(),
 	)
 	// Cobra's own argument errors should exit 2 like flag errors do.
 	for _, cmd := range root.Commands() {
