@@ -49,6 +49,10 @@ const (
 	ReasonExpired    = "expired"
 	ReasonRevoked    = "revoked"
 	ReasonDisconnect = "disconnect"
+	// ReasonReconcile: the reconciler found the lease's user gone (dropped
+	// outside the broker, or the store was restored from a backup taken
+	// before the lease was revoked) and ended the lease.
+	ReasonReconcile = "reconcile"
 )
 
 // Auditor records lifecycle events. The broker calls it synchronously

@@ -27,6 +27,7 @@ const (
 	causeRequest    revokeCause = iota // an admin or owner
 	causeExpiry                        // the expiry manager
 	causeDisconnect                    // no KeepAlive stream within the grace period
+	causeReconcile                     // the reconciler found the user gone
 )
 
 // revoke runs the revocation of one lease under its lock; cause says who
@@ -190,6 +191,8 @@ func (b *Broker) leaseEnded(stored Lease, log *slog.Logger, cause revokeCause) {
 		b.auditReason(AuditExpire, stored, "", ReasonExpired)
 	case cause == causeDisconnect:
 		b.auditReason(AuditRevoke, stored, "", ReasonDisconnect)
+	case cause == causeReconcile:
+		b.auditReason(AuditRevoke, stored, "", ReasonReconcile)
 	default:
 		b.auditReason(AuditRevoke, stored, "", ReasonRevoked)
 	}
