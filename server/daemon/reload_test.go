@@ -8,6 +8,7 @@ import (
 	"path/filepath"
 	"slices"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -29,6 +30,8 @@ import (
 type reloadFixture struct {
 	t      *testing.T
 	d      *Daemon
+	stop   func() // stops serving and closes d
+	tg     *pgtest.Target
 	path   string
 	head   string // listen, metrics, store, targets
 	ro     string // the read_only proxy role
@@ -65,7 +68,7 @@ func newReloadFixture(t *testing.T, ctx context.Context, roles func(ro string) s
 	if err := os.WriteFile(pw, []byte(tg.AdminPassword+"\n"), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	f := &reloadFixture{t: t, path: filepath.Join(dir, "credbroker.yaml"), ro: tg.ProxyRoles["read_only"]}
+	f := &reloadFixture{t: t, tg: tg, path: filepath.Join(dir, "credbroker.yaml"), ro: tg.ProxyRoles["read_only"]}
 	// The port is fixed after the first start: a reload that kept
 	// "127.0.0.1:0" would be no change, so the test's file names it.
 	f.head = fmt.Sprintf(`listen: 127.0.0.1:0
@@ -75,6 +78,15 @@ targets:
   - {name: main, url: %q, password_file: %q, marker_role: %s, connect_timeout: 5s}
 `, filepath.Join(dir, "leases.db"), tg.AdminURL, pw, tg.MarkerRole)
 	f.write(roles(f.ro))
+	f.start(ctx)
+	return f
+}
+
+// start starts a broker from the file and serves it until stop (or the
+// test's end).
+func (f *reloadFixture) start(ctx context.Context) {
+	t := f.t
+	t.Helper()
 	file, err := config.Load(f.path)
 	if err != nil {
 		t.Fatal(err)
@@ -89,22 +101,28 @@ targets:
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { _ = d.Close() })
 	f.d = d
 	serveCtx, stopServing := context.WithCancel(ctx)
 	served := make(chan error, 1)
 	go func() { served <- d.Serve(serveCtx) }()
-	t.Cleanup(func() { stopServing(); <-served })
 	<-d.Ready()
 	conn, err := grpc.NewClient(d.Addr().String(), grpc.WithTransportCredentials(insecure.NewCredentials()))
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { _ = conn.Close() })
+	var once sync.Once
+	f.stop = func() {
+		once.Do(func() {
+			_ = conn.Close()
+			stopServing()
+			<-served
+			_ = d.Close()
+		})
+	}
+	t.Cleanup(f.stop)
 	f.creds, f.admins = pb.NewCredentialServiceClient(conn), pb.NewAdminServiceClient(conn)
 	f.admin = metadata.AppendToOutgoingContext(ctx, "authorization", "Bearer "+reloadAdminToken)
 	f.svc = metadata.AppendToOutgoingContext(ctx, "authorization", "Bearer "+reloadSvcToken)
-	return f
 }
 
 func (f *reloadFixture) reloadFailures() float64 {
