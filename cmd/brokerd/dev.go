@@ -186,7 +186,8 @@ func runDev(ctx context.Context, listenAddr string, stdout, stderr io.Writer, re
 	if err != nil {
 		return err
 	}
-	d, err := daemon.Start(ctx, cfg, daemon.Options{Logger: log, Listener: lis})
+	// ConfigPath: `brokerctl reload` re-reads the file (edit it, try it).
+	d, err := daemon.Start(ctx, cfg, daemon.Options{Logger: log, Listener: lis, ConfigPath: s.ConfigPath})
 	lis = nil
 	if err != nil {
 		return err
