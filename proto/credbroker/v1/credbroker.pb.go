@@ -1531,7 +1531,8 @@ func (*BackupStoreRequest) Descriptor() ([]byte, []int) {
 type BackupStoreResponse struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// format is set on the first message: "bbolt" (a database file to put at
-	// store.path) or "etcd-export" (for brokerctl restore-etcd).
+	// store.path) or "etcd-export" (an export of the group's prefix, which
+	// store/etcd.Restore loads into an empty prefix).
 	Format string `protobuf:"bytes,1,opt,name=format,proto3" json:"format,omitempty"`
 	// data is the next chunk of the snapshot; concatenated, the chunks are it.
 	Data []byte `protobuf:"bytes,2,opt,name=data,proto3" json:"data,omitempty"`
