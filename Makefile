@@ -39,10 +39,22 @@ else
 ETCD_DIR     ?= $(CURDIR)/.cache/etcd-$(ETCD_VERSION)
 endif
 ETCD_BIN     := $(ETCD_DIR)/etcd
+# promtool, to check examples/prometheus/alerts.yaml, built from source by
+# the tool module tools/promtool (Prometheus's own module, pinned there),
+# once, into PROMTOOL_DIR. It pulls every service-discovery SDK Prometheus
+# has: many minutes of CPU on a small machine, so `make test` checks the
+# rules when the build succeeds and says so when it cannot.
+PROMTOOL_VERSION := v0.316.0
+ifeq ($(shell id -u),0)
+PROMTOOL_DIR ?= /var/cache/credbroker/promtool-$(PROMTOOL_VERSION)
+else
+PROMTOOL_DIR ?= $(CURDIR)/.cache/promtool-$(PROMTOOL_VERSION)
+endif
+PROMTOOL_BIN := $(PROMTOOL_DIR)/promtool
 # The packages whose tests start PostgreSQL (pgtest.Main or pgcluster.Start).
 PG_TEST_PKGS = $(shell grep -rlF --include='*_test.go' -e 'pgtest.Main' -e 'pgcluster.Start' . | xargs -n1 dirname | sort -u)
 
-.PHONY: dev test test-race lint generate tools postgres postgres17 etcd build bench clean
+.PHONY: dev test test-race lint generate tools postgres postgres17 etcd promtool check-alerts build bench clean
 
 ## dev: a throwaway PostgreSQL cluster, demo proxy roles, the broker on 127.0.0.1:7450.
 dev: postgres
@@ -52,7 +64,7 @@ dev: postgres
 ## (Debian's PostgreSQL) and an etcd it starts itself (`make etcd`), then the
 ## PostgreSQL-facing packages again on PostgreSQL 17, whose CREATEROLE rules
 ## differ (see docs/postgres-grants.md).
-test: postgres postgres17 etcd
+test: postgres postgres17 etcd check-alerts
 	$(GO) vet ./...
 	CREDBROKER_ETCD_BIN=$(ETCD_BIN) $(GO) test -count=1 -timeout $(TEST_TIMEOUT) ./...
 	@echo "== PostgreSQL $(PG17_MAJOR) ($(PG17_VERSION)): $(PG_TEST_PKGS)"
@@ -117,6 +129,24 @@ $(ETCD_BIN):
 	cd tools/etcd && $(GO) build -o $@.tmp go.etcd.io/etcd/server/v3
 	$@.tmp --version | grep -qx 'etcd Version: $(patsubst v%,%,$(ETCD_VERSION))'
 	mv $@.tmp $@
+
+## promtool: build promtool (tools/promtool pins its version) into
+## PROMTOOL_DIR unless it is there.
+promtool: $(PROMTOOL_BIN)
+$(PROMTOOL_BIN):
+	mkdir -p $(PROMTOOL_DIR)
+	cd tools/promtool && $(GO) build -o $@.tmp github.com/prometheus/prometheus/cmd/promtool
+	mv $@.tmp $@
+
+## check-alerts: `promtool check rules` on the example alerts, if promtool
+## builds here; a failed build is reported and skipped, not a test failure
+## (the alerts' metric names are checked by server/metrics' tests anyway).
+check-alerts:
+	@if $(MAKE) --no-print-directory promtool; then \
+	    $(PROMTOOL_BIN) check rules examples/prometheus/alerts.yaml; \
+	else \
+	    echo "check-alerts: SKIPPED: promtool could not be built from tools/promtool (see above); examples/prometheus/alerts.yaml not checked by promtool"; \
+	fi
 
 ## postgres17: unpack PostgreSQL 17 from npm into PG17_DIR unless it is there.
 postgres17: $(PG17_DIR)/.ready
