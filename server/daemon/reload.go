@@ -334,8 +334,8 @@ func tokenIdentities(tokens []config.Token) []string {
 }
 
 // HandleHUP reloads the configuration each time sigs delivers a signal,
-// until ctx ends; without a configuration file it only reopens the audit
-// log. brokerd passes a channel notified of SIGHUP. A failed reload is
+// until ctx ends, and reopens the audit log even when the reload fails;
+// without a configuration file it only reopens the audit log. brokerd passes a channel notified of SIGHUP. A failed reload is
 // logged and counted (see Reload) and changes nothing.
 func (d *Daemon) HandleHUP(ctx context.Context, sigs <-chan os.Signal) {
 	for {
@@ -345,7 +345,11 @@ func (d *Daemon) HandleHUP(ctx context.Context, sigs <-chan os.Signal) {
 				_ = d.ReopenAuditLog()
 				continue
 			}
-			_, _ = d.Reload(ctx)
+			if _, err := d.Reload(ctx); err != nil {
+				// logrotate's postrotate sends SIGHUP for the audit log
+				// whatever state the configuration file is in.
+				_ = d.ReopenAuditLog()
+			}
 		case <-ctx.Done():
 			return
 		}
