@@ -29,6 +29,9 @@ const (
 	// EventResumed is the first record written after writes failed; its
 	// message says how many records were lost, and since when.
 	EventResumed = "resumed"
+	// EventLeader is a change of leadership in a broker group on etcd:
+	// this instance began (outcome ok) or ended (outcome error) a term.
+	EventLeader = "leader"
 )
 
 // Outcomes of a record.

@@ -54,9 +54,30 @@ type Config struct {
 	// DisconnectGrace is how long a revoke_on_disconnect lease may go
 	// without any KeepAlive stream naming it.
 	DisconnectGrace time.Duration // default 30s
+	// Leadership elects the one broker of a group that runs the group's
+	// background work (leadership.go); nil: this broker is its group's
+	// only member and always leads.
+	Leadership Leadership
+	// ReconcileConfirm is how long a marker-role member no lease knows,
+	// or an intent whose lease never came, must stay so before the
+	// reconciler drops it: it acts only when two sweeps at least this far
+	// apart agree. With several brokers in a group an issue in flight on
+	// another instance is not in this broker's memory, and PostgreSQL
+	// cannot be fenced; the session TTL is a fit value. Zero (one broker,
+	// which knows its own issues in flight) acts on the first sweep.
+	ReconcileConfirm time.Duration
 	// Auditor, when set, is told of every lifecycle event (issue, renew,
 	// revoke, expire, failed revocation, reconcile drop); see audit.go.
 	Auditor Auditor
+
+	// Instance names this broker in its group (stream marks, logs);
+	// default: a random name. Brokers sharing a store must differ.
+	Instance string
+	// Standby starts the broker without running the group's background
+	// work (expiry, reconciliation, purges, disconnect revocations) until
+	// SetLeading(true): for instances of a group, of which one leads. A
+	// broker alone on its store leaves it false.
+	Standby bool
 }
 
 // IssueRequest asks for a new credential.

@@ -40,6 +40,16 @@ type AuditEvent struct {
 	// Reason says why a lease ended (revoke and expire): one of the
 	// Reason* constants.
 	Reason string
+	// Remote marks an event another instance of the group caused, which
+	// this broker learned from the store's change feed (follow.go): an
+	// issue, the end of a lease, a failed revocation. It goes to the
+	// WatchLifecycle watchers, never to the Auditor (the instance that
+	// caused it audited it). Counts of the group's leases (quotas, the
+	// leases gauge) apply it; counts of this instance's work (metrics'
+	// counters) skip it. It may repeat what this broker already reported
+	// (the feed also carries this broker's own writes): apply it
+	// idempotently, by lease id.
+	Remote bool
 }
 
 // Why a lease ended (AuditEvent.Reason). A revocation the expiry manager
@@ -119,6 +129,11 @@ func (b *Broker) audit(action string, l Lease, errMsg string) {
 
 // auditReason is audit with the reason a lease ended.
 func (b *Broker) auditReason(action string, l Lease, errMsg, reason string) {
+	b.notify(action, l, errMsg, reason, false)
+}
+
+// notify tells the watchers, and the Auditor unless the event is remote.
+func (b *Broker) notify(action string, l Lease, errMsg, reason string, remote bool) {
 	ev := AuditEvent{
 		Time:     b.clock.Now(),
 		Action:   action,
@@ -132,9 +147,10 @@ func (b *Broker) auditReason(action string, l Lease, errMsg, reason string) {
 		State:      l.State,
 		ExpireTime: l.ExpireTime,
 		Reason:     reason,
+		Remote:     remote,
 	}
 	b.watchers.notify(ev)
-	if b.cfg.Auditor != nil {
+	if b.cfg.Auditor != nil && !remote {
 		b.cfg.Auditor.AuditLease(ev)
 	}
 }

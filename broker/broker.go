@@ -63,6 +63,20 @@ type Broker struct {
 	pool    issuePool
 	poolCtx context.Context
 
+	// term is the leadership term in force (leadership.go); nil when not
+	// leading, and always nil for a broker without Config.Leadership.
+	termMu sync.Mutex
+	term   Term
+	// suspects are the users and intents the reconciler found unknown and
+	// has not dropped yet, with when it first did (reconcile.go).
+	suspectMu sync.Mutex
+	suspects  map[string]time.Time
+	// leadSwitch says whether this instance runs the background work
+	// (leader.go); feed is what the store's change feed told it
+	// (follow.go).
+	leadSwitch leadership
+	feed       feedState
+
 	startOnce sync.Once
 	cancel    context.CancelFunc
 	wg        sync.WaitGroup
@@ -91,6 +105,9 @@ func New(cfg Config) (*Broker, error) {
 		return nil, err
 	}
 	cfg = live.cfg
+	if cfg.Instance == "" {
+		cfg.Instance = "broker-" + newLeaseID()[:8]
+	}
 	b := &Broker{
 		cfg:        cfg,
 		store:      cfg.Store,
@@ -106,6 +123,9 @@ func New(cfg Config) (*Broker, error) {
 		lanes:      newRevokeLanes(cfg.Databases),
 	}
 	b.live.Store(live)
+	// A group's broker (Leadership set) leads only during a term (runTerm).
+	b.leadSwitch.init(!cfg.Standby && cfg.Leadership == nil)
+	b.feed.init()
 	return b, nil
 }
 
@@ -115,11 +135,15 @@ func setDefault(d *time.Duration, def time.Duration) {
 	}
 }
 
-// Start settles what a previous run left behind (intents, unknown
-// marker-role members), rebuilds the expiry queue from the store, and
-// starts the expiry manager and the periodic reconciler. Leases that
-// expired while the broker was down are revoked right away, at the bounded
-// revocation rate.
+// Start claims the targets' marker roles for the broker's group and starts
+// the background work. A broker that is its group's only member
+// (Config.Leadership nil) leads at once: before Start returns it settles
+// what a previous run left behind (intents, unknown marker-role members)
+// and rebuilds the expiry queue from the store, and leases that expired
+// while the broker was down are revoked right away, at the bounded
+// revocation rate. A broker of a group campaigns for leadership in the
+// background instead and does that work only while it leads
+// (leadership.go); it serves calls either way.
 func (b *Broker) Start(ctx context.Context) error {
 	var err error
 	b.startOnce.Do(func() {
@@ -131,29 +155,27 @@ func (b *Broker) Start(ctx context.Context) error {
 			err = fmt.Errorf("broker: %w", err)
 			return
 		}
-		if _, rerr := b.Reconcile(ctx); rerr != nil {
-			// A target that is down must not keep the broker from serving
-			// the others; the periodic reconciler tries again.
-			b.log.Warn("start-up reconciliation incomplete", "err", rerr)
-		}
-		n := 0
-		err = b.store.ScanExpiry(ctx, func(e ExpiryEntry) bool {
-			b.queue.Set(e.LeaseID, e.Expire)
-			b.queue.SetTarget(e.LeaseID, e.Target) // "" when the index lacks it
-			n++
-			return true
-		})
-		if err != nil {
-			err = fmt.Errorf("broker: rebuild expiry queue: %w", err)
-			return
-		}
-		b.log.Info("expiry queue rebuilt", "live_leases", n)
-		b.restoreStreamDeadlines(ctx)
 		loopCtx, cancel := context.WithCancel(context.Background())
+		if b.cfg.Leadership == nil {
+			if err = b.beginTerm(ctx); err != nil {
+				cancel()
+				err = fmt.Errorf("broker: %w", err)
+				return
+			}
+		}
 		b.cancel = cancel
 		b.pool.mu.Lock()
 		b.poolCtx = loopCtx
 		b.pool.mu.Unlock()
+		if err = b.startFollowing(ctx, loopCtx); err != nil {
+			cancel()
+			err = fmt.Errorf("broker: follow the store's changes: %w", err)
+			return
+		}
+		if b.cfg.Leadership != nil {
+			b.wg.Go(func() { b.lead(loopCtx) })
+			return
+		}
 		b.startExpiryManager(loopCtx)
 		b.wg.Add(1)
 		go func() {

@@ -36,6 +36,16 @@ func (b *Broker) startExpiryManager(ctx context.Context) {
 // blocks, so a target whose revocations hang delays no other target's.
 func (b *Broker) dispatch(ctx context.Context) {
 	for {
+		if leading, changed := b.leadSwitch.get(); !leading {
+			// A standby keeps its queue but revokes nothing: the leader
+			// does. It starts at once when it is made the leader.
+			select {
+			case <-ctx.Done():
+				return
+			case <-changed:
+			}
+			continue
+		}
 		var timer <-chan time.Time
 		if next, ok := b.queue.Next(); ok {
 			now := b.wallNow()
@@ -166,13 +176,22 @@ func (b *Broker) maintenanceLoop(ctx context.Context) {
 			return
 		case <-b.clock.After(disconnectCheckInterval):
 		}
+		if !b.Leading() {
+			continue
+		}
 		// Re-arms the dispatcher if the wall clock stepped forward.
 		b.queue.WakeIfDue(b.clock.Now())
 		b.revokeDisconnected(ctx)
 		if now := b.clock.Now(); !now.Before(nextReconcile) {
 			nextReconcile = now.Add(b.conf().ReconcileInterval)
-			if _, err := b.Reconcile(ctx); err != nil && !errors.Is(err, context.Canceled) {
+			res, err := b.Reconcile(ctx)
+			if err != nil && !errors.Is(err, context.Canceled) {
 				b.log.Warn("reconciliation incomplete", "err", err)
+			}
+			if res.Pending > 0 && b.cfg.ReconcileConfirm < b.conf().ReconcileInterval {
+				// The second sweep that may confirm them, no later than
+				// needed.
+				nextReconcile = now.Add(b.cfg.ReconcileConfirm)
 			}
 			if n, err := b.PurgeTombstones(ctx); err != nil {
 				b.log.Warn("tombstone purge failed", "err", err)

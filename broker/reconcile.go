@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"time"
 )
 
 func (b *Broker) setInflight(id string, on bool) {
@@ -43,6 +44,58 @@ type ReconcileResult struct {
 	IntentsUnused  int // intents whose user was never created (a crash before CREATE ROLE, or a reservation)
 	UsersDropped   int // marker-role members no lease or intent knew
 	LeasesSettled  int // live leases whose user was gone, ended as revoked
+	// Pending counts the users and intents found unknown that wait for a
+	// second sweep at least Config.ReconcileConfirm later to agree.
+	Pending int
+}
+
+// Suspect keys: what the reconciler would act on, by kind.
+func suspectUser(target, user string) string { return "user\x00" + target + "\x00" + user }
+func suspectSettle(leaseID string) string    { return "settle\x00" + leaseID }
+func suspectUnused(leaseID string) string    { return "unused\x00" + leaseID }
+func suspectGone(leaseID string) string      { return "gone\x00" + leaseID }
+
+// confirmed reports whether the reconciler may act on the suspect key now:
+// at once when Config.ReconcileConfirm is zero, else only when an earlier
+// sweep found the same suspect at least ReconcileConfirm before now (two
+// sweeps at least that far apart agree). It records key as seen by this
+// sweep.
+func (b *Broker) confirmed(key string, now time.Time, seen map[string]bool) bool {
+	if b.cfg.ReconcileConfirm <= 0 {
+		return true
+	}
+	seen[key] = true
+	b.suspectMu.Lock()
+	defer b.suspectMu.Unlock()
+	first, ok := b.suspects[key]
+	if !ok {
+		if b.suspects == nil {
+			b.suspects = make(map[string]time.Time)
+		}
+		b.suspects[key] = now
+		return false
+	}
+	return now.Sub(first) >= b.cfg.ReconcileConfirm
+}
+
+// keepSuspects forgets the suspects this sweep did not find again: a later
+// sweep must see them twice anew.
+func (b *Broker) keepSuspects(seen map[string]bool) {
+	b.suspectMu.Lock()
+	defer b.suspectMu.Unlock()
+	for k := range b.suspects {
+		if !seen[k] {
+			delete(b.suspects, k)
+		}
+	}
+}
+
+// resetSuspects forgets every suspect: a new leader confirms what it sees
+// itself.
+func (b *Broker) resetSuspects() {
+	b.suspectMu.Lock()
+	b.suspects = nil
+	b.suspectMu.Unlock()
 }
 
 // Reconcile makes PostgreSQL agree with the store: every intent left by a
@@ -56,9 +109,25 @@ type ReconcileResult struct {
 // (claimMarker, checked before every sweep): the members of a role another
 // group owns are that group's users. Intents another group wrote (a copied
 // store) are left alone.
+//
+// In a group of brokers (Config.Leadership) only the leader reconciles:
+// before each DROP it decides on its own it confirms its term
+// (ErrNotLeader ends the sweep), and it drops a user or settles an intent
+// only when two sweeps Config.ReconcileConfirm apart agree, since an issue
+// in flight on another instance is not in this broker's memory.
 func (b *Broker) Reconcile(ctx context.Context) (ReconcileResult, error) {
 	var res ReconcileResult
 	var errs []error
+	now := b.clock.Now()
+	seen := map[string]bool{}
+	// Only a sweep that looked at everything may forget a suspect it did
+	// not see; one cut short (ErrNotLeader) forgets nothing.
+	swept := false
+	defer func() {
+		if swept {
+			b.keepSuspects(seen)
+		}
+	}()
 
 	// 0. The live leases before the users are listed: a lease stored
 	// before the listing has a user created before it, so one missing
@@ -170,6 +239,10 @@ func (b *Broker) Reconcile(ctx context.Context) (ReconcileResult, error) {
 			continue
 		}
 		if listed, ok := exists[in.Target]; ok && !listed[in.Username] {
+			if !b.confirmed(suspectUnused(in.LeaseID), now, seen) {
+				res.Pending++
+				continue
+			}
 			// Its user was not among the target's managed users, listed
 			// before the intents were read, and no issue is working on it:
 			// it was never created (the process died before CREATE ROLE,
@@ -182,6 +255,13 @@ func (b *Broker) Reconcile(ctx context.Context) (ReconcileResult, error) {
 				b.log.Debug("reconcile: removed an intent whose user was never created", "lease_id", in.LeaseID, "username", in.Username)
 			}
 			continue
+		}
+		if !b.confirmed(suspectSettle(in.LeaseID), now, seen) {
+			res.Pending++
+			continue
+		}
+		if err := b.confirmLeading(ctx); err != nil {
+			return res, errors.Join(append(errs, fmt.Errorf("settle intent %s: %w", in.LeaseID, err))...)
 		}
 		if err := b.settleIntent(ctx, in); err != nil {
 			errs = append(errs, err)
@@ -198,6 +278,13 @@ func (b *Broker) Reconcile(ctx context.Context) (ReconcileResult, error) {
 		for _, u := range list {
 			if known[target][u] {
 				continue
+			}
+			if !b.confirmed(suspectUser(target, u), now, seen) {
+				res.Pending++
+				continue
+			}
+			if err := b.confirmLeading(ctx); err != nil {
+				return res, errors.Join(append(errs, fmt.Errorf("target %s: drop unknown user %s: %w", target, u, err))...)
 			}
 			// The proxy role to reassign owned objects to is unknown for a
 			// user no record names; DeleteUser with an empty ProxyRole drops
@@ -220,6 +307,10 @@ func (b *Broker) Reconcile(ctx context.Context) (ReconcileResult, error) {
 		if listed, ok := exists[l.target]; !ok || listed[l.username] {
 			continue
 		}
+		if !b.confirmed(suspectGone(l.id), now, seen) {
+			res.Pending++
+			continue
+		}
 		_, ended, err := b.revoke(ctx, l.id, causeReconcile)
 		switch {
 		case errors.Is(err, ErrLeaseNotFound):
@@ -231,5 +322,6 @@ func (b *Broker) Reconcile(ctx context.Context) (ReconcileResult, error) {
 				"lease_id", l.id, "username", l.username, "target", l.target)
 		}
 	}
+	swept = true
 	return res, errors.Join(errs...)
 }

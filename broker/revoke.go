@@ -108,6 +108,17 @@ func (b *Broker) revoke(ctx context.Context, id string, cause revokeCause) (Leas
 	finishRevocation(&l, now)
 	// The user is gone; record it even if the caller has given up.
 	stored, err := b.store.UpdateLease(context.WithoutCancel(ctx), l)
+	if errors.Is(err, ErrConflict) {
+		// In a group, another instance may have finished this revocation
+		// meanwhile (the leader takes over one begun elsewhere that seems
+		// stuck, follow.go): then it is done, and this instance's
+		// subscribers hear of it from the store's change feed.
+		if cur, gerr := b.store.GetLease(context.WithoutCancel(ctx), id); gerr == nil && cur.State.Terminal() {
+			b.queue.Remove(id)
+			b.forgetStream(id)
+			return cur.Clone(), false, nil
+		}
+	}
 	if err != nil {
 		// The lease stays live in the store, so it is tried again; dropping
 		// a user that is already gone is success.

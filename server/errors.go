@@ -30,6 +30,7 @@ var errorCodes = []struct {
 	{broker.ErrLeaseExpired, codes.FailedPrecondition},
 	{broker.ErrLeaseRevoked, codes.FailedPrecondition},
 	{broker.ErrMarkerOwned, codes.FailedPrecondition},
+	{broker.ErrNotLeader, codes.FailedPrecondition},
 	{broker.ErrResourceExhausted, codes.ResourceExhausted},
 	{broker.ErrConflict, codes.Aborted},
 	{broker.ErrUnavailable, codes.Unavailable},

@@ -3,6 +3,7 @@ package server
 import (
 	"context"
 	"sync"
+	"time"
 
 	"github.com/credbroker/credbroker/broker"
 )
@@ -19,6 +20,17 @@ import (
 // A lease whose revocation has begun but not finished (REVOKING) is still
 // counted until the broker reports the outcome; that errs on the side of
 // refusing an issue for the few milliseconds a revocation takes.
+//
+// In a group of brokers sharing one store, the events include the other
+// instances' issues and ends (AuditEvent.Remote, from the store's change
+// feed), so every instance counts the group's leases. They may come late
+// and may repeat this instance's own events, so a lease that ended is
+// remembered for endedMemory, and a late report of its issue does not
+// count it again. What the group can exceed a quota by: an instance
+// counts another's issue once the feed brings it (milliseconds), so
+// issues admitted on different instances within that delay can together
+// pass the quota, by at most one lease per instance and per issue in
+// flight on it.
 type activeLeases struct {
 	b *broker.Broker
 
@@ -31,7 +43,15 @@ type activeLeases struct {
 	// endedWhileLoading holds leases that ended during the first scan,
 	// which may have read them as active.
 	endedWhileLoading map[string]struct{}
+	// ended remembers leases that ended, and when, so that a late report
+	// of their issue is ignored; pruned after endedMemory.
+	ended      map[string]time.Time
+	endedPrune time.Time
 }
+
+// endedMemory is how long an ended lease is remembered: far longer than
+// the store's change feed takes to report a lease's issue.
+const endedMemory = 10 * time.Minute
 
 type leaseKey struct{ role, client string }
 
@@ -56,6 +76,7 @@ func (a *activeLeases) reset() {
 	a.byRole = make(map[string]int)
 	a.byClient = make(map[string]int)
 	a.endedWhileLoading = nil
+	a.ended = make(map[string]time.Time)
 }
 
 // observe applies one lifecycle event. It runs in the broker's call that
@@ -68,11 +89,30 @@ func (a *activeLeases) observe(ev broker.AuditEvent) {
 	}
 	switch ev.Action {
 	case broker.AuditIssue:
-		a.add(ev.LeaseID, leaseKey{ev.Role, ev.Client})
+		if _, ended := a.ended[ev.LeaseID]; !ended {
+			a.add(ev.LeaseID, leaseKey{ev.Role, ev.Client})
+		}
 	case broker.AuditRevoke, broker.AuditExpire, broker.AuditRevokeFailed:
 		a.remove(ev.LeaseID)
+		a.rememberEnded(ev.LeaseID)
 		if a.state == loading {
 			a.endedWhileLoading[ev.LeaseID] = struct{}{}
+		}
+	}
+}
+
+// rememberEnded records that a lease ended, and forgets those that ended
+// more than endedMemory ago (at most once a minute, so the cost is spread).
+func (a *activeLeases) rememberEnded(id string) {
+	now := time.Now()
+	a.ended[id] = now
+	if now.Sub(a.endedPrune) < time.Minute {
+		return
+	}
+	a.endedPrune = now
+	for k, t := range a.ended {
+		if now.Sub(t) > endedMemory {
+			delete(a.ended, k)
 		}
 	}
 }

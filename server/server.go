@@ -107,6 +107,9 @@ type Config struct {
 	// LiveQuotas, when set, are the quotas in force instead of Quotas,
 	// read at each issue, so a reload can replace them (quota.go).
 	LiveQuotas *LiveQuotas
+	// Status, when set, serves AdminService.GetStatus (admin_status.go);
+	// without it that call is Unimplemented.
+	Status StatusSource
 	// ObserveUnary and ObserveStream, when set, run outside every other
 	// interceptor, so they see every call, refused ones included
 	// (metrics). They must not change a call.
@@ -212,6 +215,7 @@ func NewGRPCServer(cfg Config, opts ...grpc.ServerOption) *grpc.Server {
 		rotator:         cfg.RootRotator,
 		reloader:        cfg.ConfigReloader,
 		backup:          cfg.StoreBackup,
+		status:          cfg.Status,
 		keepAliveSlots:  make(chan struct{}, maxKeepAliveInflight),
 	}
 	if c.authn == nil {
@@ -332,6 +336,7 @@ type core struct {
 	rotator         RootRotator
 	reloader        ConfigReloader
 	backup          StoreBackup
+	status          StatusSource
 	// keepAliveSlots bounds the KeepAlive requests being handled across
 	// all streams (see keepalive.go).
 	keepAliveSlots chan struct{}

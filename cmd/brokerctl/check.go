@@ -145,6 +145,14 @@ check could not run, 0 otherwise.`,
 // is none.
 func (c *cli) leaseHistory(cfg *config.Config) (leases privcheck.LeaseLister, note string, closeFn func()) {
 	closeFn = func() {}
+	if cfg.Store.Etcd != nil {
+		// The group's store is shared and served: ask a brokerd of it.
+		admin, err := c.admin()
+		if err != nil {
+			return nil, fmt.Sprintf("stale check skipped: the lease store is on etcd and brokerd is not reachable: %v", err), closeFn
+		}
+		return grpcLeases{admin, c.addr}, "", closeFn
+	}
 	if _, err := os.Stat(cfg.Store.Path); errors.Is(err, fs.ErrNotExist) {
 		return nil, fmt.Sprintf("stale check skipped: no lease store at %s yet", cfg.Store.Path), closeFn
 	}

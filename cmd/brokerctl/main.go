@@ -150,6 +150,7 @@ unix:/path reaches a unix socket.`,
 		c.rotateRootCmd(),
 		c.reloadCmd(),
 		c.backupCmd(),
+		c.statusCmd(),
 	)
 	// Cobra's own argument errors should exit 2 like flag errors do.
 	for _, cmd := range root.Commands() {

@@ -24,9 +24,12 @@ const (
 // Config is a validated configuration with every default filled in.
 type Config struct {
 	// Listen is the gRPC address: host:port on loopback, or unix:/path.
-	Listen  string
-	Store   Store
-	Targets []Target
+	Listen string
+	// Instance names this brokerd in its broker group (default: the host
+	// name); unique in the group.
+	Instance string
+	Store    Store
+	Targets  []Target
 	// Roles are the broker roles, in file order.
 	Roles  []broker.Role
 	Expiry Expiry
@@ -54,14 +57,42 @@ type Config struct {
 	Warnings []string
 }
 
-// Store configures the lease store.
+// Store configures the lease store: exactly one of Path (bbolt, one
+// brokerd) and Etcd (a group of brokerd sharing one store) is set.
 type Store struct {
 	// Path of the bbolt file (absolute).
 	Path string
+	// Etcd is the etcd store of a broker group; nil with Path.
+	Etcd *Etcd
 	// OpenTimeout: how long to wait for the file lock another process holds.
 	OpenTimeout time.Duration
 	// TombstoneRetention: how long revoked and expired leases are kept.
 	TombstoneRetention time.Duration
+}
+
+// Etcd is store.etcd: the lease store of a broker group on etcd v3.
+type Etcd struct {
+	// Endpoints are the cluster's client URLs (http:// or https://).
+	Endpoints []string
+	// Prefix is the group's key prefix, ending in "/".
+	Prefix string
+	// SessionTTL is the leadership session's TTL, whole seconds.
+	SessionTTL time.Duration
+	// DialTimeout bounds the first contact with the cluster.
+	DialTimeout time.Duration
+	// TLS names PEM files (absolute paths); all empty means none.
+	TLS EtcdTLS
+	// Username and PasswordFile are etcd authentication (both or
+	// neither). The daemon reads the file; the password is never here.
+	Username     string
+	PasswordFile string
+}
+
+// EtcdTLS is store.etcd.tls.
+type EtcdTLS struct {
+	CAFile   string
+	CertFile string
+	KeyFile  string
 }
 
 // Target is one PostgreSQL server the broker makes users on.

@@ -42,8 +42,15 @@ roles:
 	if err != nil {
 		t.Fatal(err)
 	}
+	ce, err := loadAndValidate(t, etcdYAML(""))
+	if err != nil {
+		t.Fatal(err)
+	}
 	tg := c.Targets[0]
 	effective := map[string]any{
+		"store.etcd.prefix":            ce.Store.Etcd.Prefix,
+		"store.etcd.session_ttl":       ce.Store.Etcd.SessionTTL,
+		"store.etcd.dial_timeout":      ce.Store.Etcd.DialTimeout,
 		"listen":                       c.Listen,
 		"store.open_timeout":           c.Store.OpenTimeout,
 		"store.tombstone_retention":    c.Store.TombstoneRetention,

@@ -19,6 +19,8 @@ import (
 type File struct {
 	// Listen is the gRPC address: host:port, or unix:/path.
 	Listen string `yaml:"listen"`
+	// Instance names this brokerd in its broker group.
+	Instance string `yaml:"instance"`
 	// Store is the lease store.
 	Store StoreFile `yaml:"store"`
 	// Targets are the PostgreSQL servers on which users are made.
@@ -68,9 +70,28 @@ type shapeError struct {
 
 // StoreFile is the store section.
 type StoreFile struct {
-	Path               string `yaml:"path"`
-	OpenTimeout        string `yaml:"open_timeout"`
-	TombstoneRetention string `yaml:"tombstone_retention"`
+	Path               string    `yaml:"path"`
+	Etcd               *EtcdFile `yaml:"etcd"`
+	OpenTimeout        string    `yaml:"open_timeout"`
+	TombstoneRetention string    `yaml:"tombstone_retention"`
+}
+
+// EtcdFile is store.etcd.
+type EtcdFile struct {
+	Endpoints    []string     `yaml:"endpoints"`
+	Prefix       string       `yaml:"prefix"`
+	SessionTTL   string       `yaml:"session_ttl"`
+	DialTimeout  string       `yaml:"dial_timeout"`
+	TLS          *EtcdTLSFile `yaml:"tls"`
+	Username     string       `yaml:"username"`
+	PasswordFile string       `yaml:"password_file"`
+}
+
+// EtcdTLSFile is store.etcd.tls.
+type EtcdTLSFile struct {
+	CAFile   string `yaml:"ca_file"`
+	CertFile string `yaml:"cert_file"`
+	KeyFile  string `yaml:"key_file"`
 }
 
 // TargetFile is one entry of targets.

@@ -15,6 +15,7 @@ import (
 	"github.com/credbroker/credbroker/broker/postgres"
 	"github.com/credbroker/credbroker/server"
 	"github.com/credbroker/credbroker/store"
+	"github.com/credbroker/credbroker/store/etcd"
 )
 
 // targetNamePattern: target names are shown in leases and logs and used as
@@ -57,6 +58,7 @@ func (f *File) Validate() (*Config, error) {
 		v.errs = append(v.errs, err)
 	}
 
+	c.Instance = v.instance(f.Instance)
 	c.Store = v.store(f)
 	c.Targets = v.targets(f)
 	c.Roles = v.roles(f, c.Targets)
@@ -145,8 +147,15 @@ func (v *validator) store(f *File) Store {
 		OpenTimeout:        v.duration("store.open_timeout", f.Store.OpenTimeout, store.DefaultTimeout),
 		TombstoneRetention: v.duration("store.tombstone_retention", f.Store.TombstoneRetention, broker.DefaultTombstoneRetention),
 	}
-	if f.Store.Path == "" {
-		v.errorf("store.path", "required (the lease database file, e.g. /var/lib/credbroker/leases.db)")
+	switch {
+	case f.Store.Path != "" && f.Store.Etcd != nil:
+		v.errorf("store", "set one of path (a bbolt file, one brokerd) and etcd (a broker group sharing etcd), not both")
+		return s
+	case f.Store.Etcd != nil:
+		s.Etcd = v.etcd(f, f.Store.Etcd)
+		return s
+	case f.Store.Path == "":
+		v.errorf("store.path", "required (the lease database file, e.g. /var/lib/credbroker/leases.db), or store.etcd for a broker group on etcd")
 		return s
 	}
 	s.Path = f.path(f.Store.Path)
@@ -159,6 +168,113 @@ func (v *validator) store(f *File) Store {
 		v.errorf("store.path", "%s is not a directory", filepath.Dir(s.Path))
 	}
 	return s
+}
+
+// instancePattern: an instance's name is part of an etcd key and shown by
+// brokerctl status; a host name fits it.
+var instancePattern = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$`)
+
+// instance is the instance key, defaulting to the host name.
+func (v *validator) instance(name string) string {
+	if name == "" {
+		h, err := os.Hostname()
+		if err != nil || !instancePattern.MatchString(h) {
+			// Only a group on etcd needs a name; a bbolt broker is alone.
+			return "brokerd"
+		}
+		return h
+	}
+	if !instancePattern.MatchString(name) {
+		v.errorf("instance", "%q must match %s", name, instancePattern)
+	}
+	return name
+}
+
+// etcd checks store.etcd. It reads no file: the password file is read by
+// the daemon, the TLS files by the etcd client.
+func (v *validator) etcd(f *File, ef *EtcdFile) *Etcd {
+	const p = "store.etcd"
+	e := &Etcd{
+		Prefix:       ef.Prefix,
+		SessionTTL:   v.duration(p+".session_ttl", ef.SessionTTL, etcd.DefaultSessionTTL),
+		DialTimeout:  v.duration(p+".dial_timeout", ef.DialTimeout, etcd.DefaultDialTimeout),
+		Username:     ef.Username,
+		PasswordFile: ef.PasswordFile,
+	}
+	if len(ef.Endpoints) == 0 {
+		v.errorf(p+".endpoints", "required (the etcd members' client URLs, e.g. [https://10.0.0.1:2379])")
+	}
+	seen := map[string]int{}
+	for i, ep := range ef.Endpoints {
+		ip := fmt.Sprintf("%s.endpoints[%d]", p, i)
+		u, err := url.Parse(ep)
+		switch {
+		case err != nil || u.Host == "" || (u.Scheme != "http" && u.Scheme != "https"):
+			v.errorf(ip, "%q is not an etcd client URL (http://HOST:PORT or https://HOST:PORT)", ep)
+			continue
+		case u.User != nil:
+			v.errorf(ip, "must not hold credentials; use store.etcd.username and password_file")
+			continue
+		case u.Path != "" && u.Path != "/":
+			v.errorf(ip, "%q has a path; an etcd client URL is scheme://HOST:PORT", ep)
+			continue
+		}
+		if j, dup := seen[ep]; dup {
+			v.errorf(ip, "%q is also %s.endpoints[%d]", ep, p, j)
+		}
+		seen[ep] = i
+		e.Endpoints = append(e.Endpoints, ep)
+	}
+	if e.Prefix == "" {
+		e.Prefix = etcd.DefaultPrefix
+	}
+	if err := etcd.CheckPrefix(e.Prefix); err != nil {
+		v.errorf(p+".prefix", "%q must end in \"/\" (one group's keys must not be a prefix of another's)", e.Prefix)
+	}
+	if e.SessionTTL > 0 {
+		switch {
+		case e.SessionTTL < etcd.MinSessionTTL:
+			v.errorf(p+".session_ttl", "%s is below the minimum %s", e.SessionTTL, etcd.MinSessionTTL)
+		case e.SessionTTL%time.Second != 0:
+			v.errorf(p+".session_ttl", "%s is not whole seconds (etcd leases count seconds)", e.SessionTTL)
+		}
+	}
+	if ef.TLS != nil {
+		t := ef.TLS
+		if (t.CertFile == "") != (t.KeyFile == "") {
+			v.errorf(p+".tls", "set cert_file and key_file together (a client certificate and its key), or neither")
+		}
+		if t.CAFile == "" && t.CertFile == "" && t.KeyFile == "" {
+			v.errorf(p+".tls", "names no file; remove it, or set ca_file (and cert_file, key_file for client certificates)")
+		}
+		for _, f2 := range []struct {
+			key, val string
+			dst      *string
+		}{
+			{"ca_file", t.CAFile, &e.TLS.CAFile}, {"cert_file", t.CertFile, &e.TLS.CertFile}, {"key_file", t.KeyFile, &e.TLS.KeyFile},
+		} {
+			if f2.val != "" {
+				*f2.dst = f.path(f2.val)
+			}
+		}
+		for i, ep := range e.Endpoints {
+			if strings.HasPrefix(ep, "http://") {
+				v.errorf(fmt.Sprintf("%s.endpoints[%d]", p, i), "%q is plaintext, but store.etcd.tls is set; use https://", ep)
+			}
+		}
+	}
+	switch {
+	case e.Username != "" && e.PasswordFile == "":
+		v.errorf(p+".password_file", "required with store.etcd.username (a file of mode 0600 holding the etcd password)")
+	case e.Username == "" && e.PasswordFile != "":
+		v.errorf(p+".username", "required with store.etcd.password_file")
+	case e.PasswordFile != "":
+		e.PasswordFile = f.path(e.PasswordFile)
+	}
+	if f.Store.OpenTimeout != "" {
+		v.warnf("store.open_timeout", "applies to a bbolt file only; store.etcd.dial_timeout bounds the first contact with etcd")
+	}
+	return e
 }
 
 func (v *validator) targets(f *File) []Target {

@@ -20,6 +20,7 @@ import (
 	"github.com/credbroker/credbroker/server/config"
 	"github.com/credbroker/credbroker/server/rootcred"
 	"github.com/credbroker/credbroker/store"
+	"github.com/credbroker/credbroker/store/etcd"
 )
 
 // privcheckTimeout bounds the least-privilege check brokerd runs beside
@@ -65,7 +66,10 @@ type Daemon struct {
 	log     *slog.Logger
 	lis     net.Listener
 
-	store     broker.LeaseStore
+	store broker.LeaseStore
+	// leader is the brokerd's leadership in its group on etcd; nil on
+	// bbolt, where the one brokerd always leads.
+	leader    *groupLeader
 	databases map[string]broker.Database
 	endpoints map[string]broker.Endpoint
 	rootCreds *rootcred.Credentials
@@ -77,6 +81,8 @@ type Daemon struct {
 	metrics   *metricsServer // nil without metrics.listen
 
 	ready chan struct{}
+	// started is when Start began: the instance's start time.
+	started time.Time
 	// background is the work Start began beside serving (the root
 	// credentials' watch, the least-privilege check); stopBackground
 	// ends it and Close waits for it.
@@ -111,6 +117,7 @@ func Start(ctx context.Context, cfg *config.Config, opts Options) (_ *Daemon, er
 		endpoints: make(map[string]broker.Endpoint, len(cfg.Targets)),
 		ready:     make(chan struct{}),
 		reload:    reloadState{path: opts.ConfigPath, level: opts.LogLevel},
+		started:   time.Now().UTC().Round(0),
 	}
 	d.current.Store(cfg)
 	defer func() {
@@ -135,8 +142,17 @@ func Start(ctx context.Context, cfg *config.Config, opts Options) (_ *Daemon, er
 		return nil, err
 	}
 
-	if d.store, err = openStore(cfg.Store, log, opts.StoreNoSync, d.metrics.commitObserver()); err != nil {
+	if d.store, err = openStore(ctx, cfg.Store, log, opts.StoreNoSync, d.metrics.commitObserver()); err != nil {
 		return nil, err
+	}
+	if es, ok := d.store.(*etcd.Store); ok {
+		if d.leader, err = newGroupLeader(ctx, cfg, es, d.lis.Addr().String(), d.started, log); err != nil {
+			return nil, err
+		}
+		if d.metrics != nil {
+			d.leader.metrics = d.metrics
+			d.metrics.leader = d.leader.ready
+		}
 	}
 	d.rootCreds = rootcred.New(log)
 	late, err := d.connectAll(ctx)
@@ -164,6 +180,15 @@ func Start(ctx context.Context, cfg *config.Config, opts Options) (_ *Daemon, er
 
 	bcfg := BrokerConfig(cfg)
 	bcfg.Store, bcfg.Databases, bcfg.Logger, bcfg.Clock, bcfg.Auditor = d.store, d.databases, log, opts.Clock, auditor
+	bcfg.Instance = cfg.Instance
+	if d.leader != nil {
+		d.leader.audit = d.audit
+		bcfg.Leadership = d.leader
+		// An issue in flight on another instance is invisible here: the
+		// reconciler drops only what two sweeps a session TTL apart agree
+		// on.
+		bcfg.ReconcileConfirm = cfg.Store.Etcd.SessionTTL
+	}
 	if d.broker, err = broker.New(bcfg); err != nil {
 		return nil, fmt.Errorf("broker: %w", err)
 	}
@@ -192,7 +217,8 @@ func Start(ctx context.Context, cfg *config.Config, opts Options) (_ *Daemon, er
 		Endpoints:       d.endpoints,
 		SSLMode:         cfg.DSNSSLMode,
 		Drainer:         d.drainer,
-		RootRotator:     d.rootCreds,
+		RootRotator:     d.rootRotator(),
+		Status:          d,
 		MaxStreamLeases: opts.MaxStreamLeases,
 		ObserveUnary:    d.metrics.unary(),
 		ObserveStream:   d.metrics.stream(),
@@ -229,8 +255,36 @@ func Start(ctx context.Context, cfg *config.Config, opts Options) (_ *Daemon, er
 	return d, nil
 }
 
-// openStore opens the lease store the configuration names.
-func openStore(cfg config.Store, log *slog.Logger, noSync bool, observe func(time.Duration)) (broker.LeaseStore, error) {
+// openStore opens the lease store the configuration names: the bbolt file
+// of store.path, or the etcd cluster of store.etcd (whose password file it
+// reads here, so the password is in no Config and no log).
+func openStore(ctx context.Context, cfg config.Store, log *slog.Logger, noSync bool, observe func(time.Duration)) (broker.LeaseStore, error) {
+	if e := cfg.Etcd; e != nil {
+		opts := etcd.Options{
+			Endpoints:   e.Endpoints,
+			Prefix:      e.Prefix,
+			DialTimeout: e.DialTimeout,
+			// Stream marks (revoke_on_disconnect across instances) live on a
+			// session of the same TTL as leadership: a dead instance's marks
+			// vanish when it would have lost leadership.
+			SessionTTL: e.SessionTTL,
+			TLS:        etcd.TLSFiles{CAFile: e.TLS.CAFile, CertFile: e.TLS.CertFile, KeyFile: e.TLS.KeyFile},
+			Username:   e.Username,
+			Logger:     log,
+		}
+		if e.PasswordFile != "" {
+			pw, _, err := rootcred.ReadSecretFile(e.PasswordFile)
+			if err != nil {
+				return nil, fmt.Errorf("store.etcd.password_file: %w", err)
+			}
+			opts.Password = pw.Reveal()
+		}
+		s, err := etcd.Open(ctx, opts)
+		if err != nil {
+			return nil, fmt.Errorf("store.etcd: %w", err)
+		}
+		return s, nil
+	}
 	s, err := store.Open(cfg.Path, store.Options{Timeout: cfg.OpenTimeout, Logger: log, NoSync: noSync, CommitObserver: observe})
 	if err != nil {
 		return nil, fmt.Errorf("store.path: %w", err)
@@ -255,6 +309,15 @@ func BrokerConfig(cfg *config.Config) broker.Config {
 		FailedRetryInterval: cfg.Expiry.FailedRetryInterval,
 		DisconnectGrace:     cfg.DisconnectGrace,
 	}
+}
+
+// rootRotator is the root credentials' rotation, refused on an instance
+// that does not lead its group.
+func (d *Daemon) rootRotator() server.RootRotator {
+	if d.leader == nil {
+		return d.rootCreds
+	}
+	return leaderOnlyRotator{RootRotator: d.rootCreds, leader: d.leader}
 }
 
 // Addr is the address served (the real port when cfg.Listen had :0).
@@ -344,6 +407,13 @@ func (d *Daemon) close() error {
 	if d.broker != nil {
 		if err := d.broker.Close(); err != nil {
 			errs = append(errs, fmt.Errorf("close broker: %w", err))
+		}
+	}
+	if d.leader != nil {
+		// After the broker resigned its term: the session's lease is
+		// revoked, so this instance leaves its group at once.
+		if err := d.leader.Close(); err != nil {
+			d.log.Warn("could not end the etcd session; it expires by itself", "err", err)
 		}
 	}
 	for _, db := range d.databases {

@@ -12,6 +12,14 @@ func logConfig(log *slog.Logger, cfg *config.Config) {
 	for _, w := range cfg.Warnings {
 		log.Warn("config: " + w)
 	}
+	if e := cfg.Store.Etcd; e != nil {
+		// The password file's path, never its content.
+		log.Info("store", "backend", "etcd", "instance", cfg.Instance, "endpoints", e.Endpoints, "prefix", e.Prefix,
+			"session_ttl", e.SessionTTL.String(), "tls", e.TLS != config.EtcdTLS{}, "username", e.Username,
+			"password_file", e.PasswordFile)
+	} else {
+		log.Info("store", "backend", "bbolt", "path", cfg.Store.Path)
+	}
 	for _, t := range cfg.Targets {
 		log.Info("target", "name", t.Name, "url", t.URL, "password_source", t.PasswordSource,
 			"marker_role", t.MarkerRole, "max_conns", t.MaxConns)

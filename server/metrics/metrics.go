@@ -210,6 +210,21 @@ func (m *Metrics) LoadLeases(ctx context.Context, s broker.LeaseStore) error {
 // is known: the broker reports the end (revoke, expire) or the failure
 // (revoke_failed, with REVOKING or REVOKE_FAILED), not the start.
 func (m *Metrics) Observe(ev broker.AuditEvent) {
+	if ev.Remote {
+		// Another instance of the group did it and counts it; the
+		// leases gauge is the group's, so it follows.
+		m.mu.Lock()
+		switch ev.Action {
+		case broker.AuditIssue:
+			m.set(ev.LeaseID, leaseKey{ev.Role, broker.StateActive})
+		case broker.AuditRevoke, broker.AuditExpire:
+			m.drop(ev.LeaseID)
+		case broker.AuditRevokeFailed:
+			m.set(ev.LeaseID, leaseKey{ev.Role, ev.State})
+		}
+		m.mu.Unlock()
+		return
+	}
 	switch ev.Action {
 	case broker.AuditIssue:
 		m.issued.WithLabelValues(ev.Role).Inc()

@@ -141,6 +141,9 @@ func Check(cfg *config.Config) (warnings []string, err error) {
 			}
 		}
 	}
+	if e := cfg.Store.Etcd; e != nil && e.PasswordFile != "" {
+		file("store.etcd.password_file", e.PasswordFile)
+	}
 	if a := cfg.Security.Audit; a.HMACKeyFile != "" {
 		if key := file("audit.hmac_key_file", a.HMACKeyFile); key != "" {
 			if err := checkHMACKey(key); err != nil {

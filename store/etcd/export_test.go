@@ -22,3 +22,26 @@ func SetUpdateReadHook(hook func()) (restore func()) {
 	testHookUpdateRead = hook
 	return func() { testHookUpdateRead = old }
 }
+
+// SetWatchStartHook runs hook with the revision each change-feed watch
+// starts from, before the watch is opened.
+func SetWatchStartHook(hook func(rev int64)) (restore func()) {
+	old := testHookWatchStart
+	testHookWatchStart = hook
+	return func() { testHookWatchStart = old }
+}
+
+// SessionLease is the id of the etcd lease the store's stream marks live
+// on, 0 when none is granted.
+func SessionLease(s *Store) int64 {
+	s.marks.mu.Lock()
+	defer s.marks.mu.Unlock()
+	return int64(s.marks.lease)
+}
+
+// Crash stops the store as a killed process would: the client goes, and
+// with it the keep-alives of its session, which is not revoked.
+func Crash(s *Store) {
+	s.doneCancel()
+	_ = s.cli.Close()
+}

@@ -19,6 +19,14 @@ import (
 // error is rpctypes.ErrCompacted.
 func (s *Store) scanAt(ctx context.Context, from, end string, page func() int64, visit func(kv *mvccpb.KeyValue) (bool, error)) error {
 	var rev int64
+	return s.scanRev(ctx, &rev, from, end, page, visit)
+}
+
+// scanRev is scanAt at revision *rev; when *rev is 0 it reads at the
+// revision of its first range read and sets *rev to it, so that a second
+// scan can read another range at the same revision.
+func (s *Store) scanRev(ctx context.Context, revp *int64, from, end string, page func() int64, visit func(kv *mvccpb.KeyValue) (bool, error)) error {
+	rev := *revp
 	for {
 		if err := ctx.Err(); err != nil {
 			return err
@@ -33,6 +41,7 @@ func (s *Store) scanAt(ctx context.Context, from, end string, page func() int64,
 		}
 		if rev == 0 {
 			rev = resp.Header.Revision
+			*revp = rev
 		}
 		for _, kv := range resp.Kvs {
 			if more, err := visit(kv); err != nil || !more {

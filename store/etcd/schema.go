@@ -21,6 +21,9 @@ import (
 //	P tombstone/<hex16 end>/<id>      -> empty; terminal leases only
 //	P lastissued/<role>               -> hex16 of the role's newest issue time
 //	P group                           -> the broker group's id (GroupID)
+//	P stream/<instance>/<id>          -> empty; a KeepAlive stream on that
+//	                                     instance names the lease (feed.go);
+//	                                     on the instance's session lease
 //
 // hex16 is the instant in unix nanoseconds as 16 lower-case hex digits: a
 // fixed-width big-endian number, so byte order is time order (as bbolt's
@@ -43,6 +46,7 @@ const (
 	sectionExpiry     = "expiry/"
 	sectionTombstone  = "tombstone/"
 	sectionLastIssued = "lastissued/"
+	sectionStream     = "stream/"
 	keyGroup          = "group"
 )
 
@@ -53,7 +57,24 @@ func (k keys) lease(id string) string        { return k.prefix + sectionLease + 
 func (k keys) intent(id string) string       { return k.prefix + sectionIntent + id }
 func (k keys) lastIssued(role string) string { return k.prefix + sectionLastIssued + role }
 func (k keys) group() string                 { return k.prefix + keyGroup }
-func (k keys) section(s string) string       { return k.prefix + s }
+func (k keys) stream(instance, id string) string {
+	return k.prefix + sectionStream + instance + "/" + id
+}
+
+// Keys of the group's members and its election (leader.go), attached to
+// each brokerd's session lease, so they vanish with it:
+//
+//	P instance/<name>        -> memberValue (JSON)
+//	P leader/<lease hex>     -> leaderValue (JSON); the election's keys,
+//	                            the first created leads
+const (
+	sectionInstance = "instance/"
+	electionPrefix  = "leader" // concurrency.NewElection appends "/"
+)
+
+func (k keys) instance(name string) string { return k.prefix + sectionInstance + name }
+func (k keys) election() string            { return k.prefix + electionPrefix }
+func (k keys) section(s string) string     { return k.prefix + s }
 
 // leaseID returns the id of a lease key.
 func (k keys) leaseID(key []byte) string { return string(key[len(k.prefix)+len(sectionLease):]) }
@@ -69,6 +90,29 @@ func (k keys) timeKey(section string, n int64, id string) string {
 func (k keys) timeBound(section string, n int64) string { return k.section(section) + hex16(n) }
 
 var errCorrupt = errors.New("corrupt record")
+
+// parseStream splits a stream mark's key into its instance and lease id.
+func (k keys) parseStream(key []byte) (broker.StreamMark, bool) {
+	rest, ok := strings.CutPrefix(string(key), k.section(sectionStream))
+	if !ok {
+		return broker.StreamMark{}, false
+	}
+	instance, id, ok := strings.Cut(rest, "/")
+	if !ok || instance == "" || id == "" {
+		return broker.StreamMark{}, false
+	}
+	return broker.StreamMark{Instance: instance, LeaseID: id}, true
+}
+
+// CheckInstance refuses an instance name a stream mark's key cannot hold:
+// empty, or with a "/" (the key's separator), or longer than 253 bytes
+// (a host name's limit).
+func CheckInstance(name string) error {
+	if name == "" || strings.Contains(name, "/") || len(name) > 253 {
+		return fmt.Errorf("%w: instance name %q must be 1 to 253 bytes without \"/\"", broker.ErrInvalidArgument, name)
+	}
+	return nil
+}
 
 // parseTimeKey splits an expiry or tombstone key into its instant and id.
 func (k keys) parseTimeKey(section string, key []byte) (int64, string, error) {

@@ -40,6 +40,9 @@ const (
 	// no earlier deadline; a write that runs out of it has an unknown
 	// outcome.
 	DefaultRequestTimeout = 5 * time.Second
+	// DefaultMarkTTL is Options.SessionTTL's default, DESIGN's
+	// session_ttl (the leadership session's default too).
+	DefaultMarkTTL = 10 * time.Second
 )
 
 // etcd's limits (the server's defaults, which a cluster may lower but
@@ -92,6 +95,11 @@ type Options struct {
 	// Logger receives the store's and the etcd client's logs (default:
 	// discarded).
 	Logger *slog.Logger
+	// SessionTTL is the TTL of the session lease this process's stream
+	// marks live on (broker.StreamMarker): how long after a crash of this
+	// process the other instances still count its KeepAlive streams
+	// (default DefaultMarkTTL; store.etcd.session_ttl).
+	SessionTTL time.Duration
 }
 
 // CheckPrefix refuses a prefix that is empty or does not end in "/": one
@@ -116,6 +124,15 @@ type Store struct {
 	// later call sees closed.
 	mu     sync.RWMutex
 	closed bool
+
+	// doneCtx ends when Close begins: what runs for long (the change
+	// feed, the stream marks' session) stops on it, rather than hold mu.
+	doneCtx    context.Context
+	doneCancel context.CancelFunc
+
+	// marks are this process's stream marks and the session lease they
+	// live on (marks.go).
+	marks markSession
 }
 
 var (
@@ -168,6 +185,8 @@ func Open(ctx context.Context, opts Options) (*Store, error) {
 		return nil, fmt.Errorf("etcd client: %w", err)
 	}
 	s := &Store{cli: cli, keys: keys{prefix: opts.Prefix}, requestTimeout: opts.RequestTimeout, log: log}
+	s.doneCtx, s.doneCancel = context.WithCancel(context.Background())
+	s.marks.init(opts.SessionTTL)
 	// The client connects lazily; a linearizable read proves there is a
 	// cluster with a leader, and that the credentials are good.
 	pctx, cancel := context.WithTimeout(ctx, opts.DialTimeout)
@@ -186,6 +205,8 @@ func (s *Store) Client() *clientv3.Client { return s.cli }
 // Close waits for calls in flight, then closes the client. Every later
 // call returns broker.ErrClosed.
 func (s *Store) Close() error {
+	s.doneCancel()
+	s.marks.stop(s) // before the lock: its session loop takes it
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if s.closed {
@@ -223,14 +244,37 @@ func (s *Store) get(ctx context.Context, key string, opts ...clientv3.OpOption) 
 }
 
 // commit runs one write Txn. Its error is errWrite's.
+//
+// A write under a leadership term (broker.FenceFrom(ctx)) is fenced: the
+// Txn is nested in one that compares the election key's create revision,
+// so a broker deposed while the write was in flight changes nothing and
+// gets broker.ErrNotLeader; the caller sees the inner Txn's response, as
+// if unfenced.
 func (s *Store) commit(ctx context.Context, op string, cmps []clientv3.Cmp, then, els []clientv3.Op) (*clientv3.TxnResponse, error) {
 	rctx, cancel := s.request(ctx)
 	defer cancel()
-	resp, err := s.cli.Txn(rctx).If(cmps...).Then(then...).Else(els...).Commit()
+	fence, fenced := broker.FenceFrom(ctx)
+	if !fenced {
+		resp, err := s.cli.Txn(rctx).If(cmps...).Then(then...).Else(els...).Commit()
+		if err != nil {
+			return nil, errWrite(op, err)
+		}
+		return resp, nil
+	}
+	resp, err := s.cli.Txn(rctx).
+		If(clientv3.Compare(clientv3.CreateRevision(fence.Key), "=", fence.Revision)).
+		Then(clientv3.OpTxn(cmps, then, els)).
+		Commit()
 	if err != nil {
 		return nil, errWrite(op, err)
 	}
-	return resp, nil
+	if !resp.Succeeded {
+		return nil, fmt.Errorf("etcd %s: %w: the leadership term of %s (revision %d) has ended; the write was refused",
+			op, broker.ErrNotLeader, fence.Key, fence.Revision)
+	}
+	inner := (*clientv3.TxnResponse)(resp.Responses[0].GetResponseTxn())
+	inner.Header = resp.Header
+	return inner, nil
 }
 
 // readTxn runs a Txn of reads only (ops are Gets), at one revision.
@@ -249,7 +293,12 @@ func errWrite(op string, err error) error {
 	if refused(err) {
 		return fmt.Errorf("etcd %s: %w", op, err)
 	}
-	return fmt.Errorf("etcd %s: %w: %w", op, broker.ErrUnknownOutcome, err)
+	if errors.Is(err, context.Canceled) {
+		return fmt.Errorf("etcd %s: %w: %w", op, broker.ErrUnknownOutcome, err)
+	}
+	// etcd could not be reached or has no quorum: callers answer
+	// Unavailable (the broker's issue path undoes what it can).
+	return fmt.Errorf("etcd %s: %w: %w: %w", op, broker.ErrUnavailable, broker.ErrUnknownOutcome, err)
 }
 
 func refused(err error) bool {
@@ -273,8 +322,14 @@ func refused(err error) bool {
 	return false
 }
 
-// errRead wraps a failed read.
-func errRead(op string, err error) error { return fmt.Errorf("etcd %s: %w", op, err) }
+// errRead wraps a failed read: one etcd did not refuse (a timeout, no
+// quorum, no connection) is broker.ErrUnavailable.
+func errRead(op string, err error) error {
+	if refused(err) || errors.Is(err, context.Canceled) {
+		return fmt.Errorf("etcd %s: %w", op, err)
+	}
+	return fmt.Errorf("etcd %s: %w: %w", op, broker.ErrUnavailable, err)
+}
 
 // PutIntent writes the intent's key.
 func (s *Store) PutIntent(ctx context.Context, in broker.Intent) error {

@@ -1593,6 +1593,204 @@ func (x *BackupStoreResponse) GetSize() int64 {
 	return 0
 }
 
+type GetStatusRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *GetStatusRequest) Reset() {
+	*x = GetStatusRequest{}
+	mi := &file_credbroker_v1_credbroker_proto_msgTypes[25]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GetStatusRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GetStatusRequest) ProtoMessage() {}
+
+func (x *GetStatusRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_credbroker_v1_credbroker_proto_msgTypes[25]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GetStatusRequest.ProtoReflect.Descriptor instead.
+func (*GetStatusRequest) Descriptor() ([]byte, []int) {
+	return file_credbroker_v1_credbroker_proto_rawDescGZIP(), []int{25}
+}
+
+type GetStatusResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// store is the lease store's backend: "bbolt" or "etcd".
+	Store string `protobuf:"bytes,1,opt,name=store,proto3" json:"store,omitempty"`
+	// instances are the live instances of the group, by name.
+	Instances []*Instance `protobuf:"bytes,2,rep,name=instances,proto3" json:"instances,omitempty"`
+	// leader is the name of the leading instance; empty while none leads
+	// (an election under way).
+	Leader string `protobuf:"bytes,3,opt,name=leader,proto3" json:"leader,omitempty"`
+	// leader_since is when the leader's term began.
+	LeaderSince *timestamppb.Timestamp `protobuf:"bytes,4,opt,name=leader_since,json=leaderSince,proto3" json:"leader_since,omitempty"`
+	// answered_by is the name of the instance that answered.
+	AnsweredBy    string `protobuf:"bytes,5,opt,name=answered_by,json=answeredBy,proto3" json:"answered_by,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *GetStatusResponse) Reset() {
+	*x = GetStatusResponse{}
+	mi := &file_credbroker_v1_credbroker_proto_msgTypes[26]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GetStatusResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GetStatusResponse) ProtoMessage() {}
+
+func (x *GetStatusResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_credbroker_v1_credbroker_proto_msgTypes[26]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GetStatusResponse.ProtoReflect.Descriptor instead.
+func (*GetStatusResponse) Descriptor() ([]byte, []int) {
+	return file_credbroker_v1_credbroker_proto_rawDescGZIP(), []int{26}
+}
+
+func (x *GetStatusResponse) GetStore() string {
+	if x != nil {
+		return x.Store
+	}
+	return ""
+}
+
+func (x *GetStatusResponse) GetInstances() []*Instance {
+	if x != nil {
+		return x.Instances
+	}
+	return nil
+}
+
+func (x *GetStatusResponse) GetLeader() string {
+	if x != nil {
+		return x.Leader
+	}
+	return ""
+}
+
+func (x *GetStatusResponse) GetLeaderSince() *timestamppb.Timestamp {
+	if x != nil {
+		return x.LeaderSince
+	}
+	return nil
+}
+
+func (x *GetStatusResponse) GetAnsweredBy() string {
+	if x != nil {
+		return x.AnsweredBy
+	}
+	return ""
+}
+
+// Instance is one brokerd of a broker group.
+type Instance struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// name is the instance's `instance` setting (default: its host name).
+	Name string `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	// address is the gRPC address it serves.
+	Address   string                 `protobuf:"bytes,2,opt,name=address,proto3" json:"address,omitempty"`
+	Version   string                 `protobuf:"bytes,3,opt,name=version,proto3" json:"version,omitempty"`
+	StartTime *timestamppb.Timestamp `protobuf:"bytes,4,opt,name=start_time,json=startTime,proto3" json:"start_time,omitempty"`
+	// leader is true for the instance that leads the group.
+	Leader        bool `protobuf:"varint,5,opt,name=leader,proto3" json:"leader,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Instance) Reset() {
+	*x = Instance{}
+	mi := &file_credbroker_v1_credbroker_proto_msgTypes[27]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Instance) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Instance) ProtoMessage() {}
+
+func (x *Instance) ProtoReflect() protoreflect.Message {
+	mi := &file_credbroker_v1_credbroker_proto_msgTypes[27]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Instance.ProtoReflect.Descriptor instead.
+func (*Instance) Descriptor() ([]byte, []int) {
+	return file_credbroker_v1_credbroker_proto_rawDescGZIP(), []int{27}
+}
+
+func (x *Instance) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *Instance) GetAddress() string {
+	if x != nil {
+		return x.Address
+	}
+	return ""
+}
+
+func (x *Instance) GetVersion() string {
+	if x != nil {
+		return x.Version
+	}
+	return ""
+}
+
+func (x *Instance) GetStartTime() *timestamppb.Timestamp {
+	if x != nil {
+		return x.StartTime
+	}
+	return nil
+}
+
+func (x *Instance) GetLeader() bool {
+	if x != nil {
+		return x.Leader
+	}
+	return false
+}
+
 var File_credbroker_v1_credbroker_proto protoreflect.FileDescriptor
 
 const file_credbroker_v1_credbroker_proto_rawDesc = "" +
@@ -1704,7 +1902,22 @@ const file_credbroker_v1_credbroker_proto_rawDesc = "" +
 	"\x13BackupStoreResponse\x12\x16\n" +
 	"\x06format\x18\x01 \x01(\tR\x06format\x12\x12\n" +
 	"\x04data\x18\x02 \x01(\fR\x04data\x12\x12\n" +
-	"\x04size\x18\x03 \x01(\x03R\x04size*\xac\x01\n" +
+	"\x04size\x18\x03 \x01(\x03R\x04size\"\x12\n" +
+	"\x10GetStatusRequest\"\xd8\x01\n" +
+	"\x11GetStatusResponse\x12\x14\n" +
+	"\x05store\x18\x01 \x01(\tR\x05store\x125\n" +
+	"\tinstances\x18\x02 \x03(\v2\x17.credbroker.v1.InstanceR\tinstances\x12\x16\n" +
+	"\x06leader\x18\x03 \x01(\tR\x06leader\x12=\n" +
+	"\fleader_since\x18\x04 \x01(\v2\x1a.google.protobuf.TimestampR\vleaderSince\x12\x1f\n" +
+	"\vanswered_by\x18\x05 \x01(\tR\n" +
+	"answeredBy\"\xa5\x01\n" +
+	"\bInstance\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12\x18\n" +
+	"\aaddress\x18\x02 \x01(\tR\aaddress\x12\x18\n" +
+	"\aversion\x18\x03 \x01(\tR\aversion\x129\n" +
+	"\n" +
+	"start_time\x18\x04 \x01(\v2\x1a.google.protobuf.TimestampR\tstartTime\x12\x16\n" +
+	"\x06leader\x18\x05 \x01(\bR\x06leader*\xac\x01\n" +
 	"\n" +
 	"LeaseState\x12\x1b\n" +
 	"\x17LEASE_STATE_UNSPECIFIED\x10\x00\x12\x16\n" +
@@ -1726,7 +1939,7 @@ const file_credbroker_v1_credbroker_proto_rawDesc = "" +
 	"RenewLease\x12 .credbroker.v1.RenewLeaseRequest\x1a!.credbroker.v1.RenewLeaseResponse\x12T\n" +
 	"\vRevokeLease\x12!.credbroker.v1.RevokeLeaseRequest\x1a\".credbroker.v1.RevokeLeaseResponse\x12T\n" +
 	"\vLookupLease\x12!.credbroker.v1.LookupLeaseRequest\x1a\".credbroker.v1.LookupLeaseResponse\x12R\n" +
-	"\tKeepAlive\x12\x1f.credbroker.v1.KeepAliveRequest\x1a .credbroker.v1.KeepAliveResponse(\x010\x012\xac\x04\n" +
+	"\tKeepAlive\x12\x1f.credbroker.v1.KeepAliveRequest\x1a .credbroker.v1.KeepAliveResponse(\x010\x012\xfc\x04\n" +
 	"\fAdminService\x12Q\n" +
 	"\n" +
 	"ListLeases\x12 .credbroker.v1.ListLeasesRequest\x1a!.credbroker.v1.ListLeasesResponse\x12W\n" +
@@ -1734,7 +1947,8 @@ const file_credbroker_v1_credbroker_proto_rawDesc = "" +
 	"\tListRoles\x12\x1f.credbroker.v1.ListRolesRequest\x1a .credbroker.v1.ListRolesResponse\x12o\n" +
 	"\x14RotateRootCredential\x12*.credbroker.v1.RotateRootCredentialRequest\x1a+.credbroker.v1.RotateRootCredentialResponse\x12W\n" +
 	"\fReloadConfig\x12\".credbroker.v1.ReloadConfigRequest\x1a#.credbroker.v1.ReloadConfigResponse\x12V\n" +
-	"\vBackupStore\x12!.credbroker.v1.BackupStoreRequest\x1a\".credbroker.v1.BackupStoreResponse0\x01BCZAgithub.com/credbroker/credbroker/proto/credbroker/v1;credbrokerv1b\x06proto3"
+	"\vBackupStore\x12!.credbroker.v1.BackupStoreRequest\x1a\".credbroker.v1.BackupStoreResponse0\x01\x12N\n" +
+	"\tGetStatus\x12\x1f.credbroker.v1.GetStatusRequest\x1a .credbroker.v1.GetStatusResponseBCZAgithub.com/credbroker/credbroker/proto/credbroker/v1;credbrokerv1b\x06proto3"
 
 var (
 	file_credbroker_v1_credbroker_proto_rawDescOnce sync.Once
@@ -1749,7 +1963,7 @@ func file_credbroker_v1_credbroker_proto_rawDescGZIP() []byte {
 }
 
 var file_credbroker_v1_credbroker_proto_enumTypes = make([]protoimpl.EnumInfo, 2)
-var file_credbroker_v1_credbroker_proto_msgTypes = make([]protoimpl.MessageInfo, 27)
+var file_credbroker_v1_credbroker_proto_msgTypes = make([]protoimpl.MessageInfo, 30)
 var file_credbroker_v1_credbroker_proto_goTypes = []any{
 	(LeaseState)(0),                      // 0: credbroker.v1.LeaseState
 	(KeepAliveEvent)(0),                  // 1: credbroker.v1.KeepAliveEvent
@@ -1778,62 +1992,70 @@ var file_credbroker_v1_credbroker_proto_goTypes = []any{
 	(*ReloadConfigResponse)(nil),         // 24: credbroker.v1.ReloadConfigResponse
 	(*BackupStoreRequest)(nil),           // 25: credbroker.v1.BackupStoreRequest
 	(*BackupStoreResponse)(nil),          // 26: credbroker.v1.BackupStoreResponse
-	nil,                                  // 27: credbroker.v1.Lease.MetadataEntry
-	nil,                                  // 28: credbroker.v1.IssueCredentialRequest.MetadataEntry
-	(*timestamppb.Timestamp)(nil),        // 29: google.protobuf.Timestamp
-	(*durationpb.Duration)(nil),          // 30: google.protobuf.Duration
+	(*GetStatusRequest)(nil),             // 27: credbroker.v1.GetStatusRequest
+	(*GetStatusResponse)(nil),            // 28: credbroker.v1.GetStatusResponse
+	(*Instance)(nil),                     // 29: credbroker.v1.Instance
+	nil,                                  // 30: credbroker.v1.Lease.MetadataEntry
+	nil,                                  // 31: credbroker.v1.IssueCredentialRequest.MetadataEntry
+	(*timestamppb.Timestamp)(nil),        // 32: google.protobuf.Timestamp
+	(*durationpb.Duration)(nil),          // 33: google.protobuf.Duration
 }
 var file_credbroker_v1_credbroker_proto_depIdxs = []int32{
-	29, // 0: credbroker.v1.Lease.issue_time:type_name -> google.protobuf.Timestamp
-	29, // 1: credbroker.v1.Lease.expire_time:type_name -> google.protobuf.Timestamp
-	29, // 2: credbroker.v1.Lease.max_expire_time:type_name -> google.protobuf.Timestamp
+	32, // 0: credbroker.v1.Lease.issue_time:type_name -> google.protobuf.Timestamp
+	32, // 1: credbroker.v1.Lease.expire_time:type_name -> google.protobuf.Timestamp
+	32, // 2: credbroker.v1.Lease.max_expire_time:type_name -> google.protobuf.Timestamp
 	0,  // 3: credbroker.v1.Lease.state:type_name -> credbroker.v1.LeaseState
-	27, // 4: credbroker.v1.Lease.metadata:type_name -> credbroker.v1.Lease.MetadataEntry
-	29, // 5: credbroker.v1.Lease.end_time:type_name -> google.protobuf.Timestamp
-	30, // 6: credbroker.v1.Role.default_ttl:type_name -> google.protobuf.Duration
-	30, // 7: credbroker.v1.Role.max_ttl:type_name -> google.protobuf.Duration
-	30, // 8: credbroker.v1.IssueCredentialRequest.ttl:type_name -> google.protobuf.Duration
-	28, // 9: credbroker.v1.IssueCredentialRequest.metadata:type_name -> credbroker.v1.IssueCredentialRequest.MetadataEntry
+	30, // 4: credbroker.v1.Lease.metadata:type_name -> credbroker.v1.Lease.MetadataEntry
+	32, // 5: credbroker.v1.Lease.end_time:type_name -> google.protobuf.Timestamp
+	33, // 6: credbroker.v1.Role.default_ttl:type_name -> google.protobuf.Duration
+	33, // 7: credbroker.v1.Role.max_ttl:type_name -> google.protobuf.Duration
+	33, // 8: credbroker.v1.IssueCredentialRequest.ttl:type_name -> google.protobuf.Duration
+	31, // 9: credbroker.v1.IssueCredentialRequest.metadata:type_name -> credbroker.v1.IssueCredentialRequest.MetadataEntry
 	3,  // 10: credbroker.v1.IssueCredentialResponse.lease:type_name -> credbroker.v1.Lease
 	2,  // 11: credbroker.v1.IssueCredentialResponse.credential:type_name -> credbroker.v1.Credential
-	30, // 12: credbroker.v1.RenewLeaseRequest.increment:type_name -> google.protobuf.Duration
+	33, // 12: credbroker.v1.RenewLeaseRequest.increment:type_name -> google.protobuf.Duration
 	3,  // 13: credbroker.v1.RenewLeaseResponse.lease:type_name -> credbroker.v1.Lease
 	3,  // 14: credbroker.v1.RevokeLeaseResponse.lease:type_name -> credbroker.v1.Lease
 	3,  // 15: credbroker.v1.LookupLeaseResponse.lease:type_name -> credbroker.v1.Lease
-	30, // 16: credbroker.v1.KeepAliveRequest.increment:type_name -> google.protobuf.Duration
+	33, // 16: credbroker.v1.KeepAliveRequest.increment:type_name -> google.protobuf.Duration
 	3,  // 17: credbroker.v1.KeepAliveResponse.lease:type_name -> credbroker.v1.Lease
 	1,  // 18: credbroker.v1.KeepAliveResponse.event:type_name -> credbroker.v1.KeepAliveEvent
 	0,  // 19: credbroker.v1.ListLeasesRequest.state:type_name -> credbroker.v1.LeaseState
 	3,  // 20: credbroker.v1.ListLeasesResponse.leases:type_name -> credbroker.v1.Lease
 	4,  // 21: credbroker.v1.ListRolesResponse.roles:type_name -> credbroker.v1.Role
-	29, // 22: credbroker.v1.RotateRootCredentialResponse.rotate_time:type_name -> google.protobuf.Timestamp
-	5,  // 23: credbroker.v1.CredentialService.IssueCredential:input_type -> credbroker.v1.IssueCredentialRequest
-	7,  // 24: credbroker.v1.CredentialService.RenewLease:input_type -> credbroker.v1.RenewLeaseRequest
-	9,  // 25: credbroker.v1.CredentialService.RevokeLease:input_type -> credbroker.v1.RevokeLeaseRequest
-	11, // 26: credbroker.v1.CredentialService.LookupLease:input_type -> credbroker.v1.LookupLeaseRequest
-	13, // 27: credbroker.v1.CredentialService.KeepAlive:input_type -> credbroker.v1.KeepAliveRequest
-	15, // 28: credbroker.v1.AdminService.ListLeases:input_type -> credbroker.v1.ListLeasesRequest
-	17, // 29: credbroker.v1.AdminService.RevokeLeases:input_type -> credbroker.v1.RevokeLeasesRequest
-	19, // 30: credbroker.v1.AdminService.ListRoles:input_type -> credbroker.v1.ListRolesRequest
-	21, // 31: credbroker.v1.AdminService.RotateRootCredential:input_type -> credbroker.v1.RotateRootCredentialRequest
-	23, // 32: credbroker.v1.AdminService.ReloadConfig:input_type -> credbroker.v1.ReloadConfigRequest
-	25, // 33: credbroker.v1.AdminService.BackupStore:input_type -> credbroker.v1.BackupStoreRequest
-	6,  // 34: credbroker.v1.CredentialService.IssueCredential:output_type -> credbroker.v1.IssueCredentialResponse
-	8,  // 35: credbroker.v1.CredentialService.RenewLease:output_type -> credbroker.v1.RenewLeaseResponse
-	10, // 36: credbroker.v1.CredentialService.RevokeLease:output_type -> credbroker.v1.RevokeLeaseResponse
-	12, // 37: credbroker.v1.CredentialService.LookupLease:output_type -> credbroker.v1.LookupLeaseResponse
-	14, // 38: credbroker.v1.CredentialService.KeepAlive:output_type -> credbroker.v1.KeepAliveResponse
-	16, // 39: credbroker.v1.AdminService.ListLeases:output_type -> credbroker.v1.ListLeasesResponse
-	18, // 40: credbroker.v1.AdminService.RevokeLeases:output_type -> credbroker.v1.RevokeLeasesResponse
-	20, // 41: credbroker.v1.AdminService.ListRoles:output_type -> credbroker.v1.ListRolesResponse
-	22, // 42: credbroker.v1.AdminService.RotateRootCredential:output_type -> credbroker.v1.RotateRootCredentialResponse
-	24, // 43: credbroker.v1.AdminService.ReloadConfig:output_type -> credbroker.v1.ReloadConfigResponse
-	26, // 44: credbroker.v1.AdminService.BackupStore:output_type -> credbroker.v1.BackupStoreResponse
-	34, // [34:45] is the sub-list for method output_type
-	23, // [23:34] is the sub-list for method input_type
-	23, // [23:23] is the sub-list for extension type_name
-	23, // [23:23] is the sub-list for extension extendee
-	0,  // [0:23] is the sub-list for field type_name
+	32, // 22: credbroker.v1.RotateRootCredentialResponse.rotate_time:type_name -> google.protobuf.Timestamp
+	29, // 23: credbroker.v1.GetStatusResponse.instances:type_name -> credbroker.v1.Instance
+	32, // 24: credbroker.v1.GetStatusResponse.leader_since:type_name -> google.protobuf.Timestamp
+	32, // 25: credbroker.v1.Instance.start_time:type_name -> google.protobuf.Timestamp
+	5,  // 26: credbroker.v1.CredentialService.IssueCredential:input_type -> credbroker.v1.IssueCredentialRequest
+	7,  // 27: credbroker.v1.CredentialService.RenewLease:input_type -> credbroker.v1.RenewLeaseRequest
+	9,  // 28: credbroker.v1.CredentialService.RevokeLease:input_type -> credbroker.v1.RevokeLeaseRequest
+	11, // 29: credbroker.v1.CredentialService.LookupLease:input_type -> credbroker.v1.LookupLeaseRequest
+	13, // 30: credbroker.v1.CredentialService.KeepAlive:input_type -> credbroker.v1.KeepAliveRequest
+	15, // 31: credbroker.v1.AdminService.ListLeases:input_type -> credbroker.v1.ListLeasesRequest
+	17, // 32: credbroker.v1.AdminService.RevokeLeases:input_type -> credbroker.v1.RevokeLeasesRequest
+	19, // 33: credbroker.v1.AdminService.ListRoles:input_type -> credbroker.v1.ListRolesRequest
+	21, // 34: credbroker.v1.AdminService.RotateRootCredential:input_type -> credbroker.v1.RotateRootCredentialRequest
+	23, // 35: credbroker.v1.AdminService.ReloadConfig:input_type -> credbroker.v1.ReloadConfigRequest
+	25, // 36: credbroker.v1.AdminService.BackupStore:input_type -> credbroker.v1.BackupStoreRequest
+	27, // 37: credbroker.v1.AdminService.GetStatus:input_type -> credbroker.v1.GetStatusRequest
+	6,  // 38: credbroker.v1.CredentialService.IssueCredential:output_type -> credbroker.v1.IssueCredentialResponse
+	8,  // 39: credbroker.v1.CredentialService.RenewLease:output_type -> credbroker.v1.RenewLeaseResponse
+	10, // 40: credbroker.v1.CredentialService.RevokeLease:output_type -> credbroker.v1.RevokeLeaseResponse
+	12, // 41: credbroker.v1.CredentialService.LookupLease:output_type -> credbroker.v1.LookupLeaseResponse
+	14, // 42: credbroker.v1.CredentialService.KeepAlive:output_type -> credbroker.v1.KeepAliveResponse
+	16, // 43: credbroker.v1.AdminService.ListLeases:output_type -> credbroker.v1.ListLeasesResponse
+	18, // 44: credbroker.v1.AdminService.RevokeLeases:output_type -> credbroker.v1.RevokeLeasesResponse
+	20, // 45: credbroker.v1.AdminService.ListRoles:output_type -> credbroker.v1.ListRolesResponse
+	22, // 46: credbroker.v1.AdminService.RotateRootCredential:output_type -> credbroker.v1.RotateRootCredentialResponse
+	24, // 47: credbroker.v1.AdminService.ReloadConfig:output_type -> credbroker.v1.ReloadConfigResponse
+	26, // 48: credbroker.v1.AdminService.BackupStore:output_type -> credbroker.v1.BackupStoreResponse
+	28, // 49: credbroker.v1.AdminService.GetStatus:output_type -> credbroker.v1.GetStatusResponse
+	38, // [38:50] is the sub-list for method output_type
+	26, // [26:38] is the sub-list for method input_type
+	26, // [26:26] is the sub-list for extension type_name
+	26, // [26:26] is the sub-list for extension extendee
+	0,  // [0:26] is the sub-list for field type_name
 }
 
 func init() { file_credbroker_v1_credbroker_proto_init() }
@@ -1847,7 +2069,7 @@ func file_credbroker_v1_credbroker_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_credbroker_v1_credbroker_proto_rawDesc), len(file_credbroker_v1_credbroker_proto_rawDesc)),
 			NumEnums:      2,
-			NumMessages:   27,
+			NumMessages:   30,
 			NumExtensions: 0,
 			NumServices:   2,
 		},

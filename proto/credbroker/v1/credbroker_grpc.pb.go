@@ -297,6 +297,7 @@ const (
 	AdminService_RotateRootCredential_FullMethodName = "/credbroker.v1.AdminService/RotateRootCredential"
 	AdminService_ReloadConfig_FullMethodName         = "/credbroker.v1.AdminService/ReloadConfig"
 	AdminService_BackupStore_FullMethodName          = "/credbroker.v1.AdminService/BackupStore"
+	AdminService_GetStatus_FullMethodName            = "/credbroker.v1.AdminService/GetStatus"
 )
 
 // AdminServiceClient is the client API for AdminService service.
@@ -329,6 +330,10 @@ type AdminServiceClient interface {
 	// BackupStore streams a consistent snapshot of the lease store (bbolt: the
 	// database file; etcd: an export of the group's prefix), in chunks.
 	BackupStore(ctx context.Context, in *BackupStoreRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[BackupStoreResponse], error)
+	// GetStatus shows the broker group: every live instance (one on a bbolt
+	// store), which one leads (runs expiry, reconciliation, disconnect
+	// revocations, the purge and root rotation) and since when.
+	GetStatus(ctx context.Context, in *GetStatusRequest, opts ...grpc.CallOption) (*GetStatusResponse, error)
 }
 
 type adminServiceClient struct {
@@ -408,6 +413,16 @@ func (c *adminServiceClient) BackupStore(ctx context.Context, in *BackupStoreReq
 // This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
 type AdminService_BackupStoreClient = grpc.ServerStreamingClient[BackupStoreResponse]
 
+func (c *adminServiceClient) GetStatus(ctx context.Context, in *GetStatusRequest, opts ...grpc.CallOption) (*GetStatusResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(GetStatusResponse)
+	err := c.cc.Invoke(ctx, AdminService_GetStatus_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // AdminServiceServer is the server API for AdminService service.
 // All implementations must embed UnimplementedAdminServiceServer
 // for forward compatibility.
@@ -438,6 +453,10 @@ type AdminServiceServer interface {
 	// BackupStore streams a consistent snapshot of the lease store (bbolt: the
 	// database file; etcd: an export of the group's prefix), in chunks.
 	BackupStore(*BackupStoreRequest, grpc.ServerStreamingServer[BackupStoreResponse]) error
+	// GetStatus shows the broker group: every live instance (one on a bbolt
+	// store), which one leads (runs expiry, reconciliation, disconnect
+	// revocations, the purge and root rotation) and since when.
+	GetStatus(context.Context, *GetStatusRequest) (*GetStatusResponse, error)
 	mustEmbedUnimplementedAdminServiceServer()
 }
 
@@ -465,6 +484,9 @@ func (UnimplementedAdminServiceServer) ReloadConfig(context.Context, *ReloadConf
 }
 func (UnimplementedAdminServiceServer) BackupStore(*BackupStoreRequest, grpc.ServerStreamingServer[BackupStoreResponse]) error {
 	return status.Error(codes.Unimplemented, "method BackupStore not implemented")
+}
+func (UnimplementedAdminServiceServer) GetStatus(context.Context, *GetStatusRequest) (*GetStatusResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method GetStatus not implemented")
 }
 func (UnimplementedAdminServiceServer) mustEmbedUnimplementedAdminServiceServer() {}
 func (UnimplementedAdminServiceServer) testEmbeddedByValue()                      {}
@@ -588,6 +610,24 @@ func _AdminService_BackupStore_Handler(srv interface{}, stream grpc.ServerStream
 // This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
 type AdminService_BackupStoreServer = grpc.ServerStreamingServer[BackupStoreResponse]
 
+func _AdminService_GetStatus_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(GetStatusRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AdminServiceServer).GetStatus(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: AdminService_GetStatus_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AdminServiceServer).GetStatus(ctx, req.(*GetStatusRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // AdminService_ServiceDesc is the grpc.ServiceDesc for AdminService service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -614,6 +654,10 @@ var AdminService_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "ReloadConfig",
 			Handler:    _AdminService_ReloadConfig_Handler,
+		},
+		{
+			MethodName: "GetStatus",
+			Handler:    _AdminService_GetStatus_Handler,
 		},
 	},
 	Streams: []grpc.StreamDesc{
