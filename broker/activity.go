@@ -332,7 +332,7 @@ func (b *Broker) SampleActivity(ctx context.Context) (ActivityReport, error) {
 // RevokeUnusedAfter, and its user has had no session for that long since
 // it was issued or last seen.
 func (b *Broker) unusedFor(role string, issue time.Time, u LeaseUsage, now time.Time) bool {
-	r, ok := b.roles[role]
+	r, ok := b.role(role)
 	if !ok || r.RevokeUnusedAfter <= 0 || u.Sessions > 0 {
 		return false
 	}

@@ -68,6 +68,10 @@ const (
 	// ReasonUnused: the lease's user had no session for its role's
 	// revoke_unused_after (activity.go).
 	ReasonUnused = "unused"
+	// ReasonReconcile: the reconciler found the lease's user gone (dropped
+	// outside the broker, or the store was restored from a backup taken
+	// before the lease was revoked) and ended the lease.
+	ReasonReconcile = "reconcile"
 )
 
 // Auditor records lifecycle events. The broker calls it synchronously

@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"sort"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"golang.org/x/time/rate"
@@ -19,10 +20,13 @@ const cleanupTimeout = 30 * time.Second
 // Broker issues, renews and revokes leases. Its methods are safe for
 // concurrent use.
 type Broker struct {
+	// cfg is the configuration New was given, with defaults filled in;
+	// what Reconfigure may change (roles, expiry settings) is read from
+	// live instead (reconfigure.go).
 	cfg   Config
+	live  atomic.Pointer[settings]
 	store LeaseStore
 	dbs   map[string]Database
-	roles map[string]Role
 	clock Clock
 	log   *slog.Logger
 
@@ -93,18 +97,9 @@ func New(cfg Config) (*Broker, error) {
 	if cfg.Logger == nil {
 		cfg.Logger = slog.New(slog.DiscardHandler)
 	}
-	setDefault(&cfg.ValidUntilGrace, DefaultValidUntilGrace)
-	setDefault(&cfg.TombstoneRetention, DefaultTombstoneRetention)
-	setDefault(&cfg.ReconcileInterval, DefaultReconcileInterval)
-	setDefault(&cfg.RetryBaseDelay, DefaultRetryBaseDelay)
-	setDefault(&cfg.RetryMaxDelay, DefaultRetryMaxDelay)
-	setDefault(&cfg.FailedRetryInterval, DefaultFailedRetryInterval)
-	setDefault(&cfg.DisconnectGrace, DefaultDisconnectGrace)
+	// Not reloadable: the sampling loop starts with the broker (or its term).
 	if cfg.ActivityInterval == 0 {
 		cfg.ActivityInterval = DefaultActivityInterval
-	}
-	if cfg.RevokeConcurrency <= 0 {
-		cfg.RevokeConcurrency = DefaultRevokeConcurrency
 	}
 	if cfg.IssuePool == 0 {
 		cfg.IssuePool = DefaultIssuePool
@@ -112,50 +107,29 @@ func New(cfg Config) (*Broker, error) {
 	if cfg.RenewBatches <= 0 {
 		cfg.RenewBatches = DefaultRenewBatches
 	}
-	if cfg.RevokeRate <= 0 {
-		cfg.RevokeRate = DefaultRevokeRate
+	live, err := newSettings(cfg)
+	if err != nil {
+		return nil, err
 	}
-	if cfg.RevokeRetries <= 0 {
-		cfg.RevokeRetries = DefaultRevokeRetries
-	}
-	roles := make(map[string]Role, len(cfg.Roles))
-	for _, r := range cfg.Roles {
-		if err := ValidateRoleName(r.Name); err != nil {
-			return nil, fmt.Errorf("broker: role %q: %w", r.Name, err)
-		}
-		if _, dup := roles[r.Name]; dup {
-			return nil, fmt.Errorf("broker: role %q defined twice", r.Name)
-		}
-		if _, ok := cfg.Databases[r.Target]; !ok {
-			return nil, fmt.Errorf("broker: role %q: unknown target %q", r.Name, r.Target)
-		}
-		if r.DefaultTTL <= 0 || r.MaxTTL <= 0 || r.DefaultTTL > r.MaxTTL {
-			return nil, fmt.Errorf("broker: role %q: need 0 < default_ttl <= max_ttl", r.Name)
-		}
-		if r.RevokeUnusedAfter < 0 {
-			return nil, fmt.Errorf("broker: role %q: revoke_unused_after must not be negative", r.Name)
-		}
-		roles[r.Name] = r
-	}
+	cfg = live.cfg
 	if cfg.Instance == "" {
 		cfg.Instance = "broker-" + newLeaseID()[:8]
 	}
-	burst := cfg.RevokeConcurrency
 	b := &Broker{
 		cfg:        cfg,
 		store:      cfg.Store,
 		dbs:        cfg.Databases,
-		roles:      roles,
 		clock:      cfg.Clock,
 		log:        cfg.Logger,
 		queue:      NewExpiryQueue(),
-		limiter:    rate.NewLimiter(rate.Limit(cfg.RevokeRate), burst),
+		limiter:    rate.NewLimiter(rate.Limit(cfg.RevokeRate), cfg.RevokeConcurrency),
 		streams:    make(map[string]*streamState),
 		inflight:   make(map[string]struct{}),
 		closed:     make(chan struct{}),
 		storeFails: make(map[string]int),
 		lanes:      newRevokeLanes(cfg.Databases),
 	}
+	b.live.Store(live)
 	// A group's broker (Leadership set) leads only during a term (runTerm).
 	b.leadSwitch.init(!cfg.Standby && cfg.Leadership == nil)
 	b.feed.init()
@@ -270,7 +244,7 @@ func (b *Broker) Issue(ctx context.Context, req IssueRequest) (Lease, Credential
 	if err := ValidateRoleName(req.Role); err != nil {
 		return Lease{}, Credential{}, err
 	}
-	role, ok := b.roles[req.Role]
+	role, ok := b.role(req.Role)
 	if !ok {
 		return Lease{}, Credential{}, fmt.Errorf("%w: %q", ErrRoleNotFound, req.Role)
 	}
@@ -312,7 +286,13 @@ func (b *Broker) Issue(ctx context.Context, req IssueRequest) (Lease, Credential
 	}
 	var intent Intent
 	var password, verifier string
-	if r, ok := b.takeReservation(role); ok {
+	r, ok := b.takeReservation(role)
+	if ok && (r.intent.Target != role.Target || r.intent.ProxyRole != role.ProxyRole) {
+		// Made before a reload changed the role.
+		b.release([]reservation{r})
+		ok = false
+	}
+	if ok {
 		// Ready ahead (issuepool.go): the intent is durable already and
 		// the password hashed; the reservation is in flight.
 		intent, password, verifier = r.intent, r.password, r.verifier
@@ -344,7 +324,7 @@ func (b *Broker) Issue(ctx context.Context, req IssueRequest) (Lease, Credential
 		Username:   lease.Username,
 		Password:   password,
 		ProxyRole:  lease.ProxyRole,
-		ValidUntil: lease.ExpireTime.Add(b.cfg.ValidUntilGrace),
+		ValidUntil: lease.ExpireTime.Add(b.conf().ValidUntilGrace),
 		Verifier:   verifier,
 	})
 	if err != nil {
@@ -362,7 +342,7 @@ func (b *Broker) Issue(ctx context.Context, req IssueRequest) (Lease, Credential
 	b.queue.Set(lease.ID, lease.ExpireTime)
 	b.queue.SetTarget(lease.ID, lease.Target)
 	if lease.RevokeOnDisconnect {
-		b.armDisconnect(lease.ID, now.Add(b.cfg.DisconnectGrace))
+		b.armDisconnect(lease.ID, now.Add(b.conf().DisconnectGrace))
 	}
 	log.Info("lease issued", "expire_time", lease.ExpireTime)
 	b.audit(AuditIssue, lease, "")
@@ -482,7 +462,7 @@ func (b *Broker) Renew(ctx context.Context, id string, increment time.Duration) 
 		// PostgreSQL first: if the store write then fails, VALID UNTIL is
 		// merely later than the lease, and the expiry manager still drops
 		// the user at the lease's expiry.
-		if err := db.RenewUser(ctx, RenewUserRequest{Username: l.Username, ValidUntil: newExpire.Add(b.cfg.ValidUntilGrace)}); err != nil {
+		if err := db.RenewUser(ctx, RenewUserRequest{Username: l.Username, ValidUntil: newExpire.Add(b.conf().ValidUntilGrace)}); err != nil {
 			if errors.Is(err, ErrUserNotFound) {
 				// Dropped behind the broker's back: the credential is dead,
 				// so the lease ends now rather than pretending to live on.
@@ -539,7 +519,7 @@ func (b *Broker) renewedExpiry(l Lease, now time.Time, increment time.Duration) 
 // defaultTTL is the lease's role's default TTL; for a role that has left
 // the configuration, the lease's original TTL.
 func (b *Broker) defaultTTL(l Lease) time.Duration {
-	if r, ok := b.roles[l.Role]; ok {
+	if r, ok := b.role(l.Role); ok {
 		return r.DefaultTTL
 	}
 	return l.MaxExpireTime.Sub(l.IssueTime)
@@ -565,8 +545,9 @@ func (b *Broker) ListLeases(ctx context.Context, f LeaseFilter) ([]Lease, string
 
 // Roles returns the configured roles, sorted by name.
 func (b *Broker) Roles() []Role {
-	out := make([]Role, 0, len(b.roles))
-	for _, r := range b.roles {
+	roles := b.live.Load().roles
+	out := make([]Role, 0, len(roles))
+	for _, r := range roles {
 		out = append(out, r)
 	}
 	sort.Slice(out, func(i, j int) bool { return out[i].Name < out[j].Name })

@@ -62,7 +62,8 @@ func (b *Broker) dispatch(ctx context.Context) {
 				}
 				for _, target := range targets {
 					ids := byTarget[target]
-					size := (len(ids) + b.cfg.RevokeConcurrency - 1) / b.cfg.RevokeConcurrency
+					n := b.conf().RevokeConcurrency
+					size := (len(ids) + n - 1) / n
 					for len(ids) > 0 {
 						batch := ids[:min(size, len(ids))]
 						ids = ids[len(batch):]
@@ -125,7 +126,7 @@ func newRevokeLanes(dbs map[string]Database) map[string]*revokeLane {
 func (l *revokeLane) add(ctx context.Context, b *Broker, ids []string) {
 	l.mu.Lock()
 	l.pending = append(l.pending, ids)
-	start := l.running < b.cfg.RevokeConcurrency
+	start := l.running < b.conf().RevokeConcurrency
 	if start {
 		l.running++
 	}
@@ -168,7 +169,7 @@ func (l *revokeLane) run(ctx context.Context, b *Broker) {
 // maintenanceLoop settles intents and unknown users, purges old tombstones,
 // and revokes leases whose streams went away.
 func (b *Broker) maintenanceLoop(ctx context.Context) {
-	nextReconcile := b.clock.Now().Add(b.cfg.ReconcileInterval)
+	nextReconcile := b.clock.Now().Add(b.conf().ReconcileInterval)
 	for {
 		select {
 		case <-ctx.Done():
@@ -182,12 +183,12 @@ func (b *Broker) maintenanceLoop(ctx context.Context) {
 		b.queue.WakeIfDue(b.clock.Now())
 		b.revokeDisconnected(ctx)
 		if now := b.clock.Now(); !now.Before(nextReconcile) {
-			nextReconcile = now.Add(b.cfg.ReconcileInterval)
+			nextReconcile = now.Add(b.conf().ReconcileInterval)
 			res, err := b.Reconcile(ctx)
 			if err != nil && !errors.Is(err, context.Canceled) {
 				b.log.Warn("reconciliation incomplete", "err", err)
 			}
-			if res.Pending > 0 && b.cfg.ReconcileConfirm < b.cfg.ReconcileInterval {
+			if res.Pending > 0 && b.cfg.ReconcileConfirm < b.conf().ReconcileInterval {
 				// The second sweep that may confirm them, no later than
 				// needed.
 				nextReconcile = now.Add(b.cfg.ReconcileConfirm)
@@ -204,7 +205,7 @@ func (b *Broker) maintenanceLoop(ctx context.Context) {
 // PurgeTombstones removes revoked and expired leases older than the
 // retention and returns how many it removed.
 func (b *Broker) PurgeTombstones(ctx context.Context) (int, error) {
-	cutoff := b.clock.Now().Add(-b.cfg.TombstoneRetention)
+	cutoff := b.clock.Now().Add(-b.conf().TombstoneRetention)
 	total := 0
 	for {
 		n, err := b.store.PurgeTombstones(ctx, cutoff, 1000)

@@ -170,7 +170,7 @@ func (b *Broker) applyLive(l Lease, atReset bool) {
 	b.queue.Set(l.ID, due)
 	b.queue.SetTarget(l.ID, l.Target)
 	if l.State == StateActive && l.RevokeOnDisconnect {
-		b.armDisconnectOnce(l.ID, b.clock.Now().Add(b.cfg.DisconnectGrace))
+		b.armDisconnectOnce(l.ID, b.clock.Now().Add(b.conf().DisconnectGrace))
 	}
 
 	b.feed.mu.Lock()

@@ -43,6 +43,7 @@ type ReconcileResult struct {
 	IntentsCleared int // intents whose lease existed
 	IntentsUnused  int // intents whose user was never created (a crash before CREATE ROLE, or a reservation)
 	UsersDropped   int // marker-role members no lease or intent knew
+	LeasesSettled  int // live leases whose user was gone, ended as revoked
 	// Pending counts the users and intents found unknown that wait for a
 	// second sweep at least Config.ReconcileConfirm later to agree.
 	Pending int
@@ -52,6 +53,7 @@ type ReconcileResult struct {
 func suspectUser(target, user string) string { return "user\x00" + target + "\x00" + user }
 func suspectSettle(leaseID string) string    { return "settle\x00" + leaseID }
 func suspectUnused(leaseID string) string    { return "unused\x00" + leaseID }
+func suspectGone(leaseID string) string      { return "gone\x00" + leaseID }
 
 // confirmed reports whether the reconciler may act on the suspect key now:
 // at once when Config.ReconcileConfirm is zero, else only when an earlier
@@ -126,6 +128,22 @@ func (b *Broker) Reconcile(ctx context.Context) (ReconcileResult, error) {
 			b.keepSuspects(seen)
 		}
 	}()
+
+	// 0. The live leases before the users are listed: a lease stored
+	// before the listing has a user created before it, so one missing
+	// from the listing was dropped since (outside the broker, or a store
+	// restored from a backup taken before its lease was revoked). Read
+	// after the listing, a lease issued in between would look so too.
+	type liveUser struct{ id, target, username string }
+	var before []liveUser
+	if err := b.store.ScanExpiry(ctx, func(e ExpiryEntry) bool {
+		if e.Username != "" {
+			before = append(before, liveUser{e.LeaseID, e.Target, e.Username})
+		}
+		return true
+	}); err != nil {
+		return res, fmt.Errorf("scan live leases: %w", err)
+	}
 
 	// 1. Users first (see the ordering argument above).
 	users := make(map[string][]string, len(b.dbs))
@@ -278,6 +296,30 @@ func (b *Broker) Reconcile(ctx context.Context) (ReconcileResult, error) {
 			res.UsersDropped++
 			b.log.Warn("reconcile: dropped a managed user that no lease knows", "username", u, "target", target)
 			b.audit(AuditReconcileDrop, Lease{Target: target, Username: u}, "")
+		}
+	}
+
+	// End the live leases whose user is gone (step 0). The revocation's
+	// DROP of a missing user is success, so the lease ends REVOKED at
+	// once, audited with reason reconcile, instead of failing to be
+	// revoked, or waiting for its expiry as if its user could log in.
+	for _, l := range before {
+		if listed, ok := exists[l.target]; !ok || listed[l.username] {
+			continue
+		}
+		if !b.confirmed(suspectGone(l.id), now, seen) {
+			res.Pending++
+			continue
+		}
+		_, ended, err := b.revoke(ctx, l.id, causeReconcile)
+		switch {
+		case errors.Is(err, ErrLeaseNotFound):
+		case err != nil:
+			errs = append(errs, fmt.Errorf("end lease %s, whose user is gone: %w", l.id, err))
+		case ended:
+			res.LeasesSettled++
+			b.log.Warn("reconcile: a live lease's user was gone (dropped outside the broker, or the store was restored from a backup); ended the lease",
+				"lease_id", l.id, "username", l.username, "target", l.target)
 		}
 	}
 	swept = true

@@ -218,7 +218,7 @@ func (b *Broker) renewBatch(target string, calls []*renewCall) {
 	reqs := make([]RenewUserRequest, len(renew))
 	ls := make([]Lease, len(renew))
 	for i, it := range renew {
-		reqs[i] = RenewUserRequest{Username: it.lease.Username, ValidUntil: it.newExpire.Add(b.cfg.ValidUntilGrace)}
+		reqs[i] = RenewUserRequest{Username: it.lease.Username, ValidUntil: it.newExpire.Add(b.conf().ValidUntilGrace)}
 		ls[i] = it.lease
 		ls[i].ExpireTime = it.newExpire
 		ls[i].ValidUntilBehind = false // set again below if PostgreSQL refuses

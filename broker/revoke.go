@@ -28,6 +28,7 @@ const (
 	causeExpiry                        // the expiry manager
 	causeDisconnect                    // no KeepAlive stream within the grace period
 	causeUnused                        // no session for the role's revoke_unused_after (activity.go)
+	causeReconcile                     // the reconciler found the user gone
 )
 
 // revoke runs the revocation of one lease under its lock; cause says who
@@ -87,9 +88,9 @@ func (b *Broker) revoke(ctx context.Context, id string, cause revokeCause) (Leas
 		l.RevokeAttempts++
 		l.LastError = dberr.Error()
 		var due time.Time
-		if l.RevokeAttempts >= b.cfg.RevokeRetries {
+		if l.RevokeAttempts >= b.conf().RevokeRetries {
 			l.State = StateRevokeFailed
-			due = now.Add(b.cfg.FailedRetryInterval)
+			due = now.Add(b.conf().FailedRetryInterval)
 			log.Error("revocation failed; will retry later", "attempts", l.RevokeAttempts, "err", dberr)
 		} else {
 			due = now.Add(b.backoff(l.RevokeAttempts))
@@ -157,12 +158,12 @@ func (b *Broker) storeRecovered(id string) {
 // RetryBaseDelay, capped at RetryMaxDelay, with full jitter over its upper
 // half so that a mass failure does not retry in lockstep.
 func (b *Broker) backoff(n int) time.Duration {
-	d := b.cfg.RetryBaseDelay
-	for i := 1; i < n && d < b.cfg.RetryMaxDelay; i++ {
+	d := b.conf().RetryBaseDelay
+	for i := 1; i < n && d < b.conf().RetryMaxDelay; i++ {
 		d *= 2
 	}
-	if d > b.cfg.RetryMaxDelay {
-		d = b.cfg.RetryMaxDelay
+	if d > b.conf().RetryMaxDelay {
+		d = b.conf().RetryMaxDelay
 	}
 	half := d / 2
 	return half + time.Duration(jitter(int64(half)+1))
@@ -205,6 +206,8 @@ func (b *Broker) leaseEnded(stored Lease, log *slog.Logger, cause revokeCause) {
 		b.auditReason(AuditRevoke, stored, "", ReasonDisconnect)
 	case cause == causeUnused:
 		b.auditReason(AuditRevoke, stored, "", ReasonUnused)
+	case cause == causeReconcile:
+		b.auditReason(AuditRevoke, stored, "", ReasonReconcile)
 	default:
 		b.auditReason(AuditRevoke, stored, "", ReasonRevoked)
 	}
@@ -261,7 +264,7 @@ func (b *Broker) RevokeLeases(ctx context.Context, sel RevokeSelector) (int, err
 
 // revokeAll revokes ids with at most RevokeConcurrency at once.
 func (b *Broker) revokeAll(ctx context.Context, ids []string) (int, error) {
-	return b.revokeEach(ctx, ids, causeRequest, b.cfg.RevokeConcurrency)
+	return b.revokeEach(ctx, ids, causeRequest, b.conf().RevokeConcurrency)
 }
 
 // revokeEach revokes ids for cause with at most concurrency at once and

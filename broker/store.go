@@ -2,6 +2,7 @@ package broker
 
 import (
 	"context"
+	"io"
 	"time"
 )
 
@@ -226,6 +227,20 @@ type LeaseStore interface {
 	// Put) falling back to a Get when the compare fails, so a loser of
 	// the race returns the winner's id).
 	GroupID(ctx context.Context) (string, error)
+
+	// Snapshot writes to w a consistent copy of the whole store, every
+	// key as of one instant (one read transaction or revision), for a
+	// backup: the backend's own format, which its restore reads back
+	// (bbolt: a bbolt file, to put at store.path; etcd: an export of the
+	// prefix that etcd.Restore loads into an empty prefix). Writes go on
+	// while it runs and are not in the copy. A store restored from it
+	// answers every read as this store did at that instant. It returns
+	// the bytes written.
+	//
+	// Backend: one read of every key at one revision (bbolt: Tx.WriteTo
+	// in a read transaction; etcd: a ranged Get of the prefix, paged,
+	// pinned to the first page's revision).
+	Snapshot(ctx context.Context, w io.Writer) (int64, error)
 
 	// Close releases the store. Writes in flight finish first; every later
 	// call of any method returns ErrClosed. Closing twice is not an error.

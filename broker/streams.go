@@ -80,7 +80,7 @@ func (b *Broker) disconnectedLocked(leaseID string, s *streamState) {
 	}
 	if s.bound {
 		if s.deadline.IsZero() {
-			s.deadline = b.clock.Now().Add(b.cfg.DisconnectGrace)
+			s.deadline = b.clock.Now().Add(b.conf().DisconnectGrace)
 		}
 	} else {
 		delete(b.streams, leaseID)
@@ -215,7 +215,7 @@ func (b *Broker) resetRemoteStreams(marks []StreamMark) {
 // fresh grace period after a restart: its client had no stream to a broker
 // that was down, and deserves the chance to reconnect.
 func (b *Broker) restoreStreamDeadlines(ctx context.Context) {
-	deadline := b.clock.Now().Add(b.cfg.DisconnectGrace)
+	deadline := b.clock.Now().Add(b.conf().DisconnectGrace)
 	// The expiry index says which live leases are bound, without reading
 	// the records; only a file whose entries lack the details (written by
 	// an older binary) is listed the slow way.

@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"golang.org/x/time/rate"
@@ -28,6 +29,29 @@ type Quotas struct {
 	IssueBurst int
 }
 
+// LiveQuotas holds the quotas in force, which Set replaces while the
+// server runs (a configuration reload): each issue reads them once.
+type LiveQuotas struct{ p atomic.Pointer[Quotas] }
+
+// NewLiveQuotas returns LiveQuotas holding q.
+func NewLiveQuotas(q Quotas) *LiveQuotas {
+	l := &LiveQuotas{}
+	l.Set(q)
+	return l
+}
+
+// Set makes q the quotas in force for the next issue. An identity's rate
+// limiter keeps its tokens and takes the new rate and burst.
+func (l *LiveQuotas) Set(q Quotas) {
+	if q.IssueBurst <= 0 {
+		q.IssueBurst = 1
+	}
+	l.p.Store(&q)
+}
+
+// Get returns the quotas in force.
+func (l *LiveQuotas) Get() Quotas { return *l.p.Load() }
+
 // quotaKeeper enforces Quotas in front of broker.Issue.
 //
 // Active leases are counted by activeLeases: read from the store once, so
@@ -38,7 +62,7 @@ type Quotas struct {
 // stays reserved until its lease is counted, after which it is briefly
 // counted twice, which errs on the side of refusing.
 type quotaKeeper struct {
-	q      Quotas
+	quotas *LiveQuotas
 	active *activeLeases // nil when no max_active_* quota is set
 
 	checkMu sync.Mutex
@@ -49,12 +73,17 @@ type quotaKeeper struct {
 	limiters   map[string]*rate.Limiter
 }
 
-func newQuotaKeeper(q Quotas, b *broker.Broker) *quotaKeeper {
-	if q.IssueBurst <= 0 {
-		q.IssueBurst = 1
+// newQuotaKeeper enforces live, or q when live is nil.
+func newQuotaKeeper(q Quotas, live *LiveQuotas, b *broker.Broker) *quotaKeeper {
+	reloadable := live != nil
+	if !reloadable {
+		live = NewLiveQuotas(q)
 	}
-	k := &quotaKeeper{q: q, pending: map[string]int{}, limiters: map[string]*rate.Limiter{}}
-	if b != nil && (q.IdentityMaxActive > 0 || len(q.RoleMaxActive) > 0) {
+	q = live.Get()
+	k := &quotaKeeper{quotas: live, pending: map[string]int{}, limiters: map[string]*rate.Limiter{}}
+	// With live quotas a reload may set a max_active_* quota later, so
+	// the counts are kept ready (they read the store only once one is set).
+	if b != nil && (q.IdentityMaxActive > 0 || len(q.RoleMaxActive) > 0 || reloadable) {
 		k.active = newActiveLeases(b)
 	}
 	return k
@@ -75,15 +104,16 @@ const maxLimiters = 10000
 // give it back: golang.org/x/time/rate restores only reservations whose
 // time has not come).
 func (k *quotaKeeper) admit(ctx context.Context, identity, role string) (release func(), err error) {
-	lim := k.limiter(identity)
+	q := k.quotas.Get()
+	lim := k.limiter(q, identity)
 	// Cheap refusal first: no count for a caller over its rate.
-	if err := k.rateAvailable(identity, lim); err != nil {
+	if err := k.rateAvailable(q, identity, lim); err != nil {
 		return nil, err
 	}
-	roleMax := k.q.RoleMaxActive[role]
-	idMax := k.q.IdentityMaxActive
+	roleMax := q.RoleMaxActive[role]
+	idMax := q.IdentityMaxActive
 	if k.active == nil || (roleMax <= 0 && idMax <= 0) {
-		if err := k.takeRate(identity, lim); err != nil {
+		if err := k.takeRate(q, identity, lim); err != nil {
 			return nil, err
 		}
 		return func() {}, nil
@@ -107,7 +137,7 @@ func (k *quotaKeeper) admit(ctx context.Context, identity, role string) (release
 		return nil, fmt.Errorf("quota: role %q already has %d active leases, the maximum (roles[].max_active_leases) is %d: %w",
 			role, roleN, roleMax, broker.ErrResourceExhausted)
 	}
-	if err := k.takeRate(identity, lim); err != nil {
+	if err := k.takeRate(q, identity, lim); err != nil {
 		return nil, err
 	}
 	k.mu.Lock()
@@ -129,8 +159,8 @@ func (k *quotaKeeper) admit(ctx context.Context, identity, role string) (release
 }
 
 // limiter returns identity's rate limiter, nil without a rate limit.
-func (k *quotaKeeper) limiter(identity string) *rate.Limiter {
-	if k.q.IssueRate <= 0 {
+func (k *quotaKeeper) limiter(q Quotas, identity string) *rate.Limiter {
+	if q.IssueRate <= 0 {
 		return nil
 	}
 	k.limitersMu.Lock()
@@ -140,32 +170,36 @@ func (k *quotaKeeper) limiter(identity string) *rate.Limiter {
 		if len(k.limiters) >= maxLimiters {
 			now := time.Now()
 			for name, l := range k.limiters {
-				if l.TokensAt(now) >= float64(k.q.IssueBurst) {
+				if l.TokensAt(now) >= float64(q.IssueBurst) {
 					delete(k.limiters, name)
 				}
 			}
 		}
-		lim = rate.NewLimiter(rate.Limit(k.q.IssueRate), k.q.IssueBurst)
+		lim = rate.NewLimiter(rate.Limit(q.IssueRate), q.IssueBurst)
 		k.limiters[identity] = lim
+	} else if lim.Limit() != rate.Limit(q.IssueRate) || lim.Burst() != q.IssueBurst {
+		// A reload changed the rate: the limiter keeps its tokens.
+		lim.SetLimit(rate.Limit(q.IssueRate))
+		lim.SetBurst(q.IssueBurst)
 	}
 	return lim
 }
 
 // rateAvailable refuses the call if lim has no token now, without taking one.
-func (k *quotaKeeper) rateAvailable(identity string, lim *rate.Limiter) error {
+func (k *quotaKeeper) rateAvailable(q Quotas, identity string, lim *rate.Limiter) error {
 	if lim == nil {
 		return nil
 	}
 	if tokens := lim.TokensAt(time.Now()); tokens < 1 {
-		wait := time.Duration((1 - tokens) / k.q.IssueRate * float64(time.Second))
-		return k.rateError(identity, wait)
+		wait := time.Duration((1 - tokens) / q.IssueRate * float64(time.Second))
+		return rateError(q, identity, wait)
 	}
 	return nil
 }
 
 // takeRate takes one token from lim, or refuses the call without taking
 // one (a concurrent call may have taken the last since rateAvailable).
-func (k *quotaKeeper) takeRate(identity string, lim *rate.Limiter) error {
+func (k *quotaKeeper) takeRate(q Quotas, identity string, lim *rate.Limiter) error {
 	if lim == nil {
 		return nil
 	}
@@ -174,14 +208,14 @@ func (k *quotaKeeper) takeRate(identity string, lim *rate.Limiter) error {
 		// The reservation's time has not come, so Cancel gives its
 		// token back.
 		r.Cancel()
-		return k.rateError(identity, d)
+		return rateError(q, identity, d)
 	}
 	return nil
 }
 
-func (k *quotaKeeper) rateError(identity string, wait time.Duration) error {
+func rateError(q Quotas, identity string, wait time.Duration) error {
 	return fmt.Errorf("rate limit: identity %q may issue %s credential(s) per second (burst %d) (quotas.issue_rate_per_identity); try again in %s: %w",
-		identity, formatRate(k.q.IssueRate), k.q.IssueBurst, wait.Round(time.Millisecond), broker.ErrResourceExhausted)
+		identity, formatRate(q.IssueRate), q.IssueBurst, wait.Round(time.Millisecond), broker.ErrResourceExhausted)
 }
 
 func formatRate(r float64) string { return fmt.Sprintf("%.4g", r) }

@@ -99,6 +99,14 @@ type Config struct {
 	// RootRotator, when set, serves AdminService.RotateRootCredential
 	// (see admin_rotate.go); without it that call is Unimplemented.
 	RootRotator RootRotator
+	// ConfigReloader, when set, serves AdminService.ReloadConfig, and
+	// StoreBackup AdminService.BackupStore (admin_ops.go); without them
+	// those calls are Unimplemented.
+	ConfigReloader ConfigReloader
+	StoreBackup    StoreBackup
+	// LiveQuotas, when set, are the quotas in force instead of Quotas,
+	// read at each issue, so a reload can replace them (quota.go).
+	LiveQuotas *LiveQuotas
 	// Status, when set, serves AdminService.GetStatus (admin_status.go);
 	// without it that call is Unimplemented.
 	Status StatusSource
@@ -207,8 +215,10 @@ func NewGRPCServer(cfg Config, opts ...grpc.ServerOption) *grpc.Server {
 		sslmode:         cfg.SSLMode,
 		maxStreamLeases: cfg.MaxStreamLeases,
 		auditor:         cfg.Auditor,
-		quota:           newQuotaKeeper(cfg.Quotas, cfg.Broker),
+		quota:           newQuotaKeeper(cfg.Quotas, cfg.LiveQuotas, cfg.Broker),
 		rotator:         cfg.RootRotator,
+		reloader:        cfg.ConfigReloader,
+		backup:          cfg.StoreBackup,
 		status:          cfg.Status,
 		keepAliveSlots:  make(chan struct{}, maxKeepAliveInflight),
 	}
@@ -331,6 +341,8 @@ type core struct {
 	requiredAuditor CheckedAuditor
 	quota           *quotaKeeper
 	rotator         RootRotator
+	reloader        ConfigReloader
+	backup          StoreBackup
 	status          StatusSource
 	// keepAliveSlots bounds the KeepAlive requests being handled across
 	// all streams (see keepalive.go).

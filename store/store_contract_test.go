@@ -1,6 +1,7 @@
 package store
 
 import (
+	"os"
 	"path/filepath"
 	"testing"
 
@@ -15,4 +16,13 @@ func TestContract(t *testing.T) {
 		path := filepath.Join(t.TempDir(), "leases.db")
 		return openStoreAt(t, path), func(t *testing.T) broker.LeaseStore { return openStoreAt(t, path) }
 	})
+	storetest.RunSnapshot(t, func(t *testing.T) broker.LeaseStore { return openStore(t) },
+		func(t *testing.T, snapshot []byte) broker.LeaseStore {
+			// A restore is the snapshot put where store.path points.
+			path := filepath.Join(t.TempDir(), "restored.db")
+			if err := os.WriteFile(path, snapshot, 0o600); err != nil {
+				t.Fatal(err)
+			}
+			return openStoreAt(t, path)
+		})
 }

@@ -148,6 +148,8 @@ unix:/path reaches a unix socket.`,
 		c.auditCmd(),
 		c.checkCmd(),
 		c.rotateRootCmd(),
+		c.reloadCmd(),
+		c.backupCmd(),
 		c.statusCmd(),
 		c.migrateCmd(),
 	)

@@ -220,7 +220,8 @@ func runDev(ctx context.Context, listenAddr, vaultListen string, stdout, stderr 
 	if err != nil {
 		return err
 	}
-	d, err := daemon.Start(ctx, cfg, daemon.Options{Logger: log, Listener: lis})
+	// ConfigPath: `brokerctl reload` re-reads the file (edit it, try it).
+	d, err := daemon.Start(ctx, cfg, daemon.Options{Logger: log, Listener: lis, ConfigPath: s.ConfigPath})
 	lis = nil
 	if err != nil {
 		return err

@@ -36,18 +36,20 @@ func runServer(ctx context.Context, configPath string, stderr io.Writer) error {
 	if err != nil {
 		return err
 	}
-	d, err := daemon.Start(ctx, cfg, daemon.Options{Logger: cfg.Log.NewLogger(stderr)})
+	logger, level := cfg.Log.NewLevelLogger(stderr)
+	d, err := daemon.Start(ctx, cfg, daemon.Options{Logger: logger, LogLevel: level, ConfigPath: configPath})
 	if err != nil {
 		return err
 	}
 	defer d.Close()
-	// SIGHUP reopens the audit log, for log rotation (docs/security.md).
+	// SIGHUP reloads the configuration and reopens the audit log, for log
+	// rotation (docs/operations.md, docs/security.md).
 	hup := make(chan os.Signal, 1)
 	signal.Notify(hup, syscall.SIGHUP)
 	defer signal.Stop(hup)
 	hupCtx, stopHUP := context.WithCancel(ctx)
 	defer stopHUP()
-	go d.ReopenAuditLogOn(hupCtx, hup)
+	go d.HandleHUP(hupCtx, hup)
 	return d.Serve(ctx)
 }
 

@@ -145,7 +145,19 @@ type Log struct {
 
 // NewLogger returns a logger writing to w at the configured level and format.
 func (l Log) NewLogger(w io.Writer) *slog.Logger {
-	opts := &slog.HandlerOptions{Level: l.Level}
+	return l.newLogger(w, l.Level)
+}
+
+// NewLevelLogger is NewLogger filtering at a level a reload can change:
+// it returns the logger and its level, set to l.Level.
+func (l Log) NewLevelLogger(w io.Writer) (*slog.Logger, *slog.LevelVar) {
+	lv := new(slog.LevelVar)
+	lv.Set(l.Level)
+	return l.newLogger(w, lv), lv
+}
+
+func (l Log) newLogger(w io.Writer, level slog.Leveler) *slog.Logger {
+	opts := &slog.HandlerOptions{Level: level}
 	if l.Format == "json" {
 		return slog.New(slog.NewJSONHandler(w, opts))
 	}

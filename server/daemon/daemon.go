@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"net"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"google.golang.org/grpc"
@@ -47,13 +48,23 @@ type Options struct {
 	// SkipPrivilegeCheck skips the least-privilege check brokerd logs at
 	// start-up (tests that count queries or log lines).
 	SkipPrivilegeCheck bool
+	// ConfigPath is the file cfg was read from, which Reload re-reads
+	// (SIGHUP, brokerctl reload); "" refuses reloads.
+	ConfigPath string
+	// LogLevel, when set, is the level Logger filters at: a reload sets it
+	// to log.level (config.Log.NewLevelLogger builds such a logger).
+	LogLevel *slog.LevelVar
 }
 
 // Daemon is a started broker. Serve serves it; Close releases it.
 type Daemon struct {
-	cfg *config.Config
-	log *slog.Logger
-	lis net.Listener
+	// cfg is the configuration Start was given; current is the one in
+	// force, which a reload replaces (reload.go).
+	cfg     *config.Config
+	current atomic.Pointer[config.Config]
+	reload  reloadState
+	log     *slog.Logger
+	lis     net.Listener
 
 	store broker.LeaseStore
 	// leader is the brokerd's leadership in its group on etcd; nil on
@@ -106,8 +117,10 @@ func Start(ctx context.Context, cfg *config.Config, opts Options) (_ *Daemon, er
 		databases: make(map[string]broker.Database, len(cfg.Targets)),
 		endpoints: make(map[string]broker.Endpoint, len(cfg.Targets)),
 		ready:     make(chan struct{}),
+		reload:    reloadState{path: opts.ConfigPath, level: opts.LogLevel},
 		started:   time.Now().UTC().Round(0),
 	}
+	d.current.Store(cfg)
 	defer func() {
 		if err != nil {
 			_ = d.Close()
@@ -199,7 +212,9 @@ func Start(ctx context.Context, cfg *config.Config, opts Options) (_ *Daemon, er
 		Broker:          d.broker,
 		Authenticator:   d.security.authenticator,
 		Authorizer:      d.security.authorizer,
-		Quotas:          d.security.quotas,
+		LiveQuotas:      d.security.quotas,
+		ConfigReloader:  d,
+		StoreBackup:     d,
 		Auditor:         d.security.auditor,
 		AuditRequired:   d.security.auditRequired,
 		Logger:          log,
@@ -379,7 +394,7 @@ func (d *Daemon) stopServing() {
 		d.grpc.GracefulStop()
 		close(stopped)
 	}()
-	timeout := d.cfg.ShutdownTimeout
+	timeout := d.current.Load().ShutdownTimeout
 	select {
 	case <-stopped:
 	case <-time.After(timeout):

@@ -229,8 +229,9 @@ func TestSecurityDefaultsKeepLoopbackBehaviour(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, ok := sec.authenticator.(server.LocalAuthenticator); !ok {
-		t.Errorf("authenticator %T, want LocalAuthenticator", sec.authenticator)
+	// The policy in force (a reload may replace it) is the loopback one.
+	if _, ok := sec.policy.p.Load().authn.(server.LocalAuthenticator); !ok {
+		t.Errorf("authenticator %T, want LocalAuthenticator", sec.policy.p.Load().authn)
 	}
 	if len(sec.serverOptions) != 0 || sec.auditor != nil {
 		t.Errorf("plaintext config got server options %d, auditor %v", len(sec.serverOptions), sec.auditor)

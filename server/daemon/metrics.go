@@ -5,8 +5,10 @@ import (
 	"crypto/tls"
 	"errors"
 	"fmt"
+	"log/slog"
 	"net"
 	"net/http"
+	"strings"
 	"time"
 
 	"google.golang.org/grpc"
@@ -116,7 +118,10 @@ func (d *Daemon) serveMetrics() {
 	if d.audit != nil {
 		s.m.WatchAudit(func() bool { return d.audit.Err() == nil })
 	}
-	s.http = &http.Server{Handler: s.m.Handler(d.readiness), ReadHeaderTimeout: metricsReadHeaderTimeout}
+	s.http = &http.Server{Handler: s.m.Handler(d.readiness), ReadHeaderTimeout: metricsReadHeaderTimeout,
+		// The server's own complaints (a failed TLS handshake, a panic in
+		// a handler) go to brokerd's log, not to the process's stderr.
+		ErrorLog: slog.NewLogLogger(prefixHandler{d.log.Handler(), "metrics listener: "}, slog.LevelWarn)}
 	lis := s.lis
 	if d.security.certs != nil {
 		lis = tls.NewListener(lis, httpTLSConfig(d.security.certs.ServerConfig()))
@@ -194,4 +199,36 @@ func (s *metricsServer) close() {
 		_ = s.http.Shutdown(ctx)
 	}
 	_ = s.lis.Close()
+}
+
+func (s *metricsServer) reloadFailed(at time.Time, err error) {
+	if s != nil {
+		s.m.ReloadFailed(at, err)
+	}
+}
+
+func (s *metricsServer) reloadSucceeded() {
+	if s != nil {
+		s.m.ReloadSucceeded()
+	}
+}
+
+// prefixHandler puts prefix before every message: the standard library's
+// log.Logger has no attributes to say where a line comes from.
+type prefixHandler struct {
+	slog.Handler
+	prefix string
+}
+
+func (h prefixHandler) Handle(ctx context.Context, r slog.Record) error {
+	r.Message = h.prefix + strings.TrimSpace(r.Message)
+	return h.Handler.Handle(ctx, r)
+}
+
+func (h prefixHandler) WithAttrs(attrs []slog.Attr) slog.Handler {
+	return prefixHandler{h.Handler.WithAttrs(attrs), h.prefix}
+}
+
+func (h prefixHandler) WithGroup(name string) slog.Handler {
+	return prefixHandler{h.Handler.WithGroup(name), h.prefix}
 }

@@ -6,6 +6,7 @@ import (
 	"crypto/x509"
 	"fmt"
 	"io"
+	"log/slog"
 	"net/http"
 	"os"
 	"path/filepath"
@@ -14,6 +15,7 @@ import (
 	"time"
 
 	"github.com/credbroker/credbroker/internal/pgtest"
+	"github.com/credbroker/credbroker/internal/syncbuf"
 	"github.com/credbroker/credbroker/internal/testpki"
 )
 
@@ -44,7 +46,10 @@ targets:
 roles:
   - {name: read_only, target: main, proxy_role: %s, default_ttl: 1m, max_ttl: 5m, allowed: [prometheus]}
 `, certFile, keyFile, caFile, filepath.Join(dir, "leases.db"), tg.AdminURL, pw, tg.MarkerRole, tg.ProxyRoles["read_only"]))
-	d, err := Start(ctx, cfg, testOptions())
+	var logs syncbuf.Buffer
+	opts := testOptions()
+	opts.Logger = slog.New(slog.NewTextHandler(&logs, nil))
+	d, err := Start(ctx, cfg, opts)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -99,9 +104,19 @@ roles:
 	if code, body, _, err := get(t, "https", "/metrics", nil); err == nil {
 		t.Errorf("HTTPS /metrics without a client certificate answered %d %.100q", code, body)
 	}
-	// Plaintext is not served.
+	// Plaintext is not served, and the HTTP server's complaint is in
+	// brokerd's log (http.Server.ErrorLog), not on the process's stderr.
 	if code, body, _, err := get(t, "http", "/metrics", nil); err == nil && (code == http.StatusOK || strings.Contains(body, "credbroker_")) {
 		t.Errorf("plain HTTP /metrics answered %d with metrics", code)
+	}
+	for deadline := time.Now().Add(10 * time.Second); !strings.Contains(logs.String(), "TLS handshake error"); {
+		if time.Now().After(deadline) {
+			t.Fatalf("no TLS handshake error in brokerd's log after a plaintext request; log:\n%s", logs.String())
+		}
+		time.Sleep(10 * time.Millisecond) // polling a condition, with a deadline
+	}
+	if !strings.Contains(logs.String(), "level=WARN msg=\"metrics listener: http: TLS handshake error") {
+		t.Errorf("the handshake error is not logged as a metrics listener warning; log:\n%s", logs.String())
 	}
 
 	// A certificate replaced on disk is served from the next handshake.

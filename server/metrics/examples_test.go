@@ -90,7 +90,7 @@ func TestExamplesReferenceOnlyRealMetrics(t *testing.T) {
 		}
 	}
 	for _, want := range []string{"CredbrokerRevocationsFailing", "CredbrokerExpiryLagging",
-		"CredbrokerTargetUnreachable", "CredbrokerNoLeader", "CredbrokerAuditLogNotWritable"} {
+		"CredbrokerTargetUnreachable", "CredbrokerNoLeader", "CredbrokerAuditLogNotWritable", "CredbrokerConfigReloadFailed"} {
 		if !slices.Contains(alerts, want) {
 			t.Errorf("alerts.yaml has no alert %s (has %v)", want, alerts)
 		}

@@ -3,6 +3,7 @@ package metrics
 import (
 	"context"
 	"net/http"
+	"strings"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus/promhttp"
@@ -27,11 +28,15 @@ func (m *Metrics) Handler(ready ReadyFunc) http.Handler {
 	mux.HandleFunc("GET /readyz", func(w http.ResponseWriter, r *http.Request) {
 		ctx, cancel := context.WithTimeout(r.Context(), readyTimeout)
 		defer cancel()
+		detail := m.reloadDetail()
 		if err := ready(ctx); err != nil {
-			http.Error(w, "not ready: "+err.Error(), http.StatusServiceUnavailable)
+			if detail != "" {
+				detail = "\n" + strings.TrimSuffix(detail, "\n")
+			}
+			http.Error(w, "not ready: "+err.Error()+detail, http.StatusServiceUnavailable)
 			return
 		}
-		_, _ = w.Write([]byte("ok\n"))
+		_, _ = w.Write([]byte("ok\n" + detail))
 	})
 	return mux
 }

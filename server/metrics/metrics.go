@@ -2,7 +2,9 @@ package metrics
 
 import (
 	"context"
+	"fmt"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	grpcprom "github.com/grpc-ecosystem/go-grpc-middleware/providers/prometheus"
@@ -61,6 +63,9 @@ type Metrics struct {
 	// activityRoles are the roles whose usage gauges were set, so that a
 	// role with no live lease left goes back to 0.
 	activityRoles map[string]bool
+	// reloadErr is the last failed reload's message for /readyz, nil
+	// once a reload succeeds.
+	reloadErr atomic.Pointer[string]
 
 	mu sync.Mutex
 	// live maps each live lease to what credbroker_leases counts it as.
@@ -159,6 +164,26 @@ func New(version string, roles []string) *Metrics {
 		m.denied.WithLabelValues(reason)
 	}
 	return m
+}
+
+// ReloadFailed counts a configuration reload that changed nothing
+// (credbroker_config_reload_failures_total) and shows why in /readyz
+// until a reload succeeds. The broker stays ready: it serves with the
+// configuration it had.
+func (m *Metrics) ReloadFailed(at time.Time, err error) {
+	m.reloadFailures.Inc()
+	msg := fmt.Sprintf("config: the reload at %s failed; the previous configuration is in force:\n%v\n", at.UTC().Format(time.RFC3339), err)
+	m.reloadErr.Store(&msg)
+}
+
+// ReloadSucceeded clears what ReloadFailed showed in /readyz.
+func (m *Metrics) ReloadSucceeded() { m.reloadErr.Store(nil) }
+
+func (m *Metrics) reloadDetail() string {
+	if p := m.reloadErr.Load(); p != nil {
+		return *p
+	}
+	return ""
 }
 
 // Registry is the registry the handler serves.

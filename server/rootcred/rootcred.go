@@ -276,11 +276,11 @@ func (rc *Credentials) Refresh(ctx context.Context) []string {
 }
 
 func (c *rootCredential) refresh(ctx context.Context, log *slog.Logger) bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
 	if _, env := c.src.(*envSource); env {
 		return false
 	}
-	c.mu.Lock()
-	defer c.mu.Unlock()
 	st, err := c.src.read(ctx)
 	if err != nil {
 		log.Warn("re-reading the admin password failed; keeping the one in use", "target", c.target,

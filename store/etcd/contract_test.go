@@ -1,6 +1,7 @@
 package etcd_test
 
 import (
+	"bytes"
 	"os"
 	"testing"
 	"time"
@@ -42,4 +43,18 @@ func TestContract(t *testing.T) {
 		prefix := etcdtest.Prefix(t, eps)
 		return openAt(t, eps, prefix), func(t *testing.T) broker.LeaseStore { return openAt(t, eps, prefix) }
 	})
+	storetest.RunSnapshot(t, func(t *testing.T) broker.LeaseStore { return openStore(t) },
+		func(t *testing.T, snapshot []byte) broker.LeaseStore {
+			eps := etcdtest.Server(t)
+			prefix := etcdtest.Prefix(t, eps)
+			opts := etcd.Options{Endpoints: eps, Prefix: prefix, DialTimeout: 10 * time.Second}
+			if _, err := etcd.Restore(t.Context(), opts, bytes.NewReader(snapshot)); err != nil {
+				t.Fatalf("Restore: %v", err)
+			}
+			// A second restore into the same prefix is refused.
+			if _, err := etcd.Restore(t.Context(), opts, bytes.NewReader(snapshot)); err == nil {
+				t.Error("Restore into a prefix that holds keys succeeded")
+			}
+			return openAt(t, eps, prefix)
+		})
 }

@@ -1,6 +1,7 @@
 package memstore_test
 
 import (
+	"bytes"
 	"testing"
 
 	"github.com/credbroker/credbroker/broker"
@@ -18,6 +19,18 @@ var (
 func TestContract(t *testing.T) {
 	storetest.Run(t, func(t *testing.T) broker.LeaseStore {
 		s := memstore.New()
+		t.Cleanup(func() { _ = s.Close() })
+		return s
+	})
+	storetest.RunSnapshot(t, func(t *testing.T) broker.LeaseStore {
+		s := memstore.New()
+		t.Cleanup(func() { _ = s.Close() })
+		return s
+	}, func(t *testing.T, snapshot []byte) broker.LeaseStore {
+		s, err := memstore.Restore(bytes.NewReader(snapshot))
+		if err != nil {
+			t.Fatal(err)
+		}
 		t.Cleanup(func() { _ = s.Close() })
 		return s
 	})

@@ -1523,6 +1523,198 @@ func (x *RotateRootCredentialResponse) GetRotateTime() *timestamppb.Timestamp {
 	return nil
 }
 
+type ReloadConfigRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ReloadConfigRequest) Reset() {
+	*x = ReloadConfigRequest{}
+	mi := &file_credbroker_v1_credbroker_proto_msgTypes[22]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ReloadConfigRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ReloadConfigRequest) ProtoMessage() {}
+
+func (x *ReloadConfigRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_credbroker_v1_credbroker_proto_msgTypes[22]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ReloadConfigRequest.ProtoReflect.Descriptor instead.
+func (*ReloadConfigRequest) Descriptor() ([]byte, []int) {
+	return file_credbroker_v1_credbroker_proto_rawDescGZIP(), []int{22}
+}
+
+type ReloadConfigResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// config_file is the file that was read.
+	ConfigFile string `protobuf:"bytes,1,opt,name=config_file,json=configFile,proto3" json:"config_file,omitempty"`
+	// changes lists what changed, one line per key path ("roles[read_only].default_ttl:
+	// 15m0s -> 5m0s"); empty when the file changed nothing. Never a secret.
+	Changes       []string `protobuf:"bytes,2,rep,name=changes,proto3" json:"changes,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ReloadConfigResponse) Reset() {
+	*x = ReloadConfigResponse{}
+	mi := &file_credbroker_v1_credbroker_proto_msgTypes[23]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ReloadConfigResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ReloadConfigResponse) ProtoMessage() {}
+
+func (x *ReloadConfigResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_credbroker_v1_credbroker_proto_msgTypes[23]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ReloadConfigResponse.ProtoReflect.Descriptor instead.
+func (*ReloadConfigResponse) Descriptor() ([]byte, []int) {
+	return file_credbroker_v1_credbroker_proto_rawDescGZIP(), []int{23}
+}
+
+func (x *ReloadConfigResponse) GetConfigFile() string {
+	if x != nil {
+		return x.ConfigFile
+	}
+	return ""
+}
+
+func (x *ReloadConfigResponse) GetChanges() []string {
+	if x != nil {
+		return x.Changes
+	}
+	return nil
+}
+
+type BackupStoreRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *BackupStoreRequest) Reset() {
+	*x = BackupStoreRequest{}
+	mi := &file_credbroker_v1_credbroker_proto_msgTypes[24]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *BackupStoreRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*BackupStoreRequest) ProtoMessage() {}
+
+func (x *BackupStoreRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_credbroker_v1_credbroker_proto_msgTypes[24]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use BackupStoreRequest.ProtoReflect.Descriptor instead.
+func (*BackupStoreRequest) Descriptor() ([]byte, []int) {
+	return file_credbroker_v1_credbroker_proto_rawDescGZIP(), []int{24}
+}
+
+type BackupStoreResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// format is set on the first message: "bbolt" (a database file to put at
+	// store.path) or "etcd-export" (an export of the group's prefix, which
+	// store/etcd.Restore loads into an empty prefix).
+	Format string `protobuf:"bytes,1,opt,name=format,proto3" json:"format,omitempty"`
+	// data is the next chunk of the snapshot; concatenated, the chunks are it.
+	Data []byte `protobuf:"bytes,2,opt,name=data,proto3" json:"data,omitempty"`
+	// size is set on the last message: the snapshot's length in bytes.
+	Size          int64 `protobuf:"varint,3,opt,name=size,proto3" json:"size,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *BackupStoreResponse) Reset() {
+	*x = BackupStoreResponse{}
+	mi := &file_credbroker_v1_credbroker_proto_msgTypes[25]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *BackupStoreResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*BackupStoreResponse) ProtoMessage() {}
+
+func (x *BackupStoreResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_credbroker_v1_credbroker_proto_msgTypes[25]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use BackupStoreResponse.ProtoReflect.Descriptor instead.
+func (*BackupStoreResponse) Descriptor() ([]byte, []int) {
+	return file_credbroker_v1_credbroker_proto_rawDescGZIP(), []int{25}
+}
+
+func (x *BackupStoreResponse) GetFormat() string {
+	if x != nil {
+		return x.Format
+	}
+	return ""
+}
+
+func (x *BackupStoreResponse) GetData() []byte {
+	if x != nil {
+		return x.Data
+	}
+	return nil
+}
+
+func (x *BackupStoreResponse) GetSize() int64 {
+	if x != nil {
+		return x.Size
+	}
+	return 0
+}
+
 type GetStatusRequest struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	unknownFields protoimpl.UnknownFields
@@ -1531,7 +1723,7 @@ type GetStatusRequest struct {
 
 func (x *GetStatusRequest) Reset() {
 	*x = GetStatusRequest{}
-	mi := &file_credbroker_v1_credbroker_proto_msgTypes[22]
+	mi := &file_credbroker_v1_credbroker_proto_msgTypes[26]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1543,7 +1735,7 @@ func (x *GetStatusRequest) String() string {
 func (*GetStatusRequest) ProtoMessage() {}
 
 func (x *GetStatusRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_credbroker_v1_credbroker_proto_msgTypes[22]
+	mi := &file_credbroker_v1_credbroker_proto_msgTypes[26]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1556,7 +1748,7 @@ func (x *GetStatusRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetStatusRequest.ProtoReflect.Descriptor instead.
 func (*GetStatusRequest) Descriptor() ([]byte, []int) {
-	return file_credbroker_v1_credbroker_proto_rawDescGZIP(), []int{22}
+	return file_credbroker_v1_credbroker_proto_rawDescGZIP(), []int{26}
 }
 
 type GetStatusResponse struct {
@@ -1578,7 +1770,7 @@ type GetStatusResponse struct {
 
 func (x *GetStatusResponse) Reset() {
 	*x = GetStatusResponse{}
-	mi := &file_credbroker_v1_credbroker_proto_msgTypes[23]
+	mi := &file_credbroker_v1_credbroker_proto_msgTypes[27]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1590,7 +1782,7 @@ func (x *GetStatusResponse) String() string {
 func (*GetStatusResponse) ProtoMessage() {}
 
 func (x *GetStatusResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_credbroker_v1_credbroker_proto_msgTypes[23]
+	mi := &file_credbroker_v1_credbroker_proto_msgTypes[27]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1603,7 +1795,7 @@ func (x *GetStatusResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetStatusResponse.ProtoReflect.Descriptor instead.
 func (*GetStatusResponse) Descriptor() ([]byte, []int) {
-	return file_credbroker_v1_credbroker_proto_rawDescGZIP(), []int{23}
+	return file_credbroker_v1_credbroker_proto_rawDescGZIP(), []int{27}
 }
 
 func (x *GetStatusResponse) GetStore() string {
@@ -1658,7 +1850,7 @@ type Instance struct {
 
 func (x *Instance) Reset() {
 	*x = Instance{}
-	mi := &file_credbroker_v1_credbroker_proto_msgTypes[24]
+	mi := &file_credbroker_v1_credbroker_proto_msgTypes[28]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1670,7 +1862,7 @@ func (x *Instance) String() string {
 func (*Instance) ProtoMessage() {}
 
 func (x *Instance) ProtoReflect() protoreflect.Message {
-	mi := &file_credbroker_v1_credbroker_proto_msgTypes[24]
+	mi := &file_credbroker_v1_credbroker_proto_msgTypes[28]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1683,7 +1875,7 @@ func (x *Instance) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Instance.ProtoReflect.Descriptor instead.
 func (*Instance) Descriptor() ([]byte, []int) {
-	return file_credbroker_v1_credbroker_proto_rawDescGZIP(), []int{24}
+	return file_credbroker_v1_credbroker_proto_rawDescGZIP(), []int{28}
 }
 
 func (x *Instance) GetName() string {
@@ -1834,7 +2026,17 @@ const file_credbroker_v1_credbroker_proto_rawDesc = "" +
 	"\x06target\x18\x01 \x01(\tR\x06target\x12\x16\n" +
 	"\x06source\x18\x02 \x01(\tR\x06source\x12;\n" +
 	"\vrotate_time\x18\x03 \x01(\v2\x1a.google.protobuf.TimestampR\n" +
-	"rotateTime\"\x12\n" +
+	"rotateTime\"\x15\n" +
+	"\x13ReloadConfigRequest\"Q\n" +
+	"\x14ReloadConfigResponse\x12\x1f\n" +
+	"\vconfig_file\x18\x01 \x01(\tR\n" +
+	"configFile\x12\x18\n" +
+	"\achanges\x18\x02 \x03(\tR\achanges\"\x14\n" +
+	"\x12BackupStoreRequest\"U\n" +
+	"\x13BackupStoreResponse\x12\x16\n" +
+	"\x06format\x18\x01 \x01(\tR\x06format\x12\x12\n" +
+	"\x04data\x18\x02 \x01(\fR\x04data\x12\x12\n" +
+	"\x04size\x18\x03 \x01(\x03R\x04size\"\x12\n" +
 	"\x10GetStatusRequest\"\xd8\x01\n" +
 	"\x11GetStatusResponse\x12\x14\n" +
 	"\x05store\x18\x01 \x01(\tR\x05store\x125\n" +
@@ -1871,13 +2073,15 @@ const file_credbroker_v1_credbroker_proto_rawDesc = "" +
 	"RenewLease\x12 .credbroker.v1.RenewLeaseRequest\x1a!.credbroker.v1.RenewLeaseResponse\x12T\n" +
 	"\vRevokeLease\x12!.credbroker.v1.RevokeLeaseRequest\x1a\".credbroker.v1.RevokeLeaseResponse\x12T\n" +
 	"\vLookupLease\x12!.credbroker.v1.LookupLeaseRequest\x1a\".credbroker.v1.LookupLeaseResponse\x12R\n" +
-	"\tKeepAlive\x12\x1f.credbroker.v1.KeepAliveRequest\x1a .credbroker.v1.KeepAliveResponse(\x010\x012\xcb\x03\n" +
+	"\tKeepAlive\x12\x1f.credbroker.v1.KeepAliveRequest\x1a .credbroker.v1.KeepAliveResponse(\x010\x012\xfc\x04\n" +
 	"\fAdminService\x12Q\n" +
 	"\n" +
 	"ListLeases\x12 .credbroker.v1.ListLeasesRequest\x1a!.credbroker.v1.ListLeasesResponse\x12W\n" +
 	"\fRevokeLeases\x12\".credbroker.v1.RevokeLeasesRequest\x1a#.credbroker.v1.RevokeLeasesResponse\x12N\n" +
 	"\tListRoles\x12\x1f.credbroker.v1.ListRolesRequest\x1a .credbroker.v1.ListRolesResponse\x12o\n" +
-	"\x14RotateRootCredential\x12*.credbroker.v1.RotateRootCredentialRequest\x1a+.credbroker.v1.RotateRootCredentialResponse\x12N\n" +
+	"\x14RotateRootCredential\x12*.credbroker.v1.RotateRootCredentialRequest\x1a+.credbroker.v1.RotateRootCredentialResponse\x12W\n" +
+	"\fReloadConfig\x12\".credbroker.v1.ReloadConfigRequest\x1a#.credbroker.v1.ReloadConfigResponse\x12V\n" +
+	"\vBackupStore\x12!.credbroker.v1.BackupStoreRequest\x1a\".credbroker.v1.BackupStoreResponse0\x01\x12N\n" +
 	"\tGetStatus\x12\x1f.credbroker.v1.GetStatusRequest\x1a .credbroker.v1.GetStatusResponseBCZAgithub.com/credbroker/credbroker/proto/credbroker/v1;credbrokerv1b\x06proto3"
 
 var (
@@ -1893,7 +2097,7 @@ func file_credbroker_v1_credbroker_proto_rawDescGZIP() []byte {
 }
 
 var file_credbroker_v1_credbroker_proto_enumTypes = make([]protoimpl.EnumInfo, 2)
-var file_credbroker_v1_credbroker_proto_msgTypes = make([]protoimpl.MessageInfo, 27)
+var file_credbroker_v1_credbroker_proto_msgTypes = make([]protoimpl.MessageInfo, 31)
 var file_credbroker_v1_credbroker_proto_goTypes = []any{
 	(LeaseState)(0),                      // 0: credbroker.v1.LeaseState
 	(KeepAliveEvent)(0),                  // 1: credbroker.v1.KeepAliveEvent
@@ -1919,45 +2123,49 @@ var file_credbroker_v1_credbroker_proto_goTypes = []any{
 	(*ListRolesResponse)(nil),            // 21: credbroker.v1.ListRolesResponse
 	(*RotateRootCredentialRequest)(nil),  // 22: credbroker.v1.RotateRootCredentialRequest
 	(*RotateRootCredentialResponse)(nil), // 23: credbroker.v1.RotateRootCredentialResponse
-	(*GetStatusRequest)(nil),             // 24: credbroker.v1.GetStatusRequest
-	(*GetStatusResponse)(nil),            // 25: credbroker.v1.GetStatusResponse
-	(*Instance)(nil),                     // 26: credbroker.v1.Instance
-	nil,                                  // 27: credbroker.v1.Lease.MetadataEntry
-	nil,                                  // 28: credbroker.v1.IssueCredentialRequest.MetadataEntry
-	(*timestamppb.Timestamp)(nil),        // 29: google.protobuf.Timestamp
-	(*durationpb.Duration)(nil),          // 30: google.protobuf.Duration
+	(*ReloadConfigRequest)(nil),          // 24: credbroker.v1.ReloadConfigRequest
+	(*ReloadConfigResponse)(nil),         // 25: credbroker.v1.ReloadConfigResponse
+	(*BackupStoreRequest)(nil),           // 26: credbroker.v1.BackupStoreRequest
+	(*BackupStoreResponse)(nil),          // 27: credbroker.v1.BackupStoreResponse
+	(*GetStatusRequest)(nil),             // 28: credbroker.v1.GetStatusRequest
+	(*GetStatusResponse)(nil),            // 29: credbroker.v1.GetStatusResponse
+	(*Instance)(nil),                     // 30: credbroker.v1.Instance
+	nil,                                  // 31: credbroker.v1.Lease.MetadataEntry
+	nil,                                  // 32: credbroker.v1.IssueCredentialRequest.MetadataEntry
+	(*timestamppb.Timestamp)(nil),        // 33: google.protobuf.Timestamp
+	(*durationpb.Duration)(nil),          // 34: google.protobuf.Duration
 }
 var file_credbroker_v1_credbroker_proto_depIdxs = []int32{
-	29, // 0: credbroker.v1.Lease.issue_time:type_name -> google.protobuf.Timestamp
-	29, // 1: credbroker.v1.Lease.expire_time:type_name -> google.protobuf.Timestamp
-	29, // 2: credbroker.v1.Lease.max_expire_time:type_name -> google.protobuf.Timestamp
+	33, // 0: credbroker.v1.Lease.issue_time:type_name -> google.protobuf.Timestamp
+	33, // 1: credbroker.v1.Lease.expire_time:type_name -> google.protobuf.Timestamp
+	33, // 2: credbroker.v1.Lease.max_expire_time:type_name -> google.protobuf.Timestamp
 	0,  // 3: credbroker.v1.Lease.state:type_name -> credbroker.v1.LeaseState
-	27, // 4: credbroker.v1.Lease.metadata:type_name -> credbroker.v1.Lease.MetadataEntry
-	29, // 5: credbroker.v1.Lease.end_time:type_name -> google.protobuf.Timestamp
+	31, // 4: credbroker.v1.Lease.metadata:type_name -> credbroker.v1.Lease.MetadataEntry
+	33, // 5: credbroker.v1.Lease.end_time:type_name -> google.protobuf.Timestamp
 	4,  // 6: credbroker.v1.Lease.usage:type_name -> credbroker.v1.LeaseUsage
-	29, // 7: credbroker.v1.LeaseUsage.first_seen_time:type_name -> google.protobuf.Timestamp
-	29, // 8: credbroker.v1.LeaseUsage.last_seen_time:type_name -> google.protobuf.Timestamp
-	29, // 9: credbroker.v1.LeaseUsage.last_query_start_time:type_name -> google.protobuf.Timestamp
-	30, // 10: credbroker.v1.Role.default_ttl:type_name -> google.protobuf.Duration
-	30, // 11: credbroker.v1.Role.max_ttl:type_name -> google.protobuf.Duration
-	30, // 12: credbroker.v1.IssueCredentialRequest.ttl:type_name -> google.protobuf.Duration
-	28, // 13: credbroker.v1.IssueCredentialRequest.metadata:type_name -> credbroker.v1.IssueCredentialRequest.MetadataEntry
+	33, // 7: credbroker.v1.LeaseUsage.first_seen_time:type_name -> google.protobuf.Timestamp
+	33, // 8: credbroker.v1.LeaseUsage.last_seen_time:type_name -> google.protobuf.Timestamp
+	33, // 9: credbroker.v1.LeaseUsage.last_query_start_time:type_name -> google.protobuf.Timestamp
+	34, // 10: credbroker.v1.Role.default_ttl:type_name -> google.protobuf.Duration
+	34, // 11: credbroker.v1.Role.max_ttl:type_name -> google.protobuf.Duration
+	34, // 12: credbroker.v1.IssueCredentialRequest.ttl:type_name -> google.protobuf.Duration
+	32, // 13: credbroker.v1.IssueCredentialRequest.metadata:type_name -> credbroker.v1.IssueCredentialRequest.MetadataEntry
 	3,  // 14: credbroker.v1.IssueCredentialResponse.lease:type_name -> credbroker.v1.Lease
 	2,  // 15: credbroker.v1.IssueCredentialResponse.credential:type_name -> credbroker.v1.Credential
-	30, // 16: credbroker.v1.RenewLeaseRequest.increment:type_name -> google.protobuf.Duration
+	34, // 16: credbroker.v1.RenewLeaseRequest.increment:type_name -> google.protobuf.Duration
 	3,  // 17: credbroker.v1.RenewLeaseResponse.lease:type_name -> credbroker.v1.Lease
 	3,  // 18: credbroker.v1.RevokeLeaseResponse.lease:type_name -> credbroker.v1.Lease
 	3,  // 19: credbroker.v1.LookupLeaseResponse.lease:type_name -> credbroker.v1.Lease
-	30, // 20: credbroker.v1.KeepAliveRequest.increment:type_name -> google.protobuf.Duration
+	34, // 20: credbroker.v1.KeepAliveRequest.increment:type_name -> google.protobuf.Duration
 	3,  // 21: credbroker.v1.KeepAliveResponse.lease:type_name -> credbroker.v1.Lease
 	1,  // 22: credbroker.v1.KeepAliveResponse.event:type_name -> credbroker.v1.KeepAliveEvent
 	0,  // 23: credbroker.v1.ListLeasesRequest.state:type_name -> credbroker.v1.LeaseState
 	3,  // 24: credbroker.v1.ListLeasesResponse.leases:type_name -> credbroker.v1.Lease
 	5,  // 25: credbroker.v1.ListRolesResponse.roles:type_name -> credbroker.v1.Role
-	29, // 26: credbroker.v1.RotateRootCredentialResponse.rotate_time:type_name -> google.protobuf.Timestamp
-	26, // 27: credbroker.v1.GetStatusResponse.instances:type_name -> credbroker.v1.Instance
-	29, // 28: credbroker.v1.GetStatusResponse.leader_since:type_name -> google.protobuf.Timestamp
-	29, // 29: credbroker.v1.Instance.start_time:type_name -> google.protobuf.Timestamp
+	33, // 26: credbroker.v1.RotateRootCredentialResponse.rotate_time:type_name -> google.protobuf.Timestamp
+	30, // 27: credbroker.v1.GetStatusResponse.instances:type_name -> credbroker.v1.Instance
+	33, // 28: credbroker.v1.GetStatusResponse.leader_since:type_name -> google.protobuf.Timestamp
+	33, // 29: credbroker.v1.Instance.start_time:type_name -> google.protobuf.Timestamp
 	6,  // 30: credbroker.v1.CredentialService.IssueCredential:input_type -> credbroker.v1.IssueCredentialRequest
 	8,  // 31: credbroker.v1.CredentialService.RenewLease:input_type -> credbroker.v1.RenewLeaseRequest
 	10, // 32: credbroker.v1.CredentialService.RevokeLease:input_type -> credbroker.v1.RevokeLeaseRequest
@@ -1967,19 +2175,23 @@ var file_credbroker_v1_credbroker_proto_depIdxs = []int32{
 	18, // 36: credbroker.v1.AdminService.RevokeLeases:input_type -> credbroker.v1.RevokeLeasesRequest
 	20, // 37: credbroker.v1.AdminService.ListRoles:input_type -> credbroker.v1.ListRolesRequest
 	22, // 38: credbroker.v1.AdminService.RotateRootCredential:input_type -> credbroker.v1.RotateRootCredentialRequest
-	24, // 39: credbroker.v1.AdminService.GetStatus:input_type -> credbroker.v1.GetStatusRequest
-	7,  // 40: credbroker.v1.CredentialService.IssueCredential:output_type -> credbroker.v1.IssueCredentialResponse
-	9,  // 41: credbroker.v1.CredentialService.RenewLease:output_type -> credbroker.v1.RenewLeaseResponse
-	11, // 42: credbroker.v1.CredentialService.RevokeLease:output_type -> credbroker.v1.RevokeLeaseResponse
-	13, // 43: credbroker.v1.CredentialService.LookupLease:output_type -> credbroker.v1.LookupLeaseResponse
-	15, // 44: credbroker.v1.CredentialService.KeepAlive:output_type -> credbroker.v1.KeepAliveResponse
-	17, // 45: credbroker.v1.AdminService.ListLeases:output_type -> credbroker.v1.ListLeasesResponse
-	19, // 46: credbroker.v1.AdminService.RevokeLeases:output_type -> credbroker.v1.RevokeLeasesResponse
-	21, // 47: credbroker.v1.AdminService.ListRoles:output_type -> credbroker.v1.ListRolesResponse
-	23, // 48: credbroker.v1.AdminService.RotateRootCredential:output_type -> credbroker.v1.RotateRootCredentialResponse
-	25, // 49: credbroker.v1.AdminService.GetStatus:output_type -> credbroker.v1.GetStatusResponse
-	40, // [40:50] is the sub-list for method output_type
-	30, // [30:40] is the sub-list for method input_type
+	24, // 39: credbroker.v1.AdminService.ReloadConfig:input_type -> credbroker.v1.ReloadConfigRequest
+	26, // 40: credbroker.v1.AdminService.BackupStore:input_type -> credbroker.v1.BackupStoreRequest
+	28, // 41: credbroker.v1.AdminService.GetStatus:input_type -> credbroker.v1.GetStatusRequest
+	7,  // 42: credbroker.v1.CredentialService.IssueCredential:output_type -> credbroker.v1.IssueCredentialResponse
+	9,  // 43: credbroker.v1.CredentialService.RenewLease:output_type -> credbroker.v1.RenewLeaseResponse
+	11, // 44: credbroker.v1.CredentialService.RevokeLease:output_type -> credbroker.v1.RevokeLeaseResponse
+	13, // 45: credbroker.v1.CredentialService.LookupLease:output_type -> credbroker.v1.LookupLeaseResponse
+	15, // 46: credbroker.v1.CredentialService.KeepAlive:output_type -> credbroker.v1.KeepAliveResponse
+	17, // 47: credbroker.v1.AdminService.ListLeases:output_type -> credbroker.v1.ListLeasesResponse
+	19, // 48: credbroker.v1.AdminService.RevokeLeases:output_type -> credbroker.v1.RevokeLeasesResponse
+	21, // 49: credbroker.v1.AdminService.ListRoles:output_type -> credbroker.v1.ListRolesResponse
+	23, // 50: credbroker.v1.AdminService.RotateRootCredential:output_type -> credbroker.v1.RotateRootCredentialResponse
+	25, // 51: credbroker.v1.AdminService.ReloadConfig:output_type -> credbroker.v1.ReloadConfigResponse
+	27, // 52: credbroker.v1.AdminService.BackupStore:output_type -> credbroker.v1.BackupStoreResponse
+	29, // 53: credbroker.v1.AdminService.GetStatus:output_type -> credbroker.v1.GetStatusResponse
+	42, // [42:54] is the sub-list for method output_type
+	30, // [30:42] is the sub-list for method input_type
 	30, // [30:30] is the sub-list for extension type_name
 	30, // [30:30] is the sub-list for extension extendee
 	0,  // [0:30] is the sub-list for field type_name
@@ -1996,7 +2208,7 @@ func file_credbroker_v1_credbroker_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_credbroker_v1_credbroker_proto_rawDesc), len(file_credbroker_v1_credbroker_proto_rawDesc)),
 			NumEnums:      2,
-			NumMessages:   27,
+			NumMessages:   31,
 			NumExtensions: 0,
 			NumServices:   2,
 		},

@@ -295,6 +295,8 @@ const (
 	AdminService_RevokeLeases_FullMethodName         = "/credbroker.v1.AdminService/RevokeLeases"
 	AdminService_ListRoles_FullMethodName            = "/credbroker.v1.AdminService/ListRoles"
 	AdminService_RotateRootCredential_FullMethodName = "/credbroker.v1.AdminService/RotateRootCredential"
+	AdminService_ReloadConfig_FullMethodName         = "/credbroker.v1.AdminService/ReloadConfig"
+	AdminService_BackupStore_FullMethodName          = "/credbroker.v1.AdminService/BackupStore"
 	AdminService_GetStatus_FullMethodName            = "/credbroker.v1.AdminService/GetStatus"
 )
 
@@ -318,6 +320,16 @@ type AdminServiceClient interface {
 	// password comes from an environment variable is FailedPrecondition; an
 	// unknown target NotFound. The password is never returned.
 	RotateRootCredential(ctx context.Context, in *RotateRootCredentialRequest, opts ...grpc.CallOption) (*RotateRootCredentialResponse, error)
+	// ReloadConfig re-reads brokerd's configuration file and applies it without
+	// a restart and without ending a stream (as SIGHUP does): roles, admins,
+	// tokens, quotas, log level, expiry settings, target password sources; the
+	// audit log is reopened. A file that is invalid, or that changes a key that
+	// cannot change while brokerd runs (listen, store, ...), changes nothing:
+	// InvalidArgument or FailedPrecondition, the message naming every key.
+	ReloadConfig(ctx context.Context, in *ReloadConfigRequest, opts ...grpc.CallOption) (*ReloadConfigResponse, error)
+	// BackupStore streams a consistent snapshot of the lease store (bbolt: the
+	// database file; etcd: an export of the group's prefix), in chunks.
+	BackupStore(ctx context.Context, in *BackupStoreRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[BackupStoreResponse], error)
 	// GetStatus shows the broker group: every live instance (one on a bbolt
 	// store), which one leads (runs expiry, reconciliation, disconnect
 	// revocations, the purge and root rotation) and since when.
@@ -372,6 +384,35 @@ func (c *adminServiceClient) RotateRootCredential(ctx context.Context, in *Rotat
 	return out, nil
 }
 
+func (c *adminServiceClient) ReloadConfig(ctx context.Context, in *ReloadConfigRequest, opts ...grpc.CallOption) (*ReloadConfigResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(ReloadConfigResponse)
+	err := c.cc.Invoke(ctx, AdminService_ReloadConfig_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *adminServiceClient) BackupStore(ctx context.Context, in *BackupStoreRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[BackupStoreResponse], error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	stream, err := c.cc.NewStream(ctx, &AdminService_ServiceDesc.Streams[0], AdminService_BackupStore_FullMethodName, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	x := &grpc.GenericClientStream[BackupStoreRequest, BackupStoreResponse]{ClientStream: stream}
+	if err := x.ClientStream.SendMsg(in); err != nil {
+		return nil, err
+	}
+	if err := x.ClientStream.CloseSend(); err != nil {
+		return nil, err
+	}
+	return x, nil
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type AdminService_BackupStoreClient = grpc.ServerStreamingClient[BackupStoreResponse]
+
 func (c *adminServiceClient) GetStatus(ctx context.Context, in *GetStatusRequest, opts ...grpc.CallOption) (*GetStatusResponse, error) {
 	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
 	out := new(GetStatusResponse)
@@ -402,6 +443,16 @@ type AdminServiceServer interface {
 	// password comes from an environment variable is FailedPrecondition; an
 	// unknown target NotFound. The password is never returned.
 	RotateRootCredential(context.Context, *RotateRootCredentialRequest) (*RotateRootCredentialResponse, error)
+	// ReloadConfig re-reads brokerd's configuration file and applies it without
+	// a restart and without ending a stream (as SIGHUP does): roles, admins,
+	// tokens, quotas, log level, expiry settings, target password sources; the
+	// audit log is reopened. A file that is invalid, or that changes a key that
+	// cannot change while brokerd runs (listen, store, ...), changes nothing:
+	// InvalidArgument or FailedPrecondition, the message naming every key.
+	ReloadConfig(context.Context, *ReloadConfigRequest) (*ReloadConfigResponse, error)
+	// BackupStore streams a consistent snapshot of the lease store (bbolt: the
+	// database file; etcd: an export of the group's prefix), in chunks.
+	BackupStore(*BackupStoreRequest, grpc.ServerStreamingServer[BackupStoreResponse]) error
 	// GetStatus shows the broker group: every live instance (one on a bbolt
 	// store), which one leads (runs expiry, reconciliation, disconnect
 	// revocations, the purge and root rotation) and since when.
@@ -427,6 +478,12 @@ func (UnimplementedAdminServiceServer) ListRoles(context.Context, *ListRolesRequ
 }
 func (UnimplementedAdminServiceServer) RotateRootCredential(context.Context, *RotateRootCredentialRequest) (*RotateRootCredentialResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method RotateRootCredential not implemented")
+}
+func (UnimplementedAdminServiceServer) ReloadConfig(context.Context, *ReloadConfigRequest) (*ReloadConfigResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method ReloadConfig not implemented")
+}
+func (UnimplementedAdminServiceServer) BackupStore(*BackupStoreRequest, grpc.ServerStreamingServer[BackupStoreResponse]) error {
+	return status.Error(codes.Unimplemented, "method BackupStore not implemented")
 }
 func (UnimplementedAdminServiceServer) GetStatus(context.Context, *GetStatusRequest) (*GetStatusResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method GetStatus not implemented")
@@ -524,6 +581,35 @@ func _AdminService_RotateRootCredential_Handler(srv interface{}, ctx context.Con
 	return interceptor(ctx, in, info, handler)
 }
 
+func _AdminService_ReloadConfig_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(ReloadConfigRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AdminServiceServer).ReloadConfig(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: AdminService_ReloadConfig_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AdminServiceServer).ReloadConfig(ctx, req.(*ReloadConfigRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _AdminService_BackupStore_Handler(srv interface{}, stream grpc.ServerStream) error {
+	m := new(BackupStoreRequest)
+	if err := stream.RecvMsg(m); err != nil {
+		return err
+	}
+	return srv.(AdminServiceServer).BackupStore(m, &grpc.GenericServerStream[BackupStoreRequest, BackupStoreResponse]{ServerStream: stream})
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type AdminService_BackupStoreServer = grpc.ServerStreamingServer[BackupStoreResponse]
+
 func _AdminService_GetStatus_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
 	in := new(GetStatusRequest)
 	if err := dec(in); err != nil {
@@ -566,10 +652,20 @@ var AdminService_ServiceDesc = grpc.ServiceDesc{
 			Handler:    _AdminService_RotateRootCredential_Handler,
 		},
 		{
+			MethodName: "ReloadConfig",
+			Handler:    _AdminService_ReloadConfig_Handler,
+		},
+		{
 			MethodName: "GetStatus",
 			Handler:    _AdminService_GetStatus_Handler,
 		},
 	},
-	Streams:  []grpc.StreamDesc{},
+	Streams: []grpc.StreamDesc{
+		{
+			StreamName:    "BackupStore",
+			Handler:       _AdminService_BackupStore_Handler,
+			ServerStreams: true,
+		},
+	},
 	Metadata: "credbroker/v1/credbroker.proto",
 }
