@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5"
+	clientv3 "go.etcd.io/etcd/client/v3"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials/insecure"
@@ -62,6 +63,28 @@ func (l *lifecycleLog) ended(since time.Time) []broker.AuditEvent {
 	return out
 }
 
+// followerMember returns the index of an endpoint whose member is not
+// etcd's raft leader.
+func followerMember(t *testing.T, ctx context.Context, eps []string) int {
+	t.Helper()
+	cli, err := clientv3.New(clientv3.Config{Endpoints: eps, DialTimeout: 10 * time.Second})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cli.Close()
+	for i, ep := range eps {
+		st, err := cli.Status(ctx, ep)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if st.Header.MemberId != st.Leader {
+			return i
+		}
+	}
+	t.Fatal("every member says it leads")
+	return 0
+}
+
 // waitUntil polls cond until it holds or the deadline passes.
 func waitUntil(t *testing.T, what string, deadline time.Duration, cond func() bool) {
 	t.Helper()
@@ -82,7 +105,7 @@ func leading(d *Daemon) bool {
 // TestGroupLeaderCutOffFromEtcd: two brokerd in one group on a
 // three-member etcd; A talks to member 0 only, B to members 1 and 2.
 // A leads and runs the expiry (B, following, ends no lease). When member
-// 0 dies, A is cut off: its term ends before B's begins (the keep-alive
+// dies, A is cut off: its term ends before B's begins (the keep-alive
 // watchdog ends it at 2/3 of the TTL, etcd lets B win after the TTL), B
 // leads within session_ttl + 2 s and expires leases, and A ends none
 // after B's election. Once A reaches etcd again, a write under its old
@@ -94,12 +117,24 @@ func TestGroupLeaderCutOffFromEtcd(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	defer cancel()
 	eps := cluster.Endpoints()
+	// A talks to one member that is not etcd's raft leader, B to the other
+	// two. Killing etcd's leader would add etcd's own election and its
+	// lease extension (a new raft leader renews every lease by its TTL) to
+	// the failover: that is etcd's, and docs/ha.md states it; this test
+	// measures the broker's part.
+	cut := followerMember(t, ctx, eps)
+	var epsB []string
+	for i, ep := range eps {
+		if i != cut {
+			epsB = append(epsB, ep)
+		}
+	}
 
 	var logsA syncbuf.Buffer
 	optsA := testOptions()
 	optsA.Logger = slog.New(slog.NewTextHandler(&logsA, nil))
 	auditA := t.TempDir() + "/audit.log"
-	a, err := Start(ctx, etcdConfig(t, tg, eps[:1], "/group/", "broker-a", ttl, "", "audit: {path: "+auditA+"}\n"), optsA)
+	a, err := Start(ctx, etcdConfig(t, tg, eps[cut:cut+1], "/group/", "broker-a", ttl, "", "audit: {path: "+auditA+"}\n"), optsA)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -107,7 +142,7 @@ func TestGroupLeaderCutOffFromEtcd(t *testing.T) {
 	eventsA := watchLifecycle(a.Broker())
 	waitUntil(t, "A to lead", 30*time.Second, func() bool { return leading(a) })
 
-	b, err := Start(ctx, etcdConfig(t, tg, eps[1:], "/group/", "broker-b", ttl, "", ""), testOptions())
+	b, err := Start(ctx, etcdConfig(t, tg, epsB, "/group/", "broker-b", ttl, "", ""), testOptions())
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -136,11 +171,11 @@ func TestGroupLeaderCutOffFromEtcd(t *testing.T) {
 	}
 
 	// Cut A off.
-	cut := time.Now()
-	cluster.Members[0].Kill()
+	cutAt := time.Now()
+	cluster.Members[cut].Kill()
 	waitUntil(t, "B to lead", ttl+2*time.Second+10*time.Second /* load */, func() bool { return leading(b) })
 	_, bSince := b.leader.Leading()
-	t.Logf("B leads %s after the cut (session_ttl %s)", bSince.Sub(cut).Round(time.Millisecond), ttl)
+	t.Logf("B leads %s after the cut (session_ttl %s)", bSince.Sub(cutAt).Round(time.Millisecond), ttl)
 	aLeading, _ := a.leader.Leading()
 	a.leader.mu.Lock()
 	aEnded, oldFence := a.leader.ended, a.leader.fence
@@ -148,8 +183,8 @@ func TestGroupLeaderCutOffFromEtcd(t *testing.T) {
 	if aLeading || aEnded.IsZero() || !aEnded.Before(bSince) {
 		t.Fatalf("A's term ended at %s (leading %t), B's began at %s: they overlap", aEnded, aLeading, bSince)
 	}
-	if bSince.Sub(cut) > ttl+2*time.Second {
-		t.Errorf("failover took %s, more than session_ttl + 2s", bSince.Sub(cut))
+	if bSince.Sub(cutAt) > ttl+2*time.Second {
+		t.Errorf("failover took %s, more than session_ttl + 2s", bSince.Sub(cutAt))
 	}
 
 	// B expires what is due from now on; A ends nothing after B won.
@@ -163,7 +198,7 @@ func TestGroupLeaderCutOffFromEtcd(t *testing.T) {
 	}
 
 	// A reaches etcd again: its old fence is refused, it follows B.
-	cluster.Members[0].Restart(t)
+	cluster.Members[cut].Restart(t)
 	moved, err := a.store.GetLease(ctx, l2.ID)
 	if err != nil {
 		t.Fatal(err)
@@ -206,8 +241,9 @@ func readFile(t *testing.T, path string) string {
 	return string(b)
 }
 
-// TestIssueWithoutQuorumIsUnavailable: with two of three etcd members
-// down, IssueCredential answers Unavailable (not Internal) and returns no
+// TestIssueWithoutQuorumIsUnavailable: with one of three etcd members
+// down (not etcd's leader) issue and renew go on; with two down,
+// IssueCredential answers Unavailable (not Internal) and returns no
 // credential; once quorum is back, issues work again and, after the
 // reconciler's two sweeps, no user is left without a lease.
 func TestIssueWithoutQuorumIsUnavailable(t *testing.T) {
@@ -241,8 +277,21 @@ func TestIssueWithoutQuorumIsUnavailable(t *testing.T) {
 		t.Fatal(err)
 	}
 
-	cluster.Members[1].Kill()
-	cluster.Members[2].Kill()
+	// One member down: the other two are a quorum; only latency changes.
+	down := followerMember(t, ctx, cluster.Endpoints())
+	cluster.Members[down].Kill()
+	for range 3 {
+		resp, err := client.IssueCredential(ctx, &pb.IssueCredentialRequest{Role: "read_only"})
+		if err != nil {
+			t.Fatalf("issue with one member of three down: %v", err)
+		}
+		if _, err := client.RenewLease(ctx, &pb.RenewLeaseRequest{LeaseId: resp.GetLease().GetId()}); err != nil {
+			t.Fatalf("renew with one member of three down: %v", err)
+		}
+	}
+
+	second := (down + 1) % len(cluster.Members)
+	cluster.Members[second].Kill()
 	for range 3 {
 		cctx, ccancel := context.WithTimeout(ctx, 30*time.Second)
 		resp, err := client.IssueCredential(cctx, &pb.IssueCredentialRequest{Role: "read_only"})
@@ -252,8 +301,8 @@ func TestIssueWithoutQuorumIsUnavailable(t *testing.T) {
 		}
 	}
 
-	cluster.Members[1].Restart(t)
-	cluster.Members[2].Restart(t)
+	cluster.Members[down].Restart(t)
+	cluster.Members[second].Restart(t)
 	var lease *pb.Lease
 	waitUntil(t, "issues to work again", 60*time.Second, func() bool {
 		resp, err := client.IssueCredential(ctx, &pb.IssueCredentialRequest{Role: "read_only"})
