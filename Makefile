@@ -76,8 +76,9 @@ else
 PROMTOOL_DIR ?= $(CURDIR)/.cache/promtool-$(PROMTOOL_VERSION)
 endif
 PROMTOOL_BIN := $(PROMTOOL_DIR)/promtool
-# The packages whose tests start PostgreSQL (pgtest.Main or pgcluster.Start).
-PG_TEST_PKGS = $(shell grep -rlF --include='*_test.go' -e 'pgtest.Main' -e 'pgcluster.Start' . | xargs -n1 dirname | sort -u)
+# The packages whose tests start PostgreSQL (pgtest.Main or pgcluster.Start),
+# in the main module (tools/ holds tool modules of their own, tested by dist-test).
+PG_TEST_PKGS = $(filter-out ./tools/%,$(shell grep -rlF --include='*_test.go' -e 'pgtest.Main' -e 'pgcluster.Start' . | xargs -n1 dirname | sort -u))
 
 .PHONY: dev dev-ha test test-race lint generate tools postgres postgres17 etcd helm build bench node-vault promtool check-alerts clean licenses release release-verify dist-test package-test image-test
 
