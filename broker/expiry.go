@@ -243,6 +243,7 @@ func (b *Broker) revokeBatch(ctx context.Context, ids []string) {
 	}()
 
 	now := b.wallNow()
+	dbNow := map[string]time.Time{} // each target's clock, read once per batch
 	var revoking []Lease
 	for _, id := range ids {
 		l, err := b.store.GetLease(ctx, id)
@@ -258,6 +259,8 @@ func (b *Broker) revokeBatch(ctx context.Context, ids []string) {
 			continue
 		case l.State == StateActive && now.Before(l.ExpireTime):
 			b.queue.Set(id, l.ExpireTime) // renewed since it was queued
+			continue
+		case l.State == StateActive && b.heldByDatabaseClock(ctx, l, now, dbNow):
 			continue
 		}
 		revoking = append(revoking, l)
@@ -341,4 +344,42 @@ func (b *Broker) revokeBatch(ctx context.Context, ids []string) {
 		l := stored[j]
 		b.leaseEnded(l, b.log.With("lease_id", l.ID, "role", l.Role, "client", l.Client, "username", l.Username), causeExpiry)
 	}
+}
+
+// expiryClockSlack is how far the database's clock may be behind this
+// host's before the expiry manager holds an expiry for it: more than the
+// two clocks' usual disagreement, far less than any TTL.
+const expiryClockSlack = time.Second
+
+// heldByDatabaseClock reports whether l, due by this host's clock (now),
+// is not yet due by its target's clock, and if so queues it again for when
+// it is (this host's now plus the time left by the database's clock). The
+// database's clock is the one its VALID UNTIL follows and the one every
+// broker of a group shares, so a step of one host's clock (issue 11: two
+// minutes on one instance) revokes nothing early; a real jump of time
+// (a host suspended and resumed) moves both, and expiry follows it.
+// cache holds each target's clock for this batch; a target that cannot
+// tell its time (not a DatabaseClock, an error, the zero time) leaves the
+// decision to this host's clock, as before.
+func (b *Broker) heldByDatabaseClock(ctx context.Context, l Lease, now time.Time, cache map[string]time.Time) bool {
+	dbNow, read := cache[l.Target]
+	if !read {
+		if db, err := b.db(l.Target); err == nil {
+			if clock, ok := db.(DatabaseClock); ok {
+				if t, err := clock.Now(ctx); err == nil {
+					dbNow = t
+				}
+			}
+		}
+		cache[l.Target] = dbNow
+		if !dbNow.IsZero() && now.Sub(dbNow) > expiryClockSlack {
+			b.log.Warn("this host's clock is ahead of the database's: expiries wait for the database's clock",
+				"target", l.Target, "ahead", now.Sub(dbNow).Round(time.Millisecond))
+		}
+	}
+	if dbNow.IsZero() || !dbNow.Before(l.ExpireTime.Add(-expiryClockSlack)) {
+		return false
+	}
+	b.queue.Set(l.ID, now.Add(l.ExpireTime.Sub(dbNow)))
+	return true
 }

@@ -96,6 +96,15 @@ type UsersDeleter interface {
 	DeleteUsers(ctx context.Context, reqs []DeleteUserRequest) (errs []error)
 }
 
+// DatabaseClock is a Database that tells its server's time. The expiry
+// manager checks it before revoking leases as expired: PostgreSQL's clock
+// is the one VALID UNTIL follows, and the one every broker of a group
+// shares, so a step of one broker host's clock does not revoke anything
+// early (expiry.go).
+type DatabaseClock interface {
+	Now(ctx context.Context) (time.Time, error)
+}
+
 // MarkerClaimer is a Database whose managed users are the members of a
 // marker role that one broker group owns (broker/postgres.Engine). The
 // reconciler drops every member its store does not know, so before a

@@ -497,3 +497,43 @@ func TestUnitOneStuckTargetDoesNotStallAnother(t *testing.T) {
 		}
 	}
 }
+
+// TestUnitExpiryWaitsForTheDatabaseClock (issue 11: a clock step of two
+// minutes on one instance revokes nothing early): this host's clock steps
+// two minutes forward and the database's does not, so the lease is due by
+// this host's clock only. The expiry manager asks the database, holds the
+// lease (active, its user alive) and queues it again for when the
+// database's clock reaches its expire time; then it expires it.
+func TestUnitExpiryWaitsForTheDatabaseClock(t *testing.T) {
+	u := newUnit(t)
+	// The database's clock is 30 s behind this host's from the start, and
+	// this host's then steps two minutes forward: by the database's clock
+	// the lease has 90 s left when this host finds it due.
+	dbClock := fakeclock.New(unitT0.Add(-30 * time.Second))
+	u.db.SetClock(dbClock.Now)
+	l, c := u.issue(roleRO, time.Minute, "svc")
+	u.waitArmed(l.ExpireTime)
+
+	u.clock.Step(2 * time.Minute) // this host only
+	u.tick(1)                     // the dispatcher finds the lease due
+	requeued := u.clock.Now().Add(90 * time.Second)
+	waitFor(t, "the lease queued again for the database's expire time", func() bool {
+		return u.clock.WaitersUntil(requeued) > u.clock.WaitersUntil(requeued.Add(-time.Nanosecond))
+	})
+	if got := u.lease(l.ID).State; got != broker.StateActive {
+		t.Fatalf("state %s after this host's clock alone stepped past its expire time", got)
+	}
+	if !u.userExists(c.Username) {
+		t.Fatal("the user was dropped before the database's clock reached its expire time")
+	}
+
+	dbClock.Advance(90 * time.Second)
+	u.clock.Advance(90 * time.Second)
+	got := u.waitState(l.ID, broker.StateExpired)
+	if u.userExists(c.Username) {
+		t.Error("the user survived its lease")
+	}
+	if got.EndTime.Before(got.ExpireTime) {
+		t.Errorf("ended at %v, before its expire time %v", got.EndTime, got.ExpireTime)
+	}
+}

@@ -62,6 +62,11 @@ func (b *Broker) revoke(ctx context.Context, id string, cause revokeCause) (Leas
 		b.queue.Set(id, l.ExpireTime)
 		return l, false, nil
 	}
+	if byExpiry && l.State == StateActive && b.heldByDatabaseClock(ctx, l, now, map[string]time.Time{}) {
+		// Due by this host's clock, not yet by the database's (expiry.go).
+		b.storeRecovered(id)
+		return l, false, nil
+	}
 	if l.State == StateActive {
 		l.State = StateRevoking
 		if !byExpiry {

@@ -72,13 +72,37 @@ type DB struct {
 	proxyRoles  map[string]bool // nil: every proxy role checks out
 	endpoint    broker.Endpoint
 	closed      bool
+	clock       func() time.Time // the server's clock; nil: Now answers the zero time
 }
 
 var (
 	_ broker.Database       = (*DB)(nil)
 	_ broker.PasswordHasher = (*DB)(nil)
 	_ broker.UsersDeleter   = (*DB)(nil)
+	_ broker.DatabaseClock  = (*DB)(nil)
 )
+
+// SetClock gives the fake server a clock of its own (broker.DatabaseClock).
+// Without one, Now answers the zero time, which the broker takes as "no
+// clock to check against".
+func (d *DB) SetClock(now func() time.Time) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	d.clock = now
+}
+
+// Now is the fake server's clock. It is not recorded in Calls.
+func (d *DB) Now(context.Context) (time.Time, error) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.unavailable {
+		return time.Time{}, fmt.Errorf("%w: fakedb: connection refused", broker.ErrUnavailable)
+	}
+	if d.clock == nil {
+		return time.Time{}, nil
+	}
+	return d.clock(), nil
+}
 
 // New returns a fake with no users, whose Endpoint is 127.0.0.1:5432/app.
 func New() *DB {

@@ -661,6 +661,18 @@ func (e *engine) execIn(ctx context.Context, database, sql string) error {
 // listManagedUsers lists the members of the marker role, except roles that
 // administer it (the admin holds ADMIN OPTION on the marker role, so it is a
 // member too) and privileged roles: the reconciler drops what this returns.
+// now is the server's clock (statement_timestamp: this statement's start).
+func (e *engine) now(ctx context.Context) (time.Time, error) {
+	if err := e.checkOpen(); err != nil {
+		return time.Time{}, err
+	}
+	var t time.Time
+	if err := e.pool.QueryRow(ctx, "SELECT statement_timestamp()").Scan(&t); err != nil {
+		return time.Time{}, fmt.Errorf("postgres: reading the server's clock: %w", err)
+	}
+	return t, nil
+}
+
 func (e *engine) listManagedUsers(ctx context.Context) ([]string, error) {
 	if err := e.checkOpen(); err != nil {
 		return nil, err

@@ -812,3 +812,20 @@ func TestDeleteUserWithoutKnownProxyRole(t *testing.T) {
 		})
 	}
 }
+
+// TestNowIsTheServersClock: the expiry manager checks leases due by the
+// broker's clock against the server's (broker.DatabaseClock). Server and
+// test share this machine's clock, so they agree within a few seconds.
+func TestNowIsTheServersClock(t *testing.T) {
+	t.Parallel()
+	f := newFixture(t, pgtest.TargetOptions{})
+	before := time.Now()
+	got, err := f.e.Now(f.ctx)
+	after := time.Now()
+	if err != nil {
+		t.Fatalf("Now: %v", err)
+	}
+	if got.Before(before.Add(-5*time.Second)) || got.After(after.Add(5*time.Second)) {
+		t.Fatalf("Now = %v, want between %v and %v (give or take 5s)", got, before, after)
+	}
+}

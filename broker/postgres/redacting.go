@@ -3,6 +3,7 @@ package postgres
 import (
 	"context"
 	"slices"
+	"time"
 
 	"github.com/credbroker/credbroker/broker"
 	"github.com/credbroker/credbroker/broker/privcheck"
@@ -41,6 +42,7 @@ type database interface {
 	deleteUser(ctx context.Context, req broker.DeleteUserRequest) error
 	deleteUsers(ctx context.Context, reqs []broker.DeleteUserRequest) []error
 	listManagedUsers(ctx context.Context) ([]string, error)
+	now(ctx context.Context) (time.Time, error)
 	sampleSessions(ctx context.Context) ([]broker.Session, error)
 	checkProxyRole(ctx context.Context, proxyRole string) error
 	claimMarker(ctx context.Context, group string) error
@@ -154,6 +156,12 @@ func (e *Engine) DeleteUsers(ctx context.Context, reqs []broker.DeleteUserReques
 func (e *Engine) ListManagedUsers(ctx context.Context) ([]string, error) {
 	users, err := e.inner.listManagedUsers(ctx)
 	return users, e.sanitize(ctx, err)
+}
+
+// Now is the server's clock (broker.DatabaseClock).
+func (e *Engine) Now(ctx context.Context) (time.Time, error) {
+	t, err := e.inner.now(ctx)
+	return t, e.sanitize(ctx, err)
 }
 
 // SampleSessions lists the open sessions of the users the broker made

@@ -9,6 +9,7 @@ import (
 	"slices"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/credbroker/credbroker/broker"
 	"github.com/credbroker/credbroker/broker/privcheck"
@@ -46,6 +47,7 @@ func (d leakyDatabase) deleteUsers(_ context.Context, reqs []broker.DeleteUserRe
 	return []error{nil, d.fail()}
 }
 func (d leakyDatabase) listManagedUsers(context.Context) ([]string, error) { return nil, d.fail() }
+func (d leakyDatabase) now(context.Context) (time.Time, error)             { return time.Time{}, d.fail() }
 func (d leakyDatabase) sampleSessions(context.Context) ([]broker.Session, error) {
 	return nil, d.fail()
 }
@@ -89,6 +91,7 @@ func TestEngineRedactsEveryError(t *testing.T) {
 			return e.DeleteUsers(ctx, make([]broker.DeleteUserRequest, 2))
 		},
 		"ListManagedUsers": func() []error { _, err := e.ListManagedUsers(ctx); return one(err) },
+		"Now":              func() []error { _, err := e.Now(ctx); return one(err) },
 		"SampleSessions":   func() []error { _, err := e.SampleSessions(ctx); return one(err) },
 		"CheckProxyRole":   func() []error { return one(e.CheckProxyRole(ctx, "read_only_role")) },
 		"ClaimMarker":      func() []error { return one(e.ClaimMarker(ctx, "g")) },
