@@ -77,6 +77,13 @@ type Config struct {
 	// Instance names this broker in its group (stream marks, logs);
 	// default: a random name. Brokers sharing a store must differ.
 	Instance string
+	// CheckDatabaseClock makes the expiry manager check a lease due by
+	// Clock against its target's clock (DatabaseClock) before revoking it,
+	// so that a step of this host's clock alone revokes nothing early
+	// (expiry.go). brokerd sets it when it runs on the system clock; a
+	// test that drives Clock by hand against a real database leaves it
+	// off, since that database's clock does not follow.
+	CheckDatabaseClock bool
 	// Standby starts the broker without running the group's background
 	// work (expiry, reconciliation, purges, disconnect revocations) until
 	// SetLeading(true): for instances of a group, of which one leads. A

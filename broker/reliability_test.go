@@ -505,7 +505,7 @@ func TestUnitOneStuckTargetDoesNotStallAnother(t *testing.T) {
 // lease (active, its user alive) and queues it again for when the
 // database's clock reaches its expire time; then it expires it.
 func TestUnitExpiryWaitsForTheDatabaseClock(t *testing.T) {
-	u := newUnit(t)
+	u := newUnit(t, func(cfg *broker.Config) { cfg.CheckDatabaseClock = true })
 	// The database's clock is 30 s behind this host's from the start, and
 	// this host's then steps two minutes forward: by the database's clock
 	// the lease has 90 s left when this host finds it due.

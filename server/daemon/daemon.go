@@ -185,6 +185,10 @@ func Start(ctx context.Context, cfg *config.Config, opts Options) (_ *Daemon, er
 	bcfg := BrokerConfig(cfg)
 	bcfg.Store, bcfg.Databases, bcfg.Logger, bcfg.Clock, bcfg.Auditor = d.store, d.databases, log, opts.Clock, auditor
 	bcfg.Instance = cfg.Instance
+	// On the system clock, expiries are checked against the targets'
+	// clocks (a step of this host's clock revokes nothing early); a test's
+	// hand-driven clock is not followed by a real PostgreSQL.
+	bcfg.CheckDatabaseClock = opts.Clock == nil
 	if d.leader != nil {
 		d.leader.audit = d.audit
 		bcfg.Leadership = d.leader
