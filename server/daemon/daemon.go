@@ -36,8 +36,16 @@ type Options struct {
 	// caller bound it first, or rebinds an address across a restart).
 	// Start takes it over: Close closes it.
 	Listener net.Listener
-	// Clock is the broker's clock; nil is the system clock. For tests.
+	// Clock is the broker's clock; nil is the system clock. For tests:
+	// a test's hand-driven clock is used as it is, without brokerd's
+	// database-anchored lease clock (dbclock.go) or the expiry manager's
+	// check of the database's clock.
 	Clock broker.Clock
+	// HostClock stands for the host's wall clock under brokerd's lease
+	// clock, which reads it only before the first reading of a target's
+	// clock (dbclock.go); nil is the system clock. For tests that step one
+	// instance's clock.
+	HostClock broker.Clock
 	// StoreNoSync skips fsync on the store's commits: a crash may lose
 	// acknowledged writes. For tests and benchmarks only.
 	StoreNoSync bool
@@ -182,8 +190,17 @@ func Start(ctx context.Context, cfg *config.Config, opts Options) (_ *Daemon, er
 		auditor = d.audit
 	}
 
+	clock := opts.Clock
+	var anchored *anchoredClock
+	if clock == nil {
+		// Lease times on the targets' clock, advanced by the monotonic
+		// clock between readings (dbclock.go).
+		anchored = newAnchoredClock(opts.HostClock, log)
+		anchored.read(ctx, databaseClocks(d.databases))
+		clock = anchored
+	}
 	bcfg := BrokerConfig(cfg)
-	bcfg.Store, bcfg.Databases, bcfg.Logger, bcfg.Clock, bcfg.Auditor = d.store, d.databases, log, opts.Clock, auditor
+	bcfg.Store, bcfg.Databases, bcfg.Logger, bcfg.Clock, bcfg.Auditor = d.store, d.databases, log, clock, auditor
 	bcfg.Instance = cfg.Instance
 	// On the system clock, expiries are checked against the targets'
 	// clocks (a step of this host's clock revokes nothing early); a test's
@@ -245,6 +262,9 @@ func Start(ctx context.Context, cfg *config.Config, opts Options) (_ *Daemon, er
 		// Before the loop starts, which sets SERVING once connected.
 		d.drainer.HealthServer().SetServingStatus(TargetHealthService(t.Name), healthpb.HealthCheckResponse_NOT_SERVING)
 		d.background.Go(func() { d.connectLate(bg, i, t, lt) })
+	}
+	if anchored != nil {
+		d.background.Go(func() { anchored.follow(bg, databaseClocks(d.databases)) })
 	}
 	// Re-read the admin passwords' sources and keep Vault tokens alive.
 	d.background.Go(func() { d.rootCreds.Watch(bg) })

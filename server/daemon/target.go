@@ -56,6 +56,7 @@ var (
 	_ broker.PasswordHasher  = (*lateTarget)(nil)
 	_ broker.MarkerClaimer   = (*lateTarget)(nil)
 	_ broker.ActivitySampler = (*lateTarget)(nil)
+	_ broker.DatabaseClock   = (*lateTarget)(nil)
 	_ privcheck.Checker      = (*lateTarget)(nil)
 )
 
@@ -124,6 +125,17 @@ func (t *lateTarget) DeleteUsers(ctx context.Context, reqs []broker.DeleteUserRe
 		return fill(len(reqs), err)
 	}
 	return e.DeleteUsers(ctx, reqs)
+}
+
+// Now is the server's clock, once connected: the expiry manager's check
+// against the database's clock (broker.DatabaseClock) and brokerd's
+// lease clock (dbclock.go) hold for a target that was down at start-up.
+func (t *lateTarget) Now(ctx context.Context) (time.Time, error) {
+	e, err := t.get()
+	if err != nil {
+		return time.Time{}, err
+	}
+	return e.Now(ctx)
 }
 
 func (t *lateTarget) ListManagedUsers(ctx context.Context) ([]string, error) {
