@@ -180,6 +180,8 @@ func TestRenderedConfigIsValid(t *testing.T) {
 			"--set", "config.tokens[0].sha256=" + strings.Repeat("ab", 32), "--set", "config.admins={orders}"},
 		"three replicas on etcd": {"--set", "replicas=3", "--set", "store.etcd.endpoints={https://etcd-0:2379,https://etcd-1:2379}",
 			"--set", "store.etcd.prefix=/credbroker/", "--set", "store.etcd.session_ttl=10s"},
+		"etcd with TLS and a password": {"--set", "replicas=2", "--set", "store.etcd.endpoints={https://etcd-0:2379}",
+			"--set", "store.etcdSecret.secretName=etcd-client", "--set", "store.etcdSecret.username=credbroker"},
 	} {
 		t.Run(name, func(t *testing.T) {
 			cfg := brokerdConfig(t, mustRender(t, args...))
@@ -297,6 +299,50 @@ func TestSeveralReplicasOnEtcd(t *testing.T) {
 	}
 	if _, err := render(t, append(append([]string{}, required...), "--set", "replicas=2")...); err == nil || !strings.Contains(err.Error(), "replicas > 1 needs store.etcd") {
 		t.Errorf("2 replicas on bbolt: %v, want the chart to refuse", err)
+	}
+	if get(cfg, "store", "etcd", "tls") != nil || get(cfg, "store", "etcd", "password_file") != nil {
+		t.Errorf("store.etcd = %v without store.etcdSecret, want no tls and no password_file", get(cfg, "store", "etcd"))
+	}
+}
+
+// TestEtcdSecret: store.etcdSecret is mounted read-only and its files
+// become store.etcd.tls and, with a username, store.etcd.password_file.
+func TestEtcdSecret(t *testing.T) {
+	objs := mustRender(t, "--set", "replicas=2", "--set", "store.etcd.endpoints={https://etcd-0:2379}",
+		"--set", "store.etcdSecret.secretName=etcd-client", "--set", "store.etcdSecret.username=credbroker")
+	pod := get(find(t, objs, "Deployment", "r-credbroker"), "spec", "template", "spec")
+	var vol map[string]any
+	for _, v := range list(get(pod, "volumes")) {
+		if str(v["name"]) == "etcd" {
+			vol = v
+		}
+	}
+	if str(get(vol, "secret", "secretName")) != "etcd-client" {
+		t.Fatalf("volume etcd = %v, want the Secret etcd-client", vol)
+	}
+	var mount map[string]any
+	for _, m := range list(get(list(get(pod, "containers"))[0], "volumeMounts")) {
+		if str(m["name"]) == "etcd" {
+			mount = m
+		}
+	}
+	if ro, _ := mount["readOnly"].(bool); !ro || str(mount["mountPath"]) != "/etc/credbroker/etcd" {
+		t.Fatalf("etcd mount = %v, want read-only at /etc/credbroker/etcd", mount)
+	}
+	cfg := brokerdConfig(t, objs)
+	want := map[string]string{"ca_file": "ca.crt", "cert_file": "tls.crt", "key_file": "tls.key"}
+	for key, file := range want {
+		if got := str(get(cfg, "store", "etcd", "tls", key)); got != "/etc/credbroker/etcd/"+file {
+			t.Errorf("store.etcd.tls.%s = %q, want the Secret's %s", key, got, file)
+		}
+	}
+	if u, p := str(get(cfg, "store", "etcd", "username")), str(get(cfg, "store", "etcd", "password_file")); u != "credbroker" || p != "/etc/credbroker/etcd/password" {
+		t.Errorf("store.etcd username %q password_file %q", u, p)
+	}
+	// TLS only: no username, no password file.
+	cfg = brokerdConfig(t, mustRender(t, "--set", "store.etcd.endpoints={https://etcd-0:2379}", "--set", "store.etcdSecret.secretName=etcd-client"))
+	if get(cfg, "store", "etcd", "password_file") != nil || str(get(cfg, "store", "etcd", "tls", "ca_file")) == "" {
+		t.Errorf("store.etcd = %v, want tls and no password_file", get(cfg, "store", "etcd"))
 	}
 }
 

@@ -29,7 +29,19 @@ app.kubernetes.io/component: brokerd
 {{- $cfg := deepCopy .Values.config -}}
 {{- $_ := set $cfg "listen" (printf "0.0.0.0:%d" (int .Values.service.port)) -}}
 {{- if .Values.store.etcd -}}
-{{- $_ := set $cfg "store" (dict "etcd" .Values.store.etcd) -}}
+{{- $etcd := deepCopy .Values.store.etcd -}}
+{{- with .Values.store.etcdSecret -}}
+{{- if .secretName -}}
+{{- if .tls -}}
+{{- $_ := set $etcd "tls" (dict "ca_file" "/etc/credbroker/etcd/ca.crt" "cert_file" "/etc/credbroker/etcd/tls.crt" "key_file" "/etc/credbroker/etcd/tls.key") -}}
+{{- end -}}
+{{- if .username -}}
+{{- $_ := set $etcd "username" .username -}}
+{{- $_ := set $etcd "password_file" "/etc/credbroker/etcd/password" -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+{{- $_ := set $cfg "store" (dict "etcd" $etcd) -}}
 {{- else -}}
 {{- $_ := set $cfg "store" (dict "path" "/var/lib/credbroker/leases.db") -}}
 {{- end -}}
