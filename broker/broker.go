@@ -107,6 +107,9 @@ func New(cfg Config) (*Broker, error) {
 	if cfg.RenewBatches <= 0 {
 		cfg.RenewBatches = DefaultRenewBatches
 	}
+	if cfg.RenewLinger == 0 {
+		cfg.RenewLinger = DefaultRenewLinger
+	}
 	live, err := newSettings(cfg)
 	if err != nil {
 		return nil, err

@@ -10,3 +10,11 @@ func (b *Broker) QueueLen() int { return b.queue.Len() }
 
 // QueueNext is the earliest due time in the expiry queue.
 func (b *Broker) QueueNext() (time.Time, bool) { return b.queue.Next() }
+
+// SetRenewLingerTimer replaces the timer that bounds the renewal batches'
+// linger (renewbatch.go), so a test decides when it expires.
+func (b *Broker) SetRenewLingerTimer(after func(time.Duration) <-chan time.Time) {
+	b.renewals.mu.Lock()
+	defer b.renewals.mu.Unlock()
+	b.renewals.after = after
+}
