@@ -18,3 +18,15 @@ func (b *Broker) SetRenewLingerTimer(after func(time.Duration) <-chan time.Time)
 	defer b.renewals.mu.Unlock()
 	b.renewals.after = after
 }
+
+// PendingRevocations reports how many requested revocations wait for a
+// batch.
+func (b *Broker) PendingRevocations() int { return b.revocations.pendingRevocations() }
+
+// SetRevokeBatches sets how many revocation batches one target runs at
+// once (revokebatch.go's revokeBatches).
+func (b *Broker) SetRevokeBatches(n int) {
+	b.revocations.mu.Lock()
+	defer b.revocations.mu.Unlock()
+	b.revocations.slots = n
+}
