@@ -30,3 +30,11 @@ func (b *Broker) SetRevokeBatches(n int) {
 	defer b.revocations.mu.Unlock()
 	b.revocations.slots = n
 }
+
+// SetRevokeLingerTimer replaces the timer that bounds the revocation
+// batches' linger (revokebatch.go).
+func (b *Broker) SetRevokeLingerTimer(after func(time.Duration) <-chan time.Time) {
+	b.revocations.mu.Lock()
+	defer b.revocations.mu.Unlock()
+	b.revocations.after = after
+}

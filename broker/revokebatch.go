@@ -63,6 +63,8 @@ type revokeBatcher struct {
 	// lingering is the batch goroutine of a target waiting for more
 	// revocations after a batch (revokeLinger).
 	lingering map[string]*renewLinger
+	// after is the linger's timer: time's, or a test's.
+	after func(time.Duration) <-chan time.Time
 }
 
 type revokeCall struct {
@@ -194,13 +196,20 @@ func (rb *revokeBatcher) run(b *Broker, target string) {
 func (rb *revokeBatcher) linger(target string, want int) {
 	l := &renewLinger{want: want, ready: make(chan struct{})}
 	rb.lingering[target] = l
+	after := rb.after
 	rb.mu.Unlock()
-	t := time.NewTimer(revokeLinger)
+	var timeout <-chan time.Time
+	if after != nil {
+		timeout = after(revokeLinger)
+	} else {
+		t := time.NewTimer(revokeLinger)
+		defer t.Stop()
+		timeout = t.C
+	}
 	select {
 	case <-l.ready:
-	case <-t.C:
+	case <-timeout:
 	}
-	t.Stop()
 	rb.mu.Lock()
 	if rb.lingering[target] == l {
 		delete(rb.lingering, target)

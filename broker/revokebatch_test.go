@@ -282,3 +282,59 @@ func TestRevocationsBatchedOnPostgres(t *testing.T) {
 		t.Errorf("DeleteUsers batch sizes %v, want [%d]", g.sizes, len(leases))
 	}
 }
+
+// TestUnitRevocationLinger: after a batch of three, the batch goroutine
+// waits for three revocations again rather than running the first that
+// arrives on its own; once its timer expires it runs what it has.
+func TestUnitRevocationLinger(t *testing.T) {
+	u, g := newRevokeUnit(t)
+	expire := make(chan time.Time)
+	u.b.SetRevokeLingerTimer(func(time.Duration) <-chan time.Time { return expire })
+	var ids []string
+	for range 8 {
+		l, _ := u.issue(roleRO, 0, "c")
+		ids = append(ids, l.ID)
+	}
+	firstDone := revokeAsync(u.b, ids[0])
+	<-g.entered // alone, held
+	var dones []<-chan revokeOutcome
+	for _, id := range ids[1:4] {
+		dones = append(dones, revokeAsync(u.b, id))
+	}
+	waitFor(t, "three revocations queued", func() bool { return u.b.PendingRevocations() == 3 })
+	close(g.gate)
+	for _, d := range append(dones, firstDone) {
+		if r := waitRevoke(t, d); r.err != nil {
+			t.Fatal(r.err)
+		}
+	}
+	// The batch of three is done; three more arrive one by one.
+	var more []<-chan revokeOutcome
+	for i, id := range ids[4:7] {
+		more = append(more, revokeAsync(u.b, id))
+		if i < 2 {
+			waitFor(t, "the revocation to wait for more", func() bool { return u.b.PendingRevocations() == i+1 })
+		}
+	}
+	for _, d := range more {
+		if r := waitRevoke(t, d); r.err != nil {
+			t.Fatal(r.err)
+		}
+	}
+	// One more, alone: it waits until the linger's timer expires.
+	last := revokeAsync(u.b, ids[7])
+	waitFor(t, "the last revocation pending", func() bool { return u.b.PendingRevocations() == 1 })
+	close(expire)
+	if r := waitRevoke(t, last); r.err != nil || r.lease.State != broker.StateRevoked {
+		t.Fatalf("last revocation: %v, state %v", r.err, r.lease.State)
+	}
+	var sizes []int
+	for _, c := range u.db.Calls() {
+		if c.Method == fakedb.DeleteUsers || c.Method == fakedb.DeleteUser {
+			sizes = append(sizes, len(c.Users))
+		}
+	}
+	if want := []int{1, 3, 3, 1}; !slices.Equal(sizes, want) {
+		t.Errorf("users per DeleteUser(s) call %v, want %v", sizes, want)
+	}
+}
