@@ -39,6 +39,11 @@ type Config struct {
 	// renewed fastest (bin/credbroker-bench --scenarios renew: 0.92 of the
 	// baseline with 1, 0.60 with 2, 0.53 with 4, 0.48 with 8).
 	RenewBatches int // default 1
+	// RenewLinger bounds how long a target's batch goroutine, having just
+	// committed a batch of several renewals, waits for as many to be
+	// pending again before it commits the next (renewbatch.go); negative
+	// turns the wait off. A renewal on an idle broker never waits.
+	RenewLinger time.Duration // default DefaultRenewLinger
 	// IssuePool is how many issues per role are made ready ahead, each
 	// with its intent durable and its password hashed (issuepool.go);
 	// negative turns it off.

@@ -37,7 +37,10 @@ type Broker struct {
 	watchers lifecycleWatchers
 	// renewals batches concurrent renewals per target (renewbatch.go).
 	renewals renewBatcher
-	limiter  *rate.Limiter
+	// revocations batches concurrent requested revocations per target
+	// (revokebatch.go).
+	revocations revokeBatcher
+	limiter     *rate.Limiter
 	// storeFails counts, per lease, consecutive store errors that kept a
 	// revocation from going on, for requeue's backoff.
 	storeFailMu sync.Mutex
@@ -107,6 +110,9 @@ func New(cfg Config) (*Broker, error) {
 	if cfg.RenewBatches <= 0 {
 		cfg.RenewBatches = DefaultRenewBatches
 	}
+	if cfg.RenewLinger == 0 {
+		cfg.RenewLinger = DefaultRenewLinger
+	}
 	live, err := newSettings(cfg)
 	if err != nil {
 		return nil, err
@@ -116,18 +122,19 @@ func New(cfg Config) (*Broker, error) {
 		cfg.Instance = "broker-" + newLeaseID()[:8]
 	}
 	b := &Broker{
-		cfg:        cfg,
-		store:      cfg.Store,
-		dbs:        cfg.Databases,
-		clock:      cfg.Clock,
-		log:        cfg.Logger,
-		queue:      NewExpiryQueue(),
-		limiter:    rate.NewLimiter(rate.Limit(cfg.RevokeRate), cfg.RevokeConcurrency),
-		streams:    make(map[string]*streamState),
-		inflight:   make(map[string]struct{}),
-		closed:     make(chan struct{}),
-		storeFails: make(map[string]int),
-		lanes:      newRevokeLanes(cfg.Databases),
+		cfg:         cfg,
+		store:       cfg.Store,
+		dbs:         cfg.Databases,
+		clock:       cfg.Clock,
+		revocations: revokeBatcher{slots: revokeBatches},
+		log:         cfg.Logger,
+		queue:       NewExpiryQueue(),
+		limiter:     rate.NewLimiter(rate.Limit(cfg.RevokeRate), cfg.RevokeConcurrency),
+		streams:     make(map[string]*streamState),
+		inflight:    make(map[string]struct{}),
+		closed:      make(chan struct{}),
+		storeFails:  make(map[string]int),
+		lanes:       newRevokeLanes(cfg.Databases),
 	}
 	b.live.Store(live)
 	// A group's broker (Leadership set) leads only during a term (runTerm).

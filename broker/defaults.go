@@ -11,6 +11,7 @@ const (
 	DefaultRevokeConcurrency   = 4
 	DefaultRevokeRate          = 1000.0
 	DefaultRenewBatches        = 1
+	DefaultRenewLinger         = 2 * time.Millisecond
 	DefaultIssuePool           = 8
 	DefaultRevokeRetries       = 5
 	DefaultRetryBaseDelay      = time.Second

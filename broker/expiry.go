@@ -266,83 +266,16 @@ func (b *Broker) revokeBatch(ctx context.Context, ids []string) {
 		revoking = append(revoking, l)
 	}
 
-	// Mark the active ones REVOKING, in one transaction.
-	var marks []int
-	for i := range revoking {
-		if revoking[i].State == StateActive {
-			revoking[i].State = StateRevoking
-			marks = append(marks, i)
+	_, failed := b.revokeLeases(ctx, revoking, causeExpiry)
+	for id, err := range failed {
+		if err == nil {
+			alone = append(alone, id) // revoke records the attempt
+		} else {
+			// Out of the queue and not recorded: back in, after a
+			// backoff, or the revocation is lost. Dropping a user that is
+			// already gone is success.
+			b.requeue(id, err)
 		}
-	}
-	if len(marks) > 0 {
-		ls := make([]Lease, len(marks))
-		for j, i := range marks {
-			ls[j] = revoking[i]
-		}
-		stored, errs := b.store.UpdateLeases(ctx, ls)
-		failed := map[string]bool{}
-		for j, i := range marks {
-			switch {
-			case errors.Is(errs[j], ErrConflict):
-				// Changed since read: revoke reads it again.
-				failed[revoking[i].ID] = true
-				alone = append(alone, revoking[i].ID)
-			case errs[j] != nil:
-				// Out of the queue and not marked: back in, after a
-				// backoff, or the revocation is lost.
-				failed[revoking[i].ID] = true
-				b.requeue(revoking[i].ID, errs[j])
-			default:
-				revoking[i] = stored[j]
-			}
-		}
-		revoking = slices.DeleteFunc(revoking, func(l Lease) bool { return failed[l.ID] })
-	}
-
-	// Drop the users, per target.
-	byTarget := map[string][]int{}
-	for i := range revoking {
-		byTarget[revoking[i].Target] = append(byTarget[revoking[i].Target], i)
-	}
-	var done []Lease
-	for target, idx := range byTarget {
-		db, err := b.db(target)
-		deleter, ok := db.(UsersDeleter)
-		if err != nil || !ok {
-			for _, i := range idx {
-				alone = append(alone, revoking[i].ID)
-			}
-			continue
-		}
-		reqs := make([]DeleteUserRequest, len(idx))
-		for j, i := range idx {
-			reqs[j] = DeleteUserRequest{Username: revoking[i].Username, ProxyRole: revoking[i].ProxyRole}
-		}
-		errs := deleter.DeleteUsers(ctx, reqs)
-		for j, i := range idx {
-			if errs[j] != nil {
-				alone = append(alone, revoking[i].ID) // revoke records the attempt
-				continue
-			}
-			l := revoking[i]
-			finishRevocation(&l, now)
-			done = append(done, l)
-		}
-	}
-	if len(done) == 0 {
-		return
-	}
-	// The users are gone; record it even if the caller has given up.
-	stored, errs := b.store.UpdateLeases(context.WithoutCancel(ctx), done)
-	for j := range done {
-		if errs[j] != nil {
-			// Still live in the store, so tried again; dropping a user
-			// that is already gone is success.
-			b.requeue(done[j].ID, errs[j])
-			continue
-		}
-		l := stored[j]
-		b.leaseEnded(l, b.log.With("lease_id", l.ID, "role", l.Role, "client", l.Client, "username", l.Username), causeExpiry)
 	}
 }
 

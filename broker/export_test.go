@@ -10,3 +10,31 @@ func (b *Broker) QueueLen() int { return b.queue.Len() }
 
 // QueueNext is the earliest due time in the expiry queue.
 func (b *Broker) QueueNext() (time.Time, bool) { return b.queue.Next() }
+
+// SetRenewLingerTimer replaces the timer that bounds the renewal batches'
+// linger (renewbatch.go), so a test decides when it expires.
+func (b *Broker) SetRenewLingerTimer(after func(time.Duration) <-chan time.Time) {
+	b.renewals.mu.Lock()
+	defer b.renewals.mu.Unlock()
+	b.renewals.after = after
+}
+
+// PendingRevocations reports how many requested revocations wait for a
+// batch.
+func (b *Broker) PendingRevocations() int { return b.revocations.pendingRevocations() }
+
+// SetRevokeBatches sets how many revocation batches one target runs at
+// once (revokebatch.go's revokeBatches).
+func (b *Broker) SetRevokeBatches(n int) {
+	b.revocations.mu.Lock()
+	defer b.revocations.mu.Unlock()
+	b.revocations.slots = n
+}
+
+// SetRevokeLingerTimer replaces the timer that bounds the revocation
+// batches' linger (revokebatch.go).
+func (b *Broker) SetRevokeLingerTimer(after func(time.Duration) <-chan time.Time) {
+	b.revocations.mu.Lock()
+	defer b.revocations.mu.Unlock()
+	b.revocations.after = after
+}

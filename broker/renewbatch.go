@@ -20,6 +20,18 @@ import (
 // renewal waits for nobody: it is a batch of one. There is no goroutine
 // while nothing is pending.
 //
+// Linger: with several callers renewing in a closed loop (sidecars, one
+// renewal in flight per stream), the callers a batch answers come back
+// about a gRPC round trip later, just after the next batch has started
+// with whatever was pending (often one or two). Batches then alternate
+// between a few and the rest, and each pays a PostgreSQL commit and a
+// store commit. So after a batch the goroutine waits, up to
+// Config.RenewLinger, until as many renewals are pending as the batch it
+// just committed held; the wait ends as soon as they are there. Nothing
+// waits on an idle broker: a renewal that finds no batch running (and none
+// just finished) starts one at once, and a batch of one is followed by no
+// wait either.
+//
 // A lease the batch cannot handle plainly (busy under a revocation, named
 // twice in one batch, not active, a compare-and-set lost, an error of its
 // own user) goes back to its caller with errRenewAlone, and the caller
@@ -45,6 +57,18 @@ type renewBatcher struct {
 	mu      sync.Mutex
 	pending map[string][]*renewCall // by target
 	running map[string]int          // batch goroutines per target
+	// lingering is the batch goroutine of a target waiting for more
+	// renewals after a batch (see Linger above).
+	lingering map[string]*renewLinger
+	// after is the linger's timer: time.After, or a test's.
+	after func(time.Duration) <-chan time.Time
+}
+
+// renewLinger is one wait for more renewals: ready closes once want are
+// pending.
+type renewLinger struct {
+	want  int
+	ready chan struct{}
 }
 
 type renewCall struct {
@@ -94,19 +118,30 @@ func (rb *renewBatcher) enqueue(b *Broker, target string, c *renewCall) {
 	if rb.pending == nil {
 		rb.pending = make(map[string][]*renewCall)
 		rb.running = make(map[string]int)
+		rb.lingering = make(map[string]*renewLinger)
 	}
 	rb.pending[target] = append(rb.pending[target], c)
+	if l := rb.lingering[target]; l != nil && len(rb.pending[target]) >= l.want {
+		close(l.ready)
+		delete(rb.lingering, target)
+	}
 	if rb.running[target] < b.cfg.RenewBatches {
 		rb.running[target]++
 		go rb.run(b, target)
 	}
 }
 
-// run commits batches for one target until none is pending.
+// run commits batches for one target until none is pending (after the
+// linger, if any).
 func (rb *renewBatcher) run(b *Broker, target string) {
+	last := 0 // the size of the batch this goroutine committed last
 	for {
 		rb.mu.Lock()
 		calls := rb.pending[target]
+		if want := min(last, maxRenewBatch); want > 1 && len(calls) < want && b.cfg.RenewLinger > 0 {
+			rb.linger(target, want, b.cfg.RenewLinger)
+			calls = rb.pending[target]
+		}
 		if len(calls) == 0 {
 			delete(rb.pending, target)
 			if rb.running[target]--; rb.running[target] == 0 {
@@ -124,6 +159,32 @@ func (rb *renewBatcher) run(b *Broker, target string) {
 		}
 		rb.mu.Unlock()
 		b.renewBatch(target, batch)
+		last = n
+	}
+}
+
+// linger waits, with rb.mu held on entry and on return, until want
+// renewals of target are pending or d has passed.
+func (rb *renewBatcher) linger(target string, want int, d time.Duration) {
+	l := &renewLinger{want: want, ready: make(chan struct{})}
+	rb.lingering[target] = l
+	after := rb.after
+	rb.mu.Unlock()
+	var timeout <-chan time.Time
+	if after != nil {
+		timeout = after(d)
+	} else {
+		t := time.NewTimer(d)
+		defer t.Stop()
+		timeout = t.C
+	}
+	select {
+	case <-l.ready:
+	case <-timeout:
+	}
+	rb.mu.Lock()
+	if rb.lingering[target] == l {
+		delete(rb.lingering, target)
 	}
 }
 

@@ -16,7 +16,12 @@ func (b *Broker) Revoke(ctx context.Context, id string) (Lease, error) {
 	if err := ValidateLeaseID(id); err != nil {
 		return Lease{}, err
 	}
-	l, _, err := b.revoke(ctx, id, causeRequest)
+	// Revocations arriving together are run together (revokebatch.go);
+	// what the batch cannot settle plainly comes back here.
+	l, _, err := b.revokeBatched(ctx, id)
+	if errors.Is(err, errRevokeAlone) {
+		l, _, err = b.revoke(ctx, id, causeRequest)
+	}
 	return l, err
 }
 
@@ -282,25 +287,42 @@ func (b *Broker) revokeEach(ctx context.Context, ids []string, cause revokeCause
 		wg    sync.WaitGroup
 		sem   = make(chan struct{}, concurrency)
 	)
-	for _, id := range ids {
+	// In batches (revokebatch.go), spread over the workers; what a batch
+	// cannot settle goes through the single-lease path.
+	total := len(ids)
+	size := min(maxRevokeBatch, max(1, (len(ids)+concurrency-1)/concurrency))
+	for len(ids) > 0 {
+		batch := ids[:min(size, len(ids))]
+		ids = ids[len(batch):]
 		sem <- struct{}{}
 		wg.Add(1)
 		go func() {
 			defer func() { <-sem; wg.Done() }()
-			_, done, err := b.revoke(ctx, id, cause)
-			mu.Lock()
-			defer mu.Unlock()
-			if done {
-				count++
+			res := make([]revokeResult, len(batch))
+			if len(batch) > 1 {
+				res = b.revokeTogether(ctx, batch, cause)
+			} else {
+				res[0].err = errRevokeAlone
 			}
-			if err != nil && !errors.Is(err, ErrLeaseNotFound) {
-				errs = append(errs, fmt.Errorf("lease %s: %w", id, err))
+			for i, id := range batch {
+				r := res[i]
+				if errors.Is(r.err, errRevokeAlone) {
+					_, r.ended, r.err = b.revoke(ctx, id, cause)
+				}
+				mu.Lock()
+				if r.ended {
+					count++
+				}
+				if r.err != nil && !errors.Is(r.err, ErrLeaseNotFound) {
+					errs = append(errs, fmt.Errorf("lease %s: %w", id, r.err))
+				}
+				mu.Unlock()
 			}
 		}()
 	}
 	wg.Wait()
 	if len(errs) > 0 {
-		return count, fmt.Errorf("revoked %d of %d leases; %d failed, first: %w", count, len(ids), len(errs), errs[0])
+		return count, fmt.Errorf("revoked %d of %d leases; %d failed, first: %w", count, total, len(errs), errs[0])
 	}
 	return count, nil
 }

@@ -61,6 +61,9 @@ type engine struct {
 	secrets          []string // the admin URL and password New was given
 	closed           atomic.Bool
 	managed          managedCache // users known to be the broker's (renewals.go)
+	// ownershipHook, set by tests only, edits what endSessions read from
+	// the catalog (to make it miss an object, as a race would).
+	ownershipHook func(*ownership)
 
 	// password is the admin password new connections use; SetPassword and
 	// RotatePassword change it (see rotate.go). Every value it ever held
@@ -478,11 +481,20 @@ func (e *engine) notManaged(username string) error {
 //     transaction the user is granted to the admin, whose privileges the
 //     next steps need (see NewUser);
 //  2. terminate every session of the user and wait until none is left;
-//  3. REASSIGN OWNED BY user TO proxy; DROP OWNED BY user, in each database
-//     where the user owns objects or holds privileges (pg_shdepend, the
-//     catalog DROP ROLE itself consults, says which), so DROP cannot fail;
+//     the query that finds none left also reads pg_shdepend, the catalog
+//     DROP ROLE itself consults, for the databases where the user owns
+//     objects or holds privileges (see endSessionsQuery);
+//  3. REASSIGN OWNED BY user TO proxy; DROP OWNED BY user, in each of
+//     those databases, and only there: a user that owns nothing and was
+//     granted nothing (the usual case: its objects belong to the proxy
+//     role, see NewUser) skips both;
 //  4. DROP ROLE IF EXISTS, in one transaction with step 3 for the
 //     admin's own database.
+//
+// If DROP ROLE still finds something depending on the user (a privilege
+// granted to it after step 2 read the catalog, or a session that was
+// authenticating while logins were blocked), steps 2 to 4 run again with
+// REASSIGN/DROP OWNED in the admin's database whatever the catalog said.
 //
 // A user that does not exist is success. An empty req.ProxyRole (a user no
 // lease names, found by reconciliation) means the proxy role recorded in
@@ -515,57 +527,65 @@ func (e *engine) dropUser(ctx context.Context, req broker.DeleteUserRequest) err
 	if err := e.requireManaged(ctx, req.Username); err != nil {
 		return err
 	}
-	if _, err := e.pool.Exec(ctx, blockAndGrantSQL(req.Username, e.admin)); err != nil {
+	if _, err := e.pool.Exec(ctx, BlockLoginsSQL(req.Username, e.admin)); err != nil {
 		if sqlState(err) == codeUndefinedObject {
 			return ErrUserNotFound
 		}
 		return fmt.Errorf("blocking logins: %w", err)
 	}
 
-	// 2.
-	if err := e.endSessions(ctx, users); err != nil {
+	// 2., then 3. and 4. where the catalog says.
+	owned, err := e.endSessions(ctx, users, nil)
+	if err != nil {
 		return err
 	}
+	here := owned.here[req.Username]
+	err = e.disownAndDrop(ctx, req, here, owned.elsewhere[req.Username])
+	if here || sqlState(err) != codeDependentObjects {
+		return err
+	}
+	e.log.Info("DROP ROLE found objects the catalog did not list a moment before; dropping them first",
+		"user", req.Username, "err", e.sanitize(ctx, err))
+	if owned, err = e.endSessions(ctx, users, nil); err != nil {
+		return err
+	}
+	return e.disownAndDrop(ctx, req, true, owned.elsewhere[req.Username])
+}
 
-	// 3. and 4.
-	proxy, err := e.reassignTarget(ctx, req)
-	if err != nil {
-		return err
-	}
-	disown := disownSQL(users, proxy)
-	if proxy == "" {
-		e.log.Warn("no proxy role to reassign to; objects the user owns are dropped",
-			"user", req.Username, "proxy_role", req.ProxyRole)
-	}
-	rows, err := e.pool.Query(ctx, elsewhereQuery, req.Username)
-	if err != nil {
-		return fmt.Errorf("finding databases with objects of the user: %w", err)
-	}
-	type database struct {
-		name      string
-		allowConn bool
-	}
-	dbs, err := pgx.CollectRows(rows, func(r pgx.CollectableRow) (database, error) {
-		var d database
-		return d, r.Scan(&d.name, &d.allowConn)
-	})
-	if err != nil {
-		return fmt.Errorf("finding databases with objects of the user: %w", err)
-	}
-	for _, d := range dbs {
-		if !d.allowConn {
-			return fmt.Errorf("the user has objects in database %q, which allows no connections", d.name)
+// disownAndDrop is steps 3 and 4 of deleteUser: REASSIGN/DROP OWNED in
+// each database of elsewhere, and here too if here is set, then DROP ROLE.
+func (e *engine) disownAndDrop(ctx context.Context, req broker.DeleteUserRequest, here bool, elsewhere []otherDatabase) error {
+	users := []string{req.Username}
+	drop := DropUsersSQL(users...)
+	if here || len(elsewhere) > 0 {
+		proxy, err := e.reassignTarget(ctx, req)
+		if err != nil {
+			return err
 		}
-		if err := e.execIn(ctx, d.name, disown); err != nil {
-			if sqlState(err) == codeUndefinedObject {
-				return ErrUserNotFound
+		if proxy == "" {
+			e.log.Warn("no proxy role to reassign to; objects the user owns are dropped",
+				"user", req.Username, "proxy_role", req.ProxyRole)
+		}
+		disown := DisownSQL(users, proxy)
+		for _, d := range elsewhere {
+			if !d.allowConn {
+				return fmt.Errorf("the user has objects in database %q, which allows no connections", d.name)
 			}
-			return fmt.Errorf("in database %q: %w", d.name, err)
+			if err := e.execIn(ctx, d.name, disown); err != nil {
+				if sqlState(err) == codeUndefinedObject {
+					return ErrUserNotFound
+				}
+				return fmt.Errorf("in database %q: %w", d.name, err)
+			}
+		}
+		if here {
+			// Several statements in one simple-protocol query run as one
+			// transaction: the role goes only together with what it owned
+			// here.
+			drop = disown + "; " + drop
 		}
 	}
-	// Several statements in one simple-protocol query run as one
-	// transaction: the role goes only together with what it owned here.
-	if _, err := e.pool.Exec(ctx, disown+"; "+DropUsersSQL(users...)); err != nil {
+	if _, err := e.pool.Exec(ctx, drop); err != nil {
 		if sqlState(err) == codeUndefinedObject {
 			return ErrUserNotFound
 		}
@@ -603,11 +623,32 @@ func (e *engine) reassignTarget(ctx context.Context, req broker.DeleteUserReques
 	return proxy, nil
 }
 
+// otherDatabase is another database of the cluster where a user owns
+// objects or holds privileges.
+type otherDatabase struct {
+	name      string
+	allowConn bool
+}
+
+// ownership is what pg_shdepend said about the users endSessions ended,
+// once none of their sessions was left.
+type ownership struct {
+	// here: users that own objects or hold privileges in the admin's
+	// database or on shared objects (REASSIGN/DROP OWNED must run here).
+	here map[string]bool
+	// elsewhere: the other databases where each user does.
+	elsewhere map[string][]otherDatabase
+	// usableProxies counts the proxy roles endSessions was given that the
+	// admin has the privileges of.
+	usableProxies int
+}
+
 // endSessions terminates the users' sessions, in every database, until
-// none is left. pg_terminate_backend only signals; the loop re-checks with
-// a short backoff, which also catches a session that was authenticating
-// when logins were blocked.
-func (e *engine) endSessions(ctx context.Context, usernames []string) error {
+// none is left, and returns what the users own as the catalog shows it
+// then (endSessionsQuery: the same round trip). pg_terminate_backend only
+// signals; the loop re-checks with a short backoff, which also catches a
+// session that was authenticating when logins were blocked.
+func (e *engine) endSessions(ctx context.Context, usernames, proxies []string) (ownership, error) {
 	tctx, cancel := context.WithTimeout(ctx, e.terminateTimeout)
 	defer cancel()
 	timedOut := func(n int) error {
@@ -616,23 +657,41 @@ func (e *engine) endSessions(ctx context.Context, usernames []string) error {
 		}
 		return fmt.Errorf("ending sessions: %d still open after %v", n, e.terminateTimeout)
 	}
+	if proxies == nil {
+		proxies = []string{}
+	}
 	delay := 2 * time.Millisecond
 	for n := -1; ; {
-		err := e.pool.QueryRow(tctx, terminateQuery, usernames).Scan(&n)
+		var here, otherUsers, otherDBs []string
+		var otherAllow []bool
+		var owned ownership
+		err := e.pool.QueryRow(tctx, endSessionsQuery, usernames, proxies).
+			Scan(&n, &here, &otherUsers, &otherDBs, &otherAllow, &owned.usableProxies)
 		if err != nil {
 			if tctx.Err() != nil {
-				return timedOut(n)
+				return ownership{}, timedOut(n)
 			}
-			return fmt.Errorf("ending sessions: %w", err)
+			return ownership{}, fmt.Errorf("ending sessions: %w", err)
 		}
 		if n == 0 {
-			return nil
+			owned.here = make(map[string]bool, len(here))
+			for _, u := range here {
+				owned.here[u] = true
+			}
+			owned.elsewhere = map[string][]otherDatabase{}
+			for i, u := range otherUsers {
+				owned.elsewhere[u] = append(owned.elsewhere[u], otherDatabase{name: otherDBs[i], allowConn: otherAllow[i]})
+			}
+			if e.ownershipHook != nil {
+				e.ownershipHook(&owned)
+			}
+			return owned, nil
 		}
 		t := time.NewTimer(delay)
 		select {
 		case <-tctx.Done():
 			t.Stop()
-			return timedOut(n)
+			return ownership{}, timedOut(n)
 		case <-t.C:
 		}
 		delay = min(delay*2, 100*time.Millisecond)

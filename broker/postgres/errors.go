@@ -23,6 +23,7 @@ const (
 	codeUndefinedObject   = "42704" // role does not exist
 	codeDuplicateObject   = "42710" // role already exists
 	codeInsufficientPriv  = "42501"
+	codeDependentObjects  = "2BP01" // DROP ROLE: some objects depend on it
 	codeTooManyConns      = "53300"
 	codeAdminShutdown     = "57P01"
 	codeCrashShutdown     = "57P02"

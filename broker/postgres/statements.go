@@ -54,18 +54,20 @@ func quoteIdents(names []string) string {
 	return strings.Join(q, ", ")
 }
 
-// blockAndGrantSQL is DeleteUser's first step for one user: no more
+// BlockLoginsSQL is DeleteUser's first step for one user: no more
 // logins, and the admin gets the user's privileges, which ending its
 // sessions before PostgreSQL 16 and REASSIGN/DROP OWNED on every version
 // require. A user granted already (made by an older broker) only draws a
 // NOTICE.
-func blockAndGrantSQL(user, admin string) string {
+func BlockLoginsSQL(user, admin string) string {
 	return "ALTER ROLE " + quoteIdent(user) + " NOLOGIN; GRANT " + quoteIdent(user) + " TO " + quoteIdent(admin)
 }
 
-// disownSQL hands what the users own to proxy and drops their remaining
+// DisownSQL hands what the users own to proxy and drops their remaining
 // objects and privileges; with proxy "" everything they own is dropped.
-func disownSQL(users []string, proxy string) string {
+// DeleteUser sends it only in the databases where pg_shdepend says the
+// users own something or hold a privilege (see endSessionsQuery).
+func DisownSQL(users []string, proxy string) string {
 	list := quoteIdents(users)
 	if proxy == "" {
 		return "DROP OWNED BY " + list
@@ -122,30 +124,44 @@ const (
 		WHERE g.rolname = $1 AND ` + managedRole + `
 		ORDER BY 1`
 
-	// terminateQuery ends every session of the users $1 and counts the
-	// sessions it signalled.
-	terminateQuery = `
+	// TerminateQuery ends every session of the users $1 and counts the
+	// sessions it signalled (the second step of DeleteUser, which the
+	// bench's baseline sends too).
+	TerminateQuery = `
 		SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE usename = ANY($1)`
 
-	// elsewhereQuery lists the other databases where the user $1 owns
-	// objects or holds privileges (pg_shdepend, the catalog DROP ROLE
-	// itself consults), and whether they accept connections.
-	elsewhereQuery = `
-		SELECT DISTINCT d.datname, d.datallowconn
-		FROM pg_shdepend s JOIN pg_database d ON d.oid = s.dbid
-		WHERE s.refclassid = 'pg_authid'::regclass
-		  AND s.refobjid = (SELECT oid FROM pg_roles WHERE rolname = $1)
-		  AND d.datname <> current_database()
-		ORDER BY 1`
-
-	// batchDropQuery counts, for DeleteUsers, the dependencies of the
-	// users $1 in other databases, and the proxy roles among $2 the admin
-	// has the privileges of (which REASSIGN OWNED ... TO needs).
-	batchDropQuery = `
-		SELECT (SELECT count(*) FROM pg_shdepend s JOIN pg_database d ON d.oid = s.dbid
-		        WHERE s.refclassid = 'pg_authid'::regclass
-		          AND s.refobjid IN (SELECT oid FROM pg_roles WHERE rolname = ANY($1))
-		          AND d.datname <> current_database()),
+	// endSessionsQuery is TerminateQuery, and in the same round trip what
+	// step 3 needs to know, from pg_shdepend: the catalog DROP ROLE itself
+	// consults, which lists every object a role owns (deptype o, including
+	// its default privileges, pg_default_acl), every object whose ACL
+	// names it as grantee or grantor (a, including default privileges
+	// granted to it), every row-level security policy naming it (r), and
+	// every initial privilege naming it (i), per database, with dbid 0 for
+	// shared objects (databases, tablespaces, parameters). A role without
+	// a row there needs neither REASSIGN OWNED nor DROP OWNED anywhere.
+	// Columns: the sessions signalled; the users $1 with rows in the
+	// current database or on shared objects (what REASSIGN/DROP OWNED run
+	// here settle: DROP OWNED revokes privileges on shared objects too);
+	// the users, database names and datallowconn of rows in other
+	// databases (three arrays, in step); and how many of the proxy roles
+	// $2 the admin has the privileges of (REASSIGN OWNED ... TO needs
+	// them).
+	endSessionsQuery = `
+		WITH dep AS (
+			SELECT DISTINCT r.rolname::text AS u, s.dbid
+			FROM pg_shdepend s JOIN pg_roles r ON r.oid = s.refobjid
+			WHERE s.refclassid = 'pg_authid'::regclass AND r.rolname = ANY($1)
+		), other AS (
+			SELECT dep.u, d.datname::text AS db, d.datallowconn AS allow
+			FROM dep JOIN pg_database d ON d.oid = dep.dbid
+			WHERE d.datname <> current_database()
+		)
+		SELECT (SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE usename = ANY($1)),
+		       ARRAY(SELECT DISTINCT dep.u FROM dep
+		             WHERE dep.dbid = 0 OR dep.dbid = (SELECT oid FROM pg_database WHERE datname = current_database())),
+		       ARRAY(SELECT u FROM other ORDER BY u, db),
+		       ARRAY(SELECT db FROM other ORDER BY u, db),
+		       ARRAY(SELECT allow FROM other ORDER BY u, db),
 		       (SELECT count(*) FROM pg_roles WHERE rolname = ANY($2) AND pg_has_role(current_user, oid, 'USAGE'))`
 
 	// roleSettingQuery reads the proxy role NewUser recorded in the user
