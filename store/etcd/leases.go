@@ -3,6 +3,7 @@ package etcd
 import (
 	"context"
 	"fmt"
+	"math"
 
 	clientv3 "go.etcd.io/etcd/client/v3"
 
@@ -58,6 +59,7 @@ func (s *Store) CreateLease(ctx context.Context, l *broker.Lease) error {
 		return fmt.Errorf("lease %q: %w", l.ID, broker.ErrExists)
 	}
 	l.Revision = uint64(resp.Header.Revision)
+	s.indexes.put(l.ID, resp.Header.Revision, idx, true)
 	return nil
 }
 
@@ -76,7 +78,78 @@ func (s *Store) GetLease(ctx context.Context, id string) (broker.Lease, error) {
 		return broker.Lease{}, fmt.Errorf("lease %q: %w", id, broker.ErrLeaseNotFound)
 	}
 	kv := resp.Kvs[0]
-	return decodeLease(id, kv.Value, kv.ModRevision)
+	return s.decodeRead(id, kv.Value, kv.ModRevision)
+}
+
+// decodeRead decodes a lease record read at mod revision rev and
+// remembers its index key for the next update (indexcache.go).
+func (s *Store) decodeRead(id string, v []byte, rev int64) (broker.Lease, error) {
+	r, err := decodeRecord(id, v)
+	if err != nil {
+		return broker.Lease{}, err
+	}
+	idx, ok := s.keys.indexOf(id, r)
+	s.indexes.put(id, rev, idx, ok)
+	return r.lease(id, rev), nil
+}
+
+var (
+	_ broker.LeasesReader = (*Store)(nil)
+	_ broker.LeaseHinter  = (*Store)(nil)
+)
+
+// GetLeases implements broker.LeasesReader: one linearizable read Txn of
+// at most maxTxnOps keys, all at one revision, where GetLease per lease
+// costs one read through raft each.
+func (s *Store) GetLeases(ctx context.Context, ids []string) ([]broker.Lease, []error) {
+	out := make([]broker.Lease, len(ids))
+	errs := make([]error, len(ids))
+	release, err := s.enter(ctx)
+	if err != nil {
+		return out, fill(errs, err)
+	}
+	defer release()
+	for start := 0; start < len(ids); start += maxTxnOps {
+		chunk := ids[start:min(start+maxTxnOps, len(ids))]
+		ops := make([]clientv3.Op, len(chunk))
+		for j, id := range chunk {
+			ops[j] = clientv3.OpGet(s.keys.lease(id))
+		}
+		resp, err := s.readTxn(ctx, ops)
+		if err != nil {
+			fill(errs[start:start+len(chunk)], errRead("GetLeases", err))
+			continue
+		}
+		for j, id := range chunk {
+			kvs := resp.Responses[j].GetResponseRange().Kvs
+			if len(kvs) == 0 {
+				errs[start+j] = fmt.Errorf("lease %q: %w", id, broker.ErrLeaseNotFound)
+				continue
+			}
+			out[start+j], errs[start+j] = s.decodeRead(id, kvs[0].Value, kvs[0].ModRevision)
+		}
+	}
+	return out, errs
+}
+
+// LeaseHint implements broker.LeaseHinter: a serializable read, answered
+// by the member the client talks to from its own state, without the
+// round of heartbeats a linearizable read waits for. It may be stale.
+func (s *Store) LeaseHint(ctx context.Context, id string) (broker.Lease, error) {
+	release, err := s.enter(ctx)
+	if err != nil {
+		return broker.Lease{}, err
+	}
+	defer release()
+	resp, err := s.get(ctx, s.keys.lease(id), clientv3.WithSerializable())
+	if err != nil {
+		return broker.Lease{}, errRead("LeaseHint", err)
+	}
+	if len(resp.Kvs) == 0 {
+		return broker.Lease{}, fmt.Errorf("lease %q: %w", id, broker.ErrLeaseNotFound)
+	}
+	kv := resp.Kvs[0]
+	return s.decodeRead(id, kv.Value, kv.ModRevision)
 }
 
 // DeleteLease reads the record (for its index key), then deletes the
@@ -108,6 +181,9 @@ func (s *Store) DeleteLease(ctx context.Context, id string) error {
 		}
 		txn, err := s.commit(ctx, "DeleteLease",
 			[]clientv3.Cmp{clientv3.Compare(clientv3.ModRevision(key), "=", kv.ModRevision)}, then, nil)
+		if err == nil && txn.Succeeded {
+			s.indexes.drop(id)
+		}
 		if err != nil || txn.Succeeded {
 			return err
 		}
@@ -201,10 +277,28 @@ func (s *Store) updateLeases(ctx context.Context, ls []broker.Lease) ([]broker.L
 		rounds[n] = append(rounds[n], i)
 	}
 	for _, round := range rounds {
-		// Read the stored records, maxTxnOps keys per read.
+		// The old index keys: from the cache where it knows the
+		// revision the caller passed (the commit's compare then proves
+		// the record unchanged), else from a read of the stored records,
+		// maxTxnOps keys per read.
 		var pending []*update
-		for start := 0; start < len(round); start += maxTxnOps {
-			chunk := round[start:min(start+maxTxnOps, len(round))]
+		var toRead []int
+		for _, i := range round {
+			l := &ls[i]
+			if l.Revision > math.MaxInt64 {
+				errs[i] = fmt.Errorf("lease %q at revision %d: %w", l.ID, l.Revision, broker.ErrConflict)
+				continue
+			}
+			oldIdx, hasOld, ok := s.indexes.get(l.ID, int64(l.Revision))
+			if !ok {
+				toRead = append(toRead, i)
+				continue
+			}
+			pending = append(pending, &update{i: i, key: s.keys.lease(l.ID), rev: int64(l.Revision),
+				val: enc[i].val, newIdx: enc[i].idx, oldIdx: oldIdx, hasOld: hasOld})
+		}
+		for start := 0; start < len(toRead); start += maxTxnOps {
+			chunk := toRead[start:min(start+maxTxnOps, len(toRead))]
 			ops := make([]clientv3.Op, len(chunk))
 			for j, i := range chunk {
 				ops[j] = clientv3.OpGet(s.keys.lease(ls[i].ID))
@@ -290,6 +384,7 @@ func (s *Store) commitGroup(ctx context.Context, ls []broker.Lease, group []*upd
 				// GetLease returns now.
 				l, err := decodeLease(ls[u.i].ID, u.val, resp.Header.Revision)
 				out[u.i], errs[u.i] = l, err
+				s.indexes.put(ls[u.i].ID, resp.Header.Revision, u.newIdx, true)
 			}
 			return
 		}

@@ -18,6 +18,7 @@ import (
 	"log/slog"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
@@ -133,6 +134,12 @@ type Store struct {
 	// marks are this process's stream marks and the session lease they
 	// live on (marks.go).
 	marks markSession
+
+	// indexes remembers leases' index keys by mod revision, so that an
+	// update needs no read first (indexcache.go).
+	indexes indexCache
+	// reads counts the read requests sent to etcd (for tests).
+	reads atomic.Int64
 }
 
 var (
@@ -240,6 +247,7 @@ func (s *Store) request(ctx context.Context) (context.Context, context.CancelFun
 func (s *Store) get(ctx context.Context, key string, opts ...clientv3.OpOption) (*clientv3.GetResponse, error) {
 	rctx, cancel := s.request(ctx)
 	defer cancel()
+	s.reads.Add(1)
 	return s.cli.Get(rctx, key, opts...)
 }
 
@@ -281,6 +289,7 @@ func (s *Store) commit(ctx context.Context, op string, cmps []clientv3.Cmp, then
 func (s *Store) readTxn(ctx context.Context, ops []clientv3.Op) (*clientv3.TxnResponse, error) {
 	rctx, cancel := s.request(ctx)
 	defer cancel()
+	s.reads.Add(1)
 	return s.cli.Txn(rctx).Then(ops...).Commit()
 }
 
