@@ -12,9 +12,8 @@ import (
 
 // CreateLease is one Txn: if the lease key was never created (create
 // revision 0), put the record and its index key, delete the intent, and
-// move the role's last issue time forward. The last issue time moves in a
-// nested Txn that compares the stored value (fixed-width hex, so byte
-// order is time order), so the create needs no read first and no retry.
+// move the role's last issue time forward (lastIssuedOp: no read first
+// and no retry). Concurrent creates share a Txn (groupcommit.go).
 func (s *Store) CreateLease(ctx context.Context, l *broker.Lease) error {
 	if l == nil {
 		return fmt.Errorf("%w: nil lease", broker.ErrInvalidArgument)
@@ -32,26 +31,22 @@ func (s *Store) CreateLease(ctx context.Context, l *broker.Lease) error {
 	if !ok { // CheckStorable accepted the state: unreachable
 		return fmt.Errorf("%w: lease %q has no index key", broker.ErrInvalidArgument, l.ID)
 	}
-	key := s.keys.lease(l.ID)
-	then := []clientv3.Op{
-		clientv3.OpPut(key, string(val)),
-		clientv3.OpPut(idx.key, idx.val),
-		clientv3.OpDelete(s.keys.intent(l.ID)),
+	key, intent := s.keys.lease(l.ID), s.keys.intent(l.ID)
+	w := &groupWrite{
+		op:   "CreateLease",
+		cmps: []clientv3.Cmp{clientv3.Compare(clientv3.CreateRevision(key), "=", 0)},
+		then: []clientv3.Op{
+			clientv3.OpPut(key, string(val)),
+			clientv3.OpPut(idx.key, idx.val),
+			clientv3.OpDelete(intent),
+		},
+		keys: []string{key, idx.key, intent},
+		size: len(key) + len(val) + len(idx.key) + len(idx.val) + len(intent),
 	}
 	if l.Role != "" && rec.Issue != 0 {
-		act, issue := s.keys.lastIssued(l.Role), hex16(rec.Issue)
-		put := clientv3.OpPut(act, issue)
-		then = append(then, clientv3.OpTxn(
-			[]clientv3.Cmp{clientv3.Compare(clientv3.CreateRevision(act), "=", 0)},
-			[]clientv3.Op{put},
-			// A value compare fails on a missing key, hence two levels.
-			[]clientv3.Op{clientv3.OpTxn(
-				[]clientv3.Cmp{clientv3.Compare(clientv3.Value(act), "<", issue)},
-				[]clientv3.Op{put}, nil)},
-		))
+		w.role, w.issue = l.Role, hex16(rec.Issue)
 	}
-	resp, err := s.commit(ctx, "CreateLease",
-		[]clientv3.Cmp{clientv3.Compare(clientv3.CreateRevision(key), "=", 0)}, then, nil)
+	resp, err := s.commitGrouped(ctx, w)
 	if err != nil {
 		return err
 	}

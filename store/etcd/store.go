@@ -138,8 +138,11 @@ type Store struct {
 	// indexes remembers leases' index keys by mod revision, so that an
 	// update needs no read first (indexcache.go).
 	indexes indexCache
-	// reads counts the read requests sent to etcd (for tests).
-	reads atomic.Int64
+	// group merges concurrent unfenced PutIntents and CreateLeases into
+	// one Txn (groupcommit.go).
+	group groupCommitter
+	// reads and writes count the requests sent to etcd (for tests).
+	reads, writes atomic.Int64
 }
 
 var (
@@ -261,6 +264,7 @@ func (s *Store) get(ctx context.Context, key string, opts ...clientv3.OpOption) 
 func (s *Store) commit(ctx context.Context, op string, cmps []clientv3.Cmp, then, els []clientv3.Op) (*clientv3.TxnResponse, error) {
 	rctx, cancel := s.request(ctx)
 	defer cancel()
+	s.writes.Add(1)
 	fence, fenced := broker.FenceFrom(ctx)
 	if !fenced {
 		resp, err := s.cli.Txn(rctx).If(cmps...).Then(then...).Else(els...).Commit()
@@ -351,7 +355,9 @@ func (s *Store) PutIntent(ctx context.Context, in broker.Intent) error {
 	if err != nil {
 		return err
 	}
-	_, err = s.commit(ctx, "PutIntent", nil, []clientv3.Op{clientv3.OpPut(s.keys.intent(in.LeaseID), string(v))}, nil)
+	key := s.keys.intent(in.LeaseID)
+	_, err = s.commitGrouped(ctx, &groupWrite{op: "PutIntent", then: []clientv3.Op{clientv3.OpPut(key, string(v))},
+		keys: []string{key}, size: len(key) + len(v)})
 	return err
 }
 
