@@ -1,6 +1,10 @@
 package etcd
 
-import "sync"
+import (
+	"sync"
+
+	"github.com/credbroker/credbroker/broker"
+)
 
 // The index cache. Updating a lease moves its index key, and the old key
 // is derived from the stored record; UpdateLeases used to read every
@@ -19,15 +23,20 @@ import "sync"
 // (etcd restored from a snapshot under running brokers): etcd's own
 // documentation requires restarting clients then, since watches and
 // revision compares of every client break the same way.
+//
+// The cache keeps the lease of that version too, for LeaseHint: a hint
+// may be stale by contract (broker.LeaseHinter), and this one is at worst
+// the last version this store saw.
 
 // indexCacheMax bounds the cache; past it, an insert evicts arbitrary
 // entries (a miss costs only the read the cache saves).
-const indexCacheMax = 1 << 16
+const indexCacheMax = 1 << 15
 
 type cachedIndex struct {
 	rev    int64
 	idx    indexKey
 	hasIdx bool
+	lease  broker.Lease
 }
 
 type indexCache struct {
@@ -35,9 +44,10 @@ type indexCache struct {
 	m  map[string]cachedIndex
 }
 
-// put records that the lease id at mod revision rev has index key idx
-// (hasIdx false: none). An older revision never replaces a newer one.
-func (c *indexCache) put(id string, rev int64, idx indexKey, hasIdx bool) {
+// put records that the lease id at mod revision rev is l and has index
+// key idx (hasIdx false: none). An older revision never replaces a newer
+// one. l becomes the cache's: the caller must not change it.
+func (c *indexCache) put(id string, rev int64, idx indexKey, hasIdx bool, l broker.Lease) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if c.m == nil {
@@ -56,7 +66,7 @@ func (c *indexCache) put(id string, rev int64, idx indexKey, hasIdx bool) {
 		}
 	}
 	// Only the key is needed (the old key is deleted, never read).
-	c.m[id] = cachedIndex{rev: rev, idx: indexKey{key: idx.key}, hasIdx: hasIdx}
+	c.m[id] = cachedIndex{rev: rev, idx: indexKey{key: idx.key}, hasIdx: hasIdx, lease: l}
 }
 
 // get returns the index key of the lease id at mod revision rev, if known.
@@ -68,6 +78,17 @@ func (c *indexCache) get(id string, rev int64) (indexKey, bool, bool) {
 		return indexKey{}, false, false
 	}
 	return e.idx, e.hasIdx, true
+}
+
+// hint returns the last version of the lease the cache knows.
+func (c *indexCache) hint(id string) (broker.Lease, bool) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	e, ok := c.m[id]
+	if !ok {
+		return broker.Lease{}, false
+	}
+	return e.lease.Clone(), true
 }
 
 func (c *indexCache) drop(id string) {

@@ -54,7 +54,7 @@ func (s *Store) CreateLease(ctx context.Context, l *broker.Lease) error {
 		return fmt.Errorf("lease %q: %w", l.ID, broker.ErrExists)
 	}
 	l.Revision = uint64(resp.Header.Revision)
-	s.indexes.put(l.ID, resp.Header.Revision, idx, true)
+	s.indexes.put(l.ID, resp.Header.Revision, idx, true, l.Clone())
 	return nil
 }
 
@@ -84,8 +84,9 @@ func (s *Store) decodeRead(id string, v []byte, rev int64) (broker.Lease, error)
 		return broker.Lease{}, err
 	}
 	idx, ok := s.keys.indexOf(id, r)
-	s.indexes.put(id, rev, idx, ok)
-	return r.lease(id, rev), nil
+	l := r.lease(id, rev)
+	s.indexes.put(id, rev, idx, ok, l.Clone())
+	return l, nil
 }
 
 var (
@@ -127,15 +128,19 @@ func (s *Store) GetLeases(ctx context.Context, ids []string) ([]broker.Lease, []
 	return out, errs
 }
 
-// LeaseHint implements broker.LeaseHinter: a serializable read, answered
-// by the member the client talks to from its own state, without the
-// round of heartbeats a linearizable read waits for. It may be stale.
+// LeaseHint implements broker.LeaseHinter: the last version this store
+// read or wrote (indexcache.go), else a serializable read, answered by
+// the member the client talks to from its own state, without the round
+// of heartbeats a linearizable read waits for. It may be stale.
 func (s *Store) LeaseHint(ctx context.Context, id string) (broker.Lease, error) {
 	release, err := s.enter(ctx)
 	if err != nil {
 		return broker.Lease{}, err
 	}
 	defer release()
+	if l, ok := s.indexes.hint(id); ok {
+		return l, nil
+	}
 	resp, err := s.get(ctx, s.keys.lease(id), clientv3.WithSerializable())
 	if err != nil {
 		return broker.Lease{}, errRead("LeaseHint", err)
@@ -379,7 +384,9 @@ func (s *Store) commitGroup(ctx context.Context, ls []broker.Lease, group []*upd
 				// GetLease returns now.
 				l, err := decodeLease(ls[u.i].ID, u.val, resp.Header.Revision)
 				out[u.i], errs[u.i] = l, err
-				s.indexes.put(ls[u.i].ID, resp.Header.Revision, u.newIdx, true)
+				if err == nil {
+					s.indexes.put(l.ID, resp.Header.Revision, u.newIdx, true, l.Clone())
+				}
 			}
 			return
 		}

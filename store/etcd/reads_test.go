@@ -108,3 +108,35 @@ func TestGetLeasesOneReadPer128(t *testing.T) {
 		t.Errorf("missing: %v, want ErrLeaseNotFound", errs[len(ids)-1])
 	}
 }
+
+// A hint of a lease this store wrote or read costs no request; one it
+// never saw is one (serializable) read.
+func TestLeaseHintFromWhatTheStoreSaw(t *testing.T) {
+	eps := etcdtest.Server(t)
+	prefix := etcdtest.Prefix(t, eps)
+	s := openAt(t, eps, prefix)
+	other := openAt(t, eps, prefix)
+	mine := createN(t, s, 1, nil)[0]
+	theirs := storetest.MustCreate(t, other, storetest.NewLease("theirs", "ro", "svc", at(time.Hour)))[0]
+
+	before := etcd.Reads(s)
+	got, err := s.LeaseHint(t.Context(), mine.ID)
+	if err != nil || got.Revision != mine.Revision || got.Target != mine.Target {
+		t.Fatalf("hint of a lease s created: %+v, %v", got, err)
+	}
+	if n := etcd.Reads(s) - before; n != 0 {
+		t.Errorf("hint of a lease s created sent %d reads, want 0", n)
+	}
+	got, err = s.LeaseHint(t.Context(), theirs.ID)
+	if err != nil || got.Revision != theirs.Revision {
+		t.Fatalf("hint of a lease another store created: %+v, %v", got, err)
+	}
+	if n := etcd.Reads(s) - before; n != 1 {
+		t.Errorf("hint of a lease s never saw sent %d reads, want 1", n)
+	}
+	// The hint is a copy.
+	got.Metadata["pod"] = "changed"
+	if again, _ := s.LeaseHint(t.Context(), theirs.ID); again.Metadata["pod"] == "changed" {
+		t.Error("changing a hint changed the store's copy")
+	}
+}
