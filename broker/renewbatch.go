@@ -170,12 +170,13 @@ func (b *Broker) renewBatch(target string, calls []*renewCall) {
 		}
 		items = append(items, &renewItem{call: c, unlock: unlock, result: alone})
 	}
-	// One read for the batch, under the leases' locks.
+	// One read for the batch, under the leases' locks; maybe stale
+	// (storereads.go), which UpdateLeases' compare-and-set catches.
 	ids := make([]string, len(items))
 	for i, it := range items {
 		ids[i] = it.call.id
 	}
-	read, readErrs := b.getLeases(ctx, ids)
+	read, readErrs, fresh := b.leaseHints(ctx, ids)
 	for i, it := range items {
 		l, err := read[i], readErrs[i]
 		if err != nil || l.State != StateActive || !now.Before(l.ExpireTime) || l.Target != target {
@@ -184,6 +185,9 @@ func (b *Broker) renewBatch(target string, calls []*renewCall) {
 		it.lease = l
 		it.newExpire = b.renewedExpiry(l, now, it.call.inc)
 		if !it.newExpire.After(l.ExpireTime) {
+			if !fresh {
+				continue // an answer without a write: the single path reads afresh
+			}
 			if !l.ValidUntilBehind {
 				// Nothing to extend: at the cap, or asked for less than it has.
 				b.publishRenewal(l)

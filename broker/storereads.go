@@ -28,6 +28,8 @@ type LeaseHinter interface {
 	//
 	// Backend: etcd: a serializable Get, answered by one member alone.
 	LeaseHint(ctx context.Context, id string) (Lease, error)
+	// LeaseHints is LeaseHint of many leases, in one request at most.
+	LeaseHints(ctx context.Context, ids []string) ([]Lease, []error)
 }
 
 // getLeases reads ids through LeasesReader when the store has it.
@@ -41,6 +43,18 @@ func (b *Broker) getLeases(ctx context.Context, ids []string) ([]Lease, []error)
 		out[i], errs[i] = b.store.GetLease(ctx, id)
 	}
 	return out, errs
+}
+
+// leaseHints reads ids for a batch that writes what it decides with a
+// compare-and-set: hints when the store has them (fresh false: what the
+// batch would answer without a write needs a fresh read), else GetLeases.
+func (b *Broker) leaseHints(ctx context.Context, ids []string) (ls []Lease, errs []error, fresh bool) {
+	if h, ok := b.store.(LeaseHinter); ok {
+		ls, errs = h.LeaseHints(ctx, ids)
+		return ls, errs, false
+	}
+	ls, errs = b.getLeases(ctx, ids)
+	return ls, errs, true
 }
 
 // leaseHint reads id through LeaseHinter when the store has it.

@@ -105,6 +105,11 @@ func (s *Store) GetLeases(ctx context.Context, ids []string) ([]broker.Lease, []
 		return out, fill(errs, err)
 	}
 	defer release()
+	s.getLeases(ctx, ids, out, errs)
+	return out, errs
+}
+
+func (s *Store) getLeases(ctx context.Context, ids []string, out []broker.Lease, errs []error) {
 	for start := 0; start < len(ids); start += maxTxnOps {
 		chunk := ids[start:min(start+maxTxnOps, len(ids))]
 		ops := make([]clientv3.Op, len(chunk))
@@ -124,6 +129,36 @@ func (s *Store) GetLeases(ctx context.Context, ids []string) ([]broker.Lease, []
 			}
 			out[start+j], errs[start+j] = s.decodeRead(id, kvs[0].Value, kvs[0].ModRevision)
 		}
+	}
+}
+
+// LeaseHints implements broker.LeaseHinter: what LeaseHint returns from
+// the cache, and for the leases the cache does not know, GetLeases.
+func (s *Store) LeaseHints(ctx context.Context, ids []string) ([]broker.Lease, []error) {
+	out := make([]broker.Lease, len(ids))
+	errs := make([]error, len(ids))
+	release, err := s.enter(ctx)
+	if err != nil {
+		return out, fill(errs, err)
+	}
+	defer release()
+	var miss []int
+	var missIDs []string
+	for i, id := range ids {
+		if l, ok := s.indexes.hint(id); ok {
+			out[i] = l
+			continue
+		}
+		miss = append(miss, i)
+		missIDs = append(missIDs, id)
+	}
+	if len(miss) == 0 {
+		return out, errs
+	}
+	mo, me := make([]broker.Lease, len(miss)), make([]error, len(miss))
+	s.getLeases(ctx, missIDs, mo, me)
+	for j, i := range miss {
+		out[i], errs[i] = mo[j], me[j]
 	}
 	return out, errs
 }

@@ -66,5 +66,19 @@ func testOptionalReads(t *testing.T, open OpenFunc) {
 		if _, err := h.LeaseHint(t.Context(), "missing"); !errors.Is(err, broker.ErrLeaseNotFound) {
 			t.Errorf("LeaseHint(missing) error %v, want ErrLeaseNotFound", err)
 		}
+		hs, errs := h.LeaseHints(t.Context(), []string{"missing", "a"})
+		if len(hs) != 2 || len(errs) != 2 {
+			t.Fatalf("LeaseHints returned %d leases and %d errors for 2 ids", len(hs), len(errs))
+		}
+		if !errors.Is(errs[0], broker.ErrLeaseNotFound) {
+			t.Errorf("LeaseHints[missing] error %v, want ErrLeaseNotFound", errs[0])
+		}
+		switch {
+		case errors.Is(errs[1], broker.ErrLeaseNotFound):
+		case errs[1] != nil:
+			t.Errorf("LeaseHints[a]: %v", errs[1])
+		default:
+			assertLeaseEqual(t, hs[1], l)
+		}
 	})
 }
