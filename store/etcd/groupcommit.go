@@ -56,14 +56,6 @@ type groupCommitter struct {
 	running bool
 }
 
-// ops is the write's operation count (its last-issue move included).
-func (w *groupWrite) ops() int {
-	if w.role != "" {
-		return len(w.then) + 1
-	}
-	return len(w.then)
-}
-
 // lastIssuedOp moves the role's last issue time forward to issue in a
 // nested Txn that compares the stored value (fixed-width hex, so byte
 // order is time order): no read first and no retry.
