@@ -62,8 +62,8 @@ type renewResult struct {
 // renewBatched renews one lease through its target's batch. It returns
 // errRenewAlone when the caller must use the single-lease path instead.
 func (b *Broker) renewBatched(ctx context.Context, id string, inc time.Duration) (Lease, error) {
-	// Only a hint: it picks the target's batch, and the batch reads the
-	// lease again under its lock (storereads.go).
+	// Only a hint: it picks the target's batch, whose compare-and-set
+	// (or the single path's fresh read) settles the rest (storereads.go).
 	l, err := b.leaseHint(ctx, id)
 	if err != nil || l.State != StateActive {
 		// Let the single path give the precise answer.
