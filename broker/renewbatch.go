@@ -86,7 +86,9 @@ type renewResult struct {
 // renewBatched renews one lease through its target's batch. It returns
 // errRenewAlone when the caller must use the single-lease path instead.
 func (b *Broker) renewBatched(ctx context.Context, id string, inc time.Duration) (Lease, error) {
-	l, err := b.store.GetLease(ctx, id)
+	// Only a hint: it picks the target's batch, whose compare-and-set
+	// (or the single path's fresh read) settles the rest (storereads.go).
+	l, err := b.leaseHint(ctx, id)
 	if err != nil || l.State != StateActive {
 		// Let the single path give the precise answer.
 		return Lease{}, errRenewAlone
@@ -227,15 +229,26 @@ func (b *Broker) renewBatch(target string, calls []*renewCall) {
 			c.done <- alone
 			continue
 		}
-		it := &renewItem{call: c, unlock: unlock, result: alone}
-		items = append(items, it)
-		l, err := b.store.GetLease(ctx, c.id)
+		items = append(items, &renewItem{call: c, unlock: unlock, result: alone})
+	}
+	// One read for the batch, under the leases' locks; maybe stale
+	// (storereads.go), which UpdateLeases' compare-and-set catches.
+	ids := make([]string, len(items))
+	for i, it := range items {
+		ids[i] = it.call.id
+	}
+	read, readErrs, fresh := b.leaseHints(ctx, ids)
+	for i, it := range items {
+		l, err := read[i], readErrs[i]
 		if err != nil || l.State != StateActive || !now.Before(l.ExpireTime) || l.Target != target {
 			continue
 		}
 		it.lease = l
-		it.newExpire = b.renewedExpiry(l, now, c.inc)
+		it.newExpire = b.renewedExpiry(l, now, it.call.inc)
 		if !it.newExpire.After(l.ExpireTime) {
+			if !fresh {
+				continue // an answer without a write: the single path reads afresh
+			}
 			if !l.ValidUntilBehind {
 				// Nothing to extend: at the cap, or asked for less than it has.
 				b.publishRenewal(l)

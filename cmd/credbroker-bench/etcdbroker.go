@@ -148,13 +148,16 @@ func (e *env) runEtcdBroker(ctx context.Context, rep *report) error {
 		{"renew (unary)", renew(etcdCred, leasesE), renew(e.cred, leasesB), func() {}},
 	} {
 		var re, rb result
+		me, mb := &cpuMeter{members: cluster.Members}, &cpuMeter{members: cluster.Members}
+		runE := func() result { return closedLoop(ctx, c, e.opts.phase, sc.etcd) }
+		runB := func() result { return closedLoop(ctx, c, e.opts.phase, sc.bb) }
 		for r := range e.opts.rounds {
 			if r%2 == 0 {
-				rb.merge(closedLoop(ctx, c, e.opts.phase, sc.bb))
-				re.merge(closedLoop(ctx, c, e.opts.phase, sc.etcd))
+				rb.merge(mb.measure(runB))
+				re.merge(me.measure(runE))
 			} else {
-				re.merge(closedLoop(ctx, c, e.opts.phase, sc.etcd))
-				rb.merge(closedLoop(ctx, c, e.opts.phase, sc.bb))
+				re.merge(me.measure(runE))
+				rb.merge(mb.measure(runB))
 			}
 		}
 		sc.after()
@@ -169,6 +172,9 @@ func (e *env) runEtcdBroker(ctx context.Context, rep *report) error {
 		rep.add(tput)
 		rep.add(latencyRow(name, "latency p50 (etcd vs bbolt broker)", re.pct(50), rb.pct(50)))
 		rep.add(latencyRow(name, "latency p99 (etcd vs bbolt broker)", re.pct(99), rb.pct(99)))
+		for _, r := range cpuRows(name, re, rb, me, mb) {
+			rep.add(r)
+		}
 	}
 	rep.note("etcd broker rows: the broker column is a broker on the etcd store (%d members on loopback, fsync on), the baseline column the bench's broker on bbolt (fsync on); both in this process, same PostgreSQL, gRPC over loopback", len(cluster.Members))
 	return nil

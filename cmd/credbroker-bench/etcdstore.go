@@ -104,13 +104,16 @@ func (e *env) runEtcdStore(ctx context.Context, rep *report) error {
 		{"renew", renew(es, eIDs), renew(bs, bIDs)},
 	} {
 		var re, rb result
+		me, mb := &cpuMeter{members: cluster.Members}, &cpuMeter{members: cluster.Members}
+		runE := func() result { return closedLoop(ctx, c, e.opts.phase, sc.etcd) }
+		runB := func() result { return closedLoop(ctx, c, e.opts.phase, sc.bb) }
 		for r := range e.opts.rounds {
 			if r%2 == 0 {
-				rb.merge(closedLoop(ctx, c, e.opts.phase, sc.bb))
-				re.merge(closedLoop(ctx, c, e.opts.phase, sc.etcd))
+				rb.merge(mb.measure(runB))
+				re.merge(me.measure(runE))
 			} else {
-				re.merge(closedLoop(ctx, c, e.opts.phase, sc.etcd))
-				rb.merge(closedLoop(ctx, c, e.opts.phase, sc.bb))
+				re.merge(me.measure(runE))
+				rb.merge(mb.measure(runB))
 			}
 		}
 		name := fmt.Sprintf("etcd store %s c=%d", sc.name, c)
@@ -124,6 +127,9 @@ func (e *env) runEtcdStore(ctx context.Context, rep *report) error {
 		rep.add(row)
 		rep.add(latencyRow(name, "latency p50 (etcd vs bbolt)", re.pct(50), rb.pct(50)))
 		rep.add(latencyRow(name, "latency p99 (etcd vs bbolt)", re.pct(99), rb.pct(99)))
+		for _, r := range cpuRows(name, re, rb, me, mb) {
+			rep.add(r)
+		}
 	}
 	rep.note("etcd store rows: the broker column is the etcd store (%d members on loopback, fsync on), the baseline column the bbolt store (fsync on); store calls only, no PostgreSQL", len(cluster.Members))
 	return nil

@@ -1,5 +1,7 @@
 package etcd
 
+import "sync"
+
 // SetScanPage sets how many keys a scan's range read returns, until the
 // test ends (the caller restores it with the returned func).
 func SetScanPage(n int64) (restore func()) {
@@ -44,4 +46,36 @@ func SessionLease(s *Store) int64 {
 func Crash(s *Store) {
 	s.doneCancel()
 	_ = s.cli.Close()
+}
+
+// Reads is how many read requests the store has sent to etcd.
+func Reads(s *Store) int64 { return s.reads.Load() }
+
+// Writes is how many write Txns the store has sent to etcd.
+func Writes(s *Store) int64 { return s.writes.Load() }
+
+// HoldGroupCommit makes the group committer's next Txn wait: entered is
+// closed once it waits, and release lets it (and every later one) go.
+func HoldGroupCommit() (entered <-chan struct{}, release func()) {
+	in, out := make(chan struct{}), make(chan struct{})
+	var first sync.Once
+	hook := func() {
+		first.Do(func() { close(in) })
+		<-out
+	}
+	testHookGroupCommit.Store(&hook)
+	var once sync.Once
+	return in, func() {
+		once.Do(func() {
+			testHookGroupCommit.Store(nil)
+			close(out)
+		})
+	}
+}
+
+// PendingGroup is how many writes wait for the group committer.
+func PendingGroup(s *Store) int {
+	s.group.mu.Lock()
+	defer s.group.mu.Unlock()
+	return len(s.group.pending)
 }

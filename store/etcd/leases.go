@@ -3,6 +3,7 @@ package etcd
 import (
 	"context"
 	"fmt"
+	"math"
 
 	clientv3 "go.etcd.io/etcd/client/v3"
 
@@ -11,9 +12,8 @@ import (
 
 // CreateLease is one Txn: if the lease key was never created (create
 // revision 0), put the record and its index key, delete the intent, and
-// move the role's last issue time forward. The last issue time moves in a
-// nested Txn that compares the stored value (fixed-width hex, so byte
-// order is time order), so the create needs no read first and no retry.
+// move the role's last issue time forward (lastIssuedOp: no read first
+// and no retry). Concurrent creates share a Txn (groupcommit.go).
 func (s *Store) CreateLease(ctx context.Context, l *broker.Lease) error {
 	if l == nil {
 		return fmt.Errorf("%w: nil lease", broker.ErrInvalidArgument)
@@ -31,26 +31,22 @@ func (s *Store) CreateLease(ctx context.Context, l *broker.Lease) error {
 	if !ok { // CheckStorable accepted the state: unreachable
 		return fmt.Errorf("%w: lease %q has no index key", broker.ErrInvalidArgument, l.ID)
 	}
-	key := s.keys.lease(l.ID)
-	then := []clientv3.Op{
-		clientv3.OpPut(key, string(val)),
-		clientv3.OpPut(idx.key, idx.val),
-		clientv3.OpDelete(s.keys.intent(l.ID)),
+	key, intent := s.keys.lease(l.ID), s.keys.intent(l.ID)
+	w := &groupWrite{
+		op:   "CreateLease",
+		cmps: []clientv3.Cmp{clientv3.Compare(clientv3.CreateRevision(key), "=", 0)},
+		then: []clientv3.Op{
+			clientv3.OpPut(key, string(val)),
+			clientv3.OpPut(idx.key, idx.val),
+			clientv3.OpDelete(intent),
+		},
+		keys: []string{key, idx.key, intent},
+		size: len(key) + len(val) + len(idx.key) + len(idx.val) + len(intent),
 	}
 	if l.Role != "" && rec.Issue != 0 {
-		act, issue := s.keys.lastIssued(l.Role), hex16(rec.Issue)
-		put := clientv3.OpPut(act, issue)
-		then = append(then, clientv3.OpTxn(
-			[]clientv3.Cmp{clientv3.Compare(clientv3.CreateRevision(act), "=", 0)},
-			[]clientv3.Op{put},
-			// A value compare fails on a missing key, hence two levels.
-			[]clientv3.Op{clientv3.OpTxn(
-				[]clientv3.Cmp{clientv3.Compare(clientv3.Value(act), "<", issue)},
-				[]clientv3.Op{put}, nil)},
-		))
+		w.role, w.issue = l.Role, hex16(rec.Issue)
 	}
-	resp, err := s.commit(ctx, "CreateLease",
-		[]clientv3.Cmp{clientv3.Compare(clientv3.CreateRevision(key), "=", 0)}, then, nil)
+	resp, err := s.commitGrouped(ctx, w)
 	if err != nil {
 		return err
 	}
@@ -58,6 +54,7 @@ func (s *Store) CreateLease(ctx context.Context, l *broker.Lease) error {
 		return fmt.Errorf("lease %q: %w", l.ID, broker.ErrExists)
 	}
 	l.Revision = uint64(resp.Header.Revision)
+	s.indexes.put(l.ID, resp.Header.Revision, idx, true, l.Clone())
 	return nil
 }
 
@@ -76,7 +73,118 @@ func (s *Store) GetLease(ctx context.Context, id string) (broker.Lease, error) {
 		return broker.Lease{}, fmt.Errorf("lease %q: %w", id, broker.ErrLeaseNotFound)
 	}
 	kv := resp.Kvs[0]
-	return decodeLease(id, kv.Value, kv.ModRevision)
+	return s.decodeRead(id, kv.Value, kv.ModRevision)
+}
+
+// decodeRead decodes a lease record read at mod revision rev and
+// remembers its index key for the next update (indexcache.go).
+func (s *Store) decodeRead(id string, v []byte, rev int64) (broker.Lease, error) {
+	r, err := decodeRecord(id, v)
+	if err != nil {
+		return broker.Lease{}, err
+	}
+	idx, ok := s.keys.indexOf(id, r)
+	l := r.lease(id, rev)
+	s.indexes.put(id, rev, idx, ok, l.Clone())
+	return l, nil
+}
+
+var (
+	_ broker.LeasesReader = (*Store)(nil)
+	_ broker.LeaseHinter  = (*Store)(nil)
+)
+
+// GetLeases implements broker.LeasesReader: one linearizable read Txn of
+// at most maxTxnOps keys, all at one revision, where GetLease per lease
+// costs one read through raft each.
+func (s *Store) GetLeases(ctx context.Context, ids []string) ([]broker.Lease, []error) {
+	out := make([]broker.Lease, len(ids))
+	errs := make([]error, len(ids))
+	release, err := s.enter(ctx)
+	if err != nil {
+		return out, fill(errs, err)
+	}
+	defer release()
+	s.getLeases(ctx, ids, out, errs)
+	return out, errs
+}
+
+func (s *Store) getLeases(ctx context.Context, ids []string, out []broker.Lease, errs []error) {
+	for start := 0; start < len(ids); start += maxTxnOps {
+		chunk := ids[start:min(start+maxTxnOps, len(ids))]
+		ops := make([]clientv3.Op, len(chunk))
+		for j, id := range chunk {
+			ops[j] = clientv3.OpGet(s.keys.lease(id))
+		}
+		resp, err := s.readTxn(ctx, ops)
+		if err != nil {
+			fill(errs[start:start+len(chunk)], errRead("GetLeases", err))
+			continue
+		}
+		for j, id := range chunk {
+			kvs := resp.Responses[j].GetResponseRange().Kvs
+			if len(kvs) == 0 {
+				errs[start+j] = fmt.Errorf("lease %q: %w", id, broker.ErrLeaseNotFound)
+				continue
+			}
+			out[start+j], errs[start+j] = s.decodeRead(id, kvs[0].Value, kvs[0].ModRevision)
+		}
+	}
+}
+
+// LeaseHints implements broker.LeaseHinter: what LeaseHint returns from
+// the cache, and for the leases the cache does not know, GetLeases.
+func (s *Store) LeaseHints(ctx context.Context, ids []string) ([]broker.Lease, []error) {
+	out := make([]broker.Lease, len(ids))
+	errs := make([]error, len(ids))
+	release, err := s.enter(ctx)
+	if err != nil {
+		return out, fill(errs, err)
+	}
+	defer release()
+	var miss []int
+	var missIDs []string
+	for i, id := range ids {
+		if l, ok := s.indexes.hint(id); ok {
+			out[i] = l
+			continue
+		}
+		miss = append(miss, i)
+		missIDs = append(missIDs, id)
+	}
+	if len(miss) == 0 {
+		return out, errs
+	}
+	mo, me := make([]broker.Lease, len(miss)), make([]error, len(miss))
+	s.getLeases(ctx, missIDs, mo, me)
+	for j, i := range miss {
+		out[i], errs[i] = mo[j], me[j]
+	}
+	return out, errs
+}
+
+// LeaseHint implements broker.LeaseHinter: the last version this store
+// read or wrote (indexcache.go), else a serializable read, answered by
+// the member the client talks to from its own state, without the round
+// of heartbeats a linearizable read waits for. It may be stale.
+func (s *Store) LeaseHint(ctx context.Context, id string) (broker.Lease, error) {
+	release, err := s.enter(ctx)
+	if err != nil {
+		return broker.Lease{}, err
+	}
+	defer release()
+	if l, ok := s.indexes.hint(id); ok {
+		return l, nil
+	}
+	resp, err := s.get(ctx, s.keys.lease(id), clientv3.WithSerializable())
+	if err != nil {
+		return broker.Lease{}, errRead("LeaseHint", err)
+	}
+	if len(resp.Kvs) == 0 {
+		return broker.Lease{}, fmt.Errorf("lease %q: %w", id, broker.ErrLeaseNotFound)
+	}
+	kv := resp.Kvs[0]
+	return s.decodeRead(id, kv.Value, kv.ModRevision)
 }
 
 // DeleteLease reads the record (for its index key), then deletes the
@@ -108,6 +216,9 @@ func (s *Store) DeleteLease(ctx context.Context, id string) error {
 		}
 		txn, err := s.commit(ctx, "DeleteLease",
 			[]clientv3.Cmp{clientv3.Compare(clientv3.ModRevision(key), "=", kv.ModRevision)}, then, nil)
+		if err == nil && txn.Succeeded {
+			s.indexes.drop(id)
+		}
 		if err != nil || txn.Succeeded {
 			return err
 		}
@@ -201,10 +312,28 @@ func (s *Store) updateLeases(ctx context.Context, ls []broker.Lease) ([]broker.L
 		rounds[n] = append(rounds[n], i)
 	}
 	for _, round := range rounds {
-		// Read the stored records, maxTxnOps keys per read.
+		// The old index keys: from the cache where it knows the
+		// revision the caller passed (the commit's compare then proves
+		// the record unchanged), else from a read of the stored records,
+		// maxTxnOps keys per read.
 		var pending []*update
-		for start := 0; start < len(round); start += maxTxnOps {
-			chunk := round[start:min(start+maxTxnOps, len(round))]
+		var toRead []int
+		for _, i := range round {
+			l := &ls[i]
+			if l.Revision > math.MaxInt64 {
+				errs[i] = fmt.Errorf("lease %q at revision %d: %w", l.ID, l.Revision, broker.ErrConflict)
+				continue
+			}
+			oldIdx, hasOld, ok := s.indexes.get(l.ID, int64(l.Revision))
+			if !ok {
+				toRead = append(toRead, i)
+				continue
+			}
+			pending = append(pending, &update{i: i, key: s.keys.lease(l.ID), rev: int64(l.Revision),
+				val: enc[i].val, newIdx: enc[i].idx, oldIdx: oldIdx, hasOld: hasOld})
+		}
+		for start := 0; start < len(toRead); start += maxTxnOps {
+			chunk := toRead[start:min(start+maxTxnOps, len(toRead))]
 			ops := make([]clientv3.Op, len(chunk))
 			for j, i := range chunk {
 				ops[j] = clientv3.OpGet(s.keys.lease(ls[i].ID))
@@ -290,6 +419,9 @@ func (s *Store) commitGroup(ctx context.Context, ls []broker.Lease, group []*upd
 				// GetLease returns now.
 				l, err := decodeLease(ls[u.i].ID, u.val, resp.Header.Revision)
 				out[u.i], errs[u.i] = l, err
+				if err == nil {
+					s.indexes.put(l.ID, resp.Header.Revision, u.newIdx, true, l.Clone())
+				}
 			}
 			return
 		}

@@ -18,6 +18,7 @@ import (
 	"log/slog"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
@@ -133,6 +134,15 @@ type Store struct {
 	// marks are this process's stream marks and the session lease they
 	// live on (marks.go).
 	marks markSession
+
+	// indexes remembers leases' index keys by mod revision, so that an
+	// update needs no read first (indexcache.go).
+	indexes indexCache
+	// group merges concurrent unfenced PutIntents and CreateLeases into
+	// one Txn (groupcommit.go).
+	group groupCommitter
+	// reads and writes count the requests sent to etcd (for tests).
+	reads, writes atomic.Int64
 }
 
 var (
@@ -240,6 +250,7 @@ func (s *Store) request(ctx context.Context) (context.Context, context.CancelFun
 func (s *Store) get(ctx context.Context, key string, opts ...clientv3.OpOption) (*clientv3.GetResponse, error) {
 	rctx, cancel := s.request(ctx)
 	defer cancel()
+	s.reads.Add(1)
 	return s.cli.Get(rctx, key, opts...)
 }
 
@@ -253,6 +264,7 @@ func (s *Store) get(ctx context.Context, key string, opts ...clientv3.OpOption) 
 func (s *Store) commit(ctx context.Context, op string, cmps []clientv3.Cmp, then, els []clientv3.Op) (*clientv3.TxnResponse, error) {
 	rctx, cancel := s.request(ctx)
 	defer cancel()
+	s.writes.Add(1)
 	fence, fenced := broker.FenceFrom(ctx)
 	if !fenced {
 		resp, err := s.cli.Txn(rctx).If(cmps...).Then(then...).Else(els...).Commit()
@@ -281,6 +293,7 @@ func (s *Store) commit(ctx context.Context, op string, cmps []clientv3.Cmp, then
 func (s *Store) readTxn(ctx context.Context, ops []clientv3.Op) (*clientv3.TxnResponse, error) {
 	rctx, cancel := s.request(ctx)
 	defer cancel()
+	s.reads.Add(1)
 	return s.cli.Txn(rctx).Then(ops...).Commit()
 }
 
@@ -342,7 +355,9 @@ func (s *Store) PutIntent(ctx context.Context, in broker.Intent) error {
 	if err != nil {
 		return err
 	}
-	_, err = s.commit(ctx, "PutIntent", nil, []clientv3.Op{clientv3.OpPut(s.keys.intent(in.LeaseID), string(v))}, nil)
+	key := s.keys.intent(in.LeaseID)
+	_, err = s.commitGrouped(ctx, &groupWrite{op: "PutIntent", then: []clientv3.Op{clientv3.OpPut(key, string(v))},
+		keys: []string{key}, size: len(key) + len(v)})
 	return err
 }
 

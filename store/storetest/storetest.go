@@ -36,6 +36,7 @@ var cases = []struct {
 	{"Intents", testIntents},
 	{"CreateLease", testCreateLease},
 	{"GetLease", testGetLease},
+	{"OptionalReads", testOptionalReads},
 	{"UpdateLease", testUpdateLease},
 	{"UpdateLeases", testUpdateLeases},
 	{"DeleteLease", testDeleteLease},
