@@ -21,11 +21,16 @@ type report struct {
 	// live, if set, gets each row as it is measured, so an interrupted
 	// run still shows what it measured.
 	live io.Writer
+	// mode, if set, is appended to every row's scenario (--pin: "pinned").
+	mode string
 }
 
 func (r *report) add(x row) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
+	if r.mode != "" {
+		x.scenario += " " + r.mode
+	}
 	r.rows = append(r.rows, x)
 	if r.live != nil {
 		fmt.Fprintf(r.live, "  %s | %s | broker %s | baseline %s | ratio %s\n", x.scenario, x.figure, x.broker, x.baseline, x.ratio)
