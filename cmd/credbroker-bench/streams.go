@@ -202,7 +202,7 @@ func (e *env) runStreams(ctx context.Context, rep *report) error {
 		if err != nil {
 			return err
 		}
-		cpuS = append(cpuS, (c1 - c0).Seconds()/el.Seconds())
+		cpuS = append(cpuS, (c1-c0).Seconds()/el.Seconds())
 		rateS = append(rateS, float64(r1-r0)/el.Seconds())
 		if r1 > r0 {
 			perRenewal = append(perRenewal, (c1-c0).Seconds()/float64(r1-r0))
