@@ -25,15 +25,17 @@ type report struct {
 	mode string
 }
 
-func (r *report) add(x row) {
+func (r *report) add(xs ...row) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	if r.mode != "" {
-		x.scenario += " " + r.mode
-	}
-	r.rows = append(r.rows, x)
-	if r.live != nil {
-		fmt.Fprintf(r.live, "  %s | %s | broker %s | baseline %s | ratio %s\n", x.scenario, x.figure, x.broker, x.baseline, x.ratio)
+	for _, x := range xs {
+		if r.mode != "" {
+			x.scenario += " " + r.mode
+		}
+		r.rows = append(r.rows, x)
+		if r.live != nil {
+			fmt.Fprintf(r.live, "  %s | %s | broker %s | baseline %s | ratio %s\n", x.scenario, x.figure, x.broker, x.baseline, x.ratio)
+		}
 	}
 }
 

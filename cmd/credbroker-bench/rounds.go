@@ -171,3 +171,19 @@ func busyWarning(start, end loadAverage, cpus int) string {
 }
 
 func numCPU() int { return runtime.NumCPU() }
+
+// tputLatencyRows are the throughput and latency rows of the broker's
+// rounds against the baseline's, round by round (median and spread); with
+// withTarget, throughput has the target ≥ 0.90 (renew).
+func tputLatencyRows(sc string, brk, base []result, withTarget bool) []row {
+	bt, ht := rates(brk), rates(base)
+	rs := ratios(bt, ht)
+	tput := row{scenario: sc, figure: "throughput", broker: bt.format(fmtRate), baseline: ht.format(fmtRate), ratio: rs.format(fmtRatio)}
+	if withTarget {
+		tput.target, tput.met = "≥ 0.90", verdict(len(rs) > 0 && rs.median() >= 0.9)
+	}
+	b50, h50 := pcts(brk, 50), pcts(base, 50)
+	lat := row{scenario: sc, figure: "latency p50 / p99", broker: b50.format(fmtSecs) + " / " + pcts(brk, 99).format(fmtSecs),
+		baseline: h50.format(fmtSecs) + " / " + pcts(base, 99).format(fmtSecs), ratio: ratios(b50, h50).format(fmtRatio)}
+	return []row{tput, lat}
+}
