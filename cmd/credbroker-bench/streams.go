@@ -82,10 +82,11 @@ func (e *env) runStreams(ctx context.Context, rep *report) error {
 		conns = n
 	}
 	var (
-		renewed atomic.Int64
-		failed  atomic.Int64
-		errOnce sync.Once
-		first   error
+		renewed    atomic.Int64
+		failed     atomic.Int64
+		openFailed atomic.Int64
+		errOnce    sync.Once
+		first      error
 	)
 	fail := func(err error) {
 		failed.Add(1)
@@ -117,13 +118,22 @@ func (e *env) runStreams(ctx context.Context, rep *report) error {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			s, err := client.KeepAlive(sctx)
-			if err != nil {
-				fail(err)
-				opened <- struct{}{}
-				return
+			// Thousands of connections opened at once meet transient
+			// failures (a full accept queue): wait for the connection to
+			// be ready, and try again a few times.
+			var s pb.CredentialService_KeepAliveClient
+			var err error
+			for try := 0; try < 3; try++ {
+				if s, err = client.KeepAlive(sctx, grpc.WaitForReady(true)); err == nil || sctx.Err() != nil {
+					break
+				}
 			}
 			opened <- struct{}{}
+			if err != nil {
+				openFailed.Add(1)
+				fail(err)
+				return
+			}
 			go func() { // the stream's one reader
 				for {
 					resp, err := s.Recv()
@@ -159,17 +169,23 @@ func (e *env) runStreams(ctx context.Context, rep *report) error {
 			}
 		}()
 	}
+	openBy := time.After(5 * time.Minute)
 	for range n {
 		select {
 		case <-opened:
+		case <-openBy:
+			return fmt.Errorf("opening %d streams: not all open after 5 minutes", n)
 		case <-ctx.Done():
 			return ctx.Err()
 		}
 	}
-	if failed.Load() > 0 {
-		return fmt.Errorf("opening %d streams: %d failed; first: %w", n, failed.Load(), first)
+	// A stream or two that could not be opened does not change what is
+	// measured (per stream, per renewal); more would.
+	if f := openFailed.Load(); f > int64(n/100) {
+		return fmt.Errorf("opening %d streams: %d failed; first: %w", n, f, first)
 	}
-	rep.note("streams: %d streams on %d connections opened in %s", n, conns, fmtDur(time.Since(t)))
+	rep.note("streams: %d of %d streams on %d connections opened in %s", int64(n)-openFailed.Load(), n, conns, fmtDur(time.Since(t)))
+	n -= int(openFailed.Load())
 
 	// Steady state: every stream has its first renewal scheduled within
 	// one period of opening, at a uniformly random phase, so the rate is
