@@ -153,8 +153,12 @@ generate: tools
 	$(BIN)/buf lint
 	$(BIN)/buf generate
 
-## bench: the benchmark against the PostgreSQL ceiling (under 10 minutes;
-## see docs/benchmarks-usage.md and BENCHMARKS.md), then the store's
+## bench: the benchmark against the PostgreSQL ceiling (18 minutes on two
+## busy CPUs, issue, renew and revoke in both CPU layouts, --pin both; the
+## quick version took 9: BENCH_FLAGS='--broker-revoke-rate 5000 --pin off
+## --streams 2000 --expiry-n 2000 --restore-records 200000
+## --restore-active 20000 --failover-kills 3'; see docs/benchmarks-usage.md
+## and BENCHMARKS.md), then the store's
 ## micro-benchmarks; CPU profiles go to bin/bench-profiles. The broker's
 ## expiry.revoke_rate is 5,000/s for the 10,000-lease burst (brokerd's
 ## default of 1,000/s would pace it, not measure it).

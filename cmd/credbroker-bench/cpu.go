@@ -1,10 +1,6 @@
 package main
 
 import (
-	"os"
-	"strconv"
-	"strings"
-	"syscall"
 	"time"
 
 	"github.com/credbroker/credbroker/store/etcd/etcdcluster"
@@ -15,42 +11,6 @@ import (
 // brokers and the load generator). On a machine whose cores are shared
 // by everything, CPU per operation, not latency, is what bounds the
 // throughput.
-
-// clockTick is the unit of /proc/<pid>/stat's utime and stime (USER_HZ,
-// 100 on Linux).
-const clockTick = 10 * time.Millisecond
-
-// procCPU is the user plus system CPU a process has used; 0 when unknown.
-func procCPU(pid int) time.Duration {
-	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/stat")
-	if err != nil {
-		return 0
-	}
-	s := string(b)
-	i := strings.LastIndexByte(s, ')') // the command may hold spaces
-	if i < 0 {
-		return 0
-	}
-	f := strings.Fields(s[i+1:])
-	if len(f) < 13 { // utime and stime are fields 14 and 15, 12 and 13 here
-		return 0
-	}
-	u, err1 := strconv.ParseInt(f[11], 10, 64)
-	st, err2 := strconv.ParseInt(f[12], 10, 64)
-	if err1 != nil || err2 != nil {
-		return 0
-	}
-	return time.Duration(u+st) * clockTick
-}
-
-// selfCPU is this process's user plus system CPU.
-func selfCPU() time.Duration {
-	var ru syscall.Rusage
-	if err := syscall.Getrusage(syscall.RUSAGE_SELF, &ru); err != nil {
-		return 0
-	}
-	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
-}
 
 // cpuMeter sums the CPU of the etcd members and of this process over
 // the phases it measures.
@@ -64,7 +24,9 @@ func (m *cpuMeter) membersCPU() time.Duration {
 	var d time.Duration
 	for _, mb := range m.members {
 		if pid := mb.Pid(); pid != 0 {
-			d += procCPU(pid)
+			if c, err := procCPU(pid); err == nil { // procCPU: child.go
+				d += c
+			}
 		}
 	}
 	return d

@@ -65,6 +65,17 @@ type env struct {
 
 	cluster *pgcluster.Cluster
 	tmp     string
+
+	// Broker processes the bench started (see childBroker); issueBroker
+	// is the one the issue scenario measures.
+	children    []*childBroker
+	issueBroker *childBroker
+	// cpus is the --pin layout; pinned says whether it is in force.
+	cpus   cpuSplit
+	pinned bool
+	// busy: the machine's load average exceeded its CPU count when the
+	// run began (see loadAverage.busy).
+	busy bool
 }
 
 const (
@@ -94,6 +105,15 @@ func setup(ctx context.Context, o *options, log *slog.Logger) (*env, error) {
 		}
 	}()
 
+	if o.pin != "off" {
+		cpus, err := allowedCPUs()
+		if err != nil {
+			return nil, fmt.Errorf("--pin: %w", err)
+		}
+		if e.cpus, err = splitCPUs(cpus); err != nil {
+			return nil, err
+		}
+	}
 	if o.pgURL == "" {
 		if err := e.startCluster(ctx); err != nil {
 			return nil, err
@@ -307,6 +327,9 @@ func (e *env) revokeRate() float64 {
 }
 
 func (e *env) close() {
+	for _, b := range e.children {
+		b.stop()
+	}
 	if e.conn != nil {
 		_ = e.conn.Close()
 	}

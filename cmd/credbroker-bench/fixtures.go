@@ -89,8 +89,14 @@ func (e *env) bulk(ctx context.Context, items []string, stmt func(string) string
 // cleanup revokes leases through the broker and drops baseline users
 // directly, untimed, so the next scenario starts from the same catalog.
 func (e *env) cleanup(ctx context.Context, rep *report, leases, users []string) {
+	e.cleanupWith(ctx, rep, e.adminC, leases, users)
+}
+
+// cleanupWith is cleanup with the leases revoked through adminC (a broker
+// process's, see childBroker).
+func (e *env) cleanupWith(ctx context.Context, rep *report, adminC pb.AdminServiceClient, leases, users []string) {
 	for _, part := range chunks(leases, (len(leases)+499)/500) {
-		if _, err := e.adminC.RevokeLeases(ctx, &pb.RevokeLeasesRequest{LeaseIds: part}); err != nil {
+		if _, err := adminC.RevokeLeases(ctx, &pb.RevokeLeasesRequest{LeaseIds: part}); err != nil {
 			if rep != nil {
 				rep.note("cleanup: revoking leases: %v", err)
 			}

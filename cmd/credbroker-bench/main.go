@@ -20,6 +20,7 @@ import (
 	"log/slog"
 	"os"
 	"os/signal"
+	"path/filepath"
 	"runtime"
 	"slices"
 	"strconv"
@@ -45,7 +46,7 @@ func main() {
 	os.Exit(code)
 }
 
-var allScenarios = []string{"issue", "renew", "revoke", "expiry", "restore", "churn", "etcd-store", "etcd", "failover"}
+var allScenarios = []string{"issue", "renew", "revoke", "streams", "expiry", "restore", "churn", "etcd-store", "etcd", "failover"}
 
 type options struct {
 	scenarios []string
@@ -81,6 +82,14 @@ type options struct {
 	failoverKills    int
 	failoverExpiring int
 	failoverTTL      time.Duration
+
+	// pin is --pin's value, a key of pinModes.
+	pin string
+
+	streams       int
+	streamsTTL    time.Duration
+	streamsWindow time.Duration
+	streamsConns  int
 
 	profileDir string
 	verbose    bool
@@ -128,6 +137,11 @@ func parseFlags(args []string, stderr io.Writer) (*options, error) {
 	fs.IntVar(&o.failoverKills, "failover-kills", 10, "failover: how many times the leader is killed")
 	fs.IntVar(&o.failoverExpiring, "failover-expiring", 10, "failover: leases issued just before each kill, expiring while no instance leads")
 	fs.DurationVar(&o.failoverTTL, "failover-session-ttl", etcd.DefaultSessionTTL, "failover: the group's store.etcd.session_ttl")
+	fs.StringVar(&o.pin, "pin", "both", "issue, renew, revoke: off (shared CPUs), on (PostgreSQL on half the CPUs, the broker and the clients on the other half) or both, one after the other; own cluster only (default off with --pg-url or one CPU)")
+	fs.IntVar(&o.streams, "streams", 10_000, "streams: concurrent KeepAlive streams, one lease each")
+	fs.DurationVar(&o.streamsTTL, "streams-ttl", time.Minute, "streams: the leases' TTL; each stream renews at 2/3 of it, as the Go client does")
+	fs.DurationVar(&o.streamsWindow, "streams-window", 30*time.Second, "streams: length of the steady-state window CPU and memory are measured over")
+	fs.IntVar(&o.streamsConns, "streams-conns", 0, "streams: gRPC connections the streams share (0: one per stream, as sidecars have)")
 	fs.StringVar(&o.profileDir, "profile-dir", "", "write CPU profiles of the in-process broker (issue at 16 clients, expiry burst) here")
 	fs.BoolVar(&o.verbose, "v", false, "log the broker's warnings to stderr")
 	o.pgConf = map[string]string{}
@@ -146,6 +160,17 @@ func parseFlags(args []string, stderr io.Writer) (*options, error) {
 	}
 	if *version {
 		return nil, errVersion
+	}
+	pinSet := false
+	fs.Visit(func(f *flag.Flag) { pinSet = pinSet || f.Name == "pin" })
+	if _, ok := pinModes[o.pin]; !ok {
+		return nil, fmt.Errorf("--pin: want off, on or both, got %q", o.pin)
+	}
+	if !pinSet && (o.pgURL != "" || numCPU() < 2) {
+		o.pin = "off"
+	}
+	if o.pin != "off" && o.pgURL != "" {
+		return nil, errors.New("--pin needs the bench's own PostgreSQL cluster (not --pg-url)")
 	}
 	if fs.NArg() > 0 {
 		return nil, fmt.Errorf("unexpected argument %q", fs.Arg(0))
@@ -168,8 +193,8 @@ func parseFlags(args []string, stderr io.Writer) (*options, error) {
 		o.levels = append(o.levels, n)
 	}
 	switch {
-	case o.rounds < 1, o.renewConc < 1, o.renewPerWorker < 1, o.revokeConc < 1, o.revokeN < 1, o.expiryN < 1, o.etcdClients < 1, o.failoverKills < 1:
-		return nil, errors.New("--rounds, --renew-*, --revoke-concurrency, --expiry-n --etcd-clients and --failover-kills must be positive")
+	case o.rounds < 1, o.streams < 1, o.streamsConns < 0, o.streamsTTL < 3*time.Second, o.streamsWindow <= 0, o.renewConc < 1, o.renewPerWorker < 1, o.revokeConc < 1, o.revokeN < 1, o.expiryN < 1, o.etcdClients < 1, o.failoverKills < 1:
+		return nil, errors.New("--rounds, --streams, --streams-window, --renew-*, --revoke-concurrency, --expiry-n --etcd-clients and --failover-kills must be positive, --streams-conns not negative, --streams-ttl at least 3s")
 	case o.restoreActive > o.restoreRecords:
 		return nil, errors.New("--restore-active must not exceed --restore-records")
 	case o.brokerAddr != "" && o.pgURL == "":
@@ -206,13 +231,15 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	}
 
 	start := time.Now()
-	progress("setting up")
+	loadStart := readLoadAvg()
+	progress("setting up (load average %s on %d CPUs)", loadStart, numCPU())
 	e, err := setup(ctx, o, log)
 	if err != nil {
 		fmt.Fprintf(stderr, "credbroker-bench: setup: %v\n", err)
 		return 1
 	}
 	defer e.close()
+	e.busy = loadStart.busy(numCPU())
 	rep := &report{live: stderr}
 	failed := false
 	fail := func(what string, err error) {
@@ -220,22 +247,70 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintf(stderr, "credbroker-bench: %s: %v\n", what, err)
 		rep.note("%s failed: %v", what, err)
 	}
+	if e.busy {
+		progress("the machine is busy (load average %s on %d CPUs): figures will be noisy", loadStart, numCPU())
+	}
+	if o.rounds < 3 {
+		rep.note("%d rounds: issue 14 asks for the median of at least 3", o.rounds)
+	}
 
 	var issue16 float64
-	if o.has("issue") {
-		progress("issue: levels %v, %d rounds of %s per side", o.levels, o.rounds, o.phase)
-		issue16 = e.runIssue(ctx, rep)
+	modes := pinModes[o.pin]
+	if !slices.ContainsFunc(o.scenarios, pinnable) {
+		modes = []bool{false}
 	}
-	if o.has("revoke") {
-		progress("revoke: %d per side, %d clients", o.revokeN, o.revokeConc)
-		if err := e.runRevoke(ctx, rep); err != nil {
-			fail("revoke", err)
+	if o.has("issue") && e.broker != nil {
+		progress("issue: starting a broker process")
+		e.issueBroker, err = e.startChild(ctx, "issue-broker", e.markerRole+"_issue", filepath.Join(e.tmp, "issue-broker.db"))
+		if err != nil {
+			fail("issue", fmt.Errorf("starting the broker process: %w", err))
 		}
 	}
-	if o.has("renew") {
-		progress("renew: %d clients", o.renewConc)
-		if err := e.runRenew(ctx, rep); err != nil {
-			fail("renew", err)
+	for _, pinned := range modes {
+		if pinned || e.pinned {
+			if err := e.setPinned(ctx, pinned); err != nil {
+				fail("--pin", err)
+				break
+			}
+		}
+		mode := modeName(pinned)
+		if pinned {
+			rep.mode = "pinned"
+			progress("pinned: PostgreSQL on %s, the broker and the clients on %s", fmtCPUs(e.cpus.pg), fmtCPUs(e.cpus.rest))
+		}
+		if o.has("issue") && (e.issueBroker != nil || e.broker == nil) {
+			progress("issue (%s): levels %v, %d rounds of %s per side", mode, o.levels, o.rounds, o.phase)
+			if v := e.runIssue(ctx, rep); !pinned {
+				issue16 = v
+			}
+		}
+		if o.has("revoke") {
+			progress("revoke (%s): %d per side, %d clients", mode, o.revokeN, o.revokeConc)
+			if err := e.runRevoke(ctx, rep); err != nil {
+				fail("revoke", err)
+			}
+		}
+		if o.has("renew") {
+			progress("renew (%s): %d clients", mode, o.renewConc)
+			if err := e.runRenew(ctx, rep); err != nil {
+				fail("renew", err)
+			}
+		}
+		rep.mode = ""
+	}
+	if e.pinned {
+		if err := e.setPinned(ctx, false); err != nil {
+			fail("--pin", err)
+		}
+	}
+	if e.issueBroker != nil {
+		e.stopChild(ctx, e.issueBroker)
+		e.issueBroker = nil
+	}
+	if o.has("streams") {
+		progress("streams: %d KeepAlive streams, TTL %s", o.streams, o.streamsTTL)
+		if err := e.runStreams(ctx, rep); err != nil {
+			fail("streams", err)
 		}
 	}
 	if o.has("expiry") {
@@ -279,9 +354,15 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		return 1
 	}
 
-	fmt.Fprintf(stdout, "credbroker-bench: %d CPUs, %s, PostgreSQL %s (%s), GOMAXPROCS %d, load average %s, %s\n",
-		runtime.NumCPU(), memTotal(), e.pgVersion, e.describeTarget(), runtime.GOMAXPROCS(0), loadAvg(), time.Now().UTC().Format(time.RFC3339))
-	fmt.Fprintf(stdout, "broker: %s\n\n", e.describeBroker())
+	loadEnd := readLoadAvg()
+	fmt.Fprintf(stdout, "credbroker-bench: %d CPUs, %s, PostgreSQL %s (%s), GOMAXPROCS %d, %s\n",
+		runtime.NumCPU(), memTotal(), e.pgVersion, e.describeTarget(), runtime.GOMAXPROCS(0), time.Now().UTC().Format(time.RFC3339))
+	fmt.Fprintf(stdout, "load average: %s at the start, %s at the end (1, 5, 15 minutes)\n", loadStart, loadEnd)
+	if w := busyWarning(loadStart, loadEnd, runtime.NumCPU()); w != "" {
+		fmt.Fprintln(stdout, w)
+	}
+	fmt.Fprintf(stdout, "broker: %s\n", e.describeBroker())
+	fmt.Fprintf(stdout, "every figure: the median of %d rounds (min–max)%s\n\n", o.rounds, e.describePin(modes))
 	printTable(stdout, rep.rows)
 	if len(rep.notes) > 0 {
 		fmt.Fprintln(stdout)
@@ -311,8 +392,12 @@ func (e *env) describeBroker() string {
 	if e.broker == nil {
 		return "external, " + e.opts.brokerAddr
 	}
-	return fmt.Sprintf("in-process over loopback gRPC, bbolt with fsync, max_conns %d, revoke_concurrency %d, revoke_rate %.0f/s",
-		e.maxConns(), e.revokeConcurrency(), e.revokeRate())
+	issue := "a broker process of its own (self-exec of brokerd's start path)"
+	if e.opts.brokerd != "" {
+		issue = "a broker process of its own (" + filepath.Base(e.opts.brokerd) + ")"
+	}
+	return fmt.Sprintf("in-process over loopback gRPC (issue and streams: %s), bbolt with fsync, max_conns %d, revoke_concurrency %d, revoke_rate %.0f/s",
+		issue, e.maxConns(), e.revokeConcurrency(), e.revokeRate())
 }
 
 // printTable writes the rows as a Markdown table, aligned for a terminal.
@@ -340,14 +425,10 @@ func memTotal() string {
 	return "memory unknown"
 }
 
-func loadAvg() string {
-	raw, err := os.ReadFile("/proc/loadavg")
-	if err != nil {
-		return "unknown"
+// describePin says which modes the pinnable scenarios ran in.
+func (e *env) describePin(modes []bool) string {
+	if len(modes) == 1 && !modes[0] {
+		return "; CPUs shared (--pin off)"
 	}
-	f := strings.Fields(string(raw))
-	if len(f) < 3 {
-		return "unknown"
-	}
-	return strings.Join(f[:3], " ")
+	return fmt.Sprintf("; rows marked pinned: PostgreSQL on %s, the broker and the bench's clients on %s (--pin)", fmtCPUs(e.cpus.pg), fmtCPUs(e.cpus.rest))
 }

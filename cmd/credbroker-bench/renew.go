@@ -31,7 +31,7 @@ func (e *env) runRenew(ctx context.Context, rep *report) error {
 		_, err := e.cred.RenewLease(ctx, &pb.RenewLeaseRequest{LeaseId: leases[w*per+k%per]})
 		return err
 	}
-	var rb, ru, rs result
+	var rb, ru, rs []result // one per round
 	for r := range e.opts.rounds {
 		streams, err := e.openStreams(ctx, c)
 		if err != nil {
@@ -41,9 +41,9 @@ func (e *env) runRenew(ctx context.Context, rep *report) error {
 			return streams[w].renew(leases[w*per+k%per])
 		}
 		phases := []func(){
-			func() { rb.merge(closedLoop(ctx, c, e.opts.phase, base)) },
-			func() { ru.merge(closedLoop(ctx, c, e.opts.phase, unary)) },
-			func() { rs.merge(closedLoop(ctx, c, e.opts.phase, stream)) },
+			func() { rb = append(rb, closedLoop(ctx, c, e.opts.phase, base)) },
+			func() { ru = append(ru, closedLoop(ctx, c, e.opts.phase, unary)) },
+			func() { rs = append(rs, closedLoop(ctx, c, e.opts.phase, stream)) },
 		}
 		for i := range phases {
 			phases[(i+r)%len(phases)]()
@@ -66,18 +66,12 @@ func (e *env) runRenew(ctx context.Context, rep *report) error {
 			s.close()
 		}
 	}
-	errNote(rep, "renew baseline", rb)
-	errNote(rep, "renew unary", ru)
-	errNote(rep, "renew stream", rs)
+	errNote(rep, "renew baseline", mergeAll(rb))
+	errNote(rep, "renew unary", mergeAll(ru))
+	errNote(rep, "renew stream", mergeAll(rs))
 	sc := fmt.Sprintf("renew c=%d", c)
-	rep.add(row{scenario: sc + " stream", figure: "throughput", broker: fmtRate(rs.perSec()), baseline: fmtRate(rb.perSec()),
-		ratio: ratio(rs.perSec(), rb.perSec()), target: "≥ 0.90", met: verdict(rs.perSec() >= 0.9*rb.perSec())})
-	rep.add(row{scenario: sc + " stream", figure: "latency p50 / p99", broker: fmtDur(rs.pct(50)) + " / " + fmtDur(rs.pct(99)),
-		baseline: fmtDur(rb.pct(50)) + " / " + fmtDur(rb.pct(99)), ratio: ratio(float64(rs.pct(50)), float64(rb.pct(50)))})
-	rep.add(row{scenario: sc + " unary", figure: "throughput", broker: fmtRate(ru.perSec()), baseline: fmtRate(rb.perSec()),
-		ratio: ratio(ru.perSec(), rb.perSec())})
-	rep.add(row{scenario: sc + " unary", figure: "latency p50 / p99", broker: fmtDur(ru.pct(50)) + " / " + fmtDur(ru.pct(99)),
-		baseline: fmtDur(rb.pct(50)) + " / " + fmtDur(rb.pct(99)), ratio: ratio(float64(ru.pct(50)), float64(rb.pct(50)))})
+	rep.add(tputLatencyRows(sc+" stream", rs, rb, true)...)
+	rep.add(tputLatencyRows(sc+" unary", ru, rb, false)...)
 	return nil
 }
 

@@ -21,14 +21,21 @@ type report struct {
 	// live, if set, gets each row as it is measured, so an interrupted
 	// run still shows what it measured.
 	live io.Writer
+	// mode, if set, is appended to every row's scenario (--pin: "pinned").
+	mode string
 }
 
-func (r *report) add(x row) {
+func (r *report) add(xs ...row) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	r.rows = append(r.rows, x)
-	if r.live != nil {
-		fmt.Fprintf(r.live, "  %s | %s | broker %s | baseline %s | ratio %s\n", x.scenario, x.figure, x.broker, x.baseline, x.ratio)
+	for _, x := range xs {
+		if r.mode != "" {
+			x.scenario += " " + r.mode
+		}
+		r.rows = append(r.rows, x)
+		if r.live != nil {
+			fmt.Fprintf(r.live, "  %s | %s | broker %s | baseline %s | ratio %s\n", x.scenario, x.figure, x.broker, x.baseline, x.ratio)
+		}
 	}
 }
 

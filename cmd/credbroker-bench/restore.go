@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"os"
 	"os/exec"
@@ -82,6 +83,15 @@ func serveConfig(ctx context.Context, path string) error {
 	return d.Serve(ctx)
 }
 
+// syntheticTarget is the target the synthetic leases name: none the
+// served configuration has. Their users do not exist, and the start-up
+// reconciliation ends every live lease whose user is missing from its
+// target's listing (one revocation each: minutes for 100,000, and then no
+// lease would be live); a lease of a target the broker does not serve is
+// not checked. So the start measured lacks one thing a real restore's has:
+// listing the target's users (one query) and comparing.
+const syntheticTarget = "bench-restore-synthetic"
+
 // writeSyntheticStore writes records leases through package store: active
 // ones expiring over the next day (so none is due at start-up), the rest
 // tombstones that ended within the retention (so none is purged).
@@ -100,7 +110,7 @@ func writeSyntheticStore(ctx context.Context, path string, records, active int, 
 			ID:            "syn" + randHex(10), // random, as the broker's ids are: live leases are spread over the file
 			Role:          role,
 			Client:        "svc-" + strconv.Itoa(i%50),
-			Target:        "main",
+			Target:        syntheticTarget,
 			Username:      "cb_" + role + "_" + randHex(8),
 			ProxyRole:     proxy,
 			IssueTime:     issue,
@@ -294,23 +304,68 @@ func (e *env) runRestore(ctx context.Context, rep *report) error {
 	}
 	rep.note("restore: synthetic store of %d records (%d active) written in %s, %d MB",
 		e.opts.restoreRecords, e.opts.restoreActive, fmtDur(time.Since(t)), fi.Size()>>20)
-	empty, err := e.measureStart(ctx, dir, filepath.Join(dir, "empty.db"), "")
-	if err != nil {
-		return fmt.Errorf("restore: empty store: %w", err)
-	}
-	m, err := e.measureStart(ctx, dir, full, "start.pprof")
-	if err != nil {
-		return fmt.Errorf("restore: %w", err)
+	// Each start is measured --rounds times, alternating empty and full;
+	// figures are medians with their spread.
+	var toServingE, toServingF, rssE, rssF, hwmF series
+	for r := range e.opts.rounds {
+		empty, err := e.measureStart(ctx, dir, filepath.Join(dir, "empty.db"), "")
+		if err != nil {
+			return fmt.Errorf("restore: empty store: %w", err)
+		}
+		profile := ""
+		if r == 0 {
+			profile = "start.pprof"
+		}
+		// A fresh copy each time: a start changes the store (its leases'
+		// users do not exist, so the broker settles them), and each start
+		// must find what the first found.
+		run := filepath.Join(dir, "run.db")
+		if err := copyFile(full, run); err != nil {
+			return err
+		}
+		m, err := e.measureStart(ctx, dir, run, profile)
+		if err != nil {
+			return fmt.Errorf("restore: %w", err)
+		}
+		progress := fmt.Sprintf("restore round %d: empty %s, full %s", r+1, fmtDur(empty.toServing), fmtDur(m.toServing))
+		e.log.Info(progress)
+		toServingE, toServingF = append(toServingE, empty.toServing.Seconds()), append(toServingF, m.toServing.Seconds())
+		rssE, rssF, hwmF = append(rssE, float64(empty.rssKB)), append(rssF, float64(m.rssKB)), append(hwmF, float64(m.hwmKB))
 	}
 	how := "self-exec of brokerd's start path"
 	if e.opts.brokerd != "" {
 		how = filepath.Base(e.opts.brokerd)
 	}
 	sc := fmt.Sprintf("restore %d records (%d active), %s", e.opts.restoreRecords, e.opts.restoreActive, how)
-	rep.add(row{scenario: sc, figure: "exec → serving", broker: fmtDur(m.toServing), baseline: fmtDur(empty.toServing) + " (empty store)",
-		ratio: ratio(float64(m.toServing), float64(empty.toServing)), target: "≤ 2s", met: verdict(m.toServing <= 2*time.Second)})
-	rep.add(row{scenario: sc, figure: "RSS after start (peak)", broker: fmt.Sprintf("%d MB (%d MB)", m.rssKB>>10, m.hwmKB>>10),
-		baseline: fmt.Sprintf("%d MB (empty store)", empty.rssKB>>10), ratio: ratio(float64(m.rssKB), float64(empty.rssKB)),
-		target: "≤ 300 MB", met: verdict(m.rssKB <= 300<<10)})
+	rep.add(row{scenario: sc, figure: "exec → serving", broker: toServingF.format(fmtSecs), baseline: toServingE.format(fmtSecs) + " (empty store)",
+		ratio: ratios(toServingF, toServingE).format(fmtRatio), target: "≤ 2s", met: verdict(toServingF.median() <= 2)})
+	rep.add(row{scenario: sc, figure: "RSS after start (peak)", broker: rssF.format(fmtKBasMB) + " (" + hwmF.format(fmtKBasMB) + ")",
+		baseline: rssE.format(fmtKBasMB) + " (empty store)", ratio: ratios(rssF, rssE).format(fmtRatio),
+		target: "≤ 300 MB", met: verdict(rssF.median() <= 300<<10)})
+	// What one more live lease costs a running broker: the expiry heap,
+	// the caches, the store's pages touched at start (the tombstones
+	// around them included).
+	perLease := make(series, 0, len(rssF))
+	for i := range min(len(rssF), len(rssE)) {
+		perLease = append(perLease, (rssF[i]-rssE[i])*1024/float64(max(e.opts.restoreActive, 1)))
+	}
+	rep.add(row{scenario: sc, figure: "RSS per live lease ((full − empty) ÷ active)", broker: perLease.format(fmtBytes), baseline: "—"})
 	return nil
+}
+
+func copyFile(from, to string) error {
+	in, err := os.Open(from)
+	if err != nil {
+		return err
+	}
+	defer in.Close()
+	out, err := os.OpenFile(to, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o600)
+	if err != nil {
+		return err
+	}
+	if _, err := io.Copy(out, in); err != nil {
+		out.Close()
+		return err
+	}
+	return out.Close()
 }

@@ -25,17 +25,17 @@ func (e *env) runRevoke(ctx context.Context, rep *report) error {
 	if err != nil {
 		return fmt.Errorf("revoke setup: %w", err)
 	}
-	var rb, rk result
+	var rb, rk []result // one per round
 	lc, uc := chunks(leases[:k], e.opts.rounds), chunks(users[:k], e.opts.rounds)
 	for i := range min(len(lc), len(uc)) {
 		brk := func() {
-			rk.merge(eachOnce(ctx, e.opts.revokeConc, lc[i], func(ctx context.Context, id string) error {
+			rk = append(rk, eachOnce(ctx, e.opts.revokeConc, lc[i], func(ctx context.Context, id string) error {
 				_, err := e.cred.RevokeLease(ctx, &pb.RevokeLeaseRequest{LeaseId: id})
 				return err
 			}))
 		}
 		base := func() {
-			rb.merge(eachOnce(ctx, e.opts.revokeConc, uc[i], func(ctx context.Context, u string) error {
+			rb = append(rb, eachOnce(ctx, e.opts.revokeConc, uc[i], func(ctx context.Context, u string) error {
 				return e.revokeBare(ctx, u)
 			}))
 		}
@@ -47,12 +47,9 @@ func (e *env) runRevoke(ctx context.Context, rep *report) error {
 			base()
 		}
 	}
-	errNote(rep, "revoke broker", rk)
-	errNote(rep, "revoke baseline", rb)
+	errNote(rep, "revoke broker", mergeAll(rk))
+	errNote(rep, "revoke baseline", mergeAll(rb))
 	sc := fmt.Sprintf("revoke c=%d", e.opts.revokeConc)
-	rep.add(row{scenario: sc, figure: "throughput", broker: fmtRate(rk.perSec()), baseline: fmtRate(rb.perSec()), ratio: ratio(rk.perSec(), rb.perSec()),
-		target: "≥ 0.90", met: verdict(rk.perSec() >= 0.9*rb.perSec())})
-	rep.add(row{scenario: sc, figure: "latency p50 / p99", broker: fmtDur(rk.pct(50)) + " / " + fmtDur(rk.pct(99)),
-		baseline: fmtDur(rb.pct(50)) + " / " + fmtDur(rb.pct(99)), ratio: ratio(float64(rk.pct(50)), float64(rb.pct(50)))})
+	rep.add(tputLatencyRows(sc, rk, rb, true)...)
 	return nil
 }
