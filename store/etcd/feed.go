@@ -229,10 +229,13 @@ func (s *Store) deliver(ev *clientv3.Event, fn func(broker.FeedEvent)) {
 	}
 	id := s.keys.leaseID(kv.Key)
 	if ev.Type == clientv3.EventTypeDelete {
+		s.indexes.drop(id)
 		fn(broker.FeedEvent{Kind: broker.FeedLeaseDeleted, Revision: rev, LeaseID: id})
 		return
 	}
-	l, err := decodeLease(id, kv.Value, kv.ModRevision)
+	// Through the index cache: what other instances write, this one
+	// then updates without a read (indexcache.go).
+	l, err := s.decodeRead(id, kv.Value, kv.ModRevision)
 	if err != nil {
 		s.log.Error("etcd store: change feed skipped a lease record it cannot read", "lease_id", id, "revision", rev, "err", err)
 		return

@@ -462,3 +462,36 @@ func TestFeedResumesAfterQuorumLoss(t *testing.T) {
 		t.Errorf("%d resets, want 1: %s", n, describe(evs))
 	}
 }
+
+// What another instance writes reaches this one's index cache through the
+// feed: updating such a lease at the revision the feed delivered, or
+// taking its hint, sends no read.
+func TestFeedFillsTheIndexCache(t *testing.T) {
+	eps := etcdtest.Server(t)
+	prefix := etcdtest.Prefix(t, eps)
+	s := openAt(t, eps, prefix)
+	other := openAt(t, eps, prefix)
+	r := follow(t, s)
+	// The create comes after the feed's scan, so the watch delivers it.
+	r.waitFor(t, "the first reset", func(evs []broker.FeedEvent) bool { return len(evs) > 0 })
+	l := storetest.MustCreate(t, other, storetest.NewLease("elsewhere", "ro", "svc", at(time.Hour)))[0]
+	r.waitFor(t, "the other instance's create", func(evs []broker.FeedEvent) bool {
+		return slices.ContainsFunc(evs, func(ev broker.FeedEvent) bool {
+			return ev.Kind == broker.FeedLease && ev.Lease.ID == l.ID && ev.Lease.Revision == l.Revision
+		})
+	})
+	before := etcd.Reads(s)
+	if h, err := s.LeaseHint(t.Context(), l.ID); err != nil || h.Revision != l.Revision {
+		t.Fatalf("hint: %+v, %v; want revision %d", h, err, l.Revision)
+	}
+	l.ExpireTime = at(2 * time.Hour)
+	if _, err := s.UpdateLease(t.Context(), l); err != nil {
+		t.Fatal(err)
+	}
+	if n := etcd.Reads(s) - before; n != 0 {
+		t.Errorf("hint and update of a lease the feed delivered sent %d reads, want 0", n)
+	}
+	if e := expiryIDs(t, s); len(e) != 1 || !e[l.ID].Equal(at(2*time.Hour)) {
+		t.Errorf("expiry index %v, want only %s at %v", e, l.ID, at(2*time.Hour))
+	}
+}

@@ -16,8 +16,10 @@ import (
 // the record is still the one the key was derived from; when it fails, the
 // Txn changes nothing. So the store remembers, per lease, the index key of
 // the last version it read or wrote, and an update whose revision matches
-// needs no read. A miss (another instance wrote the lease, or the entry
-// was evicted) reads as before.
+// needs no read. The change feed (feed.go) fills it with what the other
+// instances write, for as long as the broker follows it. A miss (a
+// version the store has not seen yet, or an evicted entry) reads as
+// before.
 //
 // The one case this would get wrong is a cluster whose revisions go back
 // (etcd restored from a snapshot under running brokers): etcd's own
