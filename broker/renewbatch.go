@@ -63,7 +63,7 @@ type renewResult struct {
 // errRenewAlone when the caller must use the single-lease path instead.
 func (b *Broker) renewBatched(ctx context.Context, id string, inc time.Duration) (Lease, error) {
 	l, err := b.store.GetLease(ctx, id)
-	if err != nil || l.State != StateActive {
+	if err != nil || !l.State.Usable() {
 		// Let the single path give the precise answer.
 		return Lease{}, errRenewAlone
 	}
@@ -169,7 +169,7 @@ func (b *Broker) renewBatch(target string, calls []*renewCall) {
 		it := &renewItem{call: c, unlock: unlock, result: alone}
 		items = append(items, it)
 		l, err := b.store.GetLease(ctx, c.id)
-		if err != nil || l.State != StateActive || !now.Before(l.ExpireTime) || l.Target != target {
+		if err != nil || !l.State.Usable() || !now.Before(l.ExpireTime) || l.Target != target {
 			continue
 		}
 		it.lease = l

@@ -1,0 +1,105 @@
+package broker
+
+import (
+	"context"
+	"errors"
+	"sync"
+)
+
+// Promotion. Issue stores a lease as Issuing beside its CREATE ROLE and
+// returns the credential once both are durable (broker.go); writing the
+// lease as Active then would put a second commit on every issue's path.
+// Nothing needs it at once: Issuing behaves as Active everywhere
+// (LeaseState.Usable) and is shown as Active (LeaseState.Public). So the
+// promotion is written in the background, in batches: one goroutine at a
+// time writes every promotion pending with one UpdateLeases (one commit),
+// and the issues that finish while it commits make the next batch. Under
+// load that is one commit for many issues; alone, one commit after the
+// issue, off its path.
+//
+// A promotion that is lost (a crash, a store error) leaves the lease
+// Issuing with its user in place; the reconciler promotes such a lease
+// (reconcile.go), at start-up and periodically. A lease changed meanwhile
+// (renewed) is read again and promoted if it is still Issuing; one whose
+// revocation began is left as it is.
+
+// promotions holds the leases waiting to be written as Active.
+type promotions struct {
+	mu      sync.Mutex
+	pending []Lease
+	running bool
+	wg      sync.WaitGroup
+}
+
+// promote queues l, as stored by Issue, for its promotion to Active.
+func (b *Broker) promote(l Lease) {
+	p := &b.promos
+	p.mu.Lock()
+	p.pending = append(p.pending, l)
+	start := !p.running
+	if start {
+		p.running = true
+		p.wg.Add(1)
+	}
+	p.mu.Unlock()
+	if start {
+		go b.promoteLoop()
+	}
+}
+
+// promoteLoop writes batches until none is pending.
+func (b *Broker) promoteLoop() {
+	p := &b.promos
+	defer p.wg.Done()
+	for {
+		p.mu.Lock()
+		batch := p.pending
+		p.pending = nil
+		if len(batch) == 0 {
+			p.running = false
+			p.mu.Unlock()
+			return
+		}
+		p.mu.Unlock()
+		b.promoteBatch(batch)
+	}
+}
+
+// promoteBatch writes ls, Issuing leases as last read, as Active; it
+// reports how many it promoted.
+func (b *Broker) promoteBatch(ls []Lease) int {
+	ctx, cancel := context.WithTimeout(context.Background(), cleanupTimeout)
+	defer cancel()
+	n := 0
+	// A conflict means the lease was written meanwhile (renewed, or its
+	// revocation began); a second conflict on the same lease is left to
+	// the reconciler rather than chased.
+	for round := 0; round < 2 && len(ls) > 0; round++ {
+		for i := range ls {
+			ls[i].State = StateActive
+		}
+		_, errs := b.store.UpdateLeases(ctx, ls)
+		var again []Lease
+		for i, err := range errs {
+			switch {
+			case err == nil:
+				n++
+			case errors.Is(err, ErrConflict):
+				cur, gerr := b.store.GetLease(ctx, ls[i].ID)
+				if gerr == nil && cur.State == StateIssuing {
+					again = append(again, cur)
+				}
+			case errors.Is(err, ErrLeaseNotFound):
+				// Removed: a failed issue undone, or revoked and purged.
+			default:
+				b.log.Debug("could not promote an issued lease; the reconciler will", "lease_id", ls[i].ID, "err", err)
+			}
+		}
+		ls = again
+	}
+	return n
+}
+
+// waitPromotions waits for the promotions queued so far to be written
+// (or to fail); Close calls it.
+func (b *Broker) waitPromotions() { b.promos.wg.Wait() }
