@@ -28,7 +28,11 @@ type promotions struct {
 	mu      sync.Mutex
 	pending []Lease
 	running bool
-	wg      sync.WaitGroup
+	// issued holds the ids queued or being written: their credential is
+	// out, so the reconciler must treat them as Active, not as an issue
+	// a crash cut short.
+	issued map[string]struct{}
+	wg     sync.WaitGroup
 }
 
 // promote queues l, as stored by Issue, for its promotion to Active.
@@ -36,6 +40,10 @@ func (b *Broker) promote(l Lease) {
 	p := &b.promos
 	p.mu.Lock()
 	p.pending = append(p.pending, l)
+	if p.issued == nil {
+		p.issued = make(map[string]struct{})
+	}
+	p.issued[l.ID] = struct{}{}
 	start := !p.running
 	if start {
 		p.running = true
@@ -62,7 +70,22 @@ func (b *Broker) promoteLoop() {
 		}
 		p.mu.Unlock()
 		b.promoteBatch(batch)
+		p.mu.Lock()
+		for _, l := range batch {
+			delete(p.issued, l.ID)
+		}
+		p.mu.Unlock()
 	}
+}
+
+// awaitingPromotion reports whether this process issued the lease and
+// has not finished writing its promotion.
+func (b *Broker) awaitingPromotion(id string) bool {
+	p := &b.promos
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	_, ok := p.issued[id]
+	return ok
 }
 
 // promoteBatch writes ls, Issuing leases as last read, as Active; it

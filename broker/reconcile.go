@@ -315,13 +315,18 @@ func (b *Broker) Reconcile(ctx context.Context) (ReconcileResult, error) {
 	// revoked, or waiting for its expiry as if its user could log in.
 	for _, l := range before {
 		if l.state == StateIssuing {
-			if err := b.settleIssuing(ctx, l.id, exists[l.target], now, seen, &res); err != nil {
-				if errors.Is(err, ErrNotLeader) {
-					return res, errors.Join(append(errs, err)...)
-				}
+			settled, err := b.settleIssuing(ctx, l.id, exists[l.target], now, seen, &res)
+			if errors.Is(err, ErrNotLeader) {
+				return res, errors.Join(append(errs, err)...)
+			}
+			if err != nil {
 				errs = append(errs, err)
 			}
-			continue
+			if settled || err != nil {
+				continue
+			}
+			// Issued by this process, or promoted since the scan: a live
+			// lease like any other.
 		}
 		if listed, ok := exists[l.target]; !ok || listed[l.username] {
 			continue
@@ -361,19 +366,27 @@ func (b *Broker) Reconcile(ctx context.Context) (ReconcileResult, error) {
 //
 // Either write is a compare-and-set on the lease as read here, so a lease
 // that moved on meanwhile (promoted, renewed, revoked) is left alone.
-func (b *Broker) settleIssuing(ctx context.Context, id string, listed map[string]bool, now time.Time, seen map[string]bool, res *ReconcileResult) error {
+//
+// A lease this process issued and has not promoted yet (promote.go), or
+// one no longer Issuing when read, is not settled here (settled false):
+// the caller treats it as any live lease, so one whose user was dropped
+// outside the broker is ended, not removed.
+func (b *Broker) settleIssuing(ctx context.Context, id string, listed map[string]bool, now time.Time, seen map[string]bool, res *ReconcileResult) (settled bool, err error) {
+	if b.awaitingPromotion(id) {
+		return false, nil
+	}
 	if listed == nil || b.isInflight(id) {
-		return nil
+		return true, nil
 	}
 	l, err := b.store.GetLease(ctx, id)
 	if errors.Is(err, ErrLeaseNotFound) {
-		return nil
+		return true, nil
 	}
 	if err != nil {
-		return fmt.Errorf("settle issuing lease %s: %w", id, err)
+		return true, fmt.Errorf("settle issuing lease %s: %w", id, err)
 	}
 	if l.State != StateIssuing {
-		return nil
+		return false, nil
 	}
 	if listed[l.Username] {
 		l.State = StateActive
@@ -384,27 +397,27 @@ func (b *Broker) settleIssuing(ctx context.Context, id string, listed map[string
 			b.log.Info("reconcile: promoted an issued lease left Issuing", "lease_id", id, "username", l.Username)
 		case errors.Is(err, ErrConflict), errors.Is(err, ErrLeaseNotFound):
 		default:
-			return fmt.Errorf("promote issuing lease %s: %w", id, err)
+			return true, fmt.Errorf("promote issuing lease %s: %w", id, err)
 		}
-		return nil
+		return true, nil
 	}
 	if !b.confirmed(suspectIssuing(id), now, seen) {
 		res.Pending++
-		return nil
+		return true, nil
 	}
 	if err := b.confirmLeading(ctx); err != nil {
-		return fmt.Errorf("remove issuing lease %s: %w", id, err)
+		return true, fmt.Errorf("remove issuing lease %s: %w", id, err)
 	}
 	// Read again right before the delete, which takes no revision: a
 	// lease promoted or revoked since the read above stays.
 	if cur, err := b.store.GetLease(ctx, id); err != nil || cur.State != StateIssuing || cur.Revision != l.Revision {
-		return nil
+		return true, nil
 	}
 	if err := b.store.DeleteLease(ctx, id); err != nil {
-		return fmt.Errorf("remove issuing lease %s: %w", id, err)
+		return true, fmt.Errorf("remove issuing lease %s: %w", id, err)
 	}
 	b.queue.Remove(id)
 	res.IssuingRemoved++
 	b.log.Info("reconcile: removed an Issuing lease whose user was never created", "lease_id", id, "username", l.Username)
-	return nil
+	return true, nil
 }

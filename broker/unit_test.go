@@ -80,6 +80,8 @@ func (u *unit) issue(role string, ttl time.Duration, client string) (broker.Leas
 	if err != nil {
 		u.t.Fatalf("Issue(%s, %v): %v", role, ttl, err)
 	}
+	// Tests that read the stored lease find it Active.
+	u.b.WaitPromotions()
 	return l, c
 }
 
