@@ -26,8 +26,9 @@ func dropSQL(user string) string { return postgres.DropUsersSQL(user) }
 
 // verifier is one SCRAM verifier the baseline uses for every user: the
 // hashing is client-side work, not SQL, so the ceiling leaves it out.
-func baselineVerifier() string {
-	v, err := postgres.ScramSHA256Verifier(randHex(16))
+// iterations is --scram-iterations, the broker's count.
+func baselineVerifier(iterations int) string {
+	v, err := postgres.ScramSHA256VerifierIter(randHex(16), iterations)
 	if err != nil {
 		panic(err)
 	}
