@@ -39,10 +39,12 @@ type Config struct {
 	// renewed fastest (bin/credbroker-bench --scenarios renew: 0.92 of the
 	// baseline with 1, 0.60 with 2, 0.53 with 4, 0.48 with 8).
 	RenewBatches int // default 1
-	// IssuePool is how many issues per role are made ready ahead, each
-	// with its intent durable and its password hashed (issuepool.go);
-	// negative turns it off.
-	IssuePool int // default 8
+	// IssuePool bounds how many issues per role are made ready ahead,
+	// each with its intent durable and its password hashed
+	// (issuepool.go): the pool holds the role's observed issue rate times
+	// IssuePoolHorizon, at least min(IssuePoolFloor, IssuePool) and at
+	// most IssuePool. Negative turns it off.
+	IssuePool int // default 64
 	// RevokeRetries is how many failed attempts mark a lease REVOKE_FAILED.
 	RevokeRetries int // default 5
 	// RetryBaseDelay and RetryMaxDelay bound the exponential backoff (with

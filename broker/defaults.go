@@ -11,7 +11,7 @@ const (
 	DefaultRevokeConcurrency   = 4
 	DefaultRevokeRate          = 1000.0
 	DefaultRenewBatches        = 1
-	DefaultIssuePool           = 8
+	DefaultIssuePool           = 64
 	DefaultRevokeRetries       = 5
 	DefaultRetryBaseDelay      = time.Second
 	DefaultRetryMaxDelay       = time.Minute
