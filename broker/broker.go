@@ -582,22 +582,29 @@ func (b *Broker) defaultTTL(l Lease) time.Duration {
 	return l.MaxExpireTime.Sub(l.IssueTime)
 }
 
-// Lookup returns a lease.
+// Lookup returns a lease, in its public state (LeaseState.Public).
 func (b *Broker) Lookup(ctx context.Context, id string) (Lease, error) {
 	if err := ValidateLeaseID(id); err != nil {
 		return Lease{}, err
 	}
-	return b.store.GetLease(ctx, id)
+	l, err := b.store.GetLease(ctx, id)
+	l.State = l.State.Public()
+	return l, err
 }
 
-// ListLeases lists leases matching f; see LeaseStore.ListLeases.
+// ListLeases lists leases matching f, in their public state
+// (LeaseState.Public); see LeaseStore.ListLeases.
 func (b *Broker) ListLeases(ctx context.Context, f LeaseFilter) ([]Lease, string, error) {
 	if f.After != "" {
 		if err := ValidateLeaseID(f.After); err != nil {
 			return nil, "", fmt.Errorf("%w: bad page token", ErrInvalidArgument)
 		}
 	}
-	return b.store.ListLeases(ctx, f)
+	page, next, err := b.store.ListLeases(ctx, f)
+	for i := range page {
+		page[i].State = page[i].State.Public()
+	}
+	return page, next, err
 }
 
 // Roles returns the configured roles, sorted by name.

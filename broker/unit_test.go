@@ -504,6 +504,7 @@ func TestUnitRevokeOnDisconnect(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	u.b.WaitPromotions()
 	u.b.StreamOpened(l.ID)
 	u.tick(60) // long past the grace, but a stream names it
 	if s := u.lease(l.ID).State; s != broker.StateActive {
