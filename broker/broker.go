@@ -430,10 +430,12 @@ func (b *Broker) leaseStored(l *Lease, err error, log *slog.Logger) (ours, known
 // abandonIssue undoes a half-finished issue on a context of its own: the
 // caller's may already be cancelled. It drops the user, then removes the
 // records that name it: the Issuing lease when it is this issue's
-// (leaseStored) and the reservation's intent (intent). If the drop fails
-// the records stay and the reconciler finishes the job: it drops the
-// user of an intent, and promotes an Issuing lease whose user exists,
-// which this broker then revokes at its expiry (it is queued here).
+// (leaseStored) and the reservation's intent (intent). If the drop fails,
+// the reconciler finishes the job: the Issuing lease is replaced by an
+// intent (handOver), whose user the reconciler drops, so that a failed
+// issue leaves no lease behind. Should even that fail, the lease stays
+// (the reconciler promotes an Issuing lease whose user exists) and is
+// queued here, to be revoked at its expiry.
 func (b *Broker) abandonIssue(l Lease, leaseStored, intent bool, log *slog.Logger) {
 	ctx, cancel := context.WithTimeout(context.Background(), cleanupTimeout)
 	defer cancel()
@@ -442,6 +444,10 @@ func (b *Broker) abandonIssue(l Lease, leaseStored, intent bool, log *slog.Logge
 		err = db.DeleteUser(ctx, DeleteUserRequest{Username: l.Username, ProxyRole: l.ProxyRole})
 	}
 	if err != nil {
+		if leaseStored && b.handOver(ctx, l) {
+			log.Warn("could not undo a failed issue; its user is left to the reconciler", "err", err)
+			return
+		}
 		if leaseStored {
 			b.queue.Set(l.ID, l.ExpireTime)
 			b.queue.SetTarget(l.ID, l.Target)
@@ -459,6 +465,19 @@ func (b *Broker) abandonIssue(l Lease, leaseStored, intent bool, log *slog.Logge
 			log.Warn("could not remove the intent of a failed issue; the reconciler will", "err", err)
 		}
 	}
+}
+
+// handOver replaces the Issuing lease of a failed issue whose user could
+// not be dropped by an intent naming that user, which the reconciler
+// settles by dropping it. The intent is written first: at every instant a
+// record names the user. It reports whether the lease is gone.
+func (b *Broker) handOver(ctx context.Context, l Lease) bool {
+	group, _ := b.groupID(ctx) // read at Start
+	in := Intent{LeaseID: l.ID, Target: l.Target, Username: l.Username, ProxyRole: l.ProxyRole, CreateTime: b.wallNow(), Group: group}
+	if err := b.store.PutIntent(ctx, in); err != nil {
+		return false
+	}
+	return b.store.DeleteLease(ctx, l.ID) == nil
 }
 
 func copyMetadata(md map[string]string) map[string]string {

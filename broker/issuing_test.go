@@ -193,3 +193,43 @@ func TestUnitIssuingLeaseIsLive(t *testing.T) {
 		t.Errorf("Lookup of an ISSUING lease: %s, %v; want it shown active", l.State, err)
 	}
 }
+
+// lostCommitDB creates the user but reports an error, as when the
+// connection drops after CREATE ROLE's COMMIT.
+type lostCommitDB struct{ *fakedb.DB }
+
+func (d lostCommitDB) NewUser(ctx context.Context, req broker.NewUserRequest) error {
+	if err := d.DB.NewUser(ctx, req); err != nil {
+		return err
+	}
+	return errors.New("injected: connection lost after COMMIT")
+}
+
+// TestUnitFailedIssueWhoseUserStaysLeavesNoLease: CREATE ROLE committed
+// but reported an error, and the drop that undoes it fails too. The
+// failed issue leaves no lease (an ISSUING lease with its user would be
+// promoted, as if a caller held it), but an intent, whose user the
+// reconciler drops.
+func TestUnitFailedIssueWhoseUserStaysLeavesNoLease(t *testing.T) {
+	u := newUnit(t, func(c *broker.Config) { c.Databases["main"] = lostCommitDB{c.Databases["main"].(*fakedb.DB)} })
+	ctx := context.Background()
+	u.db.FailNext(fakedb.DeleteUser, errors.New("injected: drop failed"))
+	if _, _, err := u.b.Issue(ctx, broker.IssueRequest{Role: roleRO}); err == nil {
+		t.Fatal("issue succeeded although CREATE ROLE reported an error")
+	}
+	if leases, _, err := u.store.ListLeases(ctx, broker.LeaseFilter{}); err != nil || len(leases) != 0 {
+		t.Errorf("leases left by the failed issue: %v (%v)", leases, err)
+	}
+	users := u.db.Usernames()
+	intents, err := u.store.ListIntents(ctx)
+	if err != nil || len(users) != 1 || len(intents) != 1 || intents[0].Username != users[0] {
+		t.Fatalf("users %v, intents %+v (%v); want the undropped user named by an intent", users, intents, err)
+	}
+	res, err := u.b.Reconcile(ctx)
+	if err != nil || res.IntentsSettled != 1 {
+		t.Fatalf("Reconcile = %+v, %v; want the intent settled", res, err)
+	}
+	if users := u.db.Usernames(); len(users) != 0 {
+		t.Errorf("users left after reconciliation: %v", users)
+	}
+}
