@@ -163,8 +163,14 @@ func (b *Broker) promoteBatch(ls []Lease) int {
 	return n
 }
 
-// waitPromotions writes the promotions queued so far at once and waits
-// for them (or their failure); Close calls it.
+// FlushPromotions writes the promotions queued so far at once and waits
+// for them (or their failure). A backup calls it first, so that the
+// snapshot holds the leases issued before it as Active: restored after
+// their users were dropped, they end revoked like any live lease, where an
+// Issuing one would be taken for an issue that never finished and removed.
+func (b *Broker) FlushPromotions() { b.waitPromotions() }
+
+// waitPromotions is FlushPromotions; Close calls it.
 func (b *Broker) waitPromotions() {
 	p := &b.promos
 	p.mu.Lock()
