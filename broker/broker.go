@@ -440,8 +440,14 @@ func (b *Broker) abandonIssue(l Lease, leaseStored, intent bool, log *slog.Logge
 	ctx, cancel := context.WithTimeout(context.Background(), cleanupTimeout)
 	defer cancel()
 	db, err := b.db(l.Target)
+	// A few tries: the drop is idempotent, and each failure here leaves
+	// work to the reconciler.
 	if err == nil {
-		err = db.DeleteUser(ctx, DeleteUserRequest{Username: l.Username, ProxyRole: l.ProxyRole})
+		for try := 0; try < abandonTries; try++ {
+			if err = db.DeleteUser(ctx, DeleteUserRequest{Username: l.Username, ProxyRole: l.ProxyRole}); err == nil || ctx.Err() != nil {
+				break
+			}
+		}
 	}
 	if err != nil {
 		if leaseStored && b.handOver(ctx, l) {
@@ -474,11 +480,20 @@ func (b *Broker) abandonIssue(l Lease, leaseStored, intent bool, log *slog.Logge
 func (b *Broker) handOver(ctx context.Context, l Lease) bool {
 	group, _ := b.groupID(ctx) // read at Start
 	in := Intent{LeaseID: l.ID, Target: l.Target, Username: l.Username, ProxyRole: l.ProxyRole, CreateTime: b.wallNow(), Group: group}
-	if err := b.store.PutIntent(ctx, in); err != nil {
+	var err error
+	for try := 0; try < abandonTries; try++ { // PutIntent replaces: retrying is safe
+		if err = b.store.PutIntent(ctx, in); err == nil || ctx.Err() != nil {
+			break
+		}
+	}
+	if err != nil {
 		return false
 	}
 	return b.store.DeleteLease(ctx, l.ID) == nil
 }
+
+// abandonTries is how many times abandonIssue tries each of its steps.
+const abandonTries = 3
 
 func copyMetadata(md map[string]string) map[string]string {
 	if len(md) == 0 {

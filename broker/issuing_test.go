@@ -213,7 +213,9 @@ func (d lostCommitDB) NewUser(ctx context.Context, req broker.NewUserRequest) er
 func TestUnitFailedIssueWhoseUserStaysLeavesNoLease(t *testing.T) {
 	u := newUnit(t, func(c *broker.Config) { c.Databases["main"] = lostCommitDB{c.Databases["main"].(*fakedb.DB)} })
 	ctx := context.Background()
-	u.db.FailNext(fakedb.DeleteUser, errors.New("injected: drop failed"))
+	for range 3 { // every try of abandonIssue's
+		u.db.FailNext(fakedb.DeleteUser, errors.New("injected: drop failed"))
+	}
 	if _, _, err := u.b.Issue(ctx, broker.IssueRequest{Role: roleRO}); err == nil {
 		t.Fatal("issue succeeded although CREATE ROLE reported an error")
 	}
