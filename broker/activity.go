@@ -226,7 +226,7 @@ func (b *Broker) SampleActivity(ctx context.Context) (ActivityReport, error) {
 		} else {
 			la.open, la.known = open, true
 		}
-		if la.state == StateActive && b.unusedFor(la.role, la.issue, u, now) {
+		if la.state.Usable() && b.unusedFor(la.role, la.issue, u, now) {
 			unused = append(unused, id)
 		}
 	}
@@ -291,7 +291,7 @@ func (b *Broker) SampleActivity(ctx context.Context) (ActivityReport, error) {
 		// (busy), is left for the next sample.
 		unused = slices.DeleteFunc(unused, func(id string) bool {
 			l, err := b.store.GetLease(ctx, id)
-			return err != nil || l.State != StateActive || !b.unusedFor(l.Role, l.IssueTime, l.Usage, now)
+			return err != nil || !l.State.Usable() || !b.unusedFor(l.Role, l.IssueTime, l.Usage, now)
 		})
 		n, err := b.revokeEach(ctx, unused, causeUnused, activityRevokeConcurrency)
 		rep.Revoked = n

@@ -44,10 +44,12 @@ type Config struct {
 	// pending again before it commits the next (renewbatch.go); negative
 	// turns the wait off. A renewal on an idle broker never waits.
 	RenewLinger time.Duration // default DefaultRenewLinger
-	// IssuePool is how many issues per role are made ready ahead, each
-	// with its intent durable and its password hashed (issuepool.go);
-	// negative turns it off.
-	IssuePool int // default 8
+	// IssuePool bounds how many issues per role are made ready ahead,
+	// each with its intent durable and its password hashed
+	// (issuepool.go): the pool holds the role's observed issue rate times
+	// IssuePoolHorizon, at least min(IssuePoolFloor, IssuePool) and at
+	// most IssuePool. Negative turns it off.
+	IssuePool int // default 64
 	// RevokeRetries is how many failed attempts mark a lease REVOKE_FAILED.
 	RevokeRetries int // default 5
 	// RetryBaseDelay and RetryMaxDelay bound the exponential backoff (with

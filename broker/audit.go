@@ -153,7 +153,7 @@ func (b *Broker) notify(action string, l Lease, errMsg, reason string, remote bo
 		Username: l.Username,
 		Error:    errMsg,
 
-		State:      l.State,
+		State:      l.State.Public(),
 		ExpireTime: l.ExpireTime,
 		Reason:     reason,
 		Remote:     remote,

@@ -68,6 +68,9 @@ type Broker struct {
 	// Start and ends at Close.
 	pool    issuePool
 	poolCtx context.Context
+	// promos are the issued leases waiting to be written as Active
+	// (promote.go).
+	promos promotions
 
 	// term is the leadership term in force (leadership.go); nil when not
 	// leading, and always nil for a broker without Config.Leadership.
@@ -223,6 +226,7 @@ func (b *Broker) Close() error {
 		b.cancel()
 	}
 	b.wg.Wait()
+	b.waitPromotions()
 	b.drainPool()
 	return nil
 }
@@ -243,10 +247,18 @@ func (b *Broker) db(target string) (Database, error) {
 
 // Issue creates a user for req.Role and leases it to req.Client.
 //
-// Crash safety: the intent is stored before CREATE ROLE and the lease (which
-// deletes the intent) after it, and the credential is returned only once the
-// lease is stored. A crash in between leaves an intent, which the reconciler
-// settles by dropping the user.
+// Crash safety: a durable record names the user before CREATE ROLE, and
+// the credential is returned only once the user exists and the full lease
+// is durable. The lease is written in the Issuing state beside CREATE
+// ROLE rather than after it, so the credential waits for the slower of
+// the two, not for both in turn, and is promoted to Active in the
+// background (promote.go). With a reservation (issuepool.go) its intent
+// is the record written ahead, and the Issuing lease (whose commit
+// deletes the intent) commits while CREATE ROLE runs; without one, the
+// Issuing lease itself is written first, while the password is hashed,
+// and stands in for the intent. A crash leaves an intent (the reconciler
+// drops its user) or an Issuing lease (the reconciler promotes it if its
+// user exists, and removes it if not); see docs/architecture.md.
 func (b *Broker) Issue(ctx context.Context, req IssueRequest) (Lease, Credential, error) {
 	if err := ValidateRoleName(req.Role); err != nil {
 		return Lease{}, Credential{}, err
@@ -268,7 +280,6 @@ func (b *Broker) Issue(ctx context.Context, req IssueRequest) (Lease, Credential
 	if err := b.ensureClaimed(ctx, role.Target); err != nil {
 		return Lease{}, Credential{}, err
 	}
-	group, _ := b.groupID(ctx) // read by ensureClaimed
 	ttl := req.TTL
 	if ttl == 0 {
 		ttl = role.DefaultTTL
@@ -287,30 +298,46 @@ func (b *Broker) Issue(ctx context.Context, req IssueRequest) (Lease, Credential
 		IssueTime:          now,
 		ExpireTime:         now.Add(ttl),
 		MaxExpireTime:      now.Add(role.MaxTTL),
-		State:              StateActive,
+		State:              StateIssuing,
 		Metadata:           copyMetadata(req.Metadata),
 		RevokeOnDisconnect: req.RevokeOnDisconnect,
 	}
-	var intent Intent
 	var password, verifier string
-	r, ok := b.takeReservation(role)
-	if ok && (r.intent.Target != role.Target || r.intent.ProxyRole != role.ProxyRole) {
+	r, pooled := b.takeReservation(role)
+	if pooled && (r.intent.Target != role.Target || r.intent.ProxyRole != role.ProxyRole) {
 		// Made before a reload changed the role.
 		b.release([]reservation{r})
-		ok = false
+		pooled = false
 	}
-	if ok {
+	if pooled {
 		// Ready ahead (issuepool.go): the intent is durable already and
 		// the password hashed; the reservation is in flight.
-		intent, password, verifier = r.intent, r.password, r.verifier
-		lease.ID, lease.Username = intent.LeaseID, intent.Username
-		defer b.setInflight(lease.ID, false)
+		password, verifier = r.password, r.verifier
+		lease.ID, lease.Username = r.intent.LeaseID, r.intent.Username
 	} else {
 		password = NewPassword()
-		intent = Intent{LeaseID: lease.ID, Target: lease.Target, Username: lease.Username, ProxyRole: lease.ProxyRole, CreateTime: now, Group: group}
 		b.setInflight(lease.ID, true)
-		defer b.setInflight(lease.ID, false)
-		// Hash while the intent's commit waits on its fsync.
+	}
+	defer b.setInflight(lease.ID, false)
+	// Held until the issue is settled: a revocation of this id (an admin
+	// who listed the Issuing lease) waits for it, rather than dropping a
+	// user whose CREATE ROLE has not committed yet.
+	unlock := b.leaseMu.Lock(lease.ID)
+	defer unlock()
+	log := b.log.With("lease_id", lease.ID, "role", lease.Role, "client", lease.Client, "username", lease.Username)
+	newUser := func() error {
+		return db.NewUser(ctx, NewUserRequest{
+			Username:   lease.Username,
+			Password:   password,
+			ProxyRole:  lease.ProxyRole,
+			ValidUntil: lease.ExpireTime.Add(b.conf().ValidUntilGrace),
+			Verifier:   verifier,
+		})
+	}
+	stored := lease // CreateLease sets its Revision
+	if !pooled {
+		// The Issuing lease is the record written before CREATE ROLE;
+		// hash while its commit waits on its fsync.
 		hashed := make(chan string, 1)
 		if h, ok := db.(PasswordHasher); ok {
 			go func() {
@@ -320,42 +347,53 @@ func (b *Broker) Issue(ctx context.Context, req IssueRequest) (Lease, Credential
 		} else {
 			hashed <- ""
 		}
-		err := b.store.PutIntent(ctx, intent)
+		err := b.store.CreateLease(ctx, &stored)
 		verifier = <-hashed
 		if err != nil {
-			return Lease{}, Credential{}, fmt.Errorf("record intent: %w", err)
+			if ours, _ := b.leaseStored(&stored, err, log); !ours {
+				// No user exists. Should the lease land all the same,
+				// it is Issuing without a user: the reconciler removes it.
+				return Lease{}, Credential{}, storeLeaseError(err)
+			}
+		}
+		if err := newUser(); err != nil {
+			// The CREATE may have committed even though we saw an error (the
+			// connection can drop after COMMIT), so drop the user either way.
+			b.abandonIssue(stored, true, false, log)
+			return Lease{}, Credential{}, fmt.Errorf("create user: %w", err)
+		}
+	} else {
+		// The intent is durable: the lease's commit and CREATE ROLE
+		// overlap.
+		leaseErr := make(chan error, 1)
+		go func() { leaseErr <- b.store.CreateLease(ctx, &stored) }()
+		userErr := newUser()
+		err := <-leaseErr
+		ours := err == nil
+		if err != nil {
+			ours, _ = b.leaseStored(&stored, err, log)
+		}
+		if userErr != nil || !ours {
+			b.abandonIssue(stored, ours, true, log)
+			if userErr != nil {
+				return Lease{}, Credential{}, fmt.Errorf("create user: %w", userErr)
+			}
+			return Lease{}, Credential{}, storeLeaseError(err)
 		}
 	}
-	log := b.log.With("lease_id", lease.ID, "role", lease.Role, "client", lease.Client, "username", lease.Username)
-	err = db.NewUser(ctx, NewUserRequest{
-		Username:   lease.Username,
-		Password:   password,
-		ProxyRole:  lease.ProxyRole,
-		ValidUntil: lease.ExpireTime.Add(b.conf().ValidUntilGrace),
-		Verifier:   verifier,
-	})
-	if err != nil {
-		// The CREATE may have committed even though we saw an error (the
-		// connection can drop after COMMIT), so drop the user either way.
-		b.abandonIssue(intent, log)
-		return Lease{}, Credential{}, fmt.Errorf("create user: %w", err)
+	b.queue.Set(stored.ID, stored.ExpireTime)
+	b.queue.SetTarget(stored.ID, stored.Target)
+	if stored.RevokeOnDisconnect {
+		b.armDisconnect(stored.ID, now.Add(b.conf().DisconnectGrace))
 	}
-	if err := b.store.CreateLease(ctx, &lease); err != nil && !b.createdAnyway(&lease, intent, err, log) {
-		if errors.Is(err, ErrUnknownOutcome) {
-			return Lease{}, Credential{}, fmt.Errorf("%w: store lease: %w", ErrUnavailable, err)
-		}
-		return Lease{}, Credential{}, fmt.Errorf("store lease: %w", err)
-	}
-	b.queue.Set(lease.ID, lease.ExpireTime)
-	b.queue.SetTarget(lease.ID, lease.Target)
-	if lease.RevokeOnDisconnect {
-		b.armDisconnect(lease.ID, now.Add(b.conf().DisconnectGrace))
-	}
-	log.Info("lease issued", "expire_time", lease.ExpireTime)
-	b.audit(AuditIssue, lease, "")
+	b.promote(stored)
+	out := stored.Clone()
+	out.State = out.State.Public()
+	log.Info("lease issued", "expire_time", out.ExpireTime)
+	b.audit(AuditIssue, out, "")
 	ep := db.Endpoint()
-	return lease.Clone(), Credential{
-		Username: lease.Username,
+	return out, Credential{
+		Username: out.Username,
 		Password: password,
 		Host:     ep.Host,
 		Port:     ep.Port,
@@ -363,16 +401,22 @@ func (b *Broker) Issue(ctx context.Context, req IssueRequest) (Lease, Credential
 	}, nil
 }
 
-// createdAnyway settles a CreateLease that returned err. The write may have
+// storeLeaseError is what Issue reports of a CreateLease that failed.
+func storeLeaseError(err error) error {
+	if errors.Is(err, ErrUnknownOutcome) {
+		return fmt.Errorf("%w: store lease: %w", ErrUnavailable, err)
+	}
+	return fmt.Errorf("store lease: %w", err)
+}
+
+// leaseStored settles a CreateLease that returned err. The write may have
 // committed all the same (ErrUnknownOutcome, a context that ended while it
-// was in flight), and undoing the issue then would leave an ACTIVE lease
-// without a user, and out of the expiry queue. So the lease is read back
-// first: if it is stored, createdAnyway sets *l to it and reports true, and
-// the issue goes on; if it is not, the issue is undone. If even the read
-// fails, the user and the intent stay for the reconciler (it drops the
-// user unless the lease exists), and the lease is queued so that, if it
-// does exist, it is revoked at its expiry.
-func (b *Broker) createdAnyway(l *Lease, in Intent, err error, log *slog.Logger) bool {
+// was in flight), so the lease is read back: ours reports that it is
+// stored (*l is set to it, and the issue goes on). known is false when
+// even the read failed; the issue is undone then too, which is safe since
+// the lease, if it landed, is Issuing, and the reconciler removes an
+// Issuing lease whose user does not exist.
+func (b *Broker) leaseStored(l *Lease, err error, log *slog.Logger) (ours, known bool) {
 	ctx, cancel := context.WithTimeout(context.Background(), cleanupTimeout)
 	defer cancel()
 	stored, rerr := b.store.GetLease(ctx, l.ID)
@@ -380,36 +424,83 @@ func (b *Broker) createdAnyway(l *Lease, in Intent, err error, log *slog.Logger)
 	case rerr == nil && stored.Username == l.Username:
 		log.Warn("lease stored although the store reported an error; issuing it", "err", err)
 		*l = stored
-		return true
-	case rerr == nil:
-		// The id is another lease's (ErrExists): ours was not stored.
-		b.abandonIssue(in, log)
-		return false
-	case errors.Is(rerr, ErrLeaseNotFound):
-		if errors.Is(err, ErrUnknownOutcome) || errors.Is(err, context.Canceled) || errors.Is(err, context.DeadlineExceeded) {
-			// Should the write still land, the expiry manager revokes it;
-			// if it never does, the entry finds no lease and goes.
-			b.queue.Set(l.ID, l.ExpireTime)
-		}
-		b.abandonIssue(in, log)
-		return false
+		return true, true
+	case rerr == nil, errors.Is(rerr, ErrLeaseNotFound):
+		// Not stored, or the id is another lease's (ErrExists).
+		return false, true
 	default:
-		b.queue.Set(l.ID, l.ExpireTime)
-		log.Warn("could not tell whether the lease was stored; the reconciler settles it", "err", err, "read_err", rerr)
-		return false
+		log.Warn("could not tell whether the lease was stored; undoing the issue, the reconciler settles the rest", "err", err, "read_err", rerr)
+		return false, false
 	}
 }
 
 // abandonIssue undoes a half-finished issue on a context of its own: the
-// caller's may already be cancelled. If the drop fails the intent stays,
-// and the reconciler finishes the job.
-func (b *Broker) abandonIssue(in Intent, log *slog.Logger) {
+// caller's may already be cancelled. It drops the user, then removes the
+// records that name it: the Issuing lease when it is this issue's
+// (leaseStored) and the reservation's intent (intent). If the drop fails,
+// the reconciler finishes the job: the Issuing lease is replaced by an
+// intent (handOver), whose user the reconciler drops, so that a failed
+// issue leaves no lease behind. Should even that fail, the lease stays
+// (the reconciler promotes an Issuing lease whose user exists) and is
+// queued here, to be revoked at its expiry.
+func (b *Broker) abandonIssue(l Lease, leaseStored, intent bool, log *slog.Logger) {
 	ctx, cancel := context.WithTimeout(context.Background(), cleanupTimeout)
 	defer cancel()
-	if err := b.settleIntent(ctx, in); err != nil {
+	db, err := b.db(l.Target)
+	// A few tries: the drop is idempotent, and each failure here leaves
+	// work to the reconciler.
+	if err == nil {
+		for try := 0; try < abandonTries; try++ {
+			if err = db.DeleteUser(ctx, DeleteUserRequest{Username: l.Username, ProxyRole: l.ProxyRole}); err == nil || ctx.Err() != nil {
+				break
+			}
+		}
+	}
+	if err != nil {
+		if leaseStored && b.handOver(ctx, l) {
+			log.Warn("could not undo a failed issue; its user is left to the reconciler", "err", err)
+			return
+		}
+		if leaseStored {
+			b.queue.Set(l.ID, l.ExpireTime)
+			b.queue.SetTarget(l.ID, l.Target)
+		}
 		log.Warn("could not undo a failed issue; the reconciler will retry", "err", err)
+		return
+	}
+	if leaseStored {
+		if err := b.store.DeleteLease(ctx, l.ID); err != nil {
+			log.Warn("could not remove the lease of a failed issue; the reconciler will", "err", err)
+		}
+	}
+	if intent {
+		if err := b.store.DeleteIntent(ctx, l.ID); err != nil {
+			log.Warn("could not remove the intent of a failed issue; the reconciler will", "err", err)
+		}
 	}
 }
+
+// handOver replaces the Issuing lease of a failed issue whose user could
+// not be dropped by an intent naming that user, which the reconciler
+// settles by dropping it. The intent is written first: at every instant a
+// record names the user. It reports whether the lease is gone.
+func (b *Broker) handOver(ctx context.Context, l Lease) bool {
+	group, _ := b.groupID(ctx) // read at Start
+	in := Intent{LeaseID: l.ID, Target: l.Target, Username: l.Username, ProxyRole: l.ProxyRole, CreateTime: b.wallNow(), Group: group}
+	var err error
+	for try := 0; try < abandonTries; try++ { // PutIntent replaces: retrying is safe
+		if err = b.store.PutIntent(ctx, in); err == nil || ctx.Err() != nil {
+			break
+		}
+	}
+	if err != nil {
+		return false
+	}
+	return b.store.DeleteLease(ctx, l.ID) == nil
+}
+
+// abandonTries is how many times abandonIssue tries each of its steps.
+const abandonTries = 3
 
 func copyMetadata(md map[string]string) map[string]string {
 	if len(md) == 0 {
@@ -449,7 +540,7 @@ func (b *Broker) Renew(ctx context.Context, id string, increment time.Duration) 
 		switch {
 		case l.State == StateExpired:
 			return l, fmt.Errorf("%w: lease %s expired at %s", ErrLeaseExpired, id, l.EndTime.UTC().Format(time.RFC3339))
-		case l.State != StateActive:
+		case !l.State.Usable():
 			return l, fmt.Errorf("%w: lease %s is %s", ErrLeaseRevoked, id, l.State)
 		case !now.Before(l.ExpireTime):
 			return l, fmt.Errorf("%w: lease %s expired at %s", ErrLeaseExpired, id, l.ExpireTime.UTC().Format(time.RFC3339))
@@ -532,22 +623,29 @@ func (b *Broker) defaultTTL(l Lease) time.Duration {
 	return l.MaxExpireTime.Sub(l.IssueTime)
 }
 
-// Lookup returns a lease.
+// Lookup returns a lease, in its public state (LeaseState.Public).
 func (b *Broker) Lookup(ctx context.Context, id string) (Lease, error) {
 	if err := ValidateLeaseID(id); err != nil {
 		return Lease{}, err
 	}
-	return b.store.GetLease(ctx, id)
+	l, err := b.store.GetLease(ctx, id)
+	l.State = l.State.Public()
+	return l, err
 }
 
-// ListLeases lists leases matching f; see LeaseStore.ListLeases.
+// ListLeases lists leases matching f, in their public state
+// (LeaseState.Public); see LeaseStore.ListLeases.
 func (b *Broker) ListLeases(ctx context.Context, f LeaseFilter) ([]Lease, string, error) {
 	if f.After != "" {
 		if err := ValidateLeaseID(f.After); err != nil {
 			return nil, "", fmt.Errorf("%w: bad page token", ErrInvalidArgument)
 		}
 	}
-	return b.store.ListLeases(ctx, f)
+	page, next, err := b.store.ListLeases(ctx, f)
+	for i := range page {
+		page[i].State = page[i].State.Public()
+	}
+	return page, next, err
 }
 
 // Roles returns the configured roles, sorted by name.

@@ -177,6 +177,8 @@ func (e *env) issue(role string, ttl time.Duration) (broker.Lease, broker.Creden
 	if err != nil {
 		e.t.Fatalf("Issue(%s, %v): %v", role, ttl, err)
 	}
+	// Tests that read the stored lease find it Active.
+	e.b.WaitPromotions()
 	return l, c
 }
 
@@ -657,34 +659,61 @@ func TestReconcileDropsUnknownMarkerMembers(t *testing.T) {
 // store file, and checks that no PostgreSQL user is left without a live
 // lease and that every credential a caller received has a lease.
 func TestCrashAtEveryStepLeavesNoOrphan(t *testing.T) {
+	// The direct path writes the Issuing lease, then creates the user;
+	// with a reservation (its intent durable ahead) the lease's commit
+	// and CREATE ROLE run at once. Either way the promotion to Active is
+	// written after the credential is out ("UpdateLease:active").
 	issueSteps := []string{
-		"before PutIntent", "after PutIntent",
-		"before NewUser", "after NewUser",
 		"before CreateLease", "after CreateLease",
+		"before NewUser", "after NewUser",
+		"before UpdateLease:active", "after UpdateLease:active",
 	}
-	for _, step := range issueSteps {
-		t.Run("issue/"+step, func(t *testing.T) {
-			// The direct path, step by step; TestIssuePool crashes with
-			// reservations ready.
-			e := newEnv(t, func(c *broker.Config) { c.IssuePool = -1 })
-			e.sw.crashAt(step)
-			l, c, err := e.b.Issue(context.Background(), broker.IssueRequest{Role: roleRO})
-			if !e.sw.isTripped() {
-				t.Fatalf("crash point %q never reached", step)
-			}
-			e.restart()
-			if err == nil {
-				// A caller holding a credential must find its lease.
-				if got := e.lease(l.ID); !got.State.Live() {
-					t.Errorf("credential %s handed out, lease is %s", c.Username, got.State)
+	for _, pooled := range []bool{false, true} {
+		for _, step := range issueSteps {
+			t.Run(fmt.Sprintf("issue/pooled=%v/%s", pooled, step), func(t *testing.T) {
+				pool := -1
+				if pooled {
+					pool = 1
 				}
-			}
-			intents, _ := e.store.ListIntents(context.Background())
-			if len(intents) != 0 {
-				t.Errorf("%d intents left after restart", len(intents))
-			}
-			e.assertNoOrphans()
-		})
+				e := newEnv(t, func(c *broker.Config) { c.IssuePool = pool })
+				if pooled {
+					e.issue(roleUpdater, 0) // starts the pool's refill
+					waitFor(t, "a reservation", func() bool { return len(e.intentIDs()) == 1 })
+				}
+				e.sw.crashAt(step)
+				l, c, err := e.b.Issue(context.Background(), broker.IssueRequest{Role: roleUpdater})
+				e.b.WaitPromotions()
+				if !e.sw.isTripped() {
+					t.Fatalf("crash point %q never reached (issue error: %v)", step, err)
+				}
+				e.restart()
+				if err == nil {
+					// A caller holding a credential must find its lease,
+					// promoted by the start-up settlement if the crash
+					// came before the promotion.
+					if got := e.lease(l.ID); got.State != broker.StateActive {
+						t.Errorf("credential %s handed out, lease is %s", c.Username, got.State)
+					}
+					if !e.roleExists(c.Username) {
+						t.Errorf("credential %s handed out, its user does not exist", c.Username)
+					}
+				}
+				all, _, lerr := e.store.ListLeases(context.Background(), broker.LeaseFilter{})
+				if lerr != nil {
+					t.Fatal(lerr)
+				}
+				for _, got := range all {
+					if got.State == broker.StateIssuing {
+						t.Errorf("lease %s left Issuing after the restart", got.ID)
+					}
+				}
+				intents, _ := e.store.ListIntents(context.Background())
+				if len(intents) != 0 {
+					t.Errorf("%d intents left after restart", len(intents))
+				}
+				e.assertNoOrphans()
+			})
+		}
 	}
 	revokeSteps := []string{
 		"before UpdateLease:revoking", "after UpdateLease:revoking",

@@ -12,7 +12,7 @@ const (
 	DefaultRevokeRate          = 1000.0
 	DefaultRenewBatches        = 1
 	DefaultRenewLinger         = 2 * time.Millisecond
-	DefaultIssuePool           = 8
+	DefaultIssuePool           = 64
 	DefaultRevokeRetries       = 5
 	DefaultRetryBaseDelay      = time.Second
 	DefaultRetryMaxDelay       = time.Minute

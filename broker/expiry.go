@@ -257,10 +257,10 @@ func (b *Broker) revokeBatch(ctx context.Context, ids []string) {
 		case l.State.Terminal():
 			b.queue.Remove(id)
 			continue
-		case l.State == StateActive && now.Before(l.ExpireTime):
+		case l.State.Usable() && now.Before(l.ExpireTime):
 			b.queue.Set(id, l.ExpireTime) // renewed since it was queued
 			continue
-		case l.State == StateActive && b.heldByDatabaseClock(ctx, l, now, dbNow):
+		case l.State.Usable() && b.heldByDatabaseClock(ctx, l, now, dbNow):
 			continue
 		}
 		revoking = append(revoking, l)

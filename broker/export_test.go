@@ -38,3 +38,7 @@ func (b *Broker) SetRevokeLingerTimer(after func(time.Duration) <-chan time.Time
 	defer b.revocations.mu.Unlock()
 	b.revocations.after = after
 }
+
+// WaitPromotions waits until the issued leases queued for promotion to
+// Active are written (promote.go).
+func (b *Broker) WaitPromotions() { b.waitPromotions() }

@@ -153,7 +153,7 @@ func (b *Broker) applyReset(ev FeedEvent) {
 func (b *Broker) applyLive(l Lease, atReset bool) {
 	now := b.wallNow()
 	due := l.ExpireTime
-	if l.State != StateActive {
+	if !l.State.Usable() {
 		switch {
 		case !l.NextAttempt.IsZero():
 			due = l.NextAttempt
@@ -169,7 +169,7 @@ func (b *Broker) applyLive(l Lease, atReset bool) {
 	}
 	b.queue.Set(l.ID, due)
 	b.queue.SetTarget(l.ID, l.Target)
-	if l.State == StateActive && l.RevokeOnDisconnect {
+	if l.State.Usable() && l.RevokeOnDisconnect {
 		b.armDisconnectOnce(l.ID, b.clock.Now().Add(b.conf().DisconnectGrace))
 	}
 
@@ -179,12 +179,15 @@ func (b *Broker) applyLive(l Lease, atReset bool) {
 	b.feed.mu.Unlock()
 
 	switch {
-	case l.State == StateActive && !known:
+	case l.State.Usable() && !known:
 		b.notify(AuditIssue, l, "", "", true)
 	case l.State == StateRevokeFailed && prev.state != StateRevokeFailed:
 		b.notify(AuditRevokeFailed, l, l.LastError, "", true)
 	}
-	if l.State == StateActive && known && !atReset {
+	// The promotion of an Issuing lease (promote.go) changes nothing a
+	// subscriber sees: no event for it.
+	promoted := prev.state == StateIssuing && l.State == StateActive
+	if l.State.Usable() && known && !atReset && !promoted {
 		t := EventRenewed
 		if !l.ExpireTime.Before(l.MaxExpireTime) {
 			t = EventMaxTTLReached

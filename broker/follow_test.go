@@ -20,6 +20,8 @@ import (
 // goroutine of its own, as from a watch.
 type feedStore struct {
 	broker.LeaseStore
+	// hold, when set, makes UpdateLeases wait until it is closed.
+	hold chan struct{}
 
 	mu        sync.Mutex
 	rev       uint64
@@ -104,6 +106,9 @@ func (s *feedStore) UpdateLease(ctx context.Context, l broker.Lease) (broker.Lea
 }
 
 func (s *feedStore) UpdateLeases(ctx context.Context, ls []broker.Lease) ([]broker.Lease, []error) {
+	if s.hold != nil {
+		<-s.hold
+	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	out, errs := s.LeaseStore.UpdateLeases(ctx, ls)
@@ -415,4 +420,39 @@ func TestUnitFeedLeaderTakesOverAStuckRevocation(t *testing.T) {
 	if r.err != nil || r.l.State != broker.StateRevoked {
 		t.Errorf("the standby's Revoke: %v, %v; want the revoked lease and no error", r.l.State, r.err)
 	}
+}
+
+// The promotion of an issued lease from ISSUING to ACTIVE, which another
+// instance hears of on its feed, is no renewal: a subscriber there gets
+// no event for it.
+func TestUnitFeedPromotionIsNoRenewal(t *testing.T) {
+	g := newGroup(t)
+	bEvents := recordEvents(t, g.b)
+	ctx := context.Background()
+	g.store.hold = make(chan struct{}) // a's promotion waits until b's subscriber is there
+
+	l, _, err := g.a.Issue(ctx, broker.IssueRequest{Role: roleRO, Client: "svc"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "b to hear of the issue", func() bool { return bEvents.has(l.ID, broker.AuditIssue, true) })
+	ch, unsubscribe := g.b.Subscribe(l.ID)
+	defer unsubscribe()
+	close(g.store.hold)
+	g.a.WaitPromotions()
+	if got, err := g.store.GetLease(ctx, l.ID); err != nil || got.State != broker.StateActive {
+		t.Fatalf("after the promotion: %v, %v", got.State, err)
+	}
+
+	// The feed is in order: once b heard of a later revocation, it has
+	// applied the promotion.
+	other, _, err := g.a.Issue(ctx, broker.IssueRequest{Role: roleRO, Client: "svc"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := g.a.Revoke(ctx, other.ID); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "b to hear of the later revocation", func() bool { return bEvents.has(other.ID, broker.AuditRevoke, true) })
+	noEvent(t, ch, "after the promotion")
 }

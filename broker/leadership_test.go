@@ -131,6 +131,11 @@ func TestUnitOnlyALeaderDoesBackgroundWork(t *testing.T) {
 	}
 	lead.waitCampaigning(t)
 	l1, _ := u.issue(roleRO, time.Minute, "svc")
+	rec.mu.Lock()
+	// The issue's promotion to Active: written unfenced by whichever
+	// instance issued, as the lease itself is.
+	rec.plain = 0
+	rec.mu.Unlock()
 	u.clock.Advance(2 * time.Minute)
 	if n := u.clock.Waiters(); n != 0 {
 		t.Fatalf("a follower armed %d timers: its expiry or maintenance loop runs", n)

@@ -44,6 +44,12 @@ type ReconcileResult struct {
 	IntentsUnused  int // intents whose user was never created (a crash before CREATE ROLE, or a reservation)
 	UsersDropped   int // marker-role members no lease or intent knew
 	LeasesSettled  int // live leases whose user was gone, ended as revoked
+	// IssuingPromoted counts Issuing leases whose user exists, written as
+	// Active (a promotion lost to a crash or a store error); IssuingRemoved
+	// those whose user does not exist (a crash before CREATE ROLE
+	// committed), deleted: no caller holds their credential.
+	IssuingPromoted int
+	IssuingRemoved  int
 	// Pending counts the users and intents found unknown that wait for a
 	// second sweep at least Config.ReconcileConfirm later to agree.
 	Pending int
@@ -54,6 +60,7 @@ func suspectUser(target, user string) string { return "user\x00" + target + "\x0
 func suspectSettle(leaseID string) string    { return "settle\x00" + leaseID }
 func suspectUnused(leaseID string) string    { return "unused\x00" + leaseID }
 func suspectGone(leaseID string) string      { return "gone\x00" + leaseID }
+func suspectIssuing(leaseID string) string   { return "issuing\x00" + leaseID }
 
 // confirmed reports whether the reconciler may act on the suspect key now:
 // at once when Config.ReconcileConfirm is zero, else only when an earlier
@@ -134,11 +141,14 @@ func (b *Broker) Reconcile(ctx context.Context) (ReconcileResult, error) {
 	// from the listing was dropped since (outside the broker, or a store
 	// restored from a backup taken before its lease was revoked). Read
 	// after the listing, a lease issued in between would look so too.
-	type liveUser struct{ id, target, username string }
+	type liveUser struct {
+		id, target, username string
+		state                LeaseState
+	}
 	var before []liveUser
 	if err := b.store.ScanExpiry(ctx, func(e ExpiryEntry) bool {
 		if e.Username != "" {
-			before = append(before, liveUser{e.LeaseID, e.Target, e.Username})
+			before = append(before, liveUser{e.LeaseID, e.Target, e.Username, e.State})
 		}
 		return true
 	}); err != nil {
@@ -304,6 +314,20 @@ func (b *Broker) Reconcile(ctx context.Context) (ReconcileResult, error) {
 	// once, audited with reason reconcile, instead of failing to be
 	// revoked, or waiting for its expiry as if its user could log in.
 	for _, l := range before {
+		if l.state == StateIssuing {
+			settled, err := b.settleIssuing(ctx, l.id, exists[l.target], now, seen, &res)
+			if errors.Is(err, ErrNotLeader) {
+				return res, errors.Join(append(errs, err)...)
+			}
+			if err != nil {
+				errs = append(errs, err)
+			}
+			if settled || err != nil {
+				continue
+			}
+			// Issued by this process, or promoted since the scan: a live
+			// lease like any other.
+		}
 		if listed, ok := exists[l.target]; !ok || listed[l.username] {
 			continue
 		}
@@ -324,4 +348,76 @@ func (b *Broker) Reconcile(ctx context.Context) (ReconcileResult, error) {
 	}
 	swept = true
 	return res, errors.Join(errs...)
+}
+
+// settleIssuing settles an Issuing lease the sweep found live before it
+// listed the users (listed: its target's users, nil when they could not
+// be listed). Its issue is done, or was cut short by a crash, unless one
+// is working on it: in this process (in flight), or on another instance
+// of the group, which is why a removal waits for two sweeps
+// ReconcileConfirm apart to agree, as a dropped intent does.
+//
+//   - Its user exists: the credential may be in its caller's hands (the
+//     issue returned, and its promotion was lost), so the lease is
+//     promoted to Active, as the issue would have.
+//   - Its user does not exist: CREATE ROLE never committed, the issue
+//     failed and no caller holds a credential; the lease is deleted, not
+//     ended as a tombstone, since it was never issued.
+//
+// Either write is a compare-and-set on the lease as read here, so a lease
+// that moved on meanwhile (promoted, renewed, revoked) is left alone.
+//
+// A lease this process issued and has not promoted yet (promote.go), or
+// one no longer Issuing when read, is not settled here (settled false):
+// the caller treats it as any live lease, so one whose user was dropped
+// outside the broker is ended, not removed.
+func (b *Broker) settleIssuing(ctx context.Context, id string, listed map[string]bool, now time.Time, seen map[string]bool, res *ReconcileResult) (settled bool, err error) {
+	if b.awaitingPromotion(id) {
+		return false, nil
+	}
+	if listed == nil || b.isInflight(id) {
+		return true, nil
+	}
+	l, err := b.store.GetLease(ctx, id)
+	if errors.Is(err, ErrLeaseNotFound) {
+		return true, nil
+	}
+	if err != nil {
+		return true, fmt.Errorf("settle issuing lease %s: %w", id, err)
+	}
+	if l.State != StateIssuing {
+		return false, nil
+	}
+	if listed[l.Username] {
+		l.State = StateActive
+		_, err := b.store.UpdateLease(ctx, l)
+		switch {
+		case err == nil:
+			res.IssuingPromoted++
+			b.log.Info("reconcile: promoted an issued lease left Issuing", "lease_id", id, "username", l.Username)
+		case errors.Is(err, ErrConflict), errors.Is(err, ErrLeaseNotFound):
+		default:
+			return true, fmt.Errorf("promote issuing lease %s: %w", id, err)
+		}
+		return true, nil
+	}
+	if !b.confirmed(suspectIssuing(id), now, seen) {
+		res.Pending++
+		return true, nil
+	}
+	if err := b.confirmLeading(ctx); err != nil {
+		return true, fmt.Errorf("remove issuing lease %s: %w", id, err)
+	}
+	// Read again right before the delete, which takes no revision: a
+	// lease promoted or revoked since the read above stays.
+	if cur, err := b.store.GetLease(ctx, id); err != nil || cur.State != StateIssuing || cur.Revision != l.Revision {
+		return true, nil
+	}
+	if err := b.store.DeleteLease(ctx, id); err != nil {
+		return true, fmt.Errorf("remove issuing lease %s: %w", id, err)
+	}
+	b.queue.Remove(id)
+	res.IssuingRemoved++
+	b.log.Info("reconcile: removed an Issuing lease whose user was never created", "lease_id", id, "username", l.Username)
+	return true, nil
 }

@@ -89,7 +89,7 @@ func (b *Broker) renewBatched(ctx context.Context, id string, inc time.Duration)
 	// Only a hint: it picks the target's batch, whose compare-and-set
 	// (or the single path's fresh read) settles the rest (storereads.go).
 	l, err := b.leaseHint(ctx, id)
-	if err != nil || l.State != StateActive {
+	if err != nil || !l.State.Usable() {
 		// Let the single path give the precise answer.
 		return Lease{}, errRenewAlone
 	}
@@ -240,7 +240,7 @@ func (b *Broker) renewBatch(target string, calls []*renewCall) {
 	read, readErrs, fresh := b.leaseHints(ctx, ids)
 	for i, it := range items {
 		l, err := read[i], readErrs[i]
-		if err != nil || l.State != StateActive || !now.Before(l.ExpireTime) || l.Target != target {
+		if err != nil || !l.State.Usable() || !now.Before(l.ExpireTime) || l.Target != target {
 			continue
 		}
 		it.lease = l

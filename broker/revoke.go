@@ -61,18 +61,18 @@ func (b *Broker) revoke(ctx context.Context, id string, cause revokeCause) (Leas
 		return l, false, nil
 	}
 	now := b.wallNow()
-	if byExpiry && l.State == StateActive && now.Before(l.ExpireTime) {
+	if byExpiry && l.State.Usable() && now.Before(l.ExpireTime) {
 		// Renewed since it was queued.
 		b.storeRecovered(id)
 		b.queue.Set(id, l.ExpireTime)
 		return l, false, nil
 	}
-	if byExpiry && l.State == StateActive && b.heldByDatabaseClock(ctx, l, now, map[string]time.Time{}) {
+	if byExpiry && l.State.Usable() && b.heldByDatabaseClock(ctx, l, now, map[string]time.Time{}) {
 		// Due by this host's clock, not yet by the database's (expiry.go).
 		b.storeRecovered(id)
 		return l, false, nil
 	}
-	if l.State == StateActive {
+	if l.State.Usable() {
 		l.State = StateRevoking
 		if !byExpiry {
 			// EndTime on a live lease records that an admin or owner asked

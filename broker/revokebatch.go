@@ -292,7 +292,7 @@ func (b *Broker) revokeLeases(ctx context.Context, ls []Lease, cause revokeCause
 	// Mark the active ones REVOKING, in one transaction.
 	var marks []int
 	for i := range revoking {
-		if revoking[i].State == StateActive {
+		if revoking[i].State.Usable() {
 			revoking[i].State = StateRevoking
 			if cause != causeExpiry {
 				revoking[i].EndTime = now

@@ -225,7 +225,7 @@ func (b *Broker) restoreStreamDeadlines(ctx context.Context) {
 			bare = true
 			return false
 		}
-		if e.State == StateActive && e.RevokeOnDisconnect {
+		if e.State.Usable() && e.RevokeOnDisconnect {
 			b.armDisconnect(e.LeaseID, deadline)
 		}
 		return true

@@ -19,9 +19,18 @@ const (
 	StateExpired
 	// StateRevokeFailed: revocation failed after its retry budget; retried later.
 	StateRevokeFailed
+	// StateIssuing: written while CREATE ROLE runs, beside it rather than
+	// after it (Broker.Issue); the user may or may not exist yet. The
+	// broker promotes it to Active in the background once the credential
+	// is out (promote.go); recovery treats one whose user exists as
+	// Active and removes one whose user does not (reconcile.go). It
+	// behaves as Active everywhere else (Usable), and the API and metrics
+	// show it as Active (Public). It is last so that the stored numbers
+	// of the other states stay what they were.
+	StateIssuing
 )
 
-var stateNames = [...]string{"unspecified", "active", "revoking", "revoked", "expired", "revoke_failed"}
+var stateNames = [...]string{"unspecified", "active", "revoking", "revoked", "expired", "revoke_failed", "issuing"}
 
 func (s LeaseState) String() string {
 	if s < 0 || int(s) >= len(stateNames) {
@@ -46,7 +55,28 @@ func (s LeaseState) Terminal() bool { return s == StateRevoked || s == StateExpi
 // Live reports whether the lease's user may still exist in PostgreSQL and so
 // the lease still needs the expiry manager's attention.
 func (s LeaseState) Live() bool {
-	return s == StateActive || s == StateRevoking || s == StateRevokeFailed
+	return s == StateActive || s == StateRevoking || s == StateRevokeFailed || s == StateIssuing
+}
+
+// Usable reports whether the lease's credential is, or is about to be,
+// good for logging in and no revocation has begun: Active, or Issuing.
+// Renewal, expiry, revocation, quotas and the disconnect and activity
+// checks treat both alike.
+func (s LeaseState) Usable() bool { return s == StateActive || s == StateIssuing }
+
+// Public is the state the API, the audit log and the metrics show:
+// Issuing is shown as Active. Only the issuing caller can name a lease
+// before its credential is out (the id is random and first leaves the
+// broker in the issue's response), and by then the lease is durable and
+// its user exists: to everyone who can ask, it is active. An admin's
+// listing may show an issue still in flight as active a few milliseconds
+// early; revoking it then waits for the issue (Broker.Issue holds the
+// lease's lock) and drops the user.
+func (s LeaseState) Public() LeaseState {
+	if s == StateIssuing {
+		return StateActive
+	}
+	return s
 }
 
 // Role is a broker role: the name clients ask for, and the proxy role on a
@@ -188,11 +218,12 @@ type LeaseFilter struct {
 	After string
 }
 
-// Match reports whether l passes the filter's role, client and state.
+// Match reports whether l passes the filter's role, client and state. A
+// filter on Active matches Issuing leases too (see LeaseState.Public).
 func (f LeaseFilter) Match(l *Lease) bool {
 	return (f.Role == "" || f.Role == l.Role) &&
 		(f.Client == "" || f.Client == l.Client) &&
-		(f.State == StateUnspecified || f.State == l.State)
+		(f.State == StateUnspecified || f.State == l.State || f.State == StateActive && l.State == StateIssuing)
 }
 
 // ExpiryEntry is one entry of the store's expiry index: a live lease and the

@@ -80,6 +80,8 @@ func (u *unit) issue(role string, ttl time.Duration, client string) (broker.Leas
 	if err != nil {
 		u.t.Fatalf("Issue(%s, %v): %v", role, ttl, err)
 	}
+	// Tests that read the stored lease find it Active.
+	u.b.WaitPromotions()
 	return l, c
 }
 
@@ -502,6 +504,7 @@ func TestUnitRevokeOnDisconnect(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	u.b.WaitPromotions()
 	u.b.StreamOpened(l.ID)
 	u.tick(60) // long past the grace, but a stream names it
 	if s := u.lease(l.ID).State; s != broker.StateActive {

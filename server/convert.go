@@ -137,6 +137,9 @@ var stateMap = []struct {
 	{broker.StateRevoked, pb.LeaseState_LEASE_STATE_REVOKED},
 	{broker.StateExpired, pb.LeaseState_LEASE_STATE_EXPIRED},
 	{broker.StateRevokeFailed, pb.LeaseState_LEASE_STATE_REVOKE_FAILED},
+	// Shown as ACTIVE (broker.LeaseState.Public); after ACTIVE's own entry,
+	// so the mapping from the proto still finds StateActive first.
+	{broker.StateIssuing, pb.LeaseState_LEASE_STATE_ACTIVE},
 }
 
 func stateToProto(s broker.LeaseState) pb.LeaseState {

@@ -73,6 +73,14 @@ func TestStateMapping(t *testing.T) {
 			t.Errorf("state %v: round trip gave %v, %v", s, back, ok)
 		}
 	}
+	// ISSUING is the store's: the API shows it as ACTIVE, and ACTIVE
+	// asked for means ACTIVE (whose filter matches ISSUING leases too).
+	if p := stateToProto(broker.StateIssuing); p != pb.LeaseState_LEASE_STATE_ACTIVE {
+		t.Errorf("ISSUING is shown as %v, want ACTIVE", p)
+	}
+	if back, _ := stateFromProto(pb.LeaseState_LEASE_STATE_ACTIVE); back != broker.StateActive {
+		t.Errorf("ACTIVE maps back to %v", back)
+	}
 	if _, ok := stateFromProto(pb.LeaseState(42)); ok {
 		t.Error("state 42 accepted")
 	}

@@ -98,7 +98,7 @@ func (h *leaseHead) matches(f *broker.LeaseFilter) bool {
 	// string(b) == s does not allocate.
 	return (f.Role == "" || string(h.role) == f.Role) &&
 		(f.Client == "" || string(h.client) == f.Client) &&
-		(f.State == broker.StateUnspecified || h.state == f.State)
+		(f.State == broker.StateUnspecified || h.state == f.State || f.State == broker.StateActive && h.state == broker.StateIssuing)
 }
 
 // encodeLease validates l and returns its record and head. The revision

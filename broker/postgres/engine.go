@@ -42,6 +42,10 @@ type Config struct {
 	// TerminateTimeout bounds how long DeleteUser waits for the user's
 	// sessions to end; 0 is 10s.
 	TerminateTimeout time.Duration
+	// ScramIterations is the iteration count of the SCRAM-SHA-256
+	// verifiers of issued users' passwords; 0 is DefaultScramIterations.
+	// New refuses a count outside ValidScramIterations.
+	ScramIterations int
 	// Logger receives operational messages (never a password); nil
 	// discards them.
 	Logger *slog.Logger
@@ -57,6 +61,7 @@ type engine struct {
 	version          int // server_version_num, e.g. 150018
 	endpoint         broker.Endpoint
 	terminateTimeout time.Duration
+	scramIterations  int
 	log              *slog.Logger
 	secrets          []string // the admin URL and password New was given
 	closed           atomic.Bool
@@ -89,6 +94,12 @@ func newEngine(ctx context.Context, cfg Config) (*engine, error) {
 	if cfg.TerminateTimeout <= 0 {
 		cfg.TerminateTimeout = 10 * time.Second
 	}
+	if cfg.ScramIterations == 0 {
+		cfg.ScramIterations = DefaultScramIterations
+	}
+	if err := ValidScramIterations(cfg.ScramIterations); err != nil {
+		return nil, fmt.Errorf("postgres: %w", err)
+	}
 	if cfg.Logger == nil {
 		cfg.Logger = slog.New(slog.DiscardHandler)
 	}
@@ -116,6 +127,7 @@ func newEngine(ctx context.Context, cfg Config) (*engine, error) {
 		marker:           cfg.MarkerRole,
 		endpoint:         endpointOf(pc),
 		terminateTimeout: cfg.TerminateTimeout,
+		scramIterations:  cfg.ScramIterations,
 		log:              cfg.Logger,
 		secrets:          []string{cfg.Password, cfg.URL},
 	}
@@ -371,7 +383,7 @@ func (e *engine) newUser(ctx context.Context, req *broker.NewUserRequest) error 
 	}
 	var err error
 	if req.Verifier == "" {
-		if req.Verifier, err = hashPassword(req.Password); err != nil {
+		if req.Verifier, err = e.hashPassword(req.Password); err != nil {
 			return err
 		}
 	}
@@ -397,9 +409,10 @@ func (e *engine) newUser(ctx context.Context, req *broker.NewUserRequest) error 
 	return fmt.Errorf("postgres: user %q: %w", req.Username, err)
 }
 
-// hashPassword is the SCRAM-SHA-256 verifier NewUser stores for password.
-func hashPassword(password string) (string, error) {
-	v, err := ScramSHA256Verifier(password)
+// hashPassword is the SCRAM-SHA-256 verifier NewUser stores for password,
+// at the target's iteration count.
+func (e *engine) hashPassword(password string) (string, error) {
+	v, err := ScramSHA256VerifierIter(password, e.scramIterations)
 	if err != nil {
 		return "", invalid("password", err)
 	}

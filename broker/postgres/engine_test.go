@@ -829,3 +829,48 @@ func TestNowIsTheServersClock(t *testing.T) {
 		t.Fatalf("Now = %v, want between %v and %v (give or take 5s)", got, before, after)
 	}
 }
+
+// TestScramIterations: the engine hashes issued users' passwords at the
+// target's configured iteration count (targets[].scram_iterations), and
+// such a user logs in; NewUser's own hashing and HashPassword agree.
+// New refuses a count outside 1..10,000,000.
+func TestScramIterations(t *testing.T) {
+	t.Parallel()
+	f := newFixture(t, pgtest.TargetOptions{})
+	cfg := f.tg.EngineConfig()
+	cfg.ScramIterations = 16
+	e, err := postgres.New(f.ctx, cfg)
+	if err != nil {
+		t.Fatalf("New: %v", err)
+	}
+	t.Cleanup(e.Close)
+	super := f.super(t)
+	for _, ahead := range []bool{false, true} {
+		user, password := randomName("u_"), randomName("P")
+		req := broker.NewUserRequest{Username: user, Password: password, ProxyRole: f.tg.ProxyRoles["read_only"], ValidUntil: hour()}
+		if ahead {
+			if req.Verifier, err = e.HashPassword(password); err != nil {
+				t.Fatal(err)
+			}
+		}
+		if err := e.NewUser(f.ctx, req); err != nil {
+			t.Fatalf("NewUser: %v", err)
+		}
+		var stored string
+		if err := super.QueryRow(f.ctx, "SELECT rolpassword FROM pg_authid WHERE rolname = $1", user).Scan(&stored); err != nil {
+			t.Fatal(err)
+		}
+		if !strings.HasPrefix(stored, "SCRAM-SHA-256$16:") {
+			t.Errorf("hashed ahead %v: stored verifier %q, want 16 iterations", ahead, stored)
+		}
+		conn := f.mustLogin(t, user, password)
+		_ = conn.Close(f.ctx)
+	}
+	for _, n := range []int{-1, postgres.MaxScramIterations + 1} {
+		cfg.ScramIterations = n
+		if e, err := postgres.New(f.ctx, cfg); err == nil {
+			e.Close()
+			t.Errorf("New with %d iterations succeeded", n)
+		}
+	}
+}

@@ -37,6 +37,7 @@ type Engine struct {
 // errors may hold secrets.
 type database interface {
 	newUser(ctx context.Context, req *broker.NewUserRequest) error
+	hashPassword(password string) (string, error)
 	renewUser(ctx context.Context, req broker.RenewUserRequest) error
 	renewUsers(ctx context.Context, reqs []broker.RenewUserRequest) []error
 	deleteUser(ctx context.Context, req broker.DeleteUserRequest) error
@@ -123,7 +124,7 @@ func (e *Engine) NewUser(ctx context.Context, req broker.NewUserRequest) error {
 // (broker.PasswordHasher): about a millisecond of CPU, which the broker
 // spends ahead of the request.
 func (e *Engine) HashPassword(password string) (string, error) {
-	v, err := hashPassword(password)
+	v, err := e.inner.hashPassword(password)
 	return v, e.sanitize(context.Background(), err, password)
 }
 

@@ -268,13 +268,14 @@ targets:
     password_file: %s
     marker_role: %s
     max_conns: %d
+    scram_iterations: %d
 roles:
   - name: %s
     target: main
     proxy_role: %s
     default_ttl: 1h
     max_ttl: 24h
-`, listen, storePath, e.adminURL, pwFile, e.markerRole, e.maxConns(), e.role, e.proxyRole)
+`, listen, storePath, e.adminURL, pwFile, e.markerRole, e.maxConns(), e.opts.scramIterations, e.role, e.proxyRole)
 	return cfgFile, os.WriteFile(cfgFile, []byte(yaml+extra), 0o600)
 }
 

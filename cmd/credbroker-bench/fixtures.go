@@ -57,7 +57,7 @@ func (e *env) issueMany(ctx context.Context, n int) ([]string, error) {
 // baselineUsers creates n users for the baseline (untimed), named prefix
 // and random hex, as its issue phase does, valid for an hour.
 func (e *env) baselineUsers(ctx context.Context, prefix string, n int) ([]string, error) {
-	verifier := baselineVerifier()
+	verifier := baselineVerifier(e.opts.scramIterations)
 	names := make([]string, n)
 	for i := range names {
 		names[i] = prefix + randHex(6)

@@ -70,7 +70,7 @@ func (e *env) runIssue(ctx context.Context, rep *report) (perSec16 float64) {
 			return nil
 		}
 	}
-	shared := baselineVerifier()
+	shared := baselineVerifier(e.opts.scramIterations)
 	cred, adminC, brokerPID := e.issueTarget()
 	brk := func(ctx context.Context, _, _ int) error {
 		resp, err := cred.IssueCredential(ctx, &pb.IssueCredentialRequest{Role: e.role})
@@ -81,15 +81,17 @@ func (e *env) runIssue(ctx context.Context, rep *report) (perSec16 float64) {
 		return nil
 	}
 	mode := modeName(e.pinned)
-	hashCost := verifierCost()
-	rep.note("issue (%s): one SCRAM verifier (4,096 iterations) costs %s of CPU in the bench's process", mode, fmtDur(hashCost))
+	hashCost := verifierCost(e.opts.scramIterations)
+	rep.note("issue (%s): one SCRAM verifier (%d iterations) costs %s of CPU in the bench's process", mode, e.opts.scramIterations, fmtDur(hashCost))
 	serverHashing := e.serverHashes(ctx)
 	if !serverHashing {
 		rep.note("issue (%s): password_encryption is not scram-sha-256 on this server: no server-hashing baseline", mode)
 	}
 
 	for _, c := range e.opts.levels {
-		hashed := &issueSide{name: "hashed", op: baseline(func() (string, error) { return postgres.ScramSHA256Verifier(randHex(16)) })}
+		hashed := &issueSide{name: "hashed", op: baseline(func() (string, error) {
+			return postgres.ScramSHA256VerifierIter(randHex(16), e.opts.scramIterations)
+		})}
 		strict := &issueSide{name: "strict", op: baseline(func() (string, error) { return shared, nil })}
 		server := &issueSide{name: "server-hashed", op: baseline(func() (string, error) { return randHex(16), nil })}
 		broker := &issueSide{name: "broker", op: brk}
@@ -188,13 +190,13 @@ func measuredPhase(ctx context.Context, c int, d time.Duration, op func(context.
 // verifierCost is the CPU time of one SCRAM verifier (the engine's
 // hashing), measured on one locked thread: the share of a credential's
 // CPU that no broker can avoid.
-func verifierCost() time.Duration {
+func verifierCost(iterations int) time.Duration {
 	runtime.LockOSThread()
 	defer runtime.UnlockOSThread()
 	const n = 20
 	t := threadCPU()
 	for range n {
-		if _, err := postgres.ScramSHA256Verifier(randHex(16)); err != nil {
+		if _, err := postgres.ScramSHA256VerifierIter(randHex(16), iterations); err != nil {
 			return 0
 		}
 	}

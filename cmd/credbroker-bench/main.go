@@ -68,6 +68,7 @@ type options struct {
 	retention  time.Duration
 
 	maxConns         int
+	scramIterations  int
 	brokerRevokeConc int
 	brokerRevokeRate float64
 
@@ -123,6 +124,7 @@ func parseFlags(args []string, stderr io.Writer) (*options, error) {
 	fs.DurationVar(&o.churnHours, "churn-duration", 24*time.Hour, "churn: simulated time measured at steady state")
 	fs.DurationVar(&o.retention, "retention", broker.DefaultTombstoneRetention, "churn: tombstone retention (store.tombstone_retention)")
 	fs.IntVar(&o.maxConns, "max-conns", 0, "in-process broker: targets[].max_conns (0: brokerd's default)")
+	fs.IntVar(&o.scramIterations, "scram-iterations", postgres.DefaultScramIterations, "in-process broker: targets[].scram_iterations, and the iterations of the baselines' verifiers")
 	fs.IntVar(&o.brokerRevokeConc, "broker-revoke-concurrency", 0, "in-process broker: expiry.revoke_concurrency (0: brokerd's default)")
 	fs.Float64Var(&o.brokerRevokeRate, "broker-revoke-rate", 0, "in-process broker: expiry.revoke_rate per second (0: brokerd's default)")
 	fs.StringVar(&o.pgURL, "pg-url", "", "admin URL of an existing PostgreSQL target, without password (default: start a throwaway cluster)")
@@ -396,8 +398,8 @@ func (e *env) describeBroker() string {
 	if e.opts.brokerd != "" {
 		issue = "a broker process of its own (" + filepath.Base(e.opts.brokerd) + ")"
 	}
-	return fmt.Sprintf("in-process over loopback gRPC (issue and streams: %s), bbolt with fsync, max_conns %d, revoke_concurrency %d, revoke_rate %.0f/s",
-		issue, e.maxConns(), e.revokeConcurrency(), e.revokeRate())
+	return fmt.Sprintf("in-process over loopback gRPC (issue and streams: %s), bbolt with fsync, max_conns %d, scram_iterations %d, revoke_concurrency %d, revoke_rate %.0f/s",
+		issue, e.maxConns(), e.opts.scramIterations, e.revokeConcurrency(), e.revokeRate())
 }
 
 // printTable writes the rows as a Markdown table, aligned for a terminal.

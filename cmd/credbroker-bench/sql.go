@@ -48,8 +48,9 @@ func (e *env) revokeBare(ctx context.Context, user string) error {
 
 // verifier is one SCRAM verifier the baseline uses for every user: the
 // hashing is client-side work, not SQL, so the ceiling leaves it out.
-func baselineVerifier() string {
-	v, err := postgres.ScramSHA256Verifier(randHex(16))
+// iterations is --scram-iterations, the broker's count.
+func baselineVerifier(iterations int) string {
+	v, err := postgres.ScramSHA256VerifierIter(randHex(16), iterations)
 	if err != nil {
 		panic(err)
 	}

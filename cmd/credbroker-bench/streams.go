@@ -256,7 +256,7 @@ func (e *env) streamUsers(ctx context.Context, marker string, n int) ([]string, 
 		// PostgreSQL 16+ gives the creator ADMIN OPTION by itself.
 		_, _ = e.base.Exec(ctx, "GRANT "+postgres.QuoteIdentifier(marker)+" TO "+postgres.QuoteIdentifier(e.admin)+" WITH ADMIN OPTION")
 	}
-	v := baselineVerifier()
+	v := baselineVerifier(e.opts.scramIterations)
 	until := time.Now().Add(24 * time.Hour)
 	names := make([]string, n)
 	for i := range names {

@@ -123,6 +123,9 @@ type Target struct {
 	MaxConns int
 	// ConnectTimeout bounds one connection attempt.
 	ConnectTimeout time.Duration
+	// ScramIterations is the iteration count of the SCRAM-SHA-256
+	// verifiers of issued users' passwords.
+	ScramIterations int
 }
 
 // Expiry tunes the expiry manager and the revoker.

@@ -80,7 +80,7 @@ func TestValidMinimalConfigGetsDefaults(t *testing.T) {
 	if tg.Database != "app" || tg.AdminUser != "broker_admin" {
 		t.Errorf("database %q admin %q", tg.Database, tg.AdminUser)
 	}
-	if tg.MarkerRole != postgres.DefaultMarkerRole || tg.MaxConns != postgres.DefaultMaxConns || tg.ConnectTimeout != postgres.DefaultConnectTimeout {
+	if tg.MarkerRole != postgres.DefaultMarkerRole || tg.MaxConns != postgres.DefaultMaxConns || tg.ConnectTimeout != postgres.DefaultConnectTimeout || tg.ScramIterations != postgres.DefaultScramIterations {
 		t.Errorf("target defaults not filled: %+v", tg)
 	}
 	if tg.PasswordSource != "file "+filepath.Join(dir, "main.password") {
@@ -129,6 +129,7 @@ targets:
     marker_role: cb_marker
     max_conns: 3
     connect_timeout: 3s
+    scram_iterations: 1
 roles:
   - {name: read_only, target: main, proxy_role: read_only_role, default_ttl: 1m, max_ttl: 2m}
 expiry:
@@ -151,7 +152,7 @@ dsn_sslmode: verify-full
 		t.Fatal(err)
 	}
 	tg := c.Targets[0]
-	if tg.PasswordSource != "env CB_TEST_PW" || tg.MarkerRole != "cb_marker" || tg.MaxConns != 3 || tg.ConnectTimeout != 3*time.Second {
+	if tg.PasswordSource != "env CB_TEST_PW" || tg.MarkerRole != "cb_marker" || tg.MaxConns != 3 || tg.ConnectTimeout != 3*time.Second || tg.ScramIterations != 1 {
 		t.Errorf("target: %+v", tg)
 	}
 	if c.Listen != "unix:/run/credbroker.sock" || c.Store.OpenTimeout != 2*time.Second || c.Store.TombstoneRetention != 72*time.Hour {
@@ -326,6 +327,16 @@ roles:`, 1),
 				"expiry.revoke_retries: 0 must be positive",
 				"expiry.retry_base_delay: 2m0s exceeds expiry.retry_max_delay 1m0s",
 			},
+		},
+		{
+			name: "scram_iterations out of range",
+			yaml: strings.Replace(validYAML, "password_file: main.password", "password_file: main.password\n    scram_iterations: 0", 1),
+			want: []string{"targets[0].scram_iterations: 0 is outside 1..10000000"},
+		},
+		{
+			name: "scram_iterations too many",
+			yaml: strings.Replace(validYAML, "password_file: main.password", "password_file: main.password\n    scram_iterations: 10000001", 1),
+			want: []string{"targets[0].scram_iterations: 10000001 is outside 1..10000000"},
 		},
 		{
 			name: "max_conns zero",

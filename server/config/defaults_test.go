@@ -57,6 +57,7 @@ roles:
 		"targets[].marker_role":        tg.MarkerRole,
 		"targets[].max_conns":          tg.MaxConns,
 		"targets[].connect_timeout":    tg.ConnectTimeout,
+		"targets[].scram_iterations":   tg.ScramIterations,
 		"expiry.revoke_concurrency":    c.Expiry.RevokeConcurrency,
 		"expiry.revoke_rate":           c.Expiry.RevokeRate,
 		"expiry.revoke_retries":        c.Expiry.RevokeRetries,

@@ -109,6 +109,9 @@ type TargetFile struct {
 	MarkerRole     string     `yaml:"marker_role"`
 	MaxConns       *int       `yaml:"max_conns"`
 	ConnectTimeout string     `yaml:"connect_timeout"`
+	// ScramIterations is the iteration count of issued users' password
+	// verifiers (postgres.DefaultScramIterations when absent).
+	ScramIterations *int `yaml:"scram_iterations"`
 }
 
 // RoleFile is one entry of roles.

@@ -294,6 +294,13 @@ func (v *validator) targets(f *File) []Target {
 			ConnectTimeout: v.duration(p+".connect_timeout", tf.ConnectTimeout, postgres.DefaultConnectTimeout),
 			MaxConns:       v.positiveInt(p+".max_conns", tf.MaxConns, postgres.DefaultMaxConns),
 		}
+		t.ScramIterations = postgres.DefaultScramIterations
+		if tf.ScramIterations != nil {
+			t.ScramIterations = *tf.ScramIterations
+			if err := postgres.ValidScramIterations(t.ScramIterations); err != nil {
+				v.errorf(p+".scram_iterations", "%d is outside %d..%d", t.ScramIterations, postgres.MinScramIterations, postgres.MaxScramIterations)
+			}
+		}
 		switch {
 		case t.Name == "":
 			v.errorf(p+".name", "required")

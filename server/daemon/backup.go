@@ -21,6 +21,9 @@ const (
 // BackupStore writes a consistent snapshot of the lease store to w
 // (broker.LeaseStore.Snapshot), for AdminService.BackupStore.
 func (d *Daemon) BackupStore(ctx context.Context, w io.Writer) (string, int64, error) {
+	// This instance's issued leases go into the snapshot as ACTIVE, not as
+	// ISSUING (broker/promote.go).
+	d.broker.FlushPromotions()
 	n, err := d.store.Snapshot(ctx, w)
 	if err != nil {
 		return "", n, err

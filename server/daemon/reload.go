@@ -218,6 +218,7 @@ func diffConfig(old, next *config.Config) (changes, refused []string) {
 			check(p+".url", a.URL, b.URL, false)
 			check(p+".marker_role", a.MarkerRole, b.MarkerRole, false)
 			check(p+".max_conns", a.MaxConns, b.MaxConns, false)
+			check(p+".scram_iterations", a.ScramIterations, b.ScramIterations, false)
 			check(p+".connect_timeout", a.ConnectTimeout, b.ConnectTimeout, false)
 			if !samePasswordSource(a, b) {
 				if a.Vault != nil || b.Vault != nil {

@@ -214,7 +214,7 @@ func (m *Metrics) LoadLeases(ctx context.Context, s broker.LeaseStore) error {
 		m.mu.Lock()
 		for i := range page {
 			if page[i].State.Live() {
-				m.set(page[i].ID, leaseKey{page[i].Role, page[i].State})
+				m.set(page[i].ID, leaseKey{page[i].Role, page[i].State.Public()})
 			}
 		}
 		m.mu.Unlock()

@@ -115,12 +115,13 @@ func connect(ctx context.Context, t config.Target, logger *slog.Logger, rc *Cred
 	}
 	connect := func(pw string) (*postgres.Engine, error) {
 		return postgres.New(ctx, postgres.Config{
-			URL:            t.URL,
-			Password:       pw,
-			MarkerRole:     t.MarkerRole,
-			MaxConns:       int32(t.MaxConns),
-			ConnectTimeout: t.ConnectTimeout,
-			Logger:         logger.With("target", t.Name),
+			URL:             t.URL,
+			Password:        pw,
+			MarkerRole:      t.MarkerRole,
+			MaxConns:        int32(t.MaxConns),
+			ConnectTimeout:  t.ConnectTimeout,
+			ScramIterations: t.ScramIterations,
+			Logger:          logger.With("target", t.Name),
 		})
 	}
 	engine, err := connect(st.current)

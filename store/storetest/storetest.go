@@ -35,6 +35,7 @@ var cases = []struct {
 }{
 	{"Intents", testIntents},
 	{"CreateLease", testCreateLease},
+	{"Issuing", testIssuing},
 	{"GetLease", testGetLease},
 	{"OptionalReads", testOptionalReads},
 	{"UpdateLease", testUpdateLease},

@@ -1,0 +1,237 @@
+package broker_test
+
+import (
+	"context"
+	"errors"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/credbroker/credbroker/broker"
+	"github.com/credbroker/credbroker/broker/fakedb"
+)
+
+// createRecorder notes, for each CreateLease, the lease's state and whether
+// its user existed already.
+type createRecorder struct {
+	broker.LeaseStore
+	db *fakedb.DB
+	mu sync.Mutex
+	// states and userFirst have one entry per CreateLease.
+	states    []broker.LeaseState
+	userFirst []bool
+	promoted  int // leases written Active by UpdateLeases
+}
+
+func (r *createRecorder) CreateLease(ctx context.Context, l *broker.Lease) error {
+	_, exists := r.db.User(l.Username)
+	r.mu.Lock()
+	r.states = append(r.states, l.State)
+	r.userFirst = append(r.userFirst, exists)
+	r.mu.Unlock()
+	return r.LeaseStore.CreateLease(ctx, l)
+}
+
+func (r *createRecorder) UpdateLeases(ctx context.Context, ls []broker.Lease) ([]broker.Lease, []error) {
+	r.mu.Lock()
+	for _, l := range ls {
+		if l.State == broker.StateActive {
+			r.promoted++
+		}
+	}
+	r.mu.Unlock()
+	return r.LeaseStore.UpdateLeases(ctx, ls)
+}
+
+// TestUnitIssueWritesIssuingThenPromotes: the direct path writes the full
+// lease as ISSUING before the user exists, returns it as ACTIVE, and the
+// background promotion writes it ACTIVE afterwards.
+func TestUnitIssueWritesIssuingThenPromotes(t *testing.T) {
+	var rec *createRecorder
+	u := newUnit(t, func(c *broker.Config) {
+		rec = &createRecorder{LeaseStore: c.Store, db: c.Databases["main"].(*fakedb.DB)}
+		c.Store = rec
+	})
+	ctx := context.Background()
+	l, cred, err := u.b.Issue(ctx, broker.IssueRequest{Role: roleRO, Client: "svc", Metadata: map[string]string{"pod": "p1"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if l.State != broker.StateActive {
+		t.Errorf("Issue returned a lease %s, want it shown active", l.State)
+	}
+	rec.mu.Lock()
+	states, userFirst := rec.states, rec.userFirst
+	rec.mu.Unlock()
+	if len(states) != 1 || states[0] != broker.StateIssuing || userFirst[0] {
+		t.Fatalf("CreateLease calls: states %v, user existed before %v; want one ISSUING write before the user", states, userFirst)
+	}
+	if !u.userExists(cred.Username) {
+		t.Error("the credential's user does not exist")
+	}
+	u.b.WaitPromotions()
+	got := u.lease(l.ID)
+	if got.State != broker.StateActive || got.Client != "svc" || got.Metadata["pod"] != "p1" || !got.ExpireTime.Equal(l.ExpireTime) {
+		t.Errorf("stored after promotion: %+v", got)
+	}
+	rec.mu.Lock()
+	promoted := rec.promoted
+	rec.mu.Unlock()
+	if promoted != 1 {
+		t.Errorf("%d promotions written, want 1", promoted)
+	}
+}
+
+// TestUnitFailedIssueLeavesNoLease: when CREATE ROLE fails, on the direct
+// path and with a reservation, the user is dropped and neither its
+// ISSUING lease nor an intent is left.
+func TestUnitFailedIssueLeavesNoLease(t *testing.T) {
+	for _, pooled := range []bool{false, true} {
+		t.Run(map[bool]string{false: "direct", true: "pooled"}[pooled], func(t *testing.T) {
+			u := newUnit(t, func(c *broker.Config) {
+				if pooled {
+					c.IssuePool = 2
+				}
+			})
+			ctx := context.Background()
+			if pooled {
+				u.issue(roleUpdater, 0, "svc") // fills the updater pool
+				waitFor(t, "the pool to fill", func() bool {
+					in, _ := u.store.ListIntents(ctx)
+					return len(in) == 2
+				})
+			}
+			drops := u.db.CallCount(fakedb.DeleteUser)
+			u.db.FailNext(fakedb.NewUser, errors.New("injected"))
+			if _, _, err := u.b.Issue(ctx, broker.IssueRequest{Role: roleUpdater}); err == nil {
+				t.Fatal("issue succeeded although CREATE ROLE failed")
+			}
+			if got := u.db.CallCount(fakedb.DeleteUser) - drops; got != 1 {
+				t.Errorf("the failed issue's user was dropped %d times, want once", got)
+			}
+			leases, _, err := u.store.ListLeases(ctx, broker.LeaseFilter{State: broker.StateIssuing})
+			if err != nil || len(leases) != 0 {
+				t.Errorf("ISSUING leases left by a failed issue: %v (%v)", leases, err)
+			}
+			if pooled {
+				// The failed one's intent is gone; the refill may have
+				// added others, none of them in use.
+				if err := u.b.Close(); err != nil {
+					t.Fatal(err)
+				}
+			}
+			if in, _ := u.store.ListIntents(ctx); len(in) != 0 {
+				t.Errorf("intents left: %v", in)
+			}
+		})
+	}
+}
+
+// issuingLease stores an ISSUING lease for roleRO as a crashed issue left
+// it, with or without its user.
+func (u *unit) issuingLease(id string, withUser bool) broker.Lease {
+	u.t.Helper()
+	now := u.clock.Now()
+	l := broker.Lease{ID: id, Role: roleRO, Client: "svc", Target: "main", Username: "cb_read_only_" + id[:12],
+		ProxyRole: "read_only_role", IssueTime: now, ExpireTime: now.Add(15 * time.Minute),
+		MaxExpireTime: now.Add(time.Hour), State: broker.StateIssuing}
+	if err := u.store.CreateLease(context.Background(), &l); err != nil {
+		u.t.Fatal(err)
+	}
+	if withUser {
+		u.db.AddUser(fakedb.User{Name: l.Username, ProxyRole: l.ProxyRole, ValidUntil: l.ExpireTime})
+	}
+	return l
+}
+
+// TestUnitReconcileSettlesIssuingLeases: an ISSUING lease left by a crash
+// whose user exists is promoted to ACTIVE (its caller may hold the
+// credential); one whose user does not exist is removed; the user is
+// not dropped as unknown.
+func TestUnitReconcileSettlesIssuingLeases(t *testing.T) {
+	u := newUnit(t)
+	ctx := context.Background()
+	kept := u.issuingLease("aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa", true)
+	gone := u.issuingLease("bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb", false)
+	res, err := u.b.Reconcile(ctx)
+	if err != nil || res.IssuingPromoted != 1 || res.IssuingRemoved != 1 || res.UsersDropped != 0 || res.LeasesSettled != 0 {
+		t.Fatalf("Reconcile = %+v, %v; want one promoted, one removed, nothing else", res, err)
+	}
+	if l := u.lease(kept.ID); l.State != broker.StateActive {
+		t.Errorf("ISSUING lease with its user: %s, want active", l.State)
+	}
+	if !u.userExists(kept.Username) {
+		t.Error("the user of the promoted lease was dropped")
+	}
+	if _, err := u.store.GetLease(ctx, gone.ID); !errors.Is(err, broker.ErrLeaseNotFound) {
+		t.Errorf("ISSUING lease without a user: %v, want it removed", err)
+	}
+}
+
+// TestUnitIssuingLeaseIsLive: an ISSUING lease (its promotion not written
+// yet) is renewed, listed as active and revoked like an ACTIVE one.
+func TestUnitIssuingLeaseIsLive(t *testing.T) {
+	u := newUnit(t)
+	ctx := context.Background()
+	a := u.issuingLease("cccccccccccccccccccccccccccccccc", true)
+	b := u.issuingLease("dddddddddddddddddddddddddddddddd", true)
+	renewed, err := u.b.Renew(ctx, a.ID, 30*time.Minute)
+	if err != nil || !renewed.ExpireTime.After(a.ExpireTime) {
+		t.Fatalf("Renew of an ISSUING lease: %v, expire %v (was %v)", err, renewed.ExpireTime, a.ExpireTime)
+	}
+	if v, _ := u.db.User(a.Username); !v.ValidUntil.After(a.ExpireTime) {
+		t.Errorf("VALID UNTIL not moved: %v", v.ValidUntil)
+	}
+	active, _, err := u.b.ListLeases(ctx, broker.LeaseFilter{State: broker.StateActive})
+	if err != nil || len(active) != 2 {
+		t.Errorf("ListLeases(active): %d leases (%v), want both ISSUING ones", len(active), err)
+	}
+	if l, err := u.b.Revoke(ctx, a.ID); err != nil || l.State != broker.StateRevoked || u.userExists(a.Username) {
+		t.Errorf("Revoke of an ISSUING lease: %s, %v, user exists %v", l.State, err, u.userExists(a.Username))
+	}
+	if l, err := u.b.Lookup(ctx, b.ID); err != nil || l.State != broker.StateActive {
+		t.Errorf("Lookup of an ISSUING lease: %s, %v; want it shown active", l.State, err)
+	}
+}
+
+// lostCommitDB creates the user but reports an error, as when the
+// connection drops after CREATE ROLE's COMMIT.
+type lostCommitDB struct{ *fakedb.DB }
+
+func (d lostCommitDB) NewUser(ctx context.Context, req broker.NewUserRequest) error {
+	if err := d.DB.NewUser(ctx, req); err != nil {
+		return err
+	}
+	return errors.New("injected: connection lost after COMMIT")
+}
+
+// TestUnitFailedIssueWhoseUserStaysLeavesNoLease: CREATE ROLE committed
+// but reported an error, and the drop that undoes it fails too. The
+// failed issue leaves no lease (an ISSUING lease with its user would be
+// promoted, as if a caller held it), but an intent, whose user the
+// reconciler drops.
+func TestUnitFailedIssueWhoseUserStaysLeavesNoLease(t *testing.T) {
+	u := newUnit(t, func(c *broker.Config) { c.Databases["main"] = lostCommitDB{c.Databases["main"].(*fakedb.DB)} })
+	ctx := context.Background()
+	for range 3 { // every try of abandonIssue's
+		u.db.FailNext(fakedb.DeleteUser, errors.New("injected: drop failed"))
+	}
+	if _, _, err := u.b.Issue(ctx, broker.IssueRequest{Role: roleRO}); err == nil {
+		t.Fatal("issue succeeded although CREATE ROLE reported an error")
+	}
+	if leases, _, err := u.store.ListLeases(ctx, broker.LeaseFilter{}); err != nil || len(leases) != 0 {
+		t.Errorf("leases left by the failed issue: %v (%v)", leases, err)
+	}
+	users := u.db.Usernames()
+	intents, err := u.store.ListIntents(ctx)
+	if err != nil || len(users) != 1 || len(intents) != 1 || intents[0].Username != users[0] {
+		t.Fatalf("users %v, intents %+v (%v); want the undropped user named by an intent", users, intents, err)
+	}
+	res, err := u.b.Reconcile(ctx)
+	if err != nil || res.IntentsSettled != 1 {
+		t.Fatalf("Reconcile = %+v, %v; want the intent settled", res, err)
+	}
+	if users := u.db.Usernames(); len(users) != 0 {
+		t.Errorf("users left after reconciliation: %v", users)
+	}
+}
