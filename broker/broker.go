@@ -36,10 +36,10 @@ type Broker struct {
 	// watchers are told of every lifecycle event, like the Auditor (audit.go).
 	watchers lifecycleWatchers
 	// renewals batches concurrent renewals per target (renewbatch.go).
-	renewals renewBatcher
+	renewals batcher[*renewCall]
 	// revocations batches concurrent requested revocations per target
 	// (revokebatch.go).
-	revocations revokeBatcher
+	revocations batcher[*revokeCall]
 	limiter     *rate.Limiter
 	// storeFails counts, per lease, consecutive store errors that kept a
 	// revocation from going on, for requeue's backoff.
@@ -125,21 +125,22 @@ func New(cfg Config) (*Broker, error) {
 		cfg.Instance = "broker-" + newLeaseID()[:8]
 	}
 	b := &Broker{
-		cfg:         cfg,
-		store:       cfg.Store,
-		dbs:         cfg.Databases,
-		clock:       cfg.Clock,
-		revocations: revokeBatcher{slots: revokeBatches},
-		log:         cfg.Logger,
-		queue:       NewExpiryQueue(),
-		limiter:     rate.NewLimiter(rate.Limit(cfg.RevokeRate), cfg.RevokeConcurrency),
-		streams:     make(map[string]*streamState),
-		inflight:    make(map[string]struct{}),
-		closed:      make(chan struct{}),
-		storeFails:  make(map[string]int),
-		lanes:       newRevokeLanes(cfg.Databases),
+		cfg:        cfg,
+		store:      cfg.Store,
+		dbs:        cfg.Databases,
+		clock:      cfg.Clock,
+		log:        cfg.Logger,
+		queue:      NewExpiryQueue(),
+		limiter:    rate.NewLimiter(rate.Limit(cfg.RevokeRate), cfg.RevokeConcurrency),
+		streams:    make(map[string]*streamState),
+		inflight:   make(map[string]struct{}),
+		closed:     make(chan struct{}),
+		storeFails: make(map[string]int),
+		lanes:      newRevokeLanes(cfg.Databases),
 	}
 	b.live.Store(live)
+	b.renewals = newBatcher(cfg.RenewBatches, maxRenewBatch, cfg.RenewLinger, b.renewBatch)
+	b.revocations = newBatcher(revokeBatches, maxRevokeBatch, revokeLinger, func(_ string, calls []*revokeCall) { b.revokeRequested(calls) })
 	// A group's broker (Leadership set) leads only during a term (runTerm).
 	b.leadSwitch.init(!cfg.Standby && cfg.Leadership == nil)
 	b.feed.init()

@@ -90,7 +90,7 @@ func (b *Broker) dispatch(ctx context.Context) {
 
 // revokeLane runs the expiry manager's revocations of one target, with up
 // to RevokeConcurrency goroutines, started while batches are pending and
-// gone when none is (as renewBatcher does for renewals). Each target has
+// gone when none is (as the renewal batches do, batcher.go). Each target has
 // its own lane, so a target that is down or slow holds only its own
 // workers: a thousand expiries on an unreachable target do not delay the
 // revocations on a healthy one. (Leases whose target the queue does not

@@ -3,7 +3,7 @@ package broker
 import "time"
 
 // PendingRenewals reports how many renewals wait for a batch.
-func (b *Broker) PendingRenewals() int { return b.renewals.pendingRenewals() }
+func (b *Broker) PendingRenewals() int { return b.renewals.pendingCalls() }
 
 // QueueLen is the number of leases in the expiry queue.
 func (b *Broker) QueueLen() int { return b.queue.Len() }
@@ -21,7 +21,7 @@ func (b *Broker) SetRenewLingerTimer(after func(time.Duration) <-chan time.Time)
 
 // PendingRevocations reports how many requested revocations wait for a
 // batch.
-func (b *Broker) PendingRevocations() int { return b.revocations.pendingRevocations() }
+func (b *Broker) PendingRevocations() int { return b.revocations.pendingCalls() }
 
 // SetRevokeBatches sets how many revocation batches one target runs at
 // once (revokebatch.go's revokeBatches).

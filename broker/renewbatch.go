@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"sync"
 	"time"
 )
 
@@ -53,24 +52,6 @@ var errRenewAlone = errors.New("renew alone")
 // has nothing left to extend.
 var errRenewUserAlone = fmt.Errorf("%w: the user, not the lease", errRenewAlone)
 
-type renewBatcher struct {
-	mu      sync.Mutex
-	pending map[string][]*renewCall // by target
-	running map[string]int          // batch goroutines per target
-	// lingering is the batch goroutine of a target waiting for more
-	// renewals after a batch (see Linger above).
-	lingering map[string]*renewLinger
-	// after is the linger's timer: time.After, or a test's.
-	after func(time.Duration) <-chan time.Time
-}
-
-// renewLinger is one wait for more renewals: ready closes once want are
-// pending.
-type renewLinger struct {
-	want  int
-	ready chan struct{}
-}
-
 type renewCall struct {
 	ctx  context.Context
 	id   string
@@ -94,99 +75,12 @@ func (b *Broker) renewBatched(ctx context.Context, id string, inc time.Duration)
 		return Lease{}, errRenewAlone
 	}
 	call := &renewCall{ctx: ctx, id: id, inc: inc, done: make(chan renewResult, 1)}
-	b.renewals.enqueue(b, l.Target, call)
+	b.renewals.add(l.Target, call, false)
 	select {
 	case r := <-call.done:
 		return r.lease, r.err
 	case <-ctx.Done():
 		return Lease{}, ctx.Err()
-	}
-}
-
-// pendingRenewals reports how many renewals wait for a batch (for tests).
-func (rb *renewBatcher) pendingRenewals() int {
-	rb.mu.Lock()
-	defer rb.mu.Unlock()
-	n := 0
-	for _, calls := range rb.pending {
-		n += len(calls)
-	}
-	return n
-}
-
-func (rb *renewBatcher) enqueue(b *Broker, target string, c *renewCall) {
-	rb.mu.Lock()
-	defer rb.mu.Unlock()
-	if rb.pending == nil {
-		rb.pending = make(map[string][]*renewCall)
-		rb.running = make(map[string]int)
-		rb.lingering = make(map[string]*renewLinger)
-	}
-	rb.pending[target] = append(rb.pending[target], c)
-	if l := rb.lingering[target]; l != nil && len(rb.pending[target]) >= l.want {
-		close(l.ready)
-		delete(rb.lingering, target)
-	}
-	if rb.running[target] < b.cfg.RenewBatches {
-		rb.running[target]++
-		go rb.run(b, target)
-	}
-}
-
-// run commits batches for one target until none is pending (after the
-// linger, if any).
-func (rb *renewBatcher) run(b *Broker, target string) {
-	last := 0 // the size of the batch this goroutine committed last
-	for {
-		rb.mu.Lock()
-		calls := rb.pending[target]
-		if want := min(last, maxRenewBatch); want > 1 && len(calls) < want && b.cfg.RenewLinger > 0 {
-			rb.linger(target, want, b.cfg.RenewLinger)
-			calls = rb.pending[target]
-		}
-		if len(calls) == 0 {
-			delete(rb.pending, target)
-			if rb.running[target]--; rb.running[target] == 0 {
-				delete(rb.running, target)
-			}
-			rb.mu.Unlock()
-			return
-		}
-		n := min(len(calls), maxRenewBatch)
-		batch := calls[:n:n]
-		if n == len(calls) {
-			delete(rb.pending, target)
-		} else {
-			rb.pending[target] = calls[n:]
-		}
-		rb.mu.Unlock()
-		b.renewBatch(target, batch)
-		last = n
-	}
-}
-
-// linger waits, with rb.mu held on entry and on return, until want
-// renewals of target are pending or d has passed.
-func (rb *renewBatcher) linger(target string, want int, d time.Duration) {
-	l := &renewLinger{want: want, ready: make(chan struct{})}
-	rb.lingering[target] = l
-	after := rb.after
-	rb.mu.Unlock()
-	var timeout <-chan time.Time
-	if after != nil {
-		timeout = after(d)
-	} else {
-		t := time.NewTimer(d)
-		defer t.Stop()
-		timeout = t.C
-	}
-	select {
-	case <-l.ready:
-	case <-timeout:
-	}
-	rb.mu.Lock()
-	if rb.lingering[target] == l {
-		delete(rb.lingering, target)
 	}
 }
 

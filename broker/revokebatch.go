@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"slices"
-	"sync"
 	"time"
 )
 
@@ -53,20 +52,6 @@ const revokeBatchTimeout = time.Minute
 // errRevokeAlone tells the caller to take the single-lease path.
 var errRevokeAlone = errors.New("revoke alone")
 
-type revokeBatcher struct {
-	// slots is how many batches one target runs at once: revokeBatches,
-	// or a test's.
-	slots   int
-	mu      sync.Mutex
-	pending map[string][]*revokeCall // by target
-	running map[string]int           // batch goroutines per target
-	// lingering is the batch goroutine of a target waiting for more
-	// revocations after a batch (revokeLinger).
-	lingering map[string]*renewLinger
-	// after is the linger's timer: time's, or a test's.
-	after func(time.Duration) <-chan time.Time
-}
-
 type revokeCall struct {
 	ctx  context.Context
 	id   string
@@ -92,10 +77,10 @@ func (b *Broker) revokeBatched(ctx context.Context, id string) (Lease, bool, err
 		return Lease{}, false, errRevokeAlone
 	}
 	call := &revokeCall{ctx: ctx, id: id, done: make(chan revokeResult, 1)}
-	if !b.revocations.enqueue(b, l.Target, call) {
+	if !b.revocations.add(l.Target, call, true) {
 		// Idle: a batch of one, on the single path; what arrives
 		// meanwhile queues, and is committed once this is done.
-		defer b.revocations.release(b, l.Target)
+		defer b.revocations.release(l.Target)
 		return b.revoke(ctx, id, causeRequest)
 	}
 	select {
@@ -103,116 +88,6 @@ func (b *Broker) revokeBatched(ctx context.Context, id string) (Lease, bool, err
 		return r.lease, r.ended, r.err
 	case <-ctx.Done():
 		return Lease{}, false, ctx.Err()
-	}
-}
-
-// enqueue queues c on target's batch, starting a batch goroutine if
-// fewer than revokeBatches run. When none runs it queues nothing and
-// returns false: the caller revokes alone, holding one of target's slots
-// until it calls release.
-func (rb *revokeBatcher) enqueue(b *Broker, target string, c *revokeCall) bool {
-	rb.mu.Lock()
-	defer rb.mu.Unlock()
-	if rb.pending == nil {
-		rb.pending = make(map[string][]*revokeCall)
-		rb.running = make(map[string]int)
-		rb.lingering = make(map[string]*renewLinger)
-	}
-	if rb.running[target] == 0 {
-		rb.running[target]++
-		return false
-	}
-	rb.pending[target] = append(rb.pending[target], c)
-	if l := rb.lingering[target]; l != nil && len(rb.pending[target]) >= l.want {
-		close(l.ready)
-		delete(rb.lingering, target)
-	}
-	if rb.running[target] < max(rb.slots, 1) {
-		rb.running[target]++
-		go rb.run(b, target)
-	}
-	return true
-}
-
-// release gives back the slot a lone revocation held: its goroutine-to-be
-// commits what queued meanwhile, or the slot is freed.
-func (rb *revokeBatcher) release(b *Broker, target string) {
-	rb.mu.Lock()
-	defer rb.mu.Unlock()
-	if len(rb.pending[target]) > 0 {
-		go rb.run(b, target)
-		return
-	}
-	if rb.running[target]--; rb.running[target] == 0 {
-		delete(rb.running, target)
-	}
-}
-
-// pendingRevocations reports how many revocations wait for a batch (for
-// tests).
-func (rb *revokeBatcher) pendingRevocations() int {
-	rb.mu.Lock()
-	defer rb.mu.Unlock()
-	n := 0
-	for _, calls := range rb.pending {
-		n += len(calls)
-	}
-	return n
-}
-
-// run commits batches for one target until none is pending.
-func (rb *revokeBatcher) run(b *Broker, target string) {
-	last := 0 // the size of the batch this goroutine ran last
-	for {
-		rb.mu.Lock()
-		calls := rb.pending[target]
-		if want := min(last, maxRevokeBatch); want > 1 && len(calls) < want {
-			rb.linger(target, want)
-			calls = rb.pending[target]
-		}
-		if len(calls) == 0 {
-			delete(rb.pending, target)
-			if rb.running[target]--; rb.running[target] == 0 {
-				delete(rb.running, target)
-			}
-			rb.mu.Unlock()
-			return
-		}
-		n := min(len(calls), maxRevokeBatch)
-		batch := calls[:n:n]
-		if n == len(calls) {
-			delete(rb.pending, target)
-		} else {
-			rb.pending[target] = calls[n:]
-		}
-		rb.mu.Unlock()
-		b.revokeRequested(batch)
-		last = n
-	}
-}
-
-// linger waits, with rb.mu held on entry and on return, until want
-// revocations of target are pending or revokeLinger has passed.
-func (rb *revokeBatcher) linger(target string, want int) {
-	l := &renewLinger{want: want, ready: make(chan struct{})}
-	rb.lingering[target] = l
-	after := rb.after
-	rb.mu.Unlock()
-	var timeout <-chan time.Time
-	if after != nil {
-		timeout = after(revokeLinger)
-	} else {
-		t := time.NewTimer(revokeLinger)
-		defer t.Stop()
-		timeout = t.C
-	}
-	select {
-	case <-l.ready:
-	case <-timeout:
-	}
-	rb.mu.Lock()
-	if rb.lingering[target] == l {
-		delete(rb.lingering, target)
 	}
 }
 
