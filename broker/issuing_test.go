@@ -3,7 +3,9 @@ package broker_test
 import (
 	"context"
 	"errors"
+	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -233,5 +235,44 @@ func TestUnitFailedIssueWhoseUserStaysLeavesNoLease(t *testing.T) {
 	}
 	if users := u.db.Usernames(); len(users) != 0 {
 		t.Errorf("users left after reconciliation: %v", users)
+	}
+}
+
+// cancelOnGet is a store whose GetLease, once armed, cancels a context:
+// a reconciliation whose caller gives up halfway.
+type cancelOnGet struct {
+	broker.LeaseStore
+	cancel atomic.Pointer[context.CancelFunc]
+}
+
+func (s *cancelOnGet) GetLease(ctx context.Context, id string) (broker.Lease, error) {
+	if c := s.cancel.Swap(nil); c != nil {
+		(*c)()
+	}
+	return s.LeaseStore.GetLease(ctx, id)
+}
+
+// TestUnitReconcileStopsWhenItsContextEnds: a sweep whose context ends
+// halfway stops, and says so once, instead of failing every lease left
+// with the same error (a start-up reconciliation cut short logged
+// hundreds of "context canceled").
+func TestUnitReconcileStopsWhenItsContextEnds(t *testing.T) {
+	var store *cancelOnGet
+	u := newUnit(t, func(cfg *broker.Config) {
+		store = &cancelOnGet{LeaseStore: cfg.Store}
+		cfg.Store = store
+	})
+	for i := range 20 {
+		u.issuingLease(strings.Repeat(string(rune('a'+i)), 32), false)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	store.cancel.Store(&cancel)
+	_, err := u.b.Reconcile(ctx)
+	if !errors.Is(err, context.Canceled) {
+		t.Fatalf("Reconcile = %v, want context.Canceled", err)
+	}
+	if n := strings.Count(err.Error(), "context canceled"); n > 2 {
+		t.Errorf("the error names the cancellation %d times:\n%s", n, err)
 	}
 }

@@ -314,6 +314,10 @@ func (b *Broker) Reconcile(ctx context.Context) (ReconcileResult, error) {
 	// once, audited with reason reconcile, instead of failing to be
 	// revoked, or waiting for its expiry as if its user could log in.
 	for _, l := range before {
+		if err := ctx.Err(); err != nil {
+			// Given up: every lease left would fail alike.
+			return res, errors.Join(append(errs, err)...)
+		}
 		if l.state == StateIssuing {
 			settled, err := b.settleIssuing(ctx, l.id, exists[l.target], now, seen, &res)
 			if errors.Is(err, ErrNotLeader) {
