@@ -227,7 +227,7 @@ func (b *Broker) Close() error {
 		b.cancel()
 	}
 	b.wg.Wait()
-	b.waitPromotions()
+	b.FlushPromotions()
 	b.drainPool()
 	return nil
 }

@@ -41,4 +41,4 @@ func (b *Broker) SetRevokeLingerTimer(after func(time.Duration) <-chan time.Time
 
 // WaitPromotions waits until the issued leases queued for promotion to
 // Active are written (promote.go).
-func (b *Broker) WaitPromotions() { b.waitPromotions() }
+func (b *Broker) WaitPromotions() { b.FlushPromotions() }

@@ -128,12 +128,10 @@ func (b *Broker) awaitingPromotion(id string) bool {
 	return ok
 }
 
-// promoteBatch writes ls, Issuing leases as last read, as Active; it
-// reports how many it promoted.
-func (b *Broker) promoteBatch(ls []Lease) int {
+// promoteBatch writes ls, Issuing leases as last read, as Active.
+func (b *Broker) promoteBatch(ls []Lease) {
 	ctx, cancel := context.WithTimeout(context.Background(), cleanupTimeout)
 	defer cancel()
-	n := 0
 	// A conflict means the lease was written meanwhile (renewed, or its
 	// revocation began); a second conflict on the same lease is left to
 	// the reconciler rather than chased.
@@ -146,7 +144,6 @@ func (b *Broker) promoteBatch(ls []Lease) int {
 		for i, err := range errs {
 			switch {
 			case err == nil:
-				n++
 			case errors.Is(err, ErrConflict):
 				cur, gerr := b.store.GetLease(ctx, ls[i].ID)
 				if gerr == nil && cur.State == StateIssuing {
@@ -160,7 +157,6 @@ func (b *Broker) promoteBatch(ls []Lease) int {
 		}
 		ls = again
 	}
-	return n
 }
 
 // FlushPromotions writes the promotions queued so far at once and waits
@@ -168,10 +164,8 @@ func (b *Broker) promoteBatch(ls []Lease) int {
 // snapshot holds the leases issued before it as Active: restored after
 // their users were dropped, they end revoked like any live lease, where an
 // Issuing one would be taken for an issue that never finished and removed.
-func (b *Broker) FlushPromotions() { b.waitPromotions() }
-
-// waitPromotions is FlushPromotions; Close calls it.
-func (b *Broker) waitPromotions() {
+// Close calls it too.
+func (b *Broker) FlushPromotions() {
 	p := &b.promos
 	p.mu.Lock()
 	if p.flush != nil {

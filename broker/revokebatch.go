@@ -71,7 +71,10 @@ type revokeResult struct {
 // target's batch, or alone at once if no batch of that target runs. It
 // returns errRevokeAlone when the caller must use the single-lease path.
 func (b *Broker) revokeBatched(ctx context.Context, id string) (Lease, bool, error) {
-	l, err := b.store.GetLease(ctx, id)
+	// Only a hint: it picks the target's batch, which reads the lease
+	// again under its lock (storereads.go); a lease ended or unknown by
+	// the hint goes to the single path's fresh read.
+	l, err := b.leaseHint(ctx, id)
 	if err != nil || l.State.Terminal() {
 		// Let the single path give the precise answer.
 		return Lease{}, false, errRevokeAlone
@@ -127,7 +130,7 @@ func (b *Broker) revokeTogether(ctx context.Context, ids []string, cause revokeC
 			u()
 		}
 	}()
-	var ls []Lease
+	var locked []string
 	at := map[string]int{}
 	for i, id := range ids {
 		unlock, ok := b.leaseMu.tryLock(id)
@@ -135,12 +138,17 @@ func (b *Broker) revokeTogether(ctx context.Context, ids []string, cause revokeC
 			continue
 		}
 		unlocks = append(unlocks, unlock)
-		l, err := b.store.GetLease(ctx, id)
-		if err != nil || l.State.Terminal() {
+		locked = append(locked, id)
+		at[id] = i
+	}
+	// One read for the batch, under the leases' locks.
+	read, errs := b.getLeases(ctx, locked)
+	var ls []Lease
+	for j, l := range read {
+		if errs[j] != nil || l.State.Terminal() {
 			continue
 		}
 		ls = append(ls, l)
-		at[id] = i
 	}
 	ended, _ := b.revokeLeases(ctx, ls, cause)
 	for id, l := range ended {
