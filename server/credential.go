@@ -116,7 +116,8 @@ func (s *credentialServer) LookupLease(ctx context.Context, req *pb.LookupLeaseR
 // non-owner holding an id, say from a log line, could learn that the
 // lease exists and is live. The real reason is in the server log.
 // Ownership never changes, so reading the lease first and acting on it
-// next leaves no window that matters.
+// next leaves no window that matters. Neither does a lease's role, which
+// an in-process caller may require (WithLeaseRole) with the same answer.
 func (c *core) authorizedLease(ctx context.Context, leaseID string) (broker.Lease, error) {
 	id, err := identity(ctx)
 	if err != nil {
@@ -136,6 +137,10 @@ func (c *core) authorizedLease(ctx context.Context, leaseID string) (broker.Leas
 	if err := c.authz.AuthorizeLease(id, l); err != nil {
 		addLogAttrs(ctx, slog.String("error", err.Error()))
 		c.noteDenied(ctx, leaseID, l.Role)
+		return broker.Lease{}, leaseNotFound(leaseID)
+	}
+	if role, ok := leaseRoleOf(ctx); ok && role != l.Role {
+		addLogAttrs(ctx, slog.String("error", fmt.Sprintf("the lease id names role %q, the lease is of another role", role)))
 		return broker.Lease{}, leaseNotFound(leaseID)
 	}
 	return l, nil

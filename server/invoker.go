@@ -202,6 +202,26 @@ func ContextWithCaller(ctx context.Context, c Caller) context.Context {
 	return ctx
 }
 
+type leaseRoleKey struct{}
+
+// WithLeaseRole returns ctx for an in-process call about one lease
+// (RenewLease, RevokeLease, LookupLease) whose caller also named the
+// lease's role, as a Vault lease id does (<mount>/creds/<role>/<id>).
+// Unless the lease is of that role, the call answers exactly as for an
+// unknown lease, before it changes anything: an id under the wrong role
+// is an id Vault never issued, and the answer must not tell whether a
+// lease of that id exists under another role. Over the wire a caller
+// cannot set it: it is a context value, not metadata.
+func WithLeaseRole(ctx context.Context, role string) context.Context {
+	return context.WithValue(ctx, leaseRoleKey{}, role)
+}
+
+// leaseRoleOf is the role WithLeaseRole set on ctx.
+func leaseRoleOf(ctx context.Context) (string, bool) {
+	r, ok := ctx.Value(leaseRoleKey{}).(string)
+	return r, ok
+}
+
 // viaOf is the name of the front end of the front end of an in-process call.
 func viaOf(ctx context.Context) (string, bool) {
 	v, ok := ctx.Value(viaKey{}).(string)

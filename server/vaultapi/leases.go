@@ -17,11 +17,13 @@ import (
 
 	"github.com/credbroker/credbroker/broker"
 	pb "github.com/credbroker/credbroker/proto/credbroker/v1"
+	"github.com/credbroker/credbroker/server"
 )
 
 // Lease ids. A Vault lease id is the path the secret was read from plus a
 // unique suffix; credbroker's is <mount>/creds/<role>/<credbroker lease
-// id>. The role segment is what revoke-prefix and LIST select by; the
+// id>. The role segment is what revoke-prefix and LIST select by, and
+// must be the lease's own role wherever a whole lease id is given; the
 // last segment is the lease the broker knows.
 
 // vaultLeaseID is the Vault lease id of a credbroker lease.
@@ -159,8 +161,8 @@ func (h *Handler) lookup(req *request) {
 	if !ok {
 		return
 	}
-	resp, err := h.creds.LookupLease(req.ctx, &pb.LookupLeaseRequest{LeaseId: id})
-	if status.Code(err) == codes.NotFound || (err == nil && (!live(resp.GetLease()) || resp.GetLease().GetRole() != role)) {
+	resp, err := h.creds.LookupLease(server.WithLeaseRole(req.ctx, role), &pb.LookupLeaseRequest{LeaseId: id})
+	if status.Code(err) == codes.NotFound || (err == nil && !live(resp.GetLease())) {
 		// Vault's answer for a lease it does not have.
 		writeErrors(req.w, http.StatusBadRequest, "invalid lease")
 		return
@@ -198,7 +200,10 @@ func (h *Handler) renew(req *request) {
 		writeErrors(req.w, http.StatusBadRequest, err.Error())
 		return
 	}
-	resp, err := h.creds.RenewLease(req.ctx, &pb.RenewLeaseRequest{LeaseId: id, Increment: durationpb.New(inc)})
+	// The role segment must be the lease's own (server.WithLeaseRole):
+	// under another role the id is one Vault never issued, answered as an
+	// unknown lease, and nothing is renewed.
+	resp, err := h.creds.RenewLease(server.WithLeaseRole(req.ctx, role), &pb.RenewLeaseRequest{LeaseId: id, Increment: durationpb.New(inc)})
 	switch status.Code(err) {
 	case codes.OK:
 	case codes.NotFound, codes.FailedPrecondition:
@@ -225,11 +230,13 @@ func (h *Handler) renew(req *request) {
 // revoke is PUT sys/leases/revoke (and sys/revoke/<lease id>). It returns
 // once the PostgreSQL user is gone and its sessions are ended.
 func (h *Handler) revoke(req *request) {
-	_, _, id, ok := h.leaseArg(req, "sys/leases/revoke/", "sys/revoke/")
+	_, role, id, ok := h.leaseArg(req, "sys/leases/revoke/", "sys/revoke/")
 	if !ok {
 		return
 	}
-	_, err := h.creds.RevokeLease(req.ctx, &pb.RevokeLeaseRequest{LeaseId: id})
+	// A lease id under another role than the lease's is an unknown lease
+	// (server.WithLeaseRole): 204, and the lease is not revoked.
+	_, err := h.creds.RevokeLease(server.WithLeaseRole(req.ctx, role), &pb.RevokeLeaseRequest{LeaseId: id})
 	if err != nil && status.Code(err) != codes.NotFound {
 		writeCallError(req.w, err)
 		return
@@ -257,9 +264,11 @@ func (h *Handler) revokePrefix(req *request) {
 			"credbroker revokes by the prefix "+h.cfg.Mount+"/creds/<role> (every lease of a role) or a whole lease id, never a wider one")
 		return
 	}
+	// Selectors combine with AND: a whole lease id under another role than
+	// the lease's is a prefix nothing is under, as in Vault.
 	sel := &pb.RevokeLeasesRequest{Role: role}
 	if hasID {
-		sel = &pb.RevokeLeasesRequest{LeaseIds: []string{id}}
+		sel.LeaseIds = []string{id}
 	}
 	if _, err := h.admin.RevokeLeases(req.ctx, sel); err != nil {
 		writeCallError(req.w, err)

@@ -839,3 +839,78 @@ tokens: [{identity: svc, sha256: %s}]
 		}
 	}
 }
+
+// TestLeaseIDUnderAnotherRole checks that renew and revoke, like lookup,
+// take a lease id only under the lease's own role: under another role
+// (one the caller may use, or one that does not exist) it is answered
+// exactly as an unknown lease, and neither renews nor revokes the lease;
+// nor does an admin's revoke-prefix of that id.
+func TestLeaseIDUnderAnotherRole(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	b := startBroker(t, tokenConfig)
+	svc := b.client(svcToken)
+	s := issue(t, svc, "read_only")
+	username := s.Data["username"].(string)
+	id := strings.TrimPrefix(s.LeaseID, "database/creds/read_only/")
+	unknownID := strings.Repeat("a", 32) // well-formed, never issued
+
+	expireTime := func() string {
+		t.Helper()
+		l, err := svc.Sys().Lookup(s.LeaseID)
+		if err != nil {
+			t.Fatalf("lookup under the lease's own role: %v", err)
+		}
+		return fmt.Sprint(l.Data["expire_time"])
+	}
+	before := expireTime()
+
+	for _, role := range []string{"short", "nope"} {
+		wrong := "database/creds/" + role + "/" + id
+		// What an unknown lease gets, with its id where the unknown one was.
+		code, want := b.do(t, "PUT", "/v1/sys/leases/renew", svcToken, `{"lease_id":"database/creds/`+role+`/`+unknownID+`","increment":3000}`)
+		want = strings.ReplaceAll(want, unknownID, id)
+		if code != http.StatusBadRequest {
+			t.Fatalf("renew of an unknown lease: %d %s, want 400", code, want)
+		}
+		for _, path := range []string{"/v1/sys/leases/renew", "/v1/sys/leases/renew/" + wrong, "/v1/sys/renew/" + wrong} {
+			code, body := b.do(t, "PUT", path, svcToken, `{"lease_id":"`+wrong+`","increment":3000}`)
+			if code != http.StatusBadRequest || body != want {
+				t.Errorf("PUT %s of %s: %d %s, want 400 %s (as an unknown lease)", path, wrong, code, body, want)
+			}
+		}
+		code, unknownRevoke := b.do(t, "PUT", "/v1/sys/leases/revoke", svcToken, `{"lease_id":"database/creds/`+role+`/`+unknownID+`"}`)
+		if code != http.StatusNoContent {
+			t.Fatalf("revoke of an unknown lease: %d %s, want 204", code, unknownRevoke)
+		}
+		for _, path := range []string{"/v1/sys/leases/revoke", "/v1/sys/leases/revoke/" + wrong, "/v1/sys/revoke/" + wrong} {
+			code, body := b.do(t, "PUT", path, svcToken, `{"lease_id":"`+wrong+`"}`)
+			if code != http.StatusNoContent || body != unknownRevoke {
+				t.Errorf("PUT %s of %s: %d %q, want 204 %q (as an unknown lease)", path, wrong, code, body, unknownRevoke)
+			}
+		}
+		// An admin's revoke-prefix of the whole id under another role is a
+		// prefix with no lease under it.
+		if code, body := b.do(t, "PUT", "/v1/sys/leases/revoke-prefix/"+wrong, adminToken, ""); code != http.StatusNoContent {
+			t.Errorf("revoke-prefix %s: %d %s, want 204", wrong, code, body)
+		}
+	}
+	// Nothing changed: the lease is active with its old expiry, its user
+	// still exists.
+	if after := expireTime(); after != before {
+		t.Errorf("expire_time %s after renewals under other roles, was %s: a renewal went through", after, before)
+	}
+	if !b.roleExists(ctx, username) {
+		t.Fatalf("a revoke under another role dropped user %s", username)
+	}
+	// Under its own role, the same id still renews and revokes.
+	if _, err := svc.Sys().Renew(s.LeaseID, 120); err != nil {
+		t.Errorf("renew under the lease's own role: %v", err)
+	}
+	if err := svc.Sys().Revoke(s.LeaseID); err != nil {
+		t.Fatalf("revoke under the lease's own role: %v", err)
+	}
+	if b.roleExists(ctx, username) {
+		t.Errorf("user %s still exists after revoke under the lease's own role", username)
+	}
+}
