@@ -16,7 +16,8 @@ import (
 
 // Reasons of credbroker_revoked_total. expired, revoked, disconnect and
 // unused (roles[].revoke_unused_after) come from the broker's revoke and
-// expire events, reconcile from reconcile_drop.
+// expire events; reconcile from a revoke event of that reason (a lease
+// whose user was gone) and from reconcile_drop (a user with no lease).
 const (
 	ReasonExpired    = broker.ReasonExpired
 	ReasonRevoked    = broker.ReasonRevoked
@@ -24,6 +25,13 @@ const (
 	ReasonUnused     = broker.ReasonUnused
 	ReasonReconcile  = "reconcile"
 )
+
+// RoleUnknown is the role label of credbroker_revoked_total{reason="reconcile"}
+// for a user reconciliation dropped with no lease to name its role (a
+// marker-role member no lease knows, or the user of an intent a crash left
+// without its lease). A lease that reconciliation ends has its own role. It
+// cannot be a broker role's name, which starts with a letter.
+const RoleUnknown = "_unknown"
 
 // Results of credbroker_activity_samples_total.
 const (
@@ -150,7 +158,7 @@ func New(version string, roles []string) *Metrics {
 		m.issued.WithLabelValues(role)
 		m.renewed.WithLabelValues(role)
 		m.revokeFailures.WithLabelValues(role)
-		for _, reason := range []string{ReasonExpired, ReasonRevoked, ReasonDisconnect, ReasonUnused} {
+		for _, reason := range []string{ReasonExpired, ReasonRevoked, ReasonDisconnect, ReasonUnused, ReasonReconcile} {
 			m.revoked.WithLabelValues(role, reason)
 		}
 		m.leases.WithLabelValues(role, broker.StateActive.String())
@@ -158,8 +166,8 @@ func New(version string, roles []string) *Metrics {
 		m.neverUsed.WithLabelValues(role)
 		m.activityRoles[role] = true
 	}
-	// A user reconciliation drops has no lease, so no role.
-	m.revoked.WithLabelValues("", ReasonReconcile)
+	// A user reconciliation drops without a lease has no role.
+	m.revoked.WithLabelValues(RoleUnknown, ReasonReconcile)
 	for _, reason := range []string{DeniedUnauthenticated, DeniedPermission, DeniedResourceExhausted} {
 		m.denied.WithLabelValues(reason)
 	}
@@ -274,7 +282,11 @@ func (m *Metrics) Observe(ev broker.AuditEvent) {
 		m.set(ev.LeaseID, leaseKey{ev.Role, ev.State})
 		m.mu.Unlock()
 	case broker.AuditReconcileDrop:
-		m.revoked.WithLabelValues(ev.Role, ReasonReconcile).Inc()
+		role := ev.Role
+		if role == "" {
+			role = RoleUnknown
+		}
+		m.revoked.WithLabelValues(role, ReasonReconcile).Inc()
 	}
 }
 
