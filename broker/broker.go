@@ -29,6 +29,9 @@ type Broker struct {
 	dbs   map[string]Database
 	clock Clock
 	log   *slog.Logger
+	// abandonAfter is the timer of abandonIssue's pauses between tries:
+	// time's, or a test's (set before the broker is used).
+	abandonAfter func(time.Duration) <-chan time.Time
 
 	queue   *ExpiryQueue
 	leaseMu keyedMutex
@@ -139,6 +142,12 @@ func New(cfg Config) (*Broker, error) {
 		lanes:      newRevokeLanes(cfg.Databases),
 	}
 	b.live.Store(live)
+	// Real time, not the broker's Clock: the pause is how long a failed
+	// Issue keeps its caller (and the lease's lock) waiting, bounded in
+	// real time like cleanupTimeout's context around it; the Clock is
+	// lease time, which a test's fake clock holds still, and the batchers'
+	// linger is real time too.
+	b.abandonAfter = time.After
 	b.renewals = newBatcher(cfg.RenewBatches, maxRenewBatch, cfg.RenewLinger, b.renewBatch)
 	b.revocations = newBatcher(revokeBatches, maxRevokeBatch, revokeLinger, func(_ string, calls []*revokeCall) { b.revokeRequested(calls) })
 	// A group's broker (Leadership set) leads only during a term (runTerm).
@@ -448,11 +457,12 @@ func (b *Broker) abandonIssue(l Lease, leaseStored, intent bool, log *slog.Logge
 	ctx, cancel := context.WithTimeout(context.Background(), cleanupTimeout)
 	defer cancel()
 	db, err := b.db(l.Target)
-	// A few tries: the drop is idempotent, and each failure here leaves
-	// work to the reconciler.
+	// A few tries, paused (abandonRetry): the drop is idempotent, and each
+	// failure here leaves work to the reconciler.
 	if err == nil {
-		for try := 0; try < abandonTries; try++ {
-			if err = db.DeleteUser(ctx, DeleteUserRequest{Username: l.Username, ProxyRole: l.ProxyRole}); err == nil || ctx.Err() != nil {
+		for try := 1; ; try++ {
+			err = db.DeleteUser(ctx, DeleteUserRequest{Username: l.Username, ProxyRole: l.ProxyRole})
+			if err == nil || !b.abandonRetry(ctx, try) {
 				break
 			}
 		}
@@ -489,8 +499,8 @@ func (b *Broker) handOver(ctx context.Context, l Lease) bool {
 	group, _ := b.groupID(ctx) // read at Start
 	in := Intent{LeaseID: l.ID, Target: l.Target, Username: l.Username, ProxyRole: l.ProxyRole, CreateTime: b.wallNow(), Group: group}
 	var err error
-	for try := 0; try < abandonTries; try++ { // PutIntent replaces: retrying is safe
-		if err = b.store.PutIntent(ctx, in); err == nil || ctx.Err() != nil {
+	for try := 1; ; try++ { // PutIntent replaces: retrying is safe
+		if err = b.store.PutIntent(ctx, in); err == nil || !b.abandonRetry(ctx, try) {
 			break
 		}
 	}
@@ -502,6 +512,33 @@ func (b *Broker) handOver(ctx context.Context, l Lease) bool {
 
 // abandonTries is how many times abandonIssue tries each of its steps.
 const abandonTries = 3
+
+// abandonBasePause is abandonIssue's first pause between two tries of a
+// step; each next one doubles. A step's pauses add up to at most
+// abandonBasePause * (2^(abandonTries-1) - 1) (750ms), so a failed
+// issue answers within about 1.5s of pauses more than its calls take,
+// even when the drop and the hand-over both fail every time.
+const abandonBasePause = 250 * time.Millisecond
+
+// abandonRetry is called after try n (1-based) of one of abandonIssue's
+// steps failed. It reports whether to try again: not after abandonTries,
+// nor once ctx has ended; else it first pauses, so that a blip (a
+// connection dropped, a store busy) has passed before the next try,
+// with jitter over the pause's upper half so that issues that failed
+// together do not retry in lockstep (as backoff does).
+func (b *Broker) abandonRetry(ctx context.Context, n int) bool {
+	if n >= abandonTries || ctx.Err() != nil {
+		return false
+	}
+	d := abandonBasePause << (n - 1)
+	half := d / 2
+	select {
+	case <-ctx.Done():
+		return false
+	case <-b.abandonAfter(half + time.Duration(jitter(int64(half)+1))):
+		return true
+	}
+}
 
 func copyMetadata(md map[string]string) map[string]string {
 	if len(md) == 0 {

@@ -39,6 +39,16 @@ func (b *Broker) SetRevokeLingerTimer(after func(time.Duration) <-chan time.Time
 	b.revocations.after = after
 }
 
+// SetAbandonTimer replaces the timer of the pauses between a failed
+// issue's cleanup tries (abandonIssue), so a test decides when each ends.
+// Call it before the broker issues.
+func (b *Broker) SetAbandonTimer(after func(time.Duration) <-chan time.Time) {
+	b.abandonAfter = after
+}
+
+// AbandonBasePause is abandonIssue's first pause; each next one doubles.
+const AbandonBasePause = abandonBasePause
+
 // WaitPromotions waits until the issued leases queued for promotion to
 // Active are written (promote.go).
 func (b *Broker) WaitPromotions() { b.FlushPromotions() }

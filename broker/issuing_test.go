@@ -276,3 +276,106 @@ func TestUnitReconcileStopsWhenItsContextEnds(t *testing.T) {
 		t.Errorf("the error names the cancellation %d times:\n%s", n, err)
 	}
 }
+
+// flakyIntents fails the first fails PutIntent calls and counts them all.
+type flakyIntents struct {
+	broker.LeaseStore
+	fails, calls atomic.Int32
+}
+
+func (s *flakyIntents) PutIntent(ctx context.Context, in broker.Intent) error {
+	s.calls.Add(1)
+	if s.fails.Add(-1) >= 0 {
+		return errors.New("injected: intent write failed")
+	}
+	return s.LeaseStore.PutIntent(ctx, in)
+}
+
+// TestUnitFailedIssueCleanupPausesBetweenTries: when the drop that undoes
+// a failed issue fails, and then the hand-over's intent write, each next
+// try comes only after a pause (on the broker's abandon timer, which the
+// test holds), the pauses double from AbandonBasePause and stay under
+// twice it, and the steps are tried three times each.
+func TestUnitFailedIssueCleanupPausesBetweenTries(t *testing.T) {
+	store := &flakyIntents{}
+	u := newUnit(t, func(c *broker.Config) {
+		c.Databases["main"] = lostCommitDB{c.Databases["main"].(*fakedb.DB)}
+		store.LeaseStore = c.Store
+		c.Store = store
+	})
+	for range 3 {
+		u.db.FailNext(fakedb.DeleteUser, errors.New("injected: drop failed"))
+	}
+	store.fails.Store(2)
+	asked := make(chan time.Duration)
+	fire := make(chan time.Time)
+	u.b.SetAbandonTimer(func(d time.Duration) <-chan time.Time {
+		asked <- d
+		return fire
+	})
+	done := make(chan error, 1)
+	go func() {
+		_, _, err := u.b.Issue(context.Background(), broker.IssueRequest{Role: roleRO})
+		done <- err
+	}()
+	tries := func() (drops, intents int) {
+		return u.db.CallCount(fakedb.DeleteUser), int(store.calls.Load())
+	}
+	deadline := time.After(10 * time.Second)
+	var total time.Duration
+	for i, want := range []struct {
+		drops, intents int
+		pause          time.Duration // its upper bound; at least half of it
+	}{
+		{1, 0, broker.AbandonBasePause},
+		{2, 0, 2 * broker.AbandonBasePause},
+		{3, 1, broker.AbandonBasePause},
+		{3, 2, 2 * broker.AbandonBasePause},
+	} {
+		select {
+		case d := <-asked:
+			if drops, intents := tries(); drops != want.drops || intents != want.intents {
+				t.Fatalf("pause %d began after %d drops and %d intent writes, want %d and %d", i+1, drops, intents, want.drops, want.intents)
+			}
+			if d < want.pause/2 || d > want.pause {
+				t.Errorf("pause %d is %v, want %v..%v", i+1, d, want.pause/2, want.pause)
+			}
+			total += d
+			// Held: no try is made until the pause ends.
+			select {
+			case err := <-done:
+				t.Fatalf("the issue returned (%v) during pause %d", err, i+1)
+			default:
+			}
+			if drops, intents := tries(); drops != want.drops || intents != want.intents {
+				t.Fatalf("during pause %d: %d drops and %d intent writes, want %d and %d", i+1, drops, intents, want.drops, want.intents)
+			}
+			fire <- time.Time{}
+		case err := <-done:
+			drops, intents := tries()
+			t.Fatalf("the issue returned (%v) after %d drops and %d intent writes without pause %d", err, drops, intents, i+1)
+		case <-deadline:
+			t.Fatalf("timed out waiting for pause %d", i+1)
+		}
+	}
+	select {
+	case err := <-done:
+		if err == nil {
+			t.Fatal("issue succeeded although CREATE ROLE reported an error")
+		}
+	case d := <-asked:
+		t.Fatalf("a fifth pause (%v): the steps are tried more than three times", d)
+	case <-deadline:
+		t.Fatal("timed out waiting for the failed issue to return")
+	}
+	if drops, intents := tries(); drops != 3 || intents != 3 {
+		t.Errorf("%d drops and %d intent writes, want 3 of each", drops, intents)
+	}
+	if max := 6 * broker.AbandonBasePause; total > max {
+		t.Errorf("pauses add up to %v, want at most %v", total, max)
+	}
+	// The third intent write succeeded: the user is handed over.
+	if intents, err := u.store.ListIntents(context.Background()); err != nil || len(intents) != 1 {
+		t.Errorf("intents %+v (%v), want the undropped user's", intents, err)
+	}
+}
