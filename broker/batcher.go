@@ -14,6 +14,11 @@ import (
 // two would go first, costing nearly as many round trips and commits as a
 // full one. There is no goroutine while nothing is pending. Renewals
 // (renewbatch.go) and requested revocations (revokebatch.go) use it.
+//
+// Its goroutines are counted in wg (the broker's), so that Broker.Close
+// returns only once they have ended. close stops it from starting more:
+// every wg.Add happens under mu before closed is set, so none can race
+// Close's wg.Wait.
 type batcher[C any] struct {
 	slots  int           // batch goroutines per target
 	max    int           // calls per batch
@@ -27,6 +32,9 @@ type batcher[C any] struct {
 	lingering map[string]*batchLinger
 	// after is the linger's timer: time's, or a test's.
 	after func(time.Duration) <-chan time.Time
+	wg    *sync.WaitGroup
+	// closed: add queues nothing more (close).
+	closed bool
 }
 
 // batchLinger is one wait for more calls: ready closes once want are
@@ -36,22 +44,26 @@ type batchLinger struct {
 	ready chan struct{}
 }
 
-func newBatcher[C any](slots, max int, linger time.Duration, run func(string, []C)) batcher[C] {
+func newBatcher[C any](slots, max int, linger time.Duration, run func(string, []C), wg *sync.WaitGroup) batcher[C] {
 	return batcher[C]{
-		slots: slots, max: max, linger: linger, run: run,
+		slots: slots, max: max, linger: linger, run: run, wg: wg,
 		pending: map[string][]C{}, running: map[string]int{}, lingering: map[string]*batchLinger{},
 	}
 }
 
 // add queues c on target's batch, starting a batch goroutine if fewer
-// than slots run. With aloneWhenIdle, when none runs it queues nothing
-// and returns false: the caller runs c alone, holding one of target's
-// slots until it calls release.
+// than slots run, and returns true. Else it queues nothing and returns
+// false, and the caller runs c alone: with aloneWhenIdle when none runs,
+// the caller then holding one of target's slots until it calls release;
+// and once the batcher is closed (the broker is closing, and starts no
+// more goroutines), the caller holding a slot only with aloneWhenIdle.
 func (q *batcher[C]) add(target string, c C, aloneWhenIdle bool) bool {
 	q.mu.Lock()
 	defer q.mu.Unlock()
-	if aloneWhenIdle && q.running[target] == 0 {
-		q.running[target]++
+	if (aloneWhenIdle && q.running[target] == 0) || q.closed {
+		if aloneWhenIdle {
+			q.running[target]++
+		}
 		return false
 	}
 	q.pending[target] = append(q.pending[target], c)
@@ -61,22 +73,55 @@ func (q *batcher[C]) add(target string, c C, aloneWhenIdle bool) bool {
 	}
 	if q.running[target] < max(q.slots, 1) {
 		q.running[target]++
-		go q.loop(target)
+		q.start(target)
 	}
 	return true
 }
 
-// release gives back the slot a lone caller held (add returned false):
-// a goroutine runs what queued meanwhile, or the slot is freed.
+// start runs loop(target) on a goroutine counted in wg. Callers hold mu
+// and have checked that the batcher is not closed.
+func (q *batcher[C]) start(target string) {
+	q.wg.Add(1)
+	go func() {
+		defer q.wg.Done()
+		q.loop(target)
+	}()
+}
+
+// release gives back the slot a lone caller held (add returned false
+// with aloneWhenIdle): a goroutine runs what queued meanwhile, or the
+// slot is freed. Once the batcher is closed, the caller runs what queued
+// itself, before it returns, rather than leave those calls unanswered:
+// it is a caller's goroutine, as its own lone call was, not the broker's.
 func (q *batcher[C]) release(target string) {
 	q.mu.Lock()
-	defer q.mu.Unlock()
 	if len(q.pending[target]) > 0 {
-		go q.loop(target)
+		if q.closed {
+			q.mu.Unlock()
+			q.loop(target)
+			return
+		}
+		q.start(target)
+		q.mu.Unlock()
 		return
 	}
 	if q.running[target]--; q.running[target] == 0 {
 		delete(q.running, target)
+	}
+	q.mu.Unlock()
+}
+
+// close makes add queue nothing more and start no goroutine: the broker
+// is closing, and waits (wg) for those that run. They run what is
+// pending, as always, then end; one lingering for more calls, which can
+// no longer come, stops waiting.
+func (q *batcher[C]) close() {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	q.closed = true
+	for target, l := range q.lingering {
+		close(l.ready)
+		delete(q.lingering, target)
 	}
 }
 
@@ -98,7 +143,7 @@ func (q *batcher[C]) loop(target string) {
 	for {
 		q.mu.Lock()
 		calls := q.pending[target]
-		if want := min(last, q.max); want > 1 && len(calls) < want && q.linger > 0 {
+		if want := min(last, q.max); want > 1 && len(calls) < want && q.linger > 0 && !q.closed {
 			q.wait(target, want)
 			calls = q.pending[target]
 		}

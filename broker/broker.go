@@ -148,8 +148,8 @@ func New(cfg Config) (*Broker, error) {
 	// lease time, which a test's fake clock holds still, and the batchers'
 	// linger is real time too.
 	b.abandonAfter = time.After
-	b.renewals = newBatcher(cfg.RenewBatches, maxRenewBatch, cfg.RenewLinger, b.renewBatch)
-	b.revocations = newBatcher(revokeBatches, maxRevokeBatch, revokeLinger, func(_ string, calls []*revokeCall) { b.revokeRequested(calls) })
+	b.renewals = newBatcher(cfg.RenewBatches, maxRenewBatch, cfg.RenewLinger, b.renewBatch, &b.wg)
+	b.revocations = newBatcher(revokeBatches, maxRevokeBatch, revokeLinger, func(_ string, calls []*revokeCall) { b.revokeRequested(calls) }, &b.wg)
 	// A group's broker (Leadership set) leads only during a term (runTerm).
 	b.leadSwitch.init(!cfg.Standby && cfg.Leadership == nil)
 	b.feed.init()
@@ -222,8 +222,9 @@ func (b *Broker) Start(ctx context.Context) error {
 	return err
 }
 
-// Close stops the background loops and waits for them. It closes neither
-// the store nor the databases.
+// Close stops the background loops and waits for them, and for the
+// renewal and revocation batches under way (batcher.go), which use the
+// store and the databases. It closes neither the store nor the databases.
 func (b *Broker) Close() error {
 	select {
 	case <-b.closed:
@@ -232,6 +233,10 @@ func (b *Broker) Close() error {
 	}
 	close(b.closed)
 	b.stopPool()
+	// Renewals and revocations still arriving run alone; the batches
+	// under way are waited for below.
+	b.renewals.close()
+	b.revocations.close()
 	if b.cancel != nil {
 		b.cancel()
 	}

@@ -75,7 +75,9 @@ func (b *Broker) renewBatched(ctx context.Context, id string, inc time.Duration)
 		return Lease{}, errRenewAlone
 	}
 	call := &renewCall{ctx: ctx, id: id, inc: inc, done: make(chan renewResult, 1)}
-	b.renewals.add(l.Target, call, false)
+	if !b.renewals.add(l.Target, call, false) {
+		return Lease{}, errRenewAlone // the broker is closing
+	}
 	select {
 	case r := <-call.done:
 		return r.lease, r.err
