@@ -17,6 +17,17 @@ func (b *Broker) setInflight(id string, on bool) {
 	}
 }
 
+// inflightIDs returns the ids of the issues in flight in this process.
+func (b *Broker) inflightIDs() map[string]bool {
+	b.inflightMu.Lock()
+	defer b.inflightMu.Unlock()
+	out := make(map[string]bool, len(b.inflight))
+	for id := range b.inflight {
+		out[id] = true
+	}
+	return out
+}
+
 func (b *Broker) isInflight(id string) bool {
 	b.inflightMu.Lock()
 	defer b.inflightMu.Unlock()
@@ -154,6 +165,17 @@ func (b *Broker) Reconcile(ctx context.Context) (ReconcileResult, error) {
 	}); err != nil {
 		return res, fmt.Errorf("scan live leases: %w", err)
 	}
+
+	// But an issue stores its lease (Issuing) before or beside its CREATE
+	// ROLE (promote.go), so the lease of an issue in flight when the users
+	// are listed may have a user committed after the listing; and the
+	// issue may have returned by the time the sweep decides, when
+	// isInflight says nothing. So the issues in flight now, after the scan
+	// and before the listing, are left out of the end of the sweep (live
+	// leases whose user is gone); an issue that finished before this point
+	// created its user before the listing. (Another instance's issues are
+	// not in this memory: a group acts only when two sweeps agree.)
+	busy := b.inflightIDs()
 
 	// 1. Users first (see the ordering argument above).
 	users := make(map[string][]string, len(b.dbs))
@@ -317,6 +339,9 @@ func (b *Broker) Reconcile(ctx context.Context) (ReconcileResult, error) {
 		if err := ctx.Err(); err != nil {
 			// Given up: every lease left would fail alike.
 			return res, errors.Join(append(errs, err)...)
+		}
+		if busy[l.id] {
+			continue // the listing may predate its user
 		}
 		if l.state == StateIssuing {
 			settled, err := b.settleIssuing(ctx, l.id, exists[l.target], now, seen, &res)
