@@ -634,6 +634,25 @@ func (b *Broker) Lookup(ctx context.Context, id string) (Lease, error) {
 	return l, err
 }
 
+// LookupOwner returns lease id for authorizing a call on it: its ID, Role
+// and Client, which never change for a lease, are exact; every other
+// field may be of an older version (a hint, storereads.go: on etcd, no
+// read through raft when this instance wrote, read or followed the
+// lease), so a caller must not answer from them. A lease the hint does
+// not know is read afresh before ErrLeaseNotFound is believed: a lease
+// just issued on another instance may not have reached this one yet.
+func (b *Broker) LookupOwner(ctx context.Context, id string) (Lease, error) {
+	if err := ValidateLeaseID(id); err != nil {
+		return Lease{}, err
+	}
+	l, err := b.leaseHint(ctx, id)
+	if _, hinted := b.store.(LeaseHinter); hinted && errors.Is(err, ErrLeaseNotFound) {
+		l, err = b.store.GetLease(ctx, id)
+	}
+	l.State = l.State.Public()
+	return l, err
+}
+
 // ListLeases lists leases matching f, in their public state
 // (LeaseState.Public); see LeaseStore.ListLeases.
 func (b *Broker) ListLeases(ctx context.Context, f LeaseFilter) ([]Lease, string, error) {
