@@ -365,3 +365,69 @@ func TestUnitReconcileLeavesTheLeaseOfAnIssueInFlight(t *testing.T) {
 		t.Error("the issued lease's user is gone")
 	}
 }
+
+// blockingCreate is a database whose CREATE ROLE waits for its context.
+type blockingCreate struct {
+	broker.Database
+	started chan struct{}
+}
+
+func (d *blockingCreate) NewUser(ctx context.Context, req broker.NewUserRequest) error {
+	select {
+	case d.started <- struct{}{}:
+	default:
+	}
+	<-ctx.Done()
+	return ctx.Err()
+}
+
+// In a group, the leader removes an Issuing lease whose user two sweeps
+// ReconcileConfirm apart did not find, and an issue on another instance is
+// not in its memory: a CREATE ROLE that took longer could commit after the
+// removal and hand out a credential without a lease. So an issue gives
+// CREATE ROLE half of ReconcileConfirm, then undoes itself and answers
+// Unavailable.
+func TestUnitIssueInAGroupBoundsCreateRole(t *testing.T) {
+	const confirm = 30 * time.Second
+	var db *blockingCreate
+	u := newUnit(t, func(c *broker.Config) {
+		c.ReconcileConfirm = confirm
+		db = &blockingCreate{Database: c.Databases["main"], started: make(chan struct{}, 1)}
+		c.Databases["main"] = db
+	})
+	type result struct {
+		l   broker.Lease
+		err error
+	}
+	done := make(chan result, 1)
+	go func() {
+		l, _, err := u.b.Issue(context.Background(), broker.IssueRequest{Role: roleRO, Client: "svc"})
+		done <- result{l, err}
+	}()
+	select {
+	case <-db.started:
+	case <-time.After(10 * time.Second):
+		t.Fatal("the issue did not reach CREATE ROLE within 10s")
+	}
+	deadline := u.clock.Now().Add(confirm / 2)
+	waitFor(t, "the issue to arm its CREATE ROLE bound", func() bool {
+		return u.clock.WaitersUntil(deadline) > u.clock.WaitersUntil(deadline.Add(-time.Nanosecond))
+	})
+	u.clock.Advance(confirm / 2)
+	var got result
+	select {
+	case got = <-done:
+	case <-time.After(10 * time.Second):
+		t.Fatal("the issue did not give up on CREATE ROLE at half of ReconcileConfirm")
+	}
+	if !errors.Is(got.err, broker.ErrUnavailable) || got.l.ID != "" {
+		t.Fatalf("Issue = %+v, %v; want ErrUnavailable and no lease", got.l, got.err)
+	}
+	if !strings.Contains(got.err.Error(), "CREATE ROLE took longer than 15s") {
+		t.Errorf("error %q does not say why", got.err)
+	}
+	leases, _, err := u.store.ListLeases(context.Background(), broker.LeaseFilter{})
+	if err != nil || len(leases) != 0 {
+		t.Errorf("leases after the undone issue: %+v, %v; want none", leases, err)
+	}
+}
