@@ -335,6 +335,7 @@ func (b *Broker) Reconcile(ctx context.Context) (ReconcileResult, error) {
 	// DROP of a missing user is success, so the lease ends REVOKED at
 	// once, audited with reason reconcile, instead of failing to be
 	// revoked, or waiting for its expiry as if its user could log in.
+	var gone []liveUser
 	for _, l := range before {
 		if err := ctx.Err(); err != nil {
 			// Given up: every lease left would fail alike.
@@ -364,15 +365,34 @@ func (b *Broker) Reconcile(ctx context.Context) (ReconcileResult, error) {
 			res.Pending++
 			continue
 		}
-		_, ended, err := b.revoke(ctx, l.id, causeReconcile)
-		switch {
-		case errors.Is(err, ErrLeaseNotFound):
-		case err != nil:
-			errs = append(errs, fmt.Errorf("end lease %s, whose user is gone: %w", l.id, err))
-		case ended:
-			res.LeasesSettled++
-			b.log.Warn("reconcile: a live lease's user was gone (dropped outside the broker, or the store was restored from a backup); ended the lease",
-				"lease_id", l.id, "username", l.username, "target", l.target)
+		gone = append(gone, l)
+	}
+	// In batches, as expiries are (revokebatch.go): a store restored from
+	// an older backup can have thousands, and one revocation each (two
+	// store commits apiece) held a sole broker's start-up for minutes.
+	for start := 0; start < len(gone); start += maxRevokeBatch {
+		if err := ctx.Err(); err != nil {
+			return res, errors.Join(append(errs, err)...)
+		}
+		chunk := gone[start:min(start+maxRevokeBatch, len(gone))]
+		ids := make([]string, len(chunk))
+		for i, l := range chunk {
+			ids[i] = l.id
+		}
+		for i, r := range b.revokeTogether(ctx, ids, causeReconcile) {
+			l, ended, err := chunk[i], r.ended, r.err
+			if errors.Is(err, errRevokeAlone) {
+				_, ended, err = b.revoke(ctx, l.id, causeReconcile)
+			}
+			switch {
+			case errors.Is(err, ErrLeaseNotFound):
+			case err != nil:
+				errs = append(errs, fmt.Errorf("end lease %s, whose user is gone: %w", l.id, err))
+			case ended:
+				res.LeasesSettled++
+				b.log.Warn("reconcile: a live lease's user was gone (dropped outside the broker, or the store was restored from a backup); ended the lease",
+					"lease_id", l.id, "username", l.username, "target", l.target)
+			}
 		}
 	}
 	swept = true
