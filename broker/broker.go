@@ -340,14 +340,35 @@ func (b *Broker) Issue(ctx context.Context, req IssueRequest) (Lease, Credential
 	unlock := b.leaseMu.Lock(lease.ID)
 	defer unlock()
 	log := b.log.With("lease_id", lease.ID, "role", lease.Role, "client", lease.Client, "username", lease.Username)
+	// In a group, the leader removes an Issuing lease whose user two
+	// sweeps ReconcileConfirm apart did not find, and this issue is not in
+	// its memory: a CREATE ROLE that committed later would hand out a
+	// credential without a lease. So CREATE ROLE gets half that long; past
+	// it the issue is undone and answered Unavailable.
+	userCtx, cancelUser := context.WithCancelCause(ctx)
+	defer cancelUser(nil)
+	if rc := b.cfg.ReconcileConfirm; rc > 0 {
+		timeout := b.clock.After(rc / 2)
+		go func() {
+			select {
+			case <-timeout:
+				cancelUser(fmt.Errorf("%w: CREATE ROLE took longer than %v (half of the group's reconcile confirmation, store.etcd.session_ttl): the issue was undone", ErrUnavailable, rc/2))
+			case <-userCtx.Done():
+			}
+		}()
+	}
 	newUser := func() error {
-		return db.NewUser(ctx, NewUserRequest{
+		err := db.NewUser(userCtx, NewUserRequest{
 			Username:   lease.Username,
 			Password:   password,
 			ProxyRole:  lease.ProxyRole,
 			ValidUntil: lease.ExpireTime.Add(b.conf().ValidUntilGrace),
 			Verifier:   verifier,
 		})
+		if cause := context.Cause(userCtx); err != nil && ctx.Err() == nil && errors.Is(cause, ErrUnavailable) {
+			return cause
+		}
+		return err
 	}
 	stored := lease // CreateLease sets its Revision
 	if !pooled {
@@ -672,6 +693,25 @@ func (b *Broker) Lookup(ctx context.Context, id string) (Lease, error) {
 		return Lease{}, err
 	}
 	l, err := b.store.GetLease(ctx, id)
+	l.State = l.State.Public()
+	return l, err
+}
+
+// LookupOwner returns lease id for authorizing a call on it: its ID, Role
+// and Client, which never change for a lease, are exact; every other
+// field may be of an older version (a hint, storereads.go: on etcd, no
+// read through raft when this instance wrote, read or followed the
+// lease), so a caller must not answer from them. A lease the hint does
+// not know is read afresh before ErrLeaseNotFound is believed: a lease
+// just issued on another instance may not have reached this one yet.
+func (b *Broker) LookupOwner(ctx context.Context, id string) (Lease, error) {
+	if err := ValidateLeaseID(id); err != nil {
+		return Lease{}, err
+	}
+	l, err := b.leaseHint(ctx, id)
+	if _, hinted := b.store.(LeaseHinter); hinted && errors.Is(err, ErrLeaseNotFound) {
+		l, err = b.store.GetLease(ctx, id)
+	}
 	l.State = l.State.Public()
 	return l, err
 }

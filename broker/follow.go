@@ -51,6 +51,15 @@ type feedLease struct {
 	state LeaseState
 }
 
+// feedKnowsUsable reports whether the feed told of lease id as usable
+// (Active or Issuing), and so queued it at its expiry.
+func (b *Broker) feedKnowsUsable(id string) bool {
+	b.feed.mu.Lock()
+	defer b.feed.mu.Unlock()
+	fl, ok := b.feed.live[id]
+	return ok && fl.state.Usable()
+}
+
 func (f *feedState) init() {
 	f.live = make(map[string]feedLease)
 	f.ready = make(chan struct{})

@@ -456,3 +456,48 @@ func TestUnitFeedPromotionIsNoRenewal(t *testing.T) {
 	waitFor(t, "b to hear of the later revocation", func() bool { return bEvents.has(other.ID, broker.AuditRevoke, true) })
 	noEvent(t, ch, "after the promotion")
 }
+
+// earlyIndex is a feedStore whose expiry index holds instants earlier
+// than the leases' own, as ScanExpiry allows (the etcd store leaves a
+// renewed lease's entry where it was).
+type earlyIndex struct {
+	*feedStore
+	by time.Duration
+}
+
+func (s *earlyIndex) ScanExpiry(ctx context.Context, fn func(broker.ExpiryEntry) bool) error {
+	return s.feedStore.ScanExpiry(ctx, func(e broker.ExpiryEntry) bool {
+		e.Expire = e.Expire.Add(-s.by)
+		return fn(e)
+	})
+}
+
+// A new leader queues a lease the feed told of at its expiry, not at the
+// earlier instant the expiry index may hold for it: taking the index's
+// would have it read every renewed lease at once, in the middle of a
+// failover.
+func TestUnitNewLeaderQueuesFromTheFeedNotAnEarlyIndex(t *testing.T) {
+	lead := newFakeLeadership()
+	const early = 10 * time.Minute
+	u := newUnstarted(t, func(c *broker.Config) {
+		c.Leadership = lead
+		c.Store = &earlyIndex{feedStore: &feedStore{LeaseStore: c.Store}, by: early}
+	})
+	if err := u.b.Start(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	lead.waitCampaigning(t)
+	evs := recordEvents(t, u.b)
+	// An odd TTL, so that no loop's timer shares its instant.
+	l, _ := u.issue(roleRO, 777*time.Second, "svc")
+	waitFor(t, "the feed to report the issue", func() bool { return evs.has(l.ID, broker.AuditIssue, true) })
+
+	lead.grant <- newFakeTerm(3)
+	armedAt := func(at time.Time) int {
+		return u.clock.WaitersUntil(at) - u.clock.WaitersUntil(at.Add(-time.Nanosecond))
+	}
+	waitFor(t, "the leader's dispatcher to arm its timer at the lease's expiry", func() bool { return armedAt(l.ExpireTime) > 0 })
+	if n := armedAt(l.ExpireTime.Add(-early)); n != 0 {
+		t.Errorf("%d timers at the index's early instant", n)
+	}
+}

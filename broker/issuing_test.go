@@ -379,3 +379,158 @@ func TestUnitFailedIssueCleanupPausesBetweenTries(t *testing.T) {
 		t.Errorf("intents %+v (%v), want the undropped user's", intents, err)
 	}
 }
+
+// listRaceDB holds the first user creation until the test lets it go, and
+// runs afterList (when set) between a listing of the managed users and
+// its return: a CREATE ROLE that commits while a sweep is between its
+// listing and its decisions.
+type listRaceDB struct {
+	broker.Database
+	started   chan struct{} // receives once a creation is waiting
+	create    chan struct{} // closed to let creations go on
+	afterList atomic.Pointer[func()]
+}
+
+func (d *listRaceDB) NewUser(ctx context.Context, req broker.NewUserRequest) error {
+	select {
+	case d.started <- struct{}{}:
+	default:
+	}
+	select {
+	case <-d.create:
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+	return d.Database.NewUser(ctx, req)
+}
+
+func (d *listRaceDB) ListManagedUsers(ctx context.Context) ([]string, error) {
+	users, err := d.Database.ListManagedUsers(ctx)
+	if f := d.afterList.Load(); f != nil {
+		(*f)()
+	}
+	return users, err
+}
+
+// A sweep that scans the live leases while an issue is in flight (its
+// lease is stored, Issuing, before its user is created), lists the users
+// before the user is created, and decides after the issue returned, must
+// leave the lease alone: the listing says nothing of that user. Before,
+// the sweep took the user for gone and ended the lease of a credential
+// its caller held (TestChaosLeasesSettleWithoutLossOrEarlyDrop found it:
+// an issued lease missing from the store).
+func TestUnitReconcileLeavesTheLeaseOfAnIssueInFlight(t *testing.T) {
+	var db *listRaceDB
+	u := newUnit(t, func(c *broker.Config) {
+		db = &listRaceDB{Database: c.Databases["main"], started: make(chan struct{}, 1), create: make(chan struct{})}
+		c.Databases["main"] = db
+	})
+	type result struct {
+		l   broker.Lease
+		err error
+	}
+	issued := make(chan result, 1)
+	go func() {
+		l, _, err := u.b.Issue(context.Background(), broker.IssueRequest{Role: roleRO, Client: "svc"})
+		issued <- result{l, err}
+	}()
+	select {
+	case <-db.started:
+	case <-time.After(10 * time.Second):
+		t.Fatal("the issue did not reach its user's creation within 10s")
+	}
+	var got result
+	after := func() {
+		close(db.create)
+		select {
+		case got = <-issued:
+		case <-time.After(10 * time.Second):
+			t.Error("the issue did not return within 10s of its user's creation")
+		}
+	}
+	db.afterList.Store(&after)
+	res, err := u.b.Reconcile(context.Background())
+	db.afterList.Store(nil)
+	if err != nil {
+		t.Fatalf("Reconcile: %v", err)
+	}
+	if got.err != nil {
+		t.Fatalf("Issue: %v", got.err)
+	}
+	if res.LeasesSettled != 0 || res.IssuingRemoved != 0 || res.UsersDropped != 0 {
+		t.Errorf("the sweep acted on the issue in flight: %+v", res)
+	}
+	u.b.WaitPromotions()
+	if l, err := u.store.GetLease(context.Background(), got.l.ID); err != nil || l.State != broker.StateActive {
+		t.Errorf("the issued lease is %v (%v), want Active", l.State, err)
+	}
+	if !u.userExists(got.l.Username) {
+		t.Error("the issued lease's user is gone")
+	}
+}
+
+// blockingCreate is a database whose CREATE ROLE waits for its context.
+type blockingCreate struct {
+	broker.Database
+	started chan struct{}
+}
+
+func (d *blockingCreate) NewUser(ctx context.Context, req broker.NewUserRequest) error {
+	select {
+	case d.started <- struct{}{}:
+	default:
+	}
+	<-ctx.Done()
+	return ctx.Err()
+}
+
+// In a group, the leader removes an Issuing lease whose user two sweeps
+// ReconcileConfirm apart did not find, and an issue on another instance is
+// not in its memory: a CREATE ROLE that took longer could commit after the
+// removal and hand out a credential without a lease. So an issue gives
+// CREATE ROLE half of ReconcileConfirm, then undoes itself and answers
+// Unavailable.
+func TestUnitIssueInAGroupBoundsCreateRole(t *testing.T) {
+	const confirm = 30 * time.Second
+	var db *blockingCreate
+	u := newUnit(t, func(c *broker.Config) {
+		c.ReconcileConfirm = confirm
+		db = &blockingCreate{Database: c.Databases["main"], started: make(chan struct{}, 1)}
+		c.Databases["main"] = db
+	})
+	type result struct {
+		l   broker.Lease
+		err error
+	}
+	done := make(chan result, 1)
+	go func() {
+		l, _, err := u.b.Issue(context.Background(), broker.IssueRequest{Role: roleRO, Client: "svc"})
+		done <- result{l, err}
+	}()
+	select {
+	case <-db.started:
+	case <-time.After(10 * time.Second):
+		t.Fatal("the issue did not reach CREATE ROLE within 10s")
+	}
+	deadline := u.clock.Now().Add(confirm / 2)
+	waitFor(t, "the issue to arm its CREATE ROLE bound", func() bool {
+		return u.clock.WaitersUntil(deadline) > u.clock.WaitersUntil(deadline.Add(-time.Nanosecond))
+	})
+	u.clock.Advance(confirm / 2)
+	var got result
+	select {
+	case got = <-done:
+	case <-time.After(10 * time.Second):
+		t.Fatal("the issue did not give up on CREATE ROLE at half of ReconcileConfirm")
+	}
+	if !errors.Is(got.err, broker.ErrUnavailable) || got.l.ID != "" {
+		t.Fatalf("Issue = %+v, %v; want ErrUnavailable and no lease", got.l, got.err)
+	}
+	if !strings.Contains(got.err.Error(), "CREATE ROLE took longer than 15s") {
+		t.Errorf("error %q does not say why", got.err)
+	}
+	leases, _, err := u.store.ListLeases(context.Background(), broker.LeaseFilter{})
+	if err != nil || len(leases) != 0 {
+		t.Errorf("leases after the undone issue: %+v, %v; want none", leases, err)
+	}
+}

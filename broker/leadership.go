@@ -156,11 +156,23 @@ func (b *Broker) beginTerm(ctx context.Context) error {
 		// the others; the periodic reconciler tries again.
 		b.log.Warn("start-up reconciliation incomplete", "err", err)
 	}
+	// A usable lease the change feed (follow.go) told of is queued
+	// already, at its exact expiry: the index's instant may be earlier
+	// (ScanExpiry), and taking it would have the new leader read every
+	// renewed lease at once, in the middle of a failover. The feed
+	// delivers whatever changed since. The others are queued at the
+	// index's instant, which is never late: no feed, a lease the feed has
+	// not told of yet, and revocations under way, which a new leader
+	// takes over at once, as at a start (the feed queued them for later,
+	// in case the instance that began them was alive).
 	n := 0
 	err := b.store.ScanExpiry(ctx, func(e ExpiryEntry) bool {
+		n++
+		if e.State.Usable() && b.feedKnowsUsable(e.LeaseID) {
+			return true
+		}
 		b.queue.Set(e.LeaseID, e.Expire)
 		b.queue.SetTarget(e.LeaseID, e.Target) // "" when the index lacks it
-		n++
 		return true
 	})
 	if err != nil {

@@ -179,11 +179,17 @@ type LeaseStore interface {
 	// WithLimit at one revision; there is no server-side filter).
 	ListLeases(ctx context.Context, f LeaseFilter) ([]Lease, string, error)
 	// ScanExpiry calls fn for each live lease (Active, Revoking,
-	// RevokeFailed), in ascending order of the instant it needs attention
-	// (ExpiryEntry.Expire: its ExpireTime, or its EndTime when that is set
-	// and earlier), ties in id order, until fn returns false; stopping
-	// early is not an error. Terminal leases never appear. An update moves
-	// a lease in this order, or out of it, in the same transaction.
+	// RevokeFailed), in ascending order of ExpiryEntry.Expire, ties in id
+	// order, until fn returns false; stopping early is not an error.
+	// Terminal leases never appear. Expire is the instant the lease needs
+	// attention (its ExpireTime, or its EndTime when that is set and
+	// earlier), or an earlier one: an update that moves that instant
+	// later and changes none of the entry's details (a renewal) may leave
+	// the entry where it was (the etcd store does, to write one key per
+	// renewal), but never one that moves it earlier. So Expire is never
+	// late, and whoever acts on an entry reads the lease first (the
+	// expiry manager does). An update moves a lease in this order, or out
+	// of it, in the same transaction.
 	//
 	// All entries come from one consistent snapshot. fn must be quick and
 	// must not call the store (bbolt holds a read transaction open while fn

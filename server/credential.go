@@ -79,7 +79,7 @@ func (s *credentialServer) RenewLease(ctx context.Context, req *pb.RenewLeaseReq
 		return nil, s.fail(ctx, err)
 	}
 	defer done()
-	if _, err := s.authorizedLease(ctx, req.GetLeaseId()); err != nil {
+	if _, err := s.authorizedLease(ctx, req.GetLeaseId(), false); err != nil {
 		return nil, err
 	}
 	l, err := s.broker.Renew(ctx, req.GetLeaseId(), inc)
@@ -90,7 +90,7 @@ func (s *credentialServer) RenewLease(ctx context.Context, req *pb.RenewLeaseReq
 }
 
 func (s *credentialServer) RevokeLease(ctx context.Context, req *pb.RevokeLeaseRequest) (*pb.RevokeLeaseResponse, error) {
-	if _, err := s.authorizedLease(ctx, req.GetLeaseId()); err != nil {
+	if _, err := s.authorizedLease(ctx, req.GetLeaseId(), false); err != nil {
 		return nil, err
 	}
 	l, err := s.broker.Revoke(ctx, req.GetLeaseId())
@@ -101,7 +101,7 @@ func (s *credentialServer) RevokeLease(ctx context.Context, req *pb.RevokeLeaseR
 }
 
 func (s *credentialServer) LookupLease(ctx context.Context, req *pb.LookupLeaseRequest) (*pb.LookupLeaseResponse, error) {
-	l, err := s.authorizedLease(ctx, req.GetLeaseId())
+	l, err := s.authorizedLease(ctx, req.GetLeaseId(), true)
 	if err != nil {
 		return nil, err
 	}
@@ -109,7 +109,10 @@ func (s *credentialServer) LookupLease(ctx context.Context, req *pb.LookupLeaseR
 }
 
 // authorizedLease validates a lease id, reads the lease and asks the
-// Authorizer whether the caller may touch it.
+// Authorizer whether the caller may touch it. With fresh false the lease
+// is read for its owner only (broker.LookupOwner: on etcd, no read
+// through raft), and the caller must not answer from its other fields:
+// renew and revoke read the lease again themselves.
 //
 // A caller that may not touch a lease gets exactly the answer it would get
 // for a lease that does not exist (NotFound, same message): otherwise a
@@ -118,7 +121,7 @@ func (s *credentialServer) LookupLease(ctx context.Context, req *pb.LookupLeaseR
 // Ownership never changes, so reading the lease first and acting on it
 // next leaves no window that matters. Neither does a lease's role, which
 // an in-process caller may require (WithLeaseRole) with the same answer.
-func (c *core) authorizedLease(ctx context.Context, leaseID string) (broker.Lease, error) {
+func (c *core) authorizedLease(ctx context.Context, leaseID string, fresh bool) (broker.Lease, error) {
 	id, err := identity(ctx)
 	if err != nil {
 		return broker.Lease{}, err
@@ -126,7 +129,11 @@ func (c *core) authorizedLease(ctx context.Context, leaseID string) (broker.Leas
 	if err := broker.ValidateLeaseID(leaseID); err != nil {
 		return broker.Lease{}, c.fail(ctx, invalidLeaseID(err))
 	}
-	l, err := c.broker.Lookup(ctx, leaseID)
+	lookup := c.broker.LookupOwner
+	if fresh {
+		lookup = c.broker.Lookup
+	}
+	l, err := lookup(ctx, leaseID)
 	if err != nil {
 		return broker.Lease{}, c.leaseFail(ctx, leaseID, err)
 	}

@@ -77,9 +77,10 @@ type harnessOptions struct {
 	// maxKeepAliveLeases and maxPendingRenewals: 0 is the default.
 	maxKeepAliveLeases int
 	maxPendingRenewals int
-	renewBatches       int                                   // broker.Config.RenewBatches; 0: its default
-	wrapDB             func(broker.Database) broker.Database // nil: the engine as is
-	storeDir           string                                // where the bbolt file goes; "": t.TempDir()
+	renewBatches       int                                       // broker.Config.RenewBatches; 0: its default
+	wrapDB             func(broker.Database) broker.Database     // nil: the engine as is
+	wrapStore          func(broker.LeaseStore) broker.LeaseStore // nil: the bbolt store as is
+	storeDir           string                                    // where the bbolt file goes; "": t.TempDir()
 }
 
 func newHarness(t *testing.T) *harness {
@@ -114,13 +115,17 @@ func newHarnessWith(t *testing.T, o harnessOptions) *harness {
 	}
 	t.Cleanup(func() { _ = st.Close() })
 
+	var ls broker.LeaseStore = st
+	if o.wrapStore != nil {
+		ls = o.wrapStore(st)
+	}
 	readOnly := h.target.ProxyRoles["read_only"]
 	var db broker.Database = eng
 	if o.wrapDB != nil {
 		db = o.wrapDB(eng)
 	}
 	b, err := broker.New(broker.Config{
-		Store:        st,
+		Store:        ls,
 		Databases:    map[string]broker.Database{"main": db},
 		RenewBatches: o.renewBatches,
 		Roles: []broker.Role{

@@ -365,7 +365,7 @@ func (k *keepAliveStream) release(leaseID string) {
 	nl, ok := k.leases[leaseID]
 	if ok {
 		delete(k.leases, leaseID)
-		k.out.forget(leaseID)
+		k.out.retire(leaseID)
 	}
 	k.mu.Unlock()
 	if !ok {

@@ -2,6 +2,7 @@ package server
 
 import (
 	"context"
+	"slices"
 	"sync"
 
 	pb "github.com/credbroker/credbroker/proto/credbroker/v1"
@@ -18,6 +19,9 @@ type outbox struct {
 	// both answered and published by the broker; sent keeps the client from
 	// getting the same state twice.
 	sent map[string]sentState
+	// retired are the leases released after a terminal state (oldest
+	// first), whose sent state is kept a while (retire).
+	retired []string
 
 	ready   chan struct{} // signalled when a slot is filled
 	drained chan struct{} // signalled when the outbox was emptied
@@ -107,17 +111,38 @@ func (o *outbox) drain() []*pb.KeepAliveResponse {
 }
 
 // track starts remembering what was sent for a lease the stream named;
-// forget stops it. Only named leases are tracked, which bounds the map.
+// retire stops it. Only named leases are tracked, and retired ones only
+// up to retiredMax, which bounds the map.
 func (o *outbox) track(leaseID string) {
 	o.mu.Lock()
 	o.sent[leaseID] = sentState{}
+	// Named again: tracked, no longer retired.
+	o.retired = slices.DeleteFunc(o.retired, func(id string) bool { return id == leaseID })
 	o.mu.Unlock()
 }
 
-func (o *outbox) forget(leaseID string) {
+// retiredMax is how many released leases a stream remembers what it sent.
+const retiredMax = 64
+
+// retire stops tracking a lease the stream released, once its terminal
+// state (REVOKED, EXPIRED, NOT_FOUND) is sent or queued. What was sent is
+// kept for the last retiredMax leases: the answer to a request the client
+// made before the lease ended may come after the broker's event of that
+// end (a renewal whose event went out before its answer, and which then
+// found the lease revoked on another instance), and it must not reach the
+// client as a second terminal state. put drops it as it drops any answer
+// the event already gave, once; a later request is answered.
+func (o *outbox) retire(leaseID string) {
 	o.mu.Lock()
-	delete(o.sent, leaseID)
-	o.mu.Unlock()
+	defer o.mu.Unlock()
+	if _, ok := o.sent[leaseID]; !ok {
+		return
+	}
+	o.retired = append(o.retired, leaseID)
+	if len(o.retired) > retiredMax {
+		delete(o.sent, o.retired[0])
+		o.retired = o.retired[1:]
+	}
 }
 
 // waitForRoom blocks while limit or more slots are pending: only the

@@ -2,6 +2,7 @@ package server
 
 import (
 	"context"
+	"fmt"
 	"testing"
 
 	"github.com/credbroker/credbroker/broker"
@@ -113,10 +114,48 @@ func TestOutboxDropsEventsAlreadySent(t *testing.T) {
 		t.Errorf("stale answer sent: %v", messages(got))
 	}
 
-	// A forgotten lease (released) keeps no state.
-	o.forget("a")
-	if len(o.sent) != 0 {
-		t.Errorf("sent = %v after forget", o.sent)
+}
+
+// A lease released after its terminal event (retired) still absorbs the
+// answer to a request made before the end, which comes after the event:
+// the client gets REVOKED once. A later request is answered, and only the
+// last retiredMax released leases keep their state.
+func TestOutboxRetiredLeaseGetsOneTerminalState(t *testing.T) {
+	o := newOutbox()
+	o.track("a")
+	o.put("a", resp("a", evRenewed, "event of the renewal"), 5, true)
+	o.drain()
+	o.put("a", resp("a", evRevoked, "event"), 7, true)
+	o.retire("a") // the forwarder releases the lease at its terminal event
+	if got := messages(o.drain()); len(got) != 1 || got[0] != "a:event" {
+		t.Fatalf("drained %v, want the REVOKED event", got)
+	}
+	// The renewal's own answer: it found the lease revoked.
+	o.put("a", resp("a", evRevoked, "late answer"), 7, false)
+	if got := o.drain(); len(got) != 0 {
+		t.Errorf("a second REVOKED sent: %v", messages(got))
+	}
+	o.put("a", resp("a", evRevoked, "next request"), 7, false)
+	if got := messages(o.drain()); len(got) != 1 || got[0] != "a:next request" {
+		t.Errorf("a request after the end got %v, want an answer", got)
+	}
+
+	// Named again, then more leases retired than retiredMax: a is
+	// tracked throughout; the oldest retired is forgotten.
+	o.track("a")
+	for i := range retiredMax + 1 {
+		id := fmt.Sprintf("r%03d", i)
+		o.track(id)
+		o.retire(id)
+	}
+	if _, ok := o.sent["a"]; !ok {
+		t.Error("a lease named again was forgotten with the retired ones")
+	}
+	if _, ok := o.sent["r000"]; ok {
+		t.Error("the oldest retired lease is still remembered")
+	}
+	if n := len(o.sent); n != retiredMax+1 {
+		t.Errorf("%d leases remembered, want %d (a and the last %d retired)", n, retiredMax+1, retiredMax)
 	}
 }
 

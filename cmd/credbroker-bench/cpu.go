@@ -18,6 +18,7 @@ type cpuMeter struct {
 	members []*etcdcluster.Member
 	etcd    time.Duration
 	self    time.Duration
+	reqs    etcdCounts // what the phases asked of etcd (etcdmetrics.go)
 }
 
 func (m *cpuMeter) membersCPU() time.Duration {
@@ -34,10 +35,13 @@ func (m *cpuMeter) membersCPU() time.Duration {
 
 // measure runs phase and adds the CPU used meanwhile.
 func (m *cpuMeter) measure(phase func() result) result {
+	q0 := scrapeMembers(m.members)
 	e0, s0 := m.membersCPU(), selfCPU()
 	r := phase()
 	m.etcd += m.membersCPU() - e0
 	m.self += selfCPU() - s0
+	d := scrapeMembers(m.members).minus(q0)
+	m.reqs = etcdCounts{txn: m.reqs.txn + d.txn, rng: m.reqs.rng + d.rng, puts: m.reqs.puts + d.puts, members: d.members}
 	return r
 }
 
@@ -59,5 +63,7 @@ func cpuRows(scenario string, re, rb result, me, mb *cpuMeter) []row {
 		{scenario: scenario, figure: "CPU per op in this process (etcd vs bbolt phases)",
 			broker: perOp(me.self, re.ops), baseline: perOp(mb.self, rb.ops),
 			ratio: ratio(float64(me.self)/float64(max(re.ops, 1)), float64(mb.self)/float64(max(rb.ops, 1)))},
+		{scenario: scenario, figure: "etcd requests per op (all members; keys put per member)",
+			broker: me.reqs.perOp(re.ops), baseline: "-"},
 	}
 }

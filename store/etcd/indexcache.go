@@ -6,8 +6,9 @@ import (
 	"github.com/credbroker/credbroker/broker"
 )
 
-// The index cache. Updating a lease moves its index key, and the old key
-// is derived from the stored record; UpdateLeases used to read every
+// The index cache. Updating a lease may move its index key or rewrite its
+// value, decided against the old key and value (placeIndex), which are
+// derived from the stored record; UpdateLeases used to read every
 // record back before its Txn for that alone, one more request through raft
 // per batch. But a key's mod revision names one version of it for good
 // (revisions are cluster-wide and never reused), so the index key derived
@@ -67,8 +68,7 @@ func (c *indexCache) put(id string, rev int64, idx indexKey, hasIdx bool, l brok
 			}
 		}
 	}
-	// Only the key is needed (the old key is deleted, never read).
-	c.m[id] = cachedIndex{rev: rev, idx: indexKey{key: idx.key}, hasIdx: hasIdx, lease: l}
+	c.m[id] = cachedIndex{rev: rev, idx: idx, hasIdx: hasIdx, lease: l}
 }
 
 // get returns the index key of the lease id at mod revision rev, if known.

@@ -2,6 +2,7 @@ package etcd
 
 import (
 	"context"
+	"encoding/json"
 	"fmt"
 	"math"
 
@@ -274,9 +275,28 @@ type update struct {
 	hasOld bool
 }
 
+// newUpdate places rec's index key given the stored version's (placeIndex)
+// and encodes the record that names it.
+func (s *Store) newUpdate(i int, id string, rev int64, rec *leaseRecord, oldIdx indexKey, hasOld bool) (*update, error) {
+	newIdx, _ := s.keys.placeIndex(id, rec, oldIdx, hasOld)
+	val, err := json.Marshal(rec)
+	if err != nil {
+		return nil, err
+	}
+	return &update{i: i, key: s.keys.lease(id), rev: rev, val: val, newIdx: newIdx, oldIdx: oldIdx, hasOld: hasOld}, nil
+}
+
+// ops writes the record, and the index key when it moved or its value
+// changed: a renewal is the record's put alone (indexKey).
 func (u *update) ops() []clientv3.Op {
 	ops := []clientv3.Op{clientv3.OpPut(u.key, string(u.val))}
-	if u.hasOld && u.oldIdx.key != u.newIdx.key {
+	if u.hasOld && u.oldIdx.key == u.newIdx.key {
+		if u.oldIdx.val != u.newIdx.val {
+			ops = append(ops, clientv3.OpPut(u.newIdx.key, u.newIdx.val))
+		}
+		return ops
+	}
+	if u.hasOld {
 		ops = append(ops, clientv3.OpDelete(u.oldIdx.key))
 	}
 	return append(ops, clientv3.OpPut(u.newIdx.key, u.newIdx.val))
@@ -289,21 +309,16 @@ func (u *update) size() int {
 func (s *Store) updateLeases(ctx context.Context, ls []broker.Lease) ([]broker.Lease, []error) {
 	out := make([]broker.Lease, len(ls))
 	errs := make([]error, len(ls))
-	type encoded struct {
-		val []byte
-		idx indexKey
-	}
-	enc := make([]encoded, len(ls))
+	recs := make([]*leaseRecord, len(ls))
 	var rounds [][]int
 	seen := map[string]int{}
 	for i := range ls {
-		rec, val, err := encodeLease(&ls[i])
+		rec, _, err := encodeLease(&ls[i])
 		if err != nil {
 			errs[i] = err
 			continue
 		}
-		idx, _ := s.keys.indexOf(ls[i].ID, rec)
-		enc[i] = encoded{val: val, idx: idx}
+		recs[i] = rec
 		n := seen[ls[i].ID]
 		seen[ls[i].ID] = n + 1
 		if n == len(rounds) {
@@ -329,8 +344,12 @@ func (s *Store) updateLeases(ctx context.Context, ls []broker.Lease) ([]broker.L
 				toRead = append(toRead, i)
 				continue
 			}
-			pending = append(pending, &update{i: i, key: s.keys.lease(l.ID), rev: int64(l.Revision),
-				val: enc[i].val, newIdx: enc[i].idx, oldIdx: oldIdx, hasOld: hasOld})
+			u, err := s.newUpdate(i, l.ID, int64(l.Revision), recs[i], oldIdx, hasOld)
+			if err != nil {
+				errs[i] = err
+				continue
+			}
+			pending = append(pending, u)
 		}
 		for start := 0; start < len(toRead); start += maxTxnOps {
 			chunk := toRead[start:min(start+maxTxnOps, len(toRead))]
@@ -361,8 +380,12 @@ func (s *Store) updateLeases(ctx context.Context, ls []broker.Lease) ([]broker.L
 					errs[i] = err
 					continue
 				}
-				u := &update{i: i, key: s.keys.lease(l.ID), rev: kvs[0].ModRevision, val: enc[i].val, newIdx: enc[i].idx}
-				u.oldIdx, u.hasOld = s.keys.indexOf(l.ID, old)
+				oldIdx, hasOld := s.keys.indexOf(l.ID, old)
+				u, err := s.newUpdate(i, l.ID, kvs[0].ModRevision, recs[i], oldIdx, hasOld)
+				if err != nil {
+					errs[i] = err
+					continue
+				}
 				pending = append(pending, u)
 			}
 		}

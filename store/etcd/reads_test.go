@@ -28,7 +28,8 @@ func expiryIDs(t *testing.T, s broker.LeaseStore) map[string]time.Time {
 }
 
 // An update of a lease this store created, read or wrote at that revision
-// sends no read first (the index cache), and still moves the index key;
+// sends no read first (the index cache), and still moves the index key
+// (earlier: a later instant may leave it, TestRenewalWritesTheRecordAlone);
 // one another instance changed meanwhile is read, and the stale
 // revision loses.
 func TestUpdateLeasesSkipsTheReadAtAKnownRevision(t *testing.T) {
@@ -40,7 +41,7 @@ func TestUpdateLeasesSkipsTheReadAtAKnownRevision(t *testing.T) {
 
 	in := make([]broker.Lease, len(leases))
 	for i, l := range leases {
-		l.ExpireTime = at(time.Hour + time.Duration(i)*time.Second)
+		l.ExpireTime = at(-time.Hour + time.Duration(i)*time.Second)
 		in[i] = l
 	}
 	before := etcd.Reads(s)
@@ -66,12 +67,12 @@ func TestUpdateLeasesSkipsTheReadAtAKnownRevision(t *testing.T) {
 	// Another instance moves lease 0; s learns the new revision only
 	// from other's answer, so it must read (its cache knows an older one).
 	moved := out[0]
-	moved.ExpireTime = at(2 * time.Hour)
+	moved.ExpireTime = at(-2 * time.Hour)
 	moved = storetest.MustUpdate(t, other, moved)
 	if _, err := s.UpdateLease(t.Context(), out[0]); !errors.Is(err, broker.ErrConflict) {
 		t.Fatalf("update at the stale revision: %v, want ErrConflict", err)
 	}
-	moved.ExpireTime = at(3 * time.Hour)
+	moved.ExpireTime = at(-3 * time.Hour)
 	before = etcd.Reads(s)
 	if _, err := s.UpdateLease(t.Context(), moved); err != nil {
 		t.Fatal(err)
@@ -80,8 +81,8 @@ func TestUpdateLeasesSkipsTheReadAtAKnownRevision(t *testing.T) {
 		t.Errorf("update at a revision s never saw sent %d reads, want 1", n)
 	}
 	idx = expiryIDs(t, s)
-	if !idx[moved.ID].Equal(at(3*time.Hour)) || len(idx) != len(out) {
-		t.Errorf("expiry index %v after the moves, want %s at %v and %d entries", idx, moved.ID, at(3*time.Hour), len(out))
+	if !idx[moved.ID].Equal(at(-3*time.Hour)) || len(idx) != len(out) {
+		t.Errorf("expiry index %v after the moves, want %s at %v and %d entries", idx, moved.ID, at(-3*time.Hour), len(out))
 	}
 }
 

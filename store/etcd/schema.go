@@ -17,7 +17,9 @@ import (
 //
 //	P lease/<id>                      -> lease record (JSON, leaseRecord)
 //	P intent/<id>                     -> intent record (JSON, intentRecord)
-//	P expiry/<hex16 due>/<id>         -> expiryValue (JSON); live leases only
+//	P expiry/<hex16 due>/<id>         -> expiryValue (JSON); live leases only,
+//	                                     due no later than the lease's
+//	                                     (indexKey)
 //	P tombstone/<hex16 end>/<id>      -> empty; terminal leases only
 //	P lastissued/<role>               -> hex16 of the role's newest issue time
 //	P group                           -> the broker group's id (GroupID)
@@ -138,29 +140,81 @@ func parseHex16(s string) (int64, error) {
 }
 
 // indexKey is the one index key of a lease: in the expiry section while it
-// is live, at the instant it needs attention (its ExpireTime, or its
-// EndTime when set and earlier: an admin's revocation under way), in the
-// tombstone section at its EndTime once it is terminal.
+// is live, in the tombstone section at its EndTime once it is terminal.
+//
+// A live lease's expiry key is at the instant it needs attention (its
+// ExpireTime, or its EndTime when set and earlier: an admin's revocation
+// under way), or earlier: an update that moves that instant later and
+// changes nothing the key's value holds (a renewal) leaves the key where
+// it was and writes the record alone, one put where moving the key took
+// three (the record, the old key's delete, the new key). So the expiry
+// section is a lower bound of each live lease's attention instant, which
+// is all its readers need (broker.LeaseStore.ScanExpiry): the expiry
+// manager reads a lease before acting on it and queues it again when it
+// was renewed, and a new leader takes the exact instants from the change
+// feed, which carries every record. An update that moves the instant
+// earlier, or changes the state, target, username or
+// revoke_on_disconnect the value holds, or ends the lease, moves the key.
+//
+// The record names its key: leaseRecord.IndexDue is the key's instant
+// when the key is not at the record's attention instant (a renewed
+// lease), and 0 when it is; indexOf reads it, so every path that derives
+// the key from the record (deletes, purges, the index cache) finds the
+// one that exists.
 type indexKey struct {
-	key string
-	val string
+	key  string
+	val  string
+	due  int64 // the key's instant (expiry: its due; tombstone: the end)
+	live bool  // in the expiry section
 }
 
+// attention is the instant a live lease needs attention.
+func attention(r *leaseRecord) int64 {
+	due := r.Expire
+	if r.End != 0 && r.End < due {
+		due = r.End
+	}
+	return due
+}
+
+// indexOf is the index key the record names (false: a state that has
+// none).
 func (k keys) indexOf(id string, r *leaseRecord) (indexKey, bool) {
+	idx, ok := k.indexAt(id, r, attention(r))
+	if ok && idx.live && r.IndexDue != 0 {
+		idx.key, idx.due = k.timeKey(sectionExpiry, r.IndexDue, id), r.IndexDue
+	}
+	return idx, ok
+}
+
+// indexAt is the index key of the record with a live lease's key at
+// instant due.
+func (k keys) indexAt(id string, r *leaseRecord, due int64) (indexKey, bool) {
 	switch st := broker.LeaseState(r.State); {
 	case st.Live():
-		due := r.Expire
-		if r.End != 0 && r.End < due {
-			due = r.End
-		}
 		v, _ := json.Marshal(expiryValue{State: r.State, Target: r.Target, Username: r.Username,
 			RevokeOnDisconnect: r.RevokeOnDisconnect})
-		return indexKey{key: k.timeKey(sectionExpiry, due, id), val: string(v)}, true
+		return indexKey{key: k.timeKey(sectionExpiry, due, id), val: string(v), due: due, live: true}, true
 	case st.Terminal():
-		return indexKey{key: k.timeKey(sectionTombstone, r.End, id)}, true
+		return indexKey{key: k.timeKey(sectionTombstone, r.End, id), due: r.End}, true
 	default:
 		return indexKey{}, false
 	}
+}
+
+// placeIndex decides the index key of r, a new version of a lease whose
+// stored version has index key old (hasOld false: none known), and sets
+// r.IndexDue to name it: the old key when it still serves (both versions
+// live, the same value, and the old instant no later than r's attention
+// instant), else the key at r's attention instant.
+func (k keys) placeIndex(id string, r *leaseRecord, old indexKey, hasOld bool) (indexKey, bool) {
+	r.IndexDue = 0
+	want, ok := k.indexAt(id, r, attention(r))
+	if ok && hasOld && old.live && want.live && old.val == want.val && old.due < want.due {
+		r.IndexDue = old.due
+		return old, true
+	}
+	return want, ok
 }
 
 // recordFormat is the format of the lease and intent records this code
@@ -188,6 +242,9 @@ type leaseRecord struct {
 	ValidUntilBehind   bool              `json:"valid_until_behind,omitempty"`
 	LastError          string            `json:"last_error,omitempty"`
 	Metadata           map[string]string `json:"metadata,omitempty"`
+	// IndexDue is the instant of the lease's expiry key when that is not
+	// its attention instant (indexKey); 0 when it is.
+	IndexDue int64 `json:"index_ns,omitempty"`
 	// Usage is broker.LeaseUsage; absent until the lease was seen connected.
 	Usage *usageRecord `json:"usage,omitempty"`
 }
@@ -290,7 +347,7 @@ func decodeRecord(id string, v []byte) (*leaseRecord, error) {
 	if r.Format != recordFormat {
 		return nil, fmt.Errorf("lease %q: %w: unknown record format %d", id, errCorrupt, r.Format)
 	}
-	for _, n := range []int64{r.Issue, r.Expire, r.MaxExpire, r.NextAttempt, r.End} {
+	for _, n := range []int64{r.Issue, r.Expire, r.MaxExpire, r.NextAttempt, r.End, r.IndexDue} {
 		if n < 0 {
 			return nil, fmt.Errorf("lease %q: %w: negative instant", id, errCorrupt)
 		}

@@ -15,12 +15,25 @@ import (
 // always, the details when the entry carries them (Username set).
 func checkEntry(t *testing.T, e broker.ExpiryEntry, l broker.Lease) {
 	t.Helper()
-	due := l.ExpireTime
-	if !l.EndTime.IsZero() && l.EndTime.Before(due) {
-		due = l.EndTime
+	due := attentionOf(l)
+	checkEntryBetween(t, e, l, due)
+}
+
+// attentionOf is the instant a live lease needs attention.
+func attentionOf(l broker.Lease) time.Time {
+	if !l.EndTime.IsZero() && l.EndTime.Before(l.ExpireTime) {
+		return l.EndTime
 	}
-	if !e.Expire.Equal(due) {
-		t.Errorf("expiry entry %s at %v, want %v", e.LeaseID, e.Expire, due)
+	return l.ExpireTime
+}
+
+// checkEntryBetween is checkEntry of a lease whose entry may have stayed
+// at an earlier instant (ScanExpiry: after renewals), no earlier than
+// floor.
+func checkEntryBetween(t *testing.T, e broker.ExpiryEntry, l broker.Lease, floor time.Time) {
+	t.Helper()
+	if due := attentionOf(l); e.Expire.Before(floor) || e.Expire.After(due) {
+		t.Errorf("expiry entry %s at %v, want from %v to %v", e.LeaseID, e.Expire, floor, due)
 	}
 	if e.Username == "" {
 		if e.State != broker.StateUnspecified || e.Target != "" || e.RevokeOnDisconnect {
@@ -105,10 +118,14 @@ func testScanExpiry(t *testing.T, open OpenFunc) {
 		}
 	})
 
-	// Updates move a lease in the order, and out of it when it ends.
+	// Updates move a lease in the order, and out of it when it ends. An
+	// update that moves a lease later and changes none of its entry's
+	// details (a renewal) may leave its entry where it was; one that
+	// moves it earlier or changes a detail may not (floor).
 	t.Run("follows updates", func(t *testing.T) {
 		s := open(t)
 		leases := map[string]broker.Lease{}
+		floor := map[string]time.Time{}
 		for _, l := range MustCreate(t, s,
 			NewLease("a", "ro", "svc", at(3*time.Minute)),
 			NewLease("b", "ro", "svc", at(1*time.Minute)),
@@ -116,6 +133,7 @@ func testScanExpiry(t *testing.T, open OpenFunc) {
 			NewLease("d", "rw", "svc", at(2*time.Minute)), // ties with c: id order
 		) {
 			leases[l.ID] = l
+			floor[l.ID] = l.ExpireTime
 		}
 		steps := []struct {
 			name   string
@@ -140,21 +158,44 @@ func testScanExpiry(t *testing.T, open OpenFunc) {
 		for _, step := range steps {
 			t.Run(step.name, func(t *testing.T) {
 				if step.change != nil {
-					l := leases[step.id]
+					old := leases[step.id]
+					l := old
 					step.change(&l)
 					leases[step.id] = MustUpdate(t, s, l)
+					if l.State != old.State || attentionOf(l).Before(attentionOf(old)) {
+						floor[step.id] = attentionOf(l)
+					}
 				}
 				var got []string
-				for _, e := range ScanExpiry(t, s) {
-					checkEntry(t, e, leases[e.LeaseID])
+				entries := ScanExpiry(t, s)
+				for i, e := range entries {
+					checkEntryBetween(t, e, leases[e.LeaseID], floor[e.LeaseID])
 					got = append(got, e.LeaseID)
+					if i > 0 && (e.Expire.Before(entries[i-1].Expire) || e.Expire.Equal(entries[i-1].Expire) && e.LeaseID < entries[i-1].LeaseID) {
+						t.Errorf("ScanExpiry entry %s at %v after %s at %v: out of order", e.LeaseID, e.Expire, entries[i-1].LeaseID, entries[i-1].Expire)
+					}
 				}
-				if !slices.Equal(got, step.want) {
+				// The order by the entries' instants; where every entry is
+				// at its lease's attention instant, that is the wanted one.
+				if want := slices.Sorted(slices.Values(step.want)); !slices.Equal(slices.Sorted(slices.Values(got)), want) {
+					t.Errorf("ScanExpiry leases %q, want %q", got, step.want)
+				}
+				if exact(entries, leases) && !slices.Equal(got, step.want) {
 					t.Errorf("ScanExpiry order %q, want %q", got, step.want)
 				}
 			})
 		}
 	})
+}
+
+// exact reports whether every entry is at its lease's attention instant.
+func exact(entries []broker.ExpiryEntry, leases map[string]broker.Lease) bool {
+	for _, e := range entries {
+		if !e.Expire.Equal(attentionOf(leases[e.LeaseID])) {
+			return false
+		}
+	}
+	return true
 }
 
 func testPurgeTombstones(t *testing.T, open OpenFunc) {

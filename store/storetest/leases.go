@@ -314,9 +314,9 @@ func testUpdateLeases(t *testing.T, open OpenFunc) {
 	t.Run("per-entry results", func(t *testing.T) {
 		s := open(t)
 		created := MustCreate(t, s,
-			NewLease("a", "ro", "svc", at(time.Minute)),
-			NewLease("b", "ro", "svc", at(time.Minute)),
-			NewLease("c", "ro", "svc", at(time.Minute)),
+			NewLease("a", "ro", "svc", at(4*time.Hour)),
+			NewLease("b", "ro", "svc", at(4*time.Hour)),
+			NewLease("c", "ro", "svc", at(4*time.Hour)),
 		)
 		a, b, c := created[0].Clone(), created[1].Clone(), created[2].Clone()
 		a.ExpireTime = at(time.Hour)
@@ -355,9 +355,11 @@ func testUpdateLeases(t *testing.T, open OpenFunc) {
 			t.Errorf("a failed update of a missing lease created it: %v", err)
 		}
 
-		// The expiry index moved with the updated leases.
-		if order := scanIDs(t, s); !slices.Equal(order, []string{"b", "a", "c"}) {
-			t.Errorf("expiry order %q, want [b a c]", order)
+		// The expiry index moved with the updated leases, earlier (a
+		// store may leave an entry behind when a lease moves later:
+		// ScanExpiry).
+		if order := scanIDs(t, s); !slices.Equal(order, []string{"a", "c", "b"}) {
+			t.Errorf("expiry order %q, want [a c b]", order)
 		}
 	})
 	t.Run("empty", func(t *testing.T) {
