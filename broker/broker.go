@@ -93,6 +93,7 @@ type Broker struct {
 	cancel    context.CancelFunc
 	wg        sync.WaitGroup
 	closed    chan struct{}
+	closeOnce sync.Once
 }
 
 // New validates cfg and returns a Broker. Call Start before serving.
@@ -226,23 +227,22 @@ func (b *Broker) Start(ctx context.Context) error {
 // renewal and revocation batches under way (batcher.go), which use the
 // store and the databases. It closes neither the store nor the databases.
 func (b *Broker) Close() error {
-	select {
-	case <-b.closed:
-		return nil
-	default:
-	}
-	close(b.closed)
-	b.stopPool()
-	// Renewals and revocations still arriving run alone; the batches
-	// under way are waited for below.
-	b.renewals.close()
-	b.revocations.close()
-	if b.cancel != nil {
-		b.cancel()
-	}
-	b.wg.Wait()
-	b.FlushPromotions()
-	b.drainPool()
+	// Once: concurrent calls (a signal handler and a deferred Close) wait
+	// for the first instead of closing b.closed twice.
+	b.closeOnce.Do(func() {
+		close(b.closed)
+		b.stopPool()
+		// Renewals and revocations still arriving run alone; the batches
+		// under way are waited for below.
+		b.renewals.close()
+		b.revocations.close()
+		if b.cancel != nil {
+			b.cancel()
+		}
+		b.wg.Wait()
+		b.FlushPromotions()
+		b.drainPool()
+	})
 	return nil
 }
 

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"slices"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -693,4 +694,32 @@ func TestUnitRevocationRecordFailureIsRetried(t *testing.T) {
 	waitFor(t, "the retry and the maintenance tick to be armed", func() bool { return u.clock.WaitersUntil(next) >= 2 })
 	u.clock.Advance(time.Second)
 	u.waitState(l.ID, broker.StateRevoked)
+}
+
+// Close may be called concurrently (a signal handler and a deferred
+// Close): every call returns, and none panics on closing twice.
+func TestUnitConcurrentCloseIsSafe(t *testing.T) {
+	for range 20 {
+		u := newUnit(t)
+		start := make(chan struct{})
+		var wg sync.WaitGroup
+		panics := make(chan any, 16)
+		for range 16 {
+			wg.Go(func() {
+				defer func() {
+					if r := recover(); r != nil {
+						panics <- r
+					}
+				}()
+				<-start
+				_ = u.b.Close()
+			})
+		}
+		close(start)
+		wg.Wait()
+		close(panics)
+		for r := range panics {
+			t.Fatalf("concurrent Close panicked: %v", r)
+		}
+	}
 }
