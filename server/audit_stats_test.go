@@ -3,6 +3,7 @@ package server
 import (
 	"strings"
 	"testing"
+	"time"
 
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
@@ -33,14 +34,24 @@ func TestCallsRefusedBeforeInterceptorsAreAudited(t *testing.T) {
 	_, err = cred.LookupLease(ctx, &pb.LookupLeaseRequest{LeaseId: strings.Repeat("a", 32)})
 	wantCode(t, "an unknown lease", err, codes.NotFound)
 
-	count := map[string]int{}
-	var byMethod = map[string]audit.Record{}
-	for _, r := range h.auditRecords(t, nil) {
-		if r.Event == audit.EventRequest {
-			m := r.Method[strings.LastIndex(r.Method, "/")+1:]
-			count[m]++
-			byMethod[m] = r
+	// A call refused before the interceptors is recorded by the stats
+	// handler at the call's end, which may come after the client has its
+	// answer: wait, with a deadline, for the three records.
+	var count map[string]int
+	var byMethod map[string]audit.Record
+	for deadline := time.Now().Add(10 * time.Second); ; {
+		count, byMethod = map[string]int{}, map[string]audit.Record{}
+		for _, r := range h.auditRecords(t, nil) {
+			if r.Event == audit.EventRequest {
+				m := r.Method[strings.LastIndex(r.Method, "/")+1:]
+				count[m]++
+				byMethod[m] = r
+			}
 		}
+		if len(byMethod) >= 3 || time.Now().After(deadline) {
+			break
+		}
+		time.Sleep(10 * time.Millisecond) // polling a file: a condition with a deadline
 	}
 	for _, tc := range []struct{ method, code, msg string }{
 		{"IssueCredential", "ResourceExhausted", "larger than max"},
