@@ -380,6 +380,29 @@ func TestUnitFailedIssueCleanupPausesBetweenTries(t *testing.T) {
 	}
 }
 
+type issueResult struct {
+	l   broker.Lease
+	err error
+}
+
+// issueUntilCreate starts an issue in the background and waits, with a
+// deadline, until its CREATE ROLE has begun (started receives); the
+// issue's result comes on the channel it returns.
+func issueUntilCreate(t *testing.T, u *unit, started <-chan struct{}) <-chan issueResult {
+	t.Helper()
+	done := make(chan issueResult, 1)
+	go func() {
+		l, _, err := u.b.Issue(context.Background(), broker.IssueRequest{Role: roleRO, Client: "svc"})
+		done <- issueResult{l, err}
+	}()
+	select {
+	case <-started:
+	case <-time.After(10 * time.Second):
+		t.Fatal("the issue did not reach CREATE ROLE within 10s")
+	}
+	return done
+}
+
 // listRaceDB holds the first user creation until the test lets it go, and
 // runs afterList (when set) between a listing of the managed users and
 // its return: a CREATE ROLE that commits while a sweep is between its
@@ -425,21 +448,8 @@ func TestUnitReconcileLeavesTheLeaseOfAnIssueInFlight(t *testing.T) {
 		db = &listRaceDB{Database: c.Databases["main"], started: make(chan struct{}, 1), create: make(chan struct{})}
 		c.Databases["main"] = db
 	})
-	type result struct {
-		l   broker.Lease
-		err error
-	}
-	issued := make(chan result, 1)
-	go func() {
-		l, _, err := u.b.Issue(context.Background(), broker.IssueRequest{Role: roleRO, Client: "svc"})
-		issued <- result{l, err}
-	}()
-	select {
-	case <-db.started:
-	case <-time.After(10 * time.Second):
-		t.Fatal("the issue did not reach its user's creation within 10s")
-	}
-	var got result
+	issued := issueUntilCreate(t, u, db.started)
+	var got issueResult
 	after := func() {
 		close(db.create)
 		select {
@@ -498,26 +508,13 @@ func TestUnitIssueInAGroupBoundsCreateRole(t *testing.T) {
 		db = &blockingCreate{Database: c.Databases["main"], started: make(chan struct{}, 1)}
 		c.Databases["main"] = db
 	})
-	type result struct {
-		l   broker.Lease
-		err error
-	}
-	done := make(chan result, 1)
-	go func() {
-		l, _, err := u.b.Issue(context.Background(), broker.IssueRequest{Role: roleRO, Client: "svc"})
-		done <- result{l, err}
-	}()
-	select {
-	case <-db.started:
-	case <-time.After(10 * time.Second):
-		t.Fatal("the issue did not reach CREATE ROLE within 10s")
-	}
+	done := issueUntilCreate(t, u, db.started)
 	deadline := u.clock.Now().Add(confirm / 2)
 	waitFor(t, "the issue to arm its CREATE ROLE bound", func() bool {
 		return u.clock.WaitersUntil(deadline) > u.clock.WaitersUntil(deadline.Add(-time.Nanosecond))
 	})
 	u.clock.Advance(confirm / 2)
-	var got result
+	var got issueResult
 	select {
 	case got = <-done:
 	case <-time.After(10 * time.Second):
