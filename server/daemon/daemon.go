@@ -452,6 +452,9 @@ func (d *Daemon) close() error {
 		d.stopBackground()
 	}
 	d.background.Wait()
+	if d.leader != nil {
+		d.leader.handOver() // the term Close resigns is handed over, not lost
+	}
 	if d.broker != nil {
 		if err := d.broker.Close(); err != nil {
 			errs = append(errs, fmt.Errorf("close broker: %w", err))

@@ -142,7 +142,10 @@ func TestGroupLeaderCutOffFromEtcd(t *testing.T) {
 	eventsA := watchLifecycle(a.Broker())
 	waitUntil(t, "A to lead", 30*time.Second, func() bool { return leading(a) })
 
-	b, err := Start(ctx, etcdConfig(t, tg, epsB, "/group/", "broker-b", ttl, "", ""), testOptions())
+	var logsB syncbuf.Buffer
+	optsB := testOptions()
+	optsB.Logger = slog.New(slog.NewTextHandler(&logsB, nil))
+	b, err := Start(ctx, etcdConfig(t, tg, epsB, "/group/", "broker-b", ttl, "", ""), optsB)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -229,6 +232,12 @@ func TestGroupLeaderCutOffFromEtcd(t *testing.T) {
 	a.Close() // flushes the audit log
 	if raw := readFile(t, auditA); !strings.Contains(raw, `"event":"leader"`) || !strings.Contains(raw, "no longer leads") {
 		t.Errorf("A's audit log lacks the leader changes:\n%s", raw)
+	}
+
+	// B, the leader, shuts down: it hands the lead over, which is no loss.
+	b.Close()
+	if logs := logsB.String(); !strings.Contains(logs, "leadership handed over at shutdown") || strings.Contains(logs, "leadership lost") {
+		t.Errorf("B's log at shutdown, want a hand-over and no loss:\n%s", logs)
 	}
 }
 

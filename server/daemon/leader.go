@@ -34,6 +34,16 @@ type groupLeader struct {
 	since   time.Time // when the current (or last) term began
 	ended   time.Time // when the last term ended
 	fence   broker.Fence
+	// closing is set when brokerd shuts down: the term it ends then is
+	// handed over (resigned), not lost.
+	closing bool
+}
+
+// handOver marks the shutdown: a term that ends from now on was resigned.
+func (g *groupLeader) handOver() {
+	g.mu.Lock()
+	g.closing = true
+	g.mu.Unlock()
 }
 
 var _ broker.Leadership = (*groupLeader)(nil)
@@ -84,23 +94,28 @@ func (g *groupLeader) changed(leading bool) {
 	} else {
 		g.ended = time.Now()
 	}
-	since := g.since
+	since, closing := g.since, g.closing
 	g.mu.Unlock()
 	name := g.Member().Name
+	ledFor := time.Since(since).Round(time.Millisecond)
 	var msg string
-	if leading {
+	switch {
+	case leading:
 		msg = fmt.Sprintf("instance %s leads broker group %s: it runs expiry, reconciliation, disconnect revocations and the purge", name, g.prefix)
 		g.log.Info("leadership acquired", "instance", name, "prefix", g.prefix)
-	} else {
-		msg = fmt.Sprintf("instance %s no longer leads broker group %s (led for %s)", name, g.prefix, time.Since(since).Round(time.Millisecond))
-		g.log.Warn("leadership lost", "instance", name, "prefix", g.prefix, "led_for", time.Since(since).Round(time.Millisecond).String())
+	case closing:
+		msg = fmt.Sprintf("instance %s handed over the lead of broker group %s at shutdown (led for %s)", name, g.prefix, ledFor)
+		g.log.Info("leadership handed over at shutdown", "instance", name, "prefix", g.prefix, "led_for", ledFor.String())
+	default:
+		msg = fmt.Sprintf("instance %s no longer leads broker group %s (led for %s)", name, g.prefix, ledFor)
+		g.log.Warn("leadership lost", "instance", name, "prefix", g.prefix, "led_for", ledFor.String())
 	}
 	if g.metrics != nil {
 		g.metrics.m.SetLeader(leading)
 	}
 	if g.audit != nil {
 		outcome := audit.OutcomeOK
-		if !leading {
+		if !leading && !closing {
 			outcome = audit.OutcomeError
 		}
 		g.audit.Record(audit.Record{Event: audit.EventLeader, Outcome: outcome, Message: msg})
