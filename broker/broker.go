@@ -708,8 +708,12 @@ func (b *Broker) LookupOwner(ctx context.Context, id string) (Lease, error) {
 	if err := ValidateLeaseID(id); err != nil {
 		return Lease{}, err
 	}
-	l, err := b.leaseHint(ctx, id)
-	if _, hinted := b.store.(LeaseHinter); hinted && errors.Is(err, ErrLeaseNotFound) {
+	h, ok := b.store.(LeaseHinter)
+	if !ok {
+		return b.Lookup(ctx, id)
+	}
+	l, err := h.LeaseHint(ctx, id)
+	if errors.Is(err, ErrLeaseNotFound) {
 		l, err = b.store.GetLease(ctx, id)
 	}
 	l.State = l.State.Public()

@@ -313,7 +313,7 @@ func (s *Store) updateLeases(ctx context.Context, ls []broker.Lease) ([]broker.L
 	var rounds [][]int
 	seen := map[string]int{}
 	for i := range ls {
-		rec, _, err := encodeLease(&ls[i])
+		rec, err := recordOf(&ls[i]) // encoded once its index key is placed
 		if err != nil {
 			errs[i] = err
 			continue

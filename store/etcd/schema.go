@@ -318,12 +318,27 @@ func (u *usageRecord) usage() broker.LeaseUsage {
 	}
 }
 
-// encodeLease validates l (broker.CheckStorable) and returns its record.
+// encodeLease validates l (broker.CheckStorable) and returns its record
+// and the record encoded.
 func encodeLease(l *broker.Lease) (*leaseRecord, []byte, error) {
-	if err := broker.CheckStorable(l); err != nil {
+	r, err := recordOf(l)
+	if err != nil {
 		return nil, nil, err
 	}
-	r := &leaseRecord{
+	b, err := json.Marshal(r)
+	if err != nil {
+		return nil, nil, err
+	}
+	return r, b, nil
+}
+
+// recordOf validates l (broker.CheckStorable) and returns its record, not
+// yet encoded: an update places the index key (placeIndex) first.
+func recordOf(l *broker.Lease) (*leaseRecord, error) {
+	if err := broker.CheckStorable(l); err != nil {
+		return nil, err
+	}
+	return &leaseRecord{
 		Format: recordFormat, State: int(l.State),
 		Role: l.Role, Client: l.Client, Target: l.Target, Username: l.Username, ProxyRole: l.ProxyRole,
 		Issue: nanos(l.IssueTime), Expire: nanos(l.ExpireTime), MaxExpire: nanos(l.MaxExpireTime),
@@ -331,12 +346,7 @@ func encodeLease(l *broker.Lease) (*leaseRecord, []byte, error) {
 		RevokeAttempts: l.RevokeAttempts, RevokeOnDisconnect: l.RevokeOnDisconnect,
 		ValidUntilBehind: l.ValidUntilBehind, LastError: l.LastError, Metadata: l.Metadata,
 		Usage: encodeUsage(l.Usage),
-	}
-	b, err := json.Marshal(r)
-	if err != nil {
-		return nil, nil, err
-	}
-	return r, b, nil
+	}, nil
 }
 
 func decodeRecord(id string, v []byte) (*leaseRecord, error) {
